@@ -1,0 +1,74 @@
+"""One exception root for the whole project.
+
+Every error a user can meet is a ``SecureFLError`` whose message says what went wrong and,
+where possible, what to do next.  Only the CLI and the TUIs turn them into text for people;
+everything below raises.  The split between *local* and *remote* protocol errors follows
+h11: a local error means our own code misused the protocol (a bug), a remote error means the
+peer sent something we must refuse.
+"""
+
+from __future__ import annotations
+
+
+class SecureFLError(Exception):
+    """Root of every error securefl raises on purpose."""
+
+    #: Stable machine-readable code; the wire sends this, never the message text.
+    code: str = "error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.code
+
+
+class ConfigError(SecureFLError):
+    """A setting or a combination of settings cannot work (refused before anything runs)."""
+
+    code = "config"
+
+
+class CryptoError(SecureFLError):
+    """A cryptographic check failed: bad signature, tampered envelope, bad key, bad share."""
+
+    code = "crypto"
+
+
+class ProtocolError(SecureFLError):
+    """A protocol rule was broken."""
+
+    code = "protocol"
+
+
+class LocalProtocolError(ProtocolError):
+    """Our own side asked for something the protocol does not allow in this state."""
+
+    code = "local-protocol"
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something out of order, duplicated, malformed or not allowed."""
+
+    code = "remote-protocol"
+
+
+class NotEnoughSurvivorsError(ProtocolError):
+    """Too few hospitals are left to finish the round (fewer than the threshold)."""
+
+    code = "too-few-hospitals"
+
+
+class TransportError(SecureFLError):
+    """The connection failed: unreachable server, rejected certificate, timeout."""
+
+    code = "transport"
+
+
+class DataError(SecureFLError):
+    """Input data (images, weights, model files) is missing or unusable."""
+
+    code = "data"
