@@ -1,0 +1,140 @@
+"""Typed messages of one secure-aggregation round (Bonawitz et al. 2017, §4 / Fig. 4).
+
+These are the inputs and outputs of the sans-I/O round objects in ``securefl.crypto.secagg``.
+They know nothing about frames or sockets: ``securefl.protocol`` maps each one to a wire
+frame (header fields + raw binary payload) and back.
+
+Participants are numbered 1..n in the order of the roster (sorted by name); that number is
+also the x-coordinate of the Shamir shares a participant holds, so it must never be 0.
+Byte sizes: public keys 32 (raw X25519), Shamir share values ``SHARE_BYTES`` (big-endian).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from securefl.crypto.quantize import Encoding
+
+#: Size of a Shamir share value: the field prime is just above 2**256.
+SHARE_BYTES = 33
+KEY_BYTES = 32
+
+
+@dataclass(frozen=True)
+class KeyAdvertisement:
+    """Round 0, hospital -> server: fresh round keys, signed with the hospital's certificate.
+
+    ``signature`` covers (round_id, base_version, name, c_pk, s_pk) under
+    ``securefl.crypto.keys.advertisement_bytes``; ``cert_der`` lets every other hospital
+    check it against the federation CA without trusting the server.
+    """
+
+    round_id: int
+    base_version: int
+    name: str
+    c_pk: bytes
+    s_pk: bytes
+    cert_der: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """What the server fixes when enrolment closes; every hospital checks it before sharing.
+
+    ``neighbours`` is k of the SecAgg+ graph (n - 1 = every pair masks, classic SecAgg);
+    ``threshold`` is t, the shares needed to rebuild a secret.  ``graph_seed`` drives the
+    random relabelling of the Harary graph, so every party derives the same neighbours.
+    """
+
+    round_id: int
+    base_version: int
+    vector_len: int
+    threshold: int
+    neighbours: int
+    graph_seed: bytes
+    encoding: Encoding
+    min_contributors: int = 2
+
+
+@dataclass(frozen=True)
+class Roster:
+    """Round 0 -> 1, server -> every joined hospital: the round's config and all keys."""
+
+    config: RoundConfig
+    participants: tuple[KeyAdvertisement, ...]
+
+    def index_of(self, name: str) -> int:
+        """1-based participant number of ``name`` (its Shamir x-coordinate)."""
+        for i, adv in enumerate(self.participants, start=1):
+            if adv.name == name:
+                return i
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class ShareKeys:
+    """Round 1, hospital -> server: one AES-GCM envelope per neighbour (recipient id -> ct)."""
+
+    round_id: int
+    sender: int
+    envelopes: Mapping[int, bytes]
+
+
+@dataclass(frozen=True)
+class EnvelopeBundle:
+    """Round 1 -> 2, server -> one hospital: the envelopes addressed to it (sender id -> ct)."""
+
+    round_id: int
+    recipient: int
+    envelopes: Mapping[int, bytes]
+
+
+@dataclass(frozen=True)
+class MaskedInput:
+    """Round 2, hospital -> server: y_u, ring elements (uint32 or uint64), length D + 1.
+
+    The last element is the masked sample count, so the server learns only the sum of
+    counts and the count-weighted sum of updates.
+    """
+
+    round_id: int
+    sender: int
+    y: np.ndarray
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Round 3, server -> surviving hospitals: who sent a masked input and who dropped."""
+
+    round_id: int
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class UnmaskResponse:
+    """Round 3, hospital -> server: shares of b_u for survivors, of s_sk_u for the dropped.
+
+    Keys are the participant whose secret the share belongs to; the share's x-coordinate is
+    ``sender``.  A hospital never puts the same participant in both maps.
+    """
+
+    round_id: int
+    sender: int
+    b_shares: Mapping[int, bytes]
+    s_shares: Mapping[int, bytes]
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """What the server learns: the sample-weighted mean update and the total sample count."""
+
+    round_id: int
+    base_version: int
+    mean_update: np.ndarray
+    total_weight: int
+    contributors: tuple[str, ...]
