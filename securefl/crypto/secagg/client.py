@@ -170,8 +170,10 @@ class ClientRound:
 
         b_u = os.urandom(32)
         self._b = b_u
-        b_shares = shamir.split(b_u, self._neighbours, cfg.threshold)
-        s_shares = shamir.split(self._s.private_bytes(), self._neighbours, cfg.threshold)
+        holders = self._neighbours | {self.me}  # keep a share of our own, as Bonawitz does
+        b_shares = shamir.split(b_u, holders, cfg.threshold)
+        s_shares = shamir.split(self._s.private_bytes(), holders, cfg.threshold)
+        self._held[self.me] = (b_shares[self.me], s_shares[self.me])
         envelopes = {}
         for v in sorted(self._neighbours):
             peer = roster.participants[v - 1]
@@ -243,9 +245,9 @@ class ClientRound:
                 f"{max(cfg.threshold, cfg.min_contributors)} are needed to keep each one hidden"
             )
         known = set(self._held)
-        if not ((survivors | dropped) & self._neighbours <= known | {self.me}):
+        if not ((survivors | dropped) & self._neighbours <= known):
             raise RemoteProtocolError("unmask request names neighbours that never shared keys")
-        b_for = sorted((survivors & known) - {self.me})
+        b_for = sorted(survivors & known)
         s_for = sorted(dropped & known)
         return UnmaskResponse(
             cfg.round_id,
