@@ -43,8 +43,11 @@ class RoundSettings(_Settings):
     min_clients: int = Field(2, ge=2)
     #: After this many seconds with at least ``min_clients`` joined, enrolment closes.
     enrolment_timeout: float = Field(30.0, gt=0)
-    #: Shamir threshold as a share of the joined hospitals (t = ceil(fraction * n), >= 2).
-    threshold_fraction: float = Field(0.6, gt=0, le=1)
+    #: Longest wait for the hospitals' key shares and unmask answers before going on
+    #: without the silent ones (they count as dropped).
+    step_timeout: float = Field(60.0, gt=0)
+    #: SecAgg+ neighbours per hospital (None: every pair, classic SecAgg).
+    neighbours: int | None = Field(None, ge=2)
     #: "secagg" masks every input; "plain" runs the same transport without masks (benchmark
     #: baseline only: the server then sees each hospital's update).
     masking: str = Field("secagg", pattern="^(secagg|plain)$")
@@ -88,6 +91,9 @@ class ClientSettings(TLSFiles):
     connect_timeout: float = Field(10.0, gt=0)
     #: How long a reply (or the next step of a round) may take before we give up.
     reply_timeout: float = Field(600.0, gt=0)
+    #: How long a hospital waits for the next step of a round (the admin decides when the
+    #: round is aggregated, so this is long).
+    round_timeout: float = Field(3600.0, gt=0)
     #: Hospital only: where the downloaded global model and local updates are kept.
     data_dir: Path = Path("data")
     ml: dict[str, Any] | None = None

@@ -44,11 +44,11 @@ class Frame:
     payload: bytearray | bytes
 
 
-class FrameTooLarge(RemoteProtocolError):  # noqa: N818 - names the condition, as h11 does
+class FrameTooLarge(RemoteProtocolError):
     code = "frame-too-large"
 
 
-class MalformedFrame(RemoteProtocolError):  # noqa: N818
+class MalformedFrame(RemoteProtocolError):
     code = "malformed-frame"
 
 
@@ -84,6 +84,11 @@ class FrameParser:
     def in_frame(self) -> bool:
         """True while a frame has started but is not complete (for the frame deadline)."""
         return bool(self._pending) or self._prefix is not None
+
+    @property
+    def payload_len(self) -> int | None:
+        """Payload size of the frame being received, once its prefix has been read."""
+        return None if self._prefix is None else self._prefix[1]
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self._eof:

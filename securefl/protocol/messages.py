@@ -13,15 +13,18 @@ never in a header: the server takes the name and role from the TLS client certif
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import (
-    Base64Bytes,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     TypeAdapter,
     ValidationError,
 )
@@ -33,7 +36,28 @@ PROTOCOL_VERSION = 1
 MAX_DIMS = 4
 U32 = Field(ge=0, le=2**32 - 1)
 
-Bytes = Annotated[Base64Bytes, Field(max_length=16_384)]
+MAX_BYTES_FIELD = 16_384
+
+
+def _from_base64(value: object) -> object:
+    """JSON carries standard base64 (with padding); Python code passes bytes directly."""
+    if isinstance(value, str):
+        if len(value) > MAX_BYTES_FIELD * 4 // 3 + 4:
+            raise ValueError("byte string too long")
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error:
+            raise ValueError("not valid base64") from None
+    return value
+
+
+#: Short binary values: bytes in Python, standard base64 strings in the JSON header.
+Bytes = Annotated[
+    bytes,
+    BeforeValidator(_from_base64),
+    PlainSerializer(lambda b: base64.b64encode(b).decode("ascii"), return_type=str),
+    Field(max_length=MAX_BYTES_FIELD),
+]
 
 
 class _Wire(BaseModel):
@@ -127,6 +151,8 @@ class Welcome(_Wire):
     role: str
     version: int
     protocol: int = PROTOCOL_VERSION
+    #: Set when a server restart abandoned a round this hospital was in: send again.
+    resend_round: int | None = None
 
 
 class GlobalModel(_Wire):
@@ -158,6 +184,11 @@ class Joined(_Wire):
     base_version: int
     vector_len: int
     masking: Literal["secagg", "plain"]
+    ring_bits: int
+    clip: float
+    scale: float
+    max_clients: int
+    max_weight: int
 
 
 class Ack(_Wire):

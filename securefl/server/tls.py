@@ -1,4 +1,4 @@
-"""TLS contexts for the server and for hospitals/admins: TLS 1.3, mutual, one CA, CRL checked.
+"""The server's TLS context: TLS 1.3, client certificates required, one CA, CRL checked.
 
 Why each setting:
 
@@ -47,19 +47,4 @@ def server_context(cert: Path, key: Path, ca: Path, crl: Path) -> ssl.SSLContext
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the server's certificates ({cert}, {ca}, {crl})") from exc
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
-    return ctx
-
-
-def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
-    import ssl
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = True
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    try:
-        ctx.load_cert_chain(cert, key)
-        ctx.load_verify_locations(cafile=str(ca))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load this site's certificates ({cert}, {ca})") from exc
     return ctx
