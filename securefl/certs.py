@@ -141,7 +141,9 @@ class CertDir:
         server_toml += (
             'crl = "crl.pem"\nhost = "0.0.0.0"\n'
             'store_dir = "store"\naudit_log = "audit.jsonl"\n'
-            f"hospitals = {json.dumps(hospitals)}\n"
+            f"hospitals = {json.dumps(hospitals)}\n\n"
+            "[model]\n# Version 0 when the store is empty: a seeded vector of this size.\n"
+            "params = 100000\nseed = 0\n"
         ).encode()
         _write(self.root / "server.toml", server_toml.replace(
             f'host = "{server_hosts[0]}"\n'.encode(), b"", 1))
