@@ -21,7 +21,7 @@ from securefl.certs import load_credential
 from securefl.client.transport import Connection, error_from_wire
 from securefl.config import ClientSettings
 from securefl.crypto import pki
-from securefl.crypto.quantize import Encoding
+from securefl.crypto.quantize import Encoding, check_update
 from securefl.crypto.secagg import ClientRound
 from securefl.errors import DataError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from securefl.protocol import mapping
@@ -116,6 +116,7 @@ class HospitalSession(_Session):
         self._ca = pki.load_cert(settings.ca.read_bytes())
         #: Global version of the last ``get_global()``: what a following update is based on.
         self.base_version: int | None = None
+        self._length: int | None = None
 
     @property
     def resend_round(self) -> int | None:
@@ -130,6 +131,7 @@ class HospitalSession(_Session):
         if hashlib.sha256(weights.data).hexdigest() != reply.sha256:
             raise DataError("the downloaded model does not match its sha256: download again")
         self.base_version = reply.version
+        self._length = int(weights.shape[0])
         return GlobalModel(reply.version, weights, reply.sha256, reply.contributors,
                            reply.total_samples, reply.created)
 
@@ -139,7 +141,7 @@ class HospitalSession(_Session):
         samples: int,
         *,
         base_version: int | None = None,
-        leave_after: Literal["join", "masked_input"] | None = None,
+        leave_after: Literal["join", "share_keys", "masked_input"] | None = None,
     ) -> RoundOutcome | None:
         """Take part in one round with ``update`` (w_local - w_global) from ``samples`` images.
 
@@ -150,7 +152,13 @@ class HospitalSession(_Session):
         base = self.base_version if base_version is None else base_version
         if base is None:
             raise LocalProtocolError("call get_global() first, or pass base_version")
-        update = np.ascontiguousarray(update, dtype=np.float32).reshape(-1)
+        check_update(update)  # NaN, Inf, wrong type: refused here, before joining anything
+        update = np.ascontiguousarray(update, dtype=np.float32)
+        if self._length is not None and update.shape[0] != self._length:
+            raise DataError(f"the update has {update.shape[0]} values, the global model "
+                            f"{self._length}: train on the current model")
+        if not isinstance(samples, int | np.integer) or samples < 1:
+            raise DataError(f"the sample count must be a positive whole number, not {samples}")
         joined, _ = await self.conn.request(wm.Join(base_version=base))
         assert isinstance(joined, wm.Joined)
         if joined.vector_len != update.shape[0]:
@@ -173,6 +181,8 @@ class HospitalSession(_Session):
             roster = await self._expect(wm.RosterMsg, joined.round_id)
             shares = rnd.receive(mapping.roster_from_wire(roster))
             await self.conn.request(mapping.share_keys_to_wire(shares))
+            if leave_after == "share_keys":
+                return None
             bundle = await self._expect(wm.EnvelopesMsg, joined.round_id)
             masked = rnd.receive(mapping.bundle_from_wire(bundle))
             await self._send_input(joined.round_id, masked.y)
