@@ -68,10 +68,18 @@ class FrameParser:
     """Incremental parser for one direction of one connection."""
 
     def __init__(
-        self, *, max_header: int = DEFAULT_MAX_HEADER, max_payload: int = DEFAULT_MAX_PAYLOAD
+        self,
+        *,
+        max_header: int = DEFAULT_MAX_HEADER,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        admit_above: int | None = None,
     ) -> None:
+        """``admit_above``: payloads larger than this wait for ``admit()`` before their
+        buffer is allocated, so the transport can bound how many are held at once."""
         self.max_header = max_header
         self.max_payload = max_payload
+        self.admit_above = admit_above
+        self._admitted = False
         self._pending = bytearray()  # bytes not yet consumed (prefix/header stage)
         self._prefix: tuple[int, int] | None = None  # (header_len, payload_len)
         self._header: bytes | None = None
@@ -84,6 +92,22 @@ class FrameParser:
     def in_frame(self) -> bool:
         """True while a frame has started but is not complete (for the frame deadline)."""
         return bool(self._pending) or self._prefix is not None
+
+    @property
+    def awaiting_admission(self) -> bool:
+        """A large payload is announced and waits for ``admit()`` (nothing allocated yet)."""
+        return (
+            self._prefix is not None
+            and self._payload is None
+            and self.admit_above is not None
+            and self._prefix[1] > self.admit_above
+            and not self._admitted
+        )
+
+    def admit(self) -> None:
+        if not self.awaiting_admission:
+            raise LocalProtocolError("no payload is waiting for admission")
+        self._admitted = True
 
     @property
     def payload_len(self) -> int | None:
@@ -134,6 +158,8 @@ class FrameParser:
             self._prefix = (header_len, payload_len)
             del self._pending[:PREFIX_LEN]
         header_len, payload_len = self._prefix
+        if self.awaiting_admission:
+            return NEED_DATA
         if self._header is None:
             if len(self._pending) < header_len:
                 return self._need()
@@ -151,6 +177,7 @@ class FrameParser:
             return self._need()
         frame = Frame(self._header, self._payload)
         self._prefix, self._header, self._payload, self._filled = None, None, None, 0
+        self._admitted = False
         return frame
 
     def _need(self) -> _Sentinel:

@@ -35,10 +35,14 @@ from securefl.server.tls import server_context
 
 log = logging.getLogger("securefl.server")
 
-READ_CHUNK = 1 << 20
-#: Payloads above this size wait for a slot, so memory stays O(model), not O(hospitals).
+#: Small per-connection read buffers: a StreamReader holds up to twice this before it
+#: pauses the socket, and that is paid once per connection (payloads go straight into
+#: their preallocated buffer, so a bigger chunk buys little).
+READ_CHUNK = 1 << 16
+#: Payloads above this size wait for the one slot, so memory stays O(model), not
+#: O(hospitals x model): the others wait in their kernel socket buffers.
 BIG_PAYLOAD = 1 << 20
-BIG_SLOTS = 2
+BIG_SLOTS = 1
 
 
 class Server:
@@ -211,7 +215,8 @@ class Server:
         self, peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         lim = self.limits
-        parser = frames.FrameParser(max_header=lim.max_header_bytes, max_payload=self.max_payload)
+        parser = frames.FrameParser(max_header=lim.max_header_bytes, max_payload=self.max_payload,
+                                    admit_above=BIG_PAYLOAD)
         loop = asyncio.get_running_loop()
         frame_deadline = 0.0
         holding_big = False
@@ -245,11 +250,12 @@ class Server:
                         await self._reply_error(peer, exc, 0)
                         return
                     if frame is frames.NEED_DATA:
-                        if (not holding_big and parser.payload_len is not None
-                                and parser.payload_len > BIG_PAYLOAD):
-                            await self._big_in.acquire()
-                            holding_big = True
-                        break
+                        if not parser.awaiting_admission:
+                            break
+                        await self._big_in.acquire()  # before its buffer exists
+                        holding_big = True
+                        parser.admit()
+                        continue
                     await self._dispatch(peer, frame)
                     del frame
                     if holding_big:

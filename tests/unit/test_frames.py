@@ -93,3 +93,19 @@ def test_clean_eof_and_misuse() -> None:
         parser.receive_data(b"x")
     with pytest.raises(LocalProtocolError):
         frames.encode_frame(b"")
+
+
+def test_large_payload_waits_for_admission_before_allocation() -> None:
+    data = frames.encode_frame(b"{}", b"z" * 100)
+    parser = FrameParser(admit_above=50)
+    parser.receive_data(data)
+    assert parser.next_frame() is NEED_DATA and parser.awaiting_admission
+    assert parser.next_frame() is NEED_DATA  # still waiting: nothing allocated or consumed
+    parser.admit()
+    frame = parser.next_frame()
+    assert isinstance(frame, frames.Frame) and bytes(frame.payload) == b"z" * 100
+    small = FrameParser(admit_above=50)
+    small.receive_data(frames.encode_frame(b"{}", b"z" * 10))
+    assert isinstance(small.next_frame(), frames.Frame)  # small ones never wait
+    with pytest.raises(LocalProtocolError):
+        small.admit()
