@@ -32,6 +32,16 @@ class Federation:
         base.update(changes)
         return s.model_copy(update=base)
 
+    def server_toml(self, port: int, params: int = 1000) -> Path:
+        """A settings file for a server run as its own process (``securefl server``)."""
+        text = (self.certs.root / "server.toml").read_text()
+        text = text.replace('host = "0.0.0.0"', 'host = "127.0.0.1"')
+        text = text.replace("port = 9095", f"port = {port}")
+        text = text.replace('["a", "b", "c", "d"]', '["a", "b", "c"]')
+        path = self.certs.root / "server-test.toml"
+        path.write_text(text.replace("params = 100000", f"params = {params}"))
+        return path
+
     def client_settings(self, name: str, port: int, **changes: object) -> config.ClientSettings:
         path = (self.certs.root / "admin.toml" if name == "admin"
                 else self.certs.kit(name) / "hospital.toml")

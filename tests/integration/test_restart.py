@@ -23,13 +23,13 @@ from .conftest import Federation
 D = 1000
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _start(config: Path) -> subprocess.Popen:
+def start_server(config: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "securefl", "server", "--config", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
@@ -55,13 +55,8 @@ async def _collected(fed: Federation, port: int, n: int) -> None:
 
 
 def test_kill_9_mid_round_then_restart(fed: Federation) -> None:
-    port = _free_port()
-    config = fed.certs.root / "server-test.toml"
-    text = (fed.certs.root / "server.toml").read_text()
-    text = text.replace('host = "0.0.0.0"', 'host = "127.0.0.1"').replace("port = 9095",
-                                                                      f"port = {port}")
-    text = text.replace('["a", "b", "c", "d"]', '["a", "b", "c"]')
-    config.write_text(text.replace("params = 100000", f"params = {D}"))
+    port = free_port()
+    config = fed.server_toml(port, params=D)
     store_dir = fed.certs.root / "store"
 
     async def first_round_then_crash(proc: subprocess.Popen) -> None:
@@ -90,11 +85,11 @@ def test_kill_9_mid_round_then_restart(fed: Federation) -> None:
             assert result.version == 2 and result.contributors == 3
         await asyncio.gather(*tasks)
 
-    proc = _start(config)
+    proc = start_server(config)
     try:
         asyncio.run(first_round_then_crash(proc))
         before = (store_dir / "v00000001.sflm").read_bytes()
-        proc = _start(config)
+        proc = start_server(config)
         asyncio.run(after_restart())
     finally:
         proc.kill()
