@@ -78,3 +78,15 @@ class StaleVersionError(ProtocolError):
     """An update was trained on an older global model than the one the round aggregates."""
 
     code = "stale-version"
+
+
+class ServerUnreachableError(TransportError):
+    """No TCP connection to the server (wrong address, server down, firewall)."""
+
+    code = "unreachable"
+
+
+class CertificateRejectedError(TransportError):
+    """The TLS handshake failed: our certificate was refused, or the server's is not trusted."""
+
+    code = "certificate-rejected"

@@ -1,0 +1,157 @@
+"""Round benchmark: N hospitals against the real server over TLS on loopback.
+
+    python bench/round_bench.py --clients 10 --params 1000000
+    python bench/round_bench.py --clients 3,10,30 --params 1000000
+
+The server runs in its own process (as in production; its memory is read from /proc); all
+hospitals are asyncio clients in this process, so the two processes fit the two cores.  For
+each configuration the same round runs twice, with secure aggregation and with
+``masking = "plain"`` (same transport, framing, encoding and store, no masks).  Timing runs
+from the first join to the published version (``aggregate`` returning); downloads of the
+global model happen before it.  ``server_peak_rss_bytes`` is the server's peak resident set
+during the secure round (the kernel's high-water mark is reset just before it);
+``upload_bytes`` is what one hospital wrote during its round (frame bytes; TLS adds ~0.1%).
+Prints, last, one JSON line per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from securefl import config
+from securefl.certs import CertDir
+from securefl.client.session import AdminSession, HospitalSession
+
+
+def _proc_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _server_toml(certs: Path, store: Path, n: int, params: int, masking: str) -> Path:
+    names = [f"h{i:03d}" for i in range(n)]
+    text = f"""
+host = "127.0.0.1"
+port = 0
+cert = "server.pem"
+key = "server.key"
+ca = "ca.pem"
+crl = "crl.pem"
+store_dir = "{store}"
+audit_log = "{store}/audit.jsonl"
+hospitals = {json.dumps(names)}
+
+[round]
+masking = "{masking}"
+max_clients = {max(n, 2)}
+step_timeout = 120
+
+[model]
+params = {params}
+"""
+    path = certs / f"server-{masking}.toml"
+    path.write_text(text)
+    return path
+
+
+def _start_server(path: Path) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-m", "securefl", "server", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("securefl server listening on"):
+            return proc, int(line.rsplit(":", 1)[1])
+    raise RuntimeError(f"server did not start (exit {proc.wait()})")
+
+
+async def _one_round(certs: CertDir, n: int, params: int, port: int, pid: int | None) -> dict:
+    names = [f"h{i:03d}" for i in range(n)]
+
+    def settings(name: str) -> config.ClientSettings:
+        path = certs.root / "admin.toml" if name == "admin" else certs.kit(name) / "hospital.toml"
+        s = config.load(path, config.ClientSettings)
+        return s.model_copy(update={"host": "127.0.0.1", "port": port})
+
+    sessions = [await HospitalSession(settings(name)).connect() for name in names]
+    rng = np.random.default_rng(0)
+    updates = [rng.normal(0, 0.01, params).astype(np.float32) for _ in names]
+    for s in sessions:
+        await s.get_global()
+    admin = await AdminSession(settings("admin")).connect()
+    idle_rss = _proc_kb(pid, "VmRSS") if pid else 0
+    if pid:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak to now
+    sent_before = [s.conn.bytes_sent for s in sessions]
+    t0 = time.perf_counter()
+    tasks = [asyncio.create_task(s.send(u, 100)) for s, u in zip(sessions, updates, strict=True)]
+    while await admin.count() < n:
+        await asyncio.sleep(0.005)
+    result = await admin.aggregate()
+    round_s = time.perf_counter() - t0
+    await asyncio.gather(*tasks)
+    peak = _proc_kb(pid, "VmHWM") if pid else 0
+    upload = sessions[0].conn.bytes_sent - sent_before[0]
+    for s in [*sessions, admin]:
+        await s.close()
+    assert result.contributors == n
+    return {"round_s": round_s, "idle_rss": idle_rss, "peak_rss": peak, "upload": upload}
+
+
+def run_config(n: int, params: int) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="securefl-bench-"))
+    try:
+        certs = CertDir(tmp / "certs")
+        certs.init(["127.0.0.1"], [f"h{i:03d}" for i in range(n)])
+        out: dict = {"clients": n, "params": params}
+        for masking in ("secagg", "plain"):
+            path = _server_toml(certs.root, tmp / f"store-{masking}", n, params, masking)
+            proc, port = _start_server(path)
+            try:
+                r = asyncio.run(_one_round(certs, n, params, port, proc.pid))
+            finally:
+                proc.terminate()
+                proc.wait()
+                if proc.stdout:
+                    proc.stdout.close()
+            if masking == "secagg":
+                out.update(round_s=round(r["round_s"], 3), upload_bytes=r["upload"],
+                           server_idle_rss_bytes=r["idle_rss"],
+                           server_peak_rss_bytes=r["peak_rss"])
+            else:
+                out["plain_round_s"] = round(r["round_s"], 3)
+        model_bytes = params * 4
+        out["model_bytes"] = model_bytes
+        out["rss_growth_over_model"] = round(
+            (out["server_peak_rss_bytes"] - out["server_idle_rss_bytes"]) / model_bytes, 2)
+        out["secure_over_plain"] = round(out["round_s"] / out["plain_round_s"], 2)
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="10", help="hospital counts, comma-separated")
+    parser.add_argument("--params", type=int, default=1_000_000)
+    args = parser.parse_args()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    results = [run_config(int(n), args.params) for n in args.clients.split(",")]
+    for r in results:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""``HospitalSession`` and ``AdminSession``: the only network API the CLI and TUIs use.
+
+Why sessions and not raw messages: a hospital's ``send`` is a whole secure-aggregation round
+(join, keys, shares, masked input, unmask answer, result) driven by the crypto core's
+``ClientRound``; callers should see one awaitable that returns the published version or
+raises a ``SecureFLError`` saying what to do next.  The update is given to the round object
+and masked there; it never reaches the socket in the clear (except with a server explicitly
+configured ``masking = "plain"``, the benchmark baseline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, Self
+
+import numpy as np
+
+from securefl.certs import load_credential
+from securefl.client.transport import Connection, error_from_wire
+from securefl.config import ClientSettings
+from securefl.crypto import pki
+from securefl.crypto.quantize import Encoding, check_update
+from securefl.crypto.secagg import ClientRound
+from securefl.errors import DataError, LocalProtocolError, ProtocolError, RemoteProtocolError
+from securefl.protocol import mapping
+from securefl.protocol import messages as wm
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    version: int
+    weights: np.ndarray
+    sha256: str
+    contributors: int
+    total_samples: int
+    created: str
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    round_id: int
+    version: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    version: int
+    round_id: int
+    phase: str
+    online: tuple[str, ...]
+    joined: tuple[str, ...]
+    submitted: tuple[str, ...]
+    collected: int
+
+
+@dataclass(frozen=True)
+class AggregateOutcome:
+    version: int
+    sha256: str
+    contributors: int
+    total_samples: int
+
+
+class RoundAbandonedError(ProtocolError):
+    """The round this update was in was aborted or could not finish: send it again."""
+
+    code = "round-abandoned"
+
+
+class _Session:
+    def __init__(self, settings: ClientSettings) -> None:
+        self.settings = settings
+        self._conn: Connection | None = None
+
+    async def connect(self) -> Self:
+        self._conn = await Connection.open(self.settings)
+        return self
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def __aenter__(self) -> Self:
+        return await self.connect()
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    @property
+    def conn(self) -> Connection:
+        if self._conn is None:
+            raise LocalProtocolError("not connected: call connect() first")
+        return self._conn
+
+    @property
+    def name(self) -> str:
+        assert self.conn.welcome is not None
+        return self.conn.welcome.name
+
+    async def status(self) -> ServerStatus:
+        reply, _ = await self.conn.request(wm.Status())
+        assert isinstance(reply, wm.StatusReply)
+        return ServerStatus(reply.version, reply.round_id, reply.phase, tuple(reply.online),
+                            tuple(reply.joined), tuple(reply.submitted), reply.collected)
+
+
+class HospitalSession(_Session):
+    def __init__(self, settings: ClientSettings) -> None:
+        super().__init__(settings)
+        self._cred = load_credential(settings.cert, settings.key)
+        self._ca = pki.load_cert(settings.ca.read_bytes())
+        #: Global version of the last ``get_global()``: what a following update is based on.
+        self.base_version: int | None = None
+        self._length: int | None = None
+
+    @property
+    def resend_round(self) -> int | None:
+        """A round of ours that a server restart abandoned (send the update again)."""
+        return self.conn.welcome.resend_round if self.conn.welcome else None
+
+    async def get_global(self) -> GlobalModel:
+        """Download the current global model; its sha256 is checked before it is returned."""
+        reply, weights = await self.conn.request(wm.GetGlobal())
+        assert isinstance(reply, wm.GlobalModel) and weights is not None
+        weights = weights.astype("<f4", copy=False)
+        if hashlib.sha256(weights.data).hexdigest() != reply.sha256:
+            raise DataError("the downloaded model does not match its sha256: download again")
+        self.base_version = reply.version
+        self._length = int(weights.shape[0])
+        return GlobalModel(reply.version, weights, reply.sha256, reply.contributors,
+                           reply.total_samples, reply.created)
+
+    async def send(
+        self,
+        update: np.ndarray,
+        samples: int,
+        *,
+        base_version: int | None = None,
+        leave_after: Literal["join", "share_keys", "masked_input"] | None = None,
+    ) -> RoundOutcome | None:
+        """Take part in one round with ``update`` (w_local - w_global) from ``samples`` images.
+
+        Stays connected through the unmask step and returns the version the round
+        published.  ``leave_after`` makes the hospital vanish after that step (demos and
+        tests of dropouts); the call then returns None.
+        """
+        base = self.base_version if base_version is None else base_version
+        if base is None:
+            raise LocalProtocolError("call get_global() first, or pass base_version")
+        check_update(update)  # NaN, Inf, wrong type: refused here, before joining anything
+        update = np.ascontiguousarray(update, dtype=np.float32)
+        if self._length is not None and update.shape[0] != self._length:
+            raise DataError(f"the update has {update.shape[0]} values, the global model "
+                            f"{self._length}: train on the current model")
+        if not isinstance(samples, int | np.integer) or samples < 1:
+            raise DataError(f"the sample count must be a positive whole number, not {samples}")
+        joined, _ = await self.conn.request(wm.Join(base_version=base))
+        assert isinstance(joined, wm.Joined)
+        if joined.vector_len != update.shape[0]:
+            raise DataError(f"the update has {update.shape[0]} values, the global model "
+                            f"{joined.vector_len}: train on the current model")
+        if joined.masking == "plain":
+            enc = Encoding(joined.ring_bits, joined.clip, joined.scale, joined.max_clients,
+                           joined.max_weight)
+            y = enc.encode(update, samples)
+            await self._send_input(joined.round_id, y)
+            if leave_after is not None:
+                return None
+        else:
+            rnd = ClientRound(cert=self._cred.cert, signing_key=self._cred.key, ca_cert=self._ca,
+                              round_id=joined.round_id, base_version=base, update=update,
+                              weight=samples)
+            await self.conn.request(mapping.advertisement_to_wire(rnd.advertise()))
+            if leave_after == "join":
+                return None
+            roster = await self._expect(wm.RosterMsg, joined.round_id)
+            shares = rnd.receive(mapping.roster_from_wire(roster))
+            await self.conn.request(mapping.share_keys_to_wire(shares))
+            if leave_after == "share_keys":
+                return None
+            bundle = await self._expect(wm.EnvelopesMsg, joined.round_id)
+            masked = rnd.receive(mapping.bundle_from_wire(bundle))
+            await self._send_input(joined.round_id, masked.y)
+            if leave_after == "masked_input":
+                return None
+            request = await self._expect(wm.UnmaskRequestMsg, joined.round_id)
+            answer = rnd.receive(mapping.unmask_request_from_wire(request))
+            await self.conn.request(mapping.unmask_response_to_wire(answer))
+        done = await self._expect(wm.RoundDone, joined.round_id)
+        return RoundOutcome(done.round_id, done.version, done.sha256)
+
+    async def _send_input(self, round_id: int, y: np.ndarray) -> None:
+        await self.conn.request(wm.MaskedInputMsg(round_id=round_id, array=wm.ArraySpec.of(y)), y)
+
+    async def _expect(self, kind: type[wm._Wire], round_id: int) -> wm._Wire:
+        """The next push of ``kind`` for this round; an abandoned round is raised."""
+        while True:
+            msg, _ = await self.conn.next_push(self.settings.round_timeout)
+            if isinstance(msg, wm.RoundDone) and msg.round_id == round_id and msg.resend:
+                raise RoundAbandonedError(
+                    f"round {round_id} was abandoned ({msg.message}); send the update again",
+                    code=msg.code or RoundAbandonedError.code)
+            if isinstance(msg, wm.ErrorMsg):
+                raise error_from_wire(msg)
+            if isinstance(msg, kind) and getattr(msg, "round_id", round_id) == round_id:
+                return msg
+            if isinstance(msg, wm.RoundDone):
+                continue  # the end of an earlier round we left
+            raise RemoteProtocolError(f"expected '{kind.__name__}', the server sent "
+                                      f"'{msg.kind}'")
+
+
+class AdminSession(_Session):
+    async def _admin(self, action: str) -> wm.AdminResult:
+        reply, _ = await self.conn.request(wm.AdminCommand(action=action))  # type: ignore[arg-type]
+        assert isinstance(reply, wm.AdminResult)
+        return reply
+
+    async def aggregate(self) -> AggregateOutcome:
+        """Unmask the collected updates and publish the next global version."""
+        r = await self._admin("aggregate")
+        return AggregateOutcome(r.value, r.sha256, r.contributors, r.total_samples)
+
+    async def version(self) -> int:
+        return (await self._admin("version")).value
+
+    async def count(self) -> int:
+        """Weight sets collected in the current round (masked inputs received)."""
+        return (await self._admin("count")).value
+
+    async def close_enrolment(self) -> int:
+        return (await self._admin("close")).value
+
+    async def abort_round(self) -> int:
+        return (await self._admin("abort")).value

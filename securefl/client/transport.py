@@ -1,0 +1,201 @@
+"""One mutual-TLS connection to the server: requests with replies, and server pushes.
+
+Why a reader task: the server both answers requests (matched by ``rid``) and pushes round
+steps unprompted (roster, envelopes, unmask request, round done).  One task owns the read
+side and sorts frames into reply futures and a push queue; writes are serialised by a lock.
+
+Rejections: with TLS 1.3 the client's handshake completes before the server has checked its
+certificate, so a refused certificate shows up as EOF, a reset or an SSL alert at the first
+read.  ``open`` therefore says hello and waits for the welcome before it reports success,
+and turns "closed before any reply" into ``CertificateRejectedError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import ssl
+from pathlib import Path
+
+import numpy as np
+
+from securefl.config import ClientSettings
+from securefl.errors import (
+    CertificateRejectedError,
+    ConfigError,
+    NotEnoughSurvivorsError,
+    ProtocolError,
+    RemoteProtocolError,
+    SecureFLError,
+    ServerUnreachableError,
+    StaleVersionError,
+    TransportError,
+)
+from securefl.protocol import frames
+from securefl.protocol import messages as wm
+
+READ_CHUNK = 1 << 20
+
+_ERRORS: dict[str, type[SecureFLError]] = {
+    "stale-version": StaleVersionError,
+    "too-few-hospitals": NotEnoughSurvivorsError,
+}
+
+
+def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+    """TLS 1.3, the server checked against the federation CA and its host name."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_cert_chain(cert, key)
+        ctx.load_verify_locations(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load this site's certificates ({cert}, {ca})") from exc
+    return ctx
+
+
+def error_from_wire(msg: wm.ErrorMsg) -> SecureFLError:
+    """The server's typed refusal as the matching local exception (code kept)."""
+    cls = _ERRORS.get(msg.code, ProtocolError)
+    exc = cls(f"the server refused: {msg.message}", code=msg.code)
+    exc.server_version = msg.version  # type: ignore[attr-defined]
+    return exc
+
+
+class Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 settings: ClientSettings) -> None:
+        self._reader, self._writer, self.settings = reader, writer, settings
+        self._rids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._pushes: asyncio.Queue = asyncio.Queue()
+        self._lock = asyncio.Lock()
+        self._closed: SecureFLError | None = None
+        self._got_reply = False
+        self.bytes_sent = 0
+        self.welcome: wm.Welcome | None = None
+        self._task = asyncio.create_task(self._read_loop())
+
+    @classmethod
+    async def open(cls, settings: ClientSettings) -> Connection:
+        ctx = client_context(settings.cert, settings.key, settings.ca)
+        where = f"{settings.host}:{settings.port}"
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(settings.host, settings.port, ssl=ctx,
+                                        server_hostname=settings.host, limit=READ_CHUNK),
+                settings.connect_timeout)
+        except ssl.SSLCertVerificationError as exc:
+            raise CertificateRejectedError(
+                f"the server at {where} presented a certificate this federation's CA did not "
+                f"issue ({exc.verify_message}); check the address and ca.pem") from None
+        except ssl.SSLError:
+            raise CertificateRejectedError(
+                f"the server at {where} refused this site's certificate (revoked, expired or "
+                "from another federation): ask the federation operator") from None
+        except (OSError, TimeoutError):
+            raise ServerUnreachableError(
+                f"cannot reach the securefl server at {where}: is it running, and are the "
+                "host and port in the settings right?") from None
+        conn = cls(reader, writer, settings)
+        try:
+            welcome, _ = await conn.request(wm.Hello())
+        except TransportError:
+            await conn.close()
+            if conn._got_reply:
+                raise
+            raise CertificateRejectedError(
+                f"the server at {where} closed the connection without a word: it refused this "
+                "site's certificate (revoked, expired or from another federation)") from None
+        assert isinstance(welcome, wm.Welcome)
+        conn.welcome = welcome
+        return conn
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._writer.wait_closed(), 2.0)
+
+    # -- writing -----------------------------------------------------------------------------
+    async def send(self, msg: wm._Wire, array: np.ndarray | None = None) -> None:
+        if self._closed is not None:
+            raise self._closed
+        header = wm.encode_header(msg)
+        payload = b"" if array is None else memoryview(np.ascontiguousarray(array)).cast("B")
+        async with self._lock:
+            try:
+                prefix = frames.encode_prefix(header, len(payload))
+                self._writer.write(prefix)
+                if payload:
+                    self._writer.write(payload)
+                self.bytes_sent += len(prefix) + len(payload)
+                await self._writer.drain()
+            except (ConnectionError, OSError) as exc:
+                raise TransportError("the connection to the server was lost") from exc
+
+    async def request(
+        self, msg: wm._Wire, array: np.ndarray | None = None
+    ) -> tuple[wm.Message, np.ndarray | None]:
+        """Send a request and wait for its reply; an ``error`` reply is raised."""
+        rid = next(self._rids)
+        msg = msg.model_copy(update={"rid": rid})
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            await self.send(msg, array)
+            reply, data = await asyncio.wait_for(fut, self.settings.reply_timeout)
+        except TimeoutError:
+            raise TransportError("the server did not answer in time") from None
+        finally:
+            self._pending.pop(rid, None)
+        if isinstance(reply, wm.ErrorMsg):
+            raise error_from_wire(reply)
+        return reply, data
+
+    async def next_push(self, timeout: float) -> tuple[wm.Message, np.ndarray | None]:
+        try:
+            item = await asyncio.wait_for(self._pushes.get(), timeout)
+        except TimeoutError:
+            raise TransportError("the server sent no next step in time") from None
+        if isinstance(item, SecureFLError):
+            self._pushes.put_nowait(item)  # every later wait sees the same failure
+            raise item
+        return item
+
+    # -- reading -----------------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        parser = frames.FrameParser(max_payload=frames.DEFAULT_MAX_PAYLOAD)
+        failure: SecureFLError = TransportError("the server closed the connection")
+        try:
+            while True:
+                data = await self._reader.read(READ_CHUNK)
+                if not data:
+                    break
+                parser.receive_data(data)
+                while (frame := parser.next_frame()) is not frames.NEED_DATA:
+                    assert isinstance(frame, frames.Frame)
+                    self._got_reply = True
+                    msg, array = wm.decode(frame)
+                    fut = self._pending.get(msg.rid) if msg.rid else None
+                    if fut is not None and not fut.done():
+                        fut.set_result((msg, array))
+                    elif isinstance(msg, wm.ErrorMsg):
+                        failure = error_from_wire(msg)
+                    else:
+                        self._pushes.put_nowait((msg, array))
+        except RemoteProtocolError as exc:
+            failure = exc
+        except (ConnectionError, OSError, ssl.SSLError):
+            pass
+        finally:
+            self._closed = failure
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(failure)
+            self._pushes.put_nowait(failure)

@@ -1,0 +1,106 @@
+"""Between wire messages and the crypto core's round messages (``securefl.crypto.messages``).
+
+Why a separate module: the crypto core knows nothing of frames, and the wire models know
+nothing of round objects; this is the single place where the two vocabularies meet, so a
+change on either side shows up here and in its round-trip tests.  Identity-bearing fields
+(``name``, ``cert_der``) are never read from the peer's message: the server passes in what
+the TLS certificate says.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from securefl.crypto import messages as cm
+from securefl.crypto.quantize import Encoding
+from securefl.protocol import messages as wm
+
+
+def advertisement_from_wire(
+    msg: wm.Advertise, *, name: str, base_version: int, cert_der: bytes
+) -> cm.KeyAdvertisement:
+    return cm.KeyAdvertisement(
+        round_id=msg.round_id, base_version=base_version, name=name, c_pk=msg.c_pk,
+        s_pk=msg.s_pk, cert_der=cert_der, signature=msg.signature,
+    )
+
+
+def advertisement_to_wire(adv: cm.KeyAdvertisement, rid: int = 0) -> wm.Advertise:
+    return wm.Advertise(rid=rid, round_id=adv.round_id, c_pk=adv.c_pk, s_pk=adv.s_pk,
+                        signature=adv.signature)
+
+
+def roster_to_wire(roster: cm.Roster) -> wm.RosterMsg:
+    c, enc = roster.config, roster.config.encoding
+    return wm.RosterMsg(
+        round_id=c.round_id, base_version=c.base_version, vector_len=c.vector_len,
+        threshold=c.threshold, neighbours=c.neighbours, graph_seed=c.graph_seed,
+        ring_bits=enc.ring_bits, clip=enc.clip, scale=enc.scale, max_clients=enc.max_clients,
+        max_weight=enc.max_weight, min_contributors=c.min_contributors,
+        participants=[
+            wm.Participant(name=p.name, c_pk=p.c_pk, s_pk=p.s_pk, cert_der=p.cert_der,
+                           signature=p.signature)
+            for p in roster.participants
+        ],
+    )
+
+
+def roster_from_wire(msg: wm.RosterMsg) -> cm.Roster:
+    enc = Encoding(msg.ring_bits, msg.clip, msg.scale, msg.max_clients, msg.max_weight)
+    config = cm.RoundConfig(
+        round_id=msg.round_id, base_version=msg.base_version, vector_len=msg.vector_len,
+        threshold=msg.threshold, neighbours=msg.neighbours, graph_seed=msg.graph_seed,
+        encoding=enc, min_contributors=msg.min_contributors,
+    )
+    parts = tuple(
+        cm.KeyAdvertisement(
+            round_id=msg.round_id, base_version=msg.base_version, name=p.name, c_pk=p.c_pk,
+            s_pk=p.s_pk, cert_der=p.cert_der, signature=p.signature,
+        )
+        for p in msg.participants
+    )
+    return cm.Roster(config=config, participants=parts)
+
+
+def share_keys_to_wire(sk: cm.ShareKeys, rid: int = 0) -> wm.ShareKeysMsg:
+    return wm.ShareKeysMsg(rid=rid, round_id=sk.round_id, envelopes=dict(sk.envelopes))
+
+
+def share_keys_from_wire(msg: wm.ShareKeysMsg, *, sender: int) -> cm.ShareKeys:
+    return cm.ShareKeys(round_id=msg.round_id, sender=sender, envelopes=dict(msg.envelopes))
+
+
+def bundle_to_wire(bundle: cm.EnvelopeBundle) -> wm.EnvelopesMsg:
+    return wm.EnvelopesMsg(round_id=bundle.round_id, recipient=bundle.recipient,
+                           envelopes=dict(bundle.envelopes))
+
+
+def bundle_from_wire(msg: wm.EnvelopesMsg) -> cm.EnvelopeBundle:
+    return cm.EnvelopeBundle(round_id=msg.round_id, recipient=msg.recipient,
+                             envelopes=dict(msg.envelopes))
+
+
+def masked_input_from_wire(
+    msg: wm.MaskedInputMsg, y: np.ndarray, *, sender: int
+) -> cm.MaskedInput:
+    return cm.MaskedInput(round_id=msg.round_id, sender=sender, y=y)
+
+
+def unmask_request_to_wire(req: cm.UnmaskRequest) -> wm.UnmaskRequestMsg:
+    return wm.UnmaskRequestMsg(round_id=req.round_id, survivors=list(req.survivors),
+                               dropped=list(req.dropped))
+
+
+def unmask_request_from_wire(msg: wm.UnmaskRequestMsg) -> cm.UnmaskRequest:
+    return cm.UnmaskRequest(round_id=msg.round_id, survivors=tuple(msg.survivors),
+                            dropped=tuple(msg.dropped))
+
+
+def unmask_response_to_wire(resp: cm.UnmaskResponse, rid: int = 0) -> wm.UnmaskResponseMsg:
+    return wm.UnmaskResponseMsg(rid=rid, round_id=resp.round_id, b_shares=dict(resp.b_shares),
+                                s_shares=dict(resp.s_shares))
+
+
+def unmask_response_from_wire(msg: wm.UnmaskResponseMsg, *, sender: int) -> cm.UnmaskResponse:
+    return cm.UnmaskResponse(round_id=msg.round_id, sender=sender, b_shares=dict(msg.b_shares),
+                             s_shares=dict(msg.s_shares))

@@ -1,0 +1,310 @@
+"""Wire messages: the JSON header of every frame, validated by one pydantic TypeAdapter.
+
+Why this shape: each header is a frozen model with ``extra="forbid"`` and a ``kind`` literal,
+so a misspelt or smuggled field is refused, and the whole vocabulary is one discriminated
+union (``Message``).  Requests carry ``rid`` >= 1 and get exactly one reply with the same
+``rid`` (a result or an ``error``); pushes from the server carry ``rid`` 0.
+
+Binary data: short byte strings (X25519 keys, signatures, certificates, Shamir shares,
+AES-GCM envelopes) travel base64 in the header; arrays travel as raw little-endian bytes in
+the payload, described by ``ArraySpec`` (dtype + shape), never as JSON numbers.  Identity is
+never in a header: the server takes the name and role from the TLS client certificate.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    TypeAdapter,
+    ValidationError,
+)
+
+from securefl.errors import RemoteProtocolError
+from securefl.protocol.frames import Frame
+
+PROTOCOL_VERSION = 1
+MAX_DIMS = 4
+U32 = Field(ge=0, le=2**32 - 1)
+
+MAX_BYTES_FIELD = 16_384
+
+
+def _from_base64(value: object) -> object:
+    """JSON carries standard base64 (with padding); Python code passes bytes directly."""
+    if isinstance(value, str):
+        if len(value) > MAX_BYTES_FIELD * 4 // 3 + 4:
+            raise ValueError("byte string too long")
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error:
+            raise ValueError("not valid base64") from None
+    return value
+
+
+#: Short binary values: bytes in Python, standard base64 strings in the JSON header.
+Bytes = Annotated[
+    bytes,
+    BeforeValidator(_from_base64),
+    PlainSerializer(lambda b: base64.b64encode(b).decode("ascii"), return_type=str),
+    Field(max_length=MAX_BYTES_FIELD),
+]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rid: int = Field(0, ge=0, le=2**32 - 1)
+
+
+class ArraySpec(BaseModel):
+    """How to read the payload: numpy dtype string (little-endian) and shape."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: Literal["<f4", "<f8", "<u4", "<u8"]
+    shape: tuple[Annotated[int, Field(ge=0, le=2**31)], ...] = Field(min_length=1,
+                                                                     max_length=MAX_DIMS)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> ArraySpec:
+        dtype = array.dtype.newbyteorder("<").str
+        return cls(dtype=dtype, shape=array.shape)  # type: ignore[arg-type]
+
+
+# -- requests: hospital and admin -> server -------------------------------------------------
+class Hello(_Wire):
+    kind: Literal["hello"] = "hello"
+    protocol: int = PROTOCOL_VERSION
+
+
+class GetGlobal(_Wire):
+    kind: Literal["get_global"] = "get_global"
+
+
+class Status(_Wire):
+    kind: Literal["status"] = "status"
+
+
+class Join(_Wire):
+    """Ask to take part in the current round with an update trained on ``base_version``."""
+
+    kind: Literal["join"] = "join"
+    base_version: int = Field(ge=0)
+
+
+class Advertise(_Wire):
+    """Round 0: fresh X25519 public keys signed with the certificate's key."""
+
+    kind: Literal["advertise"] = "advertise"
+    round_id: int = Field(ge=0)
+    c_pk: Bytes
+    s_pk: Bytes
+    signature: Bytes
+
+
+class ShareKeysMsg(_Wire):
+    kind: Literal["share_keys"] = "share_keys"
+    round_id: int = Field(ge=0)
+    envelopes: dict[int, Bytes] = Field(max_length=1000)
+
+
+class MaskedInputMsg(_Wire):
+    """Round 2: y_u in the payload (ring elements, length D + 1)."""
+
+    kind: Literal["masked_input"] = "masked_input"
+    round_id: int = Field(ge=0)
+    array: ArraySpec
+
+
+class UnmaskResponseMsg(_Wire):
+    kind: Literal["unmask_response"] = "unmask_response"
+    round_id: int = Field(ge=0)
+    b_shares: dict[int, Bytes] = Field(max_length=1000)
+    s_shares: dict[int, Bytes] = Field(max_length=1000)
+
+
+class AdminCommand(_Wire):
+    """Admin actions; the server checks the certificate's role, not this message."""
+
+    kind: Literal["admin"] = "admin"
+    action: Literal["aggregate", "version", "count", "close", "abort"]
+
+
+# -- replies and pushes: server -> peer ----------------------------------------------------
+class Welcome(_Wire):
+    kind: Literal["welcome"] = "welcome"
+    name: str
+    role: str
+    version: int
+    protocol: int = PROTOCOL_VERSION
+    #: Set when a server restart abandoned a round this hospital was in: send again.
+    resend_round: int | None = None
+
+
+class GlobalModel(_Wire):
+    kind: Literal["global_model"] = "global_model"
+    version: int
+    sha256: str
+    contributors: int
+    total_samples: int
+    created: str
+    array: ArraySpec
+
+
+class StatusReply(_Wire):
+    kind: Literal["status_reply"] = "status_reply"
+    version: int
+    round_id: int
+    phase: str
+    online: list[str]
+    joined: list[str]
+    submitted: list[str]
+    collected: int
+
+
+class Joined(_Wire):
+    """Reply to ``join``: the round to advertise keys for and its encoding."""
+
+    kind: Literal["joined"] = "joined"
+    round_id: int
+    base_version: int
+    vector_len: int
+    masking: Literal["secagg", "plain"]
+    ring_bits: int
+    clip: float
+    scale: float
+    max_clients: int
+    max_weight: int
+
+
+class Ack(_Wire):
+    kind: Literal["ack"] = "ack"
+    collected: int = 0
+
+
+class AdminResult(_Wire):
+    kind: Literal["admin_result"] = "admin_result"
+    action: str
+    value: int
+    sha256: str = ""
+    contributors: int = 0
+    total_samples: int = 0
+
+
+class Participant(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    c_pk: Bytes
+    s_pk: Bytes
+    cert_der: Bytes
+    signature: Bytes
+
+
+class RosterMsg(_Wire):
+    """Push when enrolment closes: round configuration and every participant's keys."""
+
+    kind: Literal["roster"] = "roster"
+    round_id: int
+    base_version: int
+    vector_len: int
+    threshold: int
+    neighbours: int
+    graph_seed: Bytes
+    ring_bits: int
+    clip: float
+    scale: float
+    max_clients: int
+    max_weight: int
+    min_contributors: int
+    participants: list[Participant] = Field(max_length=1000)
+
+
+class EnvelopesMsg(_Wire):
+    kind: Literal["envelopes"] = "envelopes"
+    round_id: int
+    recipient: int
+    envelopes: dict[int, Bytes] = Field(max_length=1000)
+
+
+class UnmaskRequestMsg(_Wire):
+    kind: Literal["unmask_request"] = "unmask_request"
+    round_id: int
+    survivors: list[int] = Field(max_length=1000)
+    dropped: list[int] = Field(max_length=1000)
+
+
+class RoundDone(_Wire):
+    """Push: the round published ``version`` (or, with ``resend``, was abandoned)."""
+
+    kind: Literal["round_done"] = "round_done"
+    round_id: int
+    version: int
+    sha256: str = ""
+    resend: bool = False
+    code: str = ""
+    message: str = ""
+
+
+class ErrorMsg(_Wire):
+    """A typed refusal: ``code`` is stable, ``message`` is written by us, never exception text."""
+
+    kind: Literal["error"] = "error"
+    code: str
+    message: str
+    version: int | None = None
+
+
+Message = Annotated[
+    Hello | GetGlobal | Status | Join | Advertise | ShareKeysMsg | MaskedInputMsg
+    | UnmaskResponseMsg | AdminCommand | Welcome | GlobalModel | StatusReply | Joined | Ack
+    | AdminResult | RosterMsg | EnvelopesMsg | UnmaskRequestMsg | RoundDone | ErrorMsg,
+    Field(discriminator="kind"),
+]
+MESSAGE: TypeAdapter[Message] = TypeAdapter(Message)
+
+WITH_ARRAY = (MaskedInputMsg, GlobalModel)
+
+
+def encode_header(msg: _Wire) -> bytes:
+    return msg.model_dump_json().encode()
+
+
+def decode(frame: Frame) -> tuple[Message, np.ndarray | None]:
+    """Header -> message; payload -> array when the message carries one (shape checked)."""
+    try:
+        msg = MESSAGE.validate_json(frame.header)
+    except ValidationError as exc:
+        fields = sorted({".".join(str(p) for p in e["loc"]) or "header" for e in exc.errors()})
+        raise RemoteProtocolError(
+            f"malformed message header (fields: {', '.join(fields)[:200]})", code="bad-message"
+        ) from None
+    except (ValueError, json.JSONDecodeError):
+        raise RemoteProtocolError("header is not JSON", code="bad-message") from None
+    if isinstance(msg, WITH_ARRAY):
+        spec = msg.array
+        if spec.nbytes != len(frame.payload):
+            raise RemoteProtocolError(
+                f"payload holds {len(frame.payload)} bytes but {spec.dtype}{list(spec.shape)} "
+                f"needs {spec.nbytes}",
+                code="bad-shape",
+            )
+        array = np.frombuffer(frame.payload, dtype=np.dtype(spec.dtype)).reshape(spec.shape)
+        return msg, array
+    if frame.payload:
+        raise RemoteProtocolError(f"'{msg.kind}' carries no payload", code="bad-message")
+    return msg, None

@@ -1,0 +1,312 @@
+"""The asyncio TLS server: accept, authenticate, pump frames, enforce deadlines and limits.
+
+Why sockets are accepted by hand and TLS started on each (``connect_accepted_socket``): with
+``start_server(ssl=...)`` a rejected client certificate calls no handler, so nothing could be
+logged; here every refused handshake reaches the audit log with its reason.  (``start_tls``
+on an accepted stream was measured to lose a ClientHello that arrived before the upgrade.)
+Each connection runs in its own task and is closed in ``finally``; whatever one peer sends,
+the worst it gets is its own connection closed with a typed error.  The coordinator never
+sees bytes, and the peer never sees an exception's text (``SecureFLError`` messages are
+ours; anything else becomes "internal").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import ssl
+from pathlib import Path
+
+import numpy as np
+from cryptography import x509
+
+from securefl.config import ServerSettings
+from securefl.crypto import pki
+from securefl.errors import ConfigError, CryptoError, RemoteProtocolError, SecureFLError
+from securefl.protocol import frames
+from securefl.protocol import messages as wm
+from securefl.server.audit import AuditLog
+from securefl.server.coordinator import Coordinator, Peer
+from securefl.server.store import ModelStore, initial_weights
+from securefl.server.tls import server_context
+
+log = logging.getLogger("securefl.server")
+
+#: Small per-connection read buffers: a StreamReader holds up to twice this before it
+#: pauses the socket, and that is paid once per connection (payloads go straight into
+#: their preallocated buffer, so a bigger chunk buys little).
+READ_CHUNK = 1 << 16
+#: Payloads above this size wait for the one slot, so memory stays O(model), not
+#: O(hospitals x model): the others wait in their kernel socket buffers.
+BIG_PAYLOAD = 1 << 20
+BIG_SLOTS = 1
+
+
+class Server:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.limits = settings.limits
+        self.store = ModelStore(settings.store_dir)
+        if self.store.empty:
+            self.store.write(self._initial_model(), contributors=0, total_samples=0)
+        self.audit = AuditLog(settings.audit_log)
+        self.ca_cert = pki.load_cert(Path(settings.ca).read_bytes())
+        self.coordinator = Coordinator(settings, self.store, self.audit, self.ca_cert)
+        length = self.store.latest()[1].shape[0]
+        self.max_payload = min(self.limits.max_payload_bytes, (length + 1) * 8)
+        self._ctx: ssl.SSLContext | None = None
+        self._crl_mtime = -1.0
+        self._tasks: set[asyncio.Task] = set()
+        self._big_in = asyncio.Semaphore(BIG_SLOTS)
+        self._big_out = asyncio.Semaphore(BIG_SLOTS)
+        self.port = 0
+
+    def _initial_model(self) -> np.ndarray:
+        spec = self.settings.model
+        if spec.params is None:
+            raise ConfigError("the model store is empty: set [model] params (or an ML model "
+                              "spec) in the server settings to create version 0")
+        return initial_weights(spec.params, spec.seed, spec.init_scale)
+
+    def context(self) -> ssl.SSLContext:
+        """The TLS context, rebuilt when the CRL file changes (revocation without restart)."""
+        mtime = Path(self.settings.crl).stat().st_mtime
+        if self._ctx is None or mtime != self._crl_mtime:
+            s = self.settings
+            self._ctx = server_context(s.cert, s.key, s.ca, s.crl)
+            self._crl_mtime = mtime
+        return self._ctx
+
+    async def start(self) -> int:
+        self.context()
+        loop = asyncio.get_running_loop()
+        self._sock = socket.create_server((self.settings.host, self.settings.port),
+                                          backlog=128, reuse_port=False)
+        self._sock.setblocking(False)
+        self.port = self._sock.getsockname()[1]
+        self._acceptor = asyncio.create_task(self._accept_loop(loop))
+        info = self.store.latest()[0]
+        self.audit.record("server-start", port=self.port, version=info.version)
+        log.info("listening on %s:%d at version %d", self.settings.host, self.port, info.version)
+        return self.port
+
+    async def close(self) -> None:
+        self._acceptor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._acceptor
+        self._sock.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.audit.close()
+
+    async def _accept_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Accept forever; running out of file descriptors is logged and retried, not fatal."""
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(self._sock)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("accept failed (%s); retrying", exc.strerror)
+                    await asyncio.sleep(0.1)
+                    continue
+                raise
+            task = asyncio.create_task(self._connection(sock, f"{addr[0]}:{addr[1]}"))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connection(self, sock: socket.socket, address: str) -> None:
+        """One connection from accept to close; nothing it does can reach another."""
+        writer: asyncio.StreamWriter | None = None
+        try:
+            if len(self._tasks) > self.limits.max_connections:
+                self.audit.record("refused", address=address, reason="too many connections")
+                sock.close()
+                return
+            tls = await self._handshake(sock, address)
+            if tls is None:
+                return
+            peer, reader, writer = tls
+            await self._serve(peer, reader, writer)
+        except (ConnectionError, ssl.SSLError, OSError, asyncio.IncompleteReadError):
+            pass
+        except Exception:  # a bug must close this connection only, never the server
+            log.exception("connection %s failed", address)
+        finally:
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), 1.0)
+            else:
+                sock.close()
+
+    async def _handshake(
+        self, sock: socket.socket, address: str
+    ) -> tuple[Peer, asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """TLS on an accepted socket, so that every refused handshake is logged with why."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_CHUNK)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        timeout = self.limits.handshake_timeout
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.connect_accepted_socket(lambda: protocol, sock, ssl=self.context(),
+                                             ssl_handshake_timeout=timeout),
+                timeout + 1)
+        except TimeoutError:
+            self.audit.record("refused", address=address, reason="handshake timeout")
+            return None
+        except ssl.SSLError as exc:
+            self.audit.record("refused", address=address,
+                              reason=f"tls: {exc.reason or 'handshake failed'}")
+            return None
+        except (ConnectionError, OSError):
+            self.audit.record("refused", address=address, reason="closed during handshake")
+            return None
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        try:
+            role, name = pki.identity_of(x509.load_der_x509_certificate(der))
+        except (CryptoError, ValueError):
+            self.audit.record("refused", address=address, reason="certificate has no identity")
+            writer.close()
+            return None
+        registered = self.settings.hospitals
+        if role not in (pki.Role.HOSPITAL, pki.Role.ADMIN) or (
+            role is pki.Role.HOSPITAL and registered and name not in registered
+        ):
+            self.audit.record("refused", address=address, name=name, role=role.value,
+                              reason="role or name not allowed")
+            writer.close()
+            return None
+        self.audit.record("connected", address=address, name=name, role=role.value)
+        lock = asyncio.Lock()
+
+        async def push(msg: wm._Wire, array: np.ndarray | None) -> None:
+            await self._send(writer, lock, msg, array)
+
+        peer = Peer(name=name, role=role, cert_der=der, push=push, address=address)
+        return peer, reader, writer
+
+    async def _send(
+        self, writer: asyncio.StreamWriter, lock: asyncio.Lock, msg: wm._Wire,
+        array: np.ndarray | None = None,
+    ) -> None:
+        header = wm.encode_header(msg)
+        payload = memoryview(b"") if array is None else memoryview(
+            np.ascontiguousarray(array)).cast("B")
+        big = len(payload) > BIG_PAYLOAD
+        async with lock:
+            if big:
+                await self._big_out.acquire()
+            try:
+                writer.write(frames.encode_prefix(header, len(payload)))
+                if payload:
+                    writer.write(payload)
+                await asyncio.wait_for(writer.drain(), self.limits.frame_timeout)
+            finally:
+                if big:
+                    self._big_out.release()
+
+    async def _serve(
+        self, peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        lim = self.limits
+        parser = frames.FrameParser(max_header=lim.max_header_bytes, max_payload=self.max_payload,
+                                    admit_above=BIG_PAYLOAD)
+        loop = asyncio.get_running_loop()
+        frame_deadline = 0.0
+        holding_big = False
+        coord = self.coordinator
+        coord.connected(peer)
+        try:
+            while True:
+                if parser.in_frame:
+                    timeout = min(lim.read_timeout, frame_deadline - loop.time())
+                else:
+                    timeout = lim.idle_timeout
+                try:
+                    data = await asyncio.wait_for(reader.read(READ_CHUNK), max(timeout, 0))
+                except TimeoutError:
+                    reason = "frame deadline" if parser.in_frame else "idle"
+                    self.audit.record("closed", name=peer.name, reason=f"timeout ({reason})")
+                    with contextlib.suppress(Exception):
+                        await self._send(writer, asyncio.Lock(), wm.ErrorMsg(
+                            code="timeout", message=f"connection closed: {reason} timeout"))
+                    return
+                if not data:
+                    return
+                if not parser.in_frame:
+                    frame_deadline = loop.time() + lim.frame_timeout
+                parser.receive_data(data)
+                while True:
+                    try:
+                        frame = parser.next_frame()
+                    except RemoteProtocolError as exc:
+                        self.audit.record("closed", name=peer.name, reason=exc.code)
+                        await self._reply_error(peer, exc, 0)
+                        return
+                    if frame is frames.NEED_DATA:
+                        if not parser.awaiting_admission:
+                            break
+                        await self._big_in.acquire()  # before its buffer exists
+                        holding_big = True
+                        parser.admit()
+                        continue
+                    await self._dispatch(peer, frame)
+                    del frame
+                    if holding_big:
+                        self._big_in.release()
+                        holding_big = False
+                    if parser.in_frame:
+                        frame_deadline = loop.time() + lim.frame_timeout
+        finally:
+            if holding_big:
+                self._big_in.release()
+            coord.disconnected(peer)
+            self.audit.record("disconnected", name=peer.name)
+
+    async def _dispatch(self, peer: Peer, frame: frames.Frame) -> None:
+        rid = 0
+        try:
+            msg, array = wm.decode(frame)
+            rid = msg.rid
+            if rid == 0:
+                raise RemoteProtocolError("requests need a request id (rid) of 1 or more",
+                                          code="bad-message")
+            reply, payload = await self.coordinator.handle(peer, msg, array)
+        except SecureFLError as exc:
+            await self._reply_error(peer, exc, rid)
+            return
+        except Exception:
+            log.exception("request from %s failed", peer.name)
+            await self._reply_error(peer, None, rid)
+            return
+        await peer.push(reply, payload)
+
+    async def _reply_error(self, peer: Peer, exc: SecureFLError | None, rid: int) -> None:
+        if exc is None:
+            msg = wm.ErrorMsg(rid=rid, code="internal",
+                              message="internal server error; the operator's log has details")
+        else:
+            version = self.coordinator.version if exc.code == "stale-version" else None
+            msg = wm.ErrorMsg(rid=rid, code=exc.code, message=exc.message[:500],
+                              version=version)
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+            await peer.push(msg, None)
+
+
+async def serve(settings: ServerSettings, *, ready: asyncio.Event | None = None) -> None:
+    """Run until cancelled (SIGINT/SIGTERM in the CLI)."""
+    server = Server(settings)
+    await server.start()
+    print(f"securefl server listening on {settings.host}:{server.port}", flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.close()

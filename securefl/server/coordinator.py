@@ -1,0 +1,433 @@
+"""The round coordinator: drives the crypto core's ``ServerRound`` from network events.
+
+Why it is separate from the connection code: connections only turn frames into messages
+and messages into frames; this class decides what a message means for the round, when
+enrolment closes (every registered hospital joined / ``min_clients`` and the deadline / the
+admin), when a silent hospital counts as dropped, and when a version is published.  All of it
+runs on one event loop, so state changes between two ``await`` points are atomic.
+
+Names come from the TLS certificate (``Peer.name``), never from a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography import x509
+
+from securefl.config import ServerSettings
+from securefl.crypto.messages import MaskedInput
+from securefl.crypto.pki import Role
+from securefl.crypto.quantize import Encoding
+from securefl.crypto.secagg import ServerRound, ServerState
+from securefl.errors import (
+    DataError,
+    NotEnoughSurvivorsError,
+    RemoteProtocolError,
+    SecureFLError,
+    StaleVersionError,
+)
+from securefl.protocol import mapping
+from securefl.protocol import messages as wm
+from securefl.server.audit import AuditLog
+from securefl.server.plain import PlainRound
+from securefl.server.store import ModelStore
+
+log = logging.getLogger("securefl.server")
+
+Push = Callable[[wm._Wire, np.ndarray | None], Awaitable[None]]
+
+
+class ForbiddenError(SecureFLError):
+    code = "forbidden"
+
+
+class RoundBusyError(SecureFLError):
+    code = "round-busy"
+
+
+@dataclass(eq=False)
+class Peer:
+    """One authenticated connection: who it is (from the certificate) and how to reach it."""
+
+    name: str
+    role: Role
+    cert_der: bytes
+    push: Push
+    address: str = ""
+    open: bool = True
+
+
+@dataclass(eq=False)
+class ActiveRound:
+    round_id: int
+    base_version: int
+    engine: ServerRound | PlainRound
+    members: dict[str, Peer] = field(default_factory=dict)
+    shared: set[str] = field(default_factory=set)
+    answered: set[str] = field(default_factory=set)
+    deadline_passed: bool = False
+    step_done: asyncio.Event = field(default_factory=asyncio.Event)
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def phase(self) -> str:
+        return self.engine.state.value
+
+    def submitted(self) -> list[str]:
+        """Hospitals whose (masked) update is in the running sum."""
+        eng = self.engine
+        if isinstance(eng, PlainRound):
+            return eng.submitted_names()
+        return sorted(eng.name_of(u) for u in eng.survivors)
+
+    def index_of(self, name: str) -> int:
+        assert isinstance(self.engine, ServerRound) and self.engine.roster is not None
+        return self.engine.roster.index_of(name)
+
+
+class Coordinator:
+    def __init__(
+        self, settings: ServerSettings, store: ModelStore, audit: AuditLog,
+        ca_cert: x509.Certificate,
+    ) -> None:
+        self.settings, self.store, self.audit, self.ca_cert = settings, store, audit, ca_cert
+        self.rs = settings.round
+        self.encoding = Encoding.auto(clip=self.rs.clip, max_clients=self.rs.max_clients,
+                                      max_weight=self.rs.max_weight)
+        self.peers: set[Peer] = set()
+        self.round: ActiveRound | None = None
+        self._state_path = store.root / "state.json"
+        state = self._load_state()
+        self.next_round_id: int = state.get("next_round", 1)
+        abandoned = state.get("in_flight")
+        #: Names told to resend because a restart abandoned their round.
+        self.resend: dict[str, int] = {}
+        if abandoned:
+            for name in abandoned["members"]:
+                self.resend[name] = abandoned["round_id"]
+            audit.record("round-abandoned", round_id=abandoned["round_id"],
+                         reason="server restarted", members=abandoned["members"])
+            self._save_state(None)
+
+    # -- persistence of the round counter ---------------------------------------------------
+    def _load_state(self) -> dict:
+        try:
+            return json.loads(self._state_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _save_state(self, in_flight: dict | None) -> None:
+        tmp = self._state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"next_round": self.next_round_id, "in_flight": in_flight}))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self._state_path)
+
+    # -- connections -----------------------------------------------------------------------
+    def connected(self, peer: Peer) -> None:
+        self.peers.add(peer)
+
+    def disconnected(self, peer: Peer) -> None:
+        peer.open = False
+        self.peers.discard(peer)
+        rnd = self.round
+        if rnd is None or rnd.members.get(peer.name) is not peer:
+            return
+        if rnd.engine.state is ServerState.ENROLLING and peer.name not in rnd.engine.joined:
+            del rnd.members[peer.name]
+        self.audit.record("member-left", round_id=rnd.round_id, name=peer.name,
+                          phase=rnd.phase)
+        self._check_progress(rnd)
+
+    def online(self) -> list[str]:
+        return sorted({p.name for p in self.peers if p.role is Role.HOSPITAL})
+
+    @property
+    def version(self) -> int:
+        return self.store.latest()[0].version
+
+    # -- dispatch --------------------------------------------------------------------------
+    async def handle(
+        self, peer: Peer, msg: wm.Message, array: np.ndarray | None
+    ) -> tuple[wm._Wire, np.ndarray | None]:
+        """One request -> its reply (or a ``SecureFLError`` the connection turns into one)."""
+        if isinstance(msg, wm.Hello):
+            return wm.Welcome(rid=msg.rid, name=peer.name, role=peer.role.value,
+                              version=self.version,
+                              resend_round=self.resend.pop(peer.name, None)), None
+        if isinstance(msg, wm.Status):
+            return self._status(msg.rid), None
+        if isinstance(msg, wm.GetGlobal):
+            info, weights = self.store.latest()
+            return wm.GlobalModel(
+                rid=msg.rid, version=info.version, sha256=info.sha256,
+                contributors=info.contributors, total_samples=info.total_samples,
+                created=info.created, array=wm.ArraySpec.of(weights),
+            ), weights
+        if isinstance(msg, wm.AdminCommand):
+            if peer.role is not Role.ADMIN:
+                self.audit.record("refused", name=peer.name, action=msg.action,
+                                  reason="admin action without the admin role")
+                raise ForbiddenError("this action needs the admin certificate")
+            return await self._admin(peer, msg), None
+        if peer.role is not Role.HOSPITAL:
+            raise ForbiddenError("only hospitals take part in rounds")
+        if isinstance(msg, wm.Join):
+            return self._join(peer, msg), None
+        rnd = self._member_round(peer, getattr(msg, "round_id", -1))
+        if isinstance(msg, wm.Advertise):
+            assert isinstance(rnd.engine, ServerRound)
+            adv = mapping.advertisement_from_wire(
+                msg, name=peer.name, base_version=rnd.base_version, cert_der=peer.cert_der)
+            rnd.engine.receive(adv, from_name=peer.name)
+            self.audit.record("join", round_id=rnd.round_id, name=peer.name)
+            self._check_progress(rnd)
+        elif isinstance(msg, wm.ShareKeysMsg):
+            assert isinstance(rnd.engine, ServerRound)
+            sk = mapping.share_keys_from_wire(msg, sender=rnd.index_of(peer.name))
+            rnd.engine.receive(sk, from_name=peer.name)
+            rnd.shared.add(peer.name)
+            self._check_progress(rnd)
+        elif isinstance(msg, wm.MaskedInputMsg):
+            assert array is not None
+            sender = rnd.index_of(peer.name) if isinstance(rnd.engine, ServerRound) else 0
+            rnd.engine.receive(MaskedInput(msg.round_id, sender, array), from_name=peer.name)
+            self.audit.record("submission", round_id=rnd.round_id, name=peer.name,
+                              collected=rnd.engine.collected)
+        elif isinstance(msg, wm.UnmaskResponseMsg):
+            assert isinstance(rnd.engine, ServerRound)
+            resp = mapping.unmask_response_from_wire(msg, sender=rnd.index_of(peer.name))
+            rnd.engine.receive(resp, from_name=peer.name)
+            rnd.answered.add(peer.name)
+            self._check_progress(rnd)
+        else:
+            raise RemoteProtocolError(f"'{msg.kind}' is not a request", code="bad-message")
+        return wm.Ack(rid=msg.rid, collected=rnd.engine.collected), None
+
+    def _status(self, rid: int) -> wm.StatusReply:
+        rnd = self.round
+        return wm.StatusReply(
+            rid=rid, version=self.version, round_id=rnd.round_id if rnd else 0,
+            phase=rnd.phase if rnd else "idle", online=self.online(),
+            joined=sorted(rnd.members) if rnd else [],
+            submitted=sorted(rnd.submitted()) if rnd else [],
+            collected=rnd.engine.collected if rnd else 0,
+        )
+
+    def _member_round(self, peer: Peer, round_id: int) -> ActiveRound:
+        rnd = self.round
+        if rnd is None or rnd.members.get(peer.name) is not peer:
+            raise RemoteProtocolError("this connection has not joined the current round",
+                                      code="not-joined")
+        if round_id != rnd.round_id:
+            raise RemoteProtocolError(f"message for round {round_id}; the round is "
+                                      f"{rnd.round_id}", code="wrong-round")
+        return rnd
+
+    # -- joining -----------------------------------------------------------------------------
+    def _join(self, peer: Peer, msg: wm.Join) -> wm.Joined:
+        if msg.base_version != self.version:
+            self.audit.record("refused", name=peer.name, reason="stale base version",
+                              base_version=msg.base_version, version=self.version)
+            raise StaleVersionError(
+                f"your update was trained on global version {msg.base_version}, the current "
+                f"version is {self.version}: download it, retrain and send again")
+        rnd = self.round
+        if rnd is None:
+            rnd = self._open_round()
+        elif rnd.engine.state is not ServerState.ENROLLING:
+            raise RoundBusyError(f"round {rnd.round_id} is past enrolment; send again after "
+                                 "it publishes")
+        if peer.name in rnd.members:
+            raise RemoteProtocolError(f"'{peer.name}' already joined round {rnd.round_id}",
+                                      code="already-joined")
+        rnd.members[peer.name] = peer
+        self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)})
+        if isinstance(rnd.engine, PlainRound):
+            self.audit.record("join", round_id=rnd.round_id, name=peer.name)
+        e = self.encoding
+        return wm.Joined(
+            rid=msg.rid, round_id=rnd.round_id, base_version=rnd.base_version,
+            vector_len=rnd.engine.vector_len, masking=self.rs.masking,  # type: ignore[arg-type]
+            ring_bits=e.ring_bits, clip=e.clip, scale=e.scale, max_clients=e.max_clients,
+            max_weight=e.max_weight,
+        )
+
+    def _open_round(self) -> ActiveRound:
+        info, weights = self.store.latest()
+        round_id = self.next_round_id
+        self.next_round_id += 1
+        engine: ServerRound | PlainRound
+        if self.rs.masking == "plain":
+            engine = PlainRound(round_id=round_id, vector_len=int(weights.shape[0]),
+                                encoding=self.encoding, min_contributors=self.rs.min_clients)
+        else:
+            engine = ServerRound(
+                round_id=round_id, base_version=info.version, vector_len=int(weights.shape[0]),
+                encoding=self.encoding, ca_cert=self.ca_cert, neighbours=self.rs.neighbours,
+                min_contributors=2,
+            )
+        rnd = ActiveRound(round_id, info.version, engine)
+        self.round = rnd
+        self.audit.record("round-open", round_id=round_id, base_version=info.version)
+        loop = asyncio.get_running_loop()
+        rnd.timer = loop.call_later(self.rs.enrolment_timeout, self._enrolment_deadline, rnd)
+        return rnd
+
+    def _enrolment_deadline(self, rnd: ActiveRound) -> None:
+        rnd.deadline_passed = True
+        self._check_progress(rnd)
+
+    # -- progress ----------------------------------------------------------------------------
+    def _check_progress(self, rnd: ActiveRound) -> None:
+        """Advance the round when its current step has all it will get."""
+        if self.round is not rnd:
+            return
+        eng = rnd.engine
+        try:
+            if eng.state is ServerState.ENROLLING and isinstance(eng, ServerRound):
+                joined = set(eng.joined)
+                everyone = bool(self.settings.hospitals) and set(self.settings.hospitals) <= joined
+                enough = len(joined) >= self.rs.min_clients and rnd.deadline_passed
+                if everyone or enough:
+                    self._close_enrolment(rnd)
+            elif eng.state is ServerState.SHARING:
+                waiting = [n for n in eng.joined if n not in rnd.shared and rnd.members[n].open]
+                if not waiting:
+                    self._close_shares(rnd)
+            elif eng.state is ServerState.UNMASKING:
+                waiting = [n for n in rnd.submitted()
+                           if n not in rnd.answered and rnd.members[n].open]
+                if not waiting:
+                    rnd.step_done.set()
+        except SecureFLError as exc:
+            self._abandon(rnd, exc.code, exc.message)
+
+    def _restart_timer(self, rnd: ActiveRound, fire: Callable[[], None]) -> None:
+        if rnd.timer:
+            rnd.timer.cancel()
+        rnd.timer = asyncio.get_running_loop().call_later(self.rs.step_timeout, fire)
+
+    def _close_enrolment(self, rnd: ActiveRound) -> None:
+        assert isinstance(rnd.engine, ServerRound)
+        roster = rnd.engine.close_enrolment()
+        for name in [n for n in rnd.members if n not in rnd.engine.joined]:
+            del rnd.members[name]  # joined but never advertised keys: not in this round
+        self.audit.record("enrolment-closed", round_id=rnd.round_id,
+                          members=list(rnd.engine.joined))
+        wire = mapping.roster_to_wire(roster)
+        for peer in rnd.members.values():
+            self._push(peer, wire)
+        self._restart_timer(rnd, lambda: self._sharing_deadline(rnd))
+
+    def _sharing_deadline(self, rnd: ActiveRound) -> None:
+        if self.round is rnd and rnd.engine.state is ServerState.SHARING:
+            try:
+                self._close_shares(rnd)
+            except SecureFLError as exc:
+                self._abandon(rnd, exc.code, exc.message)
+
+    def _close_shares(self, rnd: ActiveRound) -> None:
+        assert isinstance(rnd.engine, ServerRound)
+        if rnd.timer:
+            rnd.timer.cancel()
+        bundles = rnd.engine.close_shares()
+        for index, bundle in bundles.items():
+            peer = rnd.members.get(rnd.engine.name_of(index))
+            if peer is not None:
+                self._push(peer, mapping.bundle_to_wire(bundle))
+
+    def _push(self, peer: Peer, msg: wm._Wire, array: np.ndarray | None = None) -> None:
+        """Send without waiting: a slow hospital must not stall the round for the others."""
+        if peer.open:
+            task = asyncio.ensure_future(peer.push(msg, array))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _abandon(self, rnd: ActiveRound, code: str, message: str) -> None:
+        """Give the round up; every member is told to send again in the next round."""
+        if rnd.timer:
+            rnd.timer.cancel()
+        rnd.engine.fail()
+        rnd.step_done.set()
+        self.round = None
+        self._save_state(None)
+        self.audit.record("round-abandoned", round_id=rnd.round_id, reason=code)
+        done = wm.RoundDone(round_id=rnd.round_id, version=self.version, resend=True,
+                            code=code, message=message)
+        for peer in rnd.members.values():
+            self._push(peer, done)
+
+    # -- admin -------------------------------------------------------------------------------
+    async def _admin(self, peer: Peer, msg: wm.AdminCommand) -> wm.AdminResult:
+        action, rnd = msg.action, self.round
+        self.audit.record("admin", name=peer.name, action=action)
+        if action == "version":
+            return wm.AdminResult(rid=msg.rid, action=action, value=self.version)
+        if action == "count":
+            return wm.AdminResult(rid=msg.rid, action=action,
+                                  value=rnd.engine.collected if rnd else 0)
+        if rnd is None:
+            raise RoundBusyError("no round is in progress", code="no-round")
+        if action == "abort":
+            self._abandon(rnd, "round-aborted", "the administrator aborted the round")
+            return wm.AdminResult(rid=msg.rid, action=action, value=rnd.round_id)
+        if action == "close":
+            if rnd.engine.state is not ServerState.ENROLLING:
+                raise RoundBusyError("enrolment is already closed")
+            if isinstance(rnd.engine, ServerRound):
+                self._close_enrolment(rnd)
+            return wm.AdminResult(rid=msg.rid, action=action, value=rnd.round_id)
+        return await self._aggregate(rnd, msg.rid)
+
+    async def _aggregate(self, rnd: ActiveRound, rid: int) -> wm.AdminResult:
+        eng = rnd.engine
+        if isinstance(eng, PlainRound) and eng.state is ServerState.ENROLLING:
+            eng.close_enrolment()
+        if eng.state is not ServerState.COLLECTING:
+            raise RoundBusyError(f"the round is {rnd.phase}; aggregate once updates are "
+                                 "being collected", code="round-not-ready")
+        try:
+            request = eng.close_inputs()
+            if isinstance(eng, ServerRound):
+                wire = mapping.unmask_request_to_wire(request)
+                for name in rnd.submitted():
+                    if rnd.members[name].open:
+                        self._push(rnd.members[name], wire)
+                rnd.step_done.clear()
+                self._check_progress(rnd)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(rnd.step_done.wait(), self.rs.step_timeout)
+                if self.round is not rnd:
+                    raise NotEnoughSurvivorsError("the round was abandoned while unmasking")
+            result = eng.finish()
+        except NotEnoughSurvivorsError as exc:
+            if self.round is rnd:
+                self._abandon(rnd, exc.code, exc.message)
+            raise
+        _, weights = self.store.latest()
+        new = weights + result.mean_update
+        try:
+            info = await asyncio.to_thread(
+                self.store.write, new, contributors=len(result.contributors),
+                total_samples=result.total_weight)
+        except DataError as exc:
+            self._abandon(rnd, exc.code, "the server could not store the new version")
+            raise
+        self.round = None
+        self._save_state(None)
+        self.audit.record("aggregated", round_id=rnd.round_id, version=info.version,
+                          contributors=len(result.contributors), sha256=info.sha256)
+        done = wm.RoundDone(round_id=rnd.round_id, version=info.version, sha256=info.sha256)
+        for peer in rnd.members.values():
+            self._push(peer, done)
+        return wm.AdminResult(rid=rid, action="aggregate", value=info.version,
+                              sha256=info.sha256, contributors=len(result.contributors),
+                              total_samples=result.total_weight)

@@ -1,0 +1,147 @@
+"""The model store: every global version as one file, written so a crash never corrupts one.
+
+File ``v<version:08d>.sflm``::
+
+    b"SFLM1\\n" | u32 BE metadata_len | metadata JSON | weights (float32 little-endian)
+
+Metadata: version, contributors, total_samples, created (UTC ISO), sha256 (of the weight
+bytes), dtype and shape.  Why one file per version: nothing is ever rewritten, so the
+previous version stays byte-identical whatever happens to the next one.  A version is
+written to a temporary name, fsynced, renamed into place and the directory fsynced: after a
+crash (or ENOSPC) either the whole new version exists or only a stray ``.tmp`` that the next
+start deletes.  Versions only go up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from securefl.errors import DataError
+
+MAGIC = b"SFLM1\n"
+_LEN = struct.Struct(">I")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    contributors: int
+    total_samples: int
+    created: str
+    sha256: str
+    length: int
+
+
+def weights_sha256(weights: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(weights, dtype="<f4").data).hexdigest()
+
+
+def initial_weights(params: int, seed: int, scale: float = 0.05) -> np.ndarray:
+    """A reproducible starting vector when no ML model spec is given (tests, benchmarks)."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(params) * scale).astype("<f4")
+
+
+class ModelStore:
+    """Versions in one folder; the latest is kept in memory (it is what hospitals download)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stray in self.root.glob("*.tmp"):
+            stray.unlink()
+        self._latest: tuple[VersionInfo, np.ndarray] | None = None
+        versions = self.versions()
+        if versions:
+            self._latest = self.read(versions[-1])
+
+    def _path(self, version: int) -> Path:
+        return self.root / f"v{version:08d}.sflm"
+
+    def versions(self) -> list[int]:
+        found = []
+        for path in self.root.glob("v*.sflm"):
+            try:
+                found.append(int(path.stem[1:]))
+            except ValueError:
+                continue
+        return sorted(found)
+
+    @property
+    def empty(self) -> bool:
+        return self._latest is None
+
+    def latest(self) -> tuple[VersionInfo, np.ndarray]:
+        if self._latest is None:
+            raise DataError(f"the model store {self.root} holds no version yet")
+        return self._latest
+
+    def read(self, version: int) -> tuple[VersionInfo, np.ndarray]:
+        """Read and verify one version (its sha256 must match its weights)."""
+        data = self._path(version).read_bytes()
+        try:
+            if not data.startswith(MAGIC):
+                raise ValueError("magic")
+            (meta_len,) = _LEN.unpack_from(data, len(MAGIC))
+            start = len(MAGIC) + _LEN.size
+            meta = json.loads(data[start : start + meta_len])
+            weights = np.frombuffer(data, dtype="<f4", offset=start + meta_len)
+            info = VersionInfo(**meta)
+        except (ValueError, TypeError, struct.error) as exc:
+            raise DataError(f"model version file {self._path(version)} is unreadable") from exc
+        if weights_sha256(weights) != info.sha256 or info.version != version:
+            raise DataError(f"model version file {self._path(version)} is corrupt (sha256)")
+        return info, weights
+
+    def write(
+        self, weights: np.ndarray, *, contributors: int, total_samples: int,
+        version: int | None = None,
+    ) -> VersionInfo:
+        """Publish the next version atomically; on any failure the store is unchanged."""
+        current = -1 if self._latest is None else self._latest[0].version
+        version = current + 1 if version is None else version
+        if version <= current:
+            raise DataError(f"version {version} would not go up from {current}")
+        weights = np.ascontiguousarray(weights, dtype="<f4").reshape(-1)
+        info = VersionInfo(
+            version=version, contributors=contributors, total_samples=total_samples,
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            sha256=weights_sha256(weights), length=int(weights.shape[0]),
+        )
+        meta = json.dumps(info.__dict__).encode()
+        final = self._path(version)
+        tmp = final.with_name(final.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                with os.fdopen(fd, "wb", closefd=False) as f:
+                    f.write(MAGIC)
+                    f.write(_LEN.pack(len(meta)))
+                    f.write(meta)
+                    f.write(weights.data)
+                    f.flush()
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise DataError(
+                f"could not write model version {version} ({exc.strerror}); the previous "
+                "version is intact"
+            ) from exc
+        dir_fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._latest = (info, weights)
+        return info

@@ -1,0 +1,50 @@
+"""The server's TLS context: TLS 1.3, client certificates required, one CA, CRL checked.
+
+Why each setting:
+
+* TLS 1.3 only: no downgrade surface, forward secrecy always.
+* ``CERT_REQUIRED`` with only the federation CA loaded: the certificate *is* the identity.
+* ``VERIFY_CRL_CHECK_LEAF`` with the CRL loaded: without both, a revoked certificate is
+  accepted (measured).  The certificate folder always holds a CRL, possibly empty.
+* Key-exchange groups: Python's ``ssl`` cannot set them, so ``openssl.cnf`` beside this
+  module fixes X25519/P-256/P-384; ``apply_openssl_conf`` must run before ``ssl`` is first
+  imported (the CLI does it, re-executing itself if ``ssl`` was already loaded).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from securefl.errors import ConfigError
+
+if TYPE_CHECKING:
+    import ssl
+
+OPENSSL_CONF = Path(__file__).with_name("openssl.cnf")
+
+
+def apply_openssl_conf() -> bool:
+    """Point OpenSSL at our configuration; False if ``ssl`` was loaded too early to apply it."""
+    if os.environ.get("OPENSSL_CONF") != str(OPENSSL_CONF):
+        os.environ["OPENSSL_CONF"] = str(OPENSSL_CONF)
+        return "ssl" not in sys.modules and "_ssl" not in sys.modules
+    return True
+
+
+def server_context(cert: Path, key: Path, ca: Path, crl: Path) -> ssl.SSLContext:
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_cert_chain(cert, key)
+        ctx.load_verify_locations(cafile=str(ca))
+        ctx.load_verify_locations(cafile=str(crl))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the server's certificates ({cert}, {ca}, {crl})") from exc
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
+    return ctx

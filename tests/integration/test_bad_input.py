@@ -1,0 +1,201 @@
+"""Hostile and broken peers over real TLS: each gets a clear error (or nothing, if it never
+authenticated), and the server goes on serving everyone else."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import struct
+
+import numpy as np
+import pytest
+
+from securefl import config
+from securefl.client.session import AdminSession, HospitalSession
+from securefl.client.transport import client_context
+from securefl.protocol import frames
+from securefl.server.audit import read_entries
+
+from .conftest import Federation, running
+
+D = 1000
+
+
+class Raw:
+    """A TLS connection speaking bytes, for sending what our own client never would."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.parser = frames.FrameParser()
+
+    @classmethod
+    async def open(cls, fed: Federation, name: str, port: int) -> Raw:
+        s = fed.client_settings(name, port)
+        ctx = client_context(s.cert, s.key, s.ca)
+        return cls(*await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                                  server_hostname="127.0.0.1"))
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def request(self, header: dict | bytes, payload: bytes = b"") -> dict:
+        raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+        await self.send(frames.encode_frame(raw, payload))
+        return await self.reply()
+
+    async def reply(self) -> dict:
+        """The next frame's header, or {"eof": True} when the server closed the connection."""
+        while True:
+            frame = self.parser.next_frame()
+            if frame is not frames.NEED_DATA:
+                return json.loads(frame.header)
+            try:
+                data = await asyncio.wait_for(self.reader.read(1 << 16), 20)
+            except (ConnectionError, ssl.SSLError):
+                data = b""
+            if not data:
+                return {"eof": True}
+            self.parser.receive_data(data)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def _others_still_served(fed: Federation, port: int) -> None:
+    async with AdminSession(fed.client_settings("admin", port)) as admin:
+        assert await admin.version() == 0
+    async with HospitalSession(fed.client_settings("b", port)) as h:
+        assert (await h.get_global()).weights.shape == (D,)
+
+
+def _plain(fed: Federation, **limits: object) -> config.ServerSettings:
+    return fed.server_settings(round=config.RoundSettings(masking="plain"),
+                               limits=config.Limits(**limits))
+
+
+@pytest.mark.parametrize(("header", "payload", "code"), [
+    (b"{not json", b"", "bad-message"),
+    ({"kind": "status", "rid": 1, "extra": 1}, b"", "bad-message"),
+    ({"kind": "teleport", "rid": 1}, b"", "bad-message"),
+    ({"kind": "status", "rid": 0}, b"", "bad-message"),
+    ({"kind": "status", "rid": 1}, b"unexpected", "bad-message"),
+    # A hospital cannot claim a name: identity fields do not exist on the wire.
+    ({"kind": "advertise", "rid": 1, "round_id": 1, "name": "b", "c_pk": "", "s_pk": "",
+      "signature": ""}, b"", "bad-message"),
+    ({"kind": "advertise", "rid": 1, "round_id": 1, "c_pk": "***", "s_pk": "",
+      "signature": ""}, b"", "bad-message"),
+    ({"kind": "admin", "rid": 1, "action": "aggregate"}, b"", "forbidden"),
+    ({"kind": "masked_input", "rid": 1, "round_id": 1,
+      "array": {"dtype": "<u4", "shape": [D + 1]}}, b"\0" * 16, "bad-shape"),
+    ({"kind": "share_keys", "rid": 1, "round_id": 1, "envelopes": {}}, b"", "not-joined"),
+])
+def test_malformed_requests_get_a_typed_error_and_the_connection_lives(
+    fed: Federation, header: dict | bytes, payload: bytes, code: str
+) -> None:
+    async def scenario() -> None:
+        async with running(_plain(fed)) as srv:
+            raw = await Raw.open(fed, "a", srv.port)
+            reply = await raw.request(header, payload)
+            assert reply["kind"] == "error" and reply["code"] == code, reply
+            assert "Traceback" not in reply["message"] and "pydantic" not in reply["message"]
+            # Framing was intact, so the same connection still works.
+            assert (await raw.request({"kind": "status", "rid": 2}))["kind"] == "status_reply"
+            raw.close()
+            await _others_still_served(fed, srv.port)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("update", [
+    np.zeros(D + 2, "<u4"),          # wrong shape
+    np.zeros(D + 1, "<f4"),          # floats (e.g. NaN/Inf) where ring elements belong
+    np.full(D + 1, np.nan, "<f8"),
+])
+def test_wrong_shape_or_type_of_update_is_refused(fed: Federation, update: np.ndarray) -> None:
+    async def scenario() -> None:
+        async with running(_plain(fed)) as srv:
+            raw = await Raw.open(fed, "a", srv.port)
+            joined = await raw.request({"kind": "join", "rid": 1, "base_version": 0})
+            assert joined["kind"] == "joined"
+            spec = {"dtype": update.dtype.str, "shape": list(update.shape)}
+            reply = await raw.request({"kind": "masked_input", "rid": 2, "round_id":
+                                       joined["round_id"], "array": spec}, update.tobytes())
+            assert reply["kind"] == "error" and reply["code"] == "remote-protocol", reply
+            assert "expects" in reply["message"]
+            status = await raw.request({"kind": "status", "rid": 3})
+            assert status["submitted"] == []
+            raw.close()
+            await _others_still_served(fed, srv.port)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("prefix", "code"), [
+    (struct.pack(">IBI", 0xFFFFFFFF, 1, 10), "frame-too-large"),      # claims 4 GiB
+    (struct.pack(">IBI", 5 + 10 + 10 * D * 8, 1, 10), "frame-too-large"),  # oversized payload
+    (struct.pack(">IBI", 100, 1, 0xFFFFFF), "frame-too-large"),       # header over limit
+    (struct.pack(">IBI", 100, 7, 10), "malformed-frame"),             # unknown frame type
+    (struct.pack(">IBI", 8, 1, 10), "malformed-frame"),               # shorter than header
+])
+def test_bad_frames_are_refused_before_allocation_and_closed(
+    fed: Federation, prefix: bytes, code: str
+) -> None:
+    async def scenario() -> None:
+        async with running(_plain(fed)) as srv:
+            raw = await Raw.open(fed, "a", srv.port)
+            await raw.send(prefix)
+            reply = await raw.reply()
+            assert reply.get("code") == code, reply
+            assert (await raw.reply()) == {"eof": True}
+            await _others_still_served(fed, srv.port)
+            events = [e for e in read_entries(srv.settings.audit_log) if e["event"] == "closed"]
+            assert events and events[-1]["reason"] == code
+
+    asyncio.run(scenario())
+
+
+def test_truncated_frame_then_hangup_disturbs_nobody(fed: Federation) -> None:
+    async def scenario() -> None:
+        async with running(_plain(fed)) as srv:
+            raw = await Raw.open(fed, "a", srv.port)
+            whole = frames.encode_frame(b'{"kind":"status","rid":1}')
+            await raw.send(whole[: len(whole) // 2])
+            raw.writer.transport.abort()
+            await _others_still_served(fed, srv.port)
+
+    asyncio.run(scenario())
+
+
+def test_idle_connection_is_closed_by_its_deadline(fed: Federation) -> None:
+    async def scenario() -> None:
+        async with running(_plain(fed, idle_timeout=0.3)) as srv:
+            raw = await Raw.open(fed, "a", srv.port)
+            reply = await raw.reply()  # we send nothing at all
+            assert reply.get("code") == "timeout" and "idle" in reply["message"]
+            assert (await raw.reply()) == {"eof": True}
+            await _others_still_served(fed, srv.port)
+
+    asyncio.run(scenario())
+
+
+def test_slow_drip_frame_is_closed_by_the_frame_deadline(fed: Federation) -> None:
+    async def scenario() -> None:
+        async with running(_plain(fed, read_timeout=5, frame_timeout=0.5)) as srv:
+            raw = await Raw.open(fed, "a", srv.port)
+            whole = frames.encode_frame(b'{"kind":"status","rid":1}' + b" " * 200)
+            reply: dict = {}
+            for byte in whole:  # one byte every 50 ms: each read is in time, the frame not
+                try:
+                    await raw.send(bytes([byte]))
+                except (ConnectionError, ssl.SSLError):
+                    break
+                await asyncio.sleep(0.05)
+                if raw.reader.at_eof() or raw.reader._buffer:
+                    break
+            reply = await raw.reply()
+            assert reply.get("code") == "timeout" and "frame deadline" in reply["message"]
+            await _others_still_served(fed, srv.port)
+
+    asyncio.run(scenario())

@@ -1,0 +1,81 @@
+"""The certificate folder, hospital kits and settings files, on a real file system."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from securefl import config
+from securefl.certs import CertDir
+from securefl.cli import main
+from securefl.crypto import pki
+from securefl.errors import ConfigError
+
+
+def test_init_makes_ca_server_admin_hospitals_kits_and_crl(tmp_path: Path) -> None:
+    assert main(["certs", "--dir", str(tmp_path / "certs"), "init", "--server-host",
+                 "fl.example.org,10.0.0.5", "--hospitals", "north,south"]) == 0
+    cd = CertDir(tmp_path / "certs")
+    ca = cd.ca().cert
+    for path in tmp_path.rglob("*.key"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    server = pki.load_cert((cd.root / "server.pem").read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["fl.example.org"]
+    assert [str(a) for a in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert (server.not_valid_after_utc - server.not_valid_before_utc).days <= 90
+    for name in ("north", "south"):
+        kit = cd.kit(name)
+        assert sorted(p.name for p in kit.iterdir()) == [
+            "ca.pem", "hospital.key", "hospital.pem", "hospital.toml"]
+        cert = pki.load_cert((kit / "hospital.pem").read_bytes())
+        assert pki.verify_issued_by(cert, ca) == (pki.Role.HOSPITAL, name)
+        settings = config.load(kit / "hospital.toml", config.ClientSettings)
+        assert settings.host == "fl.example.org" and settings.cert == kit / "hospital.pem"
+    admin = pki.load_cert((cd.root / "admin.pem").read_bytes())
+    assert pki.identity_of(admin) == (pki.Role.ADMIN, "admin")
+    crl = x509.load_pem_x509_crl((cd.root / "crl.pem").read_bytes())
+    assert crl.is_signature_valid(ca.public_key()) and len(crl) == 0  # type: ignore[arg-type]
+    server_settings = config.load(cd.root / "server.toml", config.ServerSettings)
+    assert server_settings.hospitals == ["north", "south"]
+
+
+def test_add_revoke_renew_show(tmp_path: Path) -> None:
+    cd = CertDir(tmp_path)
+    cd.init(["localhost"], ["a"])
+    cd.add_hospital("b")
+    with pytest.raises(ConfigError):
+        cd.add_hospital("b")
+    old_server = (tmp_path / "server.pem").read_bytes()
+    cd.revoke("b")
+    serial = pki.load_cert(cd.member_cert("b").read_bytes()).serial_number
+    crl = x509.load_pem_x509_crl(cd.crl.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+    cd.renew()
+    assert (tmp_path / "server.pem").read_bytes() != old_server
+    rows = {r["name"]: r for r in cd.show()}
+    assert rows["b"]["status"] == "revoked" and rows["a"]["status"] == "valid"
+    assert len(rows["a"]["sha256"]) == 95
+    with pytest.raises(ConfigError):
+        cd.init(["localhost"], ["a"])  # never overwrite a federation
+    with pytest.raises(ConfigError):
+        cd.revoke("nobody")
+
+
+def test_settings_refuse_typos_and_resolve_paths(tmp_path: Path) -> None:
+    good = 'cert = "c.pem"\nkey = "k.pem"\nca = "ca.pem"\nport = 1234\n'
+    (tmp_path / "h.toml").write_text(good)
+    s = config.load(tmp_path / "h.toml", config.ClientSettings)
+    assert s.cert == tmp_path / "c.pem" and s.port == 1234
+    assert s.data_dir == tmp_path / "data"
+    (tmp_path / "bad.toml").write_text(good + "prot = 5\n")
+    with pytest.raises(ConfigError, match="prot"):
+        config.load(tmp_path / "bad.toml", config.ClientSettings)
+    (tmp_path / "bad2.toml").write_text(good.replace("1234", "99999"))
+    with pytest.raises(ConfigError, match="port"):
+        config.load(tmp_path / "bad2.toml", config.ClientSettings)
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "missing.toml", config.ClientSettings)

@@ -1,0 +1,148 @@
+"""Crash safety: ``kill -9`` of the server process mid-round, and a version write that fails."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from securefl.client.session import AdminSession, HospitalSession
+from securefl.errors import TransportError
+from securefl.server.store import ModelStore
+
+from .conftest import Federation
+
+D = 1000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(config: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "securefl", "server", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait for the listening line
+        if "listening on" in line:
+            return proc
+    raise AssertionError(f"server did not start (exit {proc.wait()})")
+
+
+async def _send_all(fed: Federation, port: int, names: str) -> list:
+    async def one(name: str) -> object:
+        async with HospitalSession(fed.client_settings(name, port)) as h:
+            await h.get_global()
+            return await h.send(np.full(D, 0.01, np.float32), 10)
+
+    return [asyncio.create_task(one(n)) for n in names]
+
+
+async def _collected(fed: Federation, port: int, n: int) -> None:
+    async with AdminSession(fed.client_settings("admin", port)) as admin:
+        while await admin.count() < n:
+            await asyncio.sleep(0.05)
+
+
+def test_kill_9_mid_round_then_restart(fed: Federation) -> None:
+    port = free_port()
+    config = fed.server_toml(port, params=D)
+    store_dir = fed.certs.root / "store"
+
+    async def first_round_then_crash(proc: subprocess.Popen) -> None:
+        tasks = await _send_all(fed, port, "abc")
+        await _collected(fed, port, 3)
+        async with AdminSession(fed.client_settings("admin", port)) as admin:
+            assert (await admin.aggregate()).version == 1
+        await asyncio.gather(*tasks)
+        # Round 2: every update is in the running sum when the server dies.
+        tasks = await _send_all(fed, port, "abc")
+        await _collected(fed, port, 3)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            assert isinstance(outcome, TransportError)
+
+    async def after_restart() -> None:
+        for name in "abc":
+            async with HospitalSession(fed.client_settings(name, port)) as h:
+                assert h.resend_round == 2  # told: your round was abandoned, send again
+                assert (await h.get_global()).version == 1
+        tasks = await _send_all(fed, port, "abc")
+        await _collected(fed, port, 3)
+        async with AdminSession(fed.client_settings("admin", port)) as admin:
+            result = await admin.aggregate()
+            assert result.version == 2 and result.contributors == 3
+        await asyncio.gather(*tasks)
+
+    proc = start_server(config)
+    try:
+        asyncio.run(first_round_then_crash(proc))
+        before = (store_dir / "v00000001.sflm").read_bytes()
+        proc = start_server(config)
+        asyncio.run(after_restart())
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    store = ModelStore(store_dir)
+    assert store.versions() == [0, 1, 2]
+    for v in (0, 1, 2):
+        store.read(v)  # raises if a version is corrupt
+    assert (store_dir / "v00000001.sflm").read_bytes() == before
+    np.testing.assert_allclose(store.read(2)[1] - store.read(0)[1], 0.02, atol=1e-3)
+
+
+FAILING_WRITE = textwrap.dedent("""
+    import resource, signal, sys
+    import numpy as np
+    from securefl.errors import DataError
+    from securefl.server.store import ModelStore
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+    store = ModelStore(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))  # like a disk that is full
+    try:
+        store.write(np.ones(4096, np.float32), contributors=2, total_samples=20)
+    except DataError as exc:
+        print("refused:", exc)
+        sys.exit(0)
+    sys.exit(1)
+""")
+
+
+def test_failed_version_write_leaves_the_previous_version_intact(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    store.write(np.zeros(4096, np.float32), contributors=0, total_samples=0)
+    before = (tmp_path / "v00000000.sflm").read_bytes()
+    done = subprocess.run([sys.executable, "-c", FAILING_WRITE, str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "previous version is intact" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v00000000.sflm"]
+    assert (tmp_path / "v00000000.sflm").read_bytes() == before
+    reopened = ModelStore(tmp_path)
+    assert reopened.latest()[0].version == 0
+
+
+def test_versions_only_go_up(tmp_path: Path) -> None:
+    from securefl.errors import DataError
+
+    store = ModelStore(tmp_path)
+    store.write(np.zeros(8, np.float32), contributors=0, total_samples=0)
+    store.write(np.ones(8, np.float32), contributors=2, total_samples=5)
+    with pytest.raises(DataError):
+        store.write(np.ones(8, np.float32), contributors=2, total_samples=5, version=1)
+    (tmp_path / "v00000002.sflm.tmp").write_bytes(b"half a version")
+    assert ModelStore(tmp_path).latest()[0].version == 1
+    assert not (tmp_path / "v00000002.sflm.tmp").exists()

@@ -1,0 +1,186 @@
+"""Whole rounds over real mutual TLS on loopback: the arithmetic, dropouts and stale bases."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from securefl import config
+from securefl.client.session import AdminSession, HospitalSession
+from securefl.errors import DataError, NotEnoughSurvivorsError, ProtocolError, StaleVersionError
+from securefl.server.store import ModelStore
+
+from .conftest import Federation, running
+
+D = 1000
+
+
+def _updates(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [rng.normal(0, 0.05, D).astype(np.float32) for _ in range(n)]
+
+
+async def _wait_count(admin: AdminSession, n: int) -> None:
+    while await admin.count() < n:
+        await asyncio.sleep(0.02)
+
+
+async def _round(fed: Federation, settings: config.ServerSettings, samples: list[int],
+                 leave: dict[str, str] | None = None) -> tuple[list, object, object]:
+    """Every registered hospital sends; ``leave`` makes some vanish after a step."""
+    leave = leave or {}
+    names = settings.hospitals
+    ups = _updates(len(names))
+    async with running(settings) as srv:
+        port = srv.port
+
+        async def hospital(i: int, name: str) -> object:
+            async with HospitalSession(fed.client_settings(name, port)) as h:
+                await h.get_global()
+                return await h.send(ups[i], samples[i], leave_after=leave.get(name))  # type: ignore[arg-type]
+
+        tasks = [asyncio.create_task(hospital(i, n)) for i, n in enumerate(names)]
+        try:
+            async with AdminSession(fed.client_settings("admin", port)) as admin:
+                expected = len(names) - sum(1 for v in leave.values() if v != "masked_input")
+                await _wait_count(admin, expected)
+                result = await admin.aggregate()
+        finally:
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes, result, ups
+
+
+@pytest.mark.parametrize("masking", ["secagg", "plain"])
+def test_three_hospitals_give_the_weighted_mean(fed: Federation, masking: str) -> None:
+    settings = fed.server_settings(round=config.RoundSettings(masking=masking))
+    samples = [10, 30, 60]
+    outcomes, result, ups = asyncio.run(_round(fed, settings, samples))
+    assert result.version == 1 and result.contributors == 3 and result.total_samples == 100
+    assert all(o.version == 1 and o.sha256 == result.sha256 for o in outcomes)
+    store = ModelStore(settings.store_dir)
+    (_, w0), (info, w1) = store.read(0), store.read(1)
+    expected = sum(u * n for u, n in zip(ups, samples, strict=True)) / sum(samples)
+    np.testing.assert_allclose(w1 - w0, expected, atol=1e-3)
+    assert info.contributors == 3 and info.total_samples == 100
+
+
+@pytest.mark.parametrize(("leaver", "when", "counted"), [
+    ("a", "join", [1, 2, 3]),          # gone before sharing keys: not in the round at all
+    ("a", "share_keys", [1, 2, 3]),    # gone before its masked input: left out, mask removed
+    ("d", "masked_input", [0, 1, 2, 3]),  # gone after it: still in, others unmask for it
+])
+def test_a_hospital_dropping_out(fed: Federation, leaver: str, when: str,
+                                 counted: list[int]) -> None:
+    """Four hospitals (with three, t = 2 of 2 neighbours leaves no room for a dropout)."""
+    settings = fed.server_settings(hospitals=["a", "b", "c", "d"],
+                                   round=config.RoundSettings(step_timeout=10))
+    samples = [10, 20, 30, 40]
+    outcomes, result, ups = asyncio.run(_round(fed, settings, samples, leave={leaver: when}))
+    gone = "abcd".index(leaver)
+    assert outcomes[gone] is None
+    assert all(o.version == 1 for i, o in enumerate(outcomes) if i != gone)
+    assert result.contributors == len(counted)
+    assert result.total_samples == sum(samples[i] for i in counted)
+    store = ModelStore(settings.store_dir)
+    expected = sum(ups[i] * samples[i] for i in counted) / sum(samples[i] for i in counted)
+    np.testing.assert_allclose(store.read(1)[1] - store.read(0)[1], expected, atol=1e-3)
+
+
+def test_too_few_online_to_unmask(fed: Federation) -> None:
+    """Two of three leave after their masked input: one answer is below t = 2."""
+    settings = fed.server_settings(round=config.RoundSettings(step_timeout=5))
+    with pytest.raises(NotEnoughSurvivorsError):
+        asyncio.run(_round(fed, settings, [1, 2, 3],
+                           leave={"a": "masked_input", "c": "masked_input"}))
+    assert ModelStore(settings.store_dir).versions() == [0]
+
+
+def test_stale_base_version_is_refused_with_the_current_version(fed: Federation) -> None:
+    settings = fed.server_settings(round=config.RoundSettings(masking="plain"))
+    asyncio.run(_round(fed, settings, [1, 1, 1]))  # publishes version 1
+
+    async def stale() -> None:
+        async with running(settings) as srv, HospitalSession(
+            fed.client_settings("a", srv.port)) as h:
+            with pytest.raises(StaleVersionError) as err:
+                await h.send(np.zeros(D, np.float32), 5, base_version=0)
+            assert err.value.server_version == 1  # type: ignore[attr-defined]
+            assert "current version is 1" in err.value.message
+            # The same hospital can go on: download the new model and join.
+            assert (await h.get_global()).version == 1
+
+    asyncio.run(stale())
+
+
+def test_too_few_updates_to_aggregate(fed: Federation) -> None:
+    settings = fed.server_settings(round=config.RoundSettings(masking="plain"))
+
+    async def scenario() -> None:
+        async with running(settings) as srv:
+            async with HospitalSession(fed.client_settings("a", srv.port)) as h:
+                await h.get_global()
+                await h.send(_updates(1)[0], 5, leave_after="masked_input")
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                with pytest.raises(NotEnoughSurvivorsError):
+                    await admin.aggregate()
+                assert await admin.version() == 0
+
+    asyncio.run(scenario())
+
+
+def test_nan_update_never_leaves_the_hospital(fed: Federation) -> None:
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv, HospitalSession(
+            fed.client_settings("a", srv.port)) as h:
+            await h.get_global()
+            bad = np.zeros(D, np.float32)
+            bad[3] = np.nan
+            with pytest.raises(DataError):
+                await h.send(bad, 5)
+            bad[3] = np.inf
+            with pytest.raises(DataError):
+                await h.send(bad, 5)
+            with pytest.raises(DataError):
+                await h.send(np.zeros(D + 1, np.float32), 5)
+            assert (await h.status()).submitted == ()
+
+    asyncio.run(scenario())
+
+
+def test_hospital_certificate_cannot_act_as_admin(fed: Federation) -> None:
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv:
+            async with AdminSession(fed.client_settings("a", srv.port)) as fake:
+                for action in (fake.aggregate, fake.version, fake.abort_round):
+                    with pytest.raises(ProtocolError) as err:
+                        await action()
+                    assert err.value.code == "forbidden"
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                assert await admin.version() == 0
+
+    asyncio.run(scenario())
+
+
+def test_admin_abort_tells_members_to_resend(fed: Federation) -> None:
+    settings = fed.server_settings(round=config.RoundSettings(masking="plain"))
+
+    async def scenario() -> None:
+        async with running(settings) as srv, HospitalSession(
+            fed.client_settings("a", srv.port)) as h:
+            await h.get_global()
+            task = asyncio.create_task(h.send(_updates(1)[0], 5))
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                await _wait_count(admin, 1)
+                st = await admin.status()
+                assert st.online == ("a",) and st.submitted == ("a",)
+                await admin.abort_round()
+            with pytest.raises(ProtocolError) as err:
+                await task
+            assert err.value.code == "round-aborted"
+
+    asyncio.run(scenario())

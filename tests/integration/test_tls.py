@@ -1,0 +1,170 @@
+"""Who gets in: only certificates of this federation's CA, current, not revoked, TLS 1.3.
+
+A rejection is "EOF, an SSL error or a reset, and zero application bytes": with TLS 1.3
+the client's side of the handshake may finish before the server refuses its certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ssl
+
+import pytest
+
+from securefl.certs import CertDir, _save
+from securefl.client.session import AdminSession, HospitalSession
+from securefl.client.transport import client_context
+from securefl.crypto import pki
+from securefl.errors import CertificateRejectedError, ServerUnreachableError
+from securefl.server.audit import read_entries, verify
+
+from .conftest import Federation, running
+
+
+async def _rejected(ctx: ssl.SSLContext, port: int) -> bool:
+    """True when the server gives this context no application bytes at all."""
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1")
+    except (ssl.SSLError, ConnectionError):
+        return True
+    try:
+        writer.write(b"\x00\x00\x00\x20\x01\x00\x00\x00\x1b" + b'{"kind":"hello","rid":1}   ')
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(1), 10)
+    except (ssl.SSLError, ConnectionError):
+        return True
+    finally:
+        writer.close()
+    return data == b""
+
+
+def _refusals(fed: Federation) -> list[str]:
+    log = fed.certs.root / "audit.jsonl"
+    return [e["reason"] for e in read_entries(log) if e["event"] == "refused"]
+
+
+def test_plain_tcp_to_the_tls_port_gets_nothing(fed: Federation) -> None:
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv:
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            writer.write(b"GET / HTTP/1.0\r\n\r\n" + b'\x00\x00\x00\x10{"kind":"status"}')
+            await writer.drain()
+            data = await asyncio.wait_for(reader.read(), 10)
+            assert b"status" not in data and b"version" not in data  # at most a TLS alert
+            writer.close()
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                assert await admin.version() == 0
+        assert any(r.startswith("tls") for r in _refusals(fed))
+
+    asyncio.run(scenario())
+
+
+def test_no_client_certificate_is_refused(fed: Federation) -> None:
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.load_verify_locations(cafile=str(fed.certs.ca_cert))
+            assert await _rejected(ctx, srv.port)
+            # The control: the same probe with a real certificate gets an answer.
+            s = fed.client_settings("a", srv.port)
+            assert not await _rejected(client_context(s.cert, s.key, s.ca), srv.port)
+        assert any("CERTIFICATE" in r.upper() for r in _refusals(fed))
+
+    asyncio.run(scenario())
+
+
+def test_tls12_is_refused(fed: Federation) -> None:
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv:
+            s = fed.client_settings("a", srv.port)
+            ctx = client_context(s.cert, s.key, s.ca)
+            ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+            assert await _rejected(ctx, srv.port)
+
+    asyncio.run(scenario())
+
+
+def _kit_with(fed: Federation, cred: pki.Credential, ca_pem: bytes | None = None) -> None:
+    """Overwrite hospital 'a''s kit with another credential (as a thief or a mistake would)."""
+    kit = fed.certs.kit("a")
+    _save(kit, "hospital", cred)
+    if ca_pem is not None:
+        (kit / "ca.pem").write_bytes(ca_pem)
+
+
+@pytest.mark.parametrize("case", ["other-ca", "expired", "revoked", "unregistered"])
+def test_bad_certificates_get_nothing(fed: Federation, case: str) -> None:
+    ca = fed.certs.ca()
+    name = "a"
+    if case == "other-ca":
+        _kit_with(fed, pki.issue(pki.make_ca("evil"), pki.Role.HOSPITAL, "a"))
+    elif case == "expired":
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+        _kit_with(fed, pki.issue(ca, pki.Role.HOSPITAL, "a", now=past,
+                                 lifetime=dt.timedelta(days=1)))
+    elif case == "revoked":
+        fed.certs.revoke("a")
+    else:
+        name = "d"  # issued by our CA, but not in the server's list of hospitals
+
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv:
+            with pytest.raises(CertificateRejectedError):
+                await HospitalSession(fed.client_settings(name, srv.port)).connect()
+            async with HospitalSession(fed.client_settings("b", srv.port)) as h:
+                assert (await h.get_global()).version == 0
+        assert len(_refusals(fed)) == 1
+
+    asyncio.run(scenario())
+
+
+def test_revocation_takes_effect_without_a_restart(fed: Federation) -> None:
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv:
+            async with HospitalSession(fed.client_settings("c", srv.port)) as h:
+                await h.status()
+            CertDir(fed.certs.root).revoke("c")
+            with pytest.raises(CertificateRejectedError):
+                await HospitalSession(fed.client_settings("c", srv.port)).connect()
+
+    asyncio.run(scenario())
+
+
+def test_server_with_a_foreign_certificate_is_not_trusted(fed: Federation) -> None:
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv:
+            evil = pki.make_ca("evil")
+            (fed.tmp / "evil.pem").write_bytes(evil.cert_pem())
+            s = fed.client_settings("a", srv.port, ca=fed.tmp / "evil.pem")
+            with pytest.raises(CertificateRejectedError) as err:
+                await HospitalSession(s).connect()
+            assert "did not issue" in err.value.message
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_server(fed: Federation) -> None:
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv:
+            port = srv.port
+        with pytest.raises(ServerUnreachableError):
+            await HospitalSession(fed.client_settings("a", port)).connect()
+
+    asyncio.run(scenario())
+
+
+def test_audit_log_chain_holds(fed: Federation) -> None:
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv, HospitalSession(
+            fed.client_settings("a", srv.port)) as h:
+            await h.status()
+
+    asyncio.run(scenario())
+    log = fed.certs.root / "audit.jsonl"
+    assert verify(log) >= 3
+    text = log.read_bytes()
+    log.write_bytes(text.replace(b'"name":"a"', b'"name":"z"', 1))
+    with pytest.raises(Exception, match="chain broken"):
+        verify(log)

@@ -1,0 +1,101 @@
+"""Wire models and their mapping to the crypto core's round messages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from securefl.crypto import messages as cm
+from securefl.crypto.quantize import Encoding
+from securefl.errors import RemoteProtocolError
+from securefl.protocol import mapping
+from securefl.protocol import messages as wm
+from securefl.protocol.frames import Frame
+
+
+def _frame(msg: wm._Wire, payload: bytes = b"") -> Frame:
+    return Frame(wm.encode_header(msg), payload)
+
+
+def test_bytes_travel_as_base64_and_come_back() -> None:
+    msg = wm.Advertise(rid=3, round_id=1, c_pk=b"\x00" * 32, s_pk=b"\xff" * 32,
+                       signature=b"sig")
+    header = json.loads(wm.encode_header(msg))
+    assert header["c_pk"] == "A" * 43 + "="
+    back, array = wm.decode(_frame(msg))
+    assert back == msg and array is None
+
+
+def test_arrays_are_raw_little_endian_with_dtype_and_shape() -> None:
+    y = np.arange(5, dtype=np.uint32)
+    msg = wm.MaskedInputMsg(rid=1, round_id=2, array=wm.ArraySpec.of(y))
+    assert json.loads(wm.encode_header(msg))["array"] == {"dtype": "<u4", "shape": [5]}
+    back, array = wm.decode(_frame(msg, y.astype("<u4").tobytes()))
+    assert isinstance(back, wm.MaskedInputMsg)
+    np.testing.assert_array_equal(array, y)
+    with pytest.raises(RemoteProtocolError) as err:
+        wm.decode(_frame(msg, b"\0" * 19))
+    assert err.value.code == "bad-shape"
+
+
+@pytest.mark.parametrize("header", [
+    b"[]", b"{}", b'{"kind":"status"', b'{"kind":"status","rid":-1}',
+    b'{"kind":"status","rid":1,"name":"b"}', b'{"kind":"join","rid":1}',
+    b'{"kind":"masked_input","rid":1,"round_id":1,"array":{"dtype":">f4","shape":[1]}}',
+    b'{"kind":"masked_input","rid":1,"round_id":1,"array":{"dtype":"<f4","shape":[]}}',
+    b'{"kind":"advertise","rid":1,"round_id":1,"c_pk":"%%%","s_pk":"","signature":""}',
+    b"\xff\xfe",
+])
+def test_malformed_headers_are_refused_without_echoing_them(header: bytes) -> None:
+    with pytest.raises(RemoteProtocolError) as err:
+        wm.decode(Frame(header, b""))
+    assert err.value.code == "bad-message"
+    assert "%%%" not in err.value.message and "Traceback" not in err.value.message
+
+
+def test_models_are_frozen() -> None:
+    msg = wm.Status(rid=1)
+    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error type
+        msg.rid = 2  # type: ignore[misc]
+
+
+def _roster() -> cm.Roster:
+    enc = Encoding.auto(max_clients=4, max_weight=100)
+    cfg = cm.RoundConfig(round_id=3, base_version=2, vector_len=10, threshold=2, neighbours=2,
+                         graph_seed=b"s" * 32, encoding=enc, min_contributors=2)
+    parts = tuple(cm.KeyAdvertisement(3, 2, n, bytes([i]) * 32, bytes([i + 1]) * 32,
+                                      b"cert-" + n.encode(), b"sig")
+                  for i, n in enumerate(["a", "b", "c"]))
+    return cm.Roster(cfg, parts)
+
+
+def test_roster_round_trips_through_the_wire() -> None:
+    roster = _roster()
+    frame = _frame(mapping.roster_to_wire(roster))
+    msg, _ = wm.decode(frame)
+    assert isinstance(msg, wm.RosterMsg)
+    assert mapping.roster_from_wire(msg) == roster
+
+
+def test_round_messages_round_trip() -> None:
+    sk = cm.ShareKeys(round_id=1, sender=2, envelopes={1: b"x", 3: b"y"})
+    msg, _ = wm.decode(_frame(mapping.share_keys_to_wire(sk, rid=4)))
+    assert mapping.share_keys_from_wire(msg, sender=2) == sk  # type: ignore[arg-type]
+    b = cm.EnvelopeBundle(round_id=1, recipient=2, envelopes={1: b"x"})
+    msg, _ = wm.decode(_frame(mapping.bundle_to_wire(b)))
+    assert mapping.bundle_from_wire(msg) == b  # type: ignore[arg-type]
+    req = cm.UnmaskRequest(round_id=1, survivors=(1, 2), dropped=(3,))
+    msg, _ = wm.decode(_frame(mapping.unmask_request_to_wire(req)))
+    assert mapping.unmask_request_from_wire(msg) == req  # type: ignore[arg-type]
+    resp = cm.UnmaskResponse(round_id=1, sender=2, b_shares={1: b"\x01" * 33},
+                             s_shares={3: b"\x02" * 33})
+    msg, _ = wm.decode(_frame(mapping.unmask_response_to_wire(resp, rid=9)))
+    assert mapping.unmask_response_from_wire(msg, sender=2) == resp  # type: ignore[arg-type]
+
+
+def test_identity_comes_from_the_caller_not_the_message() -> None:
+    adv = wm.Advertise(rid=1, round_id=5, c_pk=b"c" * 32, s_pk=b"s" * 32, signature=b"x")
+    ka = mapping.advertisement_from_wire(adv, name="b", base_version=4, cert_der=b"der")
+    assert (ka.name, ka.base_version, ka.cert_der) == ("b", 4, b"der")
