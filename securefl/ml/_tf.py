@@ -1,0 +1,73 @@
+"""The one place TensorFlow is imported (lazily), with its start-up noise filtered.
+
+``import tensorflow`` writes a oneDNN notice (and an absl preamble) straight to file
+descriptor 2 from C++, which ``TF_CPP_MIN_LOG_LEVEL`` does not silence.  Turning oneDNN off
+(``TF_ENABLE_ONEDNN_OPTS=0``) would silence it but halves training speed on this class of
+CPU, so instead the descriptor is pointed at a temporary file during the import and every
+line that is not one of the known notices is written back.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+from types import ModuleType
+
+#: Substrings of the start-up lines that say nothing actionable to a hospital's operator.
+_NOISE = (
+    "oneDNN custom operations are on",
+    "All log messages before absl::InitializeLog()",
+    "This TensorFlow binary is optimized to use available CPU instructions",
+    "To enable the following instructions:",
+    "Unable to register cuDNN factory",
+    "Unable to register cuFFT factory",
+    "Unable to register cuBLAS factory",
+    "computation placer already registered",
+    "TF-TRT Warning",
+)
+
+_lock = threading.Lock()
+
+
+def _filtered(text: str) -> str:
+    return "".join(
+        line for line in text.splitlines(keepends=True) if not any(n in line for n in _NOISE)
+    )
+
+
+def tensorflow() -> ModuleType:
+    """Import and return ``tensorflow`` (quietly, once)."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    with _lock:
+        if "tensorflow" in sys.modules:
+            return sys.modules["tensorflow"]
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile(mode="w+b") as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                import tensorflow as tf
+
+                tf.constant(0)  # the oneDNN notice is printed on first use, not import
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                tmp.seek(0)
+                rest = _filtered(tmp.read().decode("utf-8", "replace"))
+        if rest:
+            sys.stderr.write(rest)
+        return tf
+
+
+def keras() -> ModuleType:
+    """Import and return ``keras`` (Keras 3), after TensorFlow so the backend is set."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    tensorflow()
+    import keras as k
+
+    return k

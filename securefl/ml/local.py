@@ -1,0 +1,120 @@
+"""A hospital's local ML jobs from its settings: train, evaluate, classify.
+
+This is the seam the CLI and the hospital TUI call.  It knows files (the data folder, the
+model file, the metrics history) but nothing of the network or the federation: the client
+layer moves weights in and out with :func:`securefl.ml.model.to_vector` /
+:func:`~securefl.ml.model.from_vector` around these calls.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from securefl.errors import DataError
+from securefl.ml.settings import MLSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+    from securefl.ml.train import EvalReport, ProgressFn, TrainResult
+
+
+def new_model(settings: MLSettings) -> keras.Model:
+    """The deterministic initial model for these settings (same everywhere for one seed)."""
+    from securefl.ml.model import make_model
+
+    return make_model(
+        settings.input_shape,
+        len(settings.classes),
+        kind=settings.model_kind,
+        seed=settings.seed,
+        augment=settings.augment,
+        learning_rate=settings.learning_rate,
+    )
+
+
+def load_or_create_model(settings: MLSettings) -> keras.Model:
+    """The hospital's current model file, or a fresh one if none was saved yet."""
+    from securefl.ml.model import load_model
+
+    if not settings.model_path.is_file():
+        return new_model(settings)
+    model = load_model(settings.model_path)
+    shape = tuple(int(d) for d in model.input_shape[1:])
+    if shape != settings.input_shape or int(model.output_shape[-1]) != len(settings.classes):
+        raise DataError(
+            f"{settings.model_path} takes {shape} images and {model.output_shape[-1]} classes "
+            f"but the settings say {settings.input_shape} and {len(settings.classes)}: "
+            "fix the settings or move the old model file away"
+        )
+    return model
+
+
+def run_train(
+    settings: MLSettings,
+    *,
+    model: keras.Model | None = None,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+) -> TrainResult:
+    """Train on ``data_dir/Training``, save the model (unless cancelled), log the metrics."""
+    from securefl.ml.data import load_split
+    from securefl.ml.model import save_model
+    from securefl.ml.train import append_history, train
+
+    data = load_split(
+        settings.data_dir, "Training", classes=settings.classes,
+        size=settings.image_size, channels=settings.channels,
+    )
+    model = model if model is not None else load_or_create_model(settings)
+    result = train(
+        model, data, epochs=settings.epochs, batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate, progress=progress, cancel=cancel,
+        seed=settings.seed,
+    )
+    if not result.cancelled:
+        save_model(model, settings.model_path)
+    append_history(
+        settings.history_path,
+        {
+            "event": "train",
+            "cancelled": result.cancelled,
+            "num_samples": result.num_samples,
+            "skipped_files": len(data.skipped),
+            "seconds": round(result.seconds, 2),
+            "history": result.history,
+        },
+    )
+    return result
+
+
+def run_evaluate(settings: MLSettings, *, model: keras.Model | None = None) -> EvalReport:
+    """Score the model on ``data_dir/Testing``, then save it (the original ``testModel``)."""
+    from securefl.ml.data import load_split
+    from securefl.ml.train import append_history, evaluate
+
+    data = load_split(
+        settings.data_dir, "Testing", classes=settings.classes,
+        size=settings.image_size, channels=settings.channels,
+    )
+    model = model if model is not None else load_or_create_model(settings)
+    report = evaluate(model, data, save_to=settings.model_path)
+    append_history(
+        settings.history_path,
+        {"event": "evaluate", "skipped_files": len(data.skipped), **report.to_dict()},
+    )
+    return report
+
+
+def run_classify(
+    settings: MLSettings, image: str | Path, *, model: keras.Model | None = None
+) -> dict[str, float]:
+    """Class probabilities for one scan with the hospital's current model."""
+    from securefl.ml.model import load_model
+    from securefl.ml.train import classify
+
+    if model is None:
+        model = load_model(settings.model_path)
+    return classify(model, image, settings.classes)

@@ -1,0 +1,205 @@
+"""The hospital's CNN, and its weights as one flat float32 vector plus a layer spec.
+
+Two architectures, one builder (:func:`make_model`), following keras-io's
+"image classification from scratch": preprocessing (rescaling, and augmentation that is only
+active while training) lives inside the model, so a saved ``.keras`` file classifies a raw
+8-bit image exactly the way it was trained.
+
+* ``seed``  — the original design: Conv2D(32, 3, relu) -> Conv2D(64, 3, relu) ->
+  MaxPooling2D(2) -> Flatten -> Dense(classes, softmax).  ~1.0 M parameters at 128x128
+  (almost all in the dense layer).
+* ``small`` — four conv blocks with batch normalisation and global average pooling:
+  ~98 k parameters whatever the image size, about twice as fast to train at 128x128.
+
+Every layer is named and every initialiser is seeded, so two processes that call
+``make_model`` with the same arguments get bit-identical weights and the same
+:func:`weight_spec` — the server and every hospital start from the same global model.
+
+Federation boundary: :func:`to_vector` / :func:`from_vector` move all float weights
+(trainable and batch-norm statistics) as one float32 vector, ordered as in
+:func:`weight_spec`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from securefl.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+#: Hyper-parameters named up front.
+DEFAULT_INPUT_SHAPE = (128, 128, 1)
+DEFAULT_LEARNING_RATE = 1e-3
+AUGMENT_ROTATION = 0.03  # fraction of a full turn (about +-11 degrees)
+AUGMENT_ZOOM = 0.08
+SMALL_FILTERS = (16, 32, 64, 128)
+SMALL_DROPOUT = 0.2
+BN_MOMENTUM = 0.9  # moving statistics settle within a few dozen batches (short local rounds)
+
+
+class LayerSpec(BaseModel):
+    """One weight tensor: where it lives in the model and how to cut it out of the vector."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: Literal["float32"] = "float32"
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+class WeightSpec(BaseModel):
+    """The ordered layer specs of a model; ``size`` is the length of its weight vector."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layers: tuple[LayerSpec, ...] = Field(min_length=1)
+
+    @property
+    def size(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+
+def _float_variables(model: keras.Model) -> list[Any]:
+    return [v for v in model.weights if str(v.dtype) == "float32"]
+
+
+def weight_spec(model: keras.Model) -> WeightSpec:
+    """Names, shapes and dtype of every float weight, in vector order."""
+    return WeightSpec(
+        layers=tuple(
+            LayerSpec(name=v.path, shape=tuple(int(d) for d in v.shape))
+            for v in _float_variables(model)
+        )
+    )
+
+
+def to_vector(model: keras.Model) -> np.ndarray:
+    """All float weights as one contiguous float32 vector (a copy)."""
+    parts = [np.asarray(v.numpy(), dtype=np.float32).ravel() for v in _float_variables(model)]
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def from_vector(model: keras.Model, vec: np.ndarray) -> None:
+    """Load a vector made by :func:`to_vector` (for a model of the same spec) into ``model``."""
+    variables = _float_variables(model)
+    vec = np.asarray(vec)
+    expected = sum(int(np.prod(v.shape, dtype=np.int64)) for v in variables)
+    if vec.ndim != 1 or vec.shape[0] != expected:
+        raise DataError(
+            f"the weight vector has {vec.size} values in shape {vec.shape} but this model needs "
+            f"a flat vector of {expected}: the model on the server was built with a different "
+            "image size, class list or model kind — use the same settings as the server"
+        )
+    if vec.dtype != np.float32:
+        raise DataError(f"weight vectors are float32, got {vec.dtype}")
+    if not np.isfinite(vec).all():
+        raise DataError("the weight vector contains NaN or infinite values: refusing to load it")
+    offset = 0
+    for v in variables:
+        n = int(np.prod(v.shape, dtype=np.int64))
+        v.assign(vec[offset : offset + n].reshape(tuple(v.shape)))
+        offset += n
+
+
+def make_model(
+    input_shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE,
+    num_classes: int = 4,
+    *,
+    kind: Literal["seed", "small"] = "seed",
+    seed: int = 0,
+    augment: bool = True,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+) -> keras.Model:
+    """Build and compile a CNN whose initial weights depend only on the arguments."""
+    from securefl.ml._tf import keras as _keras
+
+    k = _keras()
+    layers = k.layers
+    counter = iter(range(seed * 1000, seed * 1000 + 1000))
+
+    def init() -> Any:
+        return k.initializers.GlorotUniform(seed=next(counter))
+
+    if len(input_shape) != 3 or input_shape[2] not in (1, 3):
+        raise DataError(f"input shape must be (height, width, 1 or 3), got {input_shape}")
+    inputs = k.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    if augment:  # active only in training; identity at inference
+        x = layers.RandomFlip("horizontal", seed=seed + 1, name="aug_flip")(x)
+        x = layers.RandomRotation(AUGMENT_ROTATION, seed=seed + 2, name="aug_rotate")(x)
+        x = layers.RandomZoom(AUGMENT_ZOOM, seed=seed + 3, name="aug_zoom")(x)
+    if kind == "seed":
+        x = layers.Conv2D(32, 3, activation="relu", kernel_initializer=init(), name="conv1")(x)
+        x = layers.Conv2D(64, 3, activation="relu", kernel_initializer=init(), name="conv2")(x)
+        x = layers.MaxPooling2D(2, name="pool")(x)
+        x = layers.Flatten(name="flatten")(x)
+    elif kind == "small":
+        for i, filters in enumerate(SMALL_FILTERS, start=1):
+            x = layers.Conv2D(
+                filters, 3, padding="same", use_bias=False, kernel_initializer=init(),
+                name=f"block{i}_conv",
+            )(x)
+            x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"block{i}_bn")(x)
+            x = layers.Activation("relu", name=f"block{i}_relu")(x)
+            x = layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
+        x = layers.GlobalAveragePooling2D(name="gap")(x)
+        x = layers.Dropout(SMALL_DROPOUT, seed=seed + 4, name="dropout")(x)
+    else:
+        raise DataError(f"unknown model kind {kind!r}: use 'seed' or 'small'")
+    outputs = layers.Dense(
+        num_classes, activation="softmax", kernel_initializer=init(), name="classes"
+    )(x)
+    model = k.Model(inputs, outputs, name=f"{kind}_cnn")
+    compile_model(model, learning_rate)
+    return model
+
+
+def compile_model(model: keras.Model, learning_rate: float = DEFAULT_LEARNING_RATE) -> None:
+    """(Re)compile with Adam and sparse categorical cross-entropy (fresh optimizer state)."""
+    from securefl.ml._tf import keras as _keras
+
+    k = _keras()
+    model.compile(
+        optimizer=k.optimizers.Adam(learning_rate=learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def save_model(model: keras.Model, path: str | Path) -> Path:
+    """Save as a ``.keras`` file (written next to the target, then renamed into place)."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise DataError(f"model files end in .keras, got {path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    model.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_model(path: str | Path) -> keras.Model:
+    """Load a ``.keras`` file saved by :func:`save_model`."""
+    from securefl.ml._tf import keras as _keras
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"no model at {path}: train first (securefl client --config ... train) "
+            "or download the global model"
+        )
+    try:
+        return _keras().models.load_model(path)
+    except Exception as exc:  # a truncated or foreign file: say so plainly
+        raise DataError(f"{path} is not a readable .keras model ({exc}); delete it and retrain") \
+            from None

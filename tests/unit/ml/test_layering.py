@@ -1,0 +1,54 @@
+"""Only securefl.ml imports TensorFlow, and only when a model is actually needed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+ML_MODULES = [
+    "securefl.ml",
+    "securefl.ml.settings",
+    "securefl.ml.model",
+    "securefl.ml.data",
+    "securefl.ml.synth",
+    "securefl.ml.train",
+    "securefl.ml.local",
+    "securefl.cli",
+]
+
+
+def _modules_after(code: str) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_importing_ml_does_not_load_tensorflow_or_keras():
+    mods = _modules_after("\n".join(f"import {m}" for m in ML_MODULES))
+    assert "securefl.ml.model" in mods  # the imports really happened
+    heavy = [m for m in mods if m.split(".")[0] in ("tensorflow", "keras", "nilearn")]
+    assert heavy == []
+
+
+def test_ml_imports_none_of_the_federation_layers():
+    mods = _modules_after("\n".join(f"import {m}" for m in ML_MODULES if m != "securefl.cli"))
+    forbidden = ("crypto", "protocol", "server", "client", "tui")
+    assert [m for m in mods if m.split(".")[:2][-1] in forbidden and m.startswith("securefl.")] \
+        == []
+
+
+def test_tensorflow_import_is_quiet():
+    """The oneDNN start-up notice is filtered, but oneDNN itself stays on."""
+    code = (
+        "import os\n"
+        "from securefl.ml._tf import tensorflow\n"
+        "tf = tensorflow()\n"
+        "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert "oneDNN" not in out.stderr
+    assert out.stdout.strip() != "0"
