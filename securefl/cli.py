@@ -12,8 +12,11 @@ distinct exit code (see ``EXIT_CODES``), so scripts can tell "server unreachable
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from securefl import errors
 
@@ -25,6 +28,9 @@ EXIT_CODES: dict[type[errors.SecureFLError], int] = {
     errors.TransportError: 6,
     errors.NotEnoughSurvivorsError: 8,
     errors.ProtocolError: 7,
+    errors.ServerUnreachableError: 10,
+    errors.CertificateRejectedError: 11,
+    errors.StaleVersionError: 12,
 }
 
 Handler = Callable[[argparse.Namespace], int]
@@ -55,13 +61,209 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_certs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("certs", help="federation certificates: init, add-hospital, revoke, ...")
+    p.add_argument("--dir", type=Path, default=Path("certs"), help="certificate folder")
+    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    init = acts.add_parser("init", help="CA, server, admin and hospital certificates + kits")
+    init.add_argument("--server-host", required=True,
+                      help="host names/addresses of the server, comma-separated")
+    init.add_argument("--hospitals", default="", help="hospital names, comma-separated")
+    init.add_argument("--port", type=int, default=9095)
+    add = acts.add_parser("add-hospital", help="certificate and kit for one more hospital")
+    add.add_argument("name")
+    rev = acts.add_parser("revoke", help="revoke a hospital's (or the admin's) certificate")
+    rev.add_argument("name")
+    acts.add_parser("renew", help="a fresh server certificate (90 days) and CRL")
+    acts.add_parser("show", help="every certificate with its expiry and fingerprint")
+
+    def run(args: argparse.Namespace) -> int:
+        from securefl.certs import CertDir
+
+        cd = CertDir(args.dir)
+        if args.action == "init":
+            names = [n.strip() for n in args.hospitals.split(",") if n.strip()]
+            hosts = [h.strip() for h in args.server_host.split(",") if h.strip()]
+            cd.init(hosts, names, port=args.port)
+            print(f"federation created in {cd.root}; kits: "
+                  + ", ".join(str(cd.kit(n)) for n in names))
+        elif args.action == "add-hospital":
+            kit = cd.add_hospital(args.name)
+            print(f"kit for '{args.name}' in {kit}; add it to `hospitals` in server.toml")
+        elif args.action == "revoke":
+            cd.revoke(args.name)
+            print(f"'{args.name}' revoked; the server refuses it from its next connection")
+        elif args.action == "renew":
+            cd.renew()
+            print("server certificate and CRL renewed; restart the server")
+        else:
+            for row in cd.show():
+                print(f"{row['role']:<9} {row['name']:<20} {row['status']:<8} "
+                      f"expires {row['expires']}  {row['sha256']}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_server(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("server", help="run the federation server")
+    p.add_argument("--config", type=Path, required=True, help="server.toml")
+
+    def run(args: argparse.Namespace) -> int:
+        from securefl.server.main import run as run_server
+
+        return run_server(args.config, args.argv)
+
+    p.set_defaults(func=run)
+
+
+def _add_client(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("client", help="a hospital: train, evaluate, classify, get and send weights")
+    p.add_argument("--config", type=Path, required=True, help="hospital.toml from the kit")
+    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    get = acts.add_parser("get", help="download the current global model into data_dir")
+    send = acts.add_parser("send", help="take part in a round with a trained update")
+    what = send.add_mutually_exclusive_group(required=True)
+    what.add_argument("--update", type=Path, help=".npy: local minus global weights")
+    what.add_argument("--weights", type=Path, help=".npy: locally trained weights")
+    send.add_argument("--samples", type=int, required=True, help="training images used")
+    send.add_argument("--base-version", type=int, default=None,
+                      help="global version trained on (default: the last `get`)")
+    status = acts.add_parser("status", help="round phase and who is online")
+
+    def run(args: argparse.Namespace) -> int:
+        from securefl.client import commands
+
+        return commands.run(commands.hospital, args)
+
+    for action in (get, send, status):
+        action.set_defaults(func=run)
+    _add_client_ml_actions(acts)
+
+
+def _add_admin(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("admin", help="operator actions (needs the admin certificate)")
+    p.add_argument("--config", type=Path, required=True, help="admin.toml")
+    p.add_argument("action", choices=["aggregate", "version", "count", "status", "close",
+                                      "abort"])
+
+    def run(args: argparse.Namespace) -> int:
+        from securefl.client import commands
+
+        return commands.run(commands.admin, args)
+
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------- ML (issue 4)
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="built-in data: synthetic MRI-like slices for demos and tests")
+    actions = p.add_subparsers(dest="data_action", metavar="ACTION", required=True)
+    s = actions.add_parser(
+        "synth",
+        help="write synthetic brain MRI slices (4 classes) for N non-IID hospitals",
+        description="Synthetic slices built on the MNI152 template with painted lesions. "
+        "For demos and tests only: not real patients, no clinical value.",
+    )
+    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--hospitals", type=int, default=3, help="number of hospitals (default 3)")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
+    s.add_argument("--train", type=int, default=600, help="training images per hospital")
+    s.add_argument("--test", type=int, default=200, help="testing images per hospital")
+    s.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    s.add_argument("--format", choices=("jpg", "png"), default="jpg")
+
+    def run(args: argparse.Namespace) -> int:
+        from securefl.ml.synth import synthesize
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done % 200 == 0:
+                print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
+
+        summary = synthesize(
+            args.out, hospitals=args.hospitals, seed=args.seed,
+            train_per_hospital=args.train, test_per_hospital=args.test,
+            size=args.size, image_format=args.format, progress=progress,
+        )
+        print(file=sys.stderr)
+        for name, info in summary["hospitals"].items():
+            counts = ", ".join(f"{c} {n}" for c, n in sorted(info["Training"].items()))
+            print(f"{args.out / name}: training {counts}")
+        return 0
+
+    s.set_defaults(func=run)
+
+
+def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
+    """The hospital's local ML actions under ``securefl client --config FILE``."""
+    t = actions.add_parser("train", help="train the local model on data_dir/Training")
+    t.add_argument("--epochs", type=int, help="override the settings' epochs")
+    e = actions.add_parser("evaluate", help="score the model on data_dir/Testing, then save it")
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    c = actions.add_parser("classify", help="class probabilities for one scan")
+    c.add_argument("image", type=Path, help="a JPEG or PNG scan")
+    c.add_argument("--json", action="store_true", help="print the probabilities as JSON")
+
+    def settings(args: argparse.Namespace) -> Any:
+        from securefl.ml.settings import load_ml_settings
+
+        loaded = load_ml_settings(args.config)
+        if getattr(args, "epochs", None):
+            loaded = loaded.model_copy(update={"epochs": args.epochs})
+        return loaded
+
+    def run_train(args: argparse.Namespace) -> int:
+        from securefl.ml.local import run_train
+
+        def progress(p: Any) -> None:
+            print(
+                f"\repoch {p.epoch}/{p.epochs}  batch {p.batch}/{p.batches}  "
+                f"loss {p.loss:.4f}  accuracy {p.accuracy:.3f}",
+                end="", file=sys.stderr, flush=True,
+            )
+
+        cfg = settings(args)
+        result = run_train(cfg, progress=progress)
+        print(file=sys.stderr)
+        print(
+            f"trained on {result.num_samples} scans in {result.seconds:.1f} s; "
+            f"final loss {result.history['loss'][-1]:.4f}, accuracy "
+            f"{result.history['accuracy'][-1]:.3f}; model saved to {cfg.model_path}"
+        )
+        return 0
+
+    def run_evaluate(args: argparse.Namespace) -> int:
+        from securefl.ml.local import run_evaluate
+
+        report = run_evaluate(settings(args))
+        print(json.dumps(report.to_dict()) if args.json else report.format())
+        return 0
+
+    def run_classify(args: argparse.Namespace) -> int:
+        from securefl.ml.local import run_classify
+
+        probs = run_classify(settings(args), args.image)
+        if args.json:
+            print(json.dumps(probs))
+        else:
+            for name, p in sorted(probs.items(), key=lambda kv: -kv[1]):
+                print(f"{name:<12} {p:6.1%}")
+        return 0
+
+    t.set_defaults(func=run_train)
+    e.set_defaults(func=run_evaluate)
+    c.set_defaults(func=run_classify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="securefl",
         description="Federated brain-tumour MRI classification with secure aggregation.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo,):
+    for add in (_add_demo, _add_data, _add_certs, _add_server, _add_client, _add_admin):
         add(sub)
     return parser
 
@@ -69,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     func: Handler | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()
