@@ -11,6 +11,7 @@ configured ``masking = "plain"``, the benchmark baseline).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Self
@@ -62,6 +63,20 @@ class AggregateOutcome:
     sha256: str
     contributors: int
     total_samples: int
+
+
+@dataclass(frozen=True)
+class RoundStep:
+    """Where a hospital's ``send`` is, for progress displays (the TUI's stepper, the CLI).
+
+    ``name`` is one of ``STEPS``; ``detail`` a short human sentence.
+    """
+
+    name: str
+    detail: str
+
+
+STEPS = ("joined", "roster", "keys-shared", "masked-sent", "unmasked", "published")
 
 
 class RoundAbandonedError(ProtocolError):
@@ -142,13 +157,19 @@ class HospitalSession(_Session):
         *,
         base_version: int | None = None,
         leave_after: Literal["join", "share_keys", "masked_input"] | None = None,
+        on_step: Callable[[RoundStep], None] | None = None,
     ) -> RoundOutcome | None:
         """Take part in one round with ``update`` (w_local - w_global) from ``samples`` images.
 
         Stays connected through the unmask step and returns the version the round
         published.  ``leave_after`` makes the hospital vanish after that step (demos and
-        tests of dropouts); the call then returns None.
+        tests of dropouts); the call then returns None.  ``on_step`` hears each step.
         """
+
+        def step(name: str, detail: str) -> None:
+            if on_step is not None:
+                on_step(RoundStep(name, detail))
+
         base = self.base_version if base_version is None else base_version
         if base is None:
             raise LocalProtocolError("call get_global() first, or pass base_version")
@@ -161,6 +182,7 @@ class HospitalSession(_Session):
             raise DataError(f"the sample count must be a positive whole number, not {samples}")
         joined, _ = await self.conn.request(wm.Join(base_version=base))
         assert isinstance(joined, wm.Joined)
+        step("joined", f"joined round {joined.round_id}; waiting for the other hospitals")
         if joined.vector_len != update.shape[0]:
             raise DataError(f"the update has {update.shape[0]} values, the global model "
                             f"{joined.vector_len}: train on the current model")
@@ -178,20 +200,28 @@ class HospitalSession(_Session):
             await self.conn.request(mapping.advertisement_to_wire(rnd.advertise()))
             if leave_after == "join":
                 return None
-            roster = await self._expect(wm.RosterMsg, joined.round_id)
-            shares = rnd.receive(mapping.roster_from_wire(roster))
+            roster = mapping.roster_from_wire(
+                await self._expect(wm.RosterMsg, joined.round_id))  # type: ignore[arg-type]
+            step("roster", f"{len(roster.participants)} hospitals in the round; "
+                 "checking their keys")
+            shares = rnd.receive(roster)
             await self.conn.request(mapping.share_keys_to_wire(shares))
+            step("keys-shared", "key shares sent; waiting for the others' shares")
             if leave_after == "share_keys":
                 return None
             bundle = await self._expect(wm.EnvelopesMsg, joined.round_id)
             masked = rnd.receive(mapping.bundle_from_wire(bundle))
             await self._send_input(joined.round_id, masked.y)
+            step("masked-sent", "masked update sent; waiting for the administrator to "
+                 "aggregate")
             if leave_after == "masked_input":
                 return None
             request = await self._expect(wm.UnmaskRequestMsg, joined.round_id)
             answer = rnd.receive(mapping.unmask_request_from_wire(request))
             await self.conn.request(mapping.unmask_response_to_wire(answer))
+            step("unmasked", "unmasking: shares for the survivors sent")
         done = await self._expect(wm.RoundDone, joined.round_id)
+        step("published", f"aggregated into global version {done.version}")
         return RoundOutcome(done.round_id, done.version, done.sha256)
 
     async def _send_input(self, round_id: int, y: np.ndarray) -> None:

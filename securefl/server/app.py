@@ -30,6 +30,7 @@ from securefl.protocol import frames
 from securefl.protocol import messages as wm
 from securefl.server.audit import AuditLog
 from securefl.server.coordinator import Coordinator, Peer
+from securefl.server.initial import ml_initial_weights
 from securefl.server.store import ModelStore, initial_weights
 from securefl.server.tls import server_context
 
@@ -66,6 +67,8 @@ class Server:
 
     def _initial_model(self) -> np.ndarray:
         spec = self.settings.model
+        if spec.ml is not None:
+            return ml_initial_weights(spec.ml)
         if spec.params is None:
             raise ConfigError("the model store is empty: set [model] params (or an ML model "
                               "spec) in the server settings to create version 0")

@@ -6,14 +6,15 @@ from securefl.cli import EXIT_CODES, exit_code_for, main
 
 
 def test_demo_runs_and_reports_within_bound(capsys):
-    assert main(["demo", "--hospitals", "6", "--params", "5000", "--dropout", "0.3"]) == 0
+    argv = ["demo", "--secagg-only", "--hospitals", "6", "--params", "5000", "--dropout", "0.3"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "documented bound" in out and "-> OK" in out
     assert "will disconnect" in out
 
 
 def test_demo_refuses_too_few_hospitals(capsys):
-    assert main(["demo", "--hospitals", "2"]) == 2
+    assert main(["demo", "--secagg-only", "--hospitals", "2"]) == 2
     assert "at least 3" in capsys.readouterr().err
 
 

@@ -1,0 +1,56 @@
+"""The federation's version-0 model as a flat vector, from the model spec alone.
+
+Why a module with a ``__main__``: the server must start from exactly the weights every
+hospital would build from the same spec (seeded initialisation), but it should never carry
+TensorFlow's half a gigabyte of memory and seconds of import time.  So the server runs
+``python -m securefl.ml.initial`` once, in a child process, when its model store is empty,
+and reads back the ``.npy`` file it writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from securefl.errors import ConfigError
+from securefl.ml.settings import DEFAULT_CLASSES
+
+SPEC_KEYS = {"image_size", "channels", "classes", "model_kind", "seed"}
+
+
+def initial_vector(spec: Mapping[str, Any]) -> np.ndarray:
+    """Weights of ``make_model`` for the spec (the ``[model.ml]`` table of server.toml)."""
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise ConfigError(f"unknown [model.ml] setting(s): {', '.join(sorted(unknown))}; "
+                          f"allowed: {', '.join(sorted(SPEC_KEYS))}")
+    from securefl.ml.model import make_model, to_vector
+
+    size = int(spec.get("image_size", 128))
+    classes = spec.get("classes", DEFAULT_CLASSES)
+    model = make_model((size, size, int(spec.get("channels", 1))), len(classes),
+                       kind=spec.get("model_kind", "seed"), seed=int(spec.get("seed", 0)))
+    return to_vector(model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m securefl.ml.initial")
+    parser.add_argument("--spec", required=True, help="the model spec as JSON")
+    parser.add_argument("--out", type=Path, required=True, help=".npy file to write")
+    args = parser.parse_args(argv)
+    try:
+        np.save(args.out, initial_vector(json.loads(args.spec)))
+    except ConfigError as exc:
+        print(f"securefl: {exc.message}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
