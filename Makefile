@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# sslyze (TLS audit in the tests) pins an older cryptography than ours: its own venv.
+SSLYZE_VENV  := .venv-sslyze
+SSLYZE_STAMP := $(SSLYZE_VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
@@ -14,17 +17,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+$(SSLYZE_STAMP):
+	@test -x $(SSLYZE_VENV)/bin/python || $(PYTHON) -m venv $(SSLYZE_VENV)
+	$(SSLYZE_VENV)/bin/python -m pip install --quiet 'sslyze==6.3.1'
+	@touch $(SSLYZE_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/securefl demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP) lint
+test: $(STAMP) $(SSLYZE_STAMP) lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/secagg_bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SSLYZE_VENV) build *.egg-info .pytest_cache .ruff_cache
