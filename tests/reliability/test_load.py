@@ -1,0 +1,127 @@
+"""A round completes while the server holds 100 extra connections and while slow and idle
+clients occupy it; the slow and idle ones are cut by their deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+
+import numpy as np
+
+from securefl.client.session import AdminSession, HospitalSession
+
+from .conftest import Site
+
+HOSPITALS = ["h00", "h01", "h02"]
+D = 5000
+
+
+async def _round(site: Site) -> int:
+    ups = {n: np.full(D, 0.01 * (i + 1), np.float32) for i, n in enumerate(HOSPITALS)}
+
+    async def hospital(name: str) -> object:
+        async with HospitalSession(site.settings(name)) as h:
+            await h.get_global()
+            return await h.send(ups[name], 10)
+
+    tasks = [asyncio.create_task(hospital(n)) for n in HOSPITALS]
+    async with AdminSession(site.settings("admin")) as admin:
+        async with asyncio.timeout(60):
+            while await admin.count() < len(HOSPITALS):
+                await asyncio.sleep(0.05)
+        result = await admin.aggregate()
+    outs = await asyncio.gather(*tasks)
+    assert all(o.version == result.version for o in outs)  # type: ignore[attr-defined]
+    return result.version
+
+
+def _tls(site: Site, name: str) -> ssl.SSLContext:
+    kit = site.certs.kit(name)
+    ctx = ssl.create_default_context(cafile=str(kit / "ca.pem"))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(kit / "hospital.pem", kit / "hospital.key")
+    return ctx
+
+
+async def _closed_by_server(reader: asyncio.StreamReader, within: float) -> float:
+    """Seconds until the server closed the connection (EOF or reset)."""
+    start = time.monotonic()
+    async with asyncio.timeout(within):
+        try:
+            while await reader.read(4096):
+                pass
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+    return time.monotonic() - start
+
+
+def test_round_completes_with_100_connections_held(site: Site) -> None:
+    async def scenario() -> None:
+        held = [await AdminSession(site.settings("admin")).connect() for _ in range(100)]
+        try:
+            assert await _round(site) == 1
+            for s in held[::10]:  # the held ones are still served
+                assert await s.version() == 1
+        finally:
+            for s in held:
+                await s.close()
+
+    with site.server(site.server_toml(params=D, hospitals=HOSPITALS)):
+        asyncio.run(scenario())
+
+
+def test_slowloris_and_idle_connections_are_cut_while_a_round_completes(site: Site) -> None:
+    limits = {"handshake_timeout": 2.0, "read_timeout": 1.5, "frame_timeout": 4.0,
+              "idle_timeout": 6.0}
+
+    async def scenario() -> None:
+        port = site.port
+        # 1. plain TCP that never starts TLS
+        tcp_r, tcp_w = await asyncio.open_connection("127.0.0.1", port)
+        # 2. TLS, then nothing at all
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port,
+                                                       ssl=_tls(site, "h03"),
+                                                       server_hostname="127.0.0.1")
+        # 3. TLS, then a frame dribbled one byte at a time
+        slow_r, slow_w = await asyncio.open_connection("127.0.0.1", port,
+                                                       ssl=_tls(site, "h04"),
+                                                       server_hostname="127.0.0.1")
+
+        async def drip() -> None:
+            for byte in b"\x00\x00\x00\x40\x01\x00\x00\x00\x30" + b"{" * 64:
+                slow_w.write(bytes([byte]))
+                await slow_w.drain()
+                await asyncio.sleep(1.0)  # under read_timeout, but the frame never ends
+
+        dripping = asyncio.create_task(drip())
+        cut = [asyncio.create_task(_closed_by_server(r, 30)) for r in (tcp_r, idle_r, slow_r)]
+        assert await _round(site) == 1
+        tcp_s, idle_s, slow_s = await asyncio.gather(*cut)
+        dripping.cancel()
+        assert tcp_s < 2.0 + 3  # handshake deadline
+        assert 6.0 - 1 < idle_s < 6.0 + 4  # idle deadline
+        assert slow_s < 4.0 + 4  # whole-frame deadline, though every byte came in time
+        for w in (tcp_w, idle_w, slow_w):
+            w.close()
+
+    registered = [*HOSPITALS, "h03", "h04"]  # the idle and the slow one are real hospitals
+    with site.server(site.server_toml(params=D, hospitals=registered, limits=limits)):
+        asyncio.run(scenario())
+
+
+def test_a_refused_certificate_does_not_disturb_the_next_connection(site: Site) -> None:
+    """The server closes a refused connection's transport, never the socket under it: a
+    reused file descriptor would otherwise cut whoever connects next."""
+
+    async def scenario() -> None:
+        for _ in range(5):
+            r, w = await asyncio.open_connection("127.0.0.1", site.port, ssl=_tls(site, "h09"),
+                                                 server_hostname="127.0.0.1")
+            assert await _closed_by_server(r, 10) < 5  # h09 is not registered
+            async with AdminSession(site.settings("admin")) as admin:
+                assert await admin.version() == 0
+            w.close()
+
+    with site.server(site.server_toml(params=D, hospitals=HOSPITALS)):
+        asyncio.run(scenario())
