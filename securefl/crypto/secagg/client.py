@@ -91,6 +91,7 @@ class ClientRound:
         self.roster: Roster | None = None
         self._neighbours: frozenset[int] = frozenset()
         self._held: dict[int, tuple[int, int]] = {}  # sender -> (share of b, share of s_sk)
+        self._envelope_keys: dict[int, bytes] = {}  # neighbour -> AES-GCM key (symmetric)
 
     # -- round 0 -----------------------------------------------------------------------
     def advertise(self) -> KeyAdvertisement:
@@ -170,12 +171,14 @@ class ClientRound:
 
         b_u = os.urandom(32)
         self._b = b_u
-        b_shares = shamir.split(b_u, self._neighbours, cfg.threshold)
-        s_shares = shamir.split(self._s.private_bytes(), self._neighbours, cfg.threshold)
+        holders = self._neighbours | {self.me}  # keep a share of our own, as Bonawitz does
+        b_shares = shamir.split(b_u, holders, cfg.threshold)
+        s_shares = shamir.split(self._s.private_bytes(), holders, cfg.threshold)
+        self._held[self.me] = (b_shares[self.me], s_shares[self.me])
         envelopes = {}
         for v in sorted(self._neighbours):
-            peer = roster.participants[v - 1]
-            key = self._c.agree(peer.c_pk, ENVELOPE_KEY, ctx)
+            key = self._c.agree(roster.participants[v - 1].c_pk, ENVELOPE_KEY, ctx)
+            self._envelope_keys[v] = key
             envelopes[v] = envelope.seal(
                 key,
                 round_id=cfg.round_id,
@@ -196,12 +199,9 @@ class ClientRound:
         senders = set(bundle.envelopes)
         if not senders <= self._neighbours:
             raise RemoteProtocolError("share envelopes from hospitals that are not neighbours")
-        ctx = round_context(cfg)
         for u in sorted(senders):
-            peer = self.roster.participants[u - 1]
-            key = self._c.agree(peer.c_pk, ENVELOPE_KEY, ctx)
             b_raw, s_raw = envelope.open_envelope(
-                key,
+                self._envelope_keys[u],
                 bundle.envelopes[u],
                 round_id=cfg.round_id,
                 base_version=cfg.base_version,
@@ -210,6 +210,7 @@ class ClientRound:
             )
             self._held[u] = (shamir.share_from_bytes(b_raw), shamir.share_from_bytes(s_raw))
 
+        ctx = round_context(cfg)
         enc = cfg.encoding
         y = enc.encode(self._update, self._weight)
         masks = MaskBuffer(y.shape[0], enc.dtype)
@@ -243,9 +244,9 @@ class ClientRound:
                 f"{max(cfg.threshold, cfg.min_contributors)} are needed to keep each one hidden"
             )
         known = set(self._held)
-        if not ((survivors | dropped) & self._neighbours <= known | {self.me}):
+        if not ((survivors | dropped) & self._neighbours <= known):
             raise RemoteProtocolError("unmask request names neighbours that never shared keys")
-        b_for = sorted((survivors & known) - {self.me})
+        b_for = sorted(survivors & known)
         s_for = sorted(dropped & known)
         return UnmaskResponse(
             cfg.round_id,

@@ -31,9 +31,11 @@ def round_context(config: RoundConfig) -> bytes:
 def check_config(config: RoundConfig, n: int) -> None:
     """Refuse a round whose parameters would leak or could not finish.
 
-    ``t > k / 2`` matters for privacy, not just liveness: with t at most half of a
-    hospital's neighbours, a server could collect the self-mask shares from one half and the
-    key shares from the other half and strip both of that hospital's masks.
+    Each hospital's secrets are shared among its k neighbours and itself (k + 1 holders, as
+    in Bonawitz et al. where users also keep a share), so ``t <= k + 1``.  ``t > (k + 1) / 2``
+    matters for privacy, not just liveness: otherwise a server could collect self-mask
+    shares from one half of the holders and key shares from the other half and strip both
+    of that hospital's masks.
     """
     k, t = config.neighbours, config.threshold
     if n < 2:
@@ -42,10 +44,11 @@ def check_config(config: RoundConfig, n: int) -> None:
         raise ConfigError(f"neighbour count {k} impossible with {n} hospitals")
     if k < n - 1 and k % 2:
         raise ConfigError(f"neighbour count {k} must be even when below n - 1")
-    if not (k / 2 < t <= k):
+    holders = k + 1
+    if not (holders / 2 < t <= holders):
         raise ConfigError(
-            f"threshold {t} is unsafe or unreachable with {k} neighbours: it must be more than "
-            f"half of them ({k // 2 + 1} or more) and at most all of them"
+            f"threshold {t} is unsafe or unreachable with {holders} share holders: it must be "
+            f"more than half of them ({holders // 2 + 1} or more) and at most all of them"
         )
     if config.min_contributors < 2:
         raise ConfigError("a round must combine at least 2 hospitals, or one would be exposed")

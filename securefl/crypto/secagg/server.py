@@ -195,7 +195,7 @@ class ServerRound:
             raise RemoteProtocolError("unmask response from a hospital that is not a survivor")
         if v in self._responses:
             raise RemoteProtocolError(f"'{self.name_of(v)}' already answered the unmask step")
-        mine = self._graph[v] & self.u1
+        mine = (self._graph[v] | {v}) & self.u1
         b_ok = set(msg.b_shares) <= (mine & self.survivors)
         s_ok = set(msg.s_shares) <= (mine - self.survivors)
         if not (b_ok and s_ok):
@@ -209,15 +209,15 @@ class ServerRound:
     # -- local steps -----------------------------------------------------------------------
     def close_enrolment(self, *, graph_seed: bytes | None = None) -> Roster:
         """Fix the participants and the round's parameters; everyone gets the same roster."""
+        nxt = step(SERVER_TABLE, self.state, CLOSE_ENROLMENT, remote=False)
         n = len(self._adverts)
         if n < max(2, self.min_contributors):
             raise NotEnoughSurvivorsError(
                 f"only {n} hospital(s) joined; a round needs at least "
                 f"{max(2, self.min_contributors)}"
             )
-        self.state = step(SERVER_TABLE, self.state, CLOSE_ENROLMENT, remote=False)  # type: ignore[assignment]
         k = graph.effective_degree(n, self._want_k)
-        t = self._want_t if self._want_t is not None else k // 2 + 1
+        t = self._want_t if self._want_t is not None else (k + 1) // 2 + 1
         config = RoundConfig(
             round_id=self.round_id,
             base_version=self.base_version,
@@ -231,17 +231,19 @@ class ServerRound:
         check_config(config, n)
         self.roster = Roster(config, tuple(self._adverts[name] for name in sorted(self._adverts)))
         self._graph = graph.neighbours(n, k, config.graph_seed)
+        self.state = nxt  # type: ignore[assignment]
         return self.roster
 
     def close_shares(self) -> dict[int, EnvelopeBundle]:
         """Route each envelope to its recipient; hospitals that shared nothing are out (U1)."""
+        nxt = step(SERVER_TABLE, self.state, CLOSE_SHARES, remote=False)
         if len(self._envelopes) < self.min_contributors:
             self.fail()
             raise NotEnoughSurvivorsError(
                 f"only {len(self._envelopes)} hospital(s) shared their keys; at least "
                 f"{self.min_contributors} are needed"
             )
-        self.state = step(SERVER_TABLE, self.state, CLOSE_SHARES, remote=False)  # type: ignore[assignment]
+        self.state = nxt  # type: ignore[assignment]
         self.u1 = frozenset(self._envelopes)
         bundles: dict[int, dict[int, bytes]] = {v: {} for v in self.u1}
         for u, msg in self._envelopes.items():
@@ -253,6 +255,7 @@ class ServerRound:
 
     def close_inputs(self) -> UnmaskRequest:
         """Name the survivors (U2) and the dropped (U1 minus U2) for the unmask step."""
+        nxt = step(SERVER_TABLE, self.state, CLOSE_INPUTS, remote=False)
         assert self.roster is not None
         need = max(self.roster.config.threshold, self.min_contributors)
         if len(self.survivors) < need:
@@ -261,7 +264,7 @@ class ServerRound:
                 f"only {len(self.survivors)} masked update(s) arrived; at least {need} are "
                 "needed to unmask"
             )
-        self.state = step(SERVER_TABLE, self.state, CLOSE_INPUTS, remote=False)  # type: ignore[assignment]
+        self.state = nxt  # type: ignore[assignment]
         dropped = self.u1 - self.survivors
         return UnmaskRequest(self.round_id, tuple(sorted(self.survivors)), tuple(sorted(dropped)))
 
@@ -271,9 +274,9 @@ class ServerRound:
         Refuses (``NotEnoughSurvivorsError``) with fewer than t unmask responses, or when any
         single secret has fewer than t shares; nothing is published then.
         """
+        nxt = step(SERVER_TABLE, self.state, FINISH, remote=False)
         assert self.roster is not None and self._sum is not None
-        cfg = self.roster.config
-        t = cfg.threshold
+        t = self.roster.config.threshold
         try:
             if len(self._responses) < t:
                 raise NotEnoughSurvivorsError(
@@ -293,7 +296,7 @@ class ServerRound:
         except Exception:
             self.fail()
             raise
-        self.state = step(SERVER_TABLE, self.state, FINISH, remote=False)  # type: ignore[assignment]
+        self.state = nxt  # type: ignore[assignment]
         return result
 
     def _strip_masks(self, dropped: set[int]) -> AggregateResult:
