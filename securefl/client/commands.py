@@ -37,13 +37,14 @@ async def hospital(args: argparse.Namespace) -> int:
         if session.resend_round is not None:
             print(f"note: round {session.resend_round} was abandoned by a server restart; "
                   "send your update again")
-        if args.action == "status":
+        action = args.client_action
+        if action == "status":
             st = await session.status()
             print(f"version {st.version}; round {st.round_id or '-'} {st.phase}; online "
                   f"{', '.join(st.online) or '-'}; joined {len(st.joined)}; submitted "
                   f"{len(st.submitted)}")
             return 0
-        if args.action == "get":
+        if action == "get":
             model = await session.get_global()
             data.mkdir(parents=True, exist_ok=True)
             np.save(data / "global.npy", model.weights)

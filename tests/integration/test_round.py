@@ -76,7 +76,7 @@ def test_three_hospitals_give_the_weighted_mean(fed: Federation, masking: str) -
 ])
 def test_a_hospital_dropping_out(fed: Federation, leaver: str, when: str,
                                  counted: list[int]) -> None:
-    """Four hospitals (with three, t = 2 of 2 neighbours leaves no room for a dropout)."""
+    """Four hospitals, so that a dropout still leaves more than t answers."""
     settings = fed.server_settings(hospitals=["a", "b", "c", "d"],
                                    round=config.RoundSettings(step_timeout=10))
     samples = [10, 20, 30, 40]
