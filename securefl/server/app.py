@@ -29,7 +29,8 @@ from securefl.errors import ConfigError, CryptoError, RemoteProtocolError, Secur
 from securefl.protocol import frames
 from securefl.protocol import messages as wm
 from securefl.server.audit import AuditLog
-from securefl.server.coordinator import Coordinator, Peer
+from securefl.server.coordinator import Coordinator
+from securefl.server.rounds import Peer
 from securefl.server.store import ModelStore, initial_weights
 from securefl.server.tls import server_context
 
