@@ -44,6 +44,7 @@ READ_CHUNK = 1 << 16
 #: O(hospitals x model): the others wait in their kernel socket buffers.
 BIG_PAYLOAD = 1 << 20
 BIG_SLOTS = 1
+SEND_SLICE = 1 << 18
 
 
 class Server:
@@ -196,6 +197,8 @@ class Server:
         self, writer: asyncio.StreamWriter, lock: asyncio.Lock, msg: wm._Wire,
         array: np.ndarray | None = None,
     ) -> None:
+        """One frame; a large payload goes out in slices, one drain each, so no connection's
+        TLS buffers ever hold a whole model (they keep their capacity for life)."""
         header = wm.encode_header(msg)
         payload = memoryview(b"") if array is None else memoryview(
             np.ascontiguousarray(array)).cast("B")
@@ -205,8 +208,9 @@ class Server:
                 await self._big_out.acquire()
             try:
                 writer.write(frames.encode_prefix(header, len(payload)))
-                if payload:
-                    writer.write(payload)
+                for start in range(0, len(payload), SEND_SLICE):
+                    writer.write(payload[start : start + SEND_SLICE])
+                    await asyncio.wait_for(writer.drain(), self.limits.frame_timeout)
                 await asyncio.wait_for(writer.drain(), self.limits.frame_timeout)
             finally:
                 if big:
