@@ -24,6 +24,8 @@ from securefl.config import ClientSettings
 from securefl.errors import (
     CertificateRejectedError,
     ConfigError,
+    CryptoError,
+    DataError,
     NotEnoughSurvivorsError,
     ProtocolError,
     RemoteProtocolError,
@@ -40,6 +42,8 @@ READ_CHUNK = 1 << 20
 _ERRORS: dict[str, type[SecureFLError]] = {
     "stale-version": StaleVersionError,
     "too-few-hospitals": NotEnoughSurvivorsError,
+    "data": DataError,
+    "crypto": CryptoError,
 }
 
 
