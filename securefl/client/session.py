@@ -11,6 +11,7 @@ configured ``masking = "plain"``, the benchmark baseline).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Self
@@ -142,13 +143,17 @@ class HospitalSession(_Session):
         *,
         base_version: int | None = None,
         leave_after: Literal["join", "share_keys", "masked_input"] | None = None,
+        on_step: Callable[[str], None] | None = None,
     ) -> RoundOutcome | None:
         """Take part in one round with ``update`` (w_local - w_global) from ``samples`` images.
 
         Stays connected through the unmask step and returns the version the round
         published.  ``leave_after`` makes the hospital vanish after that step (demos and
-        tests of dropouts); the call then returns None.
+        tests of dropouts); the call then returns None.  ``on_step`` is called with each
+        step's name as it completes (``joined``, ``keys``, ``roster``, ``shared``,
+        ``masked``, ``unmasked``, ``done``), for progress displays.
         """
+        step = on_step or (lambda _name: None)
         base = self.base_version if base_version is None else base_version
         if base is None:
             raise LocalProtocolError("call get_global() first, or pass base_version")
@@ -161,6 +166,7 @@ class HospitalSession(_Session):
             raise DataError(f"the sample count must be a positive whole number, not {samples}")
         joined, _ = await self.conn.request(wm.Join(base_version=base))
         assert isinstance(joined, wm.Joined)
+        step("joined")
         if joined.vector_len != update.shape[0]:
             raise DataError(f"the update has {update.shape[0]} values, the global model "
                             f"{joined.vector_len}: train on the current model")
@@ -169,6 +175,7 @@ class HospitalSession(_Session):
                            joined.max_weight)
             y = enc.encode(update, samples)
             await self._send_input(joined.round_id, y)
+            step("masked")
             if leave_after is not None:
                 return None
         else:
@@ -176,22 +183,28 @@ class HospitalSession(_Session):
                               round_id=joined.round_id, base_version=base, update=update,
                               weight=samples)
             await self.conn.request(mapping.advertisement_to_wire(rnd.advertise()))
+            step("keys")
             if leave_after == "join":
                 return None
             roster = await self._expect(wm.RosterMsg, joined.round_id)
+            step("roster")
             shares = rnd.receive(mapping.roster_from_wire(roster))
             await self.conn.request(mapping.share_keys_to_wire(shares))
+            step("shared")
             if leave_after == "share_keys":
                 return None
             bundle = await self._expect(wm.EnvelopesMsg, joined.round_id)
             masked = rnd.receive(mapping.bundle_from_wire(bundle))
             await self._send_input(joined.round_id, masked.y)
+            step("masked")
             if leave_after == "masked_input":
                 return None
             request = await self._expect(wm.UnmaskRequestMsg, joined.round_id)
             answer = rnd.receive(mapping.unmask_request_from_wire(request))
             await self.conn.request(mapping.unmask_response_to_wire(answer))
+            step("unmasked")
         done = await self._expect(wm.RoundDone, joined.round_id)
+        step("done")
         return RoundOutcome(done.round_id, done.version, done.sha256)
 
     async def _send_input(self, round_id: int, y: np.ndarray) -> None:

@@ -39,7 +39,15 @@ async def _round(fed: Federation, settings: config.ServerSettings, samples: list
         async def hospital(i: int, name: str) -> object:
             async with HospitalSession(fed.client_settings(name, port)) as h:
                 await h.get_global()
-                return await h.send(ups[i], samples[i], leave_after=leave.get(name))  # type: ignore[arg-type]
+                steps: list[str] = []
+                out = await h.send(ups[i], samples[i], leave_after=leave.get(name),  # type: ignore[arg-type]
+                                   on_step=steps.append)
+                if out is not None:  # a hospital that stayed saw every step, in order
+                    assert steps == (["joined", "masked", "done"]
+                                     if settings.round.masking == "plain" else
+                                     ["joined", "keys", "roster", "shared", "masked",
+                                      "unmasked", "done"])
+                return out
 
         tasks = [asyncio.create_task(hospital(i, n)) for i, n in enumerate(names)]
         try:
