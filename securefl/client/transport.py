@@ -98,8 +98,9 @@ class Connection:
                 f"issue ({exc.verify_message}); check the address and ca.pem") from None
         except ssl.SSLError:
             raise CertificateRejectedError(
-                f"the server at {where} refused this site's certificate (revoked, expired or "
-                "from another federation): ask the federation operator") from None
+                f"the server at {where} refused this site's certificate (revoked, expired, "
+                "not registered or from another federation), or it is at its connection "
+                "limit: ask the federation operator") from None
         except (OSError, TimeoutError):
             raise ServerUnreachableError(
                 f"cannot reach the securefl server at {where}: is it running, and are the "
@@ -113,7 +114,8 @@ class Connection:
                 raise
             raise CertificateRejectedError(
                 f"the server at {where} closed the connection without a word: it refused this "
-                "site's certificate (revoked, expired or from another federation)") from None
+                "site's certificate (revoked, expired, not registered or from another "
+                "federation), or it is at its connection limit") from None
         assert isinstance(welcome, wm.Welcome)
         conn.welcome = welcome
         return conn

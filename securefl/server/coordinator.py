@@ -137,14 +137,14 @@ class Coordinator:
             return self._join(peer, msg), None
         rnd = self._member_round(peer, getattr(msg, "round_id", -1))
         if isinstance(msg, wm.Advertise):
-            assert isinstance(rnd.engine, ServerRound)
+            rnd.require_secagg(msg.kind)
             adv = mapping.advertisement_from_wire(
                 msg, name=peer.name, base_version=rnd.base_version, cert_der=peer.cert_der)
             rnd.engine.receive(adv, from_name=peer.name)
             self.audit.record("join", round_id=rnd.round_id, name=peer.name)
             self._check_progress(rnd)
         elif isinstance(msg, wm.ShareKeysMsg):
-            assert isinstance(rnd.engine, ServerRound)
+            rnd.require_secagg(msg.kind)
             sk = mapping.share_keys_from_wire(msg, sender=rnd.index_of(peer.name))
             rnd.engine.receive(sk, from_name=peer.name)
             rnd.shared.add(peer.name)
@@ -156,7 +156,7 @@ class Coordinator:
             self.audit.record("submission", round_id=rnd.round_id, name=peer.name,
                               collected=rnd.engine.collected)
         elif isinstance(msg, wm.UnmaskResponseMsg):
-            assert isinstance(rnd.engine, ServerRound)
+            rnd.require_secagg(msg.kind)
             resp = mapping.unmask_response_from_wire(msg, sender=rnd.index_of(peer.name))
             rnd.engine.receive(resp, from_name=peer.name)
             rnd.answered.add(peer.name)

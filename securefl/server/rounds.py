@@ -14,7 +14,7 @@ import numpy as np
 
 from securefl.crypto.pki import Role
 from securefl.crypto.secagg import ServerRound
-from securefl.errors import SecureFLError
+from securefl.errors import RemoteProtocolError, SecureFLError
 from securefl.protocol import messages as wm
 from securefl.server.plain import PlainRound
 
@@ -64,6 +64,17 @@ class ActiveRound:
             return eng.submitted_names()
         return sorted(eng.name_of(u) for u in eng.survivors)
 
+    def require_secagg(self, kind: str) -> None:
+        if not isinstance(self.engine, ServerRound):
+            raise RemoteProtocolError(f"'{kind}' has no place in a round without masking")
+
     def index_of(self, name: str) -> int:
-        assert isinstance(self.engine, ServerRound) and self.engine.roster is not None
-        return self.engine.roster.index_of(name)
+        """The participant number of a member, once the roster exists."""
+        eng = self.engine
+        if not isinstance(eng, ServerRound) or eng.roster is None:
+            raise RemoteProtocolError(f"round {self.round_id} has no roster yet")
+        try:
+            return eng.roster.index_of(name)
+        except KeyError:
+            raise RemoteProtocolError(f"'{name}' is not on the roster of round "
+                                      f"{self.round_id}") from None
