@@ -162,8 +162,8 @@ class Server:
             self.audit.record("refused", address=address, reason="handshake timeout")
             return None
         except ssl.SSLError as exc:
-            self.audit.record("refused", address=address,
-                              reason=f"tls: {exc.reason or 'handshake failed'}")
+            why = getattr(exc, "verify_message", None) or exc.reason or "handshake failed"
+            self.audit.record("refused", address=address, reason=f"tls: {why}")
             return None
         except (ConnectionError, OSError):
             self.audit.record("refused", address=address, reason="closed during handshake")
