@@ -10,6 +10,7 @@ configured ``masking = "plain"``, the benchmark baseline).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -188,19 +189,22 @@ class HospitalSession(_Session):
                 return None
             roster = await self._expect(wm.RosterMsg, joined.round_id)
             step("roster")
-            shares = rnd.receive(mapping.roster_from_wire(roster))
+            # Checking every signature and splitting secrets, then masking, take tens of ms
+            # per step: done in a thread so the caller's event loop (a TUI) stays live.
+            shares = await asyncio.to_thread(rnd.receive, mapping.roster_from_wire(roster))
             await self.conn.request(mapping.share_keys_to_wire(shares))
             step("shared")
             if leave_after == "share_keys":
                 return None
             bundle = await self._expect(wm.EnvelopesMsg, joined.round_id)
-            masked = rnd.receive(mapping.bundle_from_wire(bundle))
+            masked = await asyncio.to_thread(rnd.receive, mapping.bundle_from_wire(bundle))
             await self._send_input(joined.round_id, masked.y)
             step("masked")
             if leave_after == "masked_input":
                 return None
             request = await self._expect(wm.UnmaskRequestMsg, joined.round_id)
-            answer = rnd.receive(mapping.unmask_request_from_wire(request))
+            answer = await asyncio.to_thread(rnd.receive,
+                                             mapping.unmask_request_from_wire(request))
             await self.conn.request(mapping.unmask_response_to_wire(answer))
             step("unmasked")
         done = await self._expect(wm.RoundDone, joined.round_id)
