@@ -67,10 +67,17 @@ class Server:
         self.port = 0
 
     def _initial_model(self) -> np.ndarray:
+        """Version 0: the ML model spec's seeded CNN, or a seeded vector of ``params``.
+
+        TensorFlow is imported only here, once, when the store is empty: never on the
+        server's normal path.
+        """
         spec = self.settings.model
+        if spec.ml is not None:
+            return _ml_initial_weights(spec.ml, spec.seed)
         if spec.params is None:
-            raise ConfigError("the model store is empty: set [model] params (or an ML model "
-                              "spec) in the server settings to create version 0")
+            raise ConfigError("the model store is empty: set [model] params or a [model.ml] "
+                              "spec in the server settings to create version 0")
         return initial_weights(spec.params, spec.seed, spec.init_scale)
 
     def context(self) -> ssl.SSLContext:
@@ -302,6 +309,21 @@ class Server:
                               version=version)
         with contextlib.suppress(ConnectionError, OSError, TimeoutError):
             await peer.push(msg, None)
+
+
+def _ml_initial_weights(ml: dict, seed: int) -> np.ndarray:
+    """The CNN hospitals train, built from the same settings they use ([ml] of their kit):
+    ``image_size``, ``channels``, ``classes`` (count or names), ``model_kind``, ``seed``."""
+    try:
+        from securefl.ml import model as ml_model
+    except ImportError as exc:
+        raise ConfigError("[model.ml] needs the ML part of securefl (securefl.ml)") from exc
+    size, channels = int(ml.get("image_size", 128)), int(ml.get("channels", 1))
+    classes = ml.get("classes", 4)
+    num_classes = classes if isinstance(classes, int) else len(classes)
+    model = ml_model.make_model((size, size, channels), num_classes,
+                                kind=ml.get("model_kind", "seed"), seed=int(ml.get("seed", seed)))
+    return ml_model.to_vector(model)
 
 
 async def serve(settings: ServerSettings, *, ready: asyncio.Event | None = None) -> None:

@@ -200,3 +200,23 @@ def test_server_that_cannot_store_a_version_publishes_nothing(fed: Federation) -
         proc.stdout.close()
     assert sorted(p.name for p in store_dir.glob("v*")) == ["v00000000.sflm"]
     assert (store_dir / "v00000000.sflm").read_bytes() == before
+
+
+def test_version_0_from_the_ml_model_spec(fed: Federation) -> None:
+    """With a [model.ml] spec, version 0 is the hospitals' seeded CNN (reproducible)."""
+    import importlib.util
+
+    from securefl import config
+    from securefl.errors import ConfigError
+    from securefl.server.app import Server
+
+    ml = {"image_size": 16, "channels": 1, "classes": 4, "model_kind": "small", "seed": 3}
+    settings = [fed.server_settings(model=config.ModelSettings(ml=ml),
+                                    store_dir=fed.tmp / f"store{i}") for i in range(2)]
+    if importlib.util.find_spec("securefl.ml.model") is None:
+        with pytest.raises(ConfigError, match="ML part"):
+            Server(settings[0])
+        return
+    first, second = (Server(s).store.latest() for s in settings)
+    assert first[0].length == second[0].length > 0
+    assert first[0].sha256 == second[0].sha256
