@@ -141,28 +141,35 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _add_client(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("client", help="a hospital: train, evaluate, classify, get and send weights")
-    p.add_argument("--config", type=Path, required=True, help="hospital.toml from the kit")
-    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    get = acts.add_parser("get", help="download the current global model into data_dir")
-    send = acts.add_parser("send", help="take part in a round with a trained update")
-    what = send.add_mutually_exclusive_group(required=True)
-    what.add_argument("--update", type=Path, help=".npy: local minus global weights")
+def _add_client_net_actions(actions: argparse._SubParsersAction) -> None:
+    """The hospital's network actions under ``securefl client --config FILE``."""
+    get = actions.add_parser("get", help="download the current global model into data_dir")
+    send = actions.add_parser("send", help="take part in a round with a trained update")
+    what = send.add_mutually_exclusive_group()
+    what.add_argument("--update", type=Path,
+                      help=".npy: local minus global weights (default: the trained local model)")
     what.add_argument("--weights", type=Path, help=".npy: locally trained weights")
-    send.add_argument("--samples", type=int, required=True, help="training images used")
+    send.add_argument("--samples", type=int, help="training images used (with --update or "
+                      "--weights)")
     send.add_argument("--base-version", type=int, default=None,
                       help="global version trained on (default: the last `get`)")
-    status = acts.add_parser("status", help="round phase and who is online")
+    status = actions.add_parser("status", help="round phase and who is online")
 
     def run(args: argparse.Namespace) -> int:
         from securefl.client import commands
 
         return commands.run(commands.hospital, args)
 
-    for action in (get, send, status):
-        action.set_defaults(func=run)
-    _add_client_ml_actions(acts)
+    for p in (get, send, status):
+        p.set_defaults(func=run)
+
+
+def _add_client(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("client", help="a hospital: train, evaluate, classify, get and send")
+    p.add_argument("--config", type=Path, required=True, help="the hospital's TOML file")
+    actions = p.add_subparsers(dest="client_action", metavar="ACTION", required=True)
+    _add_client_ml_actions(actions)
+    _add_client_net_actions(actions)
 
 
 def _add_admin(sub: argparse._SubParsersAction) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from securefl import config
-from securefl.client.session import AdminSession, HospitalSession
+from securefl.client.hospital import Hospital
+from securefl.client.session import AdminSession, HospitalSession, RoundStep
 from securefl.errors import DataError
 
 
@@ -30,6 +31,10 @@ def _load_vector(path: Path) -> np.ndarray:
         raise DataError(f"cannot read a weight vector from {path} (.npy expected)") from exc
 
 
+def _print_step(step: RoundStep) -> None:
+    print(f"  - {step.detail}", flush=True)
+
+
 async def hospital(args: argparse.Namespace) -> int:
     settings = _settings(args)
     data = settings.data_dir
@@ -37,13 +42,21 @@ async def hospital(args: argparse.Namespace) -> int:
         if session.resend_round is not None:
             print(f"note: round {session.resend_round} was abandoned by a server restart; "
                   "send your update again")
-        if args.action == "status":
+        action = args.client_action
+        if action == "status":
             st = await session.status()
             print(f"version {st.version}; round {st.round_id or '-'} {st.phase}; online "
                   f"{', '.join(st.online) or '-'}; joined {len(st.joined)}; submitted "
                   f"{len(st.submitted)}")
             return 0
-        if args.action == "get":
+        hospital = Hospital.from_file(args.config) if settings.ml is not None else None
+        if action == "get" and hospital is not None:
+            model = await hospital.get(session)
+            print(f"global version {model.version} downloaded (sha256 {model.sha256[:16]}..., "
+                  f"{model.contributors} hospitals, {model.total_samples} scans) and loaded "
+                  f"into the local model {hospital.ml.model_path}")
+            return 0
+        if action == "get":
             model = await session.get_global()
             data.mkdir(parents=True, exist_ok=True)
             np.save(data / "global.npy", model.weights)
@@ -53,6 +66,18 @@ async def hospital(args: argparse.Namespace) -> int:
                   f"{model.sha256[:16]}...) saved to {data / 'global.npy'}")
             return 0
         # send
+        if args.update is None and args.weights is None:
+            if hospital is None:
+                raise DataError("give --update or --weights, or add an [ml] table so the "
+                                "trained local model is sent")
+            print(f"sending the local model's update (trained from version "
+                  f"{hospital.local_state().base_version}); staying until the round is "
+                  "aggregated...")
+            outcome = await hospital.send(session, on_step=_print_step)
+            print(f"round {outcome.round_id} published global version {outcome.version}")
+            return 0
+        if args.samples is None:
+            raise DataError("--samples is needed with --update or --weights")
         try:
             meta = json.loads((data / "global.json").read_text())
         except FileNotFoundError:

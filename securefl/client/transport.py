@@ -24,6 +24,8 @@ from securefl.config import ClientSettings
 from securefl.errors import (
     CertificateRejectedError,
     ConfigError,
+    CryptoError,
+    DataError,
     NotEnoughSurvivorsError,
     ProtocolError,
     RemoteProtocolError,
@@ -40,6 +42,8 @@ READ_CHUNK = 1 << 20
 _ERRORS: dict[str, type[SecureFLError]] = {
     "stale-version": StaleVersionError,
     "too-few-hospitals": NotEnoughSurvivorsError,
+    "data": DataError,
+    "crypto": CryptoError,
 }
 
 
@@ -94,8 +98,9 @@ class Connection:
                 f"issue ({exc.verify_message}); check the address and ca.pem") from None
         except ssl.SSLError:
             raise CertificateRejectedError(
-                f"the server at {where} refused this site's certificate (revoked, expired or "
-                "from another federation): ask the federation operator") from None
+                f"the server at {where} refused this site's certificate (revoked, expired, "
+                "not registered or from another federation), or it is at its connection "
+                "limit: ask the federation operator") from None
         except (OSError, TimeoutError):
             raise ServerUnreachableError(
                 f"cannot reach the securefl server at {where}: is it running, and are the "
@@ -109,7 +114,8 @@ class Connection:
                 raise
             raise CertificateRejectedError(
                 f"the server at {where} closed the connection without a word: it refused this "
-                "site's certificate (revoked, expired or from another federation)") from None
+                "site's certificate (revoked, expired, not registered or from another "
+                "federation), or it is at its connection limit") from None
         assert isinstance(welcome, wm.Welcome)
         conn.welcome = welcome
         return conn

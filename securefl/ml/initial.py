@@ -34,7 +34,8 @@ def initial_vector(spec: Mapping[str, Any]) -> np.ndarray:
 
     size = int(spec.get("image_size", 128))
     classes = spec.get("classes", DEFAULT_CLASSES)
-    model = make_model((size, size, int(spec.get("channels", 1))), len(classes),
+    num_classes = classes if isinstance(classes, int) else len(classes)  # a count or names
+    model = make_model((size, size, int(spec.get("channels", 1))), num_classes,
                        kind=spec.get("model_kind", "seed"), seed=int(spec.get("seed", 0)))
     return to_vector(model)
 

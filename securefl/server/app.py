@@ -29,8 +29,9 @@ from securefl.errors import ConfigError, CryptoError, RemoteProtocolError, Secur
 from securefl.protocol import frames
 from securefl.protocol import messages as wm
 from securefl.server.audit import AuditLog
-from securefl.server.coordinator import Coordinator, Peer
+from securefl.server.coordinator import Coordinator
 from securefl.server.initial import ml_initial_weights
+from securefl.server.rounds import Peer
 from securefl.server.store import ModelStore, initial_weights
 from securefl.server.tls import server_context
 
@@ -44,6 +45,7 @@ READ_CHUNK = 1 << 16
 #: O(hospitals x model): the others wait in their kernel socket buffers.
 BIG_PAYLOAD = 1 << 20
 BIG_SLOTS = 1
+SEND_SLICE = 1 << 18
 
 
 class Server:
@@ -66,12 +68,17 @@ class Server:
         self.port = 0
 
     def _initial_model(self) -> np.ndarray:
+        """Version 0: the ML model spec's seeded CNN, or a seeded vector of ``params``.
+
+        The CNN is built in a child process (``securefl.ml.initial``), once, when the store
+        is empty: TensorFlow never enters the server's own memory.
+        """
         spec = self.settings.model
         if spec.ml is not None:
-            return ml_initial_weights(spec.ml)
+            return ml_initial_weights({"seed": spec.seed, **spec.ml})
         if spec.params is None:
-            raise ConfigError("the model store is empty: set [model] params (or an ML model "
-                              "spec) in the server settings to create version 0")
+            raise ConfigError("the model store is empty: set [model] params or a [model.ml] "
+                              "spec in the server settings to create version 0")
         return initial_weights(spec.params, spec.seed, spec.init_scale)
 
     def context(self) -> ssl.SSLContext:
@@ -163,8 +170,8 @@ class Server:
             self.audit.record("refused", address=address, reason="handshake timeout")
             return None
         except ssl.SSLError as exc:
-            self.audit.record("refused", address=address,
-                              reason=f"tls: {exc.reason or 'handshake failed'}")
+            why = getattr(exc, "verify_message", None) or exc.reason or "handshake failed"
+            self.audit.record("refused", address=address, reason=f"tls: {why}")
             return None
         except (ConnectionError, OSError):
             self.audit.record("refused", address=address, reason="closed during handshake")
@@ -198,6 +205,8 @@ class Server:
         self, writer: asyncio.StreamWriter, lock: asyncio.Lock, msg: wm._Wire,
         array: np.ndarray | None = None,
     ) -> None:
+        """One frame; a large payload goes out in slices, one drain each, so no connection's
+        TLS buffers ever hold a whole model (they keep their capacity for life)."""
         header = wm.encode_header(msg)
         payload = memoryview(b"") if array is None else memoryview(
             np.ascontiguousarray(array)).cast("B")
@@ -207,8 +216,9 @@ class Server:
                 await self._big_out.acquire()
             try:
                 writer.write(frames.encode_prefix(header, len(payload)))
-                if payload:
-                    writer.write(payload)
+                for start in range(0, len(payload), SEND_SLICE):
+                    writer.write(payload[start : start + SEND_SLICE])
+                    await asyncio.wait_for(writer.drain(), self.limits.frame_timeout)
                 await asyncio.wait_for(writer.drain(), self.limits.frame_timeout)
             finally:
                 if big:

@@ -16,8 +16,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import numpy as np
 from cryptography import x509
@@ -38,60 +37,10 @@ from securefl.protocol import mapping
 from securefl.protocol import messages as wm
 from securefl.server.audit import AuditLog
 from securefl.server.plain import PlainRound
+from securefl.server.rounds import ActiveRound, ForbiddenError, Peer, RoundBusyError
 from securefl.server.store import ModelStore
 
 log = logging.getLogger("securefl.server")
-
-Push = Callable[[wm._Wire, np.ndarray | None], Awaitable[None]]
-
-
-class ForbiddenError(SecureFLError):
-    code = "forbidden"
-
-
-class RoundBusyError(SecureFLError):
-    code = "round-busy"
-
-
-@dataclass(eq=False)
-class Peer:
-    """One authenticated connection: who it is (from the certificate) and how to reach it."""
-
-    name: str
-    role: Role
-    cert_der: bytes
-    push: Push
-    address: str = ""
-    open: bool = True
-
-
-@dataclass(eq=False)
-class ActiveRound:
-    round_id: int
-    base_version: int
-    engine: ServerRound | PlainRound
-    members: dict[str, Peer] = field(default_factory=dict)
-    shared: set[str] = field(default_factory=set)
-    answered: set[str] = field(default_factory=set)
-    deadline_passed: bool = False
-    step_done: asyncio.Event = field(default_factory=asyncio.Event)
-    timer: asyncio.TimerHandle | None = None
-
-    @property
-    def phase(self) -> str:
-        return self.engine.state.value
-
-    def submitted(self) -> list[str]:
-        """Hospitals whose (masked) update is in the running sum."""
-        eng = self.engine
-        if isinstance(eng, PlainRound):
-            return eng.submitted_names()
-        return sorted(eng.name_of(u) for u in eng.survivors)
-
-    def index_of(self, name: str) -> int:
-        assert isinstance(self.engine, ServerRound) and self.engine.roster is not None
-        return self.engine.roster.index_of(name)
-
 
 class Coordinator:
     def __init__(
@@ -160,6 +109,10 @@ class Coordinator:
     ) -> tuple[wm._Wire, np.ndarray | None]:
         """One request -> its reply (or a ``SecureFLError`` the connection turns into one)."""
         if isinstance(msg, wm.Hello):
+            if msg.protocol != wm.PROTOCOL_VERSION:
+                raise RemoteProtocolError(
+                    f"this server speaks protocol {wm.PROTOCOL_VERSION}, not {msg.protocol}",
+                    code="unsupported-protocol")
             return wm.Welcome(rid=msg.rid, name=peer.name, role=peer.role.value,
                               version=self.version,
                               resend_round=self.resend.pop(peer.name, None)), None
@@ -184,14 +137,14 @@ class Coordinator:
             return self._join(peer, msg), None
         rnd = self._member_round(peer, getattr(msg, "round_id", -1))
         if isinstance(msg, wm.Advertise):
-            assert isinstance(rnd.engine, ServerRound)
+            rnd.require_secagg(msg.kind)
             adv = mapping.advertisement_from_wire(
                 msg, name=peer.name, base_version=rnd.base_version, cert_der=peer.cert_der)
             rnd.engine.receive(adv, from_name=peer.name)
             self.audit.record("join", round_id=rnd.round_id, name=peer.name)
             self._check_progress(rnd)
         elif isinstance(msg, wm.ShareKeysMsg):
-            assert isinstance(rnd.engine, ServerRound)
+            rnd.require_secagg(msg.kind)
             sk = mapping.share_keys_from_wire(msg, sender=rnd.index_of(peer.name))
             rnd.engine.receive(sk, from_name=peer.name)
             rnd.shared.add(peer.name)
@@ -203,7 +156,7 @@ class Coordinator:
             self.audit.record("submission", round_id=rnd.round_id, name=peer.name,
                               collected=rnd.engine.collected)
         elif isinstance(msg, wm.UnmaskResponseMsg):
-            assert isinstance(rnd.engine, ServerRound)
+            rnd.require_secagg(msg.kind)
             resp = mapping.unmask_response_from_wire(msg, sender=rnd.index_of(peer.name))
             rnd.engine.receive(resp, from_name=peer.name)
             rnd.answered.add(peer.name)

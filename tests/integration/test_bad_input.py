@@ -87,9 +87,11 @@ def _plain(fed: Federation, **limits: object) -> config.ServerSettings:
     ({"kind": "advertise", "rid": 1, "round_id": 1, "c_pk": "***", "s_pk": "",
       "signature": ""}, b"", "bad-message"),
     ({"kind": "admin", "rid": 1, "action": "aggregate"}, b"", "forbidden"),
+    ({"kind": "hello", "rid": 1, "protocol": 2}, b"", "unsupported-protocol"),
     ({"kind": "masked_input", "rid": 1, "round_id": 1,
       "array": {"dtype": "<u4", "shape": [D + 1]}}, b"\0" * 16, "bad-shape"),
     ({"kind": "share_keys", "rid": 1, "round_id": 1, "envelopes": {}}, b"", "not-joined"),
+    ({"kind": "join", "rid": 1, "base_version": 7}, b"", "stale-version"),
 ])
 def test_malformed_requests_get_a_typed_error_and_the_connection_lives(
     fed: Federation, header: dict | bytes, payload: bytes, code: str
@@ -196,6 +198,37 @@ def test_slow_drip_frame_is_closed_by_the_frame_deadline(fed: Federation) -> Non
                     break
             reply = await raw.reply()
             assert reply.get("code") == "timeout" and "frame deadline" in reply["message"]
+            await _others_still_served(fed, srv.port)
+
+    asyncio.run(scenario())
+
+
+def test_forged_keys_and_out_of_order_round_messages(fed: Federation) -> None:
+    """A hospital that signs nothing, or skips ahead, is refused and the round goes on."""
+    import base64
+
+    def b64(n: int) -> str:
+        return base64.b64encode(bytes(range(n))).decode()
+
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv:
+            raw = await Raw.open(fed, "a", srv.port)
+            joined = await raw.request({"kind": "join", "rid": 1, "base_version": 0})
+            rid = joined["round_id"]
+            forged = await raw.request({"kind": "advertise", "rid": 2, "round_id": rid,
+                                        "c_pk": b64(32), "s_pk": b64(32),
+                                        "signature": b64(70)})
+            assert forged["kind"] == "error" and forged["code"] == "crypto", forged
+            early = await raw.request({"kind": "share_keys", "rid": 3, "round_id": rid,
+                                       "envelopes": {"1": b64(10)}})
+            assert early["kind"] == "error" and early["code"] == "remote-protocol", early
+            assert "roster" in early["message"] or "not allowed" in early["message"]
+            wrong = await raw.request({"kind": "unmask_response", "rid": 4, "round_id": rid + 5,
+                                       "b_shares": {}, "s_shares": {}})
+            assert wrong["code"] == "wrong-round"
+            status = await raw.request({"kind": "status", "rid": 5})
+            assert status["phase"] == "enrolling" and status["joined"] == ["a"]
+            raw.close()
             await _others_still_served(fed, srv.port)
 
     asyncio.run(scenario())

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from securefl.client.session import AdminSession, HospitalSession
-from securefl.errors import TransportError
+from securefl.errors import DataError, ProtocolError, TransportError
 from securefl.server.store import ModelStore
 
 from .conftest import Federation
@@ -146,3 +146,77 @@ def test_versions_only_go_up(tmp_path: Path) -> None:
     (tmp_path / "v00000002.sflm.tmp").write_bytes(b"half a version")
     assert ModelStore(tmp_path).latest()[0].version == 1
     assert not (tmp_path / "v00000002.sflm.tmp").exists()
+
+
+def _limit_file_size() -> None:
+    """In the server process: writes past 40 KiB fail (EFBIG), as on a full disk."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+
+def test_server_that_cannot_store_a_version_publishes_nothing(fed: Federation) -> None:
+    """The aggregate is refused with a clear error, the hospitals are told to resend, the
+    previous version stays byte-identical, and the server keeps serving."""
+    params = 12_000  # a 48 KB version file: over the limit; the audit log stays under it
+    store_dir = fed.certs.root / "store"
+    ModelStore(store_dir).write(np.zeros(params, np.float32), contributors=0, total_samples=0)
+    before = (store_dir / "v00000000.sflm").read_bytes()
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "securefl", "server", "--config",
+         str(fed.server_toml(port, params=params))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=_limit_file_size)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("securefl server listening"):
+            break
+
+    async def scenario() -> None:
+        async def one(name: str) -> object:
+            async with HospitalSession(fed.client_settings(name, port)) as h:
+                await h.get_global()
+                return await h.send(np.full(params, 0.01, np.float32), 10)
+
+        tasks = [asyncio.create_task(one(n)) for n in "abc"]
+        await _collected(fed, port, 3)
+        async with AdminSession(fed.client_settings("admin", port)) as admin:
+            with pytest.raises(DataError) as err:
+                await admin.aggregate()
+            assert "previous version is intact" in err.value.message
+            assert await admin.version() == 0
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            assert isinstance(outcome, ProtocolError) and outcome.code == "data"
+        async with HospitalSession(fed.client_settings("a", port)) as h:
+            assert (await h.get_global()).version == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert sorted(p.name for p in store_dir.glob("v*")) == ["v00000000.sflm"]
+    assert (store_dir / "v00000000.sflm").read_bytes() == before
+
+
+def test_version_0_from_the_ml_model_spec(fed: Federation) -> None:
+    """With a [model.ml] spec, version 0 is the hospitals' seeded CNN (reproducible)."""
+    import importlib.util
+
+    from securefl import config
+    from securefl.errors import ConfigError
+    from securefl.server.app import Server
+
+    ml = {"image_size": 16, "channels": 1, "classes": 4, "model_kind": "small", "seed": 3}
+    settings = [fed.server_settings(model=config.ModelSettings(ml=ml),
+                                    store_dir=fed.tmp / f"store{i}") for i in range(2)]
+    if importlib.util.find_spec("securefl.ml.model") is None:
+        with pytest.raises(ConfigError, match="ML part"):
+            Server(settings[0])
+        return
+    first, second = (Server(s).store.latest() for s in settings)
+    assert first[0].length == second[0].length > 0
+    assert first[0].sha256 == second[0].sha256

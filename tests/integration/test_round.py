@@ -39,7 +39,15 @@ async def _round(fed: Federation, settings: config.ServerSettings, samples: list
         async def hospital(i: int, name: str) -> object:
             async with HospitalSession(fed.client_settings(name, port)) as h:
                 await h.get_global()
-                return await h.send(ups[i], samples[i], leave_after=leave.get(name))  # type: ignore[arg-type]
+                steps: list[str] = []
+                out = await h.send(ups[i], samples[i], leave_after=leave.get(name),  # type: ignore[arg-type]
+                                   on_step=lambda s: steps.append(s.name))
+                if out is not None:  # a hospital that stayed saw every step, in order
+                    assert steps == (["joined", "masked-sent", "published"]
+                                     if settings.round.masking == "plain" else
+                                     ["joined", "roster", "keys-shared", "masked-sent",
+                                      "unmasked", "published"])
+                return out
 
         tasks = [asyncio.create_task(hospital(i, n)) for i, n in enumerate(names)]
         try:
@@ -76,7 +84,7 @@ def test_three_hospitals_give_the_weighted_mean(fed: Federation, masking: str) -
 ])
 def test_a_hospital_dropping_out(fed: Federation, leaver: str, when: str,
                                  counted: list[int]) -> None:
-    """Four hospitals (with three, t = 2 of 2 neighbours leaves no room for a dropout)."""
+    """Four hospitals, so that a dropout still leaves more than t answers."""
     settings = fed.server_settings(hospitals=["a", "b", "c", "d"],
                                    round=config.RoundSettings(step_timeout=10))
     samples = [10, 20, 30, 40]
@@ -182,5 +190,60 @@ def test_admin_abort_tells_members_to_resend(fed: Federation) -> None:
             with pytest.raises(ProtocolError) as err:
                 await task
             assert err.value.code == "round-aborted"
+
+    asyncio.run(scenario())
+
+
+async def _two_of_three(fed: Federation, settings: config.ServerSettings,
+                        close_by_admin: bool) -> list:
+    ups = _updates(2)
+    async with running(settings) as srv:
+        sessions = [await HospitalSession(fed.client_settings(n, srv.port)).connect()
+                    for n in "ab"]
+        for s in sessions:
+            await s.get_global()
+        tasks = [asyncio.create_task(s.send(u, 10)) for s, u in zip(sessions, ups, strict=True)]
+        async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+            while len((await admin.status()).joined) < 2:
+                await asyncio.sleep(0.02)
+            if close_by_admin:
+                await admin.close_enrolment()
+            await _wait_count(admin, 2)
+            result = await admin.aggregate()
+            assert result.contributors == 2
+        outcomes = await asyncio.gather(*tasks)
+        for s in sessions:
+            await s.close()
+    return outcomes
+
+
+def test_enrolment_closes_at_the_deadline_with_min_clients(fed: Federation) -> None:
+    """'c' never comes: after the deadline the two that joined are enough."""
+    settings = fed.server_settings(round=config.RoundSettings(enrolment_timeout=0.3))
+    outcomes = asyncio.run(_two_of_three(fed, settings, close_by_admin=False))
+    assert [o.version for o in outcomes] == [1, 1]
+
+
+def test_admin_closes_enrolment(fed: Federation) -> None:
+    settings = fed.server_settings(round=config.RoundSettings(enrolment_timeout=3600))
+    outcomes = asyncio.run(_two_of_three(fed, settings, close_by_admin=True))
+    assert [o.version for o in outcomes] == [1, 1]
+
+
+def test_connection_cap_refuses_extra_connections_only(fed: Federation) -> None:
+    from securefl.errors import TransportError
+
+    settings = fed.server_settings(limits=config.Limits(max_connections=2))
+
+    async def scenario() -> None:
+        async with running(settings) as srv:
+            first = await HospitalSession(fed.client_settings("a", srv.port)).connect()
+            second = await AdminSession(fed.client_settings("admin", srv.port)).connect()
+            with pytest.raises(TransportError):
+                await HospitalSession(fed.client_settings("b", srv.port)).connect()
+            assert (await first.status()).online == ("a",)
+            assert await second.version() == 0
+            await first.close()
+            await second.close()
 
     asyncio.run(scenario())

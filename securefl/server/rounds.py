@@ -1,0 +1,80 @@
+"""Who is connected and what one round holds: the coordinator's bookkeeping types.
+
+Kept apart from ``coordinator`` so the decisions (when a step closes, what is published)
+read on their own; these are only the records they act on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from securefl.crypto.pki import Role
+from securefl.crypto.secagg import ServerRound
+from securefl.errors import RemoteProtocolError, SecureFLError
+from securefl.protocol import messages as wm
+from securefl.server.plain import PlainRound
+
+Push = Callable[[wm._Wire, np.ndarray | None], Awaitable[None]]
+
+
+class ForbiddenError(SecureFLError):
+    code = "forbidden"
+
+
+class RoundBusyError(SecureFLError):
+    code = "round-busy"
+
+
+@dataclass(eq=False)
+class Peer:
+    """One authenticated connection: who it is (from the certificate) and how to reach it."""
+
+    name: str
+    role: Role
+    cert_der: bytes
+    push: Push
+    address: str = ""
+    open: bool = True
+
+
+@dataclass(eq=False)
+class ActiveRound:
+    round_id: int
+    base_version: int
+    engine: ServerRound | PlainRound
+    members: dict[str, Peer] = field(default_factory=dict)
+    shared: set[str] = field(default_factory=set)
+    answered: set[str] = field(default_factory=set)
+    deadline_passed: bool = False
+    step_done: asyncio.Event = field(default_factory=asyncio.Event)
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def phase(self) -> str:
+        return self.engine.state.value
+
+    def submitted(self) -> list[str]:
+        """Hospitals whose (masked) update is in the running sum."""
+        eng = self.engine
+        if isinstance(eng, PlainRound):
+            return eng.submitted_names()
+        return sorted(eng.name_of(u) for u in eng.survivors)
+
+    def require_secagg(self, kind: str) -> None:
+        if not isinstance(self.engine, ServerRound):
+            raise RemoteProtocolError(f"'{kind}' has no place in a round without masking")
+
+    def index_of(self, name: str) -> int:
+        """The participant number of a member, once the roster exists."""
+        eng = self.engine
+        if not isinstance(eng, ServerRound) or eng.roster is None:
+            raise RemoteProtocolError(f"round {self.round_id} has no roster yet")
+        try:
+            return eng.roster.index_of(name)
+        except KeyError:
+            raise RemoteProtocolError(f"'{name}' is not on the roster of round "
+                                      f"{self.round_id}") from None

@@ -1,0 +1,92 @@
+"""The headless commands against a server process: output and distinct exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from securefl.cli import EXIT_CODES
+from securefl.errors import (
+    CertificateRejectedError,
+    NotEnoughSurvivorsError,
+    ServerUnreachableError,
+    StaleVersionError,
+)
+
+from .conftest import Federation
+from .test_restart import free_port, start_server
+
+D = 1000
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "securefl", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _point_at(fed: Federation, port: int) -> dict[str, Path]:
+    paths = {"admin": fed.certs.root / "admin.toml"}
+    paths.update({n: fed.certs.kit(n) / "hospital.toml" for n in "abc"})
+    for path in paths.values():
+        text = path.read_text().replace('host = "localhost"', 'host = "127.0.0.1"')
+        path.write_text(text.replace("port = 9095", f"port = {port}"))
+    return paths
+
+
+def test_headless_round_and_exit_codes(fed: Federation) -> None:
+    port = free_port()
+    cfg = _point_at(fed, port)
+    down = _cli("client", "--config", cfg["a"], "status")
+    assert down.returncode == EXIT_CODES[ServerUnreachableError] == 10
+    assert "cannot reach" in down.stderr
+    proc = start_server(fed.server_toml(port, params=D))
+    try:
+        for n in "abc":
+            got = _cli("client", "--config", cfg[n], "get")
+            assert got.returncode == 0 and "global version 0" in got.stdout
+            np.save(fed.tmp / f"{n}.npy", np.full(D, 0.1, np.float32))
+        sends = [subprocess.Popen(
+            [sys.executable, "-m", "securefl", "client", "--config", str(cfg[n]), "send",
+             "--update", str(fed.tmp / f"{n}.npy"), "--samples", "5"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in "abc"]
+        while _cli("admin", "--config", cfg["admin"], "count").stdout.strip() != "3":
+            time.sleep(0.1)
+        agg = _cli("admin", "--config", cfg["admin"], "aggregate")
+        assert agg.returncode == 0 and "published version 1 from 3 hospitals" in agg.stdout
+        for p in sends:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0 and "published global version 1" in out, err
+        assert _cli("admin", "--config", cfg["admin"], "version").stdout.strip() == "1"
+
+        stale = _cli("client", "--config", cfg["a"], "send", "--update", fed.tmp / "a.npy",
+                     "--samples", "5")
+        assert stale.returncode == EXIT_CODES[StaleVersionError] == 12
+        assert "current version is 1" in stale.stderr
+
+        lone = subprocess.Popen(
+            [sys.executable, "-m", "securefl", "client", "--config", str(cfg["b"]), "send",
+             "--update", str(fed.tmp / "b.npy"), "--samples", "5", "--base-version", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while '"joined": ["b"]' not in _cli("admin", "--config", cfg["admin"], "status").stdout:
+            time.sleep(0.1)
+        few = _cli("admin", "--config", cfg["admin"], "close")
+        assert few.returncode == EXIT_CODES[NotEnoughSurvivorsError] == 8
+        assert "only 1 hospital" in few.stderr  # the round still waits for more ...
+        assert _cli("admin", "--config", cfg["admin"], "abort").returncode == 0  # ... until
+        assert lone.wait(timeout=60) == 7 and "send the update again" in lone.stderr.read()
+        lone.stderr.close()
+        lone.stdout.close()  # type: ignore[union-attr]
+
+        assert _cli("certs", "--dir", fed.certs.root, "revoke", "c").returncode == 0
+        refused = _cli("client", "--config", cfg["c"], "status")
+        assert refused.returncode == EXIT_CODES[CertificateRejectedError] == 11
+        assert "refused this site's certificate" in refused.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
