@@ -54,6 +54,9 @@ class RoundSettings(_Settings):
     clip: float = Field(1.0, gt=0)
     max_weight: int = Field(10_000, ge=1)
     max_clients: int = Field(100, ge=2)
+    #: A round that cannot be unmasked is retried at once with the hospitals still online,
+    #: at most this many times in a row (0: report and stop).
+    max_retries: int = Field(2, ge=0, le=10)
 
 
 class ModelSettings(_Settings):

@@ -78,12 +78,21 @@ class RoundStep:
 
 
 STEPS = ("joined", "roster", "keys-shared", "masked-sent", "unmasked", "published")
+#: Not part of the normal sequence: the round failed and this hospital rejoins a new one.
+RETRY_STEP = "retrying"
+#: Server-announced retries a hospital follows before giving up (the server bounds them too).
+MAX_RESENDS = 3
 
 
 class RoundAbandonedError(ProtocolError):
     """The round this update was in was aborted or could not finish: send it again."""
 
     code = "round-abandoned"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_round: int = 0) -> None:
+        super().__init__(message, code=code)
+        #: The round the server opened at once for the hospitals still online (0: none).
+        self.retry_round = retry_round
 
 
 class _Session:
@@ -181,6 +190,20 @@ class HospitalSession(_Session):
                             f"{self._length}: train on the current model")
         if not isinstance(samples, int | np.integer) or samples < 1:
             raise DataError(f"the sample count must be a positive whole number, not {samples}")
+        for attempt in range(MAX_RESENDS + 1):
+            try:
+                return await self._round(update, int(samples), base, leave_after, step)
+            except RoundAbandonedError as exc:
+                if not exc.retry_round or attempt == MAX_RESENDS:
+                    raise
+                step(RETRY_STEP, f"the round could not be finished ({exc.message}); "
+                     f"joining round {exc.retry_round} with the same update")
+        raise AssertionError("unreachable")
+
+    async def _round(self, update: np.ndarray, samples: int, base: int,
+                     leave_after: str | None, step: Callable[[str, str], None]
+                     ) -> RoundOutcome | None:
+        """One attempt: join, the four secure-aggregation steps, the published version."""
         joined, _ = await self.conn.request(wm.Join(base_version=base))
         assert isinstance(joined, wm.Joined)
         step("joined", f"joined round {joined.round_id}; waiting for the other hospitals")
@@ -239,7 +262,7 @@ class HospitalSession(_Session):
             if isinstance(msg, wm.RoundDone) and msg.round_id == round_id and msg.resend:
                 raise RoundAbandonedError(
                     f"round {round_id} was abandoned ({msg.message}); send the update again",
-                    code=msg.code or RoundAbandonedError.code)
+                    code=msg.code or RoundAbandonedError.code, retry_round=msg.retry_round)
             if isinstance(msg, wm.ErrorMsg):
                 raise error_from_wire(msg)
             if isinstance(msg, kind) and getattr(msg, "round_id", round_id) == round_id:

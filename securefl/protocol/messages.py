@@ -256,6 +256,9 @@ class RoundDone(_Wire):
     version: int
     sha256: str = ""
     resend: bool = False
+    #: With ``resend``: the round the server opened at once for the members still online
+    #: (no-halt retry); they rejoin it with the same update.  0: no automatic retry.
+    retry_round: int = 0
     code: str = ""
     message: str = ""
 

@@ -138,8 +138,10 @@ class Server:
                 return
             tls = await self._handshake(sock, address)
             if tls is None:
-                return
-            peer, reader, writer = tls
+                return  # no transport was made: the socket is still ours to close
+            peer, reader, writer = tls  # from here the transport owns the socket
+            if peer is None:
+                return  # refused after the handshake: closed through the transport
             await self._serve(peer, reader, writer)
         except (ConnectionError, ssl.SSLError, OSError, asyncio.IncompleteReadError):
             pass
@@ -155,8 +157,14 @@ class Server:
 
     async def _handshake(
         self, sock: socket.socket, address: str
-    ) -> tuple[Peer, asyncio.StreamReader, asyncio.StreamWriter] | None:
-        """TLS on an accepted socket, so that every refused handshake is logged with why."""
+    ) -> tuple[Peer | None, asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """TLS on an accepted socket, so that every refused handshake is logged with why.
+
+        None: the handshake failed and no transport holds the socket.  ``(None, ...)``: the
+        certificate was refused after the handshake; the caller closes the writer, never the
+        socket itself, or the freed descriptor, reused by the next client, would be cut
+        by this transport's late teardown.
+        """
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=READ_CHUNK)
         protocol = asyncio.StreamReaderProtocol(reader)
@@ -182,16 +190,14 @@ class Server:
             role, name = pki.identity_of(x509.load_der_x509_certificate(der))
         except (CryptoError, ValueError):
             self.audit.record("refused", address=address, reason="certificate has no identity")
-            writer.close()
-            return None
+            return None, reader, writer
         registered = self.settings.hospitals
         if role not in (pki.Role.HOSPITAL, pki.Role.ADMIN) or (
             role is pki.Role.HOSPITAL and registered and name not in registered
         ):
             self.audit.record("refused", address=address, name=name, role=role.value,
                               reason="role or name not allowed")
-            writer.close()
-            return None
+            return None, reader, writer
         self.audit.record("connected", address=address, name=name, role=role.value)
         lock = asyncio.Lock()
 
@@ -244,6 +250,8 @@ class Server:
                 try:
                     data = await asyncio.wait_for(reader.read(READ_CHUNK), max(timeout, 0))
                 except TimeoutError:
+                    if not parser.in_frame and coord.in_round(peer.name):
+                        continue  # waiting for the round's next step (the admin) is not idle
                     reason = "frame deadline" if parser.in_frame else "idle"
                     self.audit.record("closed", name=peer.name, reason=f"timeout ({reason})")
                     with contextlib.suppress(Exception):

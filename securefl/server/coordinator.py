@@ -99,6 +99,10 @@ class Coordinator:
     def online(self) -> list[str]:
         return sorted({p.name for p in self.peers if p.role is Role.HOSPITAL})
 
+    def in_round(self, name: str) -> bool:
+        """Whether ``name`` is a member of the live round (and so may wait in silence)."""
+        return self.round is not None and name in self.round.members
+
     @property
     def version(self) -> int:
         return self.store.latest()[0].version
@@ -248,7 +252,8 @@ class Coordinator:
         try:
             if eng.state is ServerState.ENROLLING and isinstance(eng, ServerRound):
                 joined = set(eng.joined)
-                everyone = bool(self.settings.hospitals) and set(self.settings.hospitals) <= joined
+                expected = rnd.invited or set(self.settings.hospitals)
+                everyone = bool(expected) and expected <= joined
                 enough = len(joined) >= self.rs.min_clients and rnd.deadline_passed
                 if everyone or enough:
                     self._close_enrolment(rnd)
@@ -304,19 +309,36 @@ class Coordinator:
             task = asyncio.ensure_future(peer.push(msg, array))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    def _abandon(self, rnd: ActiveRound, code: str, message: str) -> None:
-        """Give the round up; every member is told to send again in the next round."""
+    def _abandon(self, rnd: ActiveRound, code: str, message: str, *,
+                 retry: bool = False) -> ActiveRound | None:
+        """Give the round up; every member is told to send again.
+
+        With ``retry`` (the round could not be unmasked), a fresh round opens at once for
+        the members still online, and they are told to rejoin it with the same update: a
+        federation never halts on dropouts, but retries are bounded and audited.
+        """
         if rnd.timer:
             rnd.timer.cancel()
         rnd.engine.fail()
         rnd.step_done.set()
         self.round = None
         self._save_state(None)
-        self.audit.record("round-abandoned", round_id=rnd.round_id, reason=code)
+        self.audit.record("round-failed" if retry else "round-abandoned",
+                          round_id=rnd.round_id, reason=code)
+        online = frozenset(n for n, p in rnd.members.items() if p.open)
+        again: ActiveRound | None = None
+        if retry and rnd.attempt < self.rs.max_retries and len(online) >= self.rs.min_clients:
+            again = self._open_round()
+            again.invited, again.attempt = online, rnd.attempt + 1
+            self.audit.record("round-retry", round_id=again.round_id,
+                              failed_round=rnd.round_id, attempt=again.attempt,
+                              invited=sorted(online))
         done = wm.RoundDone(round_id=rnd.round_id, version=self.version, resend=True,
-                            code=code, message=message)
+                            retry_round=again.round_id if again else 0, code=code,
+                            message=message)
         for peer in rnd.members.values():
             self._push(peer, done)
+        return again
 
     # -- admin -------------------------------------------------------------------------------
     async def _admin(self, peer: Peer, msg: wm.AdminCommand) -> wm.AdminResult:
@@ -362,9 +384,18 @@ class Coordinator:
                     raise NotEnoughSurvivorsError("the round was abandoned while unmasking")
             result = eng.finish()
         except NotEnoughSurvivorsError as exc:
-            if self.round is rnd:
-                self._abandon(rnd, exc.code, exc.message)
-            raise
+            again = self._abandon(rnd, exc.code, exc.message, retry=True) \
+                if self.round is rnd else None
+            if again is not None:
+                raise NotEnoughSurvivorsError(
+                    f"round {rnd.round_id} could not be unmasked ({exc.message}); nothing was "
+                    f"published.  A new round {again.round_id} has started with the "
+                    f"{len(again.invited)} hospitals still online: aggregate again once they "
+                    "have sent") from exc
+            raise NotEnoughSurvivorsError(
+                f"round {rnd.round_id} could not be unmasked ({exc.message}); nothing was "
+                "published and too few hospitals are online to retry: ask the hospitals to "
+                "connect and send again") from exc
         _, weights = self.store.latest()
         new = weights + result.mean_update
         try:

@@ -50,6 +50,10 @@ class ActiveRound:
     shared: set[str] = field(default_factory=set)
     answered: set[str] = field(default_factory=set)
     deadline_passed: bool = False
+    #: A retry round waits only for the members of the failed round still online.
+    invited: frozenset[str] = frozenset()
+    #: How many failed rounds this one is retrying (bounded by ``max_retries``).
+    attempt: int = 0
     step_done: asyncio.Event = field(default_factory=asyncio.Event)
     timer: asyncio.TimerHandle | None = None
 

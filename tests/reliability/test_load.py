@@ -125,3 +125,30 @@ def test_a_refused_certificate_does_not_disturb_the_next_connection(site: Site) 
 
     with site.server(site.server_toml(params=D, hospitals=HOSPITALS)):
         asyncio.run(scenario())
+
+
+def test_hospitals_waiting_for_the_admin_are_not_cut_as_idle(site: Site) -> None:
+    """The administrator may aggregate hours later: members of a live round wait in silence
+    without tripping the idle deadline that cuts everyone else."""
+    limits = {"idle_timeout": 1.5}
+
+    async def scenario() -> None:
+        ups = {n: np.full(D, 0.01, np.float32) for n in HOSPITALS}
+
+        async def hospital(name: str) -> object:
+            async with HospitalSession(site.settings(name)) as h:
+                await h.get_global()
+                return await h.send(ups[name], 10)
+
+        tasks = [asyncio.create_task(hospital(n)) for n in HOSPITALS]
+        async with AdminSession(site.settings("admin")) as admin:
+            while await admin.count() < len(HOSPITALS):
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(4.0)  # well past the idle deadline, no traffic from anyone
+        async with AdminSession(site.settings("admin")) as admin:
+            result = await admin.aggregate()
+        outs = await asyncio.gather(*tasks)
+        assert [o.version for o in outs] == [result.version] * 3  # type: ignore[attr-defined]
+
+    with site.server(site.server_toml(params=D, hospitals=HOSPITALS, limits=limits)):
+        asyncio.run(scenario())
