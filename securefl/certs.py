@@ -31,6 +31,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from securefl.crypto import pki
 from securefl.errors import ConfigError
 
+# The model every party builds; the server's [model.ml] and each kit's [ml] repeat it.
+_MODEL_SPEC = 'image_size = 128\nmodel_kind = "seed"\n'
+_HOSPITAL_TAIL = (
+    "# Where this hospital keeps the downloaded global model and its round state.\n"
+    'data_dir = "state"\n\n'
+    "[ml]\n"
+    "# This hospital's scans: Training/<class>/*.jpg and Testing/<class>/*.jpg, with the\n"
+    "# classes glioma, meningioma, notumor, pituitary.  They never leave this machine.\n"
+    'data_dir = "scans"\n'
+    "# The local model (model.keras) and its metrics history.\n"
+    'model_dir = "model"\n'
+    + _MODEL_SPEC
+    + "seed = 0\nepochs = 1\nbatch_size = 32\n"
+)
+
 CRL_LIFETIME = dt.timedelta(days=30)
 DEFAULT_PORT = 9095
 
@@ -142,8 +157,11 @@ class CertDir:
             'crl = "crl.pem"\nhost = "0.0.0.0"\n'
             'store_dir = "store"\naudit_log = "audit.jsonl"\n'
             f"hospitals = {json.dumps(hospitals)}\n\n"
-            "[model]\n# Version 0 when the store is empty: a seeded vector of this size.\n"
-            "params = 100000\nseed = 0\n"
+            "[model]\n"
+            "# Version 0, made when the store is empty: the hospitals' CNN, built from the same\n"
+            "# settings as the [ml] table of every hospital kit (change both together, before\n"
+            "# the first start).\n"
+            "seed = 0\n\n[model.ml]\n" + _MODEL_SPEC
         ).encode()
         _write(self.root / "server.toml", server_toml.replace(
             f'host = "{server_hosts[0]}"\n'.encode(), b"", 1))
@@ -167,7 +185,8 @@ class CertDir:
         _save(kit, "hospital", cred)
         _write(kit / "ca.pem", ca.cert_pem())
         _write(kit / "hospital.toml",
-               self._settings_toml(name, "hospital.pem", "hospital.key", "ca.pem"))
+               self._settings_toml(name, "hospital.pem", "hospital.key", "ca.pem")
+               + _HOSPITAL_TAIL.encode())
         return kit
 
     def _settings_toml(self, name: str, cert: str, key: str, ca: str) -> bytes:

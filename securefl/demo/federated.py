@@ -128,9 +128,12 @@ def build_federation(settings: DemoSettings, root: Path, say: Print) -> tuple[Pa
     hospital_tomls = []
     for name in names:
         path = certs.kit(name) / "hospital.toml"
-        text = path.read_text() + f'data_dir = "{root / "hospitals" / name / "state"}"\n'
-        path.write_text(text + _ml_table(settings, root / "data" / name,
-                                         root / "hospitals" / name / "model"))
+        path.write_text(
+            f"# the demo's settings for '{name}'; paths are relative to this file.\n"
+            f'host = "127.0.0.1"\nport = {port}\n'
+            'cert = "hospital.pem"\nkey = "hospital.key"\nca = "ca.pem"\n'
+            f'data_dir = "{root / "hospitals" / name / "state"}"\n'
+            + _ml_table(settings, root / "data" / name, root / "hospitals" / name / "model"))
         hospital_tomls.append(path)
     return server_toml, hospital_tomls, certs.root / "admin.toml"
 

@@ -39,7 +39,8 @@ class Federation:
         text = text.replace("port = 9095", f"port = {port}")
         text = text.replace('["a", "b", "c", "d"]', '["a", "b", "c"]')
         path = self.certs.root / "server-test.toml"
-        path.write_text(text.replace("params = 100000", f"params = {params}"))
+        model_at = text.index("[model]")  # a plain seeded vector instead of the CNN
+        path.write_text(text[:model_at] + f"[model]\nparams = {params}\nseed = 0\n")
         return path
 
     def client_settings(self, name: str, port: int, **changes: object) -> config.ClientSettings:
