@@ -43,13 +43,13 @@ def exit_code_for(exc: errors.SecureFLError) -> int:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the built-in demonstration")
-    p.add_argument("--hospitals", type=int, default=5, help="simulated hospitals (default 5)")
-    p.add_argument("--params", type=int, default=100_000, help="model size in parameters")
-    p.add_argument("--dropout", type=float, default=0.2, help="share of hospitals that vanish")
+    p.add_argument("--hospitals", type=int, default=10, help="simulated hospitals (default 10)")
+    p.add_argument("--params", type=int, default=1_000_000, help="model size in parameters")
+    p.add_argument("--dropout", type=float, default=0.3, help="share of hospitals that vanish")
     p.add_argument("--seed", type=int, default=0)
 
     def run(args: argparse.Namespace) -> int:
-        from securefl.crypto.demo import run_demo
+        from securefl.demo import run_demo
 
         return run_demo(
             hospitals=args.hospitals, params=args.params, dropout=args.dropout, seed=args.seed

@@ -72,3 +72,9 @@ class DataError(SecureFLError):
     """Input data (images, weights, model files) is missing or unusable."""
 
     code = "data"
+
+
+class StaleVersionError(ProtocolError):
+    """An update was trained on an older global model than the one the round aggregates."""
+
+    code = "stale-version"

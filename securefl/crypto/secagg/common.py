@@ -1,0 +1,70 @@
+"""What both roles of a round agree on: config checks, HKDF contexts, the transition check.
+
+Names follow Bonawitz et al. 2017 (Fig. 4): ``U1`` hospitals that shared keys, ``U2`` those
+whose masked input arrived ("survivors"), ``U1 \\ U2`` the dropped ones, ``t`` the threshold,
+``b_u`` a self-mask seed, ``s_uv`` a pairwise mask seed.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any
+
+from securefl.crypto.messages import RoundConfig
+from securefl.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+
+# HKDF labels, one per purpose (securefl/v1/<label>|<round context>).
+PAIR_MASK = "pair-mask"
+SELF_MASK = "self-mask"
+ENVELOPE_KEY = "envelope"
+
+Table = Mapping[Enum, Mapping[Any, Enum]]
+
+
+def round_context(config: RoundConfig) -> bytes:
+    """Binds every derived key to this round of this federation's model version."""
+    return struct.pack(">QQ", config.round_id, config.base_version)
+
+
+def check_config(config: RoundConfig, n: int) -> None:
+    """Refuse a round whose parameters would leak or could not finish.
+
+    Each hospital's secrets are shared among its k neighbours and itself (k + 1 holders, as
+    in Bonawitz et al. where users also keep a share), so ``t <= k + 1``.  ``t > (k + 1) / 2``
+    matters for privacy, not just liveness: otherwise a server could collect self-mask
+    shares from one half of the holders and key shares from the other half and strip both
+    of that hospital's masks.
+    """
+    k, t = config.neighbours, config.threshold
+    if n < 2:
+        raise ConfigError(f"a round needs at least 2 hospitals, it has {n}")
+    if not (1 <= k <= n - 1):
+        raise ConfigError(f"neighbour count {k} impossible with {n} hospitals")
+    if k < n - 1 and k % 2:
+        raise ConfigError(f"neighbour count {k} must be even when below n - 1")
+    holders = k + 1
+    if not (holders / 2 < t <= holders):
+        raise ConfigError(
+            f"threshold {t} is unsafe or unreachable with {holders} share holders: it must be "
+            f"more than half of them ({holders // 2 + 1} or more) and at most all of them"
+        )
+    if config.min_contributors < 2:
+        raise ConfigError("a round must combine at least 2 hospitals, or one would be exposed")
+    if n > config.encoding.max_clients:
+        raise ConfigError(
+            f"{n} hospitals exceed the encoding's budget of {config.encoding.max_clients}"
+        )
+    if config.vector_len < 1 or len(config.graph_seed) != 32:
+        raise ConfigError("round config has an empty model or a bad graph seed")
+
+
+def step(table: Table, state: Enum, event: Any, *, remote: bool) -> Enum:
+    """Next state from the role's transition table, or the right kind of protocol error."""
+    nxt = table.get(state, {}).get(event)
+    if nxt is None:
+        name = event.__name__ if isinstance(event, type) else str(event)
+        text = f"{name} is not allowed while the round is {state.value}"
+        raise (RemoteProtocolError if remote else LocalProtocolError)(text)
+    return nxt

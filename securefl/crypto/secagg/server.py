@@ -1,0 +1,333 @@
+"""The server's side of one secure-aggregation round, as a sans-I/O state machine.
+
+The server routes keys and envelopes it cannot read, adds masked inputs into one running sum
+as they arrive (memory O(model), not O(hospitals x model)), and at the end rebuilds just
+enough secrets to strip the masks: ``b_u`` of every survivor, ``s_sk_u`` of every hospital
+that dropped after sharing keys.  It never sees an unmasked single update.
+
+Events (``SERVER_TABLE`` is the whole order; anything else is a protocol error):
+  KeyAdvertisement*  close_enrolment() -> Roster
+  ShareKeys*         close_shares()    -> {participant: EnvelopeBundle}
+  MaskedInput*       close_inputs()    -> UnmaskRequest
+  UnmaskResponse*    finish()          -> AggregateResult    (or NotEnoughSurvivorsError)
+The transport decides *when* to call the ``close_*`` steps (deadlines, admin actions).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from enum import Enum
+
+import numpy as np
+from cryptography import x509
+
+from securefl.crypto import graph, shamir
+from securefl.crypto.keys import KeyPair, verify_advertisement
+from securefl.crypto.messages import (
+    AggregateResult,
+    EnvelopeBundle,
+    KeyAdvertisement,
+    MaskedInput,
+    Roster,
+    RoundConfig,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from securefl.crypto.prg import MaskBuffer, derive_seed
+from securefl.crypto.quantize import Encoding
+from securefl.crypto.secagg.common import PAIR_MASK, SELF_MASK, check_config, round_context, step
+from securefl.errors import (
+    CryptoError,
+    NotEnoughSurvivorsError,
+    RemoteProtocolError,
+    StaleVersionError,
+)
+
+
+class ServerState(Enum):
+    ENROLLING = "enrolling"
+    SHARING = "sharing keys"
+    COLLECTING = "collecting masked updates"
+    UNMASKING = "unmasking"
+    DONE = "done"
+    FAILED = "failed"
+
+
+CLOSE_ENROLMENT, CLOSE_SHARES, CLOSE_INPUTS, FINISH, FAIL = (
+    "close_enrolment", "close_shares", "close_inputs", "finish", "fail",
+)
+_LIVE = (ServerState.ENROLLING, ServerState.SHARING, ServerState.COLLECTING,
+         ServerState.UNMASKING)
+
+SERVER_TABLE = {
+    ServerState.ENROLLING: {KeyAdvertisement: ServerState.ENROLLING,
+                            CLOSE_ENROLMENT: ServerState.SHARING},
+    ServerState.SHARING: {ShareKeys: ServerState.SHARING, CLOSE_SHARES: ServerState.COLLECTING},
+    ServerState.COLLECTING: {MaskedInput: ServerState.COLLECTING,
+                             CLOSE_INPUTS: ServerState.UNMASKING},
+    ServerState.UNMASKING: {UnmaskResponse: ServerState.UNMASKING, FINISH: ServerState.DONE},
+}
+for _state in _LIVE:
+    SERVER_TABLE[_state][FAIL] = ServerState.FAILED
+
+
+class ServerRound:
+    """One round on the server, from enrolment to the published weighted mean."""
+
+    def __init__(
+        self,
+        *,
+        round_id: int,
+        base_version: int,
+        vector_len: int,
+        encoding: Encoding,
+        ca_cert: x509.Certificate,
+        neighbours: int | None = None,
+        threshold: int | None = None,
+        min_contributors: int = 2,
+        now: dt.datetime | None = None,
+    ) -> None:
+        self.state = ServerState.ENROLLING
+        self.round_id, self.base_version = round_id, base_version
+        self.vector_len, self.encoding = vector_len, encoding
+        self._ca, self._now = ca_cert, now
+        self._want_k, self._want_t = neighbours, threshold
+        self.min_contributors = min_contributors
+        self._adverts: dict[str, KeyAdvertisement] = {}
+        self.roster: Roster | None = None
+        self._graph: dict[int, frozenset[int]] = {}
+        self._envelopes: dict[int, ShareKeys] = {}       # until routed
+        self.u1: frozenset[int] = frozenset()            # shared keys (U1)
+        self._sum: np.ndarray | None = None
+        self.survivors: set[int] = set()                 # U2
+        self._responses: set[int] = set()
+        self._b_shares: dict[int, dict[int, int]] = {}   # owner -> {holder x: share}
+        self._s_shares: dict[int, dict[int, int]] = {}
+
+    # -- bookkeeping the transport shows to people ---------------------------------------
+    @property
+    def joined(self) -> list[str]:
+        return sorted(self._adverts)
+
+    @property
+    def collected(self) -> int:
+        """"Weight sets collected": masked inputs received this round."""
+        return len(self.survivors)
+
+    def name_of(self, participant: int) -> str:
+        assert self.roster is not None
+        return self.roster.participants[participant - 1].name
+
+    def _check_sender(self, claimed: int, from_name: str | None) -> None:
+        if self.roster is None or not 1 <= claimed <= len(self.roster.participants):
+            raise RemoteProtocolError(f"unknown participant number {claimed}")
+        if from_name is not None and self.name_of(claimed) != from_name:
+            raise RemoteProtocolError(f"'{from_name}' sent a message as another hospital")
+
+    # -- events --------------------------------------------------------------------------
+    def receive(
+        self,
+        msg: KeyAdvertisement | ShareKeys | MaskedInput | UnmaskResponse,
+        *,
+        from_name: str | None = None,
+    ) -> None:
+        """Accept one hospital message.  ``from_name`` is the TLS-authenticated sender."""
+        nxt = step(SERVER_TABLE, self.state, type(msg), remote=True)
+        if msg.round_id != self.round_id:
+            raise RemoteProtocolError(f"message for round {msg.round_id}, this is {self.round_id}")
+        if isinstance(msg, KeyAdvertisement):
+            self._on_advert(msg, from_name)
+        elif isinstance(msg, ShareKeys):
+            self._on_shares(msg, from_name)
+        elif isinstance(msg, MaskedInput):
+            self._on_input(msg, from_name)
+        else:
+            self._on_unmask(msg, from_name)
+        self.state = nxt  # type: ignore[assignment]
+
+    def _on_advert(self, adv: KeyAdvertisement, from_name: str | None) -> None:
+        if from_name is not None and adv.name != from_name:
+            raise RemoteProtocolError(f"'{from_name}' sent keys in the name of '{adv.name}'")
+        if adv.base_version != self.base_version:
+            raise StaleVersionError(
+                f"'{adv.name}' trained on global version {adv.base_version}; this round "
+                f"aggregates version {self.base_version}: fetch the new model and retrain"
+            )
+        if adv.name in self._adverts:
+            raise RemoteProtocolError(f"'{adv.name}' already joined this round")
+        if len(self._adverts) >= self.encoding.max_clients:
+            raise RemoteProtocolError("this round is full")
+        verify_advertisement(adv, self._ca, now=self._now)
+        self._adverts[adv.name] = adv
+
+    def _on_shares(self, msg: ShareKeys, from_name: str | None) -> None:
+        self._check_sender(msg.sender, from_name)
+        if msg.sender in self._envelopes:
+            raise RemoteProtocolError(f"'{self.name_of(msg.sender)}' already shared its keys")
+        if set(msg.envelopes) != self._graph[msg.sender]:
+            raise RemoteProtocolError("key shares are not addressed to exactly the neighbours")
+        self._envelopes[msg.sender] = msg
+
+    def _on_input(self, msg: MaskedInput, from_name: str | None) -> None:
+        self._check_sender(msg.sender, from_name)
+        if msg.sender not in self.u1:
+            raise RemoteProtocolError("masked input from a hospital that did not share keys")
+        if msg.sender in self.survivors:
+            raise RemoteProtocolError(f"'{self.name_of(msg.sender)}' already sent its update")
+        y = msg.y
+        if y.dtype != self.encoding.dtype or y.shape != (self.vector_len + 1,):
+            raise RemoteProtocolError(
+                f"masked update has shape {y.shape} and type {y.dtype}; this round expects "
+                f"({self.vector_len + 1},) of {np.dtype(self.encoding.dtype)}"
+            )
+        if self._sum is None:
+            self._sum = y.copy()
+        else:
+            np.add(self._sum, y, out=self._sum)
+        self.survivors.add(msg.sender)
+
+    def _on_unmask(self, msg: UnmaskResponse, from_name: str | None) -> None:
+        self._check_sender(msg.sender, from_name)
+        v = msg.sender
+        if v not in self.survivors:
+            raise RemoteProtocolError("unmask response from a hospital that is not a survivor")
+        if v in self._responses:
+            raise RemoteProtocolError(f"'{self.name_of(v)}' already answered the unmask step")
+        mine = (self._graph[v] | {v}) & self.u1
+        b_ok = set(msg.b_shares) <= (mine & self.survivors)
+        s_ok = set(msg.s_shares) <= (mine - self.survivors)
+        if not (b_ok and s_ok):
+            raise RemoteProtocolError("unmask response holds shares that were not asked for")
+        for owner, raw in msg.b_shares.items():
+            self._b_shares.setdefault(owner, {})[v] = shamir.share_from_bytes(raw)
+        for owner, raw in msg.s_shares.items():
+            self._s_shares.setdefault(owner, {})[v] = shamir.share_from_bytes(raw)
+        self._responses.add(v)
+
+    # -- local steps -----------------------------------------------------------------------
+    def close_enrolment(self, *, graph_seed: bytes | None = None) -> Roster:
+        """Fix the participants and the round's parameters; everyone gets the same roster."""
+        nxt = step(SERVER_TABLE, self.state, CLOSE_ENROLMENT, remote=False)
+        n = len(self._adverts)
+        if n < max(2, self.min_contributors):
+            raise NotEnoughSurvivorsError(
+                f"only {n} hospital(s) joined; a round needs at least "
+                f"{max(2, self.min_contributors)}"
+            )
+        k = graph.effective_degree(n, self._want_k)
+        t = self._want_t if self._want_t is not None else (k + 1) // 2 + 1
+        config = RoundConfig(
+            round_id=self.round_id,
+            base_version=self.base_version,
+            vector_len=self.vector_len,
+            threshold=t,
+            neighbours=k,
+            graph_seed=graph_seed or os.urandom(32),
+            encoding=self.encoding,
+            min_contributors=self.min_contributors,
+        )
+        check_config(config, n)
+        self.roster = Roster(config, tuple(self._adverts[name] for name in sorted(self._adverts)))
+        self._graph = graph.neighbours(n, k, config.graph_seed)
+        self.state = nxt  # type: ignore[assignment]
+        return self.roster
+
+    def close_shares(self) -> dict[int, EnvelopeBundle]:
+        """Route each envelope to its recipient; hospitals that shared nothing are out (U1)."""
+        nxt = step(SERVER_TABLE, self.state, CLOSE_SHARES, remote=False)
+        if len(self._envelopes) < self.min_contributors:
+            self.fail()
+            raise NotEnoughSurvivorsError(
+                f"only {len(self._envelopes)} hospital(s) shared their keys; at least "
+                f"{self.min_contributors} are needed"
+            )
+        self.state = nxt  # type: ignore[assignment]
+        self.u1 = frozenset(self._envelopes)
+        bundles: dict[int, dict[int, bytes]] = {v: {} for v in self.u1}
+        for u, msg in self._envelopes.items():
+            for v, ct in msg.envelopes.items():
+                if v in bundles:
+                    bundles[v][u] = ct
+        self._envelopes = {}  # routed: the server keeps none of them
+        return {v: EnvelopeBundle(self.round_id, v, env) for v, env in bundles.items()}
+
+    def close_inputs(self) -> UnmaskRequest:
+        """Name the survivors (U2) and the dropped (U1 minus U2) for the unmask step."""
+        nxt = step(SERVER_TABLE, self.state, CLOSE_INPUTS, remote=False)
+        assert self.roster is not None
+        need = max(self.roster.config.threshold, self.min_contributors)
+        if len(self.survivors) < need:
+            self.fail()
+            raise NotEnoughSurvivorsError(
+                f"only {len(self.survivors)} masked update(s) arrived; at least {need} are "
+                "needed to unmask"
+            )
+        self.state = nxt  # type: ignore[assignment]
+        dropped = self.u1 - self.survivors
+        return UnmaskRequest(self.round_id, tuple(sorted(self.survivors)), tuple(sorted(dropped)))
+
+    def finish(self) -> AggregateResult:
+        """Rebuild the secrets, strip every mask, decode: the weighted mean, or an error.
+
+        Refuses (``NotEnoughSurvivorsError``) with fewer than t unmask responses, or when any
+        single secret has fewer than t shares; nothing is published then.
+        """
+        nxt = step(SERVER_TABLE, self.state, FINISH, remote=False)
+        assert self.roster is not None and self._sum is not None
+        t = self.roster.config.threshold
+        try:
+            if len(self._responses) < t:
+                raise NotEnoughSurvivorsError(
+                    f"only {len(self._responses)} hospital(s) answered the unmask step; "
+                    f"{t} are needed"
+                )
+            dropped = set(self.u1 - self.survivors)
+            for owner, pool in [(u, self._b_shares) for u in self.survivors] + [
+                (u, self._s_shares) for u in dropped
+            ]:
+                if len(pool.get(owner, {})) < t:
+                    raise NotEnoughSurvivorsError(
+                        f"too few neighbours of '{self.name_of(owner)}' answered to remove its "
+                        f"mask ({len(pool.get(owner, {}))} of {t})"
+                    )
+            result = self._strip_masks(dropped)
+        except Exception:
+            self.fail()
+            raise
+        self.state = nxt  # type: ignore[assignment]
+        return result
+
+    def _strip_masks(self, dropped: set[int]) -> AggregateResult:
+        assert self.roster is not None and self._sum is not None
+        cfg = self.roster.config
+        ctx = round_context(cfg)
+        total = self._sum
+        masks = MaskBuffer(total.shape[0], self.encoding.dtype)
+        for u in sorted(self.survivors):
+            b_u = shamir.reconstruct(self._b_shares[u], cfg.threshold)
+            masks.subtract(total, derive_seed(b_u, SELF_MASK, ctx))
+        for u in sorted(dropped):
+            s_u = KeyPair.from_private_bytes(shamir.reconstruct(self._s_shares[u], cfg.threshold))
+            if s_u.public != self.roster.participants[u - 1].s_pk:
+                raise CryptoError(
+                    f"the rebuilt key of '{self.name_of(u)}' does not match its advertised key: "
+                    "a hospital returned a bad share"
+                )
+            for v in sorted(self._graph[u] & self.survivors):
+                s_uv = s_u.agree(self.roster.participants[v - 1].s_pk, PAIR_MASK, ctx)
+                if v < u:  # v added +PRG(s_vu); take it out
+                    masks.subtract(total, s_uv)
+                else:
+                    masks.add(total, s_uv)
+        mean, weight = self.encoding.decode(total)
+        self._sum = None
+        names = tuple(self.name_of(u) for u in sorted(self.survivors))
+        return AggregateResult(self.round_id, self.base_version, mean, weight, names)
+
+    def fail(self) -> None:
+        """Abandon the round (admin abort, too few hospitals): nothing will be published."""
+        if self.state in _LIVE:
+            self.state = ServerState.FAILED
+            self._sum = None
