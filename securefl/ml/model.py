@@ -40,6 +40,8 @@ AUGMENT_ROTATION = 0.03  # fraction of a full turn (about +-11 degrees)
 AUGMENT_ZOOM = 0.08
 SMALL_FILTERS = (16, 32, 64, 128)
 SMALL_DROPOUT = 0.2
+SMALL_NORM = "batch"
+SMALL_GROUPS = 8
 BN_MOMENTUM = 0.9  # moving statistics settle within a few dozen batches (short local rounds)
 
 
@@ -149,7 +151,10 @@ def make_model(
                 filters, 3, padding="same", use_bias=False, kernel_initializer=init(),
                 name=f"block{i}_conv",
             )(x)
-            x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"block{i}_bn")(x)
+            if SMALL_NORM == "batch":
+                x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"block{i}_bn")(x)
+            elif SMALL_NORM == "group":
+                x = layers.GroupNormalization(groups=SMALL_GROUPS, name=f"block{i}_gn")(x)
             x = layers.Activation("relu", name=f"block{i}_relu")(x)
             x = layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
         x = layers.GlobalAveragePooling2D(name="gap")(x)

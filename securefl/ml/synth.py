@@ -248,7 +248,7 @@ def render(
             lx, ly = 98.0 + les.choice([-1, 1]) * (0.55 * r + 1), y
         lesion = ("meningioma", lx, ly, r, les.uniform(0.3, 0.55))
     elif label == "pituitary":
-        r = les.uniform(8, 16)
+        r = les.uniform(10, 19)
         lesion = ("pituitary", SELLA_XY[0] + les.normal(0, 1.2), SELLA_XY[1] + les.normal(0, 3),
                   r, les.uniform(0.05, 0.2))
 
@@ -332,10 +332,10 @@ def _paint(
             core = rt * rng.uniform(0.4, 0.7)
             rim = _sigmoid((dist - core) / 0.8)
             val = (rng.uniform(0.12, 0.3) + 0.06 * texture) * (1 - rim) + \
-                (rng.uniform(0.85, 1.05) + 0.1 * texture) * rim
+                (rng.uniform(1.0, 1.3) + 0.1 * texture) * rim
         else:  # lower grade: heterogeneous hypointense mass with patchy enhancement
             patches = np.clip(_smooth_noise(rng, size, 20) - 0.8, 0, None)
-            val = rng.uniform(0.3, 0.45) + 0.1 * texture + 0.6 * patches
+            val = rng.uniform(0.3, 0.45) + 0.1 * texture + 0.9 * patches
         return img * (1 - inside) + val * inside
 
     if kind == "meningioma":
@@ -346,14 +346,14 @@ def _paint(
         # dural tail: a thin enhancing strip along the brain surface, fading with distance
         surface = np.exp(-(((brain - 0.5) / 0.2) ** 2))
         tail = surface * np.exp(-np.maximum(dist - rt, 0) / rng.uniform(4, 9)) * (dist > rt)
-        img = np.maximum(img, 0.9 * tail)
-        val = rng.uniform(0.85, 1.05) + 0.03 * texture
+        img = np.maximum(img, 1.1 * tail)
+        val = rng.uniform(1.0, 1.3) + 0.03 * texture
         return img * (1 - inside) + val * inside
 
     # pituitary: rounded, enhancing, mildly heterogeneous, sometimes a small cyst
     rt = r * _radius(rng, theta, 0.08, 3)
     inside = _sigmoid((rt - dist) / 0.8)
-    val = rng.uniform(0.7, 0.95) + 0.08 * texture
+    val = rng.uniform(0.95, 1.25) + 0.08 * texture
     if rng.random() < 0.3:
         cyst = np.exp(-(((px - lx - rng.uniform(-0.3, 0.3) * r) ** 2
                          + (py - ly - rng.uniform(-0.3, 0.3) * r) ** 2) / (0.3 * r) ** 2))
