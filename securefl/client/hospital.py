@@ -14,7 +14,9 @@ Files, all in the hospital's ``data_dir`` (network state) and ``[ml] model_dir``
                              has been trained since, and on how many scans
   history.jsonl              training and evaluation metrics over time (securefl.ml)
 
-TensorFlow work is blocking: async callers get it through ``asyncio.to_thread``.
+TensorFlow work is blocking: async callers get it through ``asyncio.to_thread``.  The Keras
+model and the decoded scans stay in memory between steps (a TUI or the demo runs for many
+rounds); the scans are read again only when their folder changes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from securefl.errors import ConfigError, DataError
 from securefl.ml.settings import MLSettings, load_ml_settings
 
 if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+    from securefl.ml.data import ImageSet
     from securefl.ml.train import EvalReport, ProgressFn, TrainResult
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -62,6 +67,8 @@ class Hospital:
     def __init__(self, settings: config.ClientSettings, ml: MLSettings) -> None:
         self.settings, self.ml = settings, ml
         self.state_dir = Path(settings.data_dir)
+        self._model: keras.Model | None = None
+        self._scans: dict[str, tuple[tuple[int, float], ImageSet]] = {}
 
     @classmethod
     def from_file(cls, path: str | Path) -> Hospital:
@@ -113,13 +120,35 @@ class Hospital:
         return summary
 
     # -- ML (blocking) ------------------------------------------------------------------------
+    def model(self) -> keras.Model:
+        """The local Keras model, loaded (or built) once and kept."""
+        if self._model is None:
+            from securefl.ml.local import load_or_create_model
+
+            self._model = load_or_create_model(self.ml)
+        return self._model
+
+    def scans(self, split: str) -> ImageSet:
+        """Decoded scans of one split; decoded again only if files were added or changed."""
+        from securefl.ml.local import load_data
+
+        folder = self.ml.data_dir / split
+        files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+        signature = (len(files), max((p.stat().st_mtime for p in files), default=0.0))
+        cached = self._scans.get(split)
+        if cached is None or cached[0] != signature:
+            cached = (signature, load_data(self.ml, split))
+            self._scans[split] = cached
+        return cached[1]
+
     def train(self, progress: ProgressFn | None = None,
               cancel: threading.Event | None = None) -> TrainResult:
         """Train the local model on this hospital's scans, starting from what it holds now."""
         from securefl.ml.local import run_train
 
         meta = self.global_meta()
-        result = run_train(self.ml, progress=progress, cancel=cancel)
+        result = run_train(self.ml, model=self.model(), data=self.scans("Training"),
+                           progress=progress, cancel=cancel)
         if not result.cancelled:
             base = meta["version"] if meta else None
             self._set_local_state(LocalState(base, True, result.num_samples))
@@ -128,28 +157,27 @@ class Hospital:
     def evaluate(self) -> EvalReport:
         from securefl.ml.local import run_evaluate
 
-        return run_evaluate(self.ml)
+        return run_evaluate(self.ml, model=self.model(), data=self.scans("Testing"))
 
     def classify(self, image: str | Path) -> dict[str, float]:
         from securefl.ml.local import run_classify
 
         if not self.ml.model_path.is_file():
             raise DataError("there is no model yet: get the global model or train first")
-        return run_classify(self.ml, image)
+        return run_classify(self.ml, image, model=self.model())
 
     def apply_global(self, weights: np.ndarray, version: int) -> None:
         """Make the local model the global one (what ``get`` ends with)."""
-        from securefl.ml.local import load_or_create_model
         from securefl.ml.model import from_vector, save_model
 
-        model = load_or_create_model(self.ml)
+        model = self.model()
         from_vector(model, weights)
         save_model(model, self.ml.model_path)
         self._set_local_state(LocalState(version, False, 0))
 
     def local_update(self) -> tuple[np.ndarray, int, int]:
         """``(w_local - w_global, samples, base version)`` of the trained local model."""
-        from securefl.ml.model import load_model, to_vector
+        from securefl.ml.model import to_vector
 
         state, meta = self.local_state(), self.global_meta()
         if meta is None:
@@ -162,7 +190,7 @@ class Hospital:
             raise DataError(f"the local model was trained from version {state.base_version} "
                             f"but version {meta['version']} was downloaded since: train again")
         global_w = np.load(self.state_dir / "global.npy").astype(np.float32)
-        local_w = to_vector(load_model(self.ml.model_path))
+        local_w = to_vector(self.model())
         if local_w.shape != global_w.shape:
             raise DataError("the local model does not match the global model's shape: check "
                             "the [ml] settings against the server's model")

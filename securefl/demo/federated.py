@@ -34,7 +34,6 @@ from securefl.client.hospital import Hospital
 from securefl.client.session import AdminSession
 from securefl.config import ClientSettings, load
 from securefl.errors import SecureFLError, TransportError
-from securefl.ml.settings import MLSettings
 
 Print = Callable[[str], None]
 
@@ -154,10 +153,8 @@ async def _wait_for_server(admin_toml: Path, process: subprocess.Popen, timeout:
 
 
 async def _run_rounds(settings: DemoSettings, hospitals: list[Hospital],
-                      locals_: dict[str, MLSettings], admin_toml: Path, say: Print,
+                      alone: dict[str, Hospital], admin_toml: Path, say: Print,
                       result: DemoResult) -> None:
-    from securefl.ml.local import run_evaluate, run_train
-
     names = [h.ml.data_dir.name for h in hospitals]
     sessions = [await h.session().connect() for h in hospitals]
     admin = await AdminSession(load(admin_toml, ClientSettings)).connect()
@@ -172,7 +169,7 @@ async def _run_rounds(settings: DemoSettings, hospitals: list[Hospital],
             started = time.perf_counter()
             for h in hospitals:
                 await asyncio.to_thread(h.train)
-                await asyncio.to_thread(run_train, locals_[h.ml.data_dir.name])
+                await asyncio.to_thread(alone[h.ml.data_dir.name].train)
             sends = [asyncio.create_task(h.send(s)) for h, s in zip(hospitals, sessions,
                                                                     strict=True)]
             while await admin.count() < len(hospitals):
@@ -186,7 +183,7 @@ async def _run_rounds(settings: DemoSettings, hospitals: list[Hospital],
             for name, h, s in zip(names, hospitals, sessions, strict=True):
                 await h.get(s)
                 global_acc[name] = (await asyncio.to_thread(h.evaluate)).accuracy
-                local_acc[name] = (await asyncio.to_thread(run_evaluate, locals_[name])).accuracy
+                local_acc[name] = (await asyncio.to_thread(alone[name].evaluate)).accuracy
             row = RoundRow(r, outcome.version, time.perf_counter() - started, global_acc,
                            local_acc)
             result.rows.append(row)
@@ -217,14 +214,17 @@ def run(settings: DemoSettings, say: Print = print) -> DemoResult:
     try:
         asyncio.run(_wait_for_server(admin_toml, server, timeout=120))
         hospitals = [Hospital.from_file(p) for p in hospital_tomls]
-        locals_ = {h.ml.data_dir.name: h.ml.model_copy(
-            update={"model_dir": root / "hospitals" / h.ml.data_dir.name / "alone"})
-            for h in hospitals}
+        # The same hospitals training alone: same data, same seeded start, never connected.
+        alone = {h.ml.data_dir.name: Hospital(
+            h.settings.model_copy(update={"data_dir": root / "hospitals" / h.ml.data_dir.name
+                                          / "alone-state"}),
+            h.ml.model_copy(update={"model_dir": root / "hospitals" / h.ml.data_dir.name
+                                    / "alone"})) for h in hospitals}
         say(f"  {settings.rounds} rounds: every hospital trains {settings.epochs} epoch(s) on "
             "its own scans, then the server combines the updates by secure aggregation;")
         say("  each cell: accuracy on that hospital's test scans of a model trained alone for "
             "the same epochs -> of the shared model")
-        asyncio.run(_run_rounds(settings, hospitals, locals_, admin_toml, say, result))
+        asyncio.run(_run_rounds(settings, hospitals, alone, admin_toml, say, result))
     finally:
         server.terminate()
         try:

@@ -18,6 +18,7 @@ from securefl.ml.settings import MLSettings
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
+    from securefl.ml.data import ImageSet
     from securefl.ml.train import EvalReport, ProgressFn, TrainResult
 
 
@@ -56,18 +57,19 @@ def run_train(
     settings: MLSettings,
     *,
     model: keras.Model | None = None,
+    data: ImageSet | None = None,
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
 ) -> TrainResult:
-    """Train on ``data_dir/Training``, save the model (unless cancelled), log the metrics."""
-    from securefl.ml.data import load_split
+    """Train on ``data_dir/Training``, save the model (unless cancelled), log the metrics.
+
+    ``model`` and ``data`` let a long-lived caller (the TUI, the demo) keep both in memory
+    between rounds instead of reloading and re-decoding them every time.
+    """
     from securefl.ml.model import save_model
     from securefl.ml.train import append_history, train
 
-    data = load_split(
-        settings.data_dir, "Training", classes=settings.classes,
-        size=settings.image_size, channels=settings.channels,
-    )
+    data = data if data is not None else load_data(settings, "Training")
     model = model if model is not None else load_or_create_model(settings)
     result = train(
         model, data, epochs=settings.epochs, batch_size=settings.batch_size,
@@ -90,15 +92,20 @@ def run_train(
     return result
 
 
-def run_evaluate(settings: MLSettings, *, model: keras.Model | None = None) -> EvalReport:
-    """Score the model on ``data_dir/Testing``, then save it (the original ``testModel``)."""
+def load_data(settings: MLSettings, split: str) -> ImageSet:
+    """One split of the hospital's scans, decoded and resized for this model."""
     from securefl.ml.data import load_split
+
+    return load_split(settings.data_dir, split, classes=settings.classes,
+                      size=settings.image_size, channels=settings.channels)
+
+
+def run_evaluate(settings: MLSettings, *, model: keras.Model | None = None,
+                 data: ImageSet | None = None) -> EvalReport:
+    """Score the model on ``data_dir/Testing``, then save it (the original ``testModel``)."""
     from securefl.ml.train import append_history, evaluate
 
-    data = load_split(
-        settings.data_dir, "Testing", classes=settings.classes,
-        size=settings.image_size, channels=settings.channels,
-    )
+    data = data if data is not None else load_data(settings, "Testing")
     model = model if model is not None else load_or_create_model(settings)
     report = evaluate(model, data, save_to=settings.model_path)
     append_history(
