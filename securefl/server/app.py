@@ -160,6 +160,7 @@ class Server:
         reader = asyncio.StreamReader(limit=READ_CHUNK)
         protocol = asyncio.StreamReaderProtocol(reader)
         timeout = self.limits.handshake_timeout
+        started = loop.time()
         try:
             transport, _ = await asyncio.wait_for(
                 loop.connect_accepted_socket(lambda: protocol, sock, ssl=self.context(),
@@ -173,7 +174,10 @@ class Server:
             self.audit.record("refused", address=address, reason=f"tls: {why}")
             return None
         except (ConnectionError, OSError):
-            self.audit.record("refused", address=address, reason="closed during handshake")
+            # asyncio's own handshake deadline aborts the connection (ConnectionAbortedError)
+            late = loop.time() - started >= timeout
+            self.audit.record("refused", address=address,
+                              reason="handshake timeout" if late else "closed during handshake")
             return None
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
