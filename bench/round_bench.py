@@ -85,7 +85,9 @@ async def _one_round(certs: CertDir, n: int, params: int, port: int, pid: int | 
         s = config.load(path, config.ClientSettings)
         return s.model_copy(update={"host": "127.0.0.1", "port": port})
 
-    sessions = [await HospitalSession(settings(name)).connect() for name in names]
+    # All hospitals share this process: worker threads would only add GIL contention.
+    sessions = [await HospitalSession(settings(name), offload=False).connect()
+                for name in names]
     rng = np.random.default_rng(0)
     updates = [rng.normal(0, 0.01, params).astype(np.float32) for _ in names]
     for s in sessions:
