@@ -250,8 +250,9 @@ class Server:
                     reason = "frame deadline" if parser.in_frame else "idle"
                     self.audit.record("closed", name=peer.name, reason=f"timeout ({reason})")
                     with contextlib.suppress(Exception):
-                        await self._send(writer, asyncio.Lock(), wm.ErrorMsg(
-                            code="timeout", message=f"connection closed: {reason} timeout"))
+                        await asyncio.wait_for(peer.push(wm.ErrorMsg(
+                            code="timeout", message=f"connection closed: {reason} timeout"),
+                            None), 2.0)
                     return
                 if not data:
                     return
@@ -271,6 +272,8 @@ class Server:
                         await self._big_in.acquire()  # before its buffer exists
                         holding_big = True
                         parser.admit()
+                        # Time spent queueing for the slot is not the sender's fault.
+                        frame_deadline = loop.time() + lim.frame_timeout
                         continue
                     await self._dispatch(peer, frame)
                     del frame
