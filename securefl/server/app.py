@@ -98,7 +98,7 @@ class Server:
         self.port = self._sock.getsockname()[1]
         self._acceptor = asyncio.create_task(self._accept_loop(loop))
         info = self.store.latest()[0]
-        self.audit.record("server-start", port=self.port, version=info.version)
+        self.audit.record("server-start", port=self.port, version=info.version, durable=True)
         log.info("listening on %s:%d at version %d", self.settings.host, self.port, info.version)
         return self.port
 

@@ -63,7 +63,7 @@ class Coordinator:
             for name in abandoned["members"]:
                 self.resend[name] = abandoned["round_id"]
             audit.record("round-abandoned", round_id=abandoned["round_id"],
-                         reason="server restarted", members=abandoned["members"])
+                         reason="server restarted", members=abandoned["members"], durable=True)
             self._save_state(None)
 
     # -- persistence of the round counter ---------------------------------------------------
@@ -73,11 +73,14 @@ class Coordinator:
         except (FileNotFoundError, ValueError):
             return {}
 
-    def _save_state(self, in_flight: dict | None) -> None:
+    def _save_state(self, in_flight: dict | None, *, durable: bool = True) -> None:
+        """Round counter and the round in flight.  Fsynced when a round opens or ends (round
+        ids must never repeat); a member joining only needs to survive a killed process."""
         tmp = self._state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"next_round": self.next_round_id, "in_flight": in_flight}))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, self._state_path)
 
     # -- connections -----------------------------------------------------------------------
@@ -194,6 +197,7 @@ class Coordinator:
                 f"your update was trained on global version {msg.base_version}, the current "
                 f"version is {self.version}: download it, retrain and send again")
         rnd = self.round
+        opened = rnd is None
         if rnd is None:
             rnd = self._open_round()
         elif rnd.engine.state is not ServerState.ENROLLING:
@@ -203,7 +207,8 @@ class Coordinator:
             raise RemoteProtocolError(f"'{peer.name}' already joined round {rnd.round_id}",
                                       code="already-joined")
         rnd.members[peer.name] = peer
-        self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)})
+        self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)},
+                         durable=opened)
         if isinstance(rnd.engine, PlainRound):
             self.audit.record("join", round_id=rnd.round_id, name=peer.name)
         e = self.encoding
@@ -312,7 +317,7 @@ class Coordinator:
         rnd.step_done.set()
         self.round = None
         self._save_state(None)
-        self.audit.record("round-abandoned", round_id=rnd.round_id, reason=code)
+        self.audit.record("round-abandoned", round_id=rnd.round_id, reason=code, durable=True)
         done = wm.RoundDone(round_id=rnd.round_id, version=self.version, resend=True,
                             code=code, message=message)
         for peer in rnd.members.values():
@@ -321,7 +326,8 @@ class Coordinator:
     # -- admin -------------------------------------------------------------------------------
     async def _admin(self, peer: Peer, msg: wm.AdminCommand) -> wm.AdminResult:
         action, rnd = msg.action, self.round
-        self.audit.record("admin", name=peer.name, action=action)
+        if action in ("aggregate", "close", "abort"):  # queries are not actions
+            self.audit.record("admin", name=peer.name, action=action, durable=True)
         if action == "version":
             return wm.AdminResult(rid=msg.rid, action=action, value=self.version)
         if action == "count":
@@ -377,7 +383,8 @@ class Coordinator:
         self.round = None
         self._save_state(None)
         self.audit.record("aggregated", round_id=rnd.round_id, version=info.version,
-                          contributors=len(result.contributors), sha256=info.sha256)
+                          contributors=len(result.contributors), sha256=info.sha256,
+                          durable=True)
         done = wm.RoundDone(round_id=rnd.round_id, version=info.version, sha256=info.sha256)
         for peer in rnd.members.values():
             self._push(peer, done)
