@@ -32,7 +32,7 @@ from securefl.server.audit import AuditLog
 from securefl.server.coordinator import Coordinator
 from securefl.server.rounds import Peer
 from securefl.server.store import ModelStore, initial_weights
-from securefl.server.tls import server_context
+from securefl.server.tls import check_expiry, server_context
 
 log = logging.getLogger("securefl.server")
 
@@ -85,6 +85,8 @@ class Server:
         mtime = Path(self.settings.crl).stat().st_mtime
         if self._ctx is None or mtime != self._crl_mtime:
             s = self.settings
+            for warning in check_expiry(s.cert, s.crl):
+                log.warning(warning)
             self._ctx = server_context(s.cert, s.key, s.ca, s.crl)
             self._crl_mtime = mtime
         return self._ctx

@@ -188,3 +188,25 @@ def test_silent_tcp_connection_is_closed_at_the_handshake_deadline(fed: Federati
         assert "handshake timeout" in _refusals(fed)
 
     asyncio.run(scenario())
+
+
+def test_expired_revocation_list_stops_the_server_with_advice(fed: Federation) -> None:
+    from securefl.errors import ConfigError
+
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=31)
+    fed.certs.write_crl(fed.certs.ca(), now=past)
+
+    async def scenario() -> None:
+        with pytest.raises(ConfigError, match="certs renew"):
+            async with running(fed.server_settings()):
+                pass
+
+    asyncio.run(scenario())
+    fed.certs.renew()  # ... and renewing fixes it
+
+    async def again() -> None:
+        async with running(fed.server_settings()) as srv, HospitalSession(
+            fed.client_settings("a", srv.port)) as h:
+            assert (await h.get_global()).version == 0
+
+    asyncio.run(again())
