@@ -65,6 +65,8 @@ class Server:
         self._big_in = asyncio.Semaphore(BIG_SLOTS)
         self._big_out = asyncio.Semaphore(BIG_SLOTS)
         self.port = 0
+        self._sock: socket.socket | None = None
+        self._acceptor: asyncio.Task | None = None
 
     def _initial_model(self) -> np.ndarray:
         """Version 0: the ML model spec's seeded CNN, or a seeded vector of ``params``.
@@ -94,8 +96,13 @@ class Server:
     async def start(self) -> int:
         self.context()
         loop = asyncio.get_running_loop()
-        self._sock = socket.create_server((self.settings.host, self.settings.port),
-                                          backlog=128, reuse_port=False)
+        where = f"{self.settings.host}:{self.settings.port}"
+        try:
+            self._sock = socket.create_server((self.settings.host, self.settings.port),
+                                              backlog=128, reuse_port=False)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {where} ({exc.strerror}): is another server "
+                              "running, or is the address wrong?") from exc
         self._sock.setblocking(False)
         self.port = self._sock.getsockname()[1]
         self._acceptor = asyncio.create_task(self._accept_loop(loop))
@@ -105,10 +112,14 @@ class Server:
         return self.port
 
     async def close(self) -> None:
-        self._acceptor.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._acceptor
-        self._sock.close()
+        """Stop accepting, close every connection, close the audit log (safe if never
+        started)."""
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acceptor
+        if self._sock is not None:
+            self._sock.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -338,11 +349,11 @@ def _ml_initial_weights(ml: dict, seed: int) -> np.ndarray:
 async def serve(settings: ServerSettings, *, ready: asyncio.Event | None = None) -> None:
     """Run until cancelled (SIGINT/SIGTERM in the CLI)."""
     server = Server(settings)
-    await server.start()
-    print(f"securefl server listening on {settings.host}:{server.port}", flush=True)
-    if ready is not None:
-        ready.set()
     try:
+        await server.start()
+        print(f"securefl server listening on {settings.host}:{server.port}", flush=True)
+        if ready is not None:
+            ready.set()
         await asyncio.Event().wait()
     finally:
         await server.close()
