@@ -3,8 +3,9 @@
     python bench/round_bench.py --clients 10 --params 1000000
     python bench/round_bench.py --clients 3,10,30 --params 1000000
 
-The server runs in its own process (as in production; its memory is read from /proc); all
-hospitals are asyncio clients in this process, so the two processes fit the two cores.  For
+The server runs in its own process (as in production; its memory is read from /proc); the
+hospitals are asyncio clients in one more process (``--procs`` spreads them over more), so
+the two processes fit the two cores; the admin polls and aggregates from this process.  For
 each configuration the same round runs twice, with secure aggregation and with
 ``masking = "plain"`` (same transport, framing, encoding and store, no masks).  Timing runs
 from the first join to the published version (``aggregate`` returning); downloads of the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,50 +80,80 @@ def _start_server(path: Path) -> tuple[subprocess.Popen, int]:
     raise RuntimeError(f"server did not start (exit {proc.wait()})")
 
 
-async def _one_round(certs: CertDir, n: int, params: int, port: int, pid: int | None) -> dict:
+def _settings(certs_root: Path, name: str, port: int) -> config.ClientSettings:
+    certs = CertDir(certs_root)
+    path = certs.root / "admin.toml" if name == "admin" else certs.kit(name) / "hospital.toml"
+    s = config.load(path, config.ClientSettings)
+    return s.model_copy(update={"host": "127.0.0.1", "port": port})
+
+
+def _hospitals(certs_root: Path, names: list[str], first: int, params: int, port: int,
+               ready: Any, go: Any, results: Any) -> None:
+    """One hospitals' process: connect and download, say ready, send when told."""
+
+    async def main() -> None:
+        # The hospitals share this process: worker threads would only add GIL contention.
+        sessions = [await HospitalSession(_settings(certs_root, n, port), offload=False)
+                    .connect() for n in names]
+        updates = [np.random.default_rng(first + i).normal(0, 0.01, params).astype(np.float32)
+                   for i in range(len(names))]
+        for s in sessions:
+            await s.get_global()
+        before = [s.conn.bytes_sent for s in sessions]
+        ready.put(len(names))
+        await asyncio.to_thread(go.wait)
+        await asyncio.gather(*(s.send(u, 100) for s, u in zip(sessions, updates, strict=True)))
+        results.put(sessions[0].conn.bytes_sent - before[0])
+        for s in sessions:
+            await s.close()
+
+    asyncio.run(main())
+
+
+def _one_round(certs: CertDir, n: int, params: int, port: int, pid: int, procs: int) -> dict:
     names = [f"h{i:03d}" for i in range(n)]
+    ctx = multiprocessing.get_context("spawn")
+    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    groups = [names[i::procs] for i in range(procs)]
+    workers = [ctx.Process(target=_hospitals, args=(certs.root, g, i * n, params, port, ready,
+                                                    go, results)) for i, g in enumerate(groups)]
+    for w in workers:
+        w.start()
+    for _ in workers:
+        ready.get(timeout=300)
 
-    def settings(name: str) -> config.ClientSettings:
-        path = certs.root / "admin.toml" if name == "admin" else certs.kit(name) / "hospital.toml"
-        s = config.load(path, config.ClientSettings)
-        return s.model_copy(update={"host": "127.0.0.1", "port": port})
-
-    sessions = [await HospitalSession(settings(name)).connect() for name in names]
-    rng = np.random.default_rng(0)
-    updates = [rng.normal(0, 0.01, params).astype(np.float32) for _ in names]
-    for s in sessions:
-        await s.get_global()
-    admin = await AdminSession(settings("admin")).connect()
-    idle_rss = _proc_kb(pid, "VmRSS") if pid else 0
-    if pid:
+    async def admin_side() -> tuple[float, int, int]:
+        admin = await AdminSession(_settings(certs.root, "admin", port)).connect()
+        idle_rss = _proc_kb(pid, "VmRSS")
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak to now
-    sent_before = [s.conn.bytes_sent for s in sessions]
-    t0 = time.perf_counter()
-    tasks = [asyncio.create_task(s.send(u, 100)) for s, u in zip(sessions, updates, strict=True)]
-    while await admin.count() < n:
-        await asyncio.sleep(0.005)
-    result = await admin.aggregate()
-    round_s = time.perf_counter() - t0
-    await asyncio.gather(*tasks)
-    peak = _proc_kb(pid, "VmHWM") if pid else 0
-    upload = sessions[0].conn.bytes_sent - sent_before[0]
-    for s in [*sessions, admin]:
-        await s.close()
-    assert result.contributors == n
+        t0 = time.perf_counter()
+        go.set()
+        while await admin.count() < n:
+            await asyncio.sleep(0.005)
+        result = await admin.aggregate()
+        round_s = time.perf_counter() - t0
+        assert result.contributors == n
+        await admin.close()
+        return round_s, idle_rss, _proc_kb(pid, "VmHWM")
+
+    round_s, idle_rss, peak = asyncio.run(admin_side())
+    upload = results.get(timeout=300)
+    for w in workers:
+        w.join(timeout=300)
     return {"round_s": round_s, "idle_rss": idle_rss, "peak_rss": peak, "upload": upload}
 
 
-def run_config(n: int, params: int) -> dict:
+def run_config(n: int, params: int, procs: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="securefl-bench-"))
     try:
         certs = CertDir(tmp / "certs")
         certs.init(["127.0.0.1"], [f"h{i:03d}" for i in range(n)])
-        out: dict = {"clients": n, "params": params}
+        out: dict = {"clients": n, "params": params, "client_processes": procs}
         for masking in ("secagg", "plain"):
             path = _server_toml(certs.root, tmp / f"store-{masking}", n, params, masking)
             proc, port = _start_server(path)
             try:
-                r = asyncio.run(_one_round(certs, n, params, port, proc.pid))
+                r = _one_round(certs, n, params, port, proc.pid, procs)
             finally:
                 proc.terminate()
                 proc.wait()
@@ -146,9 +179,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="10", help="hospital counts, comma-separated")
     parser.add_argument("--params", type=int, default=1_000_000)
+    parser.add_argument("--procs", type=int, default=1,
+                        help="processes the hospitals are spread over (default 1)")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    results = [run_config(int(n), args.params) for n in args.clients.split(",")]
+    results = [run_config(int(n), args.params, min(args.procs, int(n)))
+               for n in args.clients.split(",")]
     for r in results:
         print(json.dumps(r))
 

@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import numpy as np
 
@@ -135,8 +135,11 @@ class _Session:
 
 
 class HospitalSession(_Session):
-    def __init__(self, settings: ClientSettings) -> None:
+    def __init__(self, settings: ClientSettings, *, offload: bool = True) -> None:
+        """``offload``: run the heavy round steps in a worker thread (keeps a TUI's event
+        loop live); many simulated hospitals in one process are faster without it."""
         super().__init__(settings)
+        self._offload = offload
         self._cred = load_credential(settings.cert, settings.key)
         self._ca = pki.load_cert(settings.ca.read_bytes())
         #: Global version of the last ``get_global()``: what a following update is based on.
@@ -231,26 +234,28 @@ class HospitalSession(_Session):
                  "checking their keys")
             # Checking every signature and splitting secrets, then masking, take tens of ms
             # per step: done in a thread so the caller's event loop (a TUI) stays live.
-            shares = await asyncio.to_thread(rnd.receive, roster)
+            shares = await self._run(rnd.receive, roster)
             await self.conn.request(mapping.share_keys_to_wire(shares))
             step("keys-shared", "key shares sent; waiting for the others' shares")
             if leave_after == "share_keys":
                 return None
             bundle = await self._expect(wm.EnvelopesMsg, joined.round_id)
-            masked = await asyncio.to_thread(rnd.receive, mapping.bundle_from_wire(bundle))
+            masked = await self._run(rnd.receive, mapping.bundle_from_wire(bundle))
             await self._send_input(joined.round_id, masked.y)
             step("masked-sent", "masked update sent; waiting for the administrator to "
                  "aggregate")
             if leave_after == "masked_input":
                 return None
             request = await self._expect(wm.UnmaskRequestMsg, joined.round_id)
-            answer = await asyncio.to_thread(rnd.receive,
-                                             mapping.unmask_request_from_wire(request))
+            answer = await self._run(rnd.receive, mapping.unmask_request_from_wire(request))
             await self.conn.request(mapping.unmask_response_to_wire(answer))
             step("unmasked", "unmasking: shares for the survivors sent")
         done = await self._expect(wm.RoundDone, joined.round_id)
         step("published", f"aggregated into global version {done.version}")
         return RoundOutcome(done.round_id, done.version, done.sha256)
+
+    async def _run(self, fn: Callable[[Any], Any], arg: object) -> Any:
+        return await asyncio.to_thread(fn, arg) if self._offload else fn(arg)
 
     async def _send_input(self, round_id: int, y: np.ndarray) -> None:
         await self.conn.request(wm.MaskedInputMsg(round_id=round_id, array=wm.ArraySpec.of(y)), y)

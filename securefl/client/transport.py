@@ -177,7 +177,9 @@ class Connection:
     # -- reading -----------------------------------------------------------------------------
     async def _read_loop(self) -> None:
         parser = frames.FrameParser(max_payload=frames.DEFAULT_MAX_PAYLOAD)
-        failure: SecureFLError = TransportError("the server closed the connection")
+        failure: SecureFLError = TransportError(
+            "the server closed the connection; if an update was being sent, send it again "
+            "once the server is back")
         try:
             while True:
                 data = await self._reader.read(READ_CHUNK)

@@ -33,7 +33,7 @@ from securefl.server.coordinator import Coordinator
 from securefl.server.initial import ml_initial_weights
 from securefl.server.rounds import Peer
 from securefl.server.store import ModelStore, initial_weights
-from securefl.server.tls import server_context
+from securefl.server.tls import check_expiry, server_context
 
 log = logging.getLogger("securefl.server")
 
@@ -66,6 +66,8 @@ class Server:
         self._big_in = asyncio.Semaphore(BIG_SLOTS)
         self._big_out = asyncio.Semaphore(BIG_SLOTS)
         self.port = 0
+        self._sock: socket.socket | None = None
+        self._acceptor: asyncio.Task | None = None
 
     def _initial_model(self) -> np.ndarray:
         """Version 0: the ML model spec's seeded CNN, or a seeded vector of ``params``.
@@ -86,6 +88,8 @@ class Server:
         mtime = Path(self.settings.crl).stat().st_mtime
         if self._ctx is None or mtime != self._crl_mtime:
             s = self.settings
+            for warning in check_expiry(s.cert, s.crl):
+                log.warning(warning)
             self._ctx = server_context(s.cert, s.key, s.ca, s.crl)
             self._crl_mtime = mtime
         return self._ctx
@@ -93,21 +97,30 @@ class Server:
     async def start(self) -> int:
         self.context()
         loop = asyncio.get_running_loop()
-        self._sock = socket.create_server((self.settings.host, self.settings.port),
-                                          backlog=128, reuse_port=False)
+        where = f"{self.settings.host}:{self.settings.port}"
+        try:
+            self._sock = socket.create_server((self.settings.host, self.settings.port),
+                                              backlog=128, reuse_port=False)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {where} ({exc.strerror}): is another server "
+                              "running, or is the address wrong?") from exc
         self._sock.setblocking(False)
         self.port = self._sock.getsockname()[1]
         self._acceptor = asyncio.create_task(self._accept_loop(loop))
         info = self.store.latest()[0]
-        self.audit.record("server-start", port=self.port, version=info.version)
+        self.audit.record("server-start", port=self.port, version=info.version, durable=True)
         log.info("listening on %s:%d at version %d", self.settings.host, self.port, info.version)
         return self.port
 
     async def close(self) -> None:
-        self._acceptor.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._acceptor
-        self._sock.close()
+        """Stop accepting, close every connection, close the audit log (safe if never
+        started)."""
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acceptor
+        if self._sock is not None:
+            self._sock.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -169,6 +182,7 @@ class Server:
         reader = asyncio.StreamReader(limit=READ_CHUNK)
         protocol = asyncio.StreamReaderProtocol(reader)
         timeout = self.limits.handshake_timeout
+        started = loop.time()
         try:
             transport, _ = await asyncio.wait_for(
                 loop.connect_accepted_socket(lambda: protocol, sock, ssl=self.context(),
@@ -182,7 +196,10 @@ class Server:
             self.audit.record("refused", address=address, reason=f"tls: {why}")
             return None
         except (ConnectionError, OSError):
-            self.audit.record("refused", address=address, reason="closed during handshake")
+            # asyncio's own handshake deadline aborts the connection (ConnectionAbortedError)
+            late = loop.time() - started >= timeout
+            self.audit.record("refused", address=address,
+                              reason="handshake timeout" if late else "closed during handshake")
             return None
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
@@ -255,8 +272,9 @@ class Server:
                     reason = "frame deadline" if parser.in_frame else "idle"
                     self.audit.record("closed", name=peer.name, reason=f"timeout ({reason})")
                     with contextlib.suppress(Exception):
-                        await self._send(writer, asyncio.Lock(), wm.ErrorMsg(
-                            code="timeout", message=f"connection closed: {reason} timeout"))
+                        await asyncio.wait_for(peer.push(wm.ErrorMsg(
+                            code="timeout", message=f"connection closed: {reason} timeout"),
+                            None), 2.0)
                     return
                 if not data:
                     return
@@ -276,6 +294,8 @@ class Server:
                         await self._big_in.acquire()  # before its buffer exists
                         holding_big = True
                         parser.admit()
+                        # Time spent queueing for the slot is not the sender's fault.
+                        frame_deadline = loop.time() + lim.frame_timeout
                         continue
                     await self._dispatch(peer, frame)
                     del frame
@@ -323,11 +343,11 @@ class Server:
 async def serve(settings: ServerSettings, *, ready: asyncio.Event | None = None) -> None:
     """Run until cancelled (SIGINT/SIGTERM in the CLI)."""
     server = Server(settings)
-    await server.start()
-    print(f"securefl server listening on {settings.host}:{server.port}", flush=True)
-    if ready is not None:
-        ready.set()
     try:
+        await server.start()
+        print(f"securefl server listening on {settings.host}:{server.port}", flush=True)
+        if ready is not None:
+            ready.set()
         await asyncio.Event().wait()
     finally:
         await server.close()

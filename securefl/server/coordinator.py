@@ -63,7 +63,7 @@ class Coordinator:
             for name in abandoned["members"]:
                 self.resend[name] = abandoned["round_id"]
             audit.record("round-abandoned", round_id=abandoned["round_id"],
-                         reason="server restarted", members=abandoned["members"])
+                         reason="server restarted", members=abandoned["members"], durable=True)
             self._save_state(None)
 
     # -- persistence of the round counter ---------------------------------------------------
@@ -73,11 +73,14 @@ class Coordinator:
         except (FileNotFoundError, ValueError):
             return {}
 
-    def _save_state(self, in_flight: dict | None) -> None:
+    def _save_state(self, in_flight: dict | None, *, durable: bool = True) -> None:
+        """Round counter and the round in flight.  Fsynced when a round opens or ends (round
+        ids must never repeat); a member joining only needs to survive a killed process."""
         tmp = self._state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"next_round": self.next_round_id, "in_flight": in_flight}))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, self._state_path)
 
     # -- connections -----------------------------------------------------------------------
@@ -198,6 +201,7 @@ class Coordinator:
                 f"your update was trained on global version {msg.base_version}, the current "
                 f"version is {self.version}: download it, retrain and send again")
         rnd = self.round
+        opened = rnd is None
         if rnd is None:
             rnd = self._open_round()
         elif rnd.engine.state is not ServerState.ENROLLING:
@@ -207,7 +211,8 @@ class Coordinator:
             raise RemoteProtocolError(f"'{peer.name}' already joined round {rnd.round_id}",
                                       code="already-joined")
         rnd.members[peer.name] = peer
-        self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)})
+        self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)},
+                         durable=opened)
         if isinstance(rnd.engine, PlainRound):
             self.audit.record("join", round_id=rnd.round_id, name=peer.name)
         e = self.encoding
@@ -324,7 +329,7 @@ class Coordinator:
         self.round = None
         self._save_state(None)
         self.audit.record("round-failed" if retry else "round-abandoned",
-                          round_id=rnd.round_id, reason=code)
+                          round_id=rnd.round_id, reason=code, durable=True)
         online = frozenset(n for n, p in rnd.members.items() if p.open)
         again: ActiveRound | None = None
         if retry and rnd.attempt < self.rs.max_retries and len(online) >= self.rs.min_clients:
@@ -332,7 +337,7 @@ class Coordinator:
             again.invited, again.attempt = online, rnd.attempt + 1
             self.audit.record("round-retry", round_id=again.round_id,
                               failed_round=rnd.round_id, attempt=again.attempt,
-                              invited=sorted(online))
+                              invited=sorted(online), durable=True)
         done = wm.RoundDone(round_id=rnd.round_id, version=self.version, resend=True,
                             retry_round=again.round_id if again else 0, code=code,
                             message=message)
@@ -343,7 +348,8 @@ class Coordinator:
     # -- admin -------------------------------------------------------------------------------
     async def _admin(self, peer: Peer, msg: wm.AdminCommand) -> wm.AdminResult:
         action, rnd = msg.action, self.round
-        self.audit.record("admin", name=peer.name, action=action)
+        if action in ("aggregate", "close", "abort"):  # queries are not actions
+            self.audit.record("admin", name=peer.name, action=action, durable=True)
         if action == "version":
             return wm.AdminResult(rid=msg.rid, action=action, value=self.version)
         if action == "count":
@@ -408,7 +414,8 @@ class Coordinator:
         self.round = None
         self._save_state(None)
         self.audit.record("aggregated", round_id=rnd.round_id, version=info.version,
-                          contributors=len(result.contributors), sha256=info.sha256)
+                          contributors=len(result.contributors), sha256=info.sha256,
+                          durable=True)
         done = wm.RoundDone(round_id=rnd.round_id, version=info.version, sha256=info.sha256)
         for peer in rnd.members.values():
             self._push(peer, done)

@@ -13,10 +13,13 @@ Why each setting:
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from cryptography import x509
 
 from securefl.errors import ConfigError
 
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
     import ssl
 
 OPENSSL_CONF = Path(__file__).with_name("openssl.cnf")
+WARN_BEFORE = dt.timedelta(days=14)
 
 
 def apply_openssl_conf() -> bool:
@@ -32,6 +36,32 @@ def apply_openssl_conf() -> bool:
         os.environ["OPENSSL_CONF"] = str(OPENSSL_CONF)
         return "ssl" not in sys.modules and "_ssl" not in sys.modules
     return True
+
+
+def check_expiry(cert: Path, crl: Path, *, now: dt.datetime | None = None) -> list[str]:
+    """Refuse to start on an expired CRL or server certificate; warn two weeks ahead.
+
+    Why: with CRL checking on, an expired CRL makes OpenSSL refuse *every* hospital, which
+    would look like a network fault.  ``securefl certs renew`` renews both.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    try:
+        crl_obj = x509.load_pem_x509_crl(Path(crl).read_bytes())
+        cert_obj = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the server certificate or CRL ({cert}, {crl})") from exc
+    warnings = []
+    for what, until in (("revocation list", crl_obj.next_update_utc),
+                        ("server certificate", cert_obj.not_valid_after_utc)):
+        if until is None:
+            continue
+        if until <= now:
+            raise ConfigError(f"the {what} expired on {until:%Y-%m-%d %H:%M} UTC: run "
+                              "`securefl certs renew` and copy the new files to the server")
+        if until - now < WARN_BEFORE:
+            warnings.append(f"the {what} expires on {until:%Y-%m-%d} UTC: run "
+                            "`securefl certs renew` soon")
+    return warnings
 
 
 def server_context(cert: Path, key: Path, ca: Path, crl: Path) -> ssl.SSLContext:

@@ -71,8 +71,8 @@ def fed(tmp_path: Path, _federation_template: Path) -> Federation:
 @contextlib.asynccontextmanager
 async def running(settings: config.ServerSettings) -> AsyncIterator[Server]:
     server = Server(settings)
-    await server.start()
     try:
+        await server.start()
         yield server
     finally:
         await server.close()

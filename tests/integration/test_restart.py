@@ -220,3 +220,18 @@ def test_version_0_from_the_ml_model_spec(fed: Federation) -> None:
     first, second = (Server(s).store.latest() for s in settings)
     assert first[0].length == second[0].length > 0
     assert first[0].sha256 == second[0].sha256
+
+
+def test_port_in_use_is_a_clear_error(fed: Federation) -> None:
+    from securefl.errors import ConfigError
+
+    from .conftest import running
+
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as first:
+            with pytest.raises(ConfigError, match="cannot listen"):
+                async with running(fed.server_settings(port=first.port,
+                                                       store_dir=fed.tmp / "other")):
+                    pass
+
+    asyncio.run(scenario())

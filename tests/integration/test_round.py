@@ -247,3 +247,34 @@ def test_connection_cap_refuses_extra_connections_only(fed: Federation) -> None:
             await second.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("silent_after", ["join", "masked_input"])
+def test_a_connected_but_silent_hospital_is_dropped_at_the_step_deadline(
+    fed: Federation, silent_after: str
+) -> None:
+    """'d' stays connected but stops answering: the round goes on without it after
+    step_timeout (its masked input, if it sent one, still counts)."""
+    settings = fed.server_settings(hospitals=["a", "b", "c", "d"],
+                                   round=config.RoundSettings(step_timeout=0.5))
+    ups = _updates(4)
+
+    async def scenario() -> None:
+        async with running(settings) as srv:
+            silent = await HospitalSession(fed.client_settings("d", srv.port)).connect()
+            await silent.get_global()
+            others = [await HospitalSession(fed.client_settings(n, srv.port)).connect()
+                      for n in "abc"]
+            for s in others:
+                await s.get_global()
+            tasks = [asyncio.create_task(s.send(u, 10)) for s, u in zip(others, ups, strict=False)]
+            await silent.send(ups[3], 10, leave_after=silent_after)  # type: ignore[arg-type]
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                await _wait_count(admin, 4 if silent_after == "masked_input" else 3)
+                result = await admin.aggregate()
+            assert result.contributors == (4 if silent_after == "masked_input" else 3)
+            assert [o.version for o in await asyncio.gather(*tasks)] == [1, 1, 1]
+            for s in [*others, silent]:
+                await s.close()
+
+    asyncio.run(scenario())

@@ -12,6 +12,7 @@ import ssl
 
 import pytest
 
+from securefl import config
 from securefl.certs import CertDir, _save
 from securefl.client.session import AdminSession, HospitalSession
 from securefl.client.transport import client_context
@@ -173,3 +174,39 @@ def test_audit_log_chain_holds(fed: Federation) -> None:
     log.write_bytes(text.replace(b'"name":"a"', b'"name":"z"', 1))
     with pytest.raises(Exception, match="chain broken"):
         verify(log)
+
+
+def test_silent_tcp_connection_is_closed_at_the_handshake_deadline(fed: Federation) -> None:
+    async def scenario() -> None:
+        limits = config.Limits(handshake_timeout=0.3)
+        async with running(fed.server_settings(limits=limits)) as srv:
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing said
+            writer.close()
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                assert await admin.version() == 0
+        assert "handshake timeout" in _refusals(fed)
+
+    asyncio.run(scenario())
+
+
+def test_expired_revocation_list_stops_the_server_with_advice(fed: Federation) -> None:
+    from securefl.errors import ConfigError
+
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=31)
+    fed.certs.write_crl(fed.certs.ca(), now=past)
+
+    async def scenario() -> None:
+        with pytest.raises(ConfigError, match="certs renew"):
+            async with running(fed.server_settings()):
+                pass
+
+    asyncio.run(scenario())
+    fed.certs.renew()  # ... and renewing fixes it
+
+    async def again() -> None:
+        async with running(fed.server_settings()) as srv, HospitalSession(
+            fed.client_settings("a", srv.port)) as h:
+            assert (await h.get_global()).version == 0
+
+    asyncio.run(again())
