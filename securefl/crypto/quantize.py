@@ -29,6 +29,8 @@ import numpy as np
 from securefl.errors import ConfigError, DataError
 
 RING_BITS = (32, 64)
+#: Elements decoded per step: the float64 intermediate stays small whatever the model size.
+DECODE_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -119,9 +121,15 @@ class Encoding:
         total_weight = int(signed[-1])
         if total_weight < 1:
             raise DataError(f"aggregate total sample count is {total_weight}: masks did not cancel")
-        mean = signed[:-1].astype(np.float64)
-        mean /= self.scale * total_weight
-        return mean.astype(np.float32), total_weight
+        # Chunked, straight into the float32 result: a whole-model float64 copy would double
+        # the server's memory at the moment it holds the most.
+        d = signed.shape[0] - 1
+        mean = np.empty(d, np.float32)
+        divisor = self.scale * total_weight
+        for start in range(0, d, DECODE_CHUNK):
+            stop = min(start + DECODE_CHUNK, d)
+            mean[start:stop] = signed[start:stop].astype(np.float64) / divisor
+        return mean, total_weight
 
 
 def check_update(update: np.ndarray) -> None:

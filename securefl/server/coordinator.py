@@ -403,7 +403,8 @@ class Coordinator:
                 "published and too few hospitals are online to retry: ask the hospitals to "
                 "connect and send again") from exc
         _, weights = self.store.latest()
-        new = weights + result.mean_update
+        new = result.mean_update  # updated in place: no third model-sized array
+        np.add(new, weights, out=new)
         try:
             info = await asyncio.to_thread(
                 self.store.write, new, contributors=len(result.contributors),

@@ -321,6 +321,7 @@ class ServerRound:
                     masks.subtract(total, s_uv)
                 else:
                     masks.add(total, s_uv)
+        del masks  # the scratch buffer goes before the result is made
         mean, weight = self.encoding.decode(total)
         self._sum = None
         names = tuple(self.name_of(u) for u in sorted(self.survivors))
