@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import shutil
 import socket
 import subprocess
@@ -84,11 +85,18 @@ class Site:
             proc.wait()
 
 
-def start(toml: Path, log: Path, timeout: float = 60.0) -> subprocess.Popen:
+def start(toml: Path, log: Path, timeout: float = 60.0, *,
+          max_files: int | None = None) -> subprocess.Popen:
+    """Start ``securefl server``; ``max_files`` caps its open files (RLIMIT_NOFILE)."""
+
+    def limit() -> None:
+        if max_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
     offset = log.stat().st_size if log.exists() else 0  # only this start's lines count
     out = log.open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "securefl", "server", "--config", str(toml)],
-                            stdout=out, stderr=subprocess.STDOUT)
+                            stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit)
     out.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -10,8 +10,9 @@ import time
 import numpy as np
 
 from securefl.client.session import AdminSession, HospitalSession
+from securefl.errors import SecureFLError
 
-from .conftest import Site
+from .conftest import Site, start
 
 HOSPITALS = ["h00", "h01", "h02"]
 D = 5000
@@ -140,3 +141,35 @@ def test_hospitals_waiting_for_the_admin_are_not_cut_as_idle(site: Site) -> None
 
     with site.server(site.server_toml(params=D, hospitals=HOSPITALS, limits=limits)):
         asyncio.run(scenario())
+
+
+def test_running_out_of_file_descriptors_is_survived(site: Site) -> None:
+    """With its open-file limit exhausted the server cannot accept; it must log that, keep
+    retrying, and serve again as soon as descriptors are free."""
+    limits = {"handshake_timeout": 2.0}
+
+    async def scenario() -> None:
+        hogs = []
+        for _ in range(120):  # far past the limit: the kernel queues what it cannot accept
+            hogs.append(await asyncio.open_connection("127.0.0.1", site.port))
+        await asyncio.sleep(1.0)
+        for _, w in hogs:
+            w.close()
+        async with asyncio.timeout(30):  # the handshake deadline frees the rest
+            while True:
+                try:
+                    async with AdminSession(site.settings("admin")) as admin:
+                        assert await admin.version() == 0
+                    return
+                except SecureFLError:
+                    await asyncio.sleep(0.5)
+
+    toml = site.server_toml(params=D, hospitals=HOSPITALS, limits=limits)
+    proc = start(toml, site.root / "server.log", max_files=64)
+    try:
+        asyncio.run(scenario())
+        assert proc.poll() is None  # still running
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "accept failed" in (site.root / "server.log").read_text()
