@@ -1,6 +1,6 @@
 """Training throughput: our training path versus plain ``model.fit`` on the same data and model.
 
-Ours is :func:`securefl.ml.train.train` (recompile, ``tf.data`` pipeline with prefetch, the
+Ours is :func:`securefl.ml.train.train` (``tf.data`` pipeline with shuffling and prefetch, the
 per-batch progress/cancel callback the hospital UI uses).  The reference is Keras on its
 own: ``model.fit(x, y, batch_size=..., shuffle=True)`` on the same uint8 arrays with the same
 compiled model.  Each arm gets an untimed warm-up epoch (graph tracing), then the arms
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from securefl.ml.data import load_split
-from securefl.ml.model import compile_model, from_vector, make_model, to_vector
+from securefl.ml.model import from_vector, make_model, to_vector
 from securefl.ml.synth import synthesize
 from securefl.ml.train import Progress, train
 
@@ -54,7 +54,6 @@ def main() -> int:
 
     def keras_fit() -> float:
         from_vector(model, w0)
-        compile_model(model)
         t = time.perf_counter()
         model.fit(data.images, data.labels, batch_size=args.batch, epochs=args.epochs,
                   shuffle=True, verbose=0)

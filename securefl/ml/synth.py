@@ -90,7 +90,7 @@ def _volumes() -> dict[str, np.ndarray]:
 class _Slice:
     """One axial slice, pre-smoothed for a given output pixel size, plus derived maps."""
 
-    channels: np.ndarray  # (4, X, Y): t1, gm, wm, brain mask
+    channels: np.ndarray  # (X, Y, 4): t1, gm, wm, brain mask
     signed_dist: np.ndarray  # mm to the head envelope; negative inside
     depth: np.ndarray  # mm from the brain surface, inside the brain
     boundary: np.ndarray  # (k, 2) brain-surface pixel coordinates (x, y)
@@ -112,7 +112,8 @@ def _slice(z: int, smooth: float) -> _Slice:
     if smooth > 0:
         chans = ndimage.gaussian_filter(chans, (0, smooth, smooth))
     cx, cy = (float(c) for c in np.argwhere(mask).mean(axis=0))
-    return _Slice(chans.astype(np.float32), signed.astype(np.float32),
+    chans = np.ascontiguousarray(np.moveaxis(chans, 0, -1), dtype=np.float32)
+    return _Slice(chans, signed.astype(np.float32),
                   depth.astype(np.float32), boundary, (cx, cy))
 
 
@@ -181,6 +182,28 @@ def _smooth_noise(rng: np.random.Generator, size: int, grid: int = 6) -> np.ndar
     return b @ rng.standard_normal((grid, grid)).astype(np.float32) @ b.T
 
 
+def _bilinear(
+    image: np.ndarray, x: np.ndarray, y: np.ndarray, *, outside: float | None
+) -> np.ndarray:
+    """Sample ``image`` (X, Y, C) at float coordinates; ``outside`` fills points off the
+    grid (``None``: the nearest edge value).  One gather per corner for all channels."""
+    nx, ny = image.shape[:2]
+    x0 = np.floor(x)
+    y0 = np.floor(y)
+    fx = (x - x0)[..., None].astype(np.float32)
+    fy = (y - y0)[..., None].astype(np.float32)
+    x0 = x0.astype(np.intp)
+    y0 = y0.astype(np.intp)
+    xa, xb = np.clip(x0, 0, nx - 1), np.clip(x0 + 1, 0, nx - 1)
+    ya, yb = np.clip(y0, 0, ny - 1), np.clip(y0 + 1, 0, ny - 1)
+    out = (image[xa, ya] * (1 - fx) * (1 - fy) + image[xb, ya] * fx * (1 - fy)
+           + image[xa, yb] * (1 - fx) * fy + image[xb, yb] * fx * fy)
+    if outside is not None:
+        off = (x0 < 0) | (y0 < 0) | (x0 >= nx - 1) | (y0 >= ny - 1)
+        out[off] = outside
+    return out
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
@@ -243,7 +266,7 @@ def render(
             norm = math.hypot(nx, ny) or 1.0
             lx, ly = bx + 0.35 * r * nx / norm, by + 0.35 * r * ny / norm
         else:  # falx: against the midline, one side
-            col = np.nonzero(sl.channels[3, 98] > 0.5)[0]
+            col = np.nonzero(sl.channels[98, :, 3] > 0.5)[0]
             y = float(col[les.integers(len(col))]) if len(col) else cy
             lx, ly = 98.0 + les.choice([-1, 1]) * (0.55 * r + 1), y
         lesion = ("meningioma", lx, ly, r, les.uniform(0.3, 0.55))
@@ -258,14 +281,11 @@ def render(
         _, lx, ly, r, push = lesion
         dx, dy = px - lx, py - ly
         dist = np.sqrt(dx * dx + dy * dy) + 1e-3
-        new = np.maximum(dist - push * r * np.exp(-((dist / (1.6 * r)) ** 2)), 0.0)
+        new = np.maximum(dist - push * r * np.exp(-((dist / (1.3 * r)) ** 2)), 0.0)
         sx, sy = lx + dx * new / dist, ly + dy * new / dist
-    coords = np.stack([sx, sy])
-    t1, gm, wm, brain = (
-        ndimage.map_coordinates(ch, coords, order=1, mode="constant", cval=0.0)
-        for ch in sl.channels
-    )
-    sd = ndimage.map_coordinates(sl.signed_dist, np.stack([px, py]), order=1, mode="nearest")
+    sampled = _bilinear(sl.channels, sx, sy, outside=0.0)
+    t1, gm, wm, brain = (sampled[..., i] for i in range(4))
+    sd = _bilinear(sl.signed_dist[..., None], px, py, outside=None)[..., 0]
 
     # tissue contrast of this site
     img = t1 + site.gm_wm * (wm - gm) * 0.5

@@ -95,12 +95,21 @@ def train(
     cancel: threading.Event | None = None,
     seed: int = 0,
 ) -> TrainResult:
-    """Train ``model`` in place on ``data``; a fresh Adam optimizer each call (each round)."""
+    """Train ``model`` in place on ``data``.
+
+    As in Flower's Keras quickstart, a compiled model keeps its optimizer (and its compiled
+    training step) from one call to the next — recompiling every round would retrace the
+    graph each time; only the learning rate is updated.  An uncompiled model is compiled
+    with Adam.
+    """
     if len(data) == 0:
         raise DataError("no training images: nothing to learn from")
     if epochs < 1 or batch_size < 1:
         raise DataError("epochs and batch size must be at least 1")
-    compile_model(model, learning_rate)
+    if getattr(model, "compiled", False) and getattr(model, "optimizer", None) is not None:
+        model.optimizer.learning_rate = learning_rate
+    else:
+        compile_model(model, learning_rate)
     batches = -(-len(data) // batch_size)
     ds = make_dataset(data, batch_size, shuffle=True, seed=seed)
     callback = _progress_callback(epochs, batches, progress, cancel)
