@@ -42,7 +42,7 @@ SMALL_FILTERS = (16, 32, 64, 128)
 SMALL_DROPOUT = 0.2
 SMALL_NORM = "batch"
 SMALL_GROUPS = 8
-BN_MOMENTUM = 0.9  # moving statistics settle within a few dozen batches (short local rounds)
+BN_MOMENTUM = 0.5  # moving statistics must track fast-changing activations (see docs/ML.md)
 
 
 class LayerSpec(BaseModel):
