@@ -53,7 +53,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "with training alone.",
     )
     p.add_argument("--hospitals", type=int, default=3, help="hospitals (default 3)")
-    p.add_argument("--rounds", type=int, default=4, help="federated rounds (default 4)")
+    p.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
     p.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels (64)")
     p.add_argument("--keep", type=Path, help="build the federation in this folder")

@@ -9,6 +9,7 @@ line that is not one of the known notices is written back.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -61,6 +62,9 @@ def tensorflow() -> ModuleType:
                 rest = _filtered(tmp.read().decode("utf-8", "replace"))
         if rest:
             sys.stderr.write(rest)
+        # Retracing and similar notices are for TensorFlow developers, not for the people
+        # training a hospital's model; real errors still get through.
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
         return tf
 
 
