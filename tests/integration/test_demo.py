@@ -19,10 +19,13 @@ def test_demo_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     assert len(result.rows) == 1 and result.rows[0].version == 1
     row = result.rows[0]
     assert set(row.global_acc) == set(row.local_acc) == {"hospital_1", "hospital_2"}
-    assert all(0.0 <= acc <= 1.0 for acc in [*row.global_acc.values(),
-                                              *row.local_acc.values()])
+    assert set(row.pooled_local) == {"hospital_1", "hospital_2"}
+    assert all(0.0 <= acc <= 1.0 for acc in [*row.global_acc.values(), *row.local_acc.values(),
+                                              *row.pooled_local.values(), row.pooled_global])
+    assert result.final_global_acc == row.pooled_global
+    assert result.best_local_acc == max(row.pooled_local.values())
     text = "\n".join(lines)
-    assert "SYNTHETIC" in text and "summary:" in text and str(tmp_path / "fed") in text
+    assert "SYNTHETIC" in text and "summary:" in text and "points" in text and str(tmp_path / "fed") in text
     store = ModelStore(tmp_path / "fed" / "server" / "store")
     assert store.versions() == [0, 1]
     info, _ = store.read(1)
