@@ -40,7 +40,7 @@ AUGMENT_ROTATION = 0.03  # fraction of a full turn (about +-11 degrees)
 AUGMENT_ZOOM = 0.08
 SMALL_FILTERS = (16, 32, 64, 128)
 SMALL_DROPOUT = 0.2
-SMALL_NORM = "batch"
+SMALL_NORM = "batch"  # "group" (GroupNormalization) or "none": kept for experiments, see RESULTS
 SMALL_GROUPS = 8
 BN_MOMENTUM = 0.5  # moving statistics must track fast-changing activations (see docs/ML.md)
 

@@ -36,6 +36,11 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
     events = [h["event"] for h in read_history(tmp_path / "runs" / "h1" / "history.jsonl")]
     assert events == ["train", "evaluate"]
 
+    # settings that no longer match the saved model are refused, not silently retrained
+    cfg.write_text(cfg.read_text().replace("image_size = 32", "image_size = 40"))
+    assert main(["client", "--config", str(cfg), "evaluate"]) == 4
+    assert "move the old model file away" in capsys.readouterr().err
+
 
 def test_errors_are_one_sentence_and_an_exit_code(tmp_path, capsys):
     cfg = tmp_path / "h.toml"
