@@ -38,8 +38,6 @@ from securefl.errors import ConfigError, DataError
 from securefl.ml.settings import MLSettings, load_ml_settings
 
 if TYPE_CHECKING:  # pragma: no cover
-    import keras
-
     from securefl.ml.data import ImageSet
     from securefl.ml.train import EvalReport, ProgressFn, TrainResult
 
@@ -67,7 +65,7 @@ class Hospital:
     def __init__(self, settings: config.ClientSettings, ml: MLSettings) -> None:
         self.settings, self.ml = settings, ml
         self.state_dir = Path(settings.data_dir)
-        self._model: keras.Model | None = None
+        self._model: Any = None  # a keras.Model; only securefl.ml names Keras
         self._scans: dict[str, tuple[tuple[int, float], ImageSet]] = {}
 
     @classmethod
@@ -120,7 +118,7 @@ class Hospital:
         return summary
 
     # -- ML (blocking) ------------------------------------------------------------------------
-    def model(self) -> keras.Model:
+    def model(self) -> Any:
         """The local Keras model, loaded (or built) once and kept."""
         if self._model is None:
             from securefl.ml.local import load_or_create_model

@@ -25,7 +25,8 @@ def test_demo_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     assert result.final_global_acc == row.pooled_global
     assert result.best_local_acc == max(row.pooled_local.values())
     text = "\n".join(lines)
-    assert "SYNTHETIC" in text and "summary:" in text and "points" in text and str(tmp_path / "fed") in text
+    assert "SYNTHETIC" in text and "summary:" in text and "points" in text
+    assert str(tmp_path / "fed") in text
     store = ModelStore(tmp_path / "fed" / "server" / "store")
     assert store.versions() == [0, 1]
     info, _ = store.read(1)
