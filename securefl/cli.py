@@ -143,8 +143,11 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
 
 def _add_client(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("client", help="a hospital: train, evaluate, classify, get and send weights")
-    p.add_argument("--config", type=Path, required=True, help="hospital.toml from the kit")
-    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p.add_argument("--config", type=Path, help="hospital.toml from the kit (with no ACTION "
+                   "the app asks for it)")
+    p.add_argument("--hospital", help="with no ACTION: the hospital name to check against the "
+                   "certificate (asked for when not given)")
+    acts = p.add_subparsers(dest="action", metavar="ACTION", required=False)
     get = acts.add_parser("get", help="download the current global model into data_dir")
     send = acts.add_parser("send", help="take part in a round with a trained update")
     what = send.add_mutually_exclusive_group(required=True)
@@ -160,6 +163,12 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
 
         return commands.run(commands.hospital, args)
 
+    def run_app(args: argparse.Namespace) -> int:
+        from securefl.tui.hospital.app import run_hospital_app
+
+        return run_hospital_app(args.config, args.hospital)
+
+    p.set_defaults(func=run_app)
     for action in (get, send, status):
         action.set_defaults(func=run)
     _add_client_ml_actions(acts)
@@ -168,10 +177,16 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
 def _add_admin(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("admin", help="operator actions (needs the admin certificate)")
     p.add_argument("--config", type=Path, required=True, help="admin.toml")
-    p.add_argument("action", choices=["aggregate", "version", "count", "status", "close",
-                                      "abort"])
+    p.add_argument("action", nargs="?", default=None,
+                   choices=["aggregate", "version", "count", "status", "close", "abort",
+                            "hospitals", "history", "audit"],
+                   help="with no ACTION: the administrator's terminal app")
 
     def run(args: argparse.Namespace) -> int:
+        if args.action is None:
+            from securefl.tui.admin.app import run_admin_app
+
+            return run_admin_app(args.config)
         from securefl.client import commands
 
         return commands.run(commands.admin, args)
@@ -296,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.command == "client" and args.action is not None and args.config is None:
+        parser.error(f"securefl client {args.action} needs --config hospital.toml")
     func: Handler | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()
