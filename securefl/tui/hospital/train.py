@@ -13,6 +13,7 @@ from pathlib import Path
 
 from textual import on, work
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
@@ -30,7 +31,8 @@ CURVE_POINTS = 200
 class TrainScreen(Screen):
     CSS_PATH = HERE / "train.tcss"
     BINDINGS = [("escape", "back", "Back"), ("enter", "start", "Start"),
-                ("x", "cancel", "Cancel training")]
+                # priority: the focused number field would otherwise take ctrl+x as "cut"
+                Binding("ctrl+x", "cancel", "Cancel training", priority=True)]
 
     class Update(Message):
         """One training step; a newer one replaces an older one still in the queue."""
@@ -118,9 +120,12 @@ class TrainScreen(Screen):
             self.cancel_event.set()
             self.query_one("#state", Static).update("Cancelling after this batch…")
 
+    def on_unmount(self) -> None:
+        self.cancel_event.set()  # the app is closing: stop the thread after this batch
+
     def action_back(self) -> None:
         if self.running:
-            self.notify("Training is running: cancel it first (x).", severity="warning")
+            self.notify("Training is running: cancel it first (ctrl+x).", severity="warning")
             return
         self.dismiss()
 
@@ -149,7 +154,7 @@ class TrainScreen(Screen):
         self.query_one("#accuracy", Sparkline).data = list(self.accuracies)
         self.query_one("#loss-label", Static).update(f"Loss: {p.loss:.4f}")
         self.query_one("#acc-label", Static).update(f"Accuracy: {p.accuracy:.1%}")
-        self.query_one("#state", Static).update("Training… (x to cancel)")
+        self.query_one("#state", Static).update("Training… (ctrl+x or Cancel to stop)")
 
     @on(Finished)
     def _finished(self, message: Finished) -> None:
