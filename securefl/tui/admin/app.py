@@ -34,6 +34,7 @@ def too_few_advice(exc: SecureFLError) -> str:
 
 class AdminApp(App[int]):
     TITLE = "securefl — administrator"
+    ENABLE_COMMAND_PALETTE = False  # every action is on a key shown in the footer
 
     def __init__(self, settings: config.ClientSettings | None, *, connect: bool = True) -> None:
         super().__init__()

@@ -17,6 +17,10 @@ from securefl.client.session import HospitalInfo, ServerStatus
 HERE = Path(__file__).parent
 
 
+COLUMNS = [("Hospital", 14), ("Online", 6), ("Joined", 6), ("Submitted", 9),
+           ("Last seen (UTC)", 19), ("Cert expires", 12)]
+
+
 def short_time(iso: str) -> str:
     """'2026-11-28T21:03:07+00:00' -> '2026-11-28 21:03:07'; '' -> 'never'."""
     return iso.replace("T", " ")[:19] if iso else "never"
@@ -40,9 +44,9 @@ def yes(flag: bool) -> str:
 
 class AdminDashboard(Screen):
     CSS_PATH = HERE / "dashboard.tcss"
-    BINDINGS = [("a", "app.aggregate", "Aggregate"), ("e", "app.close_enrolment", "Close enrol"),
-                ("x", "app.abort", "Abort round"), ("v", "app.versions", "Versions"),
-                ("l", "app.audit", "Audit log"), ("r", "app.refresh", "Refresh"),
+    BINDINGS = [("a", "app.aggregate", "Aggregate"), ("e", "app.close_enrolment", "Close"),
+                ("x", "app.abort", "Abort"), ("v", "app.versions", "Versions"),
+                ("l", "app.audit", "Audit"), ("r", "app.refresh", "Refresh"),
                 ("q", "app.logout", "Log out")]
 
     def __init__(self) -> None:
@@ -84,8 +88,8 @@ class AdminDashboard(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one("#hospitals", DataTable)
-        table.add_columns("Hospital", "Online", "Joined", "Submitted", "Last seen (UTC)",
-                          "Cert expires")
+        for label, width in COLUMNS:  # fixed widths: the rows change every refresh
+            table.add_column(label, width=width)
         self._fill_table()
         self._draw()
 

@@ -30,6 +30,7 @@ STATUS_EVERY = 5.0
 
 class HospitalApp(App[int]):
     TITLE = "securefl — hospital"
+    ENABLE_COMMAND_PALETTE = False  # every action is on a key shown in the footer
 
     def __init__(self, config: Path | None = None, hospital_name: str | None = None, *,
                  connect: bool = True) -> None:

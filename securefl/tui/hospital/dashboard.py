@@ -20,9 +20,10 @@ from securefl.client.session import ServerStatus
 
 HERE = Path(__file__).parent
 
-ACTIONS = [("train", "Train", "t"), ("send", "Send weights", "s"), ("get", "Get weights", "g"),
-           ("classify", "Classify scan", "c"), ("history", "History", "h"),
-           ("logout", "Log out", "q")]
+#: (action, button label, key, footer label): short footer labels so all fit in 80 columns.
+ACTIONS = [("train", "Train", "t", "Train"), ("send", "Send weights", "s", "Send"),
+           ("get", "Get weights", "g", "Get"), ("classify", "Classify scan", "c", "Classify"),
+           ("history", "History", "h", "History"), ("logout", "Log out", "q", "Log out")]
 
 
 def describe_local(state: LocalState, downloaded: int | None) -> str:
@@ -51,7 +52,7 @@ def describe_status(status: ServerStatus | None) -> tuple[str, str]:
 
 class DashboardScreen(Screen):
     CSS_PATH = HERE / "dashboard.tcss"
-    BINDINGS = [(key, f"app.{action}", label) for action, label, key in ACTIONS] + [
+    BINDINGS = [(key, f"app.{action}", short) for action, _, key, short in ACTIONS] + [
         ("r", "app.reconnect", "Refresh")]
 
     def __init__(self, hospital_name: str, summary: dict[str, dict[str, int]]) -> None:
@@ -93,8 +94,8 @@ class DashboardScreen(Screen):
                 yield Static("", id="phase")
                 yield DataTable(id="data", cursor_type="none", zebra_stripes=True)
             with Vertical(id="actions"):
-                for action, label, key in ACTIONS:
-                    yield Button(f"{label} [{key}]", id=action)
+                for action, label, key, _ in ACTIONS:
+                    yield Button(f"{label} ({key})", id=action)
         yield Footer()
 
     def on_mount(self) -> None:
