@@ -71,9 +71,10 @@ class TrainScreen(Screen):
                 yield Button("Start", variant="primary", id="start")
                 yield Button("Cancel", variant="error", id="cancel", disabled=True)
             yield Label("Epoch", id="epoch-label")
-            yield ProgressBar(id="epoch-bar", show_eta=False)
+            # Determinate from the start: an idle indeterminate bar animates for nothing.
+            yield ProgressBar(total=ml.epochs, id="epoch-bar", show_eta=False)
             yield Label("Batch", id="batch-label")
-            yield ProgressBar(id="batch-bar", show_eta=False)
+            yield ProgressBar(total=1, id="batch-bar", show_eta=False)
             yield Static("Loss: -", id="loss-label")
             yield Sparkline([], id="loss")
             yield Static("Accuracy: -", id="acc-label")
