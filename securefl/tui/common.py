@@ -42,7 +42,8 @@ def explain(exc: BaseException) -> str:
                 "others to connect and send, then try again.")
     if isinstance(exc, SecureFLError):
         return exc.message
-    return f"unexpected error ({type(exc).__name__}): please report it; the app keeps running"
+    return (f"unexpected error ({type(exc).__name__}: {str(exc)[:200]}): please report it; the "
+            "app keeps running")
 
 
 def notify_error(app: App, exc: BaseException, title: str = "Error") -> None:

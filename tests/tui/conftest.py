@@ -99,7 +99,10 @@ async def until(pilot: object, condition: Callable[[], bool], timeout: float = 6
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
+            app = pilot.app  # type: ignore[attr-defined]
+            said = [str(n.message) for n in app._notifications]
+            raise AssertionError(f"condition not reached in time on {app.screen}; "
+                                 f"notifications: {said}")
         await pilot.pause(0.05)  # type: ignore[attr-defined]
 
 

@@ -47,7 +47,7 @@ def test_dashboard_aggregate_versions_audit_and_logout(fed: Fed) -> None:
                 assert isinstance(app.screen, AdminDashboard)
                 await pilot.press("a", "y")
                 await until(pilot, lambda: "Published version 1" in text(app, "#activity"))
-                assert "from 2 hospitals (20 samples)" in text(app, "#activity")
+                assert "2 hospitals, 20 samples" in text(app, "#activity")
                 assert [(await t).version for t in sends] == [1, 1]  # type: ignore[attr-defined]
                 await until(pilot, lambda: "Global version: 1" in text(app, "#version"))
                 # Version history: newest first, with contributors, samples and sha256.

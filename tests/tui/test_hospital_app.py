@@ -78,7 +78,8 @@ def test_get_train_send_history_and_logout(fed: Fed) -> None:
                 await pilot.press("g")
                 assert isinstance(app.screen, GetScreen)
                 await pilot.press("enter")
-                await until(pilot, lambda: "Accuracy" in text(app, "#summary"), 120)
+                await until(pilot, lambda: "accuracy" in text(app, "#summary"), 120)
+                assert "Global version 0" in text(app, "#summary")
                 assert "16 test scans" in text(app, "#summary")
                 assert app.screen.query_one("#confusion", DataTable).row_count == 4
                 assert app.screen.query_one("#per-class", DataTable).row_count == 4

@@ -50,7 +50,7 @@ def test_classify_a_scan_picked_by_path(fed: Fed) -> None:
                            for n in app._notifications)
                 await pilot.press("escape")
                 await pilot.press("g", "enter")
-                await until(pilot, lambda: "Accuracy" in text(app, "#summary"), 120)
+                await until(pilot, lambda: "accuracy" in text(app, "#summary"), 120)
                 await pilot.press("escape", "c")
                 app.screen.query_one("#path", Input).value = str(scan)
                 app.screen.query_one("#path", Input).focus()

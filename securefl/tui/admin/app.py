@@ -144,8 +144,8 @@ class AdminApp(App[int]):
             self.dashboard.show(activity="Aggregation failed.")
             notify_error(self, exc, "Aggregation failed")
         else:
-            self.dashboard.show(activity=f"Published version {out.version} from "
-                                f"{out.contributors} hospitals ({out.total_samples} samples).")
+            self.dashboard.show(activity=f"Published version {out.version}: "
+                                f"{out.contributors} hospitals, {out.total_samples} samples.")
             self.notify(f"Version {out.version} published.", title="Aggregated")
         finally:
             self.busy = False

@@ -47,6 +47,7 @@ class HospitalApp(App[int]):
     @on(LoginScreen.LoggedIn)
     def _logged_in(self, message: LoginScreen.LoggedIn) -> None:
         self.hospital = h = message.hospital
+        self.config_path = message.config
         self.sub_title = h.name
         self.dashboard = DashboardScreen(h.name, h.data_summary())
         self.switch_screen(self.dashboard)
@@ -124,7 +125,8 @@ class HospitalApp(App[int]):
     def action_train(self) -> None:
         if self._can_act():
             assert self.hospital is not None
-            self.push_screen(TrainScreen(self.hospital))
+            assert self.config_path is not None
+            self.push_screen(TrainScreen(self.hospital, self.config_path))
 
     def action_send(self) -> None:
         if self._can_act():

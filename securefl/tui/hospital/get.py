@@ -45,6 +45,7 @@ class GetScreen(Screen):
         super().__init__()
         self.hospital, self.session = hospital, session
         self.running = False
+        self.version: int | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -101,6 +102,7 @@ class GetScreen(Screen):
                        {"event": "get", "version": model.version, "sha256": model.sha256,
                         "contributors": model.contributors,
                         "total_samples": model.total_samples})
+        self.version = model.version
         self._step(3, f"Global version {model.version}, sha256 {model.sha256[:16]}…; "
                    "evaluating on this hospital's test scans…")
         self.post_message(self.Downloaded(model.version))
@@ -125,7 +127,8 @@ class GetScreen(Screen):
         r = message.report
         self._step(4)
         self.query_one("#summary", Static).update(
-            f"Accuracy {r.accuracy:.1%} · macro F1 {r.macro_f1:.3f} · {r.num_samples} test scans")
+            f"Global version {self.version} · accuracy {r.accuracy:.1%} · macro F1 "
+            f"{r.macro_f1:.3f} · {r.num_samples} test scans")
         show_report(self.query_one("#per-class", DataTable),
                     self.query_one("#confusion", DataTable), r)
 
@@ -138,6 +141,6 @@ def show_report(per_class: DataTable, confusion: DataTable, r: EvalReport) -> No
         per_class.add_row(name, f"{m.recall:.0%}", f"{m.precision:.0%}", str(m.support))
     names = list(r.per_class)
     confusion.clear(columns=True)
-    confusion.add_columns("true \\ pred", *[n[:5] for n in names])
+    confusion.add_columns("true\\pred", *[n[:4] for n in names])
     for name, row in zip(names, r.confusion, strict=True):
         confusion.add_row(name, *[str(v) for v in row])

@@ -42,9 +42,9 @@ class LoginScreen(Screen):
     BINDINGS = [("ctrl+q", "app.quit", "Quit")]
 
     class LoggedIn(Message):
-        def __init__(self, hospital: Hospital) -> None:
+        def __init__(self, hospital: Hospital, config: Path) -> None:
             super().__init__()
-            self.hospital = hospital
+            self.hospital, self.config = hospital, config
 
     def __init__(self, config: Path | None = None, name: str | None = None) -> None:
         super().__init__()
@@ -85,4 +85,4 @@ class LoginScreen(Screen):
             text = exc.message if isinstance(exc, SecureFLError) else str(exc)
             self.query_one("#problem", Static).update(text)
             return
-        self.post_message(self.LoggedIn(hospital))
+        self.post_message(self.LoggedIn(hospital, Path(config.strip()).expanduser().resolve()))

@@ -1,9 +1,11 @@
 """Train the local model: epochs and batch size, progress per epoch and batch, live curves.
 
-Training is TensorFlow work that blocks for minutes, so it runs in a thread worker that
-only posts messages (``Progress`` coalesces: when batches come faster than the screen
-repaints, only the newest is kept).  Cancel sets a ``threading.Event`` that the training
-callback checks after every batch.
+Training is TensorFlow work that blocks for minutes, so a thread worker that only posts
+messages supervises it; the training itself runs in a child process (see ``trainer``: in
+this process TensorFlow's long GIL holds froze the event loop for up to a second).
+``Update`` coalesces: when batches come faster than the screen repaints, only the newest
+is kept.  Cancel sets a ``threading.Event`` that reaches the training callback, which checks
+it after every batch.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from securefl.client.hospital import Hospital
 from securefl.errors import SecureFLError
 from securefl.ml.train import Progress, TrainResult
 from securefl.tui.common import notify_error
+from securefl.tui.hospital.trainer import train_in_child
 
 HERE = Path(__file__).parent
 CURVE_POINTS = 200
@@ -51,9 +54,9 @@ class TrainScreen(Screen):
             super().__init__()
             self.result, self.error = result, error
 
-    def __init__(self, hospital: Hospital) -> None:
+    def __init__(self, hospital: Hospital, config: Path) -> None:
         super().__init__()
-        self.hospital = hospital
+        self.hospital, self.config = hospital, config
         self.cancel_event = threading.Event()
         self.running = False
         self.losses: list[float] = []
@@ -94,6 +97,7 @@ class TrainScreen(Screen):
         return epochs, batch
 
     @on(Button.Pressed, "#start")
+    @on(Input.Submitted)
     def action_start(self) -> None:
         if self.running:
             return
@@ -133,9 +137,12 @@ class TrainScreen(Screen):
     @work(thread=True, exclusive=True, group="train")
     def run_training(self) -> None:
         """Blocking TensorFlow training; talks to the UI only through messages."""
+        ml = self.hospital.ml
         try:
-            result = self.hospital.train(progress=lambda p: self.post_message(self.Update(p)),
-                                         cancel=self.cancel_event)
+            result = train_in_child(self.config,
+                                    {"epochs": ml.epochs, "batch_size": ml.batch_size},
+                                    lambda p: self.post_message(self.Update(p)),
+                                    self.cancel_event)
         except (SecureFLError, Exception) as exc:  # shown, never raised into the UI
             self.post_message(self.Finished(None, exc))
             return
