@@ -165,20 +165,37 @@ def _add_client_net_actions(actions: argparse._SubParsersAction) -> None:
 
 
 def _add_client(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("client", help="a hospital: train, evaluate, classify, get and send")
-    p.add_argument("--config", type=Path, required=True, help="the hospital's TOML file")
-    actions = p.add_subparsers(dest="client_action", metavar="ACTION", required=True)
+    p = sub.add_parser("client", help="a hospital: the app, or train, evaluate, classify, "
+                       "get, send, status")
+    p.add_argument("--config", type=Path, help="hospital.toml from the kit (with no ACTION "
+                   "the app asks for it)")
+    p.add_argument("--hospital", help="with no ACTION: the hospital name to check against the "
+                   "certificate (asked for when not given)")
+    actions = p.add_subparsers(dest="client_action", metavar="ACTION", required=False)
     _add_client_ml_actions(actions)
     _add_client_net_actions(actions)
+
+    def run_app(args: argparse.Namespace) -> int:
+        from securefl.tui.hospital.app import run_hospital_app
+
+        return run_hospital_app(args.config, args.hospital)
+
+    p.set_defaults(func=run_app)
 
 
 def _add_admin(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("admin", help="operator actions (needs the admin certificate)")
     p.add_argument("--config", type=Path, required=True, help="admin.toml")
-    p.add_argument("action", choices=["aggregate", "version", "count", "status", "close",
-                                      "abort"])
+    p.add_argument("action", nargs="?", default=None,
+                   choices=["aggregate", "version", "count", "status", "close", "abort",
+                            "hospitals", "history", "audit"],
+                   help="with no ACTION: the administrator's terminal app")
 
     def run(args: argparse.Namespace) -> int:
+        if args.action is None:
+            from securefl.tui.admin.app import run_admin_app
+
+            return run_admin_app(args.config)
         from securefl.client import commands
 
         return commands.run(commands.admin, args)
@@ -303,6 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    action = getattr(args, "client_action", None)
+    if args.command == "client" and action is not None and args.config is None:
+        parser.error(f"securefl client {action} needs --config hospital.toml")
     func: Handler | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()

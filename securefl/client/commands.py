@@ -115,6 +115,15 @@ async def admin(args: argparse.Namespace) -> int:
             print(await session.count())
         elif action == "close":
             print(f"enrolment of round {await session.close_enrolment()} closed")
+        elif action == "hospitals":
+            for h in await session.hospitals():
+                print(json.dumps(h.__dict__))
+        elif action == "history":
+            for v in await session.history():
+                print(json.dumps(v.__dict__))
+        elif action == "audit":
+            for e in await session.audit():
+                print(json.dumps(e.__dict__))
         elif action == "abort":
             print(f"round {await session.abort_round()} aborted; hospitals will send again")
     return 0

@@ -67,6 +67,37 @@ class AggregateOutcome:
 
 
 @dataclass(frozen=True)
+class HospitalInfo:
+    """One hospital as the admin dashboard shows it (times are UTC ISO text, "" = unknown)."""
+
+    name: str
+    registered: bool
+    online: bool
+    joined: bool
+    submitted: bool
+    last_seen: str
+    cert_expires: str
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    version: int
+    created: str
+    contributors: int
+    total_samples: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    time: str
+    event: str
+    name: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class RoundStep:
     """Where a hospital's ``send`` is, for progress displays (the TUI's stepper, the CLI).
 
@@ -301,3 +332,22 @@ class AdminSession(_Session):
 
     async def abort_round(self) -> int:
         return (await self._admin("abort")).value
+
+    async def _query(self, what: str, limit: int = 50) -> wm.AdminQueryReply:
+        reply, _ = await self.conn.request(
+            wm.AdminQuery(what=what, limit=limit))  # type: ignore[arg-type]
+        assert isinstance(reply, wm.AdminQueryReply)
+        return reply
+
+    async def hospitals(self) -> list[HospitalInfo]:
+        """Registered and connected hospitals: online, in the round, last seen, cert expiry."""
+        return [HospitalInfo(**r.model_dump()) for r in (await self._query("hospitals")).hospitals]
+
+    async def history(self, limit: int = 50) -> list[VersionEntry]:
+        """The newest ``limit`` global versions, oldest first."""
+        return [VersionEntry(**r.model_dump()) for r in (await self._query("history",
+                                                                             limit)).versions]
+
+    async def audit(self, limit: int = 50) -> list[AuditEntry]:
+        """The last ``limit`` audit-log entries (no key material or weights: the log has none)."""
+        return [AuditEntry(**r.model_dump()) for r in (await self._query("audit", limit)).audit]

@@ -144,6 +144,20 @@ class AdminCommand(_Wire):
     action: Literal["aggregate", "version", "count", "close", "abort"]
 
 
+class AdminQuery(_Wire):
+    """Read-only views for the admin dashboard (not audited: the dashboard polls them).
+
+    ``hospitals``: registered and connected hospitals with last-seen time and certificate
+    expiry; ``history``: the newest ``limit`` global versions' metadata; ``audit``: the last
+    ``limit`` audit-log entries (names, events and numbers only: the log holds no keys or
+    weights).
+    """
+
+    kind: Literal["admin_query"] = "admin_query"
+    what: Literal["hospitals", "history", "audit"]
+    limit: int = Field(50, ge=1, le=1000)
+
+
 # -- replies and pushes: server -> peer ----------------------------------------------------
 class Welcome(_Wire):
     kind: Literal["welcome"] = "welcome"
@@ -203,6 +217,46 @@ class AdminResult(_Wire):
     sha256: str = ""
     contributors: int = 0
     total_samples: int = 0
+
+
+class HospitalRow(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    registered: bool
+    online: bool
+    joined: bool
+    submitted: bool
+    last_seen: str = ""  # UTC ISO time of the last frame or disconnect; "" = never seen
+    cert_expires: str = ""  # UTC ISO expiry of the certificate it last connected with
+
+
+class VersionRow(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int
+    created: str
+    contributors: int
+    total_samples: int
+    sha256: str
+
+
+class AuditRow(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seq: int
+    time: str
+    event: str
+    name: str = ""
+    detail: str = Field("", max_length=500)
+
+
+class AdminQueryReply(_Wire):
+    kind: Literal["admin_query_reply"] = "admin_query_reply"
+    what: str
+    hospitals: list[HospitalRow] = Field(default_factory=list, max_length=10_000)
+    versions: list[VersionRow] = Field(default_factory=list, max_length=1000)
+    audit: list[AuditRow] = Field(default_factory=list, max_length=1000)
 
 
 class Participant(BaseModel):
@@ -275,7 +329,8 @@ class ErrorMsg(_Wire):
 Message = Annotated[
     Hello | GetGlobal | Status | Join | Advertise | ShareKeysMsg | MaskedInputMsg
     | UnmaskResponseMsg | AdminCommand | Welcome | GlobalModel | StatusReply | Joined | Ack
-    | AdminResult | RosterMsg | EnvelopesMsg | UnmaskRequestMsg | RoundDone | ErrorMsg,
+    | AdminResult | RosterMsg | EnvelopesMsg | UnmaskRequestMsg | RoundDone | ErrorMsg
+    | AdminQuery | AdminQueryReply,
     Field(discriminator="kind"),
 ]
 MESSAGE: TypeAdapter[Message] = TypeAdapter(Message)

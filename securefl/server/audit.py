@@ -74,6 +74,25 @@ def read_entries(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_bytes().splitlines() if line.strip()]
 
 
+def tail(path: Path, limit: int, chunk: int = 1 << 16) -> list[dict]:
+    """The last ``limit`` entries, reading only the end of the file (the log only grows)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        end = f.tell()
+        start, data = end, b""
+        while start > 0 and data.count(b"\n") <= limit:
+            start = max(0, start - chunk)
+            f.seek(start)
+            data = f.read(end - start)
+    lines = [line for line in data.splitlines() if line.strip()]
+    if start > 0:
+        lines = lines[1:]  # the first line may be cut
+    return [json.loads(line) for line in lines[-limit:]]
+
+
 def verify(path: Path) -> int:
     """Check the chain; returns the number of entries or raises naming the first bad line."""
     prev = GENESIS

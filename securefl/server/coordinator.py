@@ -35,6 +35,7 @@ from securefl.errors import (
 )
 from securefl.protocol import mapping
 from securefl.protocol import messages as wm
+from securefl.server import views
 from securefl.server.audit import AuditLog
 from securefl.server.plain import PlainRound
 from securefl.server.rounds import ActiveRound, ForbiddenError, Peer, RoundBusyError
@@ -53,6 +54,10 @@ class Coordinator:
                                       max_weight=self.rs.max_weight)
         self.peers: set[Peer] = set()
         self.round: ActiveRound | None = None
+        #: For the admin dashboard: when each hospital was last heard from, and when the
+        #: certificate it connected with expires.
+        self.last_seen: dict[str, str] = {}
+        self.cert_expires: dict[str, str] = {}
         self._state_path = store.root / "state.json"
         state = self._load_state()
         self.next_round_id: int = state.get("next_round", 1)
@@ -86,10 +91,15 @@ class Coordinator:
     # -- connections -----------------------------------------------------------------------
     def connected(self, peer: Peer) -> None:
         self.peers.add(peer)
+        if peer.role is Role.HOSPITAL:
+            self.last_seen[peer.name] = views.now_iso()
+            self.cert_expires[peer.name] = views.cert_expiry(peer.cert_der)
 
     def disconnected(self, peer: Peer) -> None:
         peer.open = False
         self.peers.discard(peer)
+        if peer.role is Role.HOSPITAL:
+            self.last_seen[peer.name] = views.now_iso()
         rnd = self.round
         if rnd is None or rnd.members.get(peer.name) is not peer:
             return
@@ -115,6 +125,12 @@ class Coordinator:
         self, peer: Peer, msg: wm.Message, array: np.ndarray | None
     ) -> tuple[wm._Wire, np.ndarray | None]:
         """One request -> its reply (or a ``SecureFLError`` the connection turns into one)."""
+        if peer.role is Role.HOSPITAL:
+            self.last_seen[peer.name] = views.now_iso()
+        if isinstance(msg, wm.AdminQuery):
+            if peer.role is not Role.ADMIN:
+                raise ForbiddenError("this view needs the admin certificate")
+            return self._query(msg), None
         if isinstance(msg, wm.Hello):
             if msg.protocol != wm.PROTOCOL_VERSION:
                 raise RemoteProtocolError(
@@ -346,6 +362,19 @@ class Coordinator:
         return again
 
     # -- admin -------------------------------------------------------------------------------
+    def _query(self, msg: wm.AdminQuery) -> wm.AdminQueryReply:
+        reply = wm.AdminQueryReply(rid=msg.rid, what=msg.what)
+        if msg.what == "hospitals":
+            rnd = self.round
+            rows = views.hospital_rows(
+                self.settings.hospitals, self.online(), sorted(rnd.members) if rnd else [],
+                rnd.submitted() if rnd else [], self.last_seen, self.cert_expires)
+            return reply.model_copy(update={"hospitals": rows})
+        if msg.what == "history":
+            return reply.model_copy(update={"versions": views.version_rows(self.store,
+                                                                           msg.limit)})
+        return reply.model_copy(update={"audit": views.audit_rows(self.audit.path, msg.limit)})
+
     async def _admin(self, peer: Peer, msg: wm.AdminCommand) -> wm.AdminResult:
         action, rnd = msg.action, self.round
         if action in ("aggregate", "close", "abort"):  # queries are not actions

@@ -101,6 +101,18 @@ class ModelStore:
             raise DataError(f"model version file {self._path(version)} is corrupt (sha256)")
         return info, weights
 
+    def info(self, version: int) -> VersionInfo:
+        """One version's metadata without reading its weights (for the admin's history)."""
+        try:
+            with self._path(version).open("rb") as f:
+                head = f.read(len(MAGIC) + _LEN.size)
+                if not head.startswith(MAGIC):
+                    raise ValueError("magic")
+                (meta_len,) = _LEN.unpack_from(head, len(MAGIC))
+                return VersionInfo(**json.loads(f.read(meta_len)))
+        except (OSError, ValueError, TypeError, struct.error) as exc:
+            raise DataError(f"model version file {self._path(version)} is unreadable") from exc
+
     def write(
         self, weights: np.ndarray, *, contributors: int, total_samples: int,
         version: int | None = None,

@@ -29,3 +29,18 @@ def test_console_script_help_is_fast_and_clean():
     out = subprocess.run([sys.executable, "-m", "securefl.cli", "--help"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout
+
+
+def test_client_and_admin_without_an_action_open_the_apps():
+    """No ACTION means the TUI (imported lazily); an action without --config is refused."""
+    from securefl.cli import build_parser
+
+    parser = build_parser()
+    client = parser.parse_args(["client", "--config", "h.toml", "--hospital", "x"])
+    assert client.action is None and client.func.__name__ == "run_app"
+    admin = parser.parse_args(["admin", "--config", "a.toml"])
+    assert admin.action is None
+    assert parser.parse_args(["admin", "--config", "a.toml", "history"]).action == "history"
+    out = subprocess.run([sys.executable, "-m", "securefl", "client", "status"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "needs --config" in out.stderr

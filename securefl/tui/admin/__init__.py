@@ -1,0 +1,1 @@
+"""The administrator's app: live dashboard, aggregate, close enrolment, abort, history, audit."""

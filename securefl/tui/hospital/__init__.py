@@ -1,0 +1,1 @@
+"""The hospital staff's app: log in, dashboard, train, send, get + evaluate, classify, history."""

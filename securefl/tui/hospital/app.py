@@ -1,0 +1,185 @@
+"""``HospitalApp``: owns the hospital and its session; screens render and report.
+
+Why the app owns the session: every action screen uses the same mutual-TLS connection, and
+logging out must close exactly that one.  The app reacts to the screens' messages
+(trained, sent, downloaded) by refreshing the dashboard's attributes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from textual import on, work
+from textual.app import App
+
+from securefl.client.hospital import Hospital
+from securefl.client.session import HospitalSession, ServerStatus
+from securefl.errors import SecureFLError
+from securefl.tui.common import ConfirmScreen, notify_error
+from securefl.tui.hospital.classify import ClassifyScreen
+from securefl.tui.hospital.dashboard import DashboardScreen, describe_local
+from securefl.tui.hospital.get import GetScreen
+from securefl.tui.hospital.history import HistoryScreen
+from securefl.tui.hospital.login import LoginScreen
+from securefl.tui.hospital.send import SendScreen
+from securefl.tui.hospital.train import TrainScreen
+
+STATUS_EVERY = 5.0
+
+
+class HospitalApp(App[int]):
+    TITLE = "securefl — hospital"
+    ENABLE_COMMAND_PALETTE = False  # every action is on a key shown in the footer
+
+    def __init__(self, config: Path | None = None, hospital_name: str | None = None, *,
+                 connect: bool = True) -> None:
+        super().__init__()
+        self.config_path, self.hospital_name = config, hospital_name
+        self.autoconnect = connect
+        self.hospital: Hospital | None = None
+        self.session: HospitalSession | None = None
+        self.dashboard: DashboardScreen | None = None
+
+    def on_mount(self) -> None:
+        self.push_screen(LoginScreen(self.config_path, self.hospital_name))
+
+    @on(LoginScreen.LoggedIn)
+    def _logged_in(self, message: LoginScreen.LoggedIn) -> None:
+        self.hospital = h = message.hospital
+        self.config_path = message.config
+        self.sub_title = h.name
+        self.dashboard = DashboardScreen(h.name, h.data_summary())
+        self.switch_screen(self.dashboard)
+        self.refresh_local()
+        if self.autoconnect:
+            self.connect()
+            self.set_interval(STATUS_EVERY, self.refresh_status)
+
+    # -- attributes down -----------------------------------------------------------------------
+    def refresh_local(self) -> None:
+        if self.hospital is not None and self.dashboard is not None:
+            meta = self.hospital.global_meta()
+            self.dashboard.show(local=describe_local(self.hospital.local_state(),
+                                                     meta["version"] if meta else None))
+
+    def show_status(self, status: ServerStatus | None, connection: str) -> None:
+        if self.dashboard is not None:
+            self.dashboard.show(status=status, connection=connection)
+
+    # -- network -------------------------------------------------------------------------------
+    @work(exclusive=True, group="connect")
+    async def connect(self) -> None:
+        assert self.hospital is not None
+        await self._close_session()
+        s = self.hospital.settings
+        self.show_status(None, f"Connecting to {s.host}:{s.port}…")
+        session = self.hospital.session()
+        try:
+            await session.connect()
+        except SecureFLError as exc:
+            self.show_status(None, "Not connected (press r to retry)")
+            notify_error(self, exc, "Cannot connect")
+            return
+        self.session = session
+        if session.resend_round is not None:
+            self.notify(f"Round {session.resend_round} was abandoned when the server "
+                        "restarted: send your update again (s).", severity="warning")
+        await self._status_once()
+
+    async def _status_once(self) -> None:
+        if self.session is None:
+            return
+        s = self.session.settings
+        try:
+            status = await self.session.status()
+        except SecureFLError as exc:
+            await self._close_session()
+            self.show_status(None, "Connection lost (press r to reconnect)")
+            notify_error(self, exc, "Connection lost")
+            return
+        self.show_status(status, f"Connected to {s.host}:{s.port} (mutual TLS)")
+
+    @work(exclusive=True, group="status")
+    async def refresh_status(self) -> None:
+        await self._status_once()
+
+    async def _close_session(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            with contextlib.suppress(SecureFLError, OSError):
+                await session.close()
+
+    # -- actions (keys, footer and dashboard buttons) ------------------------------------------
+    def _can_act(self) -> bool:
+        return self.hospital is not None and isinstance(self.screen, DashboardScreen)
+
+    def action_reconnect(self) -> None:
+        if self._can_act():
+            if self.session is None:
+                self.connect()
+            else:
+                self.refresh_status()
+            self.refresh_local()
+
+    def action_train(self) -> None:
+        if self._can_act():
+            assert self.hospital is not None
+            assert self.config_path is not None
+            self.push_screen(TrainScreen(self.hospital, self.config_path))
+
+    def action_send(self) -> None:
+        if self._can_act():
+            assert self.hospital is not None
+            self.push_screen(SendScreen(self.hospital, self.session))
+
+    def action_get(self) -> None:
+        if self._can_act():
+            assert self.hospital is not None
+            self.push_screen(GetScreen(self.hospital, self.session))
+
+    def action_classify(self) -> None:
+        if self._can_act():
+            assert self.hospital is not None
+            self.push_screen(ClassifyScreen(self.hospital))
+
+    def action_history(self) -> None:
+        if self._can_act():
+            assert self.hospital is not None
+            self.push_screen(HistoryScreen(self.hospital))
+
+    def action_logout(self) -> None:
+        if not self._can_act():
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.logout()
+
+        self.push_screen(ConfirmScreen("Log out and disconnect from the server?"), answered)
+
+    @work(exclusive=True, group="connect")
+    async def logout(self) -> None:
+        await self._close_session()
+        self.exit(0)
+
+    # -- messages up ---------------------------------------------------------------------------
+    @on(TrainScreen.Finished)
+    @on(GetScreen.Downloaded)
+    def _local_changed(self) -> None:
+        self.refresh_local()
+        if self.session is not None:
+            self.refresh_status()
+
+    @on(SendScreen.Sent)
+    def _sent(self, message: SendScreen.Sent) -> None:
+        if message.outcome is not None:
+            self.notify(f"Global version {message.outcome.version} published: get it (g) "
+                        "to evaluate the shared model.", title="Round finished")
+        if self.session is not None:
+            self.refresh_status()
+
+
+def run_hospital_app(config: Path | None, hospital_name: str | None) -> int:
+    """``securefl client [--config FILE] [--hospital NAME]`` with no action."""
+    return HospitalApp(config, hospital_name).run() or 0

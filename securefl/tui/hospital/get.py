@@ -1,0 +1,146 @@
+"""Get weights: download the global model (sha256 checked), then evaluate it locally.
+
+Steps: download -> sha256 verified (``HospitalSession.get_global`` refuses a mismatch) ->
+loaded into the local model -> evaluated on this hospital's test scans.  The download is
+one exclusive async worker; the evaluation is TensorFlow work in a thread worker.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Button, DataTable, Footer, Header, ProgressBar, Static
+
+from securefl.client.hospital import Hospital
+from securefl.client.session import HospitalSession
+from securefl.ml.train import EvalReport, append_history
+from securefl.tui.common import notify_error
+
+HERE = Path(__file__).parent
+STEPS = ["Downloading", "sha256 verified", "Loaded into the local model", "Evaluated"]
+
+
+class GetScreen(Screen):
+    CSS_PATH = HERE / "get.tcss"
+    BINDINGS = [("escape", "back", "Back"), ("enter", "start", "Get weights")]
+
+    class Evaluated(Message):
+        def __init__(self, report: EvalReport | None, error: BaseException | None) -> None:
+            super().__init__()
+            self.report, self.error = report, error
+
+    class Downloaded(Message):
+        """Bubbles to the app: the local model is now global version ``version``."""
+
+        def __init__(self, version: int) -> None:
+            super().__init__()
+            self.version = version
+
+    def __init__(self, hospital: Hospital, session: HospitalSession | None) -> None:
+        super().__init__()
+        self.hospital, self.session = hospital, session
+        self.running = False
+        self.version: int | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Vertical(id="get"):
+            with Horizontal(id="top"):
+                yield Button("Get weights", variant="primary", id="start")
+                yield ProgressBar(total=len(STEPS), show_eta=False, id="bar")
+            yield Static("", id="state")
+            yield Static("", id="summary")
+            with Horizontal(id="tables"):
+                yield DataTable(id="per-class", cursor_type="none")
+                yield DataTable(id="confusion", cursor_type="none")
+        yield Footer()
+
+    @on(Button.Pressed, "#start")
+    def action_start(self) -> None:
+        if self.running:
+            return
+        if self.session is None:
+            self.notify("Not connected to the server: press Escape, then r to reconnect.",
+                        severity="error")
+            return
+        self.running = True
+        self.query_one("#start", Button).disabled = True
+        self._step(0)
+        self.download()
+
+    def action_back(self) -> None:
+        if self.running:
+            self.notify("Please wait until the download and evaluation finish.",
+                        severity="warning")
+            return
+        self.dismiss()
+
+    def _step(self, done: int, extra: str = "") -> None:
+        self.query_one("#bar", ProgressBar).update(progress=done)
+        text = "  ".join(("✔ " if i < done else "· ") + s for i, s in enumerate(STEPS))
+        self.query_one("#state", Static).update(text + (f"\n{extra}" if extra else ""))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.running = False
+        self.query_one("#start", Button).disabled = False
+        notify_error(self.app, exc, "Get weights failed")
+
+    @work(exclusive=True, group="get")
+    async def download(self) -> None:
+        assert self.session is not None
+        try:
+            model = await self.hospital.get(self.session)
+        except Exception as exc:  # shown as a notification
+            self._fail(exc)
+            return
+        append_history(self.hospital.ml.history_path,
+                       {"event": "get", "version": model.version, "sha256": model.sha256,
+                        "contributors": model.contributors,
+                        "total_samples": model.total_samples})
+        self.version = model.version
+        self._step(3, f"Global version {model.version}, sha256 {model.sha256[:16]}…; "
+                   "evaluating on this hospital's test scans…")
+        self.post_message(self.Downloaded(model.version))
+        self.evaluate()
+
+    @work(thread=True, exclusive=True, group="evaluate")
+    def evaluate(self) -> None:
+        try:
+            report = self.hospital.evaluate()
+        except Exception as exc:  # shown as a notification
+            self.post_message(self.Evaluated(None, exc))
+            return
+        self.post_message(self.Evaluated(report, None))
+
+    @on(Evaluated)
+    def _evaluated(self, message: Evaluated) -> None:
+        if message.error is not None or message.report is None:
+            self._fail(message.error or RuntimeError("no report"))
+            return
+        self.running = False
+        self.query_one("#start", Button).disabled = False
+        r = message.report
+        self._step(4)
+        self.query_one("#summary", Static).update(
+            f"Global version {self.version} · accuracy {r.accuracy:.1%} · macro F1 "
+            f"{r.macro_f1:.3f} · {r.num_samples} test scans")
+        show_report(self.query_one("#per-class", DataTable),
+                    self.query_one("#confusion", DataTable), r)
+
+
+def show_report(per_class: DataTable, confusion: DataTable, r: EvalReport) -> None:
+    """Per-class recall/precision and the confusion matrix (rows true, columns predicted)."""
+    per_class.clear(columns=True)
+    per_class.add_columns("Class", "Recall", "Precision", "n")
+    for name, m in r.per_class.items():
+        per_class.add_row(name, f"{m.recall:.0%}", f"{m.precision:.0%}", str(m.support))
+    names = list(r.per_class)
+    confusion.clear(columns=True)
+    confusion.add_columns("true\\pred", *[n[:4] for n in names])
+    for name, row in zip(names, r.confusion, strict=True):
+        confusion.add_row(name, *[str(v) for v in row])

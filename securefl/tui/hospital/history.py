@@ -1,0 +1,75 @@
+"""History: global versions downloaded and local metrics over time, from history.jsonl.
+
+The hospital's ML layer writes one line per training and evaluation; the Get screen adds
+one per downloaded version.  Read-only; the file is small, so it is read on the UI thread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Sparkline, Static
+
+from securefl.client.hospital import Hospital
+from securefl.ml.train import read_history
+
+HERE = Path(__file__).parent
+
+
+def history_rows(records: list[dict]) -> list[tuple[str, str, str, str]]:
+    """(time, event, version, metrics) per record, in file order."""
+    rows = []
+    version = "-"
+    for r in records:
+        event = str(r.get("event", "?"))
+        if event == "get":
+            version = str(r.get("version", "-"))
+            metrics = f"{r.get('contributors', 0)} hospitals, {r.get('total_samples', 0)} scans"
+        elif event == "train":
+            hist = r.get("history", {})
+            loss = (hist.get("loss") or [float("nan")])[-1]
+            acc = (hist.get("accuracy") or [float("nan")])[-1]
+            metrics = (f"loss {loss:.3f}, accuracy {acc:.1%} on {r.get('num_samples', 0)} scans"
+                       + (" (cancelled)" if r.get("cancelled") else ""))
+        elif event == "evaluate":
+            metrics = (f"test accuracy {r.get('accuracy', 0):.1%}, macro F1 "
+                       f"{r.get('macro_f1', 0):.3f}")
+        else:
+            metrics = ""
+        rows.append((str(r.get("time", "")), event, version, metrics))
+    return rows
+
+
+class HistoryScreen(Screen):
+    CSS_PATH = HERE / "history.tcss"
+    BINDINGS = [("escape", "back", "Back")]
+
+    def __init__(self, hospital: Hospital) -> None:
+        super().__init__()
+        self.hospital = hospital
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Vertical(id="history"):
+            yield Static("Test accuracy over time", id="curve-label")
+            yield Sparkline([], id="curve")
+            yield DataTable(id="table", zebra_stripes=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        records = read_history(self.hospital.ml.history_path)
+        table = self.query_one("#table", DataTable)
+        table.add_columns("Time (UTC)", "Event", "Version", "Metrics")
+        for row in history_rows(records):
+            table.add_row(*row)
+        if not records:
+            self.query_one("#curve-label", Static).update(
+                "No history yet: train (t) or get weights (g) first.")
+        accs = [float(r["accuracy"]) for r in records if r.get("event") == "evaluate"]
+        self.query_one("#curve", Sparkline).data = accs
+
+    def action_back(self) -> None:
+        self.dismiss()

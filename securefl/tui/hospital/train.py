@@ -1,0 +1,182 @@
+"""Train the local model: epochs and batch size, progress per epoch and batch, live curves.
+
+Training is TensorFlow work that blocks for minutes, so a thread worker that only posts
+messages supervises it; the training itself runs in a child process (see ``trainer``: in
+this process TensorFlow's long GIL holds froze the event loop for up to a second).
+``Update`` coalesces: when batches come faster than the screen repaints, only the newest
+is kept.  Cancel sets a ``threading.Event`` that reaches the training callback, which checks
+it after every batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, Sparkline, Static
+
+from securefl.client.hospital import Hospital
+from securefl.errors import SecureFLError
+from securefl.ml.train import Progress, TrainResult
+from securefl.tui.common import notify_error
+from securefl.tui.hospital.trainer import train_in_child
+
+HERE = Path(__file__).parent
+CURVE_POINTS = 200
+
+
+class TrainScreen(Screen):
+    CSS_PATH = HERE / "train.tcss"
+    BINDINGS = [("escape", "back", "Back"), ("enter", "start", "Start"),
+                # priority: the focused number field would otherwise take ctrl+x as "cut"
+                Binding("ctrl+x", "cancel", "Cancel training", priority=True)]
+
+    class Update(Message):
+        """One training step; a newer one replaces an older one still in the queue."""
+
+        def __init__(self, progress: Progress) -> None:
+            super().__init__()
+            self.progress = progress
+
+        def can_replace(self, message: Message) -> bool:
+            return isinstance(message, TrainScreen.Update)
+
+    class Finished(Message):
+        """Training ended (``result``) or failed (``error``); bubbles up to the app."""
+
+        def __init__(self, result: TrainResult | None, error: BaseException | None) -> None:
+            super().__init__()
+            self.result, self.error = result, error
+
+    def __init__(self, hospital: Hospital, config: Path) -> None:
+        super().__init__()
+        self.hospital, self.config = hospital, config
+        self.cancel_event = threading.Event()
+        self.running = False
+        self.losses: list[float] = []
+        self.accuracies: list[float] = []
+
+    def compose(self) -> ComposeResult:
+        ml = self.hospital.ml
+        yield Header()
+        with Vertical(id="train"):
+            with Horizontal(id="settings"):
+                yield Label("Epochs")
+                yield Input(str(ml.epochs), id="epochs", type="integer")
+                yield Label("Batch size")
+                yield Input(str(ml.batch_size), id="batch", type="integer")
+                yield Button("Start", variant="primary", id="start")
+                yield Button("Cancel", variant="error", id="cancel", disabled=True)
+            yield Label("Epoch", id="epoch-label")
+            # Determinate from the start: an idle indeterminate bar animates for nothing.
+            yield ProgressBar(total=ml.epochs, id="epoch-bar", show_eta=False)
+            yield Label("Batch", id="batch-label")
+            yield ProgressBar(total=1, id="batch-bar", show_eta=False)
+            yield Static("Loss: -", id="loss-label")
+            yield Sparkline([], id="loss")
+            yield Static("Accuracy: -", id="acc-label")
+            yield Sparkline([], id="accuracy")
+            yield Static("Press Start (or Enter) to train on this hospital's scans.",
+                         id="state")
+        yield Footer()
+
+    def _settings(self) -> tuple[int, int]:
+        try:
+            epochs = int(self.query_one("#epochs", Input).value)
+            batch = int(self.query_one("#batch", Input).value)
+        except ValueError:
+            raise ValueError("epochs and batch size must be whole numbers") from None
+        if not (1 <= epochs <= 1000 and 1 <= batch <= 4096):
+            raise ValueError("epochs must be 1-1000 and batch size 1-4096")
+        return epochs, batch
+
+    @on(Button.Pressed, "#start")
+    @on(Input.Submitted)
+    def action_start(self) -> None:
+        if self.running:
+            return
+        try:
+            epochs, batch = self._settings()
+        except ValueError as exc:
+            self.notify(str(exc), title="Training settings", severity="error")
+            return
+        self.hospital.ml = self.hospital.ml.model_copy(
+            update={"epochs": epochs, "batch_size": batch})
+        self.running = True
+        self.cancel_event.clear()
+        self.losses.clear()
+        self.accuracies.clear()
+        self.query_one("#start", Button).disabled = True
+        self.query_one("#cancel", Button).disabled = False
+        self.query_one("#epoch-bar", ProgressBar).update(total=epochs, progress=0)
+        self.query_one("#batch-bar", ProgressBar).update(total=None, progress=0)
+        self.query_one("#state", Static).update("Loading scans and the model…")
+        self.run_training()
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        if self.running:
+            self.cancel_event.set()
+            self.query_one("#state", Static).update("Cancelling after this batch…")
+
+    def on_unmount(self) -> None:
+        self.cancel_event.set()  # the app is closing: stop the thread after this batch
+
+    def action_back(self) -> None:
+        if self.running:
+            self.notify("Training is running: cancel it first (ctrl+x).", severity="warning")
+            return
+        self.dismiss()
+
+    @work(thread=True, exclusive=True, group="train")
+    def run_training(self) -> None:
+        """Blocking TensorFlow training; talks to the UI only through messages."""
+        ml = self.hospital.ml
+        try:
+            result = train_in_child(self.config,
+                                    {"epochs": ml.epochs, "batch_size": ml.batch_size},
+                                    lambda p: self.post_message(self.Update(p)),
+                                    self.cancel_event)
+        except (SecureFLError, Exception) as exc:  # shown, never raised into the UI
+            self.post_message(self.Finished(None, exc))
+            return
+        self.post_message(self.Finished(result, None))
+
+    @on(Update)
+    def _update(self, message: Update) -> None:
+        p = message.progress
+        self.query_one("#epoch-bar", ProgressBar).update(
+            total=p.epochs, progress=p.epoch - 1 + p.batch / p.batches)
+        self.query_one("#batch-bar", ProgressBar).update(total=p.batches, progress=p.batch)
+        self.query_one("#epoch-label", Label).update(f"Epoch {p.epoch} of {p.epochs}")
+        self.query_one("#batch-label", Label).update(f"Batch {p.batch} of {p.batches}")
+        self.losses = ([*self.losses, p.loss])[-CURVE_POINTS:]
+        self.accuracies = ([*self.accuracies, p.accuracy])[-CURVE_POINTS:]
+        self.query_one("#loss", Sparkline).data = list(self.losses)
+        self.query_one("#accuracy", Sparkline).data = list(self.accuracies)
+        self.query_one("#loss-label", Static).update(f"Loss: {p.loss:.4f}")
+        self.query_one("#acc-label", Static).update(f"Accuracy: {p.accuracy:.1%}")
+        self.query_one("#state", Static).update("Training… (ctrl+x or Cancel to stop)")
+
+    @on(Finished)
+    def _finished(self, message: Finished) -> None:
+        self.running = False
+        self.query_one("#start", Button).disabled = False
+        self.query_one("#cancel", Button).disabled = True
+        state = self.query_one("#state", Static)
+        if message.error is not None:
+            state.update("Training failed.")
+            notify_error(self.app, message.error, "Training failed")
+        elif message.result is not None and message.result.cancelled:
+            state.update("Training cancelled; the model was not changed.")
+        elif message.result is not None:
+            r = message.result
+            state.update(f"Trained on {r.num_samples} scans in {r.seconds:.0f} s; "
+                         "press Escape, then s to send the update.")
+            self.query_one("#epoch-bar", ProgressBar).update(progress=self.hospital.ml.epochs)

@@ -1,0 +1,61 @@
+"""The admin views behind the admin dashboard (``admin_query``), over real TLS."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from securefl.client.session import AdminSession, HospitalSession
+from securefl.errors import SecureFLError
+from securefl.protocol import messages as wm
+from securefl.server import audit
+from tests.integration.conftest import Federation, running
+
+
+def test_hospitals_history_and_audit_tail(fed: Federation) -> None:
+    settings = fed.server_settings()
+
+    async def scenario() -> None:
+        async with running(settings) as srv, HospitalSession(
+                fed.client_settings("a", srv.port)) as h:
+            await h.get_global()
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                rows = {r.name: r for r in await admin.hospitals()}
+                assert set(rows) == {"a", "b", "c"}
+                assert rows["a"].online and rows["a"].last_seen
+                assert rows["a"].cert_expires[:2] == "20"
+                assert not rows["b"].online and rows["b"].last_seen == ""
+                versions = await admin.history()
+                assert [v.version for v in versions] == [0]
+                assert len(versions[0].sha256) == 64
+                entries = await admin.audit(limit=3)
+                assert len(entries) == 3
+                assert entries[-1].event == "connected" and entries[-1].name == "admin"
+                assert all("prev=" not in e.detail for e in entries)
+            # A hospital may not ask.
+            with pytest.raises(SecureFLError) as err:
+                await h.conn.request(wm.AdminQuery(what="audit"))
+            assert err.value.code == "forbidden"
+
+    asyncio.run(scenario())
+
+
+def test_audit_tail_reads_only_the_end(tmp_path) -> None:
+    log = audit.AuditLog(tmp_path / "audit.jsonl")
+    for i in range(500):
+        log.record("submission", name=f"h{i}", collected=i)
+    log.close()
+    tail = audit.tail(tmp_path / "audit.jsonl", 5, chunk=256)
+    assert [e["name"] for e in tail] == [f"h{i}" for i in range(495, 500)]
+    assert audit.tail(tmp_path / "missing.jsonl", 5) == []
+
+
+def test_store_info_reads_metadata_without_weights(tmp_path) -> None:
+    from securefl.server.store import ModelStore
+
+    store = ModelStore(tmp_path)
+    written = store.write(np.ones(10, np.float32), contributors=2, total_samples=7)
+    info = store.info(0)
+    assert info == written and info.total_samples == 7

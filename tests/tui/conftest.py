@@ -1,0 +1,124 @@
+"""Fixtures for the TUI tests: a real federation (our own certificates, tiny synthetic scans,
+settings files written by ``build_federation``) and a real ``Server`` in the test's event
+loop.  Nothing of ours is mocked: the apps talk mutual TLS to the server on loopback.
+
+Why a template copied per test: certificates, 96 synthetic scans and the server's version 0
+(built from the ML spec, which needs TensorFlow) take seconds; each test gets its own copy,
+with the folder and a fresh port rewritten in the settings files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from securefl import config
+from securefl.client.session import AdminSession, HospitalSession
+from securefl.demo.federated import DemoSettings, build_federation
+from securefl.server.app import Server
+
+TINY = DemoSettings(hospitals=2, rounds=1, epochs=1, image_size=32, train_images=40,
+                    test_images=16, seed=0)
+
+
+@dataclass
+class Fed:
+    root: Path
+    server_toml: Path
+    hospital_tomls: list[Path]
+    admin_toml: Path
+    port: int
+
+    def server_settings(self, **changes: object) -> config.ServerSettings:
+        s = config.load(self.server_toml, config.ServerSettings)
+        return s.model_copy(update=changes)
+
+    def client(self, index: int) -> config.ClientSettings:
+        """Settings of hospital ``index`` (0-based) for a headless session."""
+        return config.load(self.hospital_tomls[index], config.ClientSettings)
+
+    def admin(self) -> config.ClientSettings:
+        return config.load(self.admin_toml, config.ClientSettings)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def _template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Fed]:
+    root = tmp_path_factory.mktemp("tuifed")
+    server_toml, hospitals, admin = build_federation(TINY, root, lambda _: None)
+    port = int(config.load(server_toml, config.ServerSettings).port)
+    server = Server(config.load(server_toml, config.ServerSettings))  # writes version 0
+    server.audit.close()
+    return root, Fed(root, server_toml, hospitals, admin, port)
+
+
+@pytest.fixture
+def fed(tmp_path: Path, _template: tuple[Path, Fed]) -> Fed:
+    """A private copy of the template federation, on a fresh port."""
+    old_root, tpl = _template
+    root = tmp_path / "fed"
+    shutil.copytree(old_root, root)
+    port = free_port()
+    for toml in root.rglob("*.toml"):
+        text = toml.read_text().replace(str(old_root), str(root))
+        toml.write_text(text.replace(f"port = {tpl.port}", f"port = {port}"))
+
+    def moved(p: Path) -> Path:
+        return root / p.relative_to(old_root)
+
+    return Fed(root, moved(tpl.server_toml), [moved(p) for p in tpl.hospital_tomls],
+               moved(tpl.admin_toml), port)
+
+
+@contextlib.asynccontextmanager
+async def running(fed: Fed, **changes: object) -> AsyncIterator[Server]:
+    server = Server(fed.server_settings(**changes))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def until(pilot: object, condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Let the app run until ``condition()`` holds (bounded: fails after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            app = pilot.app  # type: ignore[attr-defined]
+            said = [str(n.message) for n in app._notifications]
+            raise AssertionError(f"condition not reached in time on {app.screen}; "
+                                 f"notifications: {said}")
+        await pilot.pause(0.05)  # type: ignore[attr-defined]
+
+
+async def headless_send(settings: config.ClientSettings, *, scale: float = 0.0,
+                        leave_after: str | None = None) -> object:
+    """Another hospital taking part through its real session with a small fixed update."""
+    async with HospitalSession(settings) as h:
+        model = await h.get_global()
+        update = np.full(model.weights.shape, scale, np.float32)
+        return await h.send(update, 10, leave_after=leave_after)  # type: ignore[arg-type]
+
+
+async def wait_collected(fed: Fed, n: int, timeout: float = 30.0) -> None:
+    async with AdminSession(fed.admin()) as admin:
+        deadline = time.monotonic() + timeout
+        while await admin.count() < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fewer than {n} updates collected")
+            await asyncio.sleep(0.05)

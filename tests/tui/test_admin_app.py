@@ -1,0 +1,111 @@
+"""Pilot tests of the administrator's app against a real server, with real hospitals'
+sessions taking part in the rounds."""
+
+from __future__ import annotations
+
+import asyncio
+
+from textual.widgets import DataTable, Static
+
+from securefl.client.session import RoundAbandonedError
+from securefl.errors import SecureFLError
+from securefl.tui.admin.app import AdminApp
+from securefl.tui.admin.audit import AuditScreen
+from securefl.tui.admin.dashboard import AdminDashboard
+from securefl.tui.admin.versions import VersionsScreen
+from securefl.tui.common import ConfirmScreen
+from tests.tui.conftest import Fed, headless_send, running, until, wait_collected
+
+
+def text(app: AdminApp, selector: str) -> str:
+    return str(app.dashboard.query_one(selector, Static).render())
+
+
+def notes(app: AdminApp) -> str:
+    return "\n".join(str(n.message) for n in app._notifications)
+
+
+def test_dashboard_aggregate_versions_audit_and_logout(fed: Fed) -> None:
+    async def scenario() -> None:
+        async with running(fed):
+            sends = [asyncio.create_task(headless_send(fed.client(i), scale=0.01))
+                     for i in (0, 1)]
+            await wait_collected(fed, 2)
+            app = AdminApp(fed.admin())
+            async with app.run_test(size=(80, 24)) as pilot:
+                await until(pilot, lambda: "collected 2 of 2" in text(app, "#round"))
+                assert "Global version: 0" in text(app, "#version")
+                table = app.dashboard.query_one("#hospitals", DataTable)
+                rows = [table.get_row_at(i) for i in range(table.row_count)]
+                assert [r[0] for r in rows] == ["hospital_1", "hospital_2"]
+                assert all(r[1:4] == ["yes", "yes", "yes"] for r in rows)
+                assert all(r[4] != "never" and r[5][:2] == "20" for r in rows)
+                # Aggregate: asks first; "no" changes nothing.
+                await pilot.press("a")
+                assert isinstance(app.screen, ConfirmScreen)
+                await pilot.press("n")
+                assert isinstance(app.screen, AdminDashboard)
+                await pilot.press("a", "y")
+                await until(pilot, lambda: "Published version 1" in text(app, "#activity"))
+                assert "2 hospitals, 20 samples" in text(app, "#activity")
+                assert [(await t).version for t in sends] == [1, 1]  # type: ignore[attr-defined]
+                await until(pilot, lambda: "Global version: 1" in text(app, "#version"))
+                # Version history: newest first, with contributors, samples and sha256.
+                await pilot.press("v")
+                await until(pilot, lambda: isinstance(app.screen, VersionsScreen))
+                versions = app.screen.query_one("#versions", DataTable)
+                assert versions.row_count == 2
+                newest = versions.get_row_at(0)
+                assert newest[0] == "1" and newest[2] == "2" and newest[3] == "20"
+                assert len(newest[4]) == 64
+                await pilot.press("escape")
+                # Audit log tail: events and names, never keys or weights.
+                await pilot.press("l")
+                await until(pilot, lambda: isinstance(app.screen, AuditScreen))
+                audit = app.screen.query_one("#audit", DataTable)
+                events = [audit.get_row_at(i)[2] for i in range(audit.row_count)]
+                assert {"admin", "aggregated", "disconnected"} <= set(events)
+                assert {"submission", "join", "connected"} <= set(events)
+                await pilot.press("escape")
+                session = app.session
+                await pilot.press("q", "y")
+                await until(pilot, lambda: app.return_code == 0)
+                assert session is not None and session._conn is None
+
+    asyncio.run(scenario())
+
+
+def test_close_enrolment_too_few_to_unmask_and_abort(fed: Fed) -> None:
+    """Three registered, two come: the admin closes enrolment; both vanish after their
+    masked input, so aggregation cannot unmask and says what to do; then a round is
+    aborted."""
+    three = ["hospital_1", "hospital_2", "hospital_3"]
+
+    async def scenario() -> None:
+        async with running(fed, hospitals=three):
+            app = AdminApp(fed.admin())
+            async with app.run_test(size=(80, 24)) as pilot:
+                await until(pilot, lambda: app.session is not None)
+                leavers = [asyncio.create_task(
+                    headless_send(fed.client(i), leave_after="masked_input")) for i in (0, 1)]
+                await until(pilot, lambda: "2 joined" in text(app, "#round"))
+                await pilot.press("e", "y")
+                await until(pilot, lambda: "Enrolment of round 1 closed" in text(app,
+                                                                                  "#activity"))
+                assert await asyncio.gather(*leavers) == [None, None]
+                await wait_collected(fed, 2)
+                await pilot.press("a", "y")
+                await until(pilot, lambda: "too few hospitals" in text(app, "#activity"))
+                assert "ask them to stay connected until aggregation" in notes(app)
+                # A new round, aborted by the administrator: the hospitals are told.
+                stayers = [asyncio.create_task(headless_send(fed.client(i))) for i in (0, 1)]
+                await until(pilot, lambda: "Round 2" in text(app, "#round")
+                            and "2 joined" in text(app, "#round"))
+                await pilot.press("x", "y")
+                await until(pilot, lambda: "Round 2 aborted" in text(app, "#activity"))
+                results = await asyncio.gather(*stayers, return_exceptions=True)
+                assert all(isinstance(r, RoundAbandonedError) for r in results), results
+                assert all("aborted" in r.message for r in results
+                           if isinstance(r, SecureFLError))
+
+    asyncio.run(scenario())

@@ -1,0 +1,158 @@
+"""Pilot tests of the hospital app against a real server on loopback with real certificates.
+
+Each test is a plain function around ``asyncio.run`` (as in tests/integration): the server
+and the app share the test's event loop.  Other hospitals and the administrator take part
+through their real sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from textual.widgets import DataTable, Input, Static
+
+from securefl.client.hospital import Hospital
+from securefl.client.session import AdminSession
+from securefl.tui.hospital.app import HospitalApp
+from securefl.tui.hospital.dashboard import DashboardScreen
+from securefl.tui.hospital.get import GetScreen
+from securefl.tui.hospital.history import HistoryScreen
+from securefl.tui.hospital.login import LoginScreen
+from securefl.tui.hospital.send import SendScreen
+from securefl.tui.hospital.train import TrainScreen
+from tests.tui.conftest import Fed, headless_send, running, until, wait_collected
+
+
+def text(app: HospitalApp, selector: str) -> str:
+    return str(app.screen.query_one(selector, Static).render())
+
+
+def test_sign_in_checks_the_name_against_the_certificate(fed: Fed) -> None:
+    async def scenario() -> None:
+        async with running(fed):
+            app = HospitalApp(fed.hospital_tomls[0], None)
+            async with app.run_test(size=(80, 24)) as pilot:
+                assert isinstance(app.screen, LoginScreen)
+                app.screen.query_one("#name", Input).value = "hospital_2"
+                await pilot.click("#sign-in")
+                await pilot.pause()
+                problem = text(app, "#problem")
+                assert "belongs to 'hospital_1', not 'hospital_2'" in problem
+                assert isinstance(app.screen, LoginScreen)
+                name = app.screen.query_one("#name", Input)
+                name.value = "hospital_1"
+                name.focus()
+                await pilot.press("enter")  # Enter in the name field signs in too
+                await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+                await until(pilot, lambda: "Connected" in text(app, "#connection"))
+                await until(pilot, lambda: "version on server: 0" in text(app, "#global"))
+                assert "Round: none in progress" in text(app, "#phase")
+                table = app.screen.query_one("#data", DataTable)
+                assert table.row_count == 5  # four classes and the total
+                total = table.get_row_at(4)
+                assert total[0] == "total" and int(total[1]) == 40 and int(total[2]) == 16
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_server_is_said_plainly(fed: Fed) -> None:
+    async def scenario() -> None:
+        app = HospitalApp(fed.hospital_tomls[0], "hospital_1")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+            await until(pilot, lambda: "press r to retry" in text(app, "#connection"))
+            assert any("server is running" in str(n.message) for n in app._notifications)
+
+    asyncio.run(scenario())
+
+
+def test_get_train_send_history_and_logout(fed: Fed) -> None:
+    """The weekly routine: get -> evaluate, train, send (with another hospital), history."""
+
+    async def scenario() -> None:
+        async with running(fed):
+            app = HospitalApp(fed.hospital_tomls[0], "hospital_1")
+            async with app.run_test(size=(80, 24)) as pilot:
+                await until(pilot, lambda: app.session is not None)
+                # Get weights: download, sha256, load, evaluate.
+                await pilot.press("g")
+                assert isinstance(app.screen, GetScreen)
+                await pilot.press("enter")
+                await until(pilot, lambda: "accuracy" in text(app, "#summary"), 120)
+                assert "Global version 0" in text(app, "#summary")
+                assert "16 test scans" in text(app, "#summary")
+                assert app.screen.query_one("#confusion", DataTable).row_count == 4
+                assert app.screen.query_one("#per-class", DataTable).row_count == 4
+                await pilot.press("escape")
+                await until(pilot, lambda: "based on global version 0" in text(app, "#local"))
+                # Train with the settings' epochs (1) and a batch size typed in.
+                await pilot.press("t")
+                assert isinstance(app.screen, TrainScreen)
+                app.screen.query_one("#batch", Input).value = "8"
+                await pilot.click("#start")
+                await until(pilot, lambda: "Trained on 40 scans" in text(app, "#state"), 120)
+                assert app.screen.losses and app.screen.accuracies
+                await pilot.press("escape")
+                assert "trained on 40 scans" in text(app, "#local")
+                # Send: the stepper follows the round; hospital_2 and the admin take part.
+                await pilot.press("s")
+                assert isinstance(app.screen, SendScreen)
+                await pilot.press("enter")
+                other = asyncio.create_task(headless_send(fed.client(1)))
+                await wait_collected(fed, 2)
+                await until(pilot, lambda: "Masked update sent" in text(app, "#steps")
+                            and app.screen.done >= 4)
+                async with AdminSession(fed.admin()) as admin:
+                    assert (await admin.aggregate()).version == 1
+                await until(pilot, lambda: "published global version 1" in text(app, "#message"))
+                assert text(app, "#steps").count("✔") == 6
+                assert (await other).version == 1  # type: ignore[attr-defined]
+                await pilot.press("escape")
+                await pilot.press("r")
+                await until(pilot, lambda: "version on server: 1" in text(app, "#global"))
+                # History shows the download, the evaluation and the training.
+                await pilot.press("h")
+                assert isinstance(app.screen, HistoryScreen)
+                table = app.screen.query_one("#table", DataTable)
+                events = [table.get_row_at(i)[1] for i in range(table.row_count)]
+                assert events == ["get", "evaluate", "train"]
+                await pilot.press("escape")
+                # Log out: confirmation, then a clean disconnect.
+                session = app.session
+                await pilot.press("q")
+                await pilot.press("n")
+                assert isinstance(app.screen, DashboardScreen)
+                await pilot.press("q")
+                await pilot.press("y")
+                await until(pilot, lambda: app.return_code == 0)
+                assert session is not None and session._conn is None
+
+    asyncio.run(scenario())
+
+
+def test_send_with_a_stale_model_says_what_to_do(fed: Fed) -> None:
+    """Trained on version 0 while the others published version 1: refused, with advice."""
+
+    async def scenario() -> None:
+        async with running(fed):
+            hospital = Hospital.from_file(fed.hospital_tomls[0])
+            async with hospital.session() as s:
+                await hospital.get(s)
+            await asyncio.to_thread(hospital.train)
+            # Version 1 without hospital_1: hospital_2 twice is not possible, so a plain pair
+            # of real sessions for both sites publishes it first.
+            sends = [asyncio.create_task(headless_send(fed.client(i))) for i in (0, 1)]
+            await wait_collected(fed, 2)
+            async with AdminSession(fed.admin()) as admin:
+                await admin.aggregate()
+            await asyncio.gather(*sends)
+            app = HospitalApp(fed.hospital_tomls[0], "hospital_1")
+            async with app.run_test(size=(80, 24)) as pilot:
+                await until(pilot, lambda: app.session is not None)
+                await pilot.press("s")
+                await pilot.press("enter")
+                await until(pilot, lambda: "current version is 1" in text(app, "#message"))
+                assert "press g to get the new global weights" in text(app, "#message")
+                assert "✘" in text(app, "#steps")
+
+    asyncio.run(scenario())

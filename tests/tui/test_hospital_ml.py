@@ -1,0 +1,120 @@
+"""The hospital app's local ML screens: classify a scan, cancel training, and the event
+loop staying responsive while TensorFlow trains in the thread worker.
+
+These need no round, but the app still signs in and connects to a real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from textual.widgets import Input, Static
+from textual_image.widget import Image
+
+from securefl.tui.hospital.app import HospitalApp
+from securefl.tui.hospital.classify import ClassifyScreen, probability_bars
+from securefl.tui.hospital.train import TrainScreen
+from tests.tui.conftest import Fed, running, until
+
+#: The event loop may never stall longer than this while training runs (issue 5).
+MAX_LAG_S = 0.100
+
+
+def text(app: HospitalApp, selector: str) -> str:
+    return str(app.screen.query_one(selector, Static).render())
+
+
+def test_probability_bars_put_the_likeliest_class_first() -> None:
+    bars = probability_bars({"glioma": 0.1, "notumor": 0.75, "pituitary": 0.15}, width=20)
+    lines = bars.splitlines()
+    assert lines[0].startswith("notumor") and "█" * 15 + "░" * 5 in lines[0]
+    assert lines[0].endswith("75.0%") and lines[2].startswith("glioma")
+
+
+def test_classify_a_scan_picked_by_path(fed: Fed) -> None:
+    async def scenario() -> None:
+        async with running(fed):
+            app = HospitalApp(fed.hospital_tomls[0], "hospital_1")
+            async with app.run_test(size=(80, 24)) as pilot:
+                await until(pilot, lambda: app.session is not None)
+                await pilot.press("c")
+                assert isinstance(app.screen, ClassifyScreen)
+                # No model yet: the error says what to do.
+                scan = next((app.hospital.ml.data_dir / "Testing" / "glioma").iterdir())
+                app.screen.query_one("#path", Input).value = str(scan)
+                app.screen.query_one("#path", Input).focus()
+                await pilot.press("enter")
+                await until(pilot, lambda: "Could not classify" in text(app, "#probs"), 120)
+                assert any("get the global model or train first" in str(n.message)
+                           for n in app._notifications)
+                await pilot.press("escape")
+                await pilot.press("g", "enter")
+                await until(pilot, lambda: "accuracy" in text(app, "#summary"), 120)
+                await pilot.press("escape", "c")
+                app.screen.query_one("#path", Input).value = str(scan)
+                app.screen.query_one("#path", Input).focus()
+                await pilot.press("enter")
+                await until(pilot, lambda: "%" in text(app, "#probs"), 120)
+                probs = text(app, "#probs").splitlines()
+                assert probs[0] == scan.name and len(probs) == 6
+                assert {line.split()[0] for line in probs[1:5]} == {
+                    "glioma", "meningioma", "notumor", "pituitary"}
+                assert app.screen.query_one("#scan", Image).image == scan
+                # Not an image: refused with advice, nothing classified.
+                app.screen.query_one("#path", Input).value = str(fed.server_toml)
+                await pilot.press("enter")
+                await pilot.pause()
+                assert any("not a JPEG or PNG" in str(n.message) for n in app._notifications)
+
+    asyncio.run(scenario())
+
+
+def test_training_keeps_the_event_loop_responsive_and_can_be_cancelled(fed: Fed) -> None:
+    """A periodic callback measures loop lag while the thread worker trains; then a second
+    run is cancelled and leaves the model as it was.
+
+    Measured from the first batch to the end of training: before that, the worker imports
+    TensorFlow and builds the model, and a first ``import tensorflow`` holds the GIL for up
+    to ~0.5 s (C extension initialisation) — a one-off per process that no thread can avoid.
+    """
+
+    async def scenario() -> None:
+        async with running(fed):
+            app = HospitalApp(fed.hospital_tomls[0], "hospital_1")
+            async with app.run_test(size=(80, 24)) as pilot:
+                await until(pilot, lambda: app.session is not None)
+                await pilot.press("t")
+                screen = app.screen
+                assert isinstance(screen, TrainScreen)
+                screen.query_one("#epochs", Input).value = "3"
+                screen.query_one("#batch", Input).value = "4"
+                lags: list[float] = []
+                done = asyncio.Event()
+
+                async def probe() -> None:
+                    period = 0.02
+                    while not done.is_set():
+                        start = time.perf_counter()
+                        await asyncio.sleep(period)
+                        if screen.running and screen.losses:  # training is under way
+                            lags.append(time.perf_counter() - start - period)
+
+                prober = asyncio.create_task(probe())
+                await pilot.click("#start")
+                await until(pilot, lambda: "Trained on 40 scans" in text(app, "#state"), 180)
+                done.set()
+                await prober
+                assert len(lags) > 10
+                assert max(lags) < MAX_LAG_S, f"event loop blocked {max(lags) * 1000:.0f} ms"
+                assert screen.query_one("#epoch-label", Static).render().plain == "Epoch 3 of 3"
+                # Cancel a second, long run once it is under way.
+                mtime = app.hospital.ml.model_path.stat().st_mtime_ns
+                screen.query_one("#epochs", Input).value = "200"
+                await pilot.click("#start")
+                await until(pilot, lambda: len(screen.losses) >= 1, 120)
+                await pilot.press("ctrl+x")
+                await until(pilot, lambda: "cancelled" in text(app, "#state"), 120)
+                assert app.hospital.ml.model_path.stat().st_mtime_ns == mtime
+
+    asyncio.run(scenario())

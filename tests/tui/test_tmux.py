@@ -1,0 +1,108 @@
+"""The real thing in a real terminal: tmux runs the server, the admin app and two hospital
+apps as separate processes (the CLI entry points), and the test types into them.
+
+Why tmux: pilot tests run the apps headless inside pytest; this one proves the commands
+people type start apps that work in a terminal, end to end: get -> train -> send ->
+aggregate -> get, with the new version number read off the captured panes.  Every wait is
+bounded and the tmux server is killed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.tui.conftest import Fed
+
+TMUX = shutil.which("tmux")
+pytestmark = pytest.mark.skipif(TMUX is None, reason="tmux is not installed")
+
+
+class Tmux:
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
+
+    def __call__(self, *args: str) -> str:
+        out = subprocess.run([TMUX or "tmux", "-S", str(self.socket), *args],
+                             capture_output=True, text=True, timeout=20, check=True)
+        return out.stdout
+
+    def window(self, name: str, command: list[str], cwd: Path) -> None:
+        line = " ".join(command)
+        self("new-window", "-d", "-n", name, "-c", str(cwd), line)
+
+    def keys(self, target: str, *keys: str) -> None:
+        for key in keys:
+            self("send-keys", "-t", target, key)
+            time.sleep(0.15)  # one key at a time, as a person types
+
+    def screen(self, target: str) -> str:
+        return self("capture-pane", "-p", "-t", target)
+
+    def wait(self, target: str, text: str, timeout: float = 90.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen(target)
+            if text in screen:
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{target!r} never showed {text!r}; it shows:\n{screen}")
+            time.sleep(0.3)
+
+
+def test_train_send_aggregate_get_in_tmux(fed: Fed, tmp_path: Path) -> None:
+    tmux = Tmux(tmp_path / "tmux.sock")
+    python = [sys.executable, "-m", "securefl"]
+    env_line = "env TERM=xterm-256color PYTHONUNBUFFERED=1 "
+    root = Path(__file__).resolve().parents[2]
+    tmux("-f", os.devnull, "new-session", "-d", "-s", "fed", "-x", "100", "-y", "30",
+         "-c", str(root), env_line + "sh")
+    try:
+        tmux.window("server", [env_line, *python, "server", "--config", str(fed.server_toml),
+                               "2>&1"], root)
+        tmux.window("admin", [env_line, *python, "admin", "--config", str(fed.admin_toml)],
+                    root)
+        for i, toml in enumerate(fed.hospital_tomls, start=1):
+            tmux.window(f"h{i}", [env_line, *python, "client", "--config", str(toml),
+                                  "--hospital", f"hospital_{i}"], root)
+        tmux.wait("fed:admin", "Connected to", 60)
+        hospitals = ["fed:h1", "fed:h2"]
+        for h in hospitals:
+            tmux.wait(h, "Connected to", 60)
+            tmux.wait(h, "Global version on server: 0", 30)
+        for h in hospitals:  # get version 0 and evaluate it
+            tmux.keys(h, "g", "Enter")
+        for h in hospitals:
+            tmux.wait(h, "accuracy", 120)
+            tmux.keys(h, "Escape", "t", "Enter")  # Enter in the epochs field starts
+        for h in hospitals:
+            tmux.wait(h, "Trained on 40 scans", 120)
+            tmux.keys(h, "Escape", "s", "Enter")
+        tmux.wait("fed:admin", "collected 2 of 2 joined", 60)
+        tmux.keys("fed:admin", "a")
+        tmux.wait("fed:admin", "Yes", 10)
+        tmux.keys("fed:admin", "y")
+        tmux.wait("fed:admin", "Published version 1", 60)
+        for h in hospitals:
+            tmux.wait(h, "published global version 1", 60)
+            tmux.keys(h, "Escape", "g", "Enter")
+        for h in hospitals:
+            screen = tmux.wait(h, "Global version 1 · accuracy", 120)
+            tmux.keys(h, "Escape", "r")
+            dashboard = tmux.wait(h, "Global version on server: 1", 30)
+            assert "based on global version 1" in dashboard, screen
+        assert "Global version: 1" in tmux.wait("fed:admin", "Global version: 1", 30)
+        # Log out of everything cleanly.
+        for target in [*hospitals, "fed:admin"]:
+            tmux.keys(target, "q")
+            tmux.wait(target, "Yes", 10)
+            tmux.keys(target, "y")
+    finally:
+        subprocess.run([TMUX or "tmux", "-S", str(tmp_path / "tmux.sock"), "kill-server"],
+                       capture_output=True, timeout=20)
