@@ -37,7 +37,7 @@ def test_client_and_admin_without_an_action_open_the_apps():
 
     parser = build_parser()
     client = parser.parse_args(["client", "--config", "h.toml", "--hospital", "x"])
-    assert client.action is None and client.func.__name__ == "run_app"
+    assert client.client_action is None and client.func.__name__ == "run_app"
     admin = parser.parse_args(["admin", "--config", "a.toml"])
     assert admin.action is None
     assert parser.parse_args(["admin", "--config", "a.toml", "history"]).action == "history"
