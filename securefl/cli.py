@@ -56,7 +56,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
     p.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels (64)")
+    p.add_argument("--train-images", type=int, default=480, help="training scans per hospital")
+    p.add_argument("--test-images", type=int, default=120, help="test scans per hospital")
     p.add_argument("--keep", type=Path, help="build the federation in this folder")
+    p.add_argument("--tui", action="store_true",
+                   help="also open the administrator's app, watching the demo live")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--secagg-only", action="store_true",
                    help="instead: one in-memory secure-aggregation round with simulated "
@@ -72,14 +76,19 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
             return run_demo(hospitals=args.hospitals, params=args.params,
                             dropout=args.dropout, seed=args.seed)
-        from securefl.demo.federated import DemoSettings
-        from securefl.demo.federated import run as run_federated
+        from securefl.demo import federated
 
         if args.hospitals < 2 or args.rounds < 1 or args.epochs < 1:
             raise errors.ConfigError("the demo needs at least 2 hospitals, 1 round, 1 epoch")
-        run_federated(DemoSettings(hospitals=args.hospitals, rounds=args.rounds,
-                                   epochs=args.epochs, image_size=args.image_size,
-                                   seed=args.seed, keep=args.keep))
+        settings = federated.DemoSettings(hospitals=args.hospitals, rounds=args.rounds,
+                                          epochs=args.epochs, image_size=args.image_size,
+                                          train_images=args.train_images,
+                                          test_images=args.test_images,
+                                          seed=args.seed, keep=args.keep)
+        if args.tui:
+            federated.run_with_admin_app(settings)
+        else:
+            federated.run(settings)
         return 0
 
     p.set_defaults(func=run)

@@ -34,12 +34,14 @@ from securefl.certs import CertDir
 from securefl.client.hospital import Hospital
 from securefl.client.session import AdminSession
 from securefl.config import ClientSettings, load
-from securefl.errors import SecureFLError, TransportError
+from securefl.errors import ConfigError, SecureFLError, TransportError
 
 if TYPE_CHECKING:  # pragma: no cover
     from securefl.ml.data import ImageSet
 
 Print = Callable[[str], None]
+#: Marks a folder as the demo's own, so a later run may replace it.
+MARKER = ".securefl-demo"
 
 
 @dataclass(frozen=True)
@@ -221,13 +223,24 @@ async def _run_rounds(settings: DemoSettings, hospitals: list[Hospital],
                 await s.close()
 
 
-def run(settings: DemoSettings, say: Print = print) -> DemoResult:
-    """Build the federation, run the rounds, stop the server; the folder is left behind."""
+def run(settings: DemoSettings, say: Print = print,
+        on_ready: Callable[[Path], None] | None = None,
+        before_stop: Callable[[], None] | None = None) -> DemoResult:
+    """Build the federation, run the rounds, stop the server; the folder is left behind.
+
+    ``on_ready`` is called with the admin settings file once the server is up, and
+    ``before_stop`` after the last round, before the server stops (``--tui`` opens the
+    administrator's app on the first and keeps the server up until the app is closed).
+    """
     started = time.perf_counter()
     root = settings.keep or Path(tempfile.mkdtemp(prefix="securefl-demo-"))
-    if settings.keep and root.exists() and any(root.iterdir()):
-        shutil.rmtree(root)
+    if root.exists() and any(root.iterdir()):
+        if not (root / MARKER).is_file():
+            raise ConfigError(f"{root} is not empty and was not made by the demo: give --keep "
+                              "a new or empty folder (the demo never deletes other files)")
+        shutil.rmtree(root)  # an earlier demo's federation: start afresh
     root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("made by `securefl demo`; the demo may delete this folder\n")
     result = DemoResult(root)
     say(f"securefl demo: a federation of {settings.hospitals} hospitals in {root}")
     say("  (built-in SYNTHETIC brain MRI slices: for trying securefl, not for clinical use)")
@@ -239,6 +252,8 @@ def run(settings: DemoSettings, say: Print = print) -> DemoResult:
                                str(server_toml)], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         asyncio.run(_wait_for_server(admin_toml, server, timeout=120))
+        if on_ready is not None:
+            on_ready(admin_toml)
         hospitals = [Hospital.from_file(p) for p in hospital_tomls]
         # The same hospitals training alone: same data, same seeded start, never connected.
         alone = {h.ml.data_dir.name: Hospital(
@@ -251,6 +266,8 @@ def run(settings: DemoSettings, say: Print = print) -> DemoResult:
         say("  each cell: accuracy on that hospital's test scans of a model trained alone for "
             "the same epochs -> of the shared model")
         asyncio.run(_run_rounds(settings, hospitals, alone, admin_toml, say, result))
+        if before_stop is not None:
+            before_stop()
     finally:
         server.terminate()
         try:
@@ -271,3 +288,59 @@ def run(settings: DemoSettings, say: Print = print) -> DemoResult:
         "server/ (model versions, audit log)")
     say("    hospitals/<name>/ (local models, metrics history)  server.log")
     return result
+
+
+def run_with_admin_app(settings: DemoSettings) -> DemoResult:
+    """The demo in a background thread, the administrator's app in the foreground.
+
+    The app owns the terminal, so the demo writes its table to ``demo.log`` in the
+    federation folder; the table is printed when the app is closed (the demo finishes
+    first if it is still running).
+    """
+    import threading
+
+    from securefl.tui.admin.app import run_admin_app
+
+    root = settings.keep or Path(tempfile.mkdtemp(prefix="securefl-demo-"))
+    settings = DemoSettings(**{**settings.__dict__, "keep": root})
+    log = root.parent / f"{root.name}-demo.log"
+    ready, app_closed = threading.Event(), threading.Event()
+    box: dict[str, object] = {}
+
+    def say(line: str) -> None:
+        with log.open("a") as fh:
+            fh.write(line + "\n")
+
+    def work() -> None:
+        def opened(admin_toml: Path) -> None:
+            box["admin"] = admin_toml
+            ready.set()
+
+        def rounds_done() -> None:
+            say("  the server stays up until the administrator's app is closed.")
+            app_closed.wait()
+
+        try:
+            box["result"] = run(settings, say=say, on_ready=opened, before_stop=rounds_done)
+        except BaseException as exc:  # reported after the app closes
+            box["error"] = exc
+        finally:
+            ready.set()
+
+    print(f"securefl demo: building the federation in {root} (progress in {log}) ...")
+    thread = threading.Thread(target=work, name="securefl-demo", daemon=True)
+    thread.start()
+    ready.wait()
+    if "admin" in box:
+        try:
+            run_admin_app(box["admin"])  # type: ignore[arg-type]
+        finally:
+            app_closed.set()
+        if thread.is_alive():
+            print("securefl demo: the app is closed; waiting for the demo's last round ...")
+    app_closed.set()
+    thread.join()
+    print(log.read_text(), end="")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]  # type: ignore[return-value]

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from securefl.demo.federated import DemoSettings, run
+from securefl.errors import ConfigError
 from securefl.server.store import ModelStore
 
 
@@ -37,3 +38,16 @@ def test_demo_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     for name in ("hospital_1", "hospital_2"):  # each hospital kept its model and its history
         assert (tmp_path / "fed" / "hospitals" / name / "model" / "model.keras").is_file()
         assert (tmp_path / "fed" / "hospitals" / name / "model" / "history.jsonl").is_file()
+
+
+def test_demo_never_deletes_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    try:
+        run(DemoSettings(keep=precious), say=lambda _line: None)
+    except ConfigError as err:
+        assert "not empty" in err.message
+    else:
+        raise AssertionError("the demo ran in a folder with someone else's files")
+    assert (precious / "notes.txt").read_text() == "keep me"
