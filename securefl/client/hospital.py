@@ -195,9 +195,10 @@ class Hospital:
         return local_w - global_w, state.num_samples, int(meta["version"])
 
     # -- federation (async) --------------------------------------------------------------------
-    async def get(self, session: HospitalSession) -> GlobalModel:
+    async def get(self, session: HospitalSession,
+                  on_progress: Callable[[int, int], None] | None = None) -> GlobalModel:
         """Download (sha256-checked), keep it, and load it into the local model."""
-        model = await session.get_global()
+        model = await session.get_global(on_progress)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         np.save(self.state_dir / "global.npy", model.weights)
         _write_json(self.state_dir / "global.json",

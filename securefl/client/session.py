@@ -182,9 +182,18 @@ class HospitalSession(_Session):
         """A round of ours that a server restart abandoned (send the update again)."""
         return self.conn.welcome.resend_round if self.conn.welcome else None
 
-    async def get_global(self) -> GlobalModel:
-        """Download the current global model; its sha256 is checked before it is returned."""
-        reply, weights = await self.conn.request(wm.GetGlobal())
+    async def get_global(
+        self, on_progress: Callable[[int, int], None] | None = None
+    ) -> GlobalModel:
+        """Download the current global model; its sha256 is checked before it is returned.
+
+        ``on_progress(received, total)`` hears the download's bytes as they arrive.
+        """
+        self.conn.payload_progress = on_progress
+        try:
+            reply, weights = await self.conn.request(wm.GetGlobal())
+        finally:
+            self.conn.payload_progress = None
         assert isinstance(reply, wm.GlobalModel) and weights is not None
         weights = weights.astype("<f4", copy=False)
         if hashlib.sha256(weights.data).hexdigest() != reply.sha256:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,8 @@ class Connection:
         self._got_reply = False
         self.bytes_sent = 0
         self.welcome: wm.Welcome | None = None
+        #: Called with (bytes received, payload size) while a large payload arrives.
+        self.payload_progress: Callable[[int, int], None] | None = None
         self._task = asyncio.create_task(self._read_loop())
 
     @classmethod
@@ -187,6 +190,8 @@ class Connection:
                     break
                 parser.receive_data(data)
                 while (frame := parser.next_frame()) is not frames.NEED_DATA:
+                    if self.payload_progress is not None and frame.payload:
+                        self.payload_progress(len(frame.payload), len(frame.payload))
                     assert isinstance(frame, frames.Frame)
                     self._got_reply = True
                     msg, array = wm.decode(frame)
@@ -197,6 +202,8 @@ class Connection:
                         failure = error_from_wire(msg)
                     else:
                         self._pushes.put_nowait((msg, array))
+                if self.payload_progress is not None and parser.payload_len:
+                    self.payload_progress(parser.payload_received, parser.payload_len)
         except RemoteProtocolError as exc:
             failure = exc
         except (ConnectionError, OSError, ssl.SSLError):

@@ -114,6 +114,11 @@ class FrameParser:
         """Payload size of the frame being received, once its prefix has been read."""
         return None if self._prefix is None else self._prefix[1]
 
+    @property
+    def payload_received(self) -> int:
+        """Payload bytes of the current frame already in place (for download progress)."""
+        return self._filled if self._payload is not None else 0
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self._eof:
             raise LocalProtocolError("data received after end of stream")

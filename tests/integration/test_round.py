@@ -278,3 +278,22 @@ def test_a_connected_but_silent_hospital_is_dropped_at_the_step_deadline(
                 await s.close()
 
     asyncio.run(scenario())
+
+
+def test_download_reports_its_progress(fed: Federation) -> None:
+    """``get_global(on_progress)`` hears the bytes as they arrive, up to the whole model."""
+    settings = fed.server_settings(model=config.ModelSettings(params=600_000))
+
+    async def scenario() -> list[tuple[int, int]]:
+        seen: list[tuple[int, int]] = []
+        async with running(settings) as srv, HospitalSession(
+                fed.client_settings("a", srv.port)) as h:
+            model = await h.get_global(on_progress=lambda got, total: seen.append((got, total)))
+            assert model.weights.nbytes == 2_400_000
+            assert h.conn.payload_progress is None  # only during that download
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert len(seen) > 2 and all(total == 2_400_000 for _, total in seen)
+    got = [g for g, _ in seen]
+    assert got == sorted(got) and got[-1] == 2_400_000

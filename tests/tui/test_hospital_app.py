@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
-from textual.widgets import DataTable, Input, Static
+import numpy as np
+from textual.widgets import DataTable, Input, ProgressBar, Static
 
 from securefl.client.hospital import Hospital
 from securefl.client.session import AdminSession
@@ -83,6 +84,9 @@ def test_get_train_send_history_and_logout(fed: Fed) -> None:
                 assert "16 test scans" in text(app, "#summary")
                 assert app.screen.query_one("#confusion", DataTable).row_count == 4
                 assert app.screen.query_one("#per-class", DataTable).row_count == 4
+                bar = app.screen.query_one("#download", ProgressBar)  # bytes, not just steps
+                weights = np.load(app.hospital.state_dir / "global.npy")
+                assert bar.total == weights.nbytes and bar.progress == weights.nbytes
                 await pilot.press("escape")
                 await until(pilot, lambda: "based on global version 0" in text(app, "#local"))
                 # Train with the settings' epochs (1) and a batch size typed in.

@@ -53,6 +53,7 @@ class GetScreen(Screen):
             with Horizontal(id="top"):
                 yield Button("Get weights", variant="primary", id="start")
                 yield ProgressBar(total=len(STEPS), show_eta=False, id="bar")
+            yield ProgressBar(total=100, show_eta=False, id="download")
             yield Static("", id="state")
             yield Static("", id="summary")
             with Horizontal(id="tables"):
@@ -85,6 +86,16 @@ class GetScreen(Screen):
         text = "  ".join(("✔ " if i < done else "· ") + s for i, s in enumerate(STEPS))
         self.query_one("#state", Static).update(text + (f"\n{extra}" if extra else ""))
 
+    def _downloaded(self, received: int, total: int) -> None:
+        """Bytes of the model so far; the bar moves only when a whole percent is added."""
+        bar = self.query_one("#download", ProgressBar)
+        if bar.total != total:
+            bar.update(total=total)
+        if received == total or received * 100 // total != (bar.progress or 0) * 100 // total:
+            bar.update(progress=received)
+            self.query_one("#state", Static).update(
+                f"Downloading the global model: {received / 1e6:.1f} of {total / 1e6:.1f} MB")
+
     def _fail(self, exc: BaseException) -> None:
         self.running = False
         self.query_one("#start", Button).disabled = False
@@ -94,7 +105,7 @@ class GetScreen(Screen):
     async def download(self) -> None:
         assert self.session is not None
         try:
-            model = await self.hospital.get(self.session)
+            model = await self.hospital.get(self.session, on_progress=self._downloaded)
         except Exception as exc:  # shown as a notification
             self._fail(exc)
             return
