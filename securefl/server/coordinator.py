@@ -12,7 +12,6 @@ Names come from the TLS certificate (``Peer.name``), never from a message.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -27,8 +26,6 @@ from securefl.crypto.pki import Role
 from securefl.crypto.quantize import Encoding
 from securefl.crypto.secagg import ServerRound, ServerState
 from securefl.errors import (
-    DataError,
-    NotEnoughSurvivorsError,
     RemoteProtocolError,
     SecureFLError,
     StaleVersionError,
@@ -36,6 +33,7 @@ from securefl.errors import (
 from securefl.protocol import mapping
 from securefl.protocol import messages as wm
 from securefl.server import views
+from securefl.server.admin import AdminActions
 from securefl.server.audit import AuditLog
 from securefl.server.plain import PlainRound
 from securefl.server.rounds import ActiveRound, ForbiddenError, Peer, RoundBusyError
@@ -43,7 +41,7 @@ from securefl.server.store import ModelStore
 
 log = logging.getLogger("securefl.server")
 
-class Coordinator:
+class Coordinator(AdminActions):
     def __init__(
         self, settings: ServerSettings, store: ModelStore, audit: AuditLog,
         ca_cert: x509.Certificate,
@@ -360,95 +358,3 @@ class Coordinator:
         for peer in rnd.members.values():
             self._push(peer, done)
         return again
-
-    # -- admin -------------------------------------------------------------------------------
-    def _query(self, msg: wm.AdminQuery) -> wm.AdminQueryReply:
-        reply = wm.AdminQueryReply(rid=msg.rid, what=msg.what)
-        if msg.what == "hospitals":
-            rnd = self.round
-            rows = views.hospital_rows(
-                self.settings.hospitals, self.online(), sorted(rnd.members) if rnd else [],
-                rnd.submitted() if rnd else [], self.last_seen, self.cert_expires)
-            return reply.model_copy(update={"hospitals": rows})
-        if msg.what == "history":
-            return reply.model_copy(update={"versions": views.version_rows(self.store,
-                                                                           msg.limit)})
-        return reply.model_copy(update={"audit": views.audit_rows(self.audit.path, msg.limit)})
-
-    async def _admin(self, peer: Peer, msg: wm.AdminCommand) -> wm.AdminResult:
-        action, rnd = msg.action, self.round
-        if action in ("aggregate", "close", "abort"):  # queries are not actions
-            self.audit.record("admin", name=peer.name, action=action, durable=True)
-        if action == "version":
-            return wm.AdminResult(rid=msg.rid, action=action, value=self.version)
-        if action == "count":
-            return wm.AdminResult(rid=msg.rid, action=action,
-                                  value=rnd.engine.collected if rnd else 0)
-        if rnd is None:
-            raise RoundBusyError("no round is in progress", code="no-round")
-        if action == "abort":
-            self._abandon(rnd, "round-aborted", "the administrator aborted the round")
-            return wm.AdminResult(rid=msg.rid, action=action, value=rnd.round_id)
-        if action == "close":
-            if rnd.engine.state is not ServerState.ENROLLING:
-                raise RoundBusyError("enrolment is already closed")
-            if isinstance(rnd.engine, ServerRound):
-                self._close_enrolment(rnd)
-            return wm.AdminResult(rid=msg.rid, action=action, value=rnd.round_id)
-        return await self._aggregate(rnd, msg.rid)
-
-    async def _aggregate(self, rnd: ActiveRound, rid: int) -> wm.AdminResult:
-        eng = rnd.engine
-        if isinstance(eng, PlainRound) and eng.state is ServerState.ENROLLING:
-            eng.close_enrolment()
-        if eng.state is not ServerState.COLLECTING:
-            raise RoundBusyError(f"the round is {rnd.phase}; aggregate once updates are "
-                                 "being collected", code="round-not-ready")
-        try:
-            request = eng.close_inputs()
-            if isinstance(eng, ServerRound):
-                wire = mapping.unmask_request_to_wire(request)
-                for name in rnd.submitted():
-                    if rnd.members[name].open:
-                        self._push(rnd.members[name], wire)
-                rnd.step_done.clear()
-                self._check_progress(rnd)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(rnd.step_done.wait(), self.rs.step_timeout)
-                if self.round is not rnd:
-                    raise NotEnoughSurvivorsError("the round was abandoned while unmasking")
-            result = eng.finish()
-        except NotEnoughSurvivorsError as exc:
-            again = self._abandon(rnd, exc.code, exc.message, retry=True) \
-                if self.round is rnd else None
-            if again is not None:
-                raise NotEnoughSurvivorsError(
-                    f"round {rnd.round_id} could not be unmasked ({exc.message}); nothing was "
-                    f"published.  A new round {again.round_id} has started with the "
-                    f"{len(again.invited)} hospitals still online: aggregate again once they "
-                    "have sent") from exc
-            raise NotEnoughSurvivorsError(
-                f"round {rnd.round_id} could not be unmasked ({exc.message}); nothing was "
-                "published and too few hospitals are online to retry: ask the hospitals to "
-                "connect and send again") from exc
-        _, weights = self.store.latest()
-        new = result.mean_update  # updated in place: no third model-sized array
-        np.add(new, weights, out=new)
-        try:
-            info = await asyncio.to_thread(
-                self.store.write, new, contributors=len(result.contributors),
-                total_samples=result.total_weight)
-        except DataError as exc:
-            self._abandon(rnd, exc.code, "the server could not store the new version")
-            raise
-        self.round = None
-        self._save_state(None)
-        self.audit.record("aggregated", round_id=rnd.round_id, version=info.version,
-                          contributors=len(result.contributors), sha256=info.sha256,
-                          durable=True)
-        done = wm.RoundDone(round_id=rnd.round_id, version=info.version, sha256=info.sha256)
-        for peer in rnd.members.values():
-            self._push(peer, done)
-        return wm.AdminResult(rid=rid, action="aggregate", value=info.version,
-                              sha256=info.sha256, contributors=len(result.contributors),
-                              total_samples=result.total_weight)
