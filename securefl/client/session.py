@@ -298,6 +298,9 @@ class HospitalSession(_Session):
         return await asyncio.to_thread(fn, arg) if self._offload else fn(arg)
 
     async def _send_input(self, round_id: int, y: np.ndarray) -> None:
+        """Wait for the server's upload slot, then send: the server takes one model-sized
+        upload at a time, and the bytes wait here rather than in its buffers."""
+        await self.conn.request(wm.UploadSlot(round_id=round_id, nbytes=y.nbytes))
         await self.conn.request(wm.MaskedInputMsg(round_id=round_id, array=wm.ArraySpec.of(y)), y)
 
     async def _expect(self, kind: type[wm._Wire], round_id: int) -> wm._Wire:

@@ -32,7 +32,7 @@ from pydantic import (
 from securefl.errors import RemoteProtocolError
 from securefl.protocol.frames import Frame
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_DIMS = 4
 U32 = Field(ge=0, le=2**32 - 1)
 
@@ -120,6 +120,20 @@ class ShareKeysMsg(_Wire):
     kind: Literal["share_keys"] = "share_keys"
     round_id: int = Field(ge=0)
     envelopes: dict[int, Bytes] = Field(max_length=1000)
+
+
+class UploadSlot(_Wire):
+    """Ask for the server's upload slot before sending a masked input (protocol 2).
+
+    The reply (``ack``) is the grant, and it comes when the slot is free: the server takes
+    one model-sized upload at a time, and a hospital that waits for its grant keeps its
+    bytes on its own side, so the server's memory stays O(model) for any number of
+    hospitals.  ``nbytes`` is the payload the hospital is about to send.
+    """
+
+    kind: Literal["upload_slot"] = "upload_slot"
+    round_id: int = Field(ge=0)
+    nbytes: int = Field(ge=0)
 
 
 class MaskedInputMsg(_Wire):
@@ -330,7 +344,7 @@ Message = Annotated[
     Hello | GetGlobal | Status | Join | Advertise | ShareKeysMsg | MaskedInputMsg
     | UnmaskResponseMsg | AdminCommand | Welcome | GlobalModel | StatusReply | Joined | Ack
     | AdminResult | RosterMsg | EnvelopesMsg | UnmaskRequestMsg | RoundDone | ErrorMsg
-    | AdminQuery | AdminQueryReply,
+    | AdminQuery | AdminQueryReply | UploadSlot,
     Field(discriminator="kind"),
 ]
 MESSAGE: TypeAdapter[Message] = TypeAdapter(Message)

@@ -33,7 +33,7 @@ from securefl.server.coordinator import Coordinator
 from securefl.server.initial import ml_initial_weights
 from securefl.server.rounds import Peer
 from securefl.server.store import ModelStore, initial_weights
-from securefl.server.tls import check_expiry, server_context
+from securefl.server.tls import check_expiry, limit_tls_buffers, server_context
 
 log = logging.getLogger("securefl.server")
 
@@ -45,7 +45,26 @@ READ_CHUNK = 1 << 16
 #: O(hospitals x model): the others wait in their kernel socket buffers.
 BIG_PAYLOAD = 1 << 20
 BIG_SLOTS = 1
-SEND_SLICE = 1 << 18
+SEND_SLICE = 1 << 16
+#: What one TLS connection buffers on the way in (see ``limit_tls_buffers``).
+TLS_READ_BUFFER = 1 << 15
+
+
+class _Slot:
+    """One connection's hold on the upload slot (``Server._big_in``)."""
+
+    __slots__ = ("admitted", "deadline", "granted", "spent")
+
+    def __init__(self) -> None:
+        self.granted = False   # holds the semaphore
+        self.admitted = False  # a big frame is being read under it
+        self.deadline = 0.0    # a granted slot unused by then is taken back (with the link)
+        self.spent = False     # the frame just handled was the masked input
+
+    def release(self, sem: asyncio.Semaphore) -> None:
+        if self.granted:
+            sem.release()
+        self.granted = self.admitted = self.spent = False
 
 
 class Server:
@@ -201,6 +220,7 @@ class Server:
             self.audit.record("refused", address=address,
                               reason="handshake timeout" if late else "closed during handshake")
             return None
+        limit_tls_buffers(transport, TLS_READ_BUFFER)
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
         try:
@@ -255,21 +275,26 @@ class Server:
                                     admit_above=BIG_PAYLOAD)
         loop = asyncio.get_running_loop()
         frame_deadline = 0.0
-        holding_big = False
+        slot = _Slot()
         coord = self.coordinator
         coord.connected(peer)
         try:
             while True:
                 if parser.in_frame:
                     timeout = min(lim.read_timeout, frame_deadline - loop.time())
+                elif slot.granted:
+                    timeout = slot.deadline - loop.time()
                 else:
                     timeout = lim.idle_timeout
                 try:
                     data = await asyncio.wait_for(reader.read(READ_CHUNK), max(timeout, 0))
                 except TimeoutError:
-                    if not parser.in_frame and coord.in_round(peer.name):
+                    if slot.granted and not parser.in_frame:
+                        reason = "upload slot granted but nothing sent"
+                    elif not parser.in_frame and coord.in_round(peer.name):
                         continue  # waiting for the round's next step (the admin) is not idle
-                    reason = "frame deadline" if parser.in_frame else "idle"
+                    else:
+                        reason = "frame deadline" if parser.in_frame else "idle"
                     self.audit.record("closed", name=peer.name, reason=f"timeout ({reason})")
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(peer.push(wm.ErrorMsg(
@@ -291,26 +316,27 @@ class Server:
                     if frame is frames.NEED_DATA:
                         if not parser.awaiting_admission:
                             break
-                        await self._big_in.acquire()  # before its buffer exists
-                        holding_big = True
+                        if not slot.granted:  # a sender that did not ask first queues here
+                            await self._big_in.acquire()  # before its buffer exists
+                            slot.granted = True
+                        slot.admitted = True
                         parser.admit()
                         # Time spent queueing for the slot is not the sender's fault.
                         frame_deadline = loop.time() + lim.frame_timeout
                         continue
-                    await self._dispatch(peer, frame)
+                    await self._dispatch(peer, frame, slot)
                     del frame
-                    if holding_big:
-                        self._big_in.release()
-                        holding_big = False
+                    if slot.admitted or slot.spent:  # handled: the next upload may come in
+                        slot.release(self._big_in)
                     if parser.in_frame:
                         frame_deadline = loop.time() + lim.frame_timeout
         finally:
-            if holding_big:
-                self._big_in.release()
+            if slot.granted:
+                slot.release(self._big_in)
             coord.disconnected(peer)
             self.audit.record("disconnected", name=peer.name)
 
-    async def _dispatch(self, peer: Peer, frame: frames.Frame) -> None:
+    async def _dispatch(self, peer: Peer, frame: frames.Frame, slot: _Slot) -> None:
         rid = 0
         try:
             msg, array = wm.decode(frame)
@@ -318,7 +344,11 @@ class Server:
             if rid == 0:
                 raise RemoteProtocolError("requests need a request id (rid) of 1 or more",
                                           code="bad-message")
-            reply, payload = await self.coordinator.handle(peer, msg, array)
+            slot.spent = isinstance(msg, wm.MaskedInputMsg)
+            if isinstance(msg, wm.UploadSlot):
+                reply, payload = await self._grant(peer, msg, slot), None
+            else:
+                reply, payload = await self.coordinator.handle(peer, msg, array)
         except SecureFLError as exc:
             await self._reply_error(peer, exc, rid)
             return
@@ -327,6 +357,25 @@ class Server:
             await self._reply_error(peer, None, rid)
             return
         await peer.push(reply, payload)
+
+    async def _grant(self, peer: Peer, msg: wm.UploadSlot, slot: _Slot) -> wm.Ack:
+        """Hold the reply until the upload slot is this connection's.
+
+        Why a grant rather than only pausing the reader: bytes a hospital has already sent
+        pile up in the TLS layer's buffers (~0.5 MB per connection), which made the server's
+        memory grow with the number of hospitals; a hospital waiting for its grant keeps
+        them at home.
+        """
+        if msg.nbytes > self.max_payload:
+            raise RemoteProtocolError(f"an upload of {msg.nbytes} bytes exceeds this server's "
+                                      f"limit of {self.max_payload}", code="too-large")
+        self.coordinator.check_upload(peer, msg)
+        if not slot.granted and msg.nbytes > BIG_PAYLOAD:  # small ones never queue
+            await self._big_in.acquire()
+            slot.granted = True
+        slot.deadline = asyncio.get_running_loop().time() + self.limits.read_timeout
+        rnd = self.coordinator.round
+        return wm.Ack(rid=msg.rid, collected=rnd.engine.collected if rnd else 0)
 
     async def _reply_error(self, peer: Peer, exc: SecureFLError | None, rid: int) -> None:
         if exc is None:

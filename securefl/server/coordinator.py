@@ -196,6 +196,21 @@ class Coordinator(AdminActions):
             collected=rnd.engine.collected if rnd else 0,
         )
 
+    def check_upload(self, peer: Peer, msg: wm.UploadSlot) -> None:
+        """Refuse an upload-slot request that could not be followed by a valid masked input,
+        so no slot is ever held for one (the connection grants the slot itself)."""
+        if peer.role is not Role.HOSPITAL:
+            raise ForbiddenError("only hospitals take part in rounds")
+        rnd = self._member_round(peer, msg.round_id)
+        accepting = (ServerState.COLLECTING,) if isinstance(rnd.engine, ServerRound) else (
+            ServerState.ENROLLING, ServerState.COLLECTING)
+        if rnd.engine.state not in accepting:
+            raise RemoteProtocolError(f"round {rnd.round_id} is not collecting updates "
+                                      f"({rnd.phase})", code="wrong-phase")
+        if peer.name in rnd.submitted():
+            raise RemoteProtocolError(f"'{peer.name}' already sent its update for round "
+                                      f"{rnd.round_id}", code="already-submitted")
+
     def _member_round(self, peer: Peer, round_id: int) -> ActiveRound:
         rnd = self.round
         if rnd is None or rnd.members.get(peer.name) is not peer:

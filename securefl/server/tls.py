@@ -24,6 +24,7 @@ from cryptography import x509
 from securefl.errors import ConfigError
 
 if TYPE_CHECKING:
+    import asyncio
     import ssl
 
 OPENSSL_CONF = Path(__file__).with_name("openssl.cnf")
@@ -78,3 +79,24 @@ def server_context(cert: Path, key: Path, ca: Path, crl: Path) -> ssl.SSLContext
         raise ConfigError(f"cannot load the server's certificates ({cert}, {ca}, {crl})") from exc
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
     return ctx
+
+
+def limit_tls_buffers(transport: asyncio.BaseTransport, size: int) -> bool:
+    """Cap what one TLS connection holds in memory on its way in; False if not possible.
+
+    Why: asyncio's TLS layer receives up to 256 KiB per read into an OpenSSL memory BIO
+    and lets it fill to 256 KiB more while the reader is busy.  That BIO's buffer never
+    shrinks, so every hospital that has uploaded a model kept ~0.45 MB on the server until
+    it disconnected: at 30 hospitals that was more than three models' worth (heaptrack,
+    ``bench/round_bench.py --clients 30``).  The high-water mark is public API; the read
+    size is only reachable through the transport's protocol (CPython 3.11-3.13 keep it in
+    ``_ssl_protocol``), so that part is applied only where it exists.
+    """
+    transport.set_read_buffer_limits(high=size)  # type: ignore[attr-defined]
+    proto = getattr(transport, "_ssl_protocol", None)
+    if proto is None or not isinstance(getattr(proto, "_ssl_buffer", None), bytearray):
+        return False
+    proto.max_size = size
+    proto._ssl_buffer = bytearray(size)
+    proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
+    return True

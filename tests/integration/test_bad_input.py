@@ -87,7 +87,7 @@ def _plain(fed: Federation, **limits: object) -> config.ServerSettings:
     ({"kind": "advertise", "rid": 1, "round_id": 1, "c_pk": "***", "s_pk": "",
       "signature": ""}, b"", "bad-message"),
     ({"kind": "admin", "rid": 1, "action": "aggregate"}, b"", "forbidden"),
-    ({"kind": "hello", "rid": 1, "protocol": 2}, b"", "unsupported-protocol"),
+    ({"kind": "hello", "rid": 1, "protocol": 1}, b"", "unsupported-protocol"),
     ({"kind": "masked_input", "rid": 1, "round_id": 1,
       "array": {"dtype": "<u4", "shape": [D + 1]}}, b"\0" * 16, "bad-shape"),
     ({"kind": "share_keys", "rid": 1, "round_id": 1, "envelopes": {}}, b"", "not-joined"),

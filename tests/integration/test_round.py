@@ -10,6 +10,7 @@ import pytest
 from securefl import config
 from securefl.client.session import AdminSession, HospitalSession
 from securefl.errors import DataError, NotEnoughSurvivorsError, ProtocolError, StaleVersionError
+from securefl.server.app import BIG_PAYLOAD
 from securefl.server.store import ModelStore
 
 from .conftest import Federation, running
@@ -17,9 +18,9 @@ from .conftest import Federation, running
 D = 1000
 
 
-def _updates(n: int) -> list[np.ndarray]:
+def _updates(n: int, d: int = D) -> list[np.ndarray]:
     rng = np.random.default_rng(7)
-    return [rng.normal(0, 0.05, D).astype(np.float32) for _ in range(n)]
+    return [rng.normal(0, 0.05, d).astype(np.float32) for _ in range(n)]
 
 
 async def _wait_count(admin: AdminSession, n: int) -> None:
@@ -32,7 +33,7 @@ async def _round(fed: Federation, settings: config.ServerSettings, samples: list
     """Every registered hospital sends; ``leave`` makes some vanish after a step."""
     leave = leave or {}
     names = settings.hospitals
-    ups = _updates(len(names))
+    ups = _updates(len(names), settings.model.params or D)
     async with running(settings) as srv:
         port = srv.port
 
@@ -75,6 +76,21 @@ def test_three_hospitals_give_the_weighted_mean(fed: Federation, masking: str) -
     expected = sum(u * n for u, n in zip(ups, samples, strict=True)) / sum(samples)
     np.testing.assert_allclose(w1 - w0, expected, atol=1e-3)
     assert info.contributors == 3 and info.total_samples == 100
+
+
+def test_model_sized_uploads_take_turns_for_the_slot_and_give_the_weighted_mean(
+    fed: Federation,
+) -> None:
+    """Above ``BIG_PAYLOAD`` each masked input waits for the server's upload slot (protocol
+    2's ``upload_slot``); the arithmetic must not notice."""
+    params = BIG_PAYLOAD // 4 + 50_000
+    settings = fed.server_settings(model=config.ModelSettings(params=params))
+    samples = [5, 10, 20]
+    outcomes, result, ups = asyncio.run(_round(fed, settings, samples))
+    assert result.contributors == 3 and all(o.version == 1 for o in outcomes)
+    store = ModelStore(settings.store_dir)
+    expected = sum(u * n for u, n in zip(ups, samples, strict=True)) / sum(samples)
+    np.testing.assert_allclose(store.read(1)[1] - store.read(0)[1], expected, atol=1e-3)
 
 
 @pytest.mark.parametrize(("leaver", "when", "counted"), [

@@ -210,3 +210,43 @@ def test_expired_revocation_list_stops_the_server_with_advice(fed: Federation) -
             assert (await h.get_global()).version == 0
 
     asyncio.run(again())
+
+
+def test_tls_read_buffers_are_capped_and_data_still_flows(fed: Federation) -> None:
+    """``limit_tls_buffers`` reaches asyncio's TLS read buffer (a Python upgrade that moves
+    it fails here rather than silently bringing back ~0.45 MB per connection), and a
+    model-sized stream still arrives intact through the smaller buffer."""
+    from securefl.server.tls import limit_tls_buffers, server_context
+
+    s = fed.server_settings()
+    blob = bytes(range(256)) * (3 * 4096 + 7)  # ~3 MB, not a multiple of the buffer
+    got: list[bytes] = []
+    capped: list[bool] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        capped.append(limit_tls_buffers(writer.transport, 1 << 15))
+        got.append(await reader.readexactly(len(blob)))
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0,
+                                            ssl=server_context(s.cert, s.key, s.ca, s.crl))
+        port = server.sockets[0].getsockname()[1]
+        c = fed.client_settings("a", port)
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context(c.cert, c.key, c.ca),
+            server_hostname="127.0.0.1")
+        await asyncio.sleep(0.2)  # the handler has capped the buffers before the data
+        writer.write(blob)
+        await writer.drain()
+        for _ in range(200):
+            if got:
+                break
+            await asyncio.sleep(0.05)
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(scenario())
+    assert capped == [True]
+    assert got and got[0] == blob
