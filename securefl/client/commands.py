@@ -16,7 +16,7 @@ import numpy as np
 
 from securefl import config
 from securefl.client.hospital import Hospital
-from securefl.client.session import AdminSession, HospitalSession, RoundStep
+from securefl.client.session import AdminSession, HospitalSession, RoundStep, UnmaskProgress
 from securefl.errors import DataError
 
 
@@ -33,6 +33,11 @@ def _load_vector(path: Path) -> np.ndarray:
 
 def _print_step(step: RoundStep) -> None:
     print(f"  - {step.detail}", flush=True)
+
+
+def _print_unmask(p: UnmaskProgress) -> None:
+    print(f"  - unmasking round {p.round_id}: {p.answered} of {p.asked} hospitals answered "
+          f"({p.needed} needed)", flush=True)
 
 
 async def hospital(args: argparse.Namespace) -> int:
@@ -106,7 +111,7 @@ async def admin(args: argparse.Namespace) -> int:
                 "online": list(st.online), "joined": list(st.joined),
                 "submitted": list(st.submitted), "collected": st.collected}))
         elif action == "aggregate":
-            out = await session.aggregate()
+            out = await session.aggregate(on_progress=_print_unmask)
             print(f"published version {out.version} from {out.contributors} hospitals "
                   f"({out.total_samples} samples), sha256 {out.sha256}")
         elif action == "version":

@@ -11,6 +11,7 @@ configured ``masking = "plain"``, the benchmark baseline).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,13 @@ from securefl.config import ClientSettings
 from securefl.crypto import pki
 from securefl.crypto.quantize import Encoding, check_update
 from securefl.crypto.secagg import ClientRound
-from securefl.errors import DataError, LocalProtocolError, ProtocolError, RemoteProtocolError
+from securefl.errors import (
+    DataError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    SecureFLError,
+)
 from securefl.protocol import mapping
 from securefl.protocol import messages as wm
 
@@ -64,6 +71,17 @@ class AggregateOutcome:
     sha256: str
     contributors: int
     total_samples: int
+
+
+@dataclass(frozen=True)
+class UnmaskProgress:
+    """How far ``aggregate`` has got: hospitals asked for, and answering with, their shares;
+    ``needed`` answers (the Shamir threshold) remove the masks."""
+
+    round_id: int
+    asked: int
+    answered: int
+    needed: int
 
 
 @dataclass(frozen=True)
@@ -327,9 +345,33 @@ class AdminSession(_Session):
         assert isinstance(reply, wm.AdminResult)
         return reply
 
-    async def aggregate(self) -> AggregateOutcome:
-        """Unmask the collected updates and publish the next global version."""
-        r = await self._admin("aggregate")
+    async def aggregate(
+        self, on_progress: Callable[[UnmaskProgress], None] | None = None
+    ) -> AggregateOutcome:
+        """Unmask the collected updates and publish the next global version.
+
+        ``on_progress`` hears each hospital's answer to the unmask step as it arrives.
+        """
+        def report(msgs: list) -> None:
+            for m in msgs:
+                if isinstance(m, wm.AggregateProgress) and on_progress is not None:
+                    on_progress(UnmaskProgress(m.round_id, m.asked, m.answered, m.needed))
+
+        self.conn.take_pushes(wm.AggregateProgress)  # left over from an earlier call
+        request = asyncio.ensure_future(self._admin("aggregate"))
+        try:
+            while not request.done():
+                push = asyncio.ensure_future(self.conn.next_push(self.settings.reply_timeout))
+                await asyncio.wait({request, push}, return_when=asyncio.FIRST_COMPLETED)
+                if not push.done():
+                    push.cancel()
+                    break
+                with contextlib.suppress(SecureFLError):  # the request reports failures
+                    report([push.result()[0]])
+            r = await request
+        finally:
+            request.cancel()
+        report(self.conn.take_pushes(wm.AggregateProgress))  # sent just before the reply
         return AggregateOutcome(r.value, r.sha256, r.contributors, r.total_samples)
 
     async def version(self) -> int:

@@ -167,6 +167,19 @@ class Connection:
             raise error_from_wire(reply)
         return reply, data
 
+    def take_pushes(self, kind: type[wm._Wire]) -> list[wm.Message]:
+        """Remove and return the queued pushes of ``kind``, in order; the rest stay."""
+        taken, keep = [], []
+        while not self._pushes.empty():
+            item = self._pushes.get_nowait()
+            if isinstance(item, tuple) and isinstance(item[0], kind):
+                taken.append(item[0])
+            else:
+                keep.append(item)
+        for item in keep:
+            self._pushes.put_nowait(item)
+        return taken
+
     async def next_push(self, timeout: float) -> tuple[wm.Message, np.ndarray | None]:
         try:
             item = await asyncio.wait_for(self._pushes.get(), timeout)

@@ -316,6 +316,21 @@ class UnmaskRequestMsg(_Wire):
     dropped: list[int] = Field(max_length=1000)
 
 
+class AggregateProgress(_Wire):
+    """Pushed to the admin during ``aggregate``: hospitals that answered the unmask step.
+
+    Why a push: aggregation holds the admin's request open for the whole unmask step, and
+    the administrator should see it advance ("2 of 3 answered, 2 needed") rather than a
+    spinner.
+    """
+
+    kind: Literal["aggregate_progress"] = "aggregate_progress"
+    round_id: int
+    asked: int
+    answered: int
+    needed: int
+
+
 class RoundDone(_Wire):
     """Push: the round published ``version`` (or, with ``resend``, was abandoned)."""
 
@@ -344,7 +359,7 @@ Message = Annotated[
     Hello | GetGlobal | Status | Join | Advertise | ShareKeysMsg | MaskedInputMsg
     | UnmaskResponseMsg | AdminCommand | Welcome | GlobalModel | StatusReply | Joined | Ack
     | AdminResult | RosterMsg | EnvelopesMsg | UnmaskRequestMsg | RoundDone | ErrorMsg
-    | AdminQuery | AdminQueryReply | UploadSlot,
+    | AdminQuery | AdminQueryReply | UploadSlot | AggregateProgress,
     Field(discriminator="kind"),
 ]
 MESSAGE: TypeAdapter[Message] = TypeAdapter(Message)

@@ -68,9 +68,22 @@ class AdminActions:
             if isinstance(rnd.engine, ServerRound):
                 self._close_enrolment(rnd)
             return wm.AdminResult(rid=msg.rid, action=action, value=rnd.round_id)
-        return await self._aggregate(rnd, msg.rid)
+        return await self._aggregate(rnd, msg.rid, peer)
 
-    async def _aggregate(self, rnd: ActiveRound, rid: int) -> wm.AdminResult:
+    def _unmask_progress(self, rnd: ActiveRound) -> wm.AggregateProgress | None:
+        eng = rnd.engine
+        if rnd.watcher is None or not isinstance(eng, ServerRound) or eng.roster is None:
+            return None
+        return wm.AggregateProgress(round_id=rnd.round_id, asked=len(rnd.submitted()),
+                                    answered=len(rnd.answered),
+                                    needed=eng.roster.config.threshold)
+
+    def _report_unmask(self, rnd: ActiveRound) -> None:
+        """Tell the waiting admin how many hospitals have answered the unmask step."""
+        if (msg := self._unmask_progress(rnd)) is not None and rnd.watcher is not None:
+            self._push(rnd.watcher, msg)
+
+    async def _aggregate(self, rnd: ActiveRound, rid: int, admin: Peer) -> wm.AdminResult:
         eng = rnd.engine
         if isinstance(eng, PlainRound) and eng.state is ServerState.ENROLLING:
             eng.close_enrolment()
@@ -85,13 +98,20 @@ class AdminActions:
                     if rnd.members[name].open:
                         self._push(rnd.members[name], wire)
                 rnd.step_done.clear()
+                rnd.watcher = admin
+                self._report_unmask(rnd)
                 self._check_progress(rnd)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(rnd.step_done.wait(), self.rs.step_timeout)
                 if self.round is not rnd:
                     raise NotEnoughSurvivorsError("the round was abandoned while unmasking")
+                if (last := self._unmask_progress(rnd)) is not None:
+                    # Awaited, so the final count reaches the admin before the result.
+                    with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+                        await admin.push(last, None)
             result = eng.finish()
         except NotEnoughSurvivorsError as exc:
+            rnd.watcher = None
             again = self._abandon(rnd, exc.code, exc.message, retry=True) \
                 if self.round is rnd else None
             if again is not None:
@@ -114,6 +134,7 @@ class AdminActions:
         except DataError as exc:
             self._abandon(rnd, exc.code, "the server could not store the new version")
             raise
+        rnd.watcher = None
         self.round = None
         self._save_state(None)
         self.audit.record("aggregated", round_id=rnd.round_id, version=info.version,

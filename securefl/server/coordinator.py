@@ -181,6 +181,7 @@ class Coordinator(AdminActions):
             resp = mapping.unmask_response_from_wire(msg, sender=rnd.index_of(peer.name))
             rnd.engine.receive(resp, from_name=peer.name)
             rnd.answered.add(peer.name)
+            self._report_unmask(rnd)
             self._check_progress(rnd)
         else:
             raise RemoteProtocolError(f"'{msg.kind}' is not a request", code="bad-message")

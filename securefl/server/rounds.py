@@ -55,6 +55,8 @@ class ActiveRound:
     #: How many failed rounds this one is retrying (bounded by ``max_retries``).
     attempt: int = 0
     step_done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The admin connection waiting on ``aggregate``: told as unmask answers arrive.
+    watcher: Peer | None = None
     timer: asyncio.TimerHandle | None = None
 
     @property

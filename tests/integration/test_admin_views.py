@@ -59,3 +59,36 @@ def test_store_info_reads_metadata_without_weights(tmp_path) -> None:
     written = store.write(np.ones(10, np.float32), contributors=2, total_samples=7)
     info = store.info(0)
     assert info == written and info.total_samples == 7
+
+
+def test_aggregate_reports_each_unmask_answer(fed: Federation) -> None:
+    """The admin sees the unmask step advance (pushes while its request is open), ending
+    with every asked hospital answered; a second aggregate starts from fresh progress."""
+    settings = fed.server_settings()
+
+    async def one_round(port: int, version: int) -> list:
+        async def hospital(name: str) -> None:
+            async with HospitalSession(fed.client_settings(name, port)) as h:
+                await h.get_global()
+                await h.send(np.full(1000, 0.01, np.float32), 4)
+
+        tasks = [asyncio.create_task(hospital(n)) for n in ("a", "b", "c")]
+        seen: list = []
+        async with AdminSession(fed.client_settings("admin", port)) as admin:
+            while await admin.count() < 3:
+                await asyncio.sleep(0.02)
+            out = await admin.aggregate(on_progress=seen.append)
+        await asyncio.gather(*tasks)
+        assert out.version == version
+        return seen
+
+    async def scenario() -> None:
+        async with running(settings) as srv:
+            for version in (1, 2):
+                seen = await one_round(srv.port, version)
+                assert seen[0].answered == 0 and seen[-1].answered == 3
+                assert all(p.asked == 3 and p.needed == 2 for p in seen)
+                assert [p.answered for p in seen] == sorted(p.answered for p in seen)
+                assert {p.round_id for p in seen} == {version}
+
+    asyncio.run(scenario())

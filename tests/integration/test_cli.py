@@ -59,6 +59,7 @@ def test_headless_round_and_exit_codes(fed: Federation) -> None:
             time.sleep(0.1)
         agg = _cli("admin", "--config", cfg["admin"], "aggregate")
         assert agg.returncode == 0 and "published version 1 from 3 hospitals" in agg.stdout
+        assert "unmasking round 1: 3 of 3 hospitals answered" in agg.stdout
         for p in sends:
             out, err = p.communicate(timeout=60)
             assert p.returncode == 0 and "published global version 1" in out, err

@@ -45,8 +45,13 @@ def test_dashboard_aggregate_versions_audit_and_logout(fed: Fed) -> None:
                 assert isinstance(app.screen, ConfirmScreen)
                 await pilot.press("n")
                 assert isinstance(app.screen, AdminDashboard)
+                shown: list[str] = []  # every activity line, to see the unmask step advance
+                show = app.dashboard.show
+                app.dashboard.show = lambda **kw: (  # type: ignore[method-assign]
+                    shown.append(kw.get("activity") or ""), show(**kw))[1]
                 await pilot.press("a", "y")
                 await until(pilot, lambda: "Published version 1" in text(app, "#activity"))
+                assert "Unmasking round 1: 2 of 2 hospitals answered (2 needed)…" in shown
                 assert "2 hospitals, 20 samples" in text(app, "#activity")
                 assert [(await t).version for t in sends] == [1, 1]  # type: ignore[attr-defined]
                 await until(pilot, lambda: "Global version: 1" in text(app, "#version"))

@@ -15,7 +15,7 @@ from textual import work
 from textual.app import App
 
 from securefl import config
-from securefl.client.session import AdminSession
+from securefl.client.session import AdminSession, UnmaskProgress
 from securefl.errors import NotEnoughSurvivorsError, SecureFLError
 from securefl.tui.admin.audit import AuditScreen
 from securefl.tui.admin.dashboard import AdminDashboard
@@ -134,8 +134,14 @@ class AdminApp(App[int]):
         self.busy = True
         self.dashboard.show(activity="Unmasking: asking the hospitals for their key shares, "
                             "then removing the masks…")
+
+        def progress(p: UnmaskProgress) -> None:
+            self.dashboard.show(
+                activity=f"Unmasking round {p.round_id}: {p.answered} of {p.asked} "
+                f"hospitals answered ({p.needed} needed)…", progress=(p.answered, p.asked))
+
         try:
-            out = await self.session.aggregate()
+            out = await self.session.aggregate(on_progress=progress)
         except NotEnoughSurvivorsError as exc:
             self.dashboard.show(activity="Aggregation failed: too few hospitals online.")
             self.notify(too_few_advice(exc), title="Aggregation failed", severity="error",

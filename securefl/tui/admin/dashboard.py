@@ -55,13 +55,17 @@ class AdminDashboard(Screen):
         self.status: ServerStatus | None = None
         self.hospitals: tuple[HospitalInfo, ...] = ()
         self.activity = ""
+        #: (done, total) for the activity's bar; None: an indeterminate bar.
+        self.progress: tuple[int, int] | None = None
 
     _UNSET = object()
 
     def show(self, *, connection: str | None = None, status: object = _UNSET,
              hospitals: tuple[HospitalInfo, ...] | None = None,
-             activity: str | None = None) -> None:
-        """Set what the app learnt; redraw if mounted (else ``on_mount`` draws it)."""
+             activity: str | None = None, progress: tuple[int, int] | None = None) -> None:
+        """Set what the app learnt; redraw if mounted (else ``on_mount`` draws it).
+
+        A new ``activity`` without ``progress`` makes the bar indeterminate again."""
         if connection is not None:
             self.connection = connection
         if status is not self._UNSET:
@@ -72,6 +76,7 @@ class AdminDashboard(Screen):
                 self._fill_table()
         if activity is not None:
             self.activity = activity
+            self.progress = progress
         if self.is_mounted:
             self._draw()
 
@@ -99,7 +104,12 @@ class AdminDashboard(Screen):
         self.query_one("#version", Static).update(version)
         self.query_one("#round", Static).update(round_text)
         self.query_one("#activity", Static).update(self.activity)
-        self.query_one("#busy", ProgressBar).display = self.activity.endswith("…")
+        bar = self.query_one("#busy", ProgressBar)
+        bar.display = self.activity.endswith("…")
+        if self.progress is None:
+            bar.update(total=None)
+        else:
+            bar.update(total=max(self.progress[1], 1), progress=self.progress[0])
 
     def _fill_table(self) -> None:
         table = self.query_one("#hospitals", DataTable)
