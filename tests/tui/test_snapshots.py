@@ -11,10 +11,21 @@ from __future__ import annotations
 
 import pytest
 
-from securefl.client.session import HospitalInfo, RoundStep, ServerStatus
+from securefl.client.session import (
+    AuditEntry,
+    HospitalInfo,
+    RoundStep,
+    ServerStatus,
+    VersionEntry,
+)
+from securefl.ml.train import ClassMetrics, EvalReport
 from securefl.tui.admin.app import AdminApp
+from securefl.tui.admin.audit import AuditScreen
+from securefl.tui.admin.versions import VersionsScreen
 from securefl.tui.hospital.app import HospitalApp
+from securefl.tui.hospital.classify import ClassifyScreen
 from securefl.tui.hospital.dashboard import DashboardScreen
+from securefl.tui.hospital.get import GetScreen
 from tests.tui.conftest import Fed
 
 SIZES = [(80, 24), (120, 40)]
@@ -85,3 +96,86 @@ def test_hospital_send_stepper(snap_compare, fed: Fed) -> None:
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=(80, 24), run_before=send)
+
+
+def test_admin_aggregating(snap_compare) -> None:
+    """The unmask step's bar and count while ``aggregate`` runs."""
+    app = AdminApp(None, connect=False)
+
+    async def show(pilot) -> None:
+        app.dashboard.show(connection="Connected to localhost:9095 as admin", status=STATUS,
+                           hospitals=HOSPITALS)
+        app.dashboard.show(activity="Unmasking round 4: 1 of 2 hospitals answered (2 "
+                           "needed)…", progress=(1, 2))
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=show)
+
+
+VERSIONS = [VersionEntry(v, f"2026-11-{20 + v}T09:00:00+00:00", 0 if v == 0 else 3,
+                         0 if v == 0 else 480 * 3, f"{v:x}" * 64) for v in range(4)]
+AUDIT = [AuditEntry(i, f"2026-11-28T10:{i:02d}:00+00:00", ev, name, detail)
+         for i, (ev, name, detail) in enumerate([
+             ("connected", "hospital_1", "address=10.0.0.5:50122 role=hospital"),
+             ("join", "hospital_1", "round_id=4"),
+             ("submission", "hospital_1", "round_id=4 collected=1"),
+             ("refused", "", "address=10.0.0.9:40100 reason=tls: certificate revoked"),
+             ("admin", "admin", "action=aggregate"),
+             ("aggregated", "", "round_id=4 version=4 contributors=2")])]
+
+
+@pytest.mark.parametrize("which", ["versions", "audit"])
+def test_admin_history_screens(snap_compare, which: str) -> None:
+    app = AdminApp(None, connect=False)
+
+    async def show(pilot) -> None:
+        await pilot.app.push_screen(VersionsScreen(VERSIONS) if which == "versions"
+                                    else AuditScreen(AUDIT))
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=show)
+
+
+REPORT = EvalReport(
+    accuracy=0.8125, macro_f1=0.8011,
+    per_class={"glioma": ClassMetrics(0.75, 0.75, 0.75, 4),
+               "meningioma": ClassMetrics(0.667, 1.0, 0.8, 4),
+               "notumor": ClassMetrics(1.0, 0.75, 0.857, 4),
+               "pituitary": ClassMetrics(0.8, 0.75, 0.774, 4)},
+    confusion=[[3, 1, 0, 0], [0, 4, 0, 0], [0, 0, 3, 1], [1, 0, 0, 3]], num_samples=16)
+
+
+def test_hospital_get_evaluated(snap_compare, fed: Fed) -> None:
+    """Get weights after the download: the per-class sensitivity and the confusion matrix."""
+    app = HospitalApp(fed.hospital_tomls[0], "hospital_1", connect=False)
+
+    async def got(pilot) -> None:
+        await _signed_in(pilot)
+        await pilot.press("g")
+        await pilot.pause()
+        screen = pilot.app.screen
+        screen._downloaded(4_000_000, 4_000_000)  # what the download worker reports
+        screen.version = 4
+        screen.post_message(GetScreen.Evaluated(REPORT, None))
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=got)
+
+
+def test_hospital_classified(snap_compare, fed: Fed) -> None:
+    """A scan in the terminal (unicode blocks here) and its class probabilities as bars."""
+    app = HospitalApp(fed.hospital_tomls[0], "hospital_1", connect=False)
+
+    async def classified(pilot) -> None:
+        await _signed_in(pilot)
+        await pilot.press("c")
+        await pilot.pause()
+        screen = pilot.app.screen
+        scan = sorted((screen.hospital.ml.data_dir / "Testing" / "glioma").iterdir())[0]
+        screen.query_one("#scan").image = scan
+        screen.post_message(ClassifyScreen.Classified(
+            scan, {"glioma": 0.71, "meningioma": 0.17, "notumor": 0.04, "pituitary": 0.08},
+            None))
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(120, 40), run_before=classified)
