@@ -12,7 +12,8 @@ from the first join to the published version (``aggregate`` returning); download
 global model happen before it.  ``server_peak_rss_bytes`` is the server's peak resident set
 during the secure round (the kernel's high-water mark is reset just before it);
 ``upload_bytes`` is what one hospital wrote during its round (frame bytes; TLS adds ~0.1%).
-Prints, last, one JSON line per configuration.
+Each configuration runs `--repeats` (3) secure and plain rounds, interleaved, each on a fresh
+server: times are medians, memory the worst run.  Prints, last, one JSON line per configuration.
 """
 
 from __future__ import annotations
@@ -143,34 +144,49 @@ def _one_round(certs: CertDir, n: int, params: int, port: int, pid: int, procs: 
     return {"round_s": round_s, "idle_rss": idle_rss, "peak_rss": peak, "upload": upload}
 
 
-def run_config(n: int, params: int, procs: int) -> dict:
+def _run(certs: CertDir, tmp: Path, n: int, params: int, procs: int, masking: str,
+         rep: int) -> dict:
+    path = _server_toml(certs.root, tmp / f"store-{masking}-{rep}", n, params, masking)
+    proc, port = _start_server(path)
+    try:
+        return _one_round(certs, n, params, port, proc.pid, procs)
+    finally:
+        proc.terminate()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def run_config(n: int, params: int, procs: int, repeats: int = 3) -> dict:
+    """Secure and plain rounds interleaved ``repeats`` times, each on a fresh server: the
+    times are medians (a plain round is short, so one noisy run moved the ratio by 0.5),
+    the memory growth is the largest seen."""
     tmp = Path(tempfile.mkdtemp(prefix="securefl-bench-"))
     try:
         certs = CertDir(tmp / "certs")
         certs.init(["127.0.0.1"], [f"h{i:03d}" for i in range(n)])
-        out: dict = {"clients": n, "params": params, "client_processes": procs}
-        for masking in ("secagg", "plain"):
-            path = _server_toml(certs.root, tmp / f"store-{masking}", n, params, masking)
-            proc, port = _start_server(path)
-            try:
-                r = _one_round(certs, n, params, port, proc.pid, procs)
-            finally:
-                proc.terminate()
-                proc.wait()
-                if proc.stdout:
-                    proc.stdout.close()
-            if masking == "secagg":
-                out.update(round_s=round(r["round_s"], 3), upload_bytes=r["upload"],
-                           server_idle_rss_bytes=r["idle_rss"],
-                           server_peak_rss_bytes=r["peak_rss"])
-            else:
-                out["plain_round_s"] = round(r["round_s"], 3)
+        runs: dict[str, list[dict]] = {"secagg": [], "plain": []}
+        for rep in range(repeats):
+            for masking in runs:
+                runs[masking].append(_run(certs, tmp, n, params, procs, masking, rep))
+        secure, plain = runs["secagg"], runs["plain"]
         model_bytes = params * 4
-        out["model_bytes"] = model_bytes
-        out["rss_growth_over_model"] = round(
-            (out["server_peak_rss_bytes"] - out["server_idle_rss_bytes"]) / model_bytes, 2)
-        out["secure_over_plain"] = round(out["round_s"] / out["plain_round_s"], 2)
-        return out
+        worst = max(secure, key=lambda r: r["peak_rss"] - r["idle_rss"])
+        round_s = float(np.median([r["round_s"] for r in secure]))
+        plain_s = float(np.median([r["round_s"] for r in plain]))
+        return {
+            "clients": n, "params": params, "client_processes": procs, "repeats": repeats,
+            "round_s": round(round_s, 3), "plain_round_s": round(plain_s, 3),
+            "secure_over_plain": round(round_s / plain_s, 2),
+            "round_s_all": [round(r["round_s"], 3) for r in secure],
+            "plain_round_s_all": [round(r["round_s"], 3) for r in plain],
+            "upload_bytes": secure[0]["upload"],
+            "server_idle_rss_bytes": worst["idle_rss"],
+            "server_peak_rss_bytes": worst["peak_rss"],
+            "model_bytes": model_bytes,
+            "rss_growth_over_model": round((worst["peak_rss"] - worst["idle_rss"])
+                                           / model_bytes, 2),
+        }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -181,9 +197,11 @@ def main() -> None:
     parser.add_argument("--params", type=int, default=1_000_000)
     parser.add_argument("--procs", type=int, default=1,
                         help="processes the hospitals are spread over (default 1)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="secure and plain rounds per configuration (medians reported)")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    results = [run_config(int(n), args.params, min(args.procs, int(n)))
+    results = [run_config(int(n), args.params, min(args.procs, int(n)), args.repeats)
                for n in args.clients.split(",")]
     for r in results:
         print(json.dumps(r))
