@@ -246,9 +246,22 @@ def render(
     r2 = (-2 * sigma * sigma) * np.log1p(-uni[0])
     n1 = np.sqrt(r2) * np.cos((2 * np.pi) * uni[1])
     img = np.sqrt(np.maximum(img * (img + 2 * n1) + r2, 0))
-    k = int(0.997 * (img.size - 1))
-    top = float(np.partition(img.ravel(), k)[k]) or 1.0
+    top = _top(img.ravel(), int(0.997 * (img.size - 1))) or 1.0
     return np.clip(img * (255.0 / top), 0, 255).astype(np.uint8)
+
+
+def _top(flat: np.ndarray, k: int) -> float:
+    """The ``k``-th smallest of ``flat`` (the window's 99.7th percentile), exactly.
+
+    It sits among the few brightest pixels, so partitioning only the pixels above 0.7 x
+    the maximum finds it at a third of the cost; if fewer than ``size - k`` pixels are that
+    bright, the whole array is partitioned.
+    """
+    bright = flat[flat > flat.max() * np.float32(0.7)]
+    above = flat.size - k  # the k-th smallest is the ``above``-th largest
+    if bright.size >= above:
+        return float(np.partition(bright, bright.size - above)[bright.size - above])
+    return float(np.partition(flat, k)[k])
 
 
 # --------------------------------------------------------------------------- writing
