@@ -43,45 +43,68 @@ def paint(
     lesion: tuple[str, float, float, float, float],
     px: np.ndarray,
     py: np.ndarray,
-    wm: np.ndarray,
-    brain: np.ndarray,
+    brain: np.ndarray | None = None,
+    wm: np.ndarray | None = None,
 ) -> np.ndarray:
+    """``img`` with ``lesion`` (kind, x, y, radius mm, push) painted at template coordinates
+    ``px``, ``py``; ``brain`` and ``wm`` are the brain and white-matter maps as sampled
+    (the glioma needs both, the meningioma the brain, the pituitary neither).
+
+    Everything is float32 on the output grid: lesions are large (the glioma's oedema can
+    cover half the slice), so cropping to a box would save little and cost branches.
+    """
     kind, lx, ly, r, _ = lesion
     dx, dy = px - lx, py - ly
     dist = np.sqrt(dx * dx + dy * dy)
     theta = np.arctan2(dy, dx)
-    size = img.shape[0]
-    texture = _smooth_noise(rng, size, 16)
-
+    texture = _smooth_noise(rng, img.shape[0], 16)
     if kind == "glioma":
-        rt = r * _radius(rng, theta, 0.28, 6) + 0.12 * r * _smooth_noise(rng, size, 10)
-        inside = _sigmoid((rt - dist) / rng.uniform(0.8, 2.0))  # infiltrative margin
-        ro = rt * rng.uniform(1.4, 2.2) * _radius(rng, theta, 0.3, 5)
-        oedema = _sigmoid((ro - dist) / 2.5) * (0.35 + 0.65 * wm) * (brain > 0.3)
-        img = img * (1 - rng.uniform(0.25, 0.45) * oedema)
-        if rng.random() < 0.7:  # high grade: enhancing rim around a necrotic core
-            core = rt * rng.uniform(0.4, 0.7)
-            rim = _sigmoid((dist - core) / 0.8)
-            val = (rng.uniform(0.12, 0.3) + 0.06 * texture) * (1 - rim) + \
-                (rng.uniform(1.0, 1.3) + 0.1 * texture) * rim
-        else:  # lower grade: heterogeneous hypointense mass with patchy enhancement
-            patches = np.clip(_smooth_noise(rng, size, 20) - 0.8, 0, None)
-            val = rng.uniform(0.3, 0.45) + 0.1 * texture + 0.9 * patches
-        return img * (1 - inside) + val * inside
-
+        assert brain is not None and wm is not None
+        return _glioma(rng, img, r, dist, theta, texture, wm, brain)
     if kind == "meningioma":
-        rt = r * _radius(rng, theta, 0.05, 3)
-        inside = _sigmoid((rt - dist) / 0.5)  # sharply circumscribed
-        cleft = np.exp(-(((dist - rt - 0.9) / 0.8) ** 2)) * (brain > 0.3)
-        img = img * (1 - 0.6 * cleft)
-        # dural tail: a thin enhancing strip along the brain surface, fading with distance
-        surface = np.exp(-(((brain - 0.5) / 0.2) ** 2))
-        tail = surface * np.exp(-np.maximum(dist - rt, 0) / rng.uniform(4, 9)) * (dist > rt)
-        img = np.maximum(img, 1.1 * tail)
-        val = rng.uniform(1.0, 1.3) + 0.03 * texture
-        return img * (1 - inside) + val * inside
+        assert brain is not None
+        return _meningioma(rng, img, r, dist, theta, texture, brain)
+    return _pituitary(rng, img, lx, ly, r, dist, theta, texture, px, py)
 
-    # pituitary: rounded, enhancing, mildly heterogeneous, sometimes a small cyst
+
+def _glioma(rng: np.random.Generator, img: np.ndarray, r: float, dist: np.ndarray,
+            theta: np.ndarray, texture: np.ndarray, wm: np.ndarray, brain: np.ndarray
+            ) -> np.ndarray:
+    size = img.shape[0]
+    rt = r * _radius(rng, theta, 0.28, 6) + 0.12 * r * _smooth_noise(rng, size, 10)
+    inside = _sigmoid((rt - dist) / rng.uniform(0.8, 2.0))  # infiltrative margin
+    ro = rt * rng.uniform(1.4, 2.2) * _radius(rng, theta, 0.3, 5)
+    oedema = _sigmoid((ro - dist) / 2.5) * (0.35 + 0.65 * wm) * (brain > 0.3)
+    img = img * (1 - rng.uniform(0.25, 0.45) * oedema)
+    if rng.random() < 0.7:  # high grade: enhancing rim around a necrotic core
+        core = rt * rng.uniform(0.4, 0.7)
+        rim = _sigmoid((dist - core) / 0.8)
+        val = (rng.uniform(0.12, 0.3) + 0.06 * texture) * (1 - rim) + \
+            (rng.uniform(1.0, 1.3) + 0.1 * texture) * rim
+    else:  # lower grade: heterogeneous hypointense mass with patchy enhancement
+        patches = np.clip(_smooth_noise(rng, size, 20) - 0.8, 0, None)
+        val = rng.uniform(0.3, 0.45) + 0.1 * texture + 0.9 * patches
+    return img * (1 - inside) + val * inside
+
+
+def _meningioma(rng: np.random.Generator, img: np.ndarray, r: float, dist: np.ndarray,
+                theta: np.ndarray, texture: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    rt = r * _radius(rng, theta, 0.05, 3)
+    inside = _sigmoid((rt - dist) / 0.5)  # sharply circumscribed
+    cleft = np.exp(-(((dist - rt - 0.9) / 0.8) ** 2)) * (brain > 0.3)
+    img = img * (1 - 0.6 * cleft)
+    # dural tail: a thin enhancing strip along the brain surface, fading with distance
+    surface = np.exp(-(((brain - 0.5) / 0.2) ** 2))
+    tail = surface * np.exp(-np.maximum(dist - rt, 0) / rng.uniform(4, 9)) * (dist > rt)
+    img = np.maximum(img, 1.1 * tail)
+    val = rng.uniform(1.0, 1.3) + 0.03 * texture
+    return img * (1 - inside) + val * inside
+
+
+def _pituitary(rng: np.random.Generator, img: np.ndarray, lx: float, ly: float, r: float,
+               dist: np.ndarray, theta: np.ndarray, texture: np.ndarray, px: np.ndarray,
+               py: np.ndarray) -> np.ndarray:
+    """Rounded, enhancing, mildly heterogeneous, sometimes a small cyst."""
     rt = r * _radius(rng, theta, 0.08, 3)
     inside = _sigmoid((rt - dist) / 0.8)
     val = rng.uniform(0.95, 1.25) + 0.08 * texture

@@ -32,90 +32,25 @@ image has its own generator seeded by (seed, hospital, split, index).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import math
+import struct
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from securefl.errors import ConfigError, DataError
+from securefl.errors import ConfigError
+from securefl.ml.anatomy import SELLA_XY, SELLAR_Z, Z_RANGE, _Anatomy, _slice
 from securefl.ml.lesions import _smooth_noise, paint
 from securefl.ml.settings import DEFAULT_CLASSES
 
 #: Field of view of an output image, in mm (the template's head fits in ~200 mm).
 FOV_MM = 230.0
-#: Axial template slices used for every class (voxel z indices; 1 mm apart).
-Z_RANGE = (36, 128)
-#: Slices through the sella turcica / suprasellar cistern, where pituitary tumours are seen.
-SELLAR_Z = (38, 54)
-#: Where the sella sits in the template's voxel grid (x midline, y).
-SELLA_XY = (98.0, 138.0)
 #: Split prefixes as in the public collections' file names (Tr-gl_0001.jpg).
 SPLITS = {"Training": "Tr", "Testing": "Te"}
-
-_TEMPLATE_FILES = {
-    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
-    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
-}
-
-
-# --------------------------------------------------------------------------- template
-
-
-@functools.lru_cache(maxsize=1)
-def _volumes() -> dict[str, np.ndarray]:
-    """The three template volumes as float32 in [0, 1] (loaded once per process)."""
-    spec = importlib.util.find_spec("nilearn")  # locate the wheel without importing it
-    if spec is None or spec.origin is None:
-        raise DataError(
-            "the brain template ships with the 'nilearn' package, which is not installed: "
-            "run `make .venv/.installed` (or pip install -e .) and retry"
-        )
-    folder = Path(spec.origin).parent / "datasets" / "data"
-    import nibabel
-
-    out = {}
-    for key, name in _TEMPLATE_FILES.items():
-        path = folder / name
-        if not path.is_file():
-            raise DataError(f"{path} is missing from the nilearn install: reinstall nilearn")
-        out[key] = np.asarray(nibabel.load(path).dataobj, dtype=np.float32) / 255.0
-    return out
-
-
-@dataclass(frozen=True)
-class _Slice:
-    """One axial slice, pre-smoothed for a given output pixel size, plus derived maps."""
-
-    channels: np.ndarray  # (X, Y, 4): t1, gm, wm, brain mask
-    signed_dist: np.ndarray  # mm to the head envelope; negative inside
-    depth: np.ndarray  # mm from the brain surface, inside the brain
-    boundary: np.ndarray  # (k, 2) brain-surface pixel coordinates (x, y)
-    centroid: tuple[float, float]
-
-
-@functools.lru_cache(maxsize=512)
-def _slice(z: int, smooth: float) -> _Slice:
-    from scipy import ndimage
-
-    vols = _volumes()
-    t1, gm, wm = (vols[k][:, :, z] for k in ("t1", "gm", "wm"))
-    mask = ndimage.binary_fill_holes(t1 > 0.04)
-    envelope = ndimage.binary_fill_holes(ndimage.gaussian_filter(mask.astype(np.float32), 9) > 0.15)
-    signed = ndimage.distance_transform_edt(~envelope) - ndimage.distance_transform_edt(envelope)
-    depth = ndimage.distance_transform_edt(mask)
-    boundary = np.argwhere(mask & ~ndimage.binary_erosion(mask, iterations=1))
-    chans = np.stack([t1, gm, wm, mask.astype(np.float32)])
-    if smooth > 0:
-        chans = ndimage.gaussian_filter(chans, (0, smooth, smooth))
-    cx, cy = (float(c) for c in np.argwhere(mask).mean(axis=0))
-    chans = np.ascontiguousarray(np.moveaxis(chans, 0, -1), dtype=np.float32)
-    return _Slice(chans, signed.astype(np.float32),
-                  depth.astype(np.float32), boundary, (cx, cy))
 
 
 # --------------------------------------------------------------------------- sites
@@ -169,32 +104,72 @@ def make_sites(hospitals: int, seed: int, classes: Sequence[str] = DEFAULT_CLASS
 # --------------------------------------------------------------------------- rendering
 
 
-def _bilinear(
-    image: np.ndarray, x: np.ndarray, y: np.ndarray, *, outside: float | None
-) -> np.ndarray:
-    """Sample ``image`` (X, Y, C) at float coordinates; ``outside`` fills points off the
-    grid (``None``: the nearest edge value).  One gather per corner for all channels."""
-    nx, ny = image.shape[:2]
-    x0 = np.floor(x)
-    y0 = np.floor(y)
-    fx = (x - x0)[..., None].astype(np.float32)
-    fy = (y - y0)[..., None].astype(np.float32)
-    x0 = x0.astype(np.intp)
-    y0 = y0.astype(np.intp)
-    xa, xb = np.clip(x0, 0, nx - 1), np.clip(x0 + 1, 0, nx - 1)
-    ya, yb = np.clip(y0, 0, ny - 1), np.clip(y0 + 1, 0, ny - 1)
-    out = (image[xa, ya] * (1 - fx) * (1 - fy) + image[xb, ya] * fx * (1 - fy)
-           + image[xa, yb] * (1 - fx) * fy + image[xb, yb] * fx * fy)
-    if outside is not None:
-        off = (x0 < 0) | (y0 < 0) | (x0 >= nx - 1) | (y0 >= ny - 1)
-        out[off] = outside
-    return out
+#: Template planes each class needs (t1, wm - gm, brain mask, wm): each costs a bilinear fetch.
+_PLANES = {"glioma": 4, "meningioma": 3, "pituitary": 2, "notumor": 2}
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Per-size constants of the output grid, computed once."""
+
+    u: np.ndarray  # (size, size) column offset from the centre, mm
+    v: np.ndarray  # (size, size) row offset from the centre, mm (down = posterior)
+    bias: np.ndarray  # (5, size * size) x, y, xy, x², y² over [-1, 1]², for the bias field
+
+
+@functools.lru_cache(maxsize=16)
+def _grid(size: int) -> _Grid:
+    c = (np.arange(size, dtype=np.float32) + 0.5 - size / 2) * np.float32(FOV_MM / size)
+    v, u = np.meshgrid(c, c, indexing="ij")
+    xs = (np.arange(size, dtype=np.float32) / size - 0.5) * 2
+    yy, xx = np.meshgrid(xs, xs, indexing="ij")
+    bias = np.stack([xx, yy, xx * yy, xx**2, yy**2]).reshape(5, -1)
+    return _Grid(u, v, bias)
+
+
+def _lesion(les: np.random.Generator, label: str, anat: _Anatomy
+            ) -> tuple[str, float, float, float, float] | None:
+    """Where the lesion of class ``label`` sits: (kind, x, y, radius mm, mass-effect push)."""
+    cx, cy = anat.centroid
+    if label == "glioma":  # deep in the white matter, shrunk until it fits the slice
+        r = les.uniform(13, 28)
+        for _ in range(4):
+            n = int(np.searchsorted(anat.neg_depth, -(0.6 * r + 4)))
+            if n:
+                break
+            r *= 0.7
+        lx, ly = (float(c) for c in anat.deep[les.integers(n)]) if n else (cx, cy)
+        return ("glioma", lx, ly, r, les.uniform(0.2, 0.45))
+    if label == "meningioma":
+        r = les.uniform(12, 25)
+        if les.random() < 0.6:  # convexity: on the brain surface, centre pushed inward
+            bx, by = (float(c) for c in anat.boundary[les.integers(len(anat.boundary))])
+            nx, ny = cx - bx, cy - by
+            norm = math.hypot(nx, ny) or 1.0
+            return ("meningioma", bx + 0.35 * r * nx / norm, by + 0.35 * r * ny / norm, r,
+                    les.uniform(0.3, 0.55))
+        col = np.nonzero(anat.mask[98])[0]  # falx: against the midline, one side
+        y = float(col[les.integers(len(col))]) if len(col) else cy
+        lx = 98.0 + float(les.choice([-1, 1])) * (0.55 * r + 1)
+        return ("meningioma", lx, y, r, les.uniform(0.3, 0.55))
+    if label == "pituitary":
+        r = les.uniform(10, 19)
+        return ("pituitary", SELLA_XY[0] + les.normal(0, 1.2), SELLA_XY[1] + les.normal(0, 3),
+                r, les.uniform(0.05, 0.2))
+    return None
 
 
 def render(
     rng: np.random.Generator, label: str, site: Site, size: int = 128
 ) -> np.ndarray:
-    """One synthetic slice of class ``label`` as seen at ``site``: uint8 (size, size)."""
+    """One synthetic slice of class ``label`` as seen at ``site``: uint8 (size, size).
+
+    Everything is whole-array float32 work on the output grid: one combined geometric map
+    (flip, rotation, scale, shift, elastic warp from a coarse noise grid, mass effect), one
+    bilinear fetch through it of the template planes the class needs, then the skull, the
+    lesion and the scanner.  About 1-2 ms at 128 px on one core (it was ~7 ms with float64
+    leaking in, 2-D fancy indexing and ``np.select``).
+    """
     from scipy import ndimage
 
     if label not in ("glioma", "meningioma", "pituitary", "notumor"):
@@ -204,104 +179,116 @@ def render(
     # three independent streams, so one seed gives the same anatomy, pose and acquisition
     # whatever lesion is painted (the tests compare a slice with and without one)
     geo, les, acq = rng.spawn(3)
+    grid = _grid(size)
     mm_px = FOV_MM / size
     z = int(geo.integers(*SELLAR_Z)) if label == "pituitary" else int(geo.integers(*Z_RANGE))
-    sl = _slice(z, round(max(0.0, 0.45 * (mm_px - 1.0)), 2))
-    cx, cy = sl.centroid
+    sl = _slice(z, mm_px)
+    cx, cy = sl.anatomy.centroid
 
     # output grid -> template mm: flip, rotation, scale, shift, elastic warp
-    c = (np.arange(size, dtype=np.float32) + 0.5 - size / 2) * mm_px
-    v, u = np.meshgrid(c, c, indexing="ij")  # v: rows (down = posterior), u: columns
+    u, v = grid.u, grid.v
     if geo.random() < 0.5:
         u = -u
     ang = math.radians(geo.uniform(-10, 10))
     scale = geo.uniform(0.9, 1.1)
     ca, sa = math.cos(ang) / scale, math.sin(ang) / scale
-    du, dv = geo.uniform(-6, 6, size=2)
-    uu = ca * u - sa * v + du + 2.5 * _smooth_noise(geo, size, 5)
-    vv = sa * u + ca * v + dv + 2.5 * _smooth_noise(geo, size, 5)
-    px = cx + uu  # template x (voxel = mm)
-    py = cy - vv  # template y (anterior up)
+    du, dv = (float(x) for x in geo.uniform(-6, 6, size=2))
+    px = (cx + du) + ca * u - sa * v + 2.5 * _smooth_noise(geo, size, 5)  # template x
+    py = (cy - dv) - sa * u - ca * v - 2.5 * _smooth_noise(geo, size, 5)  # y, anterior up
 
-    lesion: tuple[str, float, float, float, float] | None = None  # kind, x, y, R, push
-    if label == "glioma":
-        r = les.uniform(13, 28)
-        for _ in range(4):
-            ok = np.argwhere(sl.depth > 0.6 * r + 4)
-            if len(ok):
-                break
-            r *= 0.7
-        lx, ly = (ok[les.integers(len(ok))] if len(ok) else np.array([cx, cy])).astype(float)
-        lesion = ("glioma", lx, ly, r, les.uniform(0.2, 0.45))
-    elif label == "meningioma":
-        r = les.uniform(12, 25)
-        if les.random() < 0.6:  # convexity: on the brain surface, centre pushed inward
-            bx, by = sl.boundary[les.integers(len(sl.boundary))].astype(float)
-            nx, ny = cx - bx, cy - by
-            norm = math.hypot(nx, ny) or 1.0
-            lx, ly = bx + 0.35 * r * nx / norm, by + 0.35 * r * ny / norm
-        else:  # falx: against the midline, one side
-            col = np.nonzero(sl.channels[98, :, 3] > 0.5)[0]
-            y = float(col[les.integers(len(col))]) if len(col) else cy
-            lx, ly = 98.0 + les.choice([-1, 1]) * (0.55 * r + 1), y
-        lesion = ("meningioma", lx, ly, r, les.uniform(0.3, 0.55))
-    elif label == "pituitary":
-        r = les.uniform(10, 19)
-        lesion = ("pituitary", SELLA_XY[0] + les.normal(0, 1.2), SELLA_XY[1] + les.normal(0, 3),
-                  r, les.uniform(0.05, 0.2))
-
+    lesion = _lesion(les, label, sl.anatomy)
     # anatomy sampled through the mass effect (tissue pushed away from the lesion centre)
     sx, sy = px, py
     if lesion is not None:
         _, lx, ly, r, push = lesion
         dx, dy = px - lx, py - ly
         dist = np.sqrt(dx * dx + dy * dy) + 1e-3
-        new = np.maximum(dist - push * r * np.exp(-((dist / (1.3 * r)) ** 2)), 0.0)
-        sx, sy = lx + dx * new / dist, ly + dy * new / dist
-    sampled = _bilinear(sl.channels, sx, sy, outside=0.0)
-    t1, gm, wm, brain = (sampled[..., i] for i in range(4))
-    sd = _bilinear(sl.signed_dist[..., None], px, py, outside=None)[..., 0]
+        shrink = np.maximum(1 - push * r * np.exp(-((dist / (1.3 * r)) ** 2)) / dist, 0.0)
+        sx, sy = lx + dx * shrink, ly + dy * shrink
+    # t1 and wm - gm make the image; the brain mask and wm only matter to some lesions
+    t1, wm_gm, *maps = sl.sample(sx, sy, _PLANES[label])
 
     # tissue contrast of this site
-    img = t1 + site.gm_wm * (wm - gm) * 0.5
+    img = t1 + (site.gm_wm * 0.5) * wm_gm
 
     # skull and scalp: CSF/dura, inner table, diploe, outer table, scalp fat
-    d = sd + 1.2 * _smooth_noise(acq, size, 8)
+    d = sl.anatomy.head_distance(px, py) + 1.2 * _smooth_noise(acq, size, 8)
     w = np.cumsum([acq.uniform(1.0, 3.0), acq.uniform(1.0, 2.0), acq.uniform(2.0, 4.5),
                    acq.uniform(1.0, 2.0), acq.uniform(3.0, 6.5)])
-    ring = np.select(
-        [d < 0, d < w[0], d < w[1], d < w[2], d < w[3], d < w[4]],
-        [0.0, 0.06, 0.03, acq.uniform(0.35, 0.6), 0.03, acq.uniform(0.55, 0.8)],
-        default=0.0,
-    ).astype(np.float32)
+    bands = np.array([0.0, 0.06, 0.03, acq.uniform(0.35, 0.6), 0.03, acq.uniform(0.55, 0.8),
+                      0.0], dtype=np.float32)
+    band = (d >= 0).astype(np.uint8)  # which band each pixel is in: a count of edges passed,
+    for edge in w:  # cheaper than searchsorted or np.select for six edges
+        band += d >= edge
+    ring = bands.take(band)
     ring *= 1 + 0.15 * _smooth_noise(acq, size, 12)
     img = np.where(d < 0, img, ring)
     if SELLAR_Z[0] <= z < SELLAR_Z[1]:  # cavernous sinuses enhance either side of the sella
         for side in (-1, 1):
-            q = ((px - SELLA_XY[0] - side * 13) ** 2 + (py - SELLA_XY[1]) ** 2) / 16
+            q = ((px - (SELLA_XY[0] + side * 13)) ** 2 + (py - SELLA_XY[1]) ** 2) * 0.0625
             img = np.maximum(img, 0.7 * np.exp(-q))
 
     if lesion is not None:
-        img = paint(les, img, lesion, px, py, wm, brain)
+        img = paint(les, img, lesion, px, py, *maps)
 
     # acquisition: bias field, contrast curve, resolution, Rician noise, windowing
-    xs = (np.arange(size, dtype=np.float32) / size - 0.5) * 2
-    yy, xx = np.meshgrid(xs, xs, indexing="ij")
-    a = acq.normal(0, 1, 5)
-    field = a[0] * xx + a[1] * yy + a[2] * xx * yy + a[3] * xx**2 + a[4] * yy**2
-    img = img * np.exp(site.bias * 0.5 * field)
-    img = np.clip(img * acq.uniform(0.9, 1.1), 0, None) ** (site.gamma * acq.uniform(0.92, 1.08))
+    field = (acq.normal(0, 1, 5).astype(np.float32) @ grid.bias).reshape(size, size)
+    img = img * np.exp((site.bias * 0.5) * field)
+    gain, gamma = acq.uniform(0.9, 1.1), site.gamma * acq.uniform(0.92, 1.08)
+    img = np.exp(gamma * np.log(np.maximum(img * gain, 1e-6)))  # (gain img)^gamma, vectorised
     blur = site.blur + acq.uniform(0, 0.3)
     if blur > 0.05:
-        img = ndimage.gaussian_filter(img, blur)
+        img = ndimage.gaussian_filter(img, blur, truncate=3.0)
     sigma = site.noise * acq.uniform(0.8, 1.2)
-    n1 = acq.standard_normal((2, size, size)).astype(np.float32) * sigma
-    img = np.sqrt((img + n1[0]) ** 2 + n1[1] ** 2)
-    top = float(np.percentile(img, 99.7)) or 1.0
-    return np.clip(img / top * 255.0, 0, 255).astype(np.uint8)
+    # Rician magnitude |img + n1 + i n2| with (n1, n2) from Box-Muller: r² = n1² + n2², so
+    # |.|² = img² + 2 img n1 + r²; uniforms plus four vector functions beat two normal draws
+    uni = acq.random((2, size, size), dtype=np.float32)
+    r2 = (-2 * sigma * sigma) * np.log1p(-uni[0])
+    n1 = np.sqrt(r2) * np.cos((2 * np.pi) * uni[1])
+    img = np.sqrt(np.maximum(img * (img + 2 * n1) + r2, 0))
+    top = _top(img.ravel(), int(0.997 * (img.size - 1))) or 1.0
+    return np.clip(img * (255.0 / top), 0, 255).astype(np.uint8)
+
+
+def _top(flat: np.ndarray, k: int) -> float:
+    """The ``k``-th smallest of ``flat`` (the window's 99.7th percentile), exactly.
+
+    It sits among the few brightest pixels, so partitioning only the pixels above 0.7 x
+    the maximum finds it at a third of the cost; if fewer than ``size - k`` pixels are that
+    bright, the whole array is partitioned.
+    """
+    bright = flat[flat > flat.max() * np.float32(0.7)]
+    above = flat.size - k  # the k-th smallest is the ``above``-th largest
+    if bright.size >= above:
+        return float(np.partition(bright, bright.size - above)[bright.size - above])
+    return float(np.partition(flat, k)[k])
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    """``pixels`` (uint8, rows x columns) as an 8-bit greyscale PNG file.
+
+    Every row gets the Sub filter (each byte minus its left neighbour) and the stream is
+    deflated Huffman-only: these noisy slices have few repeated strings for zlib to find.
+    Pillow tries all five filters per row and then searches for matches, taking 2-3x as
+    long (0.27 vs 0.11 ms at 128 px) for files ~3 % smaller.
+    """
+    h, w = pixels.shape
+    rows = np.empty((h, w + 1), np.uint8)
+    rows[:, 0] = 1  # filter type: Sub
+    rows[:, 1] = pixels[:, 0]
+    np.subtract(pixels[:, 1:], pixels[:, :-1], out=rows[:, 2:])  # wraps mod 256, as PNG wants
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_HUFFMAN_ONLY)
+    data = deflate.compress(rows.tobytes()) + deflate.flush()
+    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit greyscale, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data)
+            + _png_chunk(b"IEND", b""))
 
 
 def _counts(total: int, weights: Sequence[float]) -> list[int]:
@@ -363,7 +350,7 @@ def synthesize(
         if image_format == "jpg":
             Image.fromarray(pixels, "L").save(path, quality=92)
         else:
-            Image.fromarray(pixels, "L").save(path, compress_level=1)
+            path.write_bytes(_png(pixels))
         tally = summary["hospitals"][site.name][split]
         tally[cls] = tally.get(cls, 0) + 1
         if progress is not None:
