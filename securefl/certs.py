@@ -232,12 +232,36 @@ class CertDir:
         crl = builder.sign(ca.key, hashes.SHA256())
         _write(self.crl, crl.public_bytes(serialization.Encoding.PEM))
 
-    def renew(self, *, now: dt.datetime | None = None) -> None:
-        """A fresh server certificate (and a fresh CRL, whose validity also runs out)."""
+    def renew(self, member: str | None = None, *, now: dt.datetime | None = None) -> Path:
+        """A fresh server certificate (and a fresh CRL, whose validity also runs out), or,
+        with ``member``, a fresh one-year certificate for the admin or one hospital.
+
+        Returns the folder to copy to the machine that uses it.  A hospital's renewed
+        certificate and key replace those in its kit; its ``hospital.toml`` is left as the
+        hospital edited it.  The old certificate stays valid until it expires: revoke it if
+        it may have leaked.
+        """
         ca = self.ca()
-        hosts = self._meta()["server_hosts"]
-        _save(self.root, "server", pki.issue(ca, pki.Role.SERVER, "server", hosts=hosts, now=now))
-        self.write_crl(ca, now=now)
+        if member is None:
+            hosts = self._meta()["server_hosts"]
+            _save(self.root, "server", pki.issue(ca, pki.Role.SERVER, "server", hosts=hosts,
+                                                 now=now))
+            self.write_crl(ca, now=now)
+            return self.root
+        if member == "admin":
+            _save(self.root, "admin", pki.issue(ca, pki.Role.ADMIN, "admin", now=now))
+            return self.root
+        if not self.member_cert(member).exists():
+            raise ConfigError(f"no certificate was issued to '{member}': use add-hospital")
+        if pki.load_cert(self.member_cert(member).read_bytes()).serial_number in \
+                self._meta()["revoked"]:
+            raise ConfigError(f"'{member}' was revoked: issue a new kit with add-hospital")
+        cred = pki.issue(ca, pki.Role.HOSPITAL, member, now=now)
+        _write(self.member_cert(member), cred.cert_pem())
+        kit = self.kit(member)
+        _save(kit, "hospital", cred)
+        _write(kit / "ca.pem", ca.cert_pem())
+        return kit
 
     def show(self) -> list[dict[str, str]]:
         """One row per certificate: role, name, expiry, fingerprint, revoked or not."""

@@ -107,7 +107,9 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
     add.add_argument("name")
     rev = acts.add_parser("revoke", help="revoke a hospital's (or the admin's) certificate")
     rev.add_argument("name")
-    acts.add_parser("renew", help="a fresh server certificate (90 days) and CRL")
+    ren = acts.add_parser("renew", help="a fresh server certificate (90 days) and CRL, or "
+                          "with a name a fresh admin or hospital certificate (1 year)")
+    ren.add_argument("name", nargs="?", help="'admin' or a hospital (default: the server)")
     acts.add_parser("show", help="every certificate with its expiry and fingerprint")
 
     def run(args: argparse.Namespace) -> int:
@@ -127,8 +129,14 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
             cd.revoke(args.name)
             print(f"'{args.name}' revoked; the server refuses it from its next connection")
         elif args.action == "renew":
-            cd.renew()
-            print("server certificate and CRL renewed; restart the server")
+            where = cd.renew(args.name)
+            if args.name is None:
+                print("server certificate and CRL renewed; restart the server")
+            elif args.name == "admin":
+                print(f"admin certificate renewed in {where}")
+            else:
+                print(f"certificate of '{args.name}' renewed in its kit {where}: copy "
+                      "hospital.pem and hospital.key to that hospital")
         else:
             for row in cd.show():
                 print(f"{row['role']:<9} {row['name']:<20} {row['status']:<8} "

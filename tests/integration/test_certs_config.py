@@ -79,3 +79,32 @@ def test_settings_refuse_typos_and_resolve_paths(tmp_path: Path) -> None:
         config.load(tmp_path / "bad2.toml", config.ClientSettings)
     with pytest.raises(ConfigError, match="not found"):
         config.load(tmp_path / "missing.toml", config.ClientSettings)
+
+
+def test_renew_a_hospital_or_the_admin_keeps_the_kit_settings(tmp_path: Path) -> None:
+    import datetime as dt
+
+    cd = CertDir(tmp_path)
+    cd.init(["localhost"], ["a", "b"])
+    kit = cd.kit("a")
+    settings = kit / "hospital.toml"
+    settings.write_text(settings.read_text() + "# edited by the hospital\n")
+    old = pki.load_cert((kit / "hospital.pem").read_bytes())
+    old_key = (kit / "hospital.key").read_bytes()
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=300)  # a month before expiry
+    assert cd.renew("a", now=later) == kit
+    new = pki.load_cert((kit / "hospital.pem").read_bytes())
+    assert new.serial_number != old.serial_number and (kit / "hospital.key").read_bytes() != old_key
+    assert new.not_valid_after_utc - later >= dt.timedelta(days=364)
+    assert pki.identity_of(new) == (pki.Role.HOSPITAL, "a")
+    assert cd.member_cert("a").read_bytes() == (kit / "hospital.pem").read_bytes()
+    assert settings.read_text().endswith("# edited by the hospital\n")
+    assert oct((kit / "hospital.key").stat().st_mode & 0o777) == "0o600"
+    old_admin = (tmp_path / "admin.pem").read_bytes()
+    cd.renew("admin")
+    assert (tmp_path / "admin.pem").read_bytes() != old_admin
+    cd.revoke("b")
+    with pytest.raises(ConfigError, match="revoked"):
+        cd.renew("b")
+    with pytest.raises(ConfigError, match="add-hospital"):
+        cd.renew("nobody")

@@ -250,3 +250,14 @@ def test_tls_read_buffers_are_capped_and_data_still_flows(fed: Federation) -> No
     asyncio.run(scenario())
     assert capped == [True]
     assert got and got[0] == blob
+
+
+def test_a_renewed_hospital_certificate_is_accepted(fed: Federation) -> None:
+    fed.certs.renew("a")
+
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv, HospitalSession(
+                fed.client_settings("a", srv.port)) as h:
+            assert h.name == "a" and (await h.get_global()).version == 0
+
+    asyncio.run(scenario())
