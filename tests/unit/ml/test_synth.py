@@ -83,32 +83,6 @@ def test_a_lesion_changes_one_region_of_an_otherwise_identical_slice():
                 assert not corner.any(), (label, seed)
 
 
-def test_png_files_decode_to_exactly_the_rendered_pixels(tmp_path):
-    """The PNG writer is our own (Sub filter, Huffman-only deflate): Pillow must read it back
-    bit for bit, for any content and shape."""
-    import io
-
-    from PIL import Image
-
-    from securefl.ml.synth import _png
-
-    rng = np.random.default_rng(0)
-    site = make_sites(1, seed=0)[0]
-    for pixels in (rng.integers(0, 256, (37, 53), dtype=np.uint8),
-                   np.zeros((16, 16), np.uint8), np.full((1, 5), 255, np.uint8),
-                   render(np.random.default_rng(1), "glioma", site, 64)):
-        with Image.open(io.BytesIO(_png(pixels))) as img:
-            assert img.mode == "L" and img.size == pixels.shape[::-1]
-            assert np.array_equal(np.asarray(img), pixels)
-    synthesize(tmp_path, hospitals=1, seed=0, train_per_hospital=4, test_per_hospital=0,
-               size=24, image_format="png")
-    files = sorted(tmp_path.rglob("*.png"))
-    assert len(files) == 4
-    for path in files:
-        with Image.open(path) as img:
-            assert img.mode == "L" and img.size == (24, 24)
-
-
 def test_bad_arguments_are_config_errors(tmp_path):
     with pytest.raises(ConfigError):
         synthesize(tmp_path, hospitals=0)
