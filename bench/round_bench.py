@@ -186,6 +186,8 @@ def run_config(n: int, params: int, procs: int, repeats: int = 3) -> dict:
             "model_bytes": model_bytes,
             "rss_growth_over_model": round((worst["peak_rss"] - worst["idle_rss"])
                                            / model_bytes, 2),
+            "rss_growth_all": [round((r["peak_rss"] - r["idle_rss"]) / model_bytes, 2)
+                               for r in secure],
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,8 +10,9 @@ Every seed is derived through labelled HKDF (``derive_seed``) so that a seed for
 (self mask, pair mask, neighbour graph) can never be replayed as another.  The CTR nonce is
 therefore fixed at zero: a key is never used twice for different streams.
 
-Speed: the keystream is written in place into a reusable scratch buffer (``MaskBuffer``),
-avoiding a fresh multi-megabyte ``bytes`` object per mask, which is ten times slower.
+Speed: the keystream is written in place into a small reusable scratch buffer
+(``MaskBuffer``), avoiding a fresh multi-megabyte ``bytes`` object per mask, which is ten
+times slower.
 """
 
 from __future__ import annotations
@@ -57,17 +58,42 @@ def expand(seed: bytes, length: int, dtype: type[np.unsignedinteger]) -> np.ndar
     return keystream_into(seed, np.empty(length, dtype=dtype))
 
 
+#: Ring elements per step of ``MaskBuffer``: 256 KiB of scratch, which stays in cache.
+CHUNK = 1 << 16
+
+
 class MaskBuffer:
-    """Adds and subtracts PRG masks into a target vector through one reused scratch buffer.
+    """Adds and subtracts PRG masks into a target vector through one small reused scratch.
+
+    Why chunked: the keystream of one seed is produced ``CHUNK`` elements at a time by the
+    same CTR encryptor (so the mask is exactly ``expand(seed, ...)``) and added before the
+    next piece is made.  A model-sized scratch vector was the largest thing the server
+    allocated while unmasking; this one is 256 KiB whatever the model.
 
     Arithmetic is numpy's unsigned wrap-around, i.e. exactly the ring Z_2^k.
     """
 
     def __init__(self, length: int, dtype: type[np.unsignedinteger]) -> None:
-        self._scratch = np.empty(length, dtype=dtype)
+        self._length = length
+        self._scratch = np.empty(min(length, CHUNK), dtype=dtype)
+
+    def _apply(self, target: np.ndarray, seed: bytes, op: np.ufunc) -> None:
+        if len(seed) != SEED_BYTES:
+            raise CryptoError(f"a PRG seed must be {SEED_BYTES} bytes, not {len(seed)}")
+        if target.shape != (self._length,) or target.dtype != self._scratch.dtype:
+            raise CryptoError("mask target has the wrong shape or type for this buffer")
+        encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
+        raw = self._scratch.view(np.uint8)
+        for start in range(0, self._length, CHUNK):
+            stop = min(start + CHUNK, self._length)
+            piece = raw[: (stop - start) * self._scratch.itemsize]
+            piece[:] = 0
+            view = memoryview(piece)
+            encryptor.update_into(view, view)
+            op(target[start:stop], self._scratch[: stop - start], out=target[start:stop])
 
     def add(self, target: np.ndarray, seed: bytes) -> None:
-        np.add(target, keystream_into(seed, self._scratch), out=target)
+        self._apply(target, seed, np.add)
 
     def subtract(self, target: np.ndarray, seed: bytes) -> None:
-        np.subtract(target, keystream_into(seed, self._scratch), out=target)
+        self._apply(target, seed, np.subtract)

@@ -17,10 +17,34 @@ from pathlib import Path
 
 from securefl.server.tls import apply_openssl_conf
 
+#: glibc's ``mallopt`` parameter number for the mmap threshold.
+_M_MMAP_THRESHOLD = -3
+#: Allocations at least this big get their own mapping, returned to the system when freed.
+MMAP_THRESHOLD = 1 << 20
+
+
+def fix_mmap_threshold() -> bool:
+    """Pin glibc's mmap threshold at 1 MiB; False where there is no glibc ``mallopt``.
+
+    Why: glibc raises the threshold after the first large block is freed, so from then on
+    every model-sized buffer (an upload being read, the decoded mean) comes from the heap,
+    where small allocations made meanwhile can pin it.  The server's peak memory then
+    varied from 3.4 to 4.4 models between identical 30-hospital rounds; with the
+    threshold fixed, 3.4 to 3.5 (``bench/round_bench.py --clients 30 --repeats 5``).
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
 
 def run(config_path: Path, argv: list[str]) -> int:
     if not apply_openssl_conf():
         os.execv(sys.executable, [sys.executable, "-m", "securefl", *argv])
+    fix_mmap_threshold()
     from securefl import config
     from securefl.server.app import serve
 

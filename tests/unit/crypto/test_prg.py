@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from securefl.crypto.prg import MaskBuffer, derive_seed, expand, keystream_into
+from securefl.crypto.prg import CHUNK, MaskBuffer, derive_seed, expand, keystream_into
 from securefl.errors import CryptoError
 
 seeds = st.binary(min_size=32, max_size=32)
@@ -73,3 +73,17 @@ def test_bad_seed_length(seed):
 def test_label_may_not_contain_separator():
     with pytest.raises(CryptoError):
         derive_seed(b"k", "a|b")
+
+
+@pytest.mark.parametrize("n", [1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5])
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+def test_chunked_mask_is_exactly_the_whole_stream(n, dtype):
+    """``MaskBuffer`` makes the keystream a piece at a time; the mask it adds must be the
+    same CTR stream as ``expand`` (else pairwise masks would not cancel)."""
+    seed = bytes(range(32))
+    target = np.zeros(n, dtype)
+    MaskBuffer(n, dtype).add(target, seed)
+    assert np.array_equal(target, expand(seed, n, dtype))
+    assert MaskBuffer(n, dtype)._scratch.nbytes <= CHUNK * np.dtype(dtype).itemsize
+    with pytest.raises(CryptoError):
+        MaskBuffer(n, dtype).add(np.zeros(n + 1, dtype), seed)
