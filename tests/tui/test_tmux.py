@@ -63,6 +63,9 @@ def test_train_send_aggregate_get_in_tmux(fed: Fed, tmp_path: Path) -> None:
     try:
         tmux.window("server", [env_line, *python, "server", "--config", str(fed.server_toml),
                                "2>&1"], root)
+        # As an operator would: the apps start once the server listens (a loaded machine
+        # can take seconds to start it, and an app that finds no server waits for "r").
+        tmux.wait("fed:server", "securefl server listening on", 90)
         tmux.window("admin", [env_line, *python, "admin", "--config", str(fed.admin_toml)],
                     root)
         for i, toml in enumerate(fed.hospital_tomls, start=1):
