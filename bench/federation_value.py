@@ -37,8 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from securefl.fedopt import ServerOptimizer, ServerOptSettings, statistics_ranges
 from securefl.ml.data import ImageSet, load_split
-from securefl.ml.model import from_vector, make_model, to_vector
+from securefl.ml.model import from_vector, make_model, to_vector, weight_spec
 from securefl.ml.synth import synthesize
 from securefl.ml.train import evaluate, train
 
@@ -59,6 +60,19 @@ def parse() -> argparse.Namespace:
     p.add_argument("--data", type=Path, help="reuse/keep generated data here")
     p.add_argument("--average", type=int, default=3,
                    help="report the mean accuracy of the last N checkpoints (rounds)")
+    d = ServerOptSettings()
+    p.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default=d.kind,
+                   help="server optimiser of both FedAvg arms (securefl.fedopt)")
+    p.add_argument("--server-lr", type=float, default=d.server_lr)
+    p.add_argument("--server-momentum", type=float, default=d.momentum,
+                   help="fedavgm: momentum; fedadam: beta1")
+    p.add_argument("--server-beta2", type=float, default=d.beta2, help="fedadam only")
+    p.add_argument("--server-eps", type=float, default=d.eps, help="fedadam only")
+    p.add_argument("--server-stats", choices=("plain", "optimised"), default="plain",
+                   help="batch-norm running statistics: plainly averaged (default) or "
+                        "through the server optimiser like every other weight")
+    p.add_argument("--arms", default="local,fedavg,secure,central",
+                   help="comma-separated subset of local,fedavg,secure,central (scouting)")
     return p.parse_args()
 
 
@@ -105,13 +119,25 @@ def main() -> int:
         log(f"{label}: " + " ".join(f"{a:.3f}" for a in curve))
         return curve
 
+    arms = {a.strip() for a in args.arms.split(",") if a.strip()}
+    unknown = arms - {"local", "fedavg", "secure", "central"}
+    if unknown:
+        raise SystemExit(f"unknown arm(s): {', '.join(sorted(unknown))}")
+    opt_settings = ServerOptSettings(
+        kind=args.server_opt, server_lr=args.server_lr, momentum=args.server_momentum,
+        beta2=args.server_beta2, eps=args.server_eps)
+    layers = [(layer.name, layer.size) for layer in weight_spec(workers[0]).layers]
+    plain_ranges = statistics_ranges(layers) if args.server_stats == "plain" else []
+
     local_curves = []
-    for h, (name, data) in enumerate(zip(names, trains, strict=True)):
-        from_vector(workers[h], w0)
-        local_curves.append(solo(workers[h], data, f"local {name}", seed=h))
+    if "local" in arms:
+        for h, (name, data) in enumerate(zip(names, trains, strict=True)):
+            from_vector(workers[h], w0)
+            local_curves.append(solo(workers[h], data, f"local {name}", seed=h))
 
     def federate(label, mean_fn):
         workers[:] = [fresh() for _ in names]
+        opt = ServerOptimizer(opt_settings, w0.size, plain=plain_ranges)
         g = w0.copy()
         clipped = 0.0
         curve: list[float] = []
@@ -123,7 +149,7 @@ def main() -> int:
                 deltas.append(to_vector(workers[h]) - g)
                 weights.append(len(data))
             clipped = max(clipped, float(np.mean(np.abs(np.stack(deltas)) > args.clip)))
-            g = (g + mean_fn(deltas, weights)).astype(np.float32)
+            g = opt.step(g, np.asarray(mean_fn(deltas, weights), dtype=np.float32))
             from_vector(workers[0], g)
             curve.append(acc(workers[0]))
             log(f"{label} round {r + 1}/{args.rounds}: {curve[-1]:.3f}")
@@ -134,48 +160,61 @@ def main() -> int:
         return (np.tensordot(w, np.stack(deltas).astype(np.float64), axes=1) / w.sum()) \
             .astype(np.float32)
 
-    fedavg_curve, g_plain, _ = federate("fedavg", plain_mean)
+    fedavg_curve = secure_curve = g_plain = g_secure = None
+    if "fedavg" in arms:
+        fedavg_curve, g_plain, _ = federate("fedavg", plain_mean)
 
-    from securefl.crypto.simulate import secure_weighted_mean  # the real secure round
+    if "secure" in arms:
+        from securefl.crypto.simulate import secure_weighted_mean  # the real secure round
 
-    def secure_mean(deltas, weights):
-        return secure_weighted_mean(deltas, weights, clip=args.clip)
+        def secure_mean(deltas, weights):
+            return secure_weighted_mean(deltas, weights, clip=args.clip)
 
-    secure_curve, g_secure, clipped = federate("secure", secure_mean)
+        secure_curve, g_secure, clipped = federate("secure", secure_mean)
 
-    central_curve = solo(fresh(), pooled_train, "central", seed=7)
+    central_curve = solo(fresh(), pooled_train, "central", seed=7) if "central" in arms else None
 
     def tail(curve):  # mean of the last checkpoints: one snapshot is noisy (see RESULTS.md)
         return float(np.mean(curve[-args.average:]))
 
-    local_acc = [tail(c) for c in local_curves]
-    fedavg_acc, secure_acc, central_acc = (tail(c) for c in
-                                           (fedavg_curve, secure_curve, central_curve))
+    def r4(x):
+        return None if x is None else round(x, 4)
 
-    rows = [(f"local only: {n}", c) for n, c in zip(names, local_curves, strict=True)]
-    rows += [(f"FedAvg, {args.rounds} rounds x {args.local_epochs} epoch(s)", fedavg_curve),
-             (f"secure FedAvg, {args.rounds} rounds x {args.local_epochs} epoch(s)",
-              secure_curve),
-             ("centralised (union of the data)", central_curve)]
+    fed = f"{args.rounds} rounds x {args.local_epochs} epoch(s)"
+    rows = [(f"local only: {n}", c) for n, c in zip(names, local_curves, strict=False)]
+    rows += [(label, c) for label, c in ((f"FedAvg, {fed}", fedavg_curve),
+                                          (f"secure FedAvg, {fed}", secure_curve),
+                                          ("centralised (union of the data)", central_curve))
+             if c is not None]
     print(f"pooled test set: {len(pooled_test)} synthetic scans {pooled_test.counts()}; "
-          f"model {args.kind} {args.size}x{args.size}; {total_epochs} epochs per arm")
+          f"model {args.kind} {args.size}x{args.size}; {total_epochs} epochs per arm; "
+          f"server optimiser {opt_settings.model_dump()} (statistics {args.server_stats})")
     print(f"  {'arm':<48} {'mean last ' + str(args.average):>12} {'final':>7}")
     for label, c in rows:
         print(f"  {label:<48} {tail(c):12.3f} {c[-1]:7.3f}")
-    print(f"  secure vs plain final weights: max |diff| "
-          f"{float(np.max(np.abs(g_secure - g_plain))):.2e}; deltas beyond clip "
-          f"{clipped:.2%}; total {time.perf_counter() - t0:.0f} s")
+    if g_plain is not None and g_secure is not None:
+        print(f"  secure vs plain final weights: max |diff| "
+              f"{float(np.max(np.abs(g_secure - g_plain))):.2e}; deltas beyond clip "
+              f"{clipped:.2%}")
+    print(f"  total {time.perf_counter() - t0:.0f} s")
+
+    def summary(pick):
+        return {"local_acc": [r4(pick(c)) for c in local_curves],
+                "fedavg_acc": r4(pick(fedavg_curve)) if fedavg_curve else None,
+                "secure_acc": r4(pick(secure_curve)) if secure_curve else None,
+                "central_acc": r4(pick(central_curve)) if central_curve else None}
+
     print(json.dumps({
-        "local_acc": [round(a, 4) for a in local_acc],
-        "fedavg_acc": round(fedavg_acc, 4),
-        "secure_acc": round(secure_acc, 4),
-        "central_acc": round(central_acc, 4),
+        **summary(tail),
         "rounds": args.rounds,
         "averaged_checkpoints": args.average,
-        "final": {"local_acc": [round(c[-1], 4) for c in local_curves],
-                  "fedavg_acc": round(fedavg_curve[-1], 4),
-                  "secure_acc": round(secure_curve[-1], 4),
-                  "central_acc": round(central_curve[-1], 4)},
+        "seed": args.seed,
+        "server_opt": {**opt_settings.model_dump(), "statistics": args.server_stats},
+        "final": summary(lambda c: c[-1]),
+        "curves": {"local": [[r4(a) for a in c] for c in local_curves],
+                   **{k: [r4(a) for a in c] for k, c in (("fedavg", fedavg_curve),
+                                                        ("secure", secure_curve),
+                                                        ("central", central_curve)) if c}},
     }))
     return 0
 
