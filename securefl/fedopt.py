@@ -14,10 +14,23 @@ Kinds (``η`` = ``server_lr``):
 * ``fedadam`` — ``m ← β1·m + (1-β1)·Δ;  v ← β2·v + (1-β2)·Δ²;  w ← w + η·m / (√v + τ)``
   (Reddi et al.'s FedAdam, no bias correction; ``β1`` = ``momentum``, ``τ`` = ``eps``).
 
-Running statistics (batch-norm moving means and variances) are not gradients' integrals:
-extrapolating them with momentum can overshoot, and an adaptive step could even drive a
-variance negative.  Ranges listed as ``plain`` (see :func:`statistics_ranges`) are therefore
-always averaged exactly as FedAvg does (``w += Δ``), whatever the kind.
+Running statistics (batch-norm moving means and variances) are not trained parameters,
+and a server that moves the weights past the hospitals' models (momentum, a learning rate
+above 1) leaves statistics measured on those models behind: the published model then
+normalises with the wrong mean and variance and its accuracy collapses at inference
+(measured in ``docs/RESULTS.md``).  So the statistics get their own rule
+(``statistics``):
+
+* ``follow`` (default) — the first step averages them plainly (the initial model's values are
+  Keras' placeholders, mean 0 and variance 1: the first change is an initialisation, not a
+  trend), later steps apply heavy-ball momentum with the same ``η`` and ``β`` as the weights,
+  so they move with the weights they describe; variances are kept at 0 or above.  With
+  ``fedadam`` the statistics are averaged plainly (a normalised, sign-like step means
+  nothing for a mean or a variance).
+* ``plain`` — always ``w += Δ``, as FedAvg does.
+
+Which ranges of the vector are statistics comes from the layer names
+(:func:`statistics_layout`); the server knows them from the model's weight spec.
 
 Memory: the server holds one model already; the state is one float32 vector for
 ``fedavgm`` and two for ``fedadam`` (none for ``fedavg``), and :meth:`ServerOptimizer.step`
@@ -42,7 +55,7 @@ import math
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -52,7 +65,7 @@ from securefl.errors import ConfigError, DataError
 #: Elements processed per slice: temporaries stay at a few hundred KB whatever the model size.
 CHUNK = 1 << 16
 #: Weight names whose values are running statistics, not trained parameters.
-STATISTIC_SUFFIXES = ("moving_mean", "moving_variance")
+MEAN_SUFFIX, VARIANCE_SUFFIX = "moving_mean", "moving_variance"
 FORMAT = "securefl-fedopt/1"
 
 Kind = Literal["fedavg", "fedavgm", "fedadam"]
@@ -77,6 +90,8 @@ class ServerOptSettings(BaseModel):
     beta2: float = Field(0.99, ge=0, lt=1)
     #: τ (fedadam only): added to √v; sets the smallest update size adapted to.
     eps: float = Field(1e-3, gt=0)
+    #: Running statistics: "follow" the weights (momentum after the first step) or "plain".
+    statistics: Literal["follow", "plain"] = "follow"
 
     @model_validator(mode="after")
     def _finite(self) -> ServerOptSettings:
@@ -96,38 +111,64 @@ def settings_from(mapping: dict | None) -> ServerOptSettings:
         raise ConfigError(f"[server_opt] {where}: {first['msg']}") from None
 
 
-def statistics_ranges(layers: Iterable[tuple[str, int]]) -> list[tuple[int, int]]:
-    """``(start, stop)`` ranges of the running statistics in a weight vector.
+class StatisticsLayout(NamedTuple):
+    """Where the running statistics sit in a weight vector, as ``(start, stop)`` ranges."""
+
+    ranges: tuple[tuple[int, int], ...] = ()  # every statistic (means and variances)
+    variances: tuple[tuple[int, int], ...] = ()  # the ones that must stay >= 0
+
+
+NO_STATISTICS = StatisticsLayout()
+
+
+def _merge(ranges: list[tuple[int, int]], start: int, stop: int) -> None:
+    if ranges and ranges[-1][1] == start:
+        ranges[-1] = (ranges[-1][0], stop)
+    else:
+        ranges.append((start, stop))
+
+
+def statistics_layout(layers: Iterable[tuple[str, int]]) -> StatisticsLayout:
+    """Find the running statistics from the weights' names (``.../moving_mean``,
+    ``.../moving_variance``).
 
     ``layers`` are ``(name, size)`` pairs in vector order — for a Keras model,
     ``[(l.name, l.size) for l in weight_spec(model).layers]``.  Adjacent ranges are merged.
     """
     ranges: list[tuple[int, int]] = []
+    variances: list[tuple[int, int]] = []
     offset = 0
     for name, size in layers:
         if size < 0:
             raise DataError(f"layer {name} has a negative size")
-        if name.endswith(STATISTIC_SUFFIXES) and size:
-            if ranges and ranges[-1][1] == offset:
-                ranges[-1] = (ranges[-1][0], offset + size)
-            else:
-                ranges.append((offset, offset + size))
+        if size and name.endswith((MEAN_SUFFIX, VARIANCE_SUFFIX)):
+            _merge(ranges, offset, offset + size)
+            if name.endswith(VARIANCE_SUFFIX):
+                _merge(variances, offset, offset + size)
         offset += size
-    return ranges
+    return StatisticsLayout(tuple(ranges), tuple(variances))
 
 
-def _segments(size: int, plain: Sequence[tuple[int, int]]) -> list[tuple[int, int, bool]]:
-    """Cover ``[0, size)`` with ``(start, stop, is_plain)`` pieces, refusing bad ranges."""
+def _checked(ranges: Iterable[Sequence[int]], size: int, what: str) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for r in ranges:
+        start, stop = (int(v) for v in r)
+        if not 0 <= start <= stop <= size or (out and start < out[-1][1]):
+            raise DataError(f"{what} range ({start}, {stop}) is out of order, overlapping or "
+                            f"outside the {size}-element model")
+        if stop > start:
+            out.append((start, stop))
+    return tuple(out)
+
+
+def _pieces(size: int, stats: tuple[tuple[int, int], ...]) -> list[tuple[int, int, bool]]:
+    """Cover ``[0, size)`` with ``(start, stop, is_statistics)`` pieces."""
     pieces: list[tuple[int, int, bool]] = []
     at = 0
-    for start, stop in sorted((int(a), int(b)) for a, b in plain):
-        if not 0 <= start <= stop <= size or start < at:
-            raise DataError(f"plain range ({start}, {stop}) is out of order or outside "
-                            f"the {size}-element model")
+    for start, stop in stats:
         if start > at:
             pieces.append((at, start, False))
-        if stop > start:
-            pieces.append((start, stop, True))
+        pieces.append((start, stop, True))
         at = stop
     if at < size:
         pieces.append((at, size, False))
@@ -137,8 +178,8 @@ def _segments(size: int, plain: Sequence[tuple[int, int]]) -> list[tuple[int, in
 class ServerOptimizer:
     """Applies mean updates to the global weights with a server learning rate and momentum.
 
-    ``size`` is the length of the weight vector; ``plain`` lists ``(start, stop)`` ranges that
-    are always plainly averaged (running statistics, see :func:`statistics_ranges`).
+    ``size`` is the length of the weight vector; ``statistics`` says where its running
+    statistics are (:func:`statistics_layout`; none by default).
     """
 
     def __init__(
@@ -146,16 +187,27 @@ class ServerOptimizer:
         settings: ServerOptSettings | None = None,
         size: int = 0,
         *,
-        plain: Sequence[tuple[int, int]] = (),
+        statistics: StatisticsLayout = NO_STATISTICS,
     ) -> None:
         if size < 1:
             raise DataError("the server optimiser needs the model's size (at least 1)")
         self.settings = settings or ServerOptSettings()
         self.size = int(size)
-        self.plain = [(int(a), int(b)) for a, b in plain]
-        self._pieces = _segments(self.size, self.plain)
+        ranges = _checked(statistics.ranges, self.size, "statistics")
+        variances = _checked(statistics.variances, self.size, "variance")
+        if any(not any(a <= s and e <= b for a, b in ranges) for s, e in variances):
+            raise DataError("every variance range must lie inside a statistics range")
+        self.statistics = StatisticsLayout(ranges, variances)
+        self._pieces = _pieces(self.size, ranges)
         self.steps = 0
         self._state = {n: np.zeros(self.size, np.float32) for n in STATE_NAMES[self.settings.kind]}
+
+    def _statistics_follow(self) -> bool:
+        """Whether this step moves the statistics like the weights (see the module doc)."""
+        s = self.settings
+        if s.kind == "fedavg" and s.server_lr == 1.0:
+            return False  # the weights are plainly averaged: so are the statistics, exactly
+        return s.statistics == "follow" and s.kind != "fedadam" and self.steps > 0
 
     # -- the update ------------------------------------------------------------------------
 
@@ -183,13 +235,17 @@ class ServerOptimizer:
         out = mean_update if out is None else out
         if out.dtype != np.float32 or out.shape != (self.size,):
             raise DataError(f"out must be a float32 vector of {self.size} values")
-        for start, stop, is_plain in self._pieces:
+        follow = self._statistics_follow()
+        for start, stop, is_statistics in self._pieces:
             for a in range(start, stop, CHUNK):
                 b = min(a + CHUNK, stop)
-                if is_plain:
+                if is_statistics and not follow:
                     np.add(weights[a:b], mean_update[a:b], out=out[a:b])
                 else:
                     self._apply(weights[a:b], mean_update[a:b], out[a:b], a, b)
+        if follow:  # extrapolated variances may cross 0; averaged ones cannot
+            for a, b in self.statistics.variances:
+                np.maximum(out[a:b], np.float32(0), out=out[a:b])
         self.steps += 1
         return out
 
@@ -252,7 +308,8 @@ class ServerOptimizer:
         it into place (as the model store does) is the caller's part.
         """
         meta = {"format": FORMAT, "settings": self.settings.model_dump(), "size": self.size,
-                "plain": self.plain, "steps": self.steps, "version": version}
+                "statistics": self.statistics._asdict(), "steps": self.steps,
+                "version": version}
         raw = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         np.savez(file, meta=raw, **self._state)
 
@@ -265,8 +322,10 @@ class ServerOptimizer:
                 arrays = {n: npz[n] for n in npz.files if n != "meta"}
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}")
+            layout = meta["statistics"]
             opt = cls(ServerOptSettings.model_validate(meta["settings"]), int(meta["size"]),
-                      plain=[tuple(r) for r in meta["plain"]])
+                      statistics=StatisticsLayout(tuple(map(tuple, layout["ranges"])),
+                                                  tuple(map(tuple, layout["variances"]))))
         except (OSError, EOFError, ValueError, KeyError, TypeError, ValidationError,
                 zipfile.BadZipFile) as exc:
             raise DataError(f"the server optimiser state is unreadable ({exc})") from exc

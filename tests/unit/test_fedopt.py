@@ -1,5 +1,5 @@
 """The server optimiser (securefl.fedopt): plain FedAvg exactly, the momentum and Adam
-arithmetic on small vectors, running statistics left plain, state round trips, refusals."""
+arithmetic on small vectors, the rules for running statistics, state round trips, refusals."""
 
 import io
 import subprocess
@@ -10,7 +10,12 @@ import pytest
 
 from securefl import fedopt
 from securefl.errors import ConfigError, DataError
-from securefl.fedopt import ServerOptimizer, ServerOptSettings, statistics_ranges
+from securefl.fedopt import (
+    ServerOptimizer,
+    ServerOptSettings,
+    StatisticsLayout,
+    statistics_layout,
+)
 
 
 def vec(*values):
@@ -83,38 +88,79 @@ def test_fedadam_by_hand():
     np.testing.assert_allclose(w, w_prev + 0.1 * m / (np.sqrt(v) + 1e-3), rtol=1e-5)
 
 
-def test_statistics_ranges_from_layer_names():
+def test_statistics_layout_from_layer_names():
     layers = [("b1_conv/kernel", 9), ("b1_bn/gamma", 2), ("b1_bn/beta", 2),
               ("b1_bn/moving_mean", 2), ("b1_bn/moving_variance", 2),
-              ("classes/kernel", 4), ("b2_bn/moving_mean", 3)]
-    assert statistics_ranges(layers) == [(13, 17), (21, 24)]
-    assert statistics_ranges([("dense/kernel", 5)]) == []
+              ("classes/kernel", 4), ("b2_bn/moving_mean", 3), ("b2_bn/moving_variance", 3)]
+    layout = statistics_layout(layers)
+    assert layout.ranges == ((13, 17), (21, 27))
+    assert layout.variances == ((15, 17), (24, 27))
+    assert statistics_layout([("dense/kernel", 5)]) == StatisticsLayout()
 
 
-def test_plain_ranges_are_averaged_whatever_the_kind():
-    settings = ServerOptSettings(kind="fedavgm", momentum=0.9, server_lr=3.0)
-    o = ServerOptimizer(settings, 5, plain=[(1, 3)])
-    w = vec(0, 1, 1, 0, 0)
-    d = vec(1, 0.5, -0.5, 1, 1)
+# weights 0 and 3, a mean at 1 and a variance at 2
+LAYOUT = StatisticsLayout(ranges=((1, 3),), variances=((2, 3),))
+
+
+def test_plain_statistics_are_averaged_whatever_the_kind():
+    settings = ServerOptSettings(kind="fedavgm", momentum=0.9, server_lr=3.0, statistics="plain")
+    o = ServerOptimizer(settings, 4, statistics=LAYOUT)
+    w = vec(0, 1, 1, 0)
+    d = vec(1, 0.5, -0.5, 1)
     for _ in range(3):
         w = o.step(w, d.copy())
     np.testing.assert_allclose(w[1:3], [2.5, -0.5], rtol=1e-6)  # three plain adds
     assert np.all(o.state_arrays()["m"][1:3] == 0)  # no momentum kept for statistics
-    # heavy ball on the other elements: m = 1, 1.9, 2.71 and w = 3 * (sum of the m's)
-    np.testing.assert_allclose(w[[0, 3, 4]], 3.0 * (1 + 1.9 + 2.71), rtol=1e-6)
+    # heavy ball on the weights: m = 1, 1.9, 2.71 and w = 3 * (sum of the m's)
+    np.testing.assert_allclose(w[[0, 3]], 3.0 * (1 + 1.9 + 2.71), rtol=1e-6)
 
 
-@pytest.mark.parametrize("plain", [[(0, 6)], [(2, 1)], [(0, 2), (1, 3)], [(-1, 2)]])
-def test_bad_plain_ranges_are_refused(plain):
+def test_following_statistics_are_plain_first_then_move_like_the_weights():
+    settings = ServerOptSettings(kind="fedavgm", momentum=0.5, server_lr=1.0)
+    assert settings.statistics == "follow"
+    o = ServerOptimizer(settings, 4, statistics=LAYOUT)
+    w = vec(0, 0, 1, 0)
+    w = o.step(w, vec(1, 4, 3, 1))  # first step: statistics plainly averaged, no momentum
+    np.testing.assert_allclose(w, [1, 4, 4, 1])
+    np.testing.assert_allclose(o.state_arrays()["m"], [1, 0, 0, 1])
+    w = o.step(w, vec(1, 1, -1, 1))  # then heavy ball for everything: m = 0.5 m + d
+    np.testing.assert_allclose(o.state_arrays()["m"], [1.5, 1, -1, 1.5])
+    np.testing.assert_allclose(w, [2.5, 5, 3, 2.5])
+    w = o.step(w, vec(0, 0, -3.4, 0))  # the variance would be 3 - 3.9 < 0: kept at 0
+    np.testing.assert_allclose(w, [3.25, 5.5, 0, 3.25])
+
+
+def test_fedadam_keeps_statistics_plain():
+    settings = ServerOptSettings(kind="fedadam", server_lr=0.1, statistics="follow")
+    o = ServerOptimizer(settings, 4, statistics=LAYOUT)
+    w = vec(0, 0, 1, 0)
+    for _ in range(3):
+        w = o.step(w, vec(1, 1, 1, 1))
+    np.testing.assert_allclose(w[1:3], [3, 4])
+
+
+def test_fedavg_lr1_leaves_even_negative_variances_alone():
+    o = ServerOptimizer(ServerOptSettings(kind="fedavg"), 4, statistics=LAYOUT)
+    w = o.step(vec(0, 0, 1, 0), vec(1, 1, 1, 1))
+    w = o.step(w, vec(1, 1, -2.5, 1))  # only a broken hospital could send this: no clamp
+    np.testing.assert_allclose(w, [2, 2, -0.5, 2])
+
+
+@pytest.mark.parametrize("layout", [
+    StatisticsLayout(((0, 6),), ()), StatisticsLayout(((2, 1),), ()),
+    StatisticsLayout(((0, 2), (1, 3)), ()), StatisticsLayout(((-1, 2),), ()),
+    StatisticsLayout(((0, 2),), ((1, 3),)),
+])
+def test_bad_statistics_layouts_are_refused(layout):
     with pytest.raises(DataError):
-        ServerOptimizer(ServerOptSettings(), 5, plain=plain)
+        ServerOptimizer(ServerOptSettings(), 5, statistics=layout)
 
 
 @pytest.mark.parametrize("kind", ["fedavg", "fedavgm", "fedadam"])
 def test_state_round_trip_continues_identically(kind, tmp_path):
     rng = np.random.default_rng(1)
     a = ServerOptimizer(ServerOptSettings(kind=kind, server_lr=0.5, momentum=0.8), 7,
-                        plain=[(2, 4)])
+                        statistics=StatisticsLayout(((2, 4),), ((3, 4),)))
     w = rng.standard_normal(7).astype(np.float32)
     for _ in range(3):
         w = a.step(w, rng.standard_normal(7).astype(np.float32))
@@ -123,7 +169,8 @@ def test_state_round_trip_continues_identically(kind, tmp_path):
     b, version = ServerOptimizer.load(path)
     c, version_c = ServerOptimizer.from_bytes(a.to_bytes())
     assert version == 12 and version_c is None
-    assert b.settings == a.settings and b.plain == a.plain and b.steps == a.steps == 3
+    assert b.settings == a.settings and b.statistics == a.statistics
+    assert b.steps == a.steps == 3
     d = rng.standard_normal(7).astype(np.float32)
     wa = a.step(w.copy(), d.copy())
     wb = b.step(w.copy(), d.copy())
@@ -188,7 +235,7 @@ def test_settings_validation():
     assert fedopt.settings_from(None) == ServerOptSettings()
     assert fedopt.settings_from({"kind": "fedadam", "server_lr": 0.01}).kind == "fedadam"
     for bad in ({"kind": "sgd"}, {"momentum": 1.0}, {"server_lr": 0}, {"lr": 1},
-                {"server_lr": float("nan")}, {"eps": float("inf")}):
+                {"server_lr": float("nan")}, {"eps": float("inf")}, {"statistics": "local"}):
         with pytest.raises(ConfigError):
             fedopt.settings_from(bad)
 
