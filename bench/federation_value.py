@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from securefl.fedopt import ServerOptimizer, ServerOptSettings, statistics_ranges
+from securefl.fedopt import ServerOptimizer, ServerOptSettings, statistics_layout
+from securefl.ml import model as model_mod
 from securefl.ml.data import ImageSet, load_split
 from securefl.ml.model import from_vector, make_model, to_vector, weight_spec
 from securefl.ml.synth import synthesize
@@ -68,9 +69,14 @@ def parse() -> argparse.Namespace:
                    help="fedavgm: momentum; fedadam: beta1")
     p.add_argument("--server-beta2", type=float, default=d.beta2, help="fedadam only")
     p.add_argument("--server-eps", type=float, default=d.eps, help="fedadam only")
-    p.add_argument("--server-stats", choices=("plain", "optimised"), default="plain",
-                   help="batch-norm running statistics: plainly averaged (default) or "
-                        "through the server optimiser like every other weight")
+    p.add_argument("--server-stats", choices=("follow", "plain"), default=d.statistics,
+                   help="batch-norm running statistics: follow the weights' momentum after "
+                        "the first round, or plainly averaged")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="every arm: keep the running-average batch-norm statistics instead of "
+                        "recomputing them over the training data after each training call")
+    p.add_argument("--norm", choices=("batch", "group", "none"), default=model_mod.SMALL_NORM,
+                   help="normalisation layers of the small CNN, for every arm (experiments)")
     p.add_argument("--arms", default="local,fedavg,secure,central",
                    help="comma-separated subset of local,fedavg,secure,central (scouting)")
     return p.parse_args()
@@ -82,6 +88,7 @@ def log(msg: str) -> None:
 
 def main() -> int:
     args = parse()
+    model_mod.SMALL_NORM = args.norm  # read by make_model: the same model for every arm
     t0 = time.perf_counter()
     root = args.data or Path(tempfile.mkdtemp(prefix="securefl-fedvalue-"))
     if not (root / "synth.json").is_file():
@@ -100,7 +107,8 @@ def main() -> int:
         return make_model(shape, 4, kind=args.kind, seed=args.seed)
 
     def fit(model, data, epochs, seed):
-        train(model, data, epochs=epochs, batch_size=args.batch, learning_rate=args.lr, seed=seed)
+        train(model, data, epochs=epochs, batch_size=args.batch, learning_rate=args.lr, seed=seed,
+              calibrate=not args.no_calibrate)
 
     def acc(model) -> float:
         return evaluate(model, pooled_test).accuracy
@@ -125,9 +133,9 @@ def main() -> int:
         raise SystemExit(f"unknown arm(s): {', '.join(sorted(unknown))}")
     opt_settings = ServerOptSettings(
         kind=args.server_opt, server_lr=args.server_lr, momentum=args.server_momentum,
-        beta2=args.server_beta2, eps=args.server_eps)
-    layers = [(layer.name, layer.size) for layer in weight_spec(workers[0]).layers]
-    plain_ranges = statistics_ranges(layers) if args.server_stats == "plain" else []
+        beta2=args.server_beta2, eps=args.server_eps, statistics=args.server_stats)
+    layout = statistics_layout((layer.name, layer.size)
+                               for layer in weight_spec(workers[0]).layers)
 
     local_curves = []
     if "local" in arms:
@@ -137,7 +145,7 @@ def main() -> int:
 
     def federate(label, mean_fn):
         workers[:] = [fresh() for _ in names]
-        opt = ServerOptimizer(opt_settings, w0.size, plain=plain_ranges)
+        opt = ServerOptimizer(opt_settings, w0.size, statistics=layout)
         g = w0.copy()
         clipped = 0.0
         curve: list[float] = []
@@ -188,7 +196,8 @@ def main() -> int:
              if c is not None]
     print(f"pooled test set: {len(pooled_test)} synthetic scans {pooled_test.counts()}; "
           f"model {args.kind} {args.size}x{args.size}; {total_epochs} epochs per arm; "
-          f"server optimiser {opt_settings.model_dump()} (statistics {args.server_stats})")
+          f"norm {args.norm}; batch-norm calibration {not args.no_calibrate}; "
+          f"server optimiser {opt_settings.model_dump()}")
     print(f"  {'arm':<48} {'mean last ' + str(args.average):>12} {'final':>7}")
     for label, c in rows:
         print(f"  {label:<48} {tail(c):12.3f} {c[-1]:7.3f}")
@@ -209,7 +218,9 @@ def main() -> int:
         "rounds": args.rounds,
         "averaged_checkpoints": args.average,
         "seed": args.seed,
-        "server_opt": {**opt_settings.model_dump(), "statistics": args.server_stats},
+        "server_opt": opt_settings.model_dump(),
+        "norm": args.norm,
+        "calibrate": not args.no_calibrate,
         "final": summary(lambda c: c[-1]),
         "curves": {"local": [[r4(a) for a in c] for c in local_curves],
                    **{k: [r4(a) for a in c] for k, c in (("fedavg", fedavg_curve),
