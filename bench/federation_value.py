@@ -6,12 +6,19 @@ seeded initial weights for the same total number of epochs and is scored on the 
 set (every hospital's balanced Testing split):
 
 * local   — each hospital alone, ``rounds x local_epochs`` epochs on its own data;
-* fedavg  — ``rounds`` rounds of FedAvg: each hospital trains ``local_epochs`` epochs from the
-            global weights, the server adds the sample-weighted mean of the deltas;
+* fedavg  — ``rounds`` rounds of federated training: each hospital trains ``local_epochs``
+            epochs from the global weights, and the server applies the sample-weighted mean
+            of the deltas through its optimiser (``securefl.fedopt``; the default is FedAvgM,
+            server momentum 0.3 with the batch-norm statistics following the weights;
+            ``--server-opt fedavg`` is plain ``w += mean``);
 * secure  — the same, but the weighted mean comes out of a full in-memory secure-aggregation
             round (``securefl.crypto.simulate.secure_weighted_mean``: real key agreement,
             Shamir shares, masks, fixed-point encoding, unmasking);
 * central — one model on the union of the training data, ``rounds x local_epochs`` epochs.
+
+Every training call (every arm) ends by recalibrating the batch-norm statistics over the data
+it trained on, as ``securefl.ml.train.train`` does for the hospitals (``--no-calibrate``:
+keep Keras' running averages, the behaviour before).
 
 Every arm is scored on the pooled test set after each round (local and central arms: after
 the same number of epochs), and the accuracies reported are the mean of the last ``--average``
@@ -21,9 +28,12 @@ from one round to the next.  The final snapshots are printed too.
 The data are synthetic: the numbers compare training set-ups, they say nothing about real
 scans.  Prints a table, then (last) one JSON line:
 ``{"local_acc": [...], "fedavg_acc": ..., "secure_acc": ..., "central_acc": ..., "rounds": R,
-"averaged_checkpoints": 3, "final": {...same keys, last snapshot...}}``
+"averaged_checkpoints": 3, "seed": S, "server_opt": {...}, "norm": ..., "calibrate": ...,
+"final": {...same keys, last snapshot...}, "curves": {...every checkpoint of every arm...}}``
+(arms left out with ``--arms`` are ``null``).
 
     .venv/bin/python bench/federation_value.py            # about 6-7 minutes on 2 cores
+    .venv/bin/python bench/federation_value.py --arms fedavg --server-lr 1.5  # scouting
 """
 
 from __future__ import annotations

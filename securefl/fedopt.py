@@ -76,16 +76,18 @@ STATE_NAMES: dict[str, tuple[str, ...]] = {"fedavg": (), "fedavgm": ("m",), "fed
 class ServerOptSettings(BaseModel):
     """How the server applies a round's mean update (the ``[server_opt]`` settings).
 
-    The defaults are plain FedAvg (``w += Δ``), the behaviour before this module existed.
+    The defaults (FedAvgM, η = 1, β = 0.3, statistics following the weights) are the ones
+    measured best for this project's CNN on non-IID hospitals (``docs/RESULTS.md``);
+    ``kind = "fedavg"`` with ``server_lr = 1`` is exactly the FedAvg used before.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Kind = "fedavg"
+    kind: Kind = "fedavgm"
     #: Server learning rate η: the multiple of the (momentum-filtered) mean update applied.
     server_lr: float = Field(1.0, gt=0, le=100)
     #: β (fedavgm) or β1 (fedadam): the weight of earlier rounds' updates.
-    momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.3, ge=0, lt=1)
     #: β2 (fedadam only): decay of the squared-update average.
     beta2: float = Field(0.99, ge=0, lt=1)
     #: τ (fedadam only): added to √v; sets the smallest update size adapted to.
