@@ -6,12 +6,19 @@ seeded initial weights for the same total number of epochs and is scored on the 
 set (every hospital's balanced Testing split):
 
 * local   — each hospital alone, ``rounds x local_epochs`` epochs on its own data;
-* fedavg  — ``rounds`` rounds of FedAvg: each hospital trains ``local_epochs`` epochs from the
-            global weights, the server adds the sample-weighted mean of the deltas;
+* fedavg  — ``rounds`` rounds of federated training: each hospital trains ``local_epochs``
+            epochs from the global weights, and the server applies the sample-weighted mean
+            of the deltas through its optimiser (``securefl.fedopt``; the default is FedAvgM,
+            server momentum 0.3 with the batch-norm statistics following the weights;
+            ``--server-opt fedavg`` is plain ``w += mean``);
 * secure  — the same, but the weighted mean comes out of a full in-memory secure-aggregation
             round (``securefl.crypto.simulate.secure_weighted_mean``: real key agreement,
             Shamir shares, masks, fixed-point encoding, unmasking);
 * central — one model on the union of the training data, ``rounds x local_epochs`` epochs.
+
+Every training call (every arm) ends by recalibrating the batch-norm statistics over the data
+it trained on, as ``securefl.ml.train.train`` does for the hospitals (``--no-calibrate``:
+keep Keras' running averages, the behaviour before).
 
 Every arm is scored on the pooled test set after each round (local and central arms: after
 the same number of epochs), and the accuracies reported are the mean of the last ``--average``
@@ -21,9 +28,12 @@ from one round to the next.  The final snapshots are printed too.
 The data are synthetic: the numbers compare training set-ups, they say nothing about real
 scans.  Prints a table, then (last) one JSON line:
 ``{"local_acc": [...], "fedavg_acc": ..., "secure_acc": ..., "central_acc": ..., "rounds": R,
-"averaged_checkpoints": 3, "final": {...same keys, last snapshot...}}``
+"averaged_checkpoints": 3, "seed": S, "server_opt": {...}, "norm": ..., "calibrate": ...,
+"final": {...same keys, last snapshot...}, "curves": {...every checkpoint of every arm...}}``
+(arms left out with ``--arms`` are ``null``).
 
     .venv/bin/python bench/federation_value.py            # about 6-7 minutes on 2 cores
+    .venv/bin/python bench/federation_value.py --arms fedavg --server-lr 1.5  # scouting
 """
 
 from __future__ import annotations
@@ -37,8 +47,10 @@ from pathlib import Path
 
 import numpy as np
 
+from securefl.fedopt import ServerOptimizer, ServerOptSettings, statistics_layout
+from securefl.ml import model as model_mod
 from securefl.ml.data import ImageSet, load_split
-from securefl.ml.model import from_vector, make_model, to_vector
+from securefl.ml.model import from_vector, make_model, to_vector, weight_spec
 from securefl.ml.synth import synthesize
 from securefl.ml.train import evaluate, train
 
@@ -59,6 +71,24 @@ def parse() -> argparse.Namespace:
     p.add_argument("--data", type=Path, help="reuse/keep generated data here")
     p.add_argument("--average", type=int, default=3,
                    help="report the mean accuracy of the last N checkpoints (rounds)")
+    d = ServerOptSettings()
+    p.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default=d.kind,
+                   help="server optimiser of both FedAvg arms (securefl.fedopt)")
+    p.add_argument("--server-lr", type=float, default=d.server_lr)
+    p.add_argument("--server-momentum", type=float, default=d.momentum,
+                   help="fedavgm: momentum; fedadam: beta1")
+    p.add_argument("--server-beta2", type=float, default=d.beta2, help="fedadam only")
+    p.add_argument("--server-eps", type=float, default=d.eps, help="fedadam only")
+    p.add_argument("--server-stats", choices=("follow", "plain"), default=d.statistics,
+                   help="batch-norm running statistics: follow the weights' momentum after "
+                        "the first round, or plainly averaged")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="every arm: keep the running-average batch-norm statistics instead of "
+                        "recomputing them over the training data after each training call")
+    p.add_argument("--norm", choices=("batch", "group", "none"), default=model_mod.SMALL_NORM,
+                   help="normalisation layers of the small CNN, for every arm (experiments)")
+    p.add_argument("--arms", default="local,fedavg,secure,central",
+                   help="comma-separated subset of local,fedavg,secure,central (scouting)")
     return p.parse_args()
 
 
@@ -68,6 +98,7 @@ def log(msg: str) -> None:
 
 def main() -> int:
     args = parse()
+    model_mod.SMALL_NORM = args.norm  # read by make_model: the same model for every arm
     t0 = time.perf_counter()
     root = args.data or Path(tempfile.mkdtemp(prefix="securefl-fedvalue-"))
     if not (root / "synth.json").is_file():
@@ -86,7 +117,8 @@ def main() -> int:
         return make_model(shape, 4, kind=args.kind, seed=args.seed)
 
     def fit(model, data, epochs, seed):
-        train(model, data, epochs=epochs, batch_size=args.batch, learning_rate=args.lr, seed=seed)
+        train(model, data, epochs=epochs, batch_size=args.batch, learning_rate=args.lr, seed=seed,
+              calibrate=not args.no_calibrate)
 
     def acc(model) -> float:
         return evaluate(model, pooled_test).accuracy
@@ -105,13 +137,25 @@ def main() -> int:
         log(f"{label}: " + " ".join(f"{a:.3f}" for a in curve))
         return curve
 
+    arms = {a.strip() for a in args.arms.split(",") if a.strip()}
+    unknown = arms - {"local", "fedavg", "secure", "central"}
+    if unknown:
+        raise SystemExit(f"unknown arm(s): {', '.join(sorted(unknown))}")
+    opt_settings = ServerOptSettings(
+        kind=args.server_opt, server_lr=args.server_lr, momentum=args.server_momentum,
+        beta2=args.server_beta2, eps=args.server_eps, statistics=args.server_stats)
+    layout = statistics_layout((layer.name, layer.size)
+                               for layer in weight_spec(workers[0]).layers)
+
     local_curves = []
-    for h, (name, data) in enumerate(zip(names, trains, strict=True)):
-        from_vector(workers[h], w0)
-        local_curves.append(solo(workers[h], data, f"local {name}", seed=h))
+    if "local" in arms:
+        for h, (name, data) in enumerate(zip(names, trains, strict=True)):
+            from_vector(workers[h], w0)
+            local_curves.append(solo(workers[h], data, f"local {name}", seed=h))
 
     def federate(label, mean_fn):
         workers[:] = [fresh() for _ in names]
+        opt = ServerOptimizer(opt_settings, w0.size, statistics=layout)
         g = w0.copy()
         clipped = 0.0
         curve: list[float] = []
@@ -123,7 +167,7 @@ def main() -> int:
                 deltas.append(to_vector(workers[h]) - g)
                 weights.append(len(data))
             clipped = max(clipped, float(np.mean(np.abs(np.stack(deltas)) > args.clip)))
-            g = (g + mean_fn(deltas, weights)).astype(np.float32)
+            g = opt.step(g, np.asarray(mean_fn(deltas, weights), dtype=np.float32))
             from_vector(workers[0], g)
             curve.append(acc(workers[0]))
             log(f"{label} round {r + 1}/{args.rounds}: {curve[-1]:.3f}")
@@ -134,48 +178,64 @@ def main() -> int:
         return (np.tensordot(w, np.stack(deltas).astype(np.float64), axes=1) / w.sum()) \
             .astype(np.float32)
 
-    fedavg_curve, g_plain, _ = federate("fedavg", plain_mean)
+    fedavg_curve = secure_curve = g_plain = g_secure = None
+    if "fedavg" in arms:
+        fedavg_curve, g_plain, _ = federate("fedavg", plain_mean)
 
-    from securefl.crypto.simulate import secure_weighted_mean  # the real secure round
+    if "secure" in arms:
+        from securefl.crypto.simulate import secure_weighted_mean  # the real secure round
 
-    def secure_mean(deltas, weights):
-        return secure_weighted_mean(deltas, weights, clip=args.clip)
+        def secure_mean(deltas, weights):
+            return secure_weighted_mean(deltas, weights, clip=args.clip)
 
-    secure_curve, g_secure, clipped = federate("secure", secure_mean)
+        secure_curve, g_secure, clipped = federate("secure", secure_mean)
 
-    central_curve = solo(fresh(), pooled_train, "central", seed=7)
+    central_curve = solo(fresh(), pooled_train, "central", seed=7) if "central" in arms else None
 
     def tail(curve):  # mean of the last checkpoints: one snapshot is noisy (see RESULTS.md)
         return float(np.mean(curve[-args.average:]))
 
-    local_acc = [tail(c) for c in local_curves]
-    fedavg_acc, secure_acc, central_acc = (tail(c) for c in
-                                           (fedavg_curve, secure_curve, central_curve))
+    def r4(x):
+        return None if x is None else round(x, 4)
 
-    rows = [(f"local only: {n}", c) for n, c in zip(names, local_curves, strict=True)]
-    rows += [(f"FedAvg, {args.rounds} rounds x {args.local_epochs} epoch(s)", fedavg_curve),
-             (f"secure FedAvg, {args.rounds} rounds x {args.local_epochs} epoch(s)",
-              secure_curve),
-             ("centralised (union of the data)", central_curve)]
+    fed = f"{args.rounds} rounds x {args.local_epochs} epoch(s)"
+    rows = [(f"local only: {n}", c) for n, c in zip(names, local_curves, strict=False)]
+    rows += [(label, c) for label, c in ((f"FedAvg, {fed}", fedavg_curve),
+                                          (f"secure FedAvg, {fed}", secure_curve),
+                                          ("centralised (union of the data)", central_curve))
+             if c is not None]
     print(f"pooled test set: {len(pooled_test)} synthetic scans {pooled_test.counts()}; "
-          f"model {args.kind} {args.size}x{args.size}; {total_epochs} epochs per arm")
+          f"model {args.kind} {args.size}x{args.size}; {total_epochs} epochs per arm; "
+          f"norm {args.norm}; batch-norm calibration {not args.no_calibrate}; "
+          f"server optimiser {opt_settings.model_dump()}")
     print(f"  {'arm':<48} {'mean last ' + str(args.average):>12} {'final':>7}")
     for label, c in rows:
         print(f"  {label:<48} {tail(c):12.3f} {c[-1]:7.3f}")
-    print(f"  secure vs plain final weights: max |diff| "
-          f"{float(np.max(np.abs(g_secure - g_plain))):.2e}; deltas beyond clip "
-          f"{clipped:.2%}; total {time.perf_counter() - t0:.0f} s")
+    if g_plain is not None and g_secure is not None:
+        print(f"  secure vs plain final weights: max |diff| "
+              f"{float(np.max(np.abs(g_secure - g_plain))):.2e}; deltas beyond clip "
+              f"{clipped:.2%}")
+    print(f"  total {time.perf_counter() - t0:.0f} s")
+
+    def summary(pick):
+        return {"local_acc": [r4(pick(c)) for c in local_curves],
+                "fedavg_acc": r4(pick(fedavg_curve)) if fedavg_curve else None,
+                "secure_acc": r4(pick(secure_curve)) if secure_curve else None,
+                "central_acc": r4(pick(central_curve)) if central_curve else None}
+
     print(json.dumps({
-        "local_acc": [round(a, 4) for a in local_acc],
-        "fedavg_acc": round(fedavg_acc, 4),
-        "secure_acc": round(secure_acc, 4),
-        "central_acc": round(central_acc, 4),
+        **summary(tail),
         "rounds": args.rounds,
         "averaged_checkpoints": args.average,
-        "final": {"local_acc": [round(c[-1], 4) for c in local_curves],
-                  "fedavg_acc": round(fedavg_curve[-1], 4),
-                  "secure_acc": round(secure_curve[-1], 4),
-                  "central_acc": round(central_curve[-1], 4)},
+        "seed": args.seed,
+        "server_opt": opt_settings.model_dump(),
+        "norm": args.norm,
+        "calibrate": not args.no_calibrate,
+        "final": summary(lambda c: c[-1]),
+        "curves": {"local": [[r4(a) for a in c] for c in local_curves],
+                   **{k: [r4(a) for a in c] for k, c in (("fedavg", fedavg_curve),
+                                                        ("secure", secure_curve),
+                                                        ("central", central_curve)) if c}},
     }))
     return 0
 

@@ -4,7 +4,9 @@ Why a module with a ``__main__``: the server must start from exactly the weights
 hospital would build from the same spec (seeded initialisation), but it should never carry
 TensorFlow's half a gigabyte of memory and seconds of import time.  So the server runs
 ``python -m securefl.ml.initial`` once, in a child process, when its model store is empty,
-and reads back the ``.npy`` file it writes.
+and reads back the ``.npy`` file it writes.  With ``--layers-out`` it also writes the
+``[name, size]`` of every weight tensor in vector order (JSON): the server's optimiser needs
+them to find the batch-norm statistics (``securefl.fedopt.statistics_layout``).
 """
 
 from __future__ import annotations
@@ -26,27 +28,38 @@ SPEC_KEYS = {"image_size", "channels", "classes", "model_kind", "seed"}
 
 def initial_vector(spec: Mapping[str, Any]) -> np.ndarray:
     """Weights of ``make_model`` for the spec (the ``[model.ml]`` table of server.toml)."""
+    return initial_model(spec)[0]
+
+
+def initial_model(spec: Mapping[str, Any]) -> tuple[np.ndarray, list[tuple[str, int]]]:
+    """The version-0 vector and the ``(name, size)`` of its weight tensors, in order."""
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise ConfigError(f"unknown [model.ml] setting(s): {', '.join(sorted(unknown))}; "
                           f"allowed: {', '.join(sorted(SPEC_KEYS))}")
-    from securefl.ml.model import make_model, to_vector
+    from securefl.ml.model import make_model, to_vector, weight_spec
 
     size = int(spec.get("image_size", 128))
     classes = spec.get("classes", DEFAULT_CLASSES)
     num_classes = classes if isinstance(classes, int) else len(classes)  # a count or names
     model = make_model((size, size, int(spec.get("channels", 1))), num_classes,
                        kind=spec.get("model_kind", "seed"), seed=int(spec.get("seed", 0)))
-    return to_vector(model)
+    layers = [(layer.name, layer.size) for layer in weight_spec(model).layers]
+    return to_vector(model), layers
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m securefl.ml.initial")
     parser.add_argument("--spec", required=True, help="the model spec as JSON")
     parser.add_argument("--out", type=Path, required=True, help=".npy file to write")
+    parser.add_argument("--layers-out", type=Path,
+                        help="also write the [name, size] of each weight tensor here (JSON)")
     args = parser.parse_args(argv)
     try:
-        np.save(args.out, initial_vector(json.loads(args.spec)))
+        vector, layers = initial_model(json.loads(args.spec))
+        np.save(args.out, vector)
+        if args.layers_out is not None:
+            args.layers_out.write_text(json.dumps(layers), encoding="utf-8")
     except ConfigError as exc:
         print(f"securefl: {exc.message}", file=sys.stderr)
         return 3

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from securefl.errors import DataError
+from securefl.ml.batchnorm import calibrate_batch_norm
 from securefl.ml.data import ImageSet, load_image, make_dataset
 from securefl.ml.model import DEFAULT_LEARNING_RATE, compile_model, save_model
 
@@ -94,6 +95,7 @@ def train(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
     seed: int = 0,
+    calibrate: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place on ``data``.
 
@@ -101,6 +103,12 @@ def train(
     training step) from one call to the next — recompiling every round would retrace the
     graph each time; only the learning rate is updated.  An uncompiled model is compiled
     with Adam.
+
+    With ``calibrate`` (the default) a completed run ends by recomputing the batch-norm
+    statistics over ``data`` (:func:`securefl.ml.batchnorm.calibrate_batch_norm`), so the
+    model — and the update a hospital sends — carries statistics that describe its trained
+    weights rather than a running average over the last few batches (docs/RESULTS.md).
+    Models without batch norm are unaffected.
     """
     if len(data) == 0:
         raise DataError("no training images: nothing to learn from")
@@ -115,9 +123,11 @@ def train(
     callback = _progress_callback(epochs, batches, progress, cancel)
     start = time.perf_counter()
     hist = model.fit(ds, epochs=epochs, callbacks=[callback], verbose=0, shuffle=False)
+    cancelled = cancel is not None and cancel.is_set()
+    if calibrate and not cancelled:
+        calibrate_batch_norm(model, data)
     seconds = time.perf_counter() - start
     history = {key: [float(x) for x in values] for key, values in hist.history.items()}
-    cancelled = cancel is not None and cancel.is_set()
     return TrainResult(len(data), history, cancelled, seconds)
 
 

@@ -14,7 +14,7 @@ ALLOWED = {
     "crypto": set(),
     "protocol": {"crypto"},
     "ml": set(),
-    "server": {"crypto", "protocol", "config", "ml", "certs"},
+    "server": {"crypto", "protocol", "config", "ml", "certs", "fedopt"},
     "client": {"crypto", "protocol", "config", "ml", "certs"},
     "tui": {"client", "ml", "config", "crypto", "certs"},
 }
