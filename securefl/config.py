@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from securefl.errors import ConfigError
+from securefl.fedopt import ServerOptSettings
 
 
 class _Settings(BaseModel):
@@ -86,6 +87,8 @@ class ServerSettings(TLSFiles):
     limits: Limits = Limits()
     round: RoundSettings = RoundSettings()
     model: ModelSettings = ModelSettings()
+    #: How a round's mean update is applied (securefl.fedopt; FedAvgM by default).
+    server_opt: ServerOptSettings = ServerOptSettings()
 
 
 class ClientSettings(TLSFiles):

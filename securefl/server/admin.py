@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 import numpy as np
 
 from securefl.crypto.secagg import ServerRound, ServerState
 from securefl.errors import DataError, NotEnoughSurvivorsError
+from securefl.fedopt import StepReport
 from securefl.protocol import mapping
 from securefl.protocol import messages as wm
 from securefl.server import views
 from securefl.server.plain import PlainRound
 from securefl.server.rounds import ActiveRound, Peer, RoundBusyError
+from securefl.server.store import VersionInfo
+
+log = logging.getLogger("securefl.server")
 
 
 class AdminActions:
@@ -29,6 +34,7 @@ class AdminActions:
     round: ActiveRound | None
     store: Any
     audit: Any
+    optimiser: Any
     settings: Any
     rs: Any
     last_seen: dict[str, str]
@@ -69,6 +75,29 @@ class AdminActions:
                 self._close_enrolment(rnd)
             return wm.AdminResult(rid=msg.rid, action=action, value=rnd.round_id)
         return await self._aggregate(rnd, msg.rid, peer)
+
+    def _publish(self, new: np.ndarray, contributors: int,
+                 total: int) -> tuple[VersionInfo, StepReport]:
+        """Apply the mean update through the server optimiser and store the new version.
+
+        ``new`` (the mean update) becomes the new weights in place: no third model-sized
+        array.  The optimiser's next state is written beside the store first and kept only
+        once the version is stored, so a failure at any point leaves the previous version and
+        its state as they were.  Runs in a worker thread (file I/O on model-sized data).
+        """
+        latest, weights = self.store.latest()
+        report = self.optimiser.step(weights, new, latest.version)
+        try:
+            info = self.store.write(new, contributors=contributors, total_samples=total)
+        except BaseException:
+            self.optimiser.discard()
+            raise
+        try:
+            self.optimiser.commit()
+        except OSError as exc:  # the version is published; only the momentum is lost
+            self.optimiser.discard()
+            report = report._replace(restarted=f"the new state could not be saved ({exc})")
+        return info, report
 
     def _unmask_progress(self, rnd: ActiveRound) -> wm.AggregateProgress | None:
         eng = rnd.engine
@@ -124,16 +153,17 @@ class AdminActions:
                 f"round {rnd.round_id} could not be unmasked ({exc.message}); nothing was "
                 "published and too few hospitals are online to retry: ask the hospitals to "
                 "connect and send again") from exc
-        _, weights = self.store.latest()
-        new = result.mean_update  # updated in place: no third model-sized array
-        np.add(new, weights, out=new)
         try:
-            info = await asyncio.to_thread(
-                self.store.write, new, contributors=len(result.contributors),
-                total_samples=result.total_weight)
+            info, report = await asyncio.to_thread(self._publish, result.mean_update,
+                                                   len(result.contributors),
+                                                   result.total_weight)
         except DataError as exc:
             self._abandon(rnd, exc.code, "the server could not store the new version")
             raise
+        if report.restarted is not None:
+            log.warning("server optimiser state restarted from zero: %s", report.restarted)
+            self.audit.record("optimiser-restarted", version=info.version,
+                              reason=report.restarted, durable=True)
         rnd.watcher = None
         self.round = None
         self._save_state(None)

@@ -30,11 +30,13 @@ from securefl.errors import (
     SecureFLError,
     StaleVersionError,
 )
+from securefl.fedopt import NO_STATISTICS, StatisticsLayout
 from securefl.protocol import mapping
 from securefl.protocol import messages as wm
 from securefl.server import views
 from securefl.server.admin import AdminActions
 from securefl.server.audit import AuditLog
+from securefl.server.optimiser import OptimiserState
 from securefl.server.plain import PlainRound
 from securefl.server.rounds import ActiveRound, ForbiddenError, Peer, RoundBusyError
 from securefl.server.store import ModelStore
@@ -44,9 +46,11 @@ log = logging.getLogger("securefl.server")
 class Coordinator(AdminActions):
     def __init__(
         self, settings: ServerSettings, store: ModelStore, audit: AuditLog,
-        ca_cert: x509.Certificate,
+        ca_cert: x509.Certificate, *, statistics: StatisticsLayout = NO_STATISTICS,
     ) -> None:
         self.settings, self.store, self.audit, self.ca_cert = settings, store, audit, ca_cert
+        #: Applies each round's mean update (FedAvgM by default), its state beside the store.
+        self.optimiser = OptimiserState(settings.server_opt, store.root, statistics)
         self.rs = settings.round
         self.encoding = Encoding.auto(clip=self.rs.clip, max_clients=self.rs.max_clients,
                                       max_weight=self.rs.max_weight)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from securefl import fedopt
+from securefl import config, fedopt
 from securefl.errors import ConfigError, DataError
 from securefl.fedopt import (
     ServerOptimizer,
@@ -164,9 +164,11 @@ def test_state_round_trip_continues_identically(kind, tmp_path):
     w = rng.standard_normal(7).astype(np.float32)
     for _ in range(3):
         w = a.step(w, rng.standard_normal(7).astype(np.float32))
-    path = tmp_path / "opt.npz"
-    a.save(path, version=12)
-    b, version = ServerOptimizer.load(path)
+    path = tmp_path / "opt.state"
+    with open(path, "wb") as f:
+        a.save(f, version=12)
+    with open(path, "rb") as f:
+        b, version = ServerOptimizer.load(f)
     c, version_c = ServerOptimizer.from_bytes(a.to_bytes())
     assert version == 12 and version_c is None
     assert b.settings == a.settings and b.statistics == a.statistics
@@ -192,17 +194,94 @@ def test_load_state_and_state_arrays():
         b.load_state({"m": vec(0, 0), "v": vec(0, 0)}, 1)
 
 
-@pytest.mark.parametrize("data", [b"", b"not an npz", b"PK\x03\x04 broken"])
-def test_unreadable_state_is_a_data_error(data):
+def saved(kind="fedavgm", size=3, version=0):
+    o = opt(kind=kind, size=size)
+    o.step(np.zeros(size, np.float32), np.ones(size, np.float32))
+    return o.to_bytes(version=version)
+
+
+@pytest.mark.parametrize("data", [b"", b"not a state file", fedopt.MAGIC + b"\xff\xff",
+                                  saved()[:-40], saved()[:-1] + b"\x00"])
+def test_unreadable_truncated_or_corrupt_state_is_a_data_error(data):
     with pytest.raises(DataError):
         ServerOptimizer.from_bytes(data)
 
 
-def test_foreign_npz_is_refused():
-    buf = io.BytesIO()
-    np.savez(buf, meta=np.frombuffer(b'{"format": "other"}', dtype=np.uint8))
-    with pytest.raises(DataError):
-        ServerOptimizer.from_bytes(buf.getvalue())
+def test_foreign_format_is_refused():
+    good = saved()
+    meta_len = int.from_bytes(good[len(fedopt.MAGIC):len(fedopt.MAGIC) + 4], "big")
+    start = len(fedopt.MAGIC) + 4
+    meta = good[start:start + meta_len].replace(b"securefl-fedopt/1", b"securefl-fedopt/9")
+    with pytest.raises(DataError, match="format"):
+        ServerOptimizer.from_bytes(good[:start] + meta + good[start + meta_len:])
+
+
+# -- the server's streamed state ----------------------------------------------------------------
+
+def _stream(settings, layout, w, d, previous: bytes | None, version: int):
+    target = io.BytesIO()
+    report = fedopt.step_file(settings, layout, w, d, version=version, target=target,
+                              previous=None if previous is None else io.BytesIO(previous))
+    return report, target.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["fedavg", "fedavgm", "fedadam"])
+def test_streamed_steps_equal_the_in_memory_optimiser_bit_for_bit(kind):
+    size = 2 * fedopt.CHUNK + 1234  # several slices, statistics across a slice boundary
+    layout = StatisticsLayout(((fedopt.CHUNK - 10, fedopt.CHUNK + 500),),
+                              ((fedopt.CHUNK + 100, fedopt.CHUNK + 500),))
+    s = ServerOptSettings(kind=kind, server_lr=0.8, momentum=0.6)
+    rng = np.random.default_rng(3)
+    mem = ServerOptimizer(s, size, statistics=layout)
+    w_mem = rng.standard_normal(size).astype(np.float32)
+    w_file, state = w_mem.copy(), None
+    for version in range(4):
+        d = rng.standard_normal(size).astype(np.float32)
+        w_mem = mem.step(w_mem, d.copy())
+        report, state = _stream(s, layout, w_file, d, state, version)
+        w_file = d  # step_file writes the new weights into the update
+        assert report == fedopt.StepReport(version + 1, None)
+        assert np.array_equal(w_mem, w_file)
+    loaded, tag = ServerOptimizer.from_bytes(state)
+    assert tag == 4 and loaded.steps == 4
+    for n, v in mem.state_arrays().items():
+        assert np.array_equal(loaded.state_arrays()[n], v)
+
+
+@pytest.mark.parametrize("why, previous, version, settings", [
+    ("no saved state", None, 3, ServerOptSettings()),
+    ("belongs to model version 0, the latest is 3", "v0", 3, ServerOptSettings()),
+    ("kept for fedavgm, the settings now say fedadam", "v0", 0,
+     ServerOptSettings(kind="fedadam")),
+    ("another shape", "size4", 0, ServerOptSettings()),
+    ("corrupt", "flipped", 0, ServerOptSettings()),
+    ("unreadable", "junk", 0, ServerOptSettings()),
+])
+def test_a_state_that_cannot_continue_restarts_from_zero_and_says_why(
+        why, previous, version, settings):
+    prev = {None: None, "v0": saved(version=0), "size4": saved(size=4, version=0),
+            "flipped": saved(version=0)[:-33] + b"\x01" + saved(version=0)[-32:],
+            "junk": b"junk"}[previous]
+    w, d = vec(1, 2, 3), vec(1, 1, 1)
+    report, state = _stream(settings, fedopt.NO_STATISTICS, w, d, prev, version)
+    assert report.steps == 1 and why in report.restarted
+    fresh = ServerOptimizer(settings, 3).step(w, vec(1, 1, 1))
+    assert np.array_equal(d, fresh)  # exactly a first step
+    assert ServerOptimizer.from_bytes(state)[1] == version + 1
+
+
+def test_the_first_step_from_version_0_is_not_a_restart():
+    report, _ = _stream(ServerOptSettings(), fedopt.NO_STATISTICS, vec(0, 0, 0),
+                        vec(1, 1, 1), None, 0)
+    assert report == fedopt.StepReport(1, None)
+
+
+def test_a_refused_streamed_step_writes_nothing():
+    target = io.BytesIO()
+    with pytest.raises(DataError, match="NaN"):
+        fedopt.step_file(ServerOptSettings(), fedopt.NO_STATISTICS, vec(0, 0, 0),
+                         vec(1, np.nan, 1), previous=None, version=0, target=target)
+    assert target.getvalue() == b""
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -231,13 +310,20 @@ def test_wrong_shapes_and_dtypes_are_refused():
         ServerOptimizer(ServerOptSettings(), 0)
 
 
-def test_settings_validation():
-    assert fedopt.settings_from(None) == ServerOptSettings()
-    assert fedopt.settings_from({"kind": "fedadam", "server_lr": 0.01}).kind == "fedadam"
-    for bad in ({"kind": "sgd"}, {"momentum": 1.0}, {"server_lr": 0}, {"lr": 1},
-                {"server_lr": float("nan")}, {"eps": float("inf")}, {"statistics": "local"}):
-        with pytest.raises(ConfigError):
-            fedopt.settings_from(bad)
+SERVER_TOML = 'cert = "c"\nkey = "k"\nca = "a"\ncrl = "r"\n[server_opt]\n'
+
+
+def test_server_opt_settings_are_validated_with_the_server_settings(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text(SERVER_TOML.replace("[server_opt]\n", ""))
+    assert config.load(path, config.ServerSettings).server_opt == ServerOptSettings()
+    path.write_text(SERVER_TOML + 'kind = "fedadam"\nserver_lr = 0.01\n')
+    assert config.load(path, config.ServerSettings).server_opt.kind == "fedadam"
+    for bad in ('kind = "sgd"', "momentum = 1.0", "server_lr = 0", "lr = 1", "server_lr = nan",
+                "eps = inf", 'statistics = "local"'):
+        path.write_text(SERVER_TOML + bad + "\n")
+        with pytest.raises(ConfigError, match="server_opt"):
+            config.load(path, config.ServerSettings)
 
 
 def test_importing_fedopt_loads_no_tensorflow():

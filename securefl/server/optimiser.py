@@ -1,0 +1,124 @@
+"""The server optimiser's state, kept on disk next to the model store.
+
+Why on disk and streamed: FedAvgM's momentum is one more model-sized vector.  Held in memory
+it would stay resident for the server's whole life, on top of the global model and the round's
+running sum.  ``securefl.fedopt.step_file`` instead reads the state saved with the current
+model version and writes the next one slice by slice, so aggregation needs no more memory than
+before.
+
+Files in the store folder:
+
+* ``server_opt.state``: the state saved with the latest model version.  It is tagged with that
+  version, so a state that lags the store is detected.  That happens after a crash between
+  publishing a version and renaming the new state into place.
+* ``server_opt.state.tmp``: the next state, written during ``aggregate``.  It is renamed into
+  place only once the new model version is stored.  Left over from a crash, the model store
+  deletes it on start, as it does every ``*.tmp``.
+* ``layers.json``: ``[name, size]`` of each weight tensor, for ML models.  The optimiser uses
+  it to find the batch-norm statistics, which follow their own rule (``securefl.fedopt``).
+
+Losing the state never loses a model version.  The momentum restarts from zero, and the audit
+log says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from securefl.errors import ConfigError, DataError
+from securefl.fedopt import (
+    NO_STATISTICS,
+    ServerOptSettings,
+    StatisticsLayout,
+    StepReport,
+    statistics_layout,
+    step_file,
+)
+
+STATE_FILE = "server_opt.state"
+LAYERS_FILE = "layers.json"
+
+
+def save_layers(root: Path, layers: list[tuple[str, int]]) -> None:
+    """Keep the weight names of version 0 beside the store (written once, with version 0)."""
+    tmp = root / (LAYERS_FILE + ".tmp")
+    tmp.write_text(json.dumps(layers), encoding="utf-8")
+    os.replace(tmp, root / LAYERS_FILE)
+
+
+def load_layers(root: Path) -> list[tuple[str, int]] | None:
+    """The saved weight names, or ``None`` when there are none (a store without an ML spec,
+    or one created before they were saved)."""
+    try:
+        raw = json.loads((root / LAYERS_FILE).read_text(encoding="utf-8"))
+        return [(str(name), int(size)) for name, size in raw]
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{root / LAYERS_FILE} is unreadable ({exc}); delete it and restart "
+                          "the server to rebuild it from [model.ml]") from exc
+
+
+def layout_for(layers: list[tuple[str, int]] | None, length: int) -> StatisticsLayout:
+    """Where the statistics are in a model of ``length`` weights; the names must cover it."""
+    if layers is None:
+        return NO_STATISTICS
+    total = sum(size for _, size in layers)
+    if total != length:
+        raise ConfigError(f"the model spec describes {total} weights but the model store holds "
+                          f"{length}: the [model.ml] settings do not match the stored model")
+    return statistics_layout(layers)
+
+
+class OptimiserState:
+    """Steps the global model through the server optimiser, with its state on disk."""
+
+    def __init__(self, settings: ServerOptSettings, root: Path,
+                 statistics: StatisticsLayout = NO_STATISTICS) -> None:
+        self.settings, self.statistics = settings, statistics
+        self.path = Path(root) / STATE_FILE
+        self.tmp = self.path.with_name(STATE_FILE + ".tmp")
+
+    def step(self, weights: np.ndarray, mean_update: np.ndarray, version: int) -> StepReport:
+        """Write the next weights into ``mean_update`` and the next state to the temporary
+        file (fsynced).  ``weights`` are model ``version``.  Blocking: run it in a thread."""
+        try:
+            with contextlib.ExitStack() as stack:
+                previous = None
+                with contextlib.suppress(FileNotFoundError):
+                    previous = stack.enter_context(open(self.path, "rb"))
+                target = stack.enter_context(open(self.tmp, "wb"))
+                report = step_file(self.settings, self.statistics, weights, mean_update,
+                                   previous=previous, version=version, target=target)
+                target.flush()
+                os.fsync(target.fileno())
+            return report
+        except OSError as exc:  # e.g. a full disk
+            self.discard()
+            raise DataError(
+                f"could not write the server optimiser state {self.tmp} "
+                f"({exc.strerror or exc}); nothing was published and the previous version is "
+                "intact") from exc
+        except BaseException:
+            self.discard()
+            raise
+
+    def commit(self) -> None:
+        """Make the temporary state the current one (after the new version is stored)."""
+        os.replace(self.tmp, self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def discard(self) -> None:
+        """Drop the temporary state (the new version could not be stored)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
