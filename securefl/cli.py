@@ -283,11 +283,11 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
         from securefl.ml.local import run_train
 
         def progress(p: Any) -> None:
-            print(
-                f"\repoch {p.epoch}/{p.epochs}  batch {p.batch}/{p.batches}  "
-                f"loss {p.loss:.4f}  accuracy {p.accuracy:.3f}",
-                end="", file=sys.stderr, flush=True,
-            )
+            line = (f"recalibrating batch-norm statistics: layer {p.batch}/{p.batches}"
+                    if p.stage == "calibrating" else
+                    f"epoch {p.epoch}/{p.epochs}  batch {p.batch}/{p.batches}  "
+                    f"loss {p.loss:.4f}  accuracy {p.accuracy:.3f}")
+            print(f"\r{line:<72}", end="", file=sys.stderr, flush=True)
 
         cfg = settings(args)
         result = run_train(cfg, progress=progress)

@@ -18,6 +18,7 @@ returns per-image sums (a (N, C) array, not the activations), so memory stays sm
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,10 +55,14 @@ def _probes(model: keras.Model) -> list[tuple[Any, Any]]:
 
 
 def calibrate_batch_norm(
-    model: keras.Model, data: ImageSet, *, batch_size: int = CALIBRATION_BATCH
+    model: keras.Model, data: ImageSet, *, batch_size: int = CALIBRATION_BATCH,
+    on_layer: Callable[[int, int], None] | None = None,
 ) -> int:
     """Set every batch-norm layer's moving mean and variance to their exact values over
     ``data`` (inference mode); returns the number of layers calibrated (0 without batch norm).
+
+    ``on_layer(k, n)`` is called before layer ``k`` of ``n`` (1-based) is measured: each is
+    one pass over the data, so the caller can show that work is going on.
     """
     probes = _probes(model)
     if not probes or len(data) == 0:
@@ -67,7 +72,9 @@ def calibrate_batch_norm(
     tf = tensorflow()
     ds = tf.data.Dataset.from_tensor_slices(data.images).batch(batch_size) \
         .prefetch(tf.data.AUTOTUNE)
-    for layer, probe in probes:
+    for k, (layer, probe) in enumerate(probes, start=1):
+        if on_layer is not None:
+            on_layer(k, len(probes))
         sums, squares = probe.predict(ds, verbose=0)
         per_image = int(np.prod(layer.input.shape[1:-1]))
         n = per_image * len(data)

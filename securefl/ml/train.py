@@ -39,6 +39,9 @@ class Progress:
     batches: int
     loss: float
     accuracy: float
+    #: "training", or "calibrating" once the epochs are done: then ``batch`` of ``batches``
+    #: counts the batch-norm layers being measured over the training data.
+    stage: str = "training"
 
     @property
     def fraction(self) -> float:
@@ -125,7 +128,14 @@ def train(
     hist = model.fit(ds, epochs=epochs, callbacks=[callback], verbose=0, shuffle=False)
     cancelled = cancel is not None and cancel.is_set()
     if calibrate and not cancelled:
-        calibrate_batch_norm(model, data)
+        last = {key: float(values[-1]) for key, values in hist.history.items() if values}
+
+        def calibrating(k: int, n: int) -> None:
+            if progress is not None:
+                progress(Progress(epochs, epochs, k, n, last.get("loss", float("nan")),
+                                  last.get("accuracy", float("nan")), stage="calibrating"))
+
+        calibrate_batch_norm(model, data, on_layer=calibrating)
     seconds = time.perf_counter() - start
     history = {key: [float(x) for x in values] for key, values in hist.history.items()}
     return TrainResult(len(data), history, cancelled, seconds)

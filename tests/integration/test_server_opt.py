@@ -76,7 +76,7 @@ def test_a_state_left_behind_by_a_crash_restarts_the_momentum(fed: Federation) -
     stale = state_path.read_bytes()
     asyncio.run(_round(fed, settings, SAMPLES))
     state_path.write_bytes(stale)  # version 1's state, but the store is at version 2
-    _, result, ups = asyncio.run(_round(fed, settings, SAMPLES))
+    _, _, ups = asyncio.run(_round(fed, settings, SAMPLES))
     store = ModelStore(settings.store_dir)
     np.testing.assert_allclose(store.read(3)[1] - store.read(2)[1], _mean(ups), atol=1e-3)
     reasons = [e["reason"] for e in read_entries(settings.audit_log)

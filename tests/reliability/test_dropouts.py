@@ -1,8 +1,9 @@
 """Ten hospitals, five published versions, with hospitals vanishing at random phases.
 
 Every round must either publish exactly the sample-weighted mean of the hospitals it names
-as contributors, or fail cleanly — nothing published, the admin told why — and then be
-retried automatically with the hospitals still online (issue: no-halt dropouts).
+as contributors (applied through the server's FedAvgM), or fail cleanly — nothing
+published, the admin told why — and then be retried automatically with the hospitals still
+online (issue: no-halt dropouts).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def test_ten_hospitals_five_versions_with_30_percent_vanishing(site: Site) -> No
     samples = {n: rng.randint(50, 900) for n in NAMES}
 
     async def scenario() -> None:
+        momentum = np.zeros(D)  # the server applies FedAvgM (β = 0.3, η = 1) by default
         for rnd in range(1, 6):
             leavers = rng.sample(NAMES, 3)
             leave = {n: rng.choice(PHASES) for n in leavers}
@@ -69,7 +71,8 @@ def test_ten_hospitals_five_versions_with_30_percent_vanishing(site: Site) -> No
             assert info["version"] == rnd
             store = ModelStore(site.root / "store")
             delta = store.read(rnd)[1].astype(np.float64) - store.read(rnd - 1)[1]
-            np.testing.assert_allclose(delta, info["mean"], atol=1e-5)
+            momentum = 0.3 * momentum + info["mean"]
+            np.testing.assert_allclose(delta, momentum, atol=1e-5)
 
     with site.server(site.server_toml(params=D)):
         asyncio.run(scenario())

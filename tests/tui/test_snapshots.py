@@ -179,3 +179,32 @@ def test_hospital_classified(snap_compare, fed: Fed) -> None:
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=(120, 40), run_before=classified)
+
+
+def test_train_screen_says_when_it_measures_the_batch_norm_statistics(fed: Fed) -> None:
+    """After the last epoch the bar keeps moving: one step per batch-norm layer measured."""
+    import asyncio
+
+    from textual.widgets import Label, ProgressBar, Static
+
+    from securefl.ml.train import Progress
+    from securefl.tui.hospital.train import TrainScreen
+
+    async def scenario() -> None:
+        app = HospitalApp(fed.hospital_tomls[0], "hospital_1", connect=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await _signed_in(pilot)
+            await pilot.press("t")
+            await pilot.pause()
+            screen = app.screen
+            assert isinstance(screen, TrainScreen)
+            screen.post_message(TrainScreen.Update(
+                Progress(1, 1, 2, 4, 0.5, 0.7, stage="calibrating")))
+            await pilot.pause()
+            assert "Batch-norm layer 2 of 4" in str(screen.query_one("#batch-label",
+                                                                      Label).render())
+            assert "batch-norm statistics" in str(screen.query_one("#state", Static).render())
+            bar = screen.query_one("#batch-bar", ProgressBar)
+            assert (bar.progress, bar.total) == (2, 4)
+
+    asyncio.run(scenario())

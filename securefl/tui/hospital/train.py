@@ -151,6 +151,13 @@ class TrainScreen(Screen):
     @on(Update)
     def _update(self, message: Update) -> None:
         p = message.progress
+        if p.stage == "calibrating":  # the epochs are done; one pass per batch-norm layer
+            self.query_one("#batch-bar", ProgressBar).update(total=p.batches, progress=p.batch)
+            self.query_one("#batch-label", Label).update(
+                f"Batch-norm layer {p.batch} of {p.batches}")
+            self.query_one("#state", Static).update(
+                "Measuring the batch-norm statistics over the training scans…")
+            return
         self.query_one("#epoch-bar", ProgressBar).update(
             total=p.epochs, progress=p.epoch - 1 + p.batch / p.batches)
         self.query_one("#batch-bar", ProgressBar).update(total=p.batches, progress=p.batch)

@@ -41,8 +41,13 @@ def test_calibration_sets_the_exact_mean_and_variance(train_set):
 def test_train_calibrates_by_default(train_set):
     a = make_model((SIZE, SIZE, 1), 4, kind="small", seed=4)
     b = make_model((SIZE, SIZE, 1), 4, kind="small", seed=4)
-    train(a, train_set, epochs=1, batch_size=32, seed=1)
+    seen = []
+    train(a, train_set, epochs=1, batch_size=32, seed=1, progress=seen.append)
     train(b, train_set, epochs=1, batch_size=32, seed=1, calibrate=False)
+    # The progress line goes on while the statistics are measured: one pass per layer.
+    assert [p.stage for p in seen[:-4]] == ["training"] * (len(seen) - 4)
+    assert [(p.stage, p.batch, p.batches) for p in seen[-4:]] == [
+        ("calibrating", k, 4) for k in range(1, 5)]
     before = to_vector(b)
     calibrate_batch_norm(b, train_set)
     assert not np.array_equal(before, to_vector(b))  # calibration changed the statistics
@@ -53,7 +58,7 @@ def test_a_cancelled_run_is_not_calibrated(train_set, monkeypatch):
     import securefl.ml.train as train_mod
 
     calls = []
-    monkeypatch.setattr(train_mod, "calibrate_batch_norm", lambda m, d: calls.append(d))
+    monkeypatch.setattr(train_mod, "calibrate_batch_norm", lambda m, d, **kw: calls.append(d))
     model = make_model((SIZE, SIZE, 1), 4, kind="small", seed=4)
     cancel = threading.Event()
     cancel.set()
