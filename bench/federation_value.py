@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -50,7 +51,7 @@ import numpy as np
 from securefl.fedopt import ServerOptimizer, ServerOptSettings, statistics_layout
 from securefl.ml import model as model_mod
 from securefl.ml.data import ImageSet, load_split
-from securefl.ml.model import from_vector, make_model, to_vector, weight_spec
+from securefl.ml.model import compile_model, from_vector, make_model, to_vector, weight_spec
 from securefl.ml.synth import synthesize
 from securefl.ml.train import evaluate, train
 
@@ -66,6 +67,14 @@ def parse() -> argparse.Namespace:
     p.add_argument("--kind", choices=("seed", "small"), default="small")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rate over the run, the same for every arm: cosine decays "
+                        "from --lr to --lr-floor x --lr by the last round (epoch)")
+    p.add_argument("--lr-floor", type=float, default=0.1)
+    p.add_argument("--prior-correction", action=argparse.BooleanOptionalAction, default=True,
+                   help="every arm: prior-corrected cross-entropy (securefl.ml.prior), each "
+                        "training set's class mix factored out of the loss, as hospitals "
+                        "train by default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip", type=float, default=4.0, help="secure-aggregation clip bound")
     p.add_argument("--data", type=Path, help="reuse/keep generated data here")
@@ -114,11 +123,20 @@ def main() -> int:
     total_epochs = args.rounds * args.local_epochs
 
     def fresh():
-        return make_model(shape, 4, kind=args.kind, seed=args.seed)
+        model = make_model(shape, 4, kind=args.kind, seed=args.seed)
+        compile_model(model, args.lr, prior_correction=args.prior_correction)
+        return model
 
-    def fit(model, data, epochs, seed):
-        train(model, data, epochs=epochs, batch_size=args.batch, learning_rate=args.lr, seed=seed,
-              calibrate=not args.no_calibrate)
+    def lr_at(r: int) -> float:
+        """The learning rate of round (or epoch block) ``r``: one schedule for every arm."""
+        if args.schedule == "constant" or args.rounds == 1:
+            return args.lr
+        cos = 0.5 * (1 + math.cos(math.pi * r / (args.rounds - 1)))
+        return args.lr * (args.lr_floor + (1 - args.lr_floor) * cos)
+
+    def fit(model, data, epochs, seed, r):
+        train(model, data, epochs=epochs, batch_size=args.batch, learning_rate=lr_at(r),
+              seed=seed, calibrate=not args.no_calibrate)
 
     def acc(model) -> float:
         return evaluate(model, pooled_test).accuracy
@@ -132,7 +150,7 @@ def main() -> int:
         """Train alone for the same epochs, scored at the same checkpoints as the rounds."""
         curve = []
         for r in range(args.rounds):
-            fit(model, data, args.local_epochs, seed=1000 * r + seed)
+            fit(model, data, args.local_epochs, seed=1000 * r + seed, r=r)
             curve.append(acc(model))
         log(f"{label}: " + " ".join(f"{a:.3f}" for a in curve))
         return curve
@@ -163,7 +181,7 @@ def main() -> int:
             deltas, weights = [], []
             for h, data in enumerate(trains):
                 from_vector(workers[h], g)
-                fit(workers[h], data, args.local_epochs, seed=1000 * r + h)
+                fit(workers[h], data, args.local_epochs, seed=1000 * r + h, r=r)
                 deltas.append(to_vector(workers[h]) - g)
                 weights.append(len(data))
             clipped = max(clipped, float(np.mean(np.abs(np.stack(deltas)) > args.clip)))
@@ -231,6 +249,9 @@ def main() -> int:
         "server_opt": opt_settings.model_dump(),
         "norm": args.norm,
         "calibrate": not args.no_calibrate,
+        "prior_correction": args.prior_correction,
+        "schedule": args.schedule if args.schedule == "constant"
+        else f"{args.schedule} {args.lr:g} -> {args.lr * args.lr_floor:g}",
         "final": summary(lambda c: c[-1]),
         "curves": {"local": [[r4(a) for a in c] for c in local_curves],
                    **{k: [r4(a) for a in c] for k, c in (("fedavg", fedavg_curve),

@@ -33,12 +33,14 @@ def new_model(settings: MLSettings) -> keras.Model:
         seed=settings.seed,
         augment=settings.augment,
         learning_rate=settings.learning_rate,
+        prior_correction=settings.prior_correction,
     )
 
 
 def load_or_create_model(settings: MLSettings) -> keras.Model:
-    """The hospital's current model file, or a fresh one if none was saved yet."""
-    from securefl.ml.model import load_model
+    """The hospital's current model file, or a fresh one if none was saved yet.  A saved
+    model compiled with the other loss than ``prior_correction`` asks is recompiled."""
+    from securefl.ml.model import compile_model, load_model, uses_prior_correction
 
     if not settings.model_path.is_file():
         return new_model(settings)
@@ -50,6 +52,8 @@ def load_or_create_model(settings: MLSettings) -> keras.Model:
             f"but the settings say {settings.input_shape} and {len(settings.classes)}: "
             "fix the settings or move the old model file away"
         )
+    if uses_prior_correction(model) != settings.prior_correction:
+        compile_model(model, settings.learning_rate, prior_correction=settings.prior_correction)
     return model
 
 

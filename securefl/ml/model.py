@@ -121,8 +121,10 @@ def make_model(
     seed: int = 0,
     augment: bool = True,
     learning_rate: float = DEFAULT_LEARNING_RATE,
+    prior_correction: bool = False,
 ) -> keras.Model:
-    """Build and compile a CNN whose initial weights depend only on the arguments."""
+    """Build and compile a CNN whose initial weights depend only on the arguments
+    (``prior_correction``: see :func:`compile_model`)."""
     from securefl.ml._tf import keras as _keras
 
     k = _keras()
@@ -165,18 +167,37 @@ def make_model(
         num_classes, activation="softmax", kernel_initializer=init(), name="classes"
     )(x)
     model = k.Model(inputs, outputs, name=f"{kind}_cnn")
-    compile_model(model, learning_rate)
+    compile_model(model, learning_rate, prior_correction=prior_correction)
     return model
 
 
-def compile_model(model: keras.Model, learning_rate: float = DEFAULT_LEARNING_RATE) -> None:
-    """(Re)compile with Adam and sparse categorical cross-entropy (fresh optimizer state)."""
+def uses_prior_correction(model: keras.Model) -> bool:
+    """Whether ``model`` is compiled with the prior-corrected loss (``securefl.ml.prior``)."""
+    return type(getattr(model, "loss", None)).__name__ == "PriorCorrectedCrossentropy"
+
+
+def compile_model(
+    model: keras.Model, learning_rate: float = DEFAULT_LEARNING_RATE, *,
+    prior_correction: bool = False,
+) -> None:
+    """(Re)compile with Adam and sparse categorical cross-entropy (fresh optimizer state).
+
+    ``prior_correction`` uses the prior-corrected cross-entropy (``securefl.ml.prior``):
+    ``train()`` then sets the class prior from each training set, so the model learns the
+    class-balanced posterior whatever a hospital's mix of tumour types.
+    """
     from securefl.ml._tf import keras as _keras
 
     k = _keras()
+    if prior_correction:
+        from securefl.ml.prior import loss_class
+
+        loss: Any = loss_class()(int(model.output_shape[-1]))
+    else:
+        loss = "sparse_categorical_crossentropy"
     model.compile(
         optimizer=k.optimizers.Adam(learning_rate=learning_rate),
-        loss="sparse_categorical_crossentropy",
+        loss=loss,
         metrics=["accuracy"],
     )
 
@@ -203,6 +224,9 @@ def load_model(path: str | Path) -> keras.Model:
             f"no model at {path}: train first (securefl client --config ... train) "
             "or download the global model"
         )
+    from securefl.ml.prior import loss_class
+
+    loss_class()  # registered, so a model trained with the prior-corrected loss loads too
     try:
         return _keras().models.load_model(path)
     except Exception as exc:  # a truncated or foreign file: say so plainly

@@ -43,6 +43,9 @@ class MLSettings(BaseModel):
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float = Field(1e-3, gt=0, le=1)
     augment: bool = Field(True, description="random flips/rotations/zoom while training")
+    prior_correction: bool = Field(
+        True, description="factor this hospital's mix of tumour types out of the training "
+                          "loss, so the model learns what tells the classes apart")
     seed: int = Field(0, ge=0, description="same seed everywhere = same initial weights")
 
     @field_validator("classes")

@@ -22,6 +22,7 @@ from securefl.errors import DataError
 from securefl.ml.batchnorm import calibrate_batch_norm
 from securefl.ml.data import ImageSet, load_image, make_dataset
 from securefl.ml.model import DEFAULT_LEARNING_RATE, compile_model, save_model
+from securefl.ml.prior import set_prior
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -121,6 +122,7 @@ def train(
         model.optimizer.learning_rate = learning_rate
     else:
         compile_model(model, learning_rate)
+    set_prior(model, list(data.counts().values()))  # prior-corrected loss only
     batches = -(-len(data) // batch_size)
     ds = make_dataset(data, batch_size, shuffle=True, seed=seed)
     callback = _progress_callback(epochs, batches, progress, cancel)
