@@ -18,7 +18,9 @@ set (every hospital's balanced Testing split):
 
 Every training call (every arm) ends by recalibrating the batch-norm statistics over the data
 it trained on, as ``securefl.ml.train.train`` does for the hospitals (``--no-calibrate``:
-keep Keras' running averages, the behaviour before).
+keep Keras' running averages, the behaviour before), and trains with the prior-corrected
+cross-entropy hospitals use by default (``securefl.ml.prior``; ``--no-prior-correction``:
+plain cross-entropy).
 
 Every arm is scored on the pooled test set after each round (local and central arms: after
 the same number of epochs), and the accuracies reported are the mean of the last ``--average``
@@ -33,6 +35,7 @@ scans.  Prints a table, then (last) one JSON line:
 (arms left out with ``--arms`` are ``null``).
 
     .venv/bin/python bench/federation_value.py            # about 6-7 minutes on 2 cores
+    .venv/bin/python bench/federation_value.py --seed 1   # other data, other initial weights
     .venv/bin/python bench/federation_value.py --arms fedavg --server-lr 1.5  # scouting
 """
 
