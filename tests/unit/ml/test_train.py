@@ -39,8 +39,12 @@ def test_loss_decreases_and_samples_are_counted(trained, train_set):
 
 
 def test_progress_is_reported_per_batch(trained, train_set):
-    _, _, reports = trained
+    _, _, seen = trained
     batches = -(-len(train_set) // BATCH)
+    reports = [r for r in seen if r.stage == "training"]
+    # then one report per batch-norm layer measured (the small CNN has 4)
+    assert [(r.stage, r.batch, r.batches) for r in seen[len(reports):]] == [
+        ("calibrating", k, 4) for k in range(1, 5)]
     assert len(reports) == 3 * batches
     assert (reports[0].epoch, reports[0].batch) == (1, 1)
     assert (reports[-1].epoch, reports[-1].batch, reports[-1].batches) == (3, batches, batches)
