@@ -26,15 +26,13 @@ from cryptography import x509
 from securefl.config import ServerSettings
 from securefl.crypto import pki
 from securefl.errors import ConfigError, CryptoError, RemoteProtocolError, SecureFLError
-from securefl.fedopt import NO_STATISTICS, StatisticsLayout
 from securefl.protocol import frames
 from securefl.protocol import messages as wm
 from securefl.server.audit import AuditLog
 from securefl.server.coordinator import Coordinator
-from securefl.server.initial import ml_initial_weights
-from securefl.server.optimiser import layout_for, load_layers, save_layers
+from securefl.server.initial import initial_model, model_layout, save_layers
 from securefl.server.rounds import Peer
-from securefl.server.store import ModelStore, initial_weights
+from securefl.server.store import ModelStore
 from securefl.server.tls import check_expiry, limit_tls_buffers, server_context
 
 log = logging.getLogger("securefl.server")
@@ -75,15 +73,16 @@ class Server:
         self.limits = settings.limits
         self.store = ModelStore(settings.store_dir)
         if self.store.empty:
-            weights, layers = self._initial_model()
+            weights, layers = initial_model(settings.model)
             if layers is not None:
                 save_layers(self.store.root, layers)
             self.store.write(weights, contributors=0, total_samples=0)
         self.audit = AuditLog(settings.audit_log)
         self.ca_cert = pki.load_cert(Path(settings.ca).read_bytes())
         length = self.store.latest()[1].shape[0]
+        layout = model_layout(settings.model, self.store.root, length)
         self.coordinator = Coordinator(settings, self.store, self.audit, self.ca_cert,
-                                       statistics=self._statistics(length))
+                                       statistics=layout)
         self.max_payload = min(self.limits.max_payload_bytes, (length + 1) * 8)
         self._ctx: ssl.SSLContext | None = None
         self._crl_mtime = -1.0
@@ -93,33 +92,6 @@ class Server:
         self.port = 0
         self._sock: socket.socket | None = None
         self._acceptor: asyncio.Task | None = None
-
-    def _initial_model(self) -> tuple[np.ndarray, list[tuple[str, int]] | None]:
-        """Version 0: the ML model spec's seeded CNN (with its weight names), or a seeded
-        vector of ``params``.
-
-        The CNN is built in a child process (``securefl.ml.initial``), once, when the store
-        is empty: TensorFlow never enters the server's own memory.
-        """
-        spec = self.settings.model
-        if spec.ml is not None:
-            return ml_initial_weights({"seed": spec.seed, **spec.ml})
-        if spec.params is None:
-            raise ConfigError("the model store is empty: set [model] params or a [model.ml] "
-                              "spec in the server settings to create version 0")
-        return initial_weights(spec.params, spec.seed, spec.init_scale), None
-
-    def _statistics(self, length: int) -> StatisticsLayout:
-        """Where the model's batch-norm statistics are, for the server optimiser.  A store
-        made before the weight names were saved gets them rebuilt once from [model.ml]."""
-        spec = self.settings.model
-        if spec.ml is None:
-            return NO_STATISTICS
-        layers = load_layers(self.store.root)
-        if layers is None:
-            _, layers = ml_initial_weights({"seed": spec.seed, **spec.ml})
-            save_layers(self.store.root, layers)
-        return layout_for(layers, length)
 
     def context(self) -> ssl.SSLContext:
         """The TLS context, rebuilt when the CRL file changes (revocation without restart)."""

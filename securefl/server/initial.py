@@ -1,9 +1,14 @@
-"""Version 0 of an ML federation, built in a child process so the server never imports
-TensorFlow (see ``securefl.ml.initial``)."""
+"""Version 0 of the global model, and where its batch-norm statistics are.
+
+An ML model's version 0 is built in a child process so the server never imports TensorFlow
+(see ``securefl.ml.initial``).  The child also reports the weights' names, which are kept
+beside the store (``layers.json``) for the server optimiser.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -13,7 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from securefl.config import ModelSettings
 from securefl.errors import ConfigError
+from securefl.fedopt import NO_STATISTICS, StatisticsLayout, statistics_layout
+from securefl.server.store import initial_weights
 
 
 def ml_initial_weights(
@@ -35,3 +43,60 @@ def ml_initial_weights(
         layers = [(str(name), int(size))
                   for name, size in json.loads(layers_out.read_text(encoding="utf-8"))]
         return np.load(out).astype("<f4"), layers
+
+
+LAYERS_FILE = "layers.json"
+
+
+def save_layers(root: Path, layers: list[tuple[str, int]]) -> None:
+    """Keep the weight names of version 0 beside the store (written once, with version 0)."""
+    tmp = root / (LAYERS_FILE + ".tmp")
+    tmp.write_text(json.dumps(layers), encoding="utf-8")
+    os.replace(tmp, root / LAYERS_FILE)
+
+
+def load_layers(root: Path) -> list[tuple[str, int]] | None:
+    """The saved weight names, or ``None`` when there are none (a store without an ML spec,
+    or one created before they were saved)."""
+    try:
+        raw = json.loads((root / LAYERS_FILE).read_text(encoding="utf-8"))
+        return [(str(name), int(size)) for name, size in raw]
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{root / LAYERS_FILE} is unreadable ({exc}); delete it and restart "
+                          "the server to rebuild it from [model.ml]") from exc
+
+
+def layout_for(layers: list[tuple[str, int]] | None, length: int) -> StatisticsLayout:
+    """Where the statistics are in a model of ``length`` weights; the names must cover it."""
+    if layers is None:
+        return NO_STATISTICS
+    total = sum(size for _, size in layers)
+    if total != length:
+        raise ConfigError(f"the model spec describes {total} weights but the model store holds "
+                          f"{length}: the [model.ml] settings do not match the stored model")
+    return statistics_layout(layers)
+
+
+def initial_model(spec: ModelSettings) -> tuple[np.ndarray, list[tuple[str, int]] | None]:
+    """Version 0: the ML model spec's seeded CNN (with its weight names), or a seeded
+    vector of ``params``.  Called once, when the store is empty."""
+    if spec.ml is not None:
+        return ml_initial_weights({"seed": spec.seed, **spec.ml})
+    if spec.params is None:
+        raise ConfigError("the model store is empty: set [model] params or a [model.ml] "
+                          "spec in the server settings to create version 0")
+    return initial_weights(spec.params, spec.seed, spec.init_scale), None
+
+
+def model_layout(spec: ModelSettings, root: Path, length: int) -> StatisticsLayout:
+    """Where the model's batch-norm statistics are, for the server optimiser.  A store made
+    before the weight names were saved gets them rebuilt once from [model.ml]."""
+    if spec.ml is None:
+        return NO_STATISTICS
+    layers = load_layers(root)
+    if layers is None:
+        _, layers = ml_initial_weights({"seed": spec.seed, **spec.ml})
+        save_layers(root, layers)
+    return layout_for(layers, length)

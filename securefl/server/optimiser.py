@@ -14,8 +14,9 @@ Files in the store folder:
 * ``server_opt.state.tmp``: the next state, written during ``aggregate``.  It is renamed into
   place only once the new model version is stored.  Left over from a crash, the model store
   deletes it on start, as it does every ``*.tmp``.
-* ``layers.json``: ``[name, size]`` of each weight tensor, for ML models.  The optimiser uses
-  it to find the batch-norm statistics, which follow their own rule (``securefl.fedopt``).
+* ``layers.json`` (``securefl.server.initial``): ``[name, size]`` of each weight tensor, for
+  ML models; the optimiser finds the batch-norm statistics from them, which follow their own
+  rule (``securefl.fedopt``).
 
 Losing the state never loses a model version.  The momentum restarts from zero, and the audit
 log says why.
@@ -24,56 +25,21 @@ log says why.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from securefl.errors import ConfigError, DataError
+from securefl.errors import DataError
 from securefl.fedopt import (
     NO_STATISTICS,
     ServerOptSettings,
     StatisticsLayout,
     StepReport,
-    statistics_layout,
     step_file,
 )
 
 STATE_FILE = "server_opt.state"
-LAYERS_FILE = "layers.json"
-
-
-def save_layers(root: Path, layers: list[tuple[str, int]]) -> None:
-    """Keep the weight names of version 0 beside the store (written once, with version 0)."""
-    tmp = root / (LAYERS_FILE + ".tmp")
-    tmp.write_text(json.dumps(layers), encoding="utf-8")
-    os.replace(tmp, root / LAYERS_FILE)
-
-
-def load_layers(root: Path) -> list[tuple[str, int]] | None:
-    """The saved weight names, or ``None`` when there are none (a store without an ML spec,
-    or one created before they were saved)."""
-    try:
-        raw = json.loads((root / LAYERS_FILE).read_text(encoding="utf-8"))
-        return [(str(name), int(size)) for name, size in raw]
-    except FileNotFoundError:
-        return None
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{root / LAYERS_FILE} is unreadable ({exc}); delete it and restart "
-                          "the server to rebuild it from [model.ml]") from exc
-
-
-def layout_for(layers: list[tuple[str, int]] | None, length: int) -> StatisticsLayout:
-    """Where the statistics are in a model of ``length`` weights; the names must cover it."""
-    if layers is None:
-        return NO_STATISTICS
-    total = sum(size for _, size in layers)
-    if total != length:
-        raise ConfigError(f"the model spec describes {total} weights but the model store holds "
-                          f"{length}: the [model.ml] settings do not match the stored model")
-    return statistics_layout(layers)
-
 
 class OptimiserState:
     """Steps the global model through the server optimiser, with its state on disk."""

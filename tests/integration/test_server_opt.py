@@ -15,7 +15,8 @@ from securefl.errors import ConfigError
 from securefl.fedopt import ServerOptimizer, ServerOptSettings
 from securefl.server.app import Server
 from securefl.server.audit import read_entries
-from securefl.server.optimiser import LAYERS_FILE, STATE_FILE
+from securefl.server.initial import LAYERS_FILE
+from securefl.server.optimiser import STATE_FILE
 from securefl.server.store import ModelStore
 
 from .conftest import Federation
