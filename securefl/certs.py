@@ -35,11 +35,11 @@ from securefl.errors import ConfigError
 _MODEL_SPEC = 'image_size = 128\nmodel_kind = "seed"\n'
 _HOSPITAL_TAIL = (
     "# Where this hospital keeps the downloaded global model and its round state.\n"
-    'data_dir = "state"\n\n'
+    'state_dir = "state"\n\n'
     "[ml]\n"
     "# This hospital's scans: Training/<class>/*.jpg and Testing/<class>/*.jpg, with the\n"
     "# classes glioma, meningioma, notumor, pituitary.  They never leave this machine.\n"
-    'data_dir = "scans"\n'
+    'scans_dir = "scans"\n'
     "# The local model (model.keras) and its metrics history.\n"
     'model_dir = "model"\n'
     + _MODEL_SPEC

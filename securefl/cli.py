@@ -160,7 +160,7 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
 
 def _add_client_net_actions(actions: argparse._SubParsersAction) -> None:
     """The hospital's network actions under ``securefl client --config FILE``."""
-    get = actions.add_parser("get", help="download the current global model into data_dir")
+    get = actions.add_parser("get", help="download the current global model into state_dir")
     send = actions.add_parser("send", help="take part in a round with a trained update")
     what = send.add_mutually_exclusive_group()
     what.add_argument("--update", type=Path,
@@ -263,9 +263,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
     """The hospital's local ML actions under ``securefl client --config FILE``."""
-    t = actions.add_parser("train", help="train the local model on data_dir/Training")
+    t = actions.add_parser("train", help="train the local model on scans_dir/Training")
     t.add_argument("--epochs", type=int, help="override the settings' epochs")
-    e = actions.add_parser("evaluate", help="score the model on data_dir/Testing, then save it")
+    e = actions.add_parser("evaluate", help="score the model on scans_dir/Testing, then save it")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     c = actions.add_parser("classify", help="class probabilities for one scan")
     c.add_argument("image", type=Path, help="a JPEG or PNG scan")

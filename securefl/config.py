@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from securefl.errors import ConfigError
 from securefl.fedopt import ServerOptSettings
+from securefl.ml.settings import refuse_renamed_keys
 
 
 class _Settings(BaseModel):
@@ -101,7 +102,7 @@ class ClientSettings(TLSFiles):
     #: round is aggregated, so this is long).
     round_timeout: float = Field(3600.0, gt=0)
     #: Hospital only: where the downloaded global model and local updates are kept.
-    data_dir: Path = Path("data")
+    state_dir: Path = Path("state")
     ml: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -113,7 +114,7 @@ class ClientSettings(TLSFiles):
 
 S = TypeVar("S", bound=BaseModel)
 
-_PATH_FIELDS = ("cert", "key", "ca", "crl", "store_dir", "audit_log", "data_dir")
+_PATH_FIELDS = ("cert", "key", "ca", "crl", "store_dir", "audit_log", "state_dir")
 
 
 def load(path: Path | str, model: type[S]) -> S:
@@ -125,6 +126,7 @@ def load(path: Path | str, model: type[S]) -> S:
         raise ConfigError(f"settings file not found: {path}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    refuse_renamed_keys(path, raw)
     try:
         result = model.model_validate(raw)
     except ValidationError as exc:

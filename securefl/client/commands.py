@@ -1,6 +1,6 @@
 """The headless ``securefl client`` and ``securefl admin`` commands over the session APIs.
 
-Why files in ``data_dir``: ``get`` and ``send`` are separate processes, so the downloaded
+Why files in ``state_dir``: ``get`` and ``send`` are separate processes, so the downloaded
 global model and its version are kept next to the hospital's settings; ``send`` then knows
 which version the update was trained on without being told.
 """
@@ -42,7 +42,7 @@ def _print_unmask(p: UnmaskProgress) -> None:
 
 async def hospital(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    data = settings.data_dir
+    data = settings.state_dir
     async with HospitalSession(settings) as session:
         if session.resend_round is not None:
             print(f"note: round {session.resend_round} was abandoned by a server restart; "

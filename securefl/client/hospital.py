@@ -6,7 +6,7 @@ evaluate — and each step depends on files the others wrote (which global versi
 model started from, how many scans it was trained on).  Keeping that bookkeeping here means
 the three front ends cannot drift apart.
 
-Files, all in the hospital's ``data_dir`` (network state) and ``[ml] model_dir``:
+Files, all in the hospital's ``state_dir`` (network state) and ``[ml] model_dir``:
   global.npy / global.json   the last downloaded global model and its version, sha256
   model.keras                the local model (the global weights after ``get``, trained after
                              ``train``)
@@ -64,7 +64,7 @@ class Hospital:
 
     def __init__(self, settings: config.ClientSettings, ml: MLSettings) -> None:
         self.settings, self.ml = settings, ml
-        self.state_dir = Path(settings.data_dir)
+        self.state_dir = Path(settings.state_dir)
         self._model: Any = None  # a keras.Model; only securefl.ml names Keras
         self._scans: dict[str, tuple[tuple[int, float], ImageSet]] = {}
 
@@ -73,7 +73,7 @@ class Hospital:
         """Both halves of ``hospital.toml``: the connection and the ``[ml]`` table."""
         settings = config.load(path, config.ClientSettings)
         if settings.ml is None:
-            raise ConfigError(f"{path} has no [ml] table: add data_dir and model_dir for the "
+            raise ConfigError(f"{path} has no [ml] table: add scans_dir and model_dir for the "
                               "hospital's scans and model")
         return cls(settings, load_ml_settings(path))
 
@@ -111,7 +111,7 @@ class Hospital:
         for split in ("Training", "Testing"):
             counts = {}
             for cls in self.ml.classes:
-                folder = self.ml.data_dir / split / cls
+                folder = self.ml.scans_dir / split / cls
                 counts[cls] = sum(1 for p in folder.glob("*")
                                   if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else 0
             summary[split] = counts
@@ -130,7 +130,7 @@ class Hospital:
         """Decoded scans of one split; decoded again only if files were added or changed."""
         from securefl.ml.local import load_data
 
-        folder = self.ml.data_dir / split
+        folder = self.ml.scans_dir / split
         files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
         signature = (len(files), max((p.stat().st_mtime for p in files), default=0.0))
         cached = self._scans.get(split)

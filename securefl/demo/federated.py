@@ -103,7 +103,7 @@ def _free_port() -> int:
 def _ml_table(settings: DemoSettings, data_dir: Path, model_dir: Path) -> str:
     return (
         "\n[ml]\n"
-        f'data_dir = "{data_dir}"\nmodel_dir = "{model_dir}"\n'
+        f'scans_dir = "{data_dir}"\nmodel_dir = "{model_dir}"\n'
         f"image_size = {settings.image_size}\nmodel_kind = \"{settings.model_kind}\"\n"
         f"epochs = {settings.epochs}\nseed = {settings.seed}\n"
     )
@@ -144,7 +144,7 @@ def build_federation(settings: DemoSettings, root: Path, say: Print) -> tuple[Pa
             f"# the demo's settings for '{name}'; paths are relative to this file.\n"
             f'host = "127.0.0.1"\nport = {port}\n'
             'cert = "hospital.pem"\nkey = "hospital.key"\nca = "ca.pem"\n'
-            f'data_dir = "{root / "hospitals" / name / "state"}"\n'
+            f'state_dir = "{root / "hospitals" / name / "state"}"\n'
             + _ml_table(settings, root / "data" / name, root / "hospitals" / name / "model"))
         hospital_tomls.append(path)
     return server_toml, hospital_tomls, certs.root / "admin.toml"
@@ -176,7 +176,7 @@ async def _run_rounds(settings: DemoSettings, hospitals: list[Hospital],
                       result: DemoResult) -> None:
     from securefl.ml.data import ImageSet
 
-    names = [h.ml.data_dir.name for h in hospitals]
+    names = [h.ml.scans_dir.name for h in hospitals]
     sessions = [await h.session().connect() for h in hospitals]
     admin = await AdminSession(load(admin_toml, ClientSettings)).connect()
     try:
@@ -193,7 +193,7 @@ async def _run_rounds(settings: DemoSettings, hospitals: list[Hospital],
             started = time.perf_counter()
             for h in hospitals:
                 await asyncio.to_thread(h.train)
-                await asyncio.to_thread(alone[h.ml.data_dir.name].train)
+                await asyncio.to_thread(alone[h.ml.scans_dir.name].train)
             sends = [asyncio.create_task(h.send(s)) for h, s in zip(hospitals, sessions,
                                                                     strict=True)]
             while await admin.count() < len(hospitals):
@@ -256,10 +256,10 @@ def run(settings: DemoSettings, say: Print = print,
             on_ready(admin_toml)
         hospitals = [Hospital.from_file(p) for p in hospital_tomls]
         # The same hospitals training alone: same data, same seeded start, never connected.
-        alone = {h.ml.data_dir.name: Hospital(
-            h.settings.model_copy(update={"data_dir": root / "hospitals" / h.ml.data_dir.name
+        alone = {h.ml.scans_dir.name: Hospital(
+            h.settings.model_copy(update={"state_dir": root / "hospitals" / h.ml.scans_dir.name
                                           / "alone-state"}),
-            h.ml.model_copy(update={"model_dir": root / "hospitals" / h.ml.data_dir.name
+            h.ml.model_copy(update={"model_dir": root / "hospitals" / h.ml.scans_dir.name
                                     / "alone"})) for h in hospitals}
         say(f"  {settings.rounds} rounds: every hospital trains {settings.epochs} epoch(s) on "
             "its own scans, then the server combines the updates by secure aggregation;")

@@ -138,7 +138,7 @@ def load_split(
         raise DataError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     if not root.is_dir():
         raise DataError(
-            f"data folder {root} not found: set data_dir to the folder that holds Training/ and "
+            f"data folder {root} not found: set scans_dir to the folder that holds Training/ and "
             "Testing/ (or make demo data with `securefl data synth`)"
         )
     split_dir = root / split

@@ -65,7 +65,7 @@ def run_train(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
 ) -> TrainResult:
-    """Train on ``data_dir/Training``, save the model (unless cancelled), log the metrics.
+    """Train on ``scans_dir/Training``, save the model (unless cancelled), log the metrics.
 
     ``model`` and ``data`` let a long-lived caller (the TUI, the demo) keep both in memory
     between rounds instead of reloading and re-decoding them every time.
@@ -100,13 +100,13 @@ def load_data(settings: MLSettings, split: str) -> ImageSet:
     """One split of the hospital's scans, decoded and resized for this model."""
     from securefl.ml.data import load_split
 
-    return load_split(settings.data_dir, split, classes=settings.classes,
+    return load_split(settings.scans_dir, split, classes=settings.classes,
                       size=settings.image_size, channels=settings.channels)
 
 
 def run_evaluate(settings: MLSettings, *, model: keras.Model | None = None,
                  data: ImageSet | None = None) -> EvalReport:
-    """Score the model on ``data_dir/Testing``, then save it (the original ``testModel``)."""
+    """Score the model on ``scans_dir/Testing``, then save it (the original ``testModel``)."""
     from securefl.ml.train import append_history, evaluate
 
     data = data if data is not None else load_data(settings, "Testing")

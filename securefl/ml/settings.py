@@ -6,7 +6,7 @@ its own; the hospital configuration nests :class:`MLSettings` as its ``ml`` fiel
 Example ``hospital.toml``::
 
     [ml]
-    data_dir = "data/hospital_1"     # holds Training/<class>/* and Testing/<class>/*
+    scans_dir = "data/hospital_1"     # holds Training/<class>/* and Testing/<class>/*
     model_dir = "runs/hospital_1"    # model.keras and history.jsonl are written here
     image_size = 128
     epochs = 2
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -33,7 +33,7 @@ class MLSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data_dir: Path = Field(description="folder with Training/<class>/ and Testing/<class>/")
+    scans_dir: Path = Field(description="folder with Training/<class>/ and Testing/<class>/")
     model_dir: Path = Field(description="where model.keras and history.jsonl are kept")
     classes: tuple[str, ...] = DEFAULT_CLASSES
     image_size: int = Field(128, ge=16, le=1024, description="square input side in pixels")
@@ -70,6 +70,26 @@ class MLSettings(BaseModel):
         return self.model_dir / "history.jsonl"
 
 
+#: Keys of older kits, with the name that replaced each (a kit is not migrated silently:
+#: the two ``data_dir`` keys held different things, so guessing could point at the wrong one).
+RENAMED_KEYS: dict[tuple[str, ...], str] = {
+    ("data_dir",): "state_dir (where the downloaded global model and round state are kept)",
+    ("ml", "data_dir"): "scans_dir (the folder with Training/<class>/ and Testing/<class>/)",
+}
+
+
+def refuse_renamed_keys(path: Path, raw: dict[str, Any]) -> None:
+    """Older kits' key names get an error naming the new key, before anything else."""
+    for keys, new in RENAMED_KEYS.items():
+        table: Any = raw
+        for k in keys[:-1]:
+            table = table.get(k) if isinstance(table, dict) else None
+        if isinstance(table, dict) and keys[-1] in table:
+            where = f"[{'.'.join(keys[:-1])}] " if len(keys) > 1 else ""
+            raise ConfigError(f"{path}: {where}{keys[-1]} was renamed {new}: rename the key "
+                              "in the file and run the command again")
+
+
 def load_ml_settings(path: str | Path) -> MLSettings:
     """Read the ``[ml]`` table of a TOML file; relative paths are relative to that file."""
     path = Path(path)
@@ -82,12 +102,14 @@ def load_ml_settings(path: str | Path) -> MLSettings:
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML ({exc}): fix the file and retry") from None
+    refuse_renamed_keys(path, doc)
     table = doc.get("ml")
     if not isinstance(table, dict):
-        raise ConfigError(f"{path} has no [ml] table: add one with at least data_dir and model_dir")
+        raise ConfigError(f"{path} has no [ml] table: add one with at least scans_dir and "
+                          "model_dir")
     base = path.resolve().parent
     table = dict(table)
-    for key in ("data_dir", "model_dir"):
+    for key in ("scans_dir", "model_dir"):
         if key in table and isinstance(table[key], str):
             p = Path(table[key]).expanduser()
             table[key] = p if p.is_absolute() else base / p

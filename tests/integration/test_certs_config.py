@@ -70,7 +70,7 @@ def test_settings_refuse_typos_and_resolve_paths(tmp_path: Path) -> None:
     (tmp_path / "h.toml").write_text(good)
     s = config.load(tmp_path / "h.toml", config.ClientSettings)
     assert s.cert == tmp_path / "c.pem" and s.port == 1234
-    assert s.data_dir == tmp_path / "data"
+    assert s.state_dir == tmp_path / "data"
     (tmp_path / "bad.toml").write_text(good + "prot = 5\n")
     with pytest.raises(ConfigError, match="prot"):
         config.load(tmp_path / "bad.toml", config.ClientSettings)

@@ -41,7 +41,7 @@ def test_classify_a_scan_picked_by_path(fed: Fed) -> None:
                 await pilot.press("c")
                 assert isinstance(app.screen, ClassifyScreen)
                 # No model yet: the error says what to do.
-                scan = next((app.hospital.ml.data_dir / "Testing" / "glioma").iterdir())
+                scan = next((app.hospital.ml.scans_dir / "Testing" / "glioma").iterdir())
                 app.screen.query_one("#path", Input).value = str(scan)
                 app.screen.query_one("#path", Input).focus()
                 await pilot.press("enter")

@@ -171,7 +171,7 @@ def test_hospital_classified(snap_compare, fed: Fed) -> None:
         await pilot.press("c")
         await pilot.pause()
         screen = pilot.app.screen
-        scan = sorted((screen.hospital.ml.data_dir / "Testing" / "glioma").iterdir())[0]
+        scan = sorted((screen.hospital.ml.scans_dir / "Testing" / "glioma").iterdir())[0]
         screen.query_one("#scan").image = scan
         screen.post_message(ClassifyScreen.Classified(
             scan, {"glioma": 0.71, "meningioma": 0.17, "notumor": 0.04, "pituitary": 0.08},

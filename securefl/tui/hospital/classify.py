@@ -55,7 +55,7 @@ class ClassifyScreen(Screen):
         self.hospital = hospital
 
     def compose(self) -> ComposeResult:
-        root = self.hospital.ml.data_dir
+        root = self.hospital.ml.scans_dir
         start = root / "Testing" if (root / "Testing").is_dir() else root
         yield Header()
         with Horizontal(id="classify"):

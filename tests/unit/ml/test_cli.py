@@ -15,7 +15,7 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
     assert (data / "hospital_2" / "Testing" / "pituitary").is_dir()
     cfg = tmp_path / "hospital.toml"
     cfg.write_text(
-        '[ml]\ndata_dir = "data/hospital_1"\nmodel_dir = "runs/h1"\nimage_size = 32\n'
+        '[ml]\nscans_dir = "data/hospital_1"\nmodel_dir = "runs/h1"\nimage_size = 32\n'
         'model_kind = "small"\nepochs = 1\nbatch_size = 16\n'
     )
     capsys.readouterr()
@@ -44,10 +44,10 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
 
 def test_errors_are_one_sentence_and_an_exit_code(tmp_path, capsys):
     cfg = tmp_path / "h.toml"
-    cfg.write_text('[ml]\ndata_dir = "missing"\nmodel_dir = "runs"\n')
+    cfg.write_text('[ml]\nscans_dir = "missing"\nmodel_dir = "runs"\n')
     assert main(["client", "--config", str(cfg), "train"]) == 4  # DataError
     assert "data folder" in capsys.readouterr().err
-    cfg.write_text('[ml]\ndata_dir = "x"\nmodel_dir = "y"\nepochs = 0\n')
+    cfg.write_text('[ml]\nscans_dir = "x"\nmodel_dir = "y"\nepochs = 0\n')
     assert main(["client", "--config", str(cfg), "evaluate"]) == 3  # ConfigError
     assert "epochs" in capsys.readouterr().err
     assert main(["client", "--config", str(tmp_path / "none.toml"), "train"]) == 3

@@ -37,7 +37,7 @@ def test_loads_layout_with_labels_in_class_order(tmp_path):
 
 
 def test_missing_root_says_what_to_do(tmp_path):
-    with pytest.raises(DataError, match=r"not found.*data_dir"):
+    with pytest.raises(DataError, match=r"not found.*scans_dir"):
         load_split(tmp_path / "nowhere", "Training", classes=CLASSES)
 
 

@@ -80,7 +80,7 @@ def test_hospitals_train_with_it_by_default_and_the_setting_is_honoured(tmp_path
     from securefl.ml.model import uses_prior_correction
     from securefl.ml.settings import MLSettings
 
-    on = MLSettings(data_dir=tmp_path, model_dir=tmp_path, image_size=SIZE)
+    on = MLSettings(scans_dir=tmp_path, model_dir=tmp_path, image_size=SIZE)
     assert on.prior_correction
     model = load_or_create_model(on)
     assert uses_prior_correction(model)
