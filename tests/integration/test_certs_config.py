@@ -70,7 +70,14 @@ def test_settings_refuse_typos_and_resolve_paths(tmp_path: Path) -> None:
     (tmp_path / "h.toml").write_text(good)
     s = config.load(tmp_path / "h.toml", config.ClientSettings)
     assert s.cert == tmp_path / "c.pem" and s.port == 1234
-    assert s.state_dir == tmp_path / "data"
+    assert s.state_dir == tmp_path / "state"
+    # An older kit's key names are refused with the new name, never guessed.
+    (tmp_path / "old.toml").write_text(good + 'data_dir = "state"\n')
+    with pytest.raises(ConfigError, match="data_dir was renamed state_dir"):
+        config.load(tmp_path / "old.toml", config.ClientSettings)
+    (tmp_path / "old-ml.toml").write_text(good + '[ml]\ndata_dir = "x"\nmodel_dir = "m"\n')
+    with pytest.raises(ConfigError, match=r"\[ml\] data_dir was renamed scans_dir"):
+        config.load(tmp_path / "old-ml.toml", config.ClientSettings)
     (tmp_path / "bad.toml").write_text(good + "prot = 5\n")
     with pytest.raises(ConfigError, match="prot"):
         config.load(tmp_path / "bad.toml", config.ClientSettings)
