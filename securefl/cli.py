@@ -31,6 +31,7 @@ EXIT_CODES: dict[type[errors.SecureFLError], int] = {
     errors.ServerUnreachableError: 10,
     errors.CertificateRejectedError: 11,
     errors.StaleVersionError: 12,
+    errors.UpdateAlreadySentError: 13,
 }
 
 Handler = Callable[[argparse.Namespace], int]
@@ -265,23 +266,23 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
     """The hospital's local ML actions under ``securefl client --config FILE``."""
     t = actions.add_parser("train", help="train the local model on scans_dir/Training")
     t.add_argument("--epochs", type=int, help="override the settings' epochs")
-    e = actions.add_parser("evaluate", help="score the model on scans_dir/Testing, then save it")
+    e = actions.add_parser("evaluate", help="score the local model on scans_dir/Testing")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     c = actions.add_parser("classify", help="class probabilities for one scan")
     c.add_argument("image", type=Path, help="a JPEG or PNG scan")
     c.add_argument("--json", action="store_true", help="print the probabilities as JSON")
 
-    def settings(args: argparse.Namespace) -> Any:
-        from securefl.ml.settings import load_ml_settings
+    def hospital(args: argparse.Namespace) -> Any:
+        """The one owner of the hospital's state (``securefl.client.hospital``): the app and
+        ``send`` then see exactly what this command trained."""
+        from securefl.client.hospital import Hospital
 
-        loaded = load_ml_settings(args.config)
+        h = Hospital.from_file(args.config)
         if getattr(args, "epochs", None):
-            loaded = loaded.model_copy(update={"epochs": args.epochs})
-        return loaded
+            h.ml = h.ml.model_copy(update={"epochs": args.epochs})
+        return h
 
     def run_train(args: argparse.Namespace) -> int:
-        from securefl.ml.local import run_train
-
         def progress(p: Any) -> None:
             line = (f"recalibrating batch-norm statistics: layer {p.batch}/{p.batches}"
                     if p.stage == "calibrating" else
@@ -289,27 +290,28 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
                     f"loss {p.loss:.4f}  accuracy {p.accuracy:.3f}")
             print(f"\r{line:<72}", end="", file=sys.stderr, flush=True)
 
-        cfg = settings(args)
-        result = run_train(cfg, progress=progress)
+        h = hospital(args)
+        base = h.local_state().base_version
+        result = h.train(progress=progress)
         print(file=sys.stderr)
+        start = (f"from global version {base}" if base is not None
+                 else "from a new model (no global model downloaded yet)")
         print(
-            f"trained on {result.num_samples} scans in {result.seconds:.1f} s; "
+            f"trained {start} on {result.num_samples} scans in {result.seconds:.1f} s; "
             f"final loss {result.history['loss'][-1]:.4f}, accuracy "
-            f"{result.history['accuracy'][-1]:.3f}; model saved to {cfg.model_path}"
+            f"{result.history['accuracy'][-1]:.3f}; model saved to {h.ml.model_path}"
         )
+        if base is not None:
+            print("next: `send` this update to the round")
         return 0
 
     def run_evaluate(args: argparse.Namespace) -> int:
-        from securefl.ml.local import run_evaluate
-
-        report = run_evaluate(settings(args))
+        report = hospital(args).evaluate()
         print(json.dumps(report.to_dict()) if args.json else report.format())
         return 0
 
     def run_classify(args: argparse.Namespace) -> int:
-        from securefl.ml.local import run_classify
-
-        probs = run_classify(settings(args), args.image)
+        probs = hospital(args).classify(args.image)
         if args.json:
             print(json.dumps(probs))
         else:

@@ -90,3 +90,10 @@ class CertificateRejectedError(TransportError):
     """The TLS handshake failed: our certificate was refused, or the server's is not trusted."""
 
     code = "certificate-rejected"
+
+
+class UpdateAlreadySentError(SecureFLError):
+    """This hospital's update for that base version already left (or is already published);
+    sending another on the same base could let a server difference two sums."""
+
+    code = "already-sent"

@@ -10,14 +10,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from securefl import config
 from securefl.client.hospital import Hospital
-from securefl.client.session import AdminSession, HospitalSession, RoundStep, UnmaskProgress
-from securefl.errors import DataError
+from securefl.client.session import AdminSession, RoundStep, UnmaskProgress
+from securefl.errors import DataError, SecureFLError
 
 
 def _settings(args: argparse.Namespace) -> config.ClientSettings:
@@ -41,9 +42,9 @@ def _print_unmask(p: UnmaskProgress) -> None:
 
 
 async def hospital(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    data = settings.state_dir
-    async with HospitalSession(settings) as session:
+    hospital = Hospital.from_file(args.config, require_ml=False)
+    state = hospital.state_dir
+    async with hospital.session() as session:
         if session.resend_round is not None:
             print(f"note: round {session.resend_round} was abandoned by a server restart; "
                   "send your update again")
@@ -54,51 +55,64 @@ async def hospital(args: argparse.Namespace) -> int:
                   f"{', '.join(st.online) or '-'}; joined {len(st.joined)}; submitted "
                   f"{len(st.submitted)}")
             return 0
-        hospital = Hospital.from_file(args.config) if settings.ml is not None else None
-        if action == "get" and hospital is not None:
-            model = await hospital.get(session)
-            print(f"global version {model.version} downloaded (sha256 {model.sha256[:16]}..., "
-                  f"{model.contributors} hospitals, {model.total_samples} scans) and loaded "
-                  f"into the local model {hospital.ml.model_path}")
-            return 0
         if action == "get":
-            model = await session.get_global()
-            data.mkdir(parents=True, exist_ok=True)
-            np.save(data / "global.npy", model.weights)
-            (data / "global.json").write_text(json.dumps(
-                {"version": model.version, "sha256": model.sha256}))
-            print(f"global version {model.version} ({model.weights.size} parameters, sha256 "
-                  f"{model.sha256[:16]}...) saved to {data / 'global.npy'}")
+            model = await hospital.get(session)
+            where = (f"loaded into the local model {hospital.ml.model_path}"
+                     if hospital.has_ml else f"saved to {state / 'global.npy'}")
+            print(f"global version {model.version} downloaded ({model.weights.size} "
+                  f"parameters, {model.contributors} hospitals, {model.total_samples} scans) "
+                  f"and {where}")
             return 0
         # send
         if args.update is None and args.weights is None:
-            if hospital is None:
+            if not hospital.has_ml:
                 raise DataError("give --update or --weights, or add an [ml] table so the "
                                 "trained local model is sent")
-            print(f"sending the local model's update (trained from version "
-                  f"{hospital.local_state().base_version}); staying until the round is "
-                  "aggregated...")
-            outcome = await hospital.send(session, on_step=_print_step)
-            print(f"round {outcome.round_id} published global version {outcome.version}")
-            return 0
-        if args.samples is None:
-            raise DataError("--samples is needed with --update or --weights")
-        try:
-            meta = json.loads((data / "global.json").read_text())
-        except FileNotFoundError:
-            raise DataError("no downloaded global model: run `securefl client get` first, "
-                            "then train") from None
-        base = args.base_version if args.base_version is not None else meta["version"]
-        if args.weights is not None:
-            update = _load_vector(args.weights) - _load_vector(data / "global.npy")
+            update, samples, base = await asyncio.to_thread(hospital.local_update)
+            what = f"the local model's update (trained from version {base} on {samples} scans)"
         else:
-            update = _load_vector(args.update)
-        print(f"joining the round with an update trained on version {base}; staying until "
-              "the round is aggregated...")
-        outcome = await session.send(update, args.samples, base_version=base)
+            if args.samples is None:
+                raise DataError("--samples is needed with --update or --weights")
+            meta = hospital.global_meta()
+            if meta is None:
+                raise DataError("no downloaded global model: run `securefl client get` first, "
+                                "then train")
+            base = args.base_version if args.base_version is not None else meta["version"]
+            if args.weights is not None:
+                update = _load_vector(args.weights) - _load_vector(state / "global.npy")
+            else:
+                update = _load_vector(args.update)
+            samples = args.samples
+            what = f"the update trained on version {base}"
+        print(f"sending {what}; masked here, so only the sum of several hospitals' updates "
+              "can be read.  This stays connected until the administrator aggregates the "
+              "round: keep it running.", flush=True)
+        outcome = await hospital.send_update(session, update, samples, base,
+                                             on_step=_print_step)
         assert outcome is not None
-        print(f"round {outcome.round_id} published global version {outcome.version}")
+        print(f"round {outcome.round_id} published global version {outcome.version} with "
+              "this hospital's update in it: get it to evaluate the shared model")
         return 0
+
+
+def interrupted_send_note(config: Path) -> str:
+    """What a user whose ``send`` was interrupted should know, from the durable record."""
+    try:
+        record = Hospital.from_file(config, require_ml=False).send_record()
+    except SecureFLError:
+        record = None
+    if record is None:
+        return "send interrupted before it joined a round: run send again"
+    if record.stage == "published":
+        return (f"send interrupted after round {record.round_id} published version "
+                f"{record.published_version} with this update in it")
+    if record.pending_round is not None:
+        return (f"send interrupted after the masked update left in round "
+                f"{record.pending_round}: it is in that round's result if the round "
+                "publishes; otherwise wait for the next version, then get, train and send "
+                "(do not send again on this version)")
+    return ("send interrupted before the masked update left: nothing of it was used; run "
+            "send again to join the round")
 
 
 async def admin(args: argparse.Namespace) -> int:
@@ -135,4 +149,10 @@ async def admin(args: argparse.Namespace) -> int:
 
 
 def run(coro_fn: object, args: argparse.Namespace) -> int:
-    return asyncio.run(coro_fn(args))  # type: ignore[operator]
+    try:
+        return asyncio.run(coro_fn(args))  # type: ignore[operator]
+    except KeyboardInterrupt:
+        if getattr(args, "client_action", None) == "send":
+            print(f"securefl: {interrupted_send_note(args.config)}", file=sys.stderr)
+            return 130
+        raise

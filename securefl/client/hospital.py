@@ -1,40 +1,57 @@
-"""A hospital's whole job in one object: its own ML and its part in the federation.
+"""A hospital's whole job in one object: the one owner of its local state.
 
-Why one object: the CLI, the hospital TUI and the demo all do the same four things — get
-the global model, train on local scans, send the update through secure aggregation,
-evaluate — and each step depends on files the others wrote (which global version the local
-model started from, how many scans it was trained on).  Keeping that bookkeeping here means
-the three front ends cannot drift apart.
+Why one owner: the CLI, the hospital app (and its training child process) and the demo all
+do the same things — get the global model, train on local scans, send the update through
+secure aggregation, evaluate, classify — and each step depends on what the others left
+behind (which global version the local model started from, whether and on what it was
+trained, whether an update already went out).  Two front ends that kept this bookkeeping
+each in their own way drifted apart before: the CLI's ``train`` never recorded that it had
+trained, and the app sent a model cached before its child process trained.  Here every
+path reads and writes the same files through the same methods.
 
-Files, all in the hospital's ``state_dir`` (network state) and ``[ml] model_dir``:
+Files in the hospital's ``state_dir`` (network state) and ``[ml] model_dir``:
   global.npy / global.json   the last downloaded global model and its version, sha256
   model.keras                the local model (the global weights after ``get``, trained after
-                             ``train``)
+                             ``train``); reloaded whenever the file changes, whoever wrote it
   local.json                 which global version the local model is based on, whether it
-                             has been trained since, and on how many scans
+                             was trained since, on how many scans, and the sha256 of the
+                             trained weights (``send`` refuses a model that is not that one)
+  send.json                  the durable record of the last send: for which base version,
+                             in which round, how far it got (written *before* the masked
+                             input leaves, so a crash errs on the side of "it left")
+  sent/v<base>.npy           each update exactly as handed to a round, by base version (the
+                             hospital's own copy, for its records and for checking what a
+                             published version contains); the newest SENT_KEPT are kept
   history.jsonl              training and evaluation metrics over time (securefl.ml)
 
 TensorFlow work is blocking: async callers get it through ``asyncio.to_thread``.  The Keras
-model and the decoded scans stay in memory between steps (a TUI or the demo runs for many
-rounds); the scans are read again only when their folder changes.
+model and the decoded scans stay in memory between steps (the app and the demo run for many
+rounds); they are read again only when their files change.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from securefl import config
-from securefl.client.session import GlobalModel, HospitalSession, RoundOutcome, RoundStep
-from securefl.errors import ConfigError, DataError
+from securefl.client.session import (
+    GlobalModel,
+    HospitalSession,
+    RoundOutcome,
+    RoundStep,
+)
+from securefl.errors import ConfigError, DataError, UpdateAlreadySentError
 from securefl.ml.settings import MLSettings, load_ml_settings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,6 +59,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from securefl.ml.train import EvalReport, ProgressFn, TrainResult
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+#: Stages of a send, in order; ``masked-input`` is written before the masked input leaves.
+SEND_STAGES = ("joining", "joined", "keys-shared", "masked-input", "published")
+#: Sent updates kept in ``state_dir/sent`` (one model-sized file each).
+SENT_KEPT = 5
 
 
 @dataclass(frozen=True)
@@ -51,31 +72,94 @@ class LocalState:
     base_version: int | None
     trained: bool
     num_samples: int
+    #: sha256 of the trained weights (float32 little-endian): what ``send`` must find.
+    weights_sha256: str | None = None
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class SendRecord:
+    """How far the last send for ``base_version`` got (``state_dir/send.json``)."""
+
+    base_version: int
+    samples: int
+    update_sha256: str
+    stage: str = "joining"
+    round_id: int | None = None
+    #: Rounds in which this update's masked input (may have) left, oldest first.
+    masked_rounds: tuple[int, ...] = ()
+    #: The version a round published with this update in it.
+    published_version: int | None = None
+    #: Rounds the server announced as abandoned after the masked input left (resend allowed).
+    abandoned_rounds: tuple[int, ...] = field(default=())
+    updated: str = ""
+
+    @property
+    def pending_round(self) -> int | None:
+        """A round whose outcome this hospital never heard, after its masked input left."""
+        open_rounds = [r for r in self.masked_rounds if r not in self.abandoned_rounds]
+        return open_rounds[-1] if open_rounds and self.stage != "published" else None
+
+
+def _write_json(path: Path, data: dict[str, Any], *, durable: bool = False) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data))
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if durable:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def vector_sha256(vector: np.ndarray) -> str:
+    """sha256 of a weight vector as float32 little-endian bytes (the wire's layout)."""
+    return hashlib.sha256(np.ascontiguousarray(vector, dtype="<f4").data).hexdigest()
 
 
 class Hospital:
-    """One hospital: ``settings`` for the network, ``ml`` for its data and model."""
+    """One hospital: ``settings`` for the network, ``ml`` (may be None) for its data and model.
 
-    def __init__(self, settings: config.ClientSettings, ml: MLSettings) -> None:
-        self.settings, self.ml = settings, ml
+    Without ``ml`` (a site that trains with its own tools) ``get`` and ``send_update`` work;
+    ``train``, ``evaluate``, ``classify`` and ``send`` need the ``[ml]`` table.
+    """
+
+    def __init__(self, settings: config.ClientSettings, ml: MLSettings | None) -> None:
+        self.settings, self._ml = settings, ml
         self.state_dir = Path(settings.state_dir)
         self._model: Any = None  # a keras.Model; only securefl.ml names Keras
+        self._model_ident: tuple[int, int, int] | None = None
         self._scans: dict[str, tuple[tuple[int, float], ImageSet]] = {}
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Hospital:
+    def from_file(cls, path: str | Path, *, require_ml: bool = True) -> Hospital:
         """Both halves of ``hospital.toml``: the connection and the ``[ml]`` table."""
         settings = config.load(path, config.ClientSettings)
         if settings.ml is None:
-            raise ConfigError(f"{path} has no [ml] table: add scans_dir and model_dir for the "
-                              "hospital's scans and model")
+            if require_ml:
+                raise ConfigError(f"{path} has no [ml] table: add scans_dir and model_dir for "
+                                  "the hospital's scans and model")
+            return cls(settings, None)
         return cls(settings, load_ml_settings(path))
+
+    @property
+    def ml(self) -> MLSettings:
+        if self._ml is None:
+            raise ConfigError("this hospital's settings have no [ml] table: add scans_dir and "
+                              "model_dir to hospital.toml to train, evaluate or classify here")
+        return self._ml
+
+    @ml.setter
+    def ml(self, value: MLSettings) -> None:
+        self._ml = value
+
+    @property
+    def has_ml(self) -> bool:
+        return self._ml is not None
 
     @property
     def name(self) -> str:
@@ -99,11 +183,69 @@ class Hospital:
         except FileNotFoundError:
             return LocalState(None, False, 0)
         return LocalState(raw.get("base_version"), bool(raw.get("trained")),
-                          int(raw.get("num_samples", 0)))
+                          int(raw.get("num_samples", 0)), raw.get("weights_sha256"))
 
     def _set_local_state(self, state: LocalState) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(self.state_dir / "local.json", state.__dict__)
+        _write_json(self.state_dir / "local.json", asdict(state), durable=True)
+
+    def send_record(self) -> SendRecord | None:
+        try:
+            raw = json.loads((self.state_dir / "send.json").read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            # A torn record is read as "the masked input may have left": the safe side.
+            raise DataError(f"{self.state_dir / 'send.json'} is damaged, so it is unknown "
+                            "whether the last update left: wait for the next global version, "
+                            "then get, train and send (and remove that file)") from None
+        raw["masked_rounds"] = tuple(raw.get("masked_rounds", ()))
+        raw["abandoned_rounds"] = tuple(raw.get("abandoned_rounds", ()))
+        return SendRecord(**raw)
+
+    def _save_send_record(self, record: SendRecord) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        stamped = {**asdict(record), "updated": datetime.now(UTC).isoformat(timespec="seconds")}
+        _write_json(self.state_dir / "send.json", stamped, durable=True)
+
+    def sent_update(self, base_version: int) -> np.ndarray | None:
+        """The update this hospital handed to a round on ``base_version`` (None if none)."""
+        path = self.state_dir / "sent" / f"v{base_version:08d}.npy"
+        return np.load(path, allow_pickle=False) if path.is_file() else None
+
+    def _keep_sent_update(self, base_version: int, update: np.ndarray) -> None:
+        folder = self.state_dir / "sent"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"v{base_version:08d}.npy"
+        tmp = folder / f".v{base_version:08d}.npy.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, update)
+        os.replace(tmp, path)
+        for old in sorted(folder.glob("v*.npy"))[:-SENT_KEPT]:
+            old.unlink(missing_ok=True)
+
+    def check_can_send(self, base_version: int) -> None:
+        """Refuse an update on ``base_version`` when one already left for it.
+
+        Why: a masked input that left can be in a revealed sum even if this hospital never
+        answered the unmask step; sending another on the same base would let a server
+        difference two sums (docs/SECURITY.md).  Resending is allowed while nothing left,
+        and after the server announced that the round was abandoned.
+        """
+        rec = self.send_record()
+        if rec is None or rec.base_version != base_version:
+            return
+        if rec.stage == "published":
+            raise UpdateAlreadySentError(
+                f"this hospital's update trained on version {base_version} is already in "
+                f"global version {rec.published_version} (round {rec.round_id}): get that "
+                "version, train on it and send again")
+        pending = rec.pending_round
+        if pending is not None:
+            raise UpdateAlreadySentError(
+                f"this hospital's masked update for version {base_version} already left in "
+                f"round {pending}: it is in that round's result if the round publishes, "
+                "otherwise wait for the next version, then get, train and send")
 
     def data_summary(self) -> dict[str, dict[str, int]]:
         """Images per class in Training/ and Testing/, counted from file names (no decoding)."""
@@ -118,13 +260,39 @@ class Hospital:
         return summary
 
     # -- ML (blocking) ------------------------------------------------------------------------
+    def _model_file_ident(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.ml.model_path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
     def model(self) -> Any:
-        """The local Keras model, loaded (or built) once and kept."""
-        if self._model is None:
+        """The local Keras model, kept in memory and reloaded whenever its file changes.
+
+        Why the file's identity: another process (the app's training child, a CLI run in a
+        second terminal) may have written a newer model; reading the cached one would send
+        or evaluate a stale model without a word.
+        """
+        ident = self._model_file_ident()
+        if self._model is None or ident != self._model_ident:
             from securefl.ml.local import load_or_create_model
 
             self._model = load_or_create_model(self.ml)
+            self._model_ident = ident
         return self._model
+
+    def _saved_model(self) -> Any:
+        """The model for evaluating and classifying: only one that was trained or downloaded."""
+        from securefl.ml.local import load_saved_model
+
+        if self._model is None or self._model_file_ident() != self._model_ident:
+            self._model = load_saved_model(self.ml)
+            self._model_ident = self._model_file_ident()
+        return self._model
+
+    def _after_save(self) -> None:
+        self._model_ident = self._model_file_ident()
 
     def scans(self, split: str) -> ImageSet:
         """Decoded scans of one split; decoded again only if files were added or changed."""
@@ -141,28 +309,33 @@ class Hospital:
 
     def train(self, progress: ProgressFn | None = None,
               cancel: threading.Event | None = None) -> TrainResult:
-        """Train the local model on this hospital's scans, starting from what it holds now."""
+        """Train the local model on this hospital's scans, starting from what it holds now,
+        and record what was trained (base version, scans, the weights' sha256)."""
         from securefl.ml.local import run_train
+        from securefl.ml.model import to_vector
 
         meta = self.global_meta()
-        result = run_train(self.ml, model=self.model(), data=self.scans("Training"),
+        model = self.model()
+        result = run_train(self.ml, model=model, data=self.scans("Training"),
                            progress=progress, cancel=cancel)
         if not result.cancelled:
+            self._after_save()
             base = meta["version"] if meta else None
-            self._set_local_state(LocalState(base, True, result.num_samples))
+            self._set_local_state(LocalState(base, True, result.num_samples,
+                                             vector_sha256(to_vector(model))))
         return result
 
     def evaluate(self) -> EvalReport:
         from securefl.ml.local import run_evaluate
 
-        return run_evaluate(self.ml, model=self.model(), data=self.scans("Testing"))
+        model = self._saved_model()
+        return run_evaluate(self.ml, model=model, data=self.scans("Testing"))
 
     def classify(self, image: str | Path) -> dict[str, float]:
         from securefl.ml.local import run_classify
 
-        if not self.ml.model_path.is_file():
-            raise DataError("there is no model yet: get the global model or train first")
-        return run_classify(self.ml, image, model=self.model())
+        model = self._saved_model()
+        return run_classify(self.ml, image, model=model)
 
     def apply_global(self, weights: np.ndarray, version: int) -> None:
         """Make the local model the global one (what ``get`` ends with)."""
@@ -171,6 +344,7 @@ class Hospital:
         model = self.model()
         from_vector(model, weights)
         save_model(model, self.ml.model_path)
+        self._after_save()
         self._set_local_state(LocalState(version, False, 0))
 
     def local_update(self) -> tuple[np.ndarray, int, int]:
@@ -192,6 +366,9 @@ class Hospital:
         if local_w.shape != global_w.shape:
             raise DataError("the local model does not match the global model's shape: check "
                             "the [ml] settings against the server's model")
+        if state.weights_sha256 is not None and vector_sha256(local_w) != state.weights_sha256:
+            raise DataError(f"{self.ml.model_path} is not the model that was trained (it "
+                            "changed since training): train again, then send")
         return local_w - global_w, state.num_samples, int(meta["version"])
 
     # -- federation (async) --------------------------------------------------------------------
@@ -205,13 +382,58 @@ class Hospital:
                     {"version": model.version, "sha256": model.sha256,
                      "contributors": model.contributors, "total_samples": model.total_samples,
                      "created": model.created})
-        await asyncio.to_thread(self.apply_global, model.weights, model.version)
+        if self._ml is not None:
+            await asyncio.to_thread(self.apply_global, model.weights, model.version)
         return model
 
     async def send(self, session: HospitalSession,
                    on_step: Callable[[RoundStep], None] | None = None) -> RoundOutcome:
         """Send the trained model's update through one secure-aggregation round."""
         update, samples, base = await asyncio.to_thread(self.local_update)
-        outcome = await session.send(update, samples, base_version=base, on_step=on_step)
-        assert outcome is not None
+        outcome = await self.send_update(session, update, samples, base, on_step=on_step)
+        assert outcome is not None  # only ``leave_after`` returns without an outcome
         return outcome
+
+    async def send_update(self, session: HospitalSession, update: np.ndarray, samples: int,
+                          base: int, *, on_step: Callable[[RoundStep], None] | None = None,
+                          **round_options: Any) -> RoundOutcome | None:
+        """Send ``update`` (trained on version ``base``), keeping the durable send record.
+
+        ``round_options`` go to ``HospitalSession.send`` (``leave_after`` for dropout tests).
+        """
+        self.check_can_send(base)
+        update = np.ascontiguousarray(update, dtype=np.float32).reshape(-1)
+        if not update.any():
+            raise DataError("the update is all zeros (the local model equals the downloaded "
+                            "global model): train before sending")
+        digest = vector_sha256(update)
+        previous = self.send_record()
+        record = SendRecord(base, int(samples), digest)
+        if previous is not None and previous.base_version == base:
+            # Same base: keep the history of rounds it went to (a resend after an abandon).
+            record = SendRecord(base, int(samples), digest,
+                                masked_rounds=previous.masked_rounds,
+                                abandoned_rounds=previous.abandoned_rounds)
+        self._keep_sent_update(base, update)
+        self._save_send_record(record)
+        state: dict[str, SendRecord] = {"record": record}
+
+        def journal(stage: str, round_id: int, version: int | None = None) -> None:
+            rec = state["record"]
+            if stage == "masked-input":
+                rec = SendRecord(**{**asdict(rec), "stage": stage, "round_id": round_id,
+                                    "masked_rounds": (*rec.masked_rounds, round_id)})
+            elif stage == "abandoned":
+                if round_id in rec.masked_rounds:
+                    rec = SendRecord(**{**asdict(rec),
+                                        "abandoned_rounds": (*rec.abandoned_rounds, round_id)})
+            elif stage == "published":
+                rec = SendRecord(**{**asdict(rec), "stage": stage, "round_id": round_id,
+                                    "published_version": version})
+            else:
+                rec = SendRecord(**{**asdict(rec), "stage": stage, "round_id": round_id})
+            state["record"] = rec
+            self._save_send_record(rec)
+
+        return await session.send(update, samples, base_version=base, on_step=on_step,
+                                  journal=journal, **round_options)

@@ -16,7 +16,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 import numpy as np
 
@@ -133,6 +133,16 @@ RETRY_STEP = "retrying"
 MAX_RESENDS = 3
 
 
+class Journal(Protocol):
+    """Hears how far a send got, synchronously (see ``HospitalSession.send``)."""
+
+    def __call__(self, stage: str, round_id: int, version: int | None = None) -> None: ...
+
+
+def _no_journal(stage: str, round_id: int, version: int | None = None) -> None:
+    return None
+
+
 class RoundAbandonedError(ProtocolError):
     """The round this update was in was aborted or could not finish: send it again."""
 
@@ -229,12 +239,16 @@ class HospitalSession(_Session):
         base_version: int | None = None,
         leave_after: Literal["join", "share_keys", "masked_input"] | None = None,
         on_step: Callable[[RoundStep], None] | None = None,
+        journal: Journal | None = None,
     ) -> RoundOutcome | None:
         """Take part in one round with ``update`` (w_local - w_global) from ``samples`` images.
 
         Stays connected through the unmask step and returns the version the round
         published.  ``leave_after`` makes the hospital vanish after that step (demos and
         tests of dropouts); the call then returns None.  ``on_step`` hears each step.
+        ``journal(stage, round_id[, version])`` is called synchronously at ``joined``,
+        ``keys-shared``, ``masked-input`` (*before* the masked input leaves), ``abandoned``
+        and ``published``: the hospital's durable send record (``client.hospital``).
         """
 
         def step(name: str, detail: str) -> None:
@@ -251,9 +265,13 @@ class HospitalSession(_Session):
                             f"{self._length}: train on the current model")
         if not isinstance(samples, int | np.integer) or samples < 1:
             raise DataError(f"the sample count must be a positive whole number, not {samples}")
+        if not update.any():
+            raise DataError("the update is all zeros (the local model equals the global "
+                            "model): train before sending")
+        note = journal or _no_journal
         for attempt in range(MAX_RESENDS + 1):
             try:
-                return await self._round(update, int(samples), base, leave_after, step)
+                return await self._round(update, int(samples), base, leave_after, step, note)
             except RoundAbandonedError as exc:
                 if not exc.retry_round or attempt == MAX_RESENDS:
                     raise
@@ -262,19 +280,36 @@ class HospitalSession(_Session):
         raise AssertionError("unreachable")
 
     async def _round(self, update: np.ndarray, samples: int, base: int,
-                     leave_after: str | None, step: Callable[[str, str], None]
-                     ) -> RoundOutcome | None:
+                     leave_after: str | None, step: Callable[[str, str], None],
+                     journal: Journal) -> RoundOutcome | None:
         """One attempt: join, the four secure-aggregation steps, the published version."""
         joined, _ = await self.conn.request(wm.Join(base_version=base))
         assert isinstance(joined, wm.Joined)
+        journal("joined", joined.round_id)
         step("joined", f"joined round {joined.round_id}; waiting for the other hospitals")
         if joined.vector_len != update.shape[0]:
             raise DataError(f"the update has {update.shape[0]} values, the global model "
                             f"{joined.vector_len}: train on the current model")
+        enc = Encoding(joined.ring_bits, joined.clip, joined.scale, joined.max_clients,
+                       joined.max_weight)
+        if not enc.encode(update, samples)[:-1].any():
+            raise DataError(
+                f"every change in this update is below the server's precision "
+                f"(1/{enc.scale:g} per scan): it would add nothing to the model; train "
+                "longer or with a higher learning rate, then send")
+        try:
+            return await self._steps(joined, enc, update, samples, base, leave_after, step,
+                                     journal)
+        except RoundAbandonedError:
+            journal("abandoned", joined.round_id)
+            raise
+
+    async def _steps(self, joined: wm.Joined, enc: Encoding, update: np.ndarray, samples: int,
+                     base: int, leave_after: str | None, step: Callable[[str, str], None],
+                     journal: Journal) -> RoundOutcome | None:
         if joined.masking == "plain":
-            enc = Encoding(joined.ring_bits, joined.clip, joined.scale, joined.max_clients,
-                           joined.max_weight)
             y = enc.encode(update, samples)
+            journal("masked-input", joined.round_id)
             await self._send_input(joined.round_id, y)
             step("masked-sent", "update sent (this server does not mask: benchmark mode)")
             if leave_after is not None:
@@ -294,11 +329,13 @@ class HospitalSession(_Session):
             # per step: done in a thread so the caller's event loop (a TUI) stays live.
             shares = await self._run(rnd.receive, roster)
             await self.conn.request(mapping.share_keys_to_wire(shares))
+            journal("keys-shared", joined.round_id)
             step("keys-shared", "key shares sent; waiting for the others' shares")
             if leave_after == "share_keys":
                 return None
             bundle = await self._expect(wm.EnvelopesMsg, joined.round_id)
             masked = await self._run(rnd.receive, mapping.bundle_from_wire(bundle))
+            journal("masked-input", joined.round_id)  # before it leaves: a crash errs safe
             await self._send_input(joined.round_id, masked.y)
             step("masked-sent", "masked update sent; waiting for the administrator to "
                  "aggregate")
@@ -309,6 +346,7 @@ class HospitalSession(_Session):
             await self.conn.request(mapping.unmask_response_to_wire(answer))
             step("unmasked", "unmasking: shares for the survivors sent")
         done = await self._expect(wm.RoundDone, joined.round_id)
+        journal("published", joined.round_id, done.version)
         step("published", f"aggregated into global version {done.version}")
         return RoundOutcome(done.round_id, done.version, done.sha256)
 

@@ -57,6 +57,15 @@ def load_or_create_model(settings: MLSettings) -> keras.Model:
     return model
 
 
+def load_saved_model(settings: MLSettings) -> keras.Model:
+    """The model file for evaluating or classifying: never a fresh one, whose answers would
+    look like a trained model's."""
+    if not settings.model_path.is_file():
+        raise DataError(f"there is no local model yet ({settings.model_path} is missing): "
+                        "get the global model or train first")
+    return load_or_create_model(settings)
+
+
 def run_train(
     settings: MLSettings,
     *,
@@ -106,12 +115,16 @@ def load_data(settings: MLSettings, split: str) -> ImageSet:
 
 def run_evaluate(settings: MLSettings, *, model: keras.Model | None = None,
                  data: ImageSet | None = None) -> EvalReport:
-    """Score the model on ``scans_dir/Testing``, then save it (the original ``testModel``)."""
+    """Score the model on ``scans_dir/Testing`` and log the metrics.
+
+    The model is not saved: evaluating changes nothing in it, and a model file written here
+    would stand in for a trained or downloaded one that does not exist.
+    """
     from securefl.ml.train import append_history, evaluate
 
+    model = model if model is not None else load_saved_model(settings)
     data = data if data is not None else load_data(settings, "Testing")
-    model = model if model is not None else load_or_create_model(settings)
-    report = evaluate(model, data, save_to=settings.model_path)
+    report = evaluate(model, data)
     append_history(
         settings.history_path,
         {"event": "evaluate", "skipped_files": len(data.skipped), **report.to_dict()},
@@ -123,9 +136,8 @@ def run_classify(
     settings: MLSettings, image: str | Path, *, model: keras.Model | None = None
 ) -> dict[str, float]:
     """Class probabilities for one scan with the hospital's current model."""
-    from securefl.ml.model import load_model
     from securefl.ml.train import classify
 
     if model is None:
-        model = load_model(settings.model_path)
+        model = load_saved_model(settings)
     return classify(model, image, settings.classes)

@@ -22,6 +22,7 @@ Federation boundary: :func:`to_vector` / :func:`from_vector` move all float weig
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -228,7 +229,11 @@ def load_model(path: str | Path) -> keras.Model:
 
     loss_class()  # registered, so a model trained with the prior-corrected loss loads too
     try:
-        return _keras().models.load_model(path)
+        with warnings.catch_warnings():
+            # A model saved before its first training step has an optimiser with no slots
+            # yet; Keras warns that it skips them, which is expected and tells a user nothing.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            return _keras().models.load_model(path)
     except Exception as exc:  # a truncated or foreign file: say so plainly
         raise DataError(f"{path} is not a readable .keras model ({exc}); delete it and retrain") \
             from None

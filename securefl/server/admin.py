@@ -153,6 +153,19 @@ class AdminActions:
                 f"round {rnd.round_id} could not be unmasked ({exc.message}); nothing was "
                 "published and too few hospitals are online to retry: ask the hospitals to "
                 "connect and send again") from exc
+        if not np.any(result.mean_update):
+            # Every contribution was zero (an untrained model sent by mistake): publishing
+            # would make a new version number for an unchanged model and tell every
+            # hospital its work is in it.
+            self.audit.record("refused-publish", round_id=rnd.round_id, reason="zero update",
+                              contributors=len(result.contributors), durable=True)
+            rnd.watcher = None
+            self._abandon(rnd, "zero-update", "the combined update of the round was all "
+                          "zeros, so nothing was published")
+            raise DataError(
+                f"round {rnd.round_id}'s combined update is all zeros (no hospital's model "
+                f"changed), so nothing was published and version {self.version} stays "
+                "current: ask the hospitals to train, then send again")
         try:
             info, report = await asyncio.to_thread(self._publish, result.mean_update,
                                                    len(result.contributors),

@@ -105,11 +105,22 @@ class Coordinator(AdminActions):
         rnd = self.round
         if rnd is None or rnd.members.get(peer.name) is not peer:
             return
-        if rnd.engine.state is ServerState.ENROLLING and peer.name not in rnd.engine.joined:
-            del rnd.members[peer.name]
         self.audit.record("member-left", round_id=rnd.round_id, name=peer.name,
                           phase=rnd.phase)
+        if rnd.engine.state is ServerState.ENROLLING:
+            self._withdraw(rnd, peer.name)
         self._check_progress(rnd)
+
+    def _withdraw(self, rnd: ActiveRound, name: str) -> None:
+        """A member that left while the round enrols is out of it, and may join it again
+        (an interrupted ``send`` must not lock a hospital out of the round)."""
+        if isinstance(rnd.engine, PlainRound) and name in rnd.engine.submitted_names():
+            return  # the benchmark's unmasked round already holds its input: it stays
+        del rnd.members[name]
+        if isinstance(rnd.engine, ServerRound):
+            rnd.engine.withdraw(name)
+        self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)},
+                         durable=False)
 
     def online(self) -> list[str]:
         return sorted({p.name for p in self.peers if p.role is Role.HOSPITAL})
@@ -242,8 +253,16 @@ class Coordinator(AdminActions):
             raise RoundBusyError(f"round {rnd.round_id} is past enrolment; send again after "
                                  "it publishes")
         if peer.name in rnd.members:
-            raise RemoteProtocolError(f"'{peer.name}' already joined round {rnd.round_id}",
-                                      code="already-joined")
+            earlier = rnd.members[peer.name]
+            if earlier is peer:
+                raise RemoteProtocolError(f"'{peer.name}' already joined round {rnd.round_id}",
+                                          code="already-joined")
+            # The same hospital on a new connection (its earlier one was interrupted and
+            # not yet seen closed): nothing of the round used its keys yet, so the new
+            # connection takes its place.
+            self.audit.record("member-replaced", round_id=rnd.round_id, name=peer.name)
+            earlier.open = False
+            self._withdraw(rnd, peer.name)
         rnd.members[peer.name] = peer
         self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)},
                          durable=opened)

@@ -40,6 +40,7 @@ from securefl.crypto.quantize import Encoding
 from securefl.crypto.secagg.common import PAIR_MASK, SELF_MASK, check_config, round_context, step
 from securefl.errors import (
     CryptoError,
+    LocalProtocolError,
     NotEnoughSurvivorsError,
     RemoteProtocolError,
     StaleVersionError,
@@ -119,6 +120,17 @@ class ServerRound:
     def name_of(self, participant: int) -> str:
         assert self.roster is not None
         return self.roster.participants[participant - 1].name
+
+    def withdraw(self, name: str) -> None:
+        """Forget a hospital that left while the round was still enrolling.
+
+        Why this is safe: before the roster exists nobody has used its keys, so removing its
+        advertisement changes nothing for the others; it lets a hospital whose ``send`` was
+        interrupted join the same round again instead of being locked out of it.
+        """
+        if self.state is not ServerState.ENROLLING:
+            raise LocalProtocolError(f"'{name}' can only be withdrawn while the round enrols")
+        self._adverts.pop(name, None)
 
     def _check_sender(self, claimed: int, from_name: str | None) -> None:
         if self.roster is None or not 1 <= claimed <= len(self.roster.participants):

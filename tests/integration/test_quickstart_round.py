@@ -1,0 +1,138 @@
+"""docs/QUICKSTART.md's round, exactly as a newcomer types it, checked by its outcome.
+
+Certificates by ``certs init``, synthetic scans put in each kit's ``scans/``, a server
+process, and at two hospitals ``get`` -> ``train`` -> ``send`` as separate CLI processes
+(``send`` stays until the admin aggregates), then ``admin aggregate``.  Real TLS, real
+training.  The test then computes, from what each hospital kept (the update it handed to the
+round and its scan count) and the version it downloaded, what version 1 must be by the
+documented encoding and server-optimiser rules, and compares it with what ``get`` returns.
+A test of version numbers alone let an all-zero update through before.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from securefl.cli import EXIT_CODES
+from securefl.errors import UpdateAlreadySentError
+from tests.outcome import assert_published, fedavgm_step, tolerance, weighted_mean
+
+from .test_restart import free_port
+
+SITES = ("north", "south")
+
+
+def securefl(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "securefl", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=240)
+
+
+def spawn(*args: str | Path, cwd: Path, log: Path) -> subprocess.Popen:
+    out = log.open("w")
+    return subprocess.Popen([sys.executable, "-m", "securefl", *map(str, args)], cwd=cwd,
+                            stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(what: str, check: object, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def small_model(path: Path) -> None:
+    """The tutorial's one edit for a quick trial: smaller images, in the server and kits."""
+    path.write_text(path.read_text().replace("image_size = 128", "image_size = 32"))
+
+
+def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
+        tmp_path: Path) -> None:
+    port = free_port()
+    ok = securefl("certs", "--dir", "certs", "init", "--server-host", "127.0.0.1",
+                  "--hospitals", ",".join(SITES), "--port", str(port), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    certs = tmp_path / "certs"
+    synth = securefl("data", "synth", "--out", "synth", "--hospitals", "2", "--train", "48",
+                     "--test", "8", "--size", "32", cwd=tmp_path)
+    assert synth.returncode == 0, synth.stderr
+    kits = {name: certs / "kits" / name for name in SITES}
+    for i, (name, kit) in enumerate(kits.items(), start=1):
+        shutil.move(tmp_path / "synth" / f"hospital_{i}", kit / "scans")
+        small_model(kit / "hospital.toml")
+    small_model(certs / "server.toml")
+    server_toml = certs / "server.toml"
+    server_toml.write_text(server_toml.read_text().replace('host = "0.0.0.0"',
+                                                           'host = "127.0.0.1"'))
+    server = spawn("server", "--config", server_toml, cwd=tmp_path, log=tmp_path / "server.log")
+    sends: dict[str, subprocess.Popen] = {}
+    try:
+        wait_for("the server", lambda: "listening on" in (tmp_path / "server.log").read_text())
+        v0: dict[str, np.ndarray] = {}
+        for name, kit in kits.items():
+            cfg = kit / "hospital.toml"
+            got = securefl("client", "--config", cfg, "get", cwd=tmp_path)
+            assert got.returncode == 0 and "global version 0 downloaded" in got.stdout, got.stderr
+            v0[name] = np.load(kit / "state" / "global.npy")
+            trained = securefl("client", "--config", cfg, "train", cwd=tmp_path)
+            assert trained.returncode == 0, trained.stderr
+            assert "from global version 0 on 48 scans" in trained.stdout
+            sends[name] = spawn("client", "--config", cfg, "send", cwd=tmp_path,
+                                log=tmp_path / f"send-{name}.log")
+        admin = certs / "admin.toml"
+        wait_for("two masked updates", lambda: securefl(
+            "admin", "--config", admin, "count", cwd=tmp_path).stdout.strip() == "2")
+        # What each hospital handed to the round, checked against its trained model before
+        # anything overwrites the model: the update is (trained weights - version 0).
+        import keras
+
+        from securefl.ml.model import to_vector
+
+        contributions = []
+        for name, kit in kits.items():
+            sent = np.load(kit / "state" / "sent" / "v00000000.npy")
+            model = keras.saving.load_model(kit / "model" / "model.keras", compile=False)
+            np.testing.assert_array_equal(sent, to_vector(model) - v0[name])
+            record = json.loads((kit / "state" / "send.json").read_text())
+            assert record["stage"] == "masked-input" and record["base_version"] == 0
+            contributions.append((sent, record["samples"]))
+        assert [n for _, n in contributions] == [48, 48]
+        assert all(np.abs(u).max() > 1e-3 for u, _ in contributions)
+
+        agg = securefl("admin", "--config", admin, "aggregate", cwd=tmp_path)
+        assert agg.returncode == 0 and "published version 1 from 2 hospitals" in agg.stdout, \
+            agg.stderr
+        for name, proc in sends.items():
+            assert proc.wait(timeout=120) == 0, (tmp_path / f"send-{name}.log").read_text()
+            said = (tmp_path / f"send-{name}.log").read_text()
+            assert "published global version 1 with this hospital's update in it" in said
+
+        got = securefl("client", "--config", kits["north"] / "hospital.toml", "get",
+                       cwd=tmp_path)
+        assert got.returncode == 0 and "global version 1" in got.stdout
+        v1 = np.load(kits["north"] / "state" / "global.npy")
+        np.testing.assert_array_equal(v0["north"], v0["south"])
+        expected, _ = fedavgm_step(v0["north"], weighted_mean(contributions), None)
+        assert_published(v1, expected, tolerance(contributions), v0["north"])
+
+        # The update is in version 1: south (which did not get it yet) cannot send it again.
+        again = securefl("client", "--config", kits["south"] / "hospital.toml", "send",
+                         cwd=tmp_path)
+        assert again.returncode == EXIT_CODES[UpdateAlreadySentError] == 13
+        assert "already in global version 1" in again.stderr
+        # North downloaded version 1: its model is version 1, not trained since.
+        stale = securefl("client", "--config", kits["north"] / "hospital.toml", "send",
+                         cwd=tmp_path)
+        assert stale.returncode == 4 and "train first" in stale.stderr
+    finally:
+        for proc in [*sends.values(), server]:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
