@@ -11,8 +11,9 @@ apply the rules the documents state — not the code under test:
   power of two with ``max_clients * max_weight * (clip * scale + 1/2) < 2^(ring_bits-1)``;
 * the server optimiser (docs/QUICKSTART.md ``[server_opt]``, docs/DECISIONS.md): FedAvgM,
   ``m = momentum * m + mean``, ``w += server_lr * m``; in the first step the batch-norm
-  statistics are plainly averaged, after it they move with the weights (momentum), and
-  variances never go below zero.
+  statistics are plainly averaged and their momentum stays zero (the first round's jump
+  from Keras' placeholders is not carried forward, docs/DECISIONS.md), after it they move
+  with the weights (momentum), and variances never go below zero.
 """
 
 from __future__ import annotations
@@ -55,13 +56,14 @@ def fedavgm_step(previous: np.ndarray, mean: np.ndarray, momentum_before: np.nda
 
     ``momentum_before`` is None for the first step; ``statistics`` and ``variances`` are
     boolean masks over the vector (batch-norm running means and variances, both in
-    ``statistics``).  In the first step statistics take the plain mean.
+    ``statistics``).  In the first step statistics take the plain mean, momentum zero.
     """
     first = momentum_before is None
     m = mean.copy() if first else beta * momentum_before + mean
     new = previous.astype(np.float64) + lr * m
     if first and statistics is not None:
         new[statistics] = previous[statistics] + mean[statistics]
+        m[statistics] = 0.0
     if not first and variances is not None:
         new[variances] = np.maximum(new[variances], 0.0)
     return new, m

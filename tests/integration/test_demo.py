@@ -7,18 +7,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from securefl.demo.federated import DemoSettings, run
 from securefl.errors import ConfigError
 from securefl.server.store import ModelStore
+from tests.outcome import (
+    assert_published,
+    fedavgm_step,
+    keras_weight_names,
+    statistics_masks,
+    tolerance,
+    weighted_mean,
+)
 
 
 def test_demo_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     lines: list[str] = []
-    settings = DemoSettings(hospitals=2, rounds=1, epochs=1, image_size=32, train_images=48,
+    settings = DemoSettings(hospitals=2, rounds=2, epochs=1, image_size=32, train_images=48,
                             test_images=16, keep=tmp_path / "fed")
     result = run(settings, say=lines.append)
-    assert len(result.rows) == 1 and result.rows[0].version == 1
-    row = result.rows[0]
+    assert [r.version for r in result.rows] == [1, 2]
+    row = result.rows[-1]
     assert set(row.global_acc) == set(row.local_acc) == {"hospital_1", "hospital_2"}
     assert set(row.pooled_local) == {"hospital_1", "hospital_2"}
     assert all(0.0 <= acc <= 1.0 for acc in [*row.global_acc.values(), *row.local_acc.values(),
@@ -29,9 +39,26 @@ def test_demo_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     assert "SYNTHETIC" in text and "summary:" in text and "points" in text
     assert str(tmp_path / "fed") in text
     store = ModelStore(tmp_path / "fed" / "server" / "store")
-    assert store.versions() == [0, 1]
-    info, _ = store.read(1)
+    assert store.versions() == [0, 1, 2]
+    info, _ = store.read(2)
     assert info.contributors == 2
+    # The outcome of both rounds, from what each hospital kept of its own updates: round 1
+    # is FedAvgM's first step (statistics plainly averaged), round 2 carries momentum.
+    states = [tmp_path / "fed" / "hospitals" / n / "state" for n in ("hospital_1", "hospital_2")]
+    samples = [json.loads((s / "send.json").read_text())["samples"] for s in states]
+    stats, variances = statistics_masks(keras_weight_names(
+        str(tmp_path / "fed" / "hospitals" / "hospital_1" / "model" / "model.keras")))
+    momentum = None
+    bound = 0.0
+    for version in (1, 2):
+        parts = [(np.load(s / "sent" / f"v{version - 1:08d}.npy"), n)
+                 for s, n in zip(states, samples, strict=True)]
+        previous = store.read(version - 1)[1]
+        expected, momentum = fedavgm_step(previous, weighted_mean(parts), momentum,
+                                          statistics=stats, variances=variances)
+        bound = tolerance(parts) + 0.3 * bound  # the last round's error rides the momentum
+        assert_published(store.read(version)[1], expected, bound, previous)
+    np.testing.assert_array_equal(np.load(states[0] / "global.npy"), store.read(2)[1])
     events = [json.loads(x)["event"]
               for x in (tmp_path / "fed" / "server" / "audit.jsonl").read_text().splitlines()]
     assert "aggregated" in events

@@ -64,7 +64,7 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
                      "--test", "8", "--size", "32", cwd=tmp_path)
     assert synth.returncode == 0, synth.stderr
     kits = {name: certs / "kits" / name for name in SITES}
-    for i, (name, kit) in enumerate(kits.items(), start=1):
+    for i, kit in enumerate(kits.values(), start=1):
         shutil.move(tmp_path / "synth" / f"hospital_{i}", kit / "scans")
         small_model(kit / "hospital.toml")
     small_model(certs / "server.toml")

@@ -106,13 +106,18 @@ async def until(pilot: object, condition: Callable[[], bool], timeout: float = 6
         await pilot.pause(0.05)  # type: ignore[attr-defined]
 
 
-async def headless_send(settings: config.ClientSettings, *, scale: float = 0.0,
+#: The fixed update and scan count of a headless hospital (hospitals refuse all-zero ones).
+HEADLESS_UPDATE, HEADLESS_SAMPLES = 0.001, 10
+
+
+async def headless_send(settings: config.ClientSettings, *, scale: float = HEADLESS_UPDATE,
                         leave_after: str | None = None) -> object:
     """Another hospital taking part through its real session with a small fixed update."""
     async with HospitalSession(settings) as h:
         model = await h.get_global()
         update = np.full(model.weights.shape, scale, np.float32)
-        return await h.send(update, 10, leave_after=leave_after)  # type: ignore[arg-type]
+        return await h.send(update, HEADLESS_SAMPLES,  # type: ignore[arg-type]
+                            leave_after=leave_after)
 
 
 async def wait_collected(fed: Fed, n: int, timeout: float = 30.0) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 from textual.widgets import DataTable, Input, ProgressBar, Static
 
 from securefl.client.hospital import Hospital
-from securefl.client.session import AdminSession
+from securefl.client.session import AdminSession, HospitalSession
 from securefl.tui.hospital.app import HospitalApp
 from securefl.tui.hospital.dashboard import DashboardScreen
 from securefl.tui.hospital.get import GetScreen
@@ -21,7 +21,16 @@ from securefl.tui.hospital.history import HistoryScreen
 from securefl.tui.hospital.login import LoginScreen
 from securefl.tui.hospital.send import SendScreen
 from securefl.tui.hospital.train import TrainScreen
-from tests.tui.conftest import Fed, headless_send, running, until, wait_collected
+from tests.outcome import assert_published, fedavgm_step, tolerance, weighted_mean
+from tests.tui.conftest import (
+    HEADLESS_SAMPLES,
+    HEADLESS_UPDATE,
+    Fed,
+    headless_send,
+    running,
+    until,
+    wait_collected,
+)
 
 
 def text(app: HospitalApp, selector: str) -> str:
@@ -111,6 +120,17 @@ def test_get_train_send_history_and_logout(fed: Fed) -> None:
                 await until(pilot, lambda: "published global version 1" in text(app, "#message"))
                 assert text(app, "#steps").count("✔") == 6
                 assert (await other).version == 1  # type: ignore[attr-defined]
+                # The outcome: version 1 is the weighted mean of what the app trained (kept
+                # by the hospital as it was handed to the round) and the other hospital's.
+                v0 = np.load(app.hospital.state_dir / "global.npy")
+                mine = np.load(app.hospital.state_dir / "sent" / "v00000000.npy")
+                theirs = np.full(mine.shape, HEADLESS_UPDATE, np.float32)
+                parts = [(mine, 40), (theirs, HEADLESS_SAMPLES)]
+                async with HospitalSession(fed.client(1)) as s:
+                    v1 = (await s.get_global()).weights
+                expected, _ = fedavgm_step(v0, weighted_mean(parts), None)
+                assert_published(v1, expected, tolerance(parts), v0)
+                assert np.abs(mine - theirs).max() > 0.01  # the app's own training is in it
                 await pilot.press("escape")
                 await pilot.press("r")
                 await until(pilot, lambda: "version on server: 1" in text(app, "#global"))

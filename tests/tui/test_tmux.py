@@ -16,6 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from securefl import config
+from tests.outcome import assert_published, fedavgm_step, tolerance, weighted_mean
 from tests.tui.conftest import Fed
 
 TMUX = shutil.which("tmux")  # a required test tool: missing, these tests fail (never skip)
@@ -84,6 +88,8 @@ def test_train_send_aggregate_get_in_tmux(fed: Fed, tmp_path: Path) -> None:
         for h in hospitals:
             tmux.wait(h, "Trained on 40 scans", 120)
             tmux.keys(h, "Escape", "s", "Enter")
+        states = [config.load(t, config.ClientSettings).state_dir for t in fed.hospital_tomls]
+        v0 = np.load(states[0] / "global.npy")
         tmux.wait("fed:admin", "collected 2 of 2 joined", 60)
         tmux.keys("fed:admin", "a")
         tmux.wait("fed:admin", "Yes", 10)
@@ -98,6 +104,12 @@ def test_train_send_aggregate_get_in_tmux(fed: Fed, tmp_path: Path) -> None:
             dashboard = tmux.wait(h, "Global version on server: 1", 30)
             assert "based on global version 1" in dashboard, screen
         assert "Global version: 1" in tmux.wait("fed:admin", "Global version: 1", 30)
+        # The outcome: version 1 is the weighted mean of the two apps' trained updates, as
+        # each hospital kept them when it sent (40 scans each).
+        parts = [(np.load(s / "sent" / "v00000000.npy"), 40) for s in states]
+        expected, _ = fedavgm_step(v0, weighted_mean(parts), None)
+        for s in states:
+            assert_published(np.load(s / "global.npy"), expected, tolerance(parts), v0)
         # Log out of everything cleanly.
         for target in [*hospitals, "fed:admin"]:
             tmux.keys(target, "q")
