@@ -1,0 +1,244 @@
+"""Interrupted sends and silent no-ops, over real TLS: what a hospital may do next, decided
+by its durable send record, and what the server refuses to publish.
+
+Each round's outcome is checked against the weighted mean of the updates the hospitals
+kept (tests/outcome.py), not only its version number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import numpy as np
+import pytest
+
+from securefl.cli import EXIT_CODES
+from securefl.client.hospital import Hospital
+from securefl.client.session import AdminSession, HospitalSession, RoundAbandonedError
+from securefl.errors import DataError, UpdateAlreadySentError
+from tests.outcome import assert_published, fedavgm_step, tolerance, weighted_mean
+
+from .conftest import Federation, running
+
+D = 1000
+
+
+def _site(fed: Federation, name: str, port: int) -> Hospital:
+    """A hospital that trains with its own tools: the kit's settings without ``[ml]``."""
+    return Hospital(fed.client_settings(name, port, ml=None), None)
+
+
+def _update(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 0.05, D).astype(np.float32)
+
+
+async def _published(fed: Federation, port: int) -> np.ndarray:
+    """The current global version, fetched without touching any hospital's files."""
+    async with HospitalSession(fed.client_settings("c", port)) as s:
+        return (await s.get_global()).weights
+
+
+async def _get(site: Hospital) -> np.ndarray:
+    async with site.session() as s:
+        return (await site.get(s)).weights
+
+
+async def _wait(admin: AdminSession, what: str, n: int) -> None:
+    for _ in range(1500):
+        st = await admin.status()
+        if len(st.joined if what == "joined" else st.submitted) >= n:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"fewer than {n} hospitals {what}")
+
+
+@pytest.mark.parametrize("old_connection", ["closed", "still open"])
+def test_a_send_interrupted_while_enrolling_joins_the_same_round_again(
+        fed: Federation, old_connection: str) -> None:
+    """Ctrl-C during enrolment used to lock the hospital out: 'already joined round 1'."""
+    ups = {n: _update(i) for i, n in enumerate("abc")}
+    samples = {"a": 10, "b": 20, "c": 30}
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+        async with running(fed.server_settings()) as srv:
+            sites = {n: _site(fed, n, srv.port) for n in "abc"}
+            v0 = await _get(sites["a"])
+            for n in "bc":
+                await _get(sites[n])
+            first = sites["a"].session()
+            await first.connect()
+            assert await sites["a"].send_update(first, ups["a"], samples["a"], 0,
+                                                leave_after="join") is None
+            if old_connection == "closed":
+                await first.close()
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                if old_connection == "closed":  # the server saw it go: out of the round
+                    for _ in range(500):
+                        if not (await admin.status()).joined:
+                            break
+                        await asyncio.sleep(0.02)
+                    assert (await admin.status()).joined == ()
+                else:
+                    await _wait(admin, "joined", 1)
+                again = sites["a"].session()
+                await again.connect()
+                steps: list[str] = []
+                tasks = [asyncio.create_task(sites["a"].send_update(
+                    again, ups["a"], samples["a"], 0, on_step=lambda s: steps.append(s.name)))]
+                for n in "bc":
+                    s = await sites[n].session().connect()
+                    tasks.append(asyncio.create_task(
+                        sites[n].send_update(s, ups[n], samples[n], 0)))
+                await _wait(admin, "submitted", 3)
+                result = await admin.aggregate()
+                events = [e.event for e in await admin.audit(200)]
+            outcomes = await asyncio.gather(*tasks)
+            assert result.contributors == 3 and result.total_samples == 60
+            assert {o.round_id for o in outcomes} == {1}  # the same round, not the next
+            await first.close()
+            record = sites["a"].send_record()
+            assert record is not None and record.stage == "published"
+            assert record.published_version == 1
+            v1 = await _published(fed, srv.port)
+            return v0, v1, steps, events
+
+    v0, v1, steps, events = asyncio.run(scenario())
+    assert steps[0] == "joined" and steps[-1] == "published"
+    parts = [(ups[n], samples[n]) for n in "abc"]
+    expected, _ = fedavgm_step(v0, weighted_mean(parts), None)
+    assert_published(v1, expected, tolerance(parts), v0)
+    assert ("member-replaced" in events) == (old_connection == "still open")
+    assert ("member-left" in events) == (old_connection == "closed")
+
+
+def test_after_the_masked_input_left_the_update_is_never_sent_again_on_that_version(
+        fed: Federation) -> None:
+    """A hospital that vanished after its masked input is still in the round's result; a
+    later send on the same version is refused (exit 13) with what happens next."""
+    ups = {n: _update(10 + i) for i, n in enumerate("abc")}
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray]:
+        async with running(fed.server_settings()) as srv:
+            sites = {n: _site(fed, n, srv.port) for n in "abc"}
+            v0 = await _get(sites["a"])
+            for n in "bc":
+                await _get(sites[n])
+            sessions = {n: await sites[n].session().connect() for n in "abc"}
+            tasks = {n: asyncio.create_task(sites[n].send_update(
+                sessions[n], ups[n], 10, 0,
+                leave_after="masked_input" if n == "a" else None)) for n in "abc"}
+            assert await tasks["a"] is None
+            await sessions["a"].close()
+            record = sites["a"].send_record()
+            assert record is not None and record.pending_round == 1
+            async with sites["a"].session() as s:
+                with pytest.raises(UpdateAlreadySentError,
+                                   match=r"already left in round 1.*if the round publishes"):
+                    await sites["a"].send_update(s, ups["a"], 10, 0)
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                await _wait(admin, "submitted", 3)
+                result = await admin.aggregate()
+            assert result.contributors == 3
+            await asyncio.gather(tasks["b"], tasks["c"])
+            for s in sessions.values():
+                await s.close()
+            return v0, await _published(fed, srv.port)
+
+    v0, v1 = asyncio.run(scenario())
+    parts = [(ups[n], 10) for n in "abc"]
+    expected, _ = fedavgm_step(v0, weighted_mean(parts), None)
+    assert_published(v1, expected, tolerance(parts), v0)
+
+
+def test_ctrl_c_during_enrolment_says_send_again_and_send_again_works(
+        fed: Federation, tmp_path: object) -> None:
+    """The user's view: Ctrl-C in the CLI's send, the one-sentence note, send again."""
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv:
+            cfg = fed.certs.kit("a") / "hospital.toml"
+            text = cfg.read_text().replace('host = "localhost"', 'host = "127.0.0.1"')
+            text = text[: text.index("[ml]")] if "[ml]" in text else text
+            cfg.write_text(text.replace("port = 9095", f"port = {srv.port}"))
+            site = _site(fed, "a", srv.port)
+            await _get(site)
+            np.save(fed.tmp / "a.npy", _update(3))
+
+            async def cli(*args: str) -> asyncio.subprocess.Process:
+                return await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "securefl", "client", "--config", str(cfg), *args,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+            send = ["send", "--update", str(fed.tmp / "a.npy"), "--samples", "7"]
+            proc = await cli(*send)
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                await _wait(admin, "joined", 1)
+                proc.send_signal(signal.SIGINT)
+                _, err = await proc.communicate()
+                assert proc.returncode == 130
+                assert "before the masked update left" in err.decode()
+                assert "run send again" in err.decode()
+                for _ in range(500):  # the server saw it leave
+                    if not (await admin.status()).joined:
+                        break
+                    await asyncio.sleep(0.02)
+                proc = await cli(*send)
+                await _wait(admin, "joined", 1)
+                assert (await admin.status()).joined == ("a",)
+                proc.kill()
+                await proc.communicate()
+
+    asyncio.run(scenario())
+
+
+def test_hospitals_refuse_updates_that_would_add_nothing(fed: Federation) -> None:
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv:
+            site = _site(fed, "a", srv.port)
+            await _get(site)
+            async with site.session() as s:
+                with pytest.raises(DataError, match=r"all zeros.*train before sending"):
+                    await site.send_update(s, np.zeros(D, np.float32), 10, 0)
+                # Below the server's fixed-point precision: every value encodes to 0.
+                with pytest.raises(DataError, match="below the server's precision"):
+                    await site.send_update(s, np.full(D, 1e-9, np.float32), 10, 0)
+
+    asyncio.run(scenario())
+
+
+def test_the_server_refuses_to_publish_an_all_zero_mean(fed: Federation) -> None:
+    """Two updates that cancel exactly: nothing is published, the admin is told why, the
+    audit log records it and the hospitals hear that the round was abandoned."""
+    up = _update(5)
+
+    async def scenario() -> None:
+        async with running(fed.server_settings(hospitals=["a", "b"])) as srv:
+            sites = {n: _site(fed, n, srv.port) for n in "ab"}
+            for site in sites.values():
+                await _get(site)
+            sessions = {n: await sites[n].session().connect() for n in "ab"}
+            tasks = [asyncio.create_task(sites["a"].send_update(sessions["a"], up, 10, 0)),
+                     asyncio.create_task(sites["b"].send_update(sessions["b"], -up, 10, 0))]
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                await _wait(admin, "submitted", 2)
+                with pytest.raises(DataError, match=r"all zeros.*nothing was published"):
+                    await admin.aggregate()
+                assert await admin.version() == 0
+                events = [e.event for e in await admin.audit()]
+                assert "refused-publish" in events
+            for t in tasks:
+                with pytest.raises(RoundAbandonedError):
+                    await t
+            for s in sessions.values():
+                await s.close()
+
+    asyncio.run(scenario())
+
+
+def test_exit_code_13_is_documented() -> None:
+    from pathlib import Path
+
+    quickstart = (Path(__file__).resolve().parents[2] / "docs" / "QUICKSTART.md").read_text()
+    assert EXIT_CODES[UpdateAlreadySentError] == 13
+    assert "| 13 |" in quickstart
