@@ -67,9 +67,13 @@ def run_train(
 ) -> TrainResult:
     """Train on ``scans_dir/Training``, save the model (unless cancelled), log the metrics.
 
+    The result's ``skipped`` lists the files that were not used; callers show them with
+    :func:`securefl.ml.data.describe_skipped` (the history keeps the count and the first few).
+
     ``model`` and ``data`` let a long-lived caller (the TUI, the demo) keep both in memory
     between rounds instead of reloading and re-decoding them every time.
     """
+    from securefl.ml.data import skipped_record
     from securefl.ml.model import save_model
     from securefl.ml.train import append_history, train
 
@@ -88,7 +92,7 @@ def run_train(
             "event": "train",
             "cancelled": result.cancelled,
             "num_samples": result.num_samples,
-            "skipped_files": len(data.skipped),
+            **skipped_record(data, settings.scans_dir),
             "seconds": round(result.seconds, 2),
             "history": result.history,
         },
@@ -107,6 +111,7 @@ def load_data(settings: MLSettings, split: str) -> ImageSet:
 def run_evaluate(settings: MLSettings, *, model: keras.Model | None = None,
                  data: ImageSet | None = None) -> EvalReport:
     """Score the model on ``scans_dir/Testing``, then save it (the original ``testModel``)."""
+    from securefl.ml.data import skipped_record
     from securefl.ml.train import append_history, evaluate
 
     data = data if data is not None else load_data(settings, "Testing")
@@ -114,7 +119,7 @@ def run_evaluate(settings: MLSettings, *, model: keras.Model | None = None,
     report = evaluate(model, data, save_to=settings.model_path)
     append_history(
         settings.history_path,
-        {"event": "evaluate", "skipped_files": len(data.skipped), **report.to_dict()},
+        {"event": "evaluate", **report.to_dict(), **skipped_record(data, settings.scans_dir)},
     )
     return report
 
