@@ -261,6 +261,15 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run)
 
 
+def _warn_skipped(skipped: Any, scans_dir: Path) -> None:
+    """Files the data loader did not use, on stderr (stdout may be JSON)."""
+    from securefl.ml.data import describe_skipped
+
+    line = describe_skipped(skipped, scans_dir)
+    if line:
+        print(f"securefl: warning: {line}", file=sys.stderr)
+
+
 def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
     """The hospital's local ML actions under ``securefl client --config FILE``."""
     t = actions.add_parser("train", help="train the local model on scans_dir/Training")
@@ -297,13 +306,16 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
             f"final loss {result.history['loss'][-1]:.4f}, accuracy "
             f"{result.history['accuracy'][-1]:.3f}; model saved to {cfg.model_path}"
         )
+        _warn_skipped(result.skipped, cfg.scans_dir)
         return 0
 
     def run_evaluate(args: argparse.Namespace) -> int:
         from securefl.ml.local import run_evaluate
 
-        report = run_evaluate(settings(args))
+        cfg = settings(args)
+        report = run_evaluate(cfg)
         print(json.dumps(report.to_dict()) if args.json else report.format())
+        _warn_skipped(report.skipped, cfg.scans_dir)
         return 0
 
     def run_classify(args: argparse.Namespace) -> int:
