@@ -262,6 +262,15 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run)
 
 
+def _warn_skipped(skipped: Any, scans_dir: Path) -> None:
+    """Files the data loader did not use, on stderr (stdout may be JSON)."""
+    from securefl.ml.data import describe_skipped
+
+    line = describe_skipped(skipped, scans_dir)
+    if line:
+        print(f"securefl: warning: {line}", file=sys.stderr)
+
+
 def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
     """The hospital's local ML actions under ``securefl client --config FILE``."""
     t = actions.add_parser("train", help="train the local model on scans_dir/Training")
@@ -301,13 +310,16 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
             f"final loss {result.history['loss'][-1]:.4f}, accuracy "
             f"{result.history['accuracy'][-1]:.3f}; model saved to {h.ml.model_path}"
         )
+        _warn_skipped(result.skipped, h.ml.scans_dir)
         if base is not None:
             print("next: `send` this update to the round")
         return 0
 
     def run_evaluate(args: argparse.Namespace) -> int:
-        report = hospital(args).evaluate()
+        h = hospital(args)
+        report = h.evaluate()
         print(json.dumps(report.to_dict()) if args.json else report.format())
+        _warn_skipped(report.skipped, h.ml.scans_dir)
         return 0
 
     def run_classify(args: argparse.Namespace) -> int:

@@ -248,14 +248,16 @@ class Hospital:
                 "otherwise wait for the next version, then get, train and send")
 
     def data_summary(self) -> dict[str, dict[str, int]]:
-        """Images per class in Training/ and Testing/, counted from file names (no decoding)."""
+        """Images per class in Training/ and Testing/, counted from file names (no decoding),
+        subfolders included as training reads them."""
+        from securefl.ml.data import scan_files
+
         summary: dict[str, dict[str, int]] = {}
         for split in ("Training", "Testing"):
             counts = {}
             for cls in self.ml.classes:
                 folder = self.ml.scans_dir / split / cls
-                counts[cls] = sum(1 for p in folder.glob("*")
-                                  if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else 0
+                counts[cls] = len(scan_files(folder)[0]) if folder.is_dir() else 0
             summary[split] = counts
         return summary
 

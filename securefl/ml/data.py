@@ -9,12 +9,26 @@ square keeping their aspect ratio (black padding, as MRI backgrounds are black).
 decoded once, with Pillow, into one uint8 array: a corrupt or unreadable file is skipped and
 reported, never allowed to stop a training run half way.  :func:`make_dataset` then feeds the
 array to Keras through ``tf.data`` with shuffling, batching and ``AUTOTUNE`` prefetch.
+
+What is read from a class folder (docs/ML.md, "Data"):
+
+- images (.jpg, .jpeg, .png) in the folder *and in its subfolders, at any depth* — exports
+  often come as one folder per patient or per study, and such a scan belongs to the class
+  of the class folder it sits under;
+- hidden files and folders (names starting with ".", e.g. ``.DS_Store``) and the thumbnail
+  caches Windows writes (``Thumbs.db``, ``desktop.ini``) are ignored without a word;
+- any other file (``notes.txt``, a DICOM ``.dcm``) and any image that cannot be decoded is
+  *skipped*: listed in :attr:`ImageSet.skipped` with the reason, and every front end tells
+  the user through :func:`describe_skipped`.  A class left with no readable image is an
+  error, as an empty class folder is: training without a class silently is worse than not
+  training.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +45,10 @@ if TYPE_CHECKING:  # pragma: no cover
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 SPLITS = ("Training", "Testing")
 DECODE_THREADS = 2
+#: Files operating systems drop into folders by themselves: never scans, never reported.
+SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
+#: Why a file in a class folder was not used (the reasons for undecodable images vary).
+NOT_AN_IMAGE = "not a .jpg/.jpeg/.png file"
 
 
 @dataclass(frozen=True)
@@ -68,11 +86,17 @@ class ImageSet:
         )
 
 
-def load_image(path: str | Path, size: int, channels: int = 1) -> np.ndarray:
-    """One image as uint8 (size, size, channels); :class:`DataError` if it cannot be read."""
-    from PIL import Image, ImageOps
+class _Unreadable(Exception):
+    """A file that is there but cannot be decoded: ``reason`` is short and has no path."""
 
-    path = Path(path)
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def _decode(path: Path, size: int, channels: int) -> np.ndarray:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     try:
         with Image.open(path) as img:
             img.load()
@@ -85,10 +109,52 @@ def load_image(path: str | Path, size: int, channels: int = 1) -> np.ndarray:
             img = ImageOps.pad(img, (size, size), method=Image.Resampling.BILINEAR, color=0)
             arr = np.asarray(img, dtype=np.uint8)
     except FileNotFoundError:
-        raise DataError(f"{path} not found: check the file name") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path} is not a readable JPEG or PNG image ({exc})") from None
+        raise
+    except UnidentifiedImageError as exc:
+        raise _Unreadable("not a readable JPEG or PNG image", str(exc)) from None
+    except Image.DecompressionBombError as exc:
+        raise _Unreadable("too large to decode", str(exc)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise _Unreadable(f"damaged image: {exc}", str(exc)) from None
     return arr.reshape(size, size, channels)
+
+
+def load_image(path: str | Path, size: int, channels: int = 1) -> np.ndarray:
+    """One image as uint8 (size, size, channels); :class:`DataError` if it cannot be read."""
+    path = Path(path)
+    try:
+        return _decode(path, size, channels)
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: check the file name") from None
+    except _Unreadable as exc:
+        raise DataError(f"{path} is not a readable JPEG or PNG image ({exc.detail})") from None
+
+
+def scan_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
+    """``(images, other files)`` in ``folder`` and all its subfolders, each sorted.
+
+    Hidden files and folders and the operating systems' own files (:data:`SYSTEM_FILES`) are
+    in neither list.  Symbolic links to folders are followed, each real folder once.  The
+    hospital's data summary counts with this too, so it shows what training will read.
+    """
+    images: list[Path] = []
+    others: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree: walked already
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith(".") or name.lower() in SYSTEM_FILES:
+                continue
+            path = Path(dirpath) / name
+            if not path.is_file():  # a dangling link, a socket
+                continue
+            (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path)
+    return sorted(images), sorted(others)
 
 
 def _class_files(
@@ -112,13 +178,12 @@ def _class_files(
                 f"{folder} is missing: every class needs a folder with at least one image "
                 f"(expected {', '.join(classes)})"
             )
-        entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-        images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
-        ignored += [(p, "not a .jpg/.jpeg/.png file") for p in entries if p not in images]
+        images, others = scan_files(folder)
+        ignored += [(p, NOT_AN_IMAGE) for p in others]
         if not images:
             raise DataError(
-                f"{folder} has no JPEG or PNG images: add scans of class '{name}' or remove the "
-                "class from the settings"
+                f"{folder} has no JPEG or PNG images (subfolders included): add scans of class "
+                f"'{name}' or remove the class from the settings"
             )
         files += [(p, label) for p in images]
     return files, ignored
@@ -132,7 +197,11 @@ def load_split(
     size: int = 128,
     channels: int = 1,
 ) -> ImageSet:
-    """Decode ``root/split/<class>/*`` into an :class:`ImageSet` (labels in ``classes`` order)."""
+    """Decode ``root/split/<class>/**`` into an :class:`ImageSet` (labels in ``classes`` order).
+
+    Files that cannot be used are skipped and listed with their reason in ``skipped``; a
+    class none of whose images can be read is a :class:`DataError` naming its folder.
+    """
     root = Path(root)
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
@@ -148,20 +217,25 @@ def load_split(
 
     def read(item: tuple[Path, int]) -> np.ndarray | str:
         try:
-            return load_image(item[0], size, channels)
-        except DataError as exc:
-            return exc.message
+            return _decode(item[0], size, channels)
+        except FileNotFoundError:
+            return "removed while the scans were being read"
+        except _Unreadable as exc:
+            return exc.reason
 
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
         decoded = list(pool.map(read, files))
     images, labels, paths = [], [], []
+    unreadable: dict[int, list[tuple[Path, str]]] = {}
     for (path, label), result in zip(files, decoded, strict=True):
         if isinstance(result, str):
             skipped.append((path, result))
+            unreadable.setdefault(label, []).append((path, result))
         else:
             images.append(result)
             labels.append(label)
             paths.append(path)
+    _refuse_unreadable_classes(split_dir, classes, set(labels), unreadable)
     if not images:
         raise DataError(f"no readable images under {split_dir}: every file was skipped")
     return ImageSet(
@@ -169,8 +243,71 @@ def load_split(
         labels=np.asarray(labels, dtype=np.int32),
         classes=tuple(classes),
         paths=tuple(paths),
-        skipped=tuple(skipped),
+        skipped=tuple(sorted(skipped)),
     )
+
+
+def _refuse_unreadable_classes(
+    split_dir: Path, classes: Sequence[str], readable: set[int],
+    unreadable: dict[int, list[tuple[Path, str]]],
+) -> None:
+    """A class whose every image was skipped would silently vanish from training (and its
+    label from the model's experience): refuse, as for an empty class folder."""
+    lost = sorted(label for label in unreadable if label not in readable)
+    if not lost:
+        return
+    parts = []
+    for label in lost:
+        bad = unreadable[label]
+        folder = split_dir / bad[0][0].relative_to(split_dir).parts[0]
+        first, reason = bad[0]
+        parts.append(f"class '{classes[label]}' has no readable scans in {folder} (all "
+                     f"{len(bad)} image file(s) were skipped, e.g. {first.name}: {reason})")
+    raise DataError("; ".join(parts) + ": replace them with readable JPEG or PNG scans, or "
+                    "remove the class from the settings")
+
+
+SkippedFiles = Iterable[tuple[str | Path, str]]
+
+
+def _skipped_items(skipped: ImageSet | SkippedFiles, root: str | Path | None
+                   ) -> list[tuple[str, str]]:
+    items = skipped.skipped if isinstance(skipped, ImageSet) else skipped
+    out = []
+    for path, reason in items:
+        p = Path(path)
+        if root is not None and p.is_relative_to(root):
+            p = p.relative_to(root)
+        out.append((p.as_posix(), str(reason)))
+    return out
+
+
+def describe_skipped(skipped: ImageSet | SkippedFiles, root: str | Path | None = None,
+                     limit: int = 3) -> str | None:
+    """One line for people about the files that were not used, or ``None`` if none were.
+
+    The one wording every front end shows (CLI, hospital app, demo): how many, the first
+    ``limit`` with their reason, paths relative to ``root`` (the scans folder), e.g.
+    ``2 files were skipped and not used: Training/glioma/x.jpg (not a readable JPEG or PNG
+    image), ...``.
+    """
+    items = _skipped_items(skipped, root)
+    if not items:
+        return None
+    n = len(items)
+    listed = ", ".join(f"{path} ({reason})" for path, reason in items[:limit])
+    more = f" and {n - limit} more" if n > limit else ""
+    them = "it" if n == 1 else "them"
+    return (f"{n} file{' was' if n == 1 else 's were'} skipped and not used: {listed}{more}; "
+            f"replace {them} with readable JPEG or PNG scans, or remove {them}")
+
+
+def skipped_record(skipped: ImageSet | SkippedFiles, root: str | Path | None = None,
+                   limit: int = 20) -> dict[str, object]:
+    """The history entry's account of skipped files: the count and the first ``limit``."""
+    items = _skipped_items(skipped, root)
+    return {"skipped_files": len(items),
+            "skipped": [{"file": path, "reason": reason} for path, reason in items[:limit]]}
 
 
 def make_dataset(

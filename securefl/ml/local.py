@@ -76,9 +76,13 @@ def run_train(
 ) -> TrainResult:
     """Train on ``scans_dir/Training``, save the model (unless cancelled), log the metrics.
 
+    The result's ``skipped`` lists the files that were not used; callers show them with
+    :func:`securefl.ml.data.describe_skipped` (the history keeps the count and the first few).
+
     ``model`` and ``data`` let a long-lived caller (the TUI, the demo) keep both in memory
     between rounds instead of reloading and re-decoding them every time.
     """
+    from securefl.ml.data import skipped_record
     from securefl.ml.model import save_model
     from securefl.ml.train import append_history, train
 
@@ -97,7 +101,7 @@ def run_train(
             "event": "train",
             "cancelled": result.cancelled,
             "num_samples": result.num_samples,
-            "skipped_files": len(data.skipped),
+            **skipped_record(data, settings.scans_dir),
             "seconds": round(result.seconds, 2),
             "history": result.history,
         },
@@ -120,6 +124,7 @@ def run_evaluate(settings: MLSettings, *, model: keras.Model | None = None,
     The model is not saved: evaluating changes nothing in it, and a model file written here
     would stand in for a trained or downloaded one that does not exist.
     """
+    from securefl.ml.data import skipped_record
     from securefl.ml.train import append_history, evaluate
 
     model = model if model is not None else load_saved_model(settings)
@@ -127,7 +132,7 @@ def run_evaluate(settings: MLSettings, *, model: keras.Model | None = None,
     report = evaluate(model, data)
     append_history(
         settings.history_path,
-        {"event": "evaluate", "skipped_files": len(data.skipped), **report.to_dict()},
+        {"event": "evaluate", **report.to_dict(), **skipped_record(data, settings.scans_dir)},
     )
     return report
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,12 +52,26 @@ class Progress:
 ProgressFn = Callable[[Progress], None]
 
 
+#: (file, reason) of every file of the data that was not used, as plain strings so a result
+#: travels as JSON (the app's training child); :func:`securefl.ml.data.describe_skipped`
+#: words it for people.
+Skipped = tuple[tuple[str, str], ...]
+
+
+def _as_skipped(items: Iterable[Sequence[object]]) -> Skipped:
+    return tuple((str(path), str(reason)) for path, reason in items)
+
+
 @dataclass(frozen=True)
 class TrainResult:
     num_samples: int  # local examples: the FedAvg weight
     history: dict[str, list[float]]  # per-epoch loss and accuracy
     cancelled: bool
     seconds: float
+    skipped: Skipped = ()
+
+    def __post_init__(self) -> None:  # lists after a JSON round trip
+        object.__setattr__(self, "skipped", _as_skipped(self.skipped))
 
 
 def _progress_callback(
@@ -140,7 +154,7 @@ def train(
         calibrate_batch_norm(model, data, on_layer=calibrating)
     seconds = time.perf_counter() - start
     history = {key: [float(x) for x in values] for key, values in hist.history.items()}
-    return TrainResult(len(data), history, cancelled, seconds)
+    return TrainResult(len(data), history, cancelled, seconds, _as_skipped(data.skipped))
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,10 @@ class EvalReport:
     per_class: dict[str, ClassMetrics]
     confusion: list[list[int]]  # rows: true class, columns: predicted class
     num_samples: int
+    skipped: Skipped = ()  # test files that were not used
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "skipped", _as_skipped(self.skipped))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,7 +242,8 @@ def evaluate(
     if len(data) == 0:
         raise DataError("no test images: nothing to evaluate on")
     predicted = predict_proba(model, data.images).argmax(axis=1)
-    report = metrics_from_predictions(data.labels, predicted, data.classes)
+    report = replace(metrics_from_predictions(data.labels, predicted, data.classes),
+                     skipped=_as_skipped(data.skipped))
     if save_to is not None:
         save_model(model, save_to)
     return report

@@ -12,6 +12,7 @@ import time
 from textual.widgets import Input, Static
 from textual_image.widget import Image
 
+from securefl.client.hospital import Hospital
 from securefl.tui.hospital.app import HospitalApp
 from securefl.tui.hospital.classify import ClassifyScreen, probability_bars
 from securefl.tui.hospital.train import TrainScreen
@@ -116,5 +117,47 @@ def test_training_keeps_the_event_loop_responsive_and_can_be_cancelled(fed: Fed)
                 await pilot.press("ctrl+x")
                 await until(pilot, lambda: "cancelled" in text(app, "#state"), 120)
                 assert app.hospital.ml.model_path.stat().st_mtime_ns == mtime
+
+    asyncio.run(scenario())
+
+
+def test_skipped_files_are_shown_after_training_and_after_evaluation(fed: Fed) -> None:
+    """Scans in a patient subfolder count (dashboard and training); files that could not be
+    used are named in the train screen and in the get screen's evaluation, not dropped
+    silently."""
+    hospital_toml = fed.hospital_tomls[0]
+    scans = Hospital.from_file(hospital_toml).ml.scans_dir
+    glioma = scans / "Training" / "glioma"
+    flat = sorted(glioma.iterdir())
+    (glioma / "patient_1").mkdir()
+    for f in flat[:2]:  # two more glioma scans, exported one folder per patient
+        (glioma / "patient_1" / f"copy_{f.name}").write_bytes(f.read_bytes())
+    (glioma / "broken.jpg").write_bytes(b"not a scan")
+    (glioma / "export.log").write_text("done")
+    (scans / "Testing" / "notumor" / "half.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+
+    async def scenario() -> None:
+        async with running(fed):
+            app = HospitalApp(hospital_toml, "hospital_1")
+            async with app.run_test(size=(100, 30)) as pilot:
+                await until(pilot, lambda: app.session is not None)
+                # counted by file name, as training reads them: the copies and broken.jpg
+                assert app.dashboard.summary["Training"]["glioma"] == len(flat) + 3
+                await pilot.press("t")
+                screen = app.screen
+                assert isinstance(screen, TrainScreen)
+                screen.query_one("#epochs", Input).value = "1"
+                await pilot.click("#start")
+                await until(pilot, lambda: "Trained on 42 scans" in text(app, "#state"), 180)
+                skipped = text(app, "#skipped")
+                assert skipped.startswith("2 files were skipped and not used: "
+                                          "Training/glioma/broken.jpg (not a readable JPEG or "
+                                          "PNG image), Training/glioma/export.log (not a "
+                                          ".jpg/.jpeg/.png file)")
+                assert any(str(n.message) == skipped for n in app._notifications)
+                await pilot.press("escape", "g", "enter")
+                await until(pilot, lambda: "accuracy" in text(app, "#summary"), 120)
+                assert "1 file was skipped and not used: Testing/notumor/half.png" in text(
+                    app, "#summary")
 
     asyncio.run(scenario())

@@ -18,6 +18,7 @@ from textual.widgets import Button, DataTable, Footer, Header, ProgressBar, Stat
 
 from securefl.client.hospital import Hospital
 from securefl.client.session import HospitalSession
+from securefl.ml.data import describe_skipped
 from securefl.ml.train import EvalReport, append_history
 from securefl.tui.common import notify_error
 
@@ -137,9 +138,14 @@ class GetScreen(Screen):
         self.query_one("#start", Button).disabled = False
         r = message.report
         self._step(4)
+        skipped = describe_skipped(r.skipped, self.hospital.ml.scans_dir)
         self.query_one("#summary", Static).update(
             f"Global version {self.version} · accuracy {r.accuracy:.1%} · macro F1 "
-            f"{r.macro_f1:.3f} · {r.num_samples} test scans")
+            f"{r.macro_f1:.3f} · {r.num_samples} test scans"
+            + (f"\n{skipped}" if skipped else ""))
+        if skipped:
+            self.notify(skipped, title="Some test files were not used", severity="warning",
+                        timeout=30)
         show_report(self.query_one("#per-class", DataTable),
                     self.query_one("#confusion", DataTable), r)
 

@@ -23,6 +23,7 @@ from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, S
 
 from securefl.client.hospital import Hospital
 from securefl.errors import SecureFLError
+from securefl.ml.data import describe_skipped
 from securefl.ml.train import Progress, TrainResult
 from securefl.tui.common import notify_error
 from securefl.tui.hospital.trainer import train_in_child
@@ -84,6 +85,7 @@ class TrainScreen(Screen):
             yield Sparkline([], id="accuracy")
             yield Static("Press Start (or Enter) to train on this hospital's scans.",
                          id="state")
+            yield Static("", id="skipped")  # files the last run did not use
         yield Footer()
 
     def _settings(self) -> tuple[int, int]:
@@ -117,6 +119,7 @@ class TrainScreen(Screen):
         self.query_one("#epoch-bar", ProgressBar).update(total=epochs, progress=0)
         self.query_one("#batch-bar", ProgressBar).update(total=None, progress=0)
         self.query_one("#state", Static).update("Loading scans and the model…")
+        self.query_one("#skipped", Static).display = False
         self.run_training()
 
     @on(Button.Pressed, "#cancel")
@@ -184,6 +187,12 @@ class TrainScreen(Screen):
             state.update("Training cancelled; the model was not changed.")
         elif message.result is not None:
             r = message.result
+            skipped = describe_skipped(r.skipped, self.hospital.ml.scans_dir)
             state.update(f"Trained on {r.num_samples} scans in {r.seconds:.0f} s; "
                          "press Escape, then s to send the update.")
+            self.query_one("#skipped", Static).update(skipped or "")
+            self.query_one("#skipped", Static).display = bool(skipped)
+            if skipped:
+                self.notify(skipped, title="Some files were not used", severity="warning",
+                            timeout=30)
             self.query_one("#epoch-bar", ProgressBar).update(progress=self.hospital.ml.epochs)

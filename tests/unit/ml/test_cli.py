@@ -64,3 +64,55 @@ def test_errors_are_one_sentence_and_an_exit_code(tmp_path, capsys):
     cfg.write_text(TLS)
     assert main(["client", "--config", str(cfg), "train"]) == 3
     assert "[ml]" in capsys.readouterr().err
+
+
+def test_train_and_evaluate_say_which_files_were_skipped(tmp_path, capsys):
+    """The files the loader could not use are named on the terminal and in the history;
+    a class left with no readable scan stops the command."""
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--hospitals", "1", "--train", "24",
+                 "--test", "8", "--size", "32", "--seed", "3"]) == 0
+    scans = data / "hospital_1"
+    for name in ("a.jpg", "b.png", "c.jpg", "d.jpg"):
+        (scans / "Training" / "glioma" / name).write_bytes(b"not an image at all")
+    (scans / "Training" / "notumor" / "README.txt").write_text("exported 2024-03-01")
+    (scans / "Testing" / "pituitary" / "e.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    cfg = tmp_path / "hospital.toml"
+    cfg.write_text(
+        TLS + '[ml]\nscans_dir = "data/hospital_1"\nmodel_dir = "runs"\nimage_size = 32\n'
+        'model_kind = "small"\nepochs = 1\nbatch_size = 8\n'
+    )
+    capsys.readouterr()
+    assert main(["client", "--config", str(cfg), "train"]) == 0
+    out = capsys.readouterr()
+    assert "on 24 scans" in out.out
+    assert ("securefl: warning: 5 files were skipped and not used: "
+            "Training/glioma/a.jpg (not a readable JPEG or PNG image), "
+            "Training/glioma/b.png (not a readable JPEG or PNG image), "
+            "Training/glioma/c.jpg (not a readable JPEG or PNG image) and 2 more; "
+            "replace them with readable JPEG or PNG scans, or remove them") in out.err
+
+    assert main(["client", "--config", str(cfg), "evaluate", "--json"]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)  # the warning does not spoil the JSON
+    assert report["num_samples"] == 8
+    assert report["skipped"] == [[str(scans / "Testing" / "pituitary" / "e.png"),
+                                  "not a readable JPEG or PNG image"]]
+    assert ("1 file was skipped and not used: Testing/pituitary/e.png "
+            "(not a readable JPEG or PNG image)") in out.err
+
+    train, evaluate = read_history(tmp_path / "runs" / "history.jsonl")
+    assert train["skipped_files"] == 5 and len(train["skipped"]) == 5
+    assert train["skipped"][4] == {"file": "Training/notumor/README.txt",
+                                   "reason": "not a .jpg/.jpeg/.png file"}
+    assert evaluate["skipped_files"] == 1
+    assert evaluate["skipped"] == [{"file": "Testing/pituitary/e.png",
+                                    "reason": "not a readable JPEG or PNG image"}]
+
+    # Every pituitary test scan unreadable: refused with the class and folder named.
+    for f in (scans / "Testing" / "pituitary").iterdir():
+        f.write_bytes(b"zeroed by a failed copy")
+    assert main(["client", "--config", str(cfg), "evaluate"]) == 4
+    err = capsys.readouterr().err
+    assert (f"class 'pituitary' has no readable scans in {scans / 'Testing' / 'pituitary'}"
+            in err and "remove the class from the settings" in err)

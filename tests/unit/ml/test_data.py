@@ -72,18 +72,107 @@ def test_missing_class_folder_is_refused(tmp_path):
         load_split(root, "Testing", classes=CLASSES)
 
 
-def test_corrupt_and_foreign_files_are_skipped_and_counted(tmp_path):
-    root = _tree(tmp_path)
+def _spoil(root: Path) -> None:
+    """Two undecodable images and a note among glioma's training scans, plus the files an
+    operating system leaves behind (which are not the user's business)."""
     glioma = root / "Training" / "glioma"
-    (glioma / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (glioma / "broken.jpg").write_bytes(b"a web page saved as .jpg")
     good = (glioma / "0.jpg").read_bytes()
     (glioma / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (glioma / "notes.txt").write_text("scanner export log")
     (glioma / "Thumbs.db").write_bytes(b"\x00" * 10)
     (glioma / ".DS_Store").write_bytes(b"\x00")
+
+
+def test_corrupt_and_foreign_files_are_skipped_with_their_reason(tmp_path):
+    root = _tree(tmp_path)
+    _spoil(root)
     data = load_split(root, "Training", classes=CLASSES, size=16)
     assert len(data) == 8
-    skipped = {p.name for p, _ in data.skipped}
-    assert skipped == {"broken.jpg", "truncated.jpg", "Thumbs.db"}
+    reasons = {p.name: why for p, why in data.skipped}
+    assert set(reasons) == {"broken.jpg", "truncated.jpg", "notes.txt"}  # not Thumbs.db
+    assert reasons["broken.jpg"] == "not a readable JPEG or PNG image"
+    assert reasons["truncated.jpg"].startswith("damaged image")
+    assert reasons["notes.txt"] == "not a .jpg/.jpeg/.png file"
+
+
+def test_skipped_files_are_described_in_one_line_relative_to_the_scans_folder(tmp_path):
+    from securefl.ml.data import describe_skipped
+
+    root = _tree(tmp_path)
+    _spoil(root)
+    (root / "Training" / "pituitary" / "x.png").write_bytes(b"garbage")
+    data = load_split(root, "Training", classes=CLASSES, size=16)
+    line = describe_skipped(data, root)
+    assert line is not None
+    assert line.startswith("4 files were skipped and not used: "
+                           "Training/glioma/broken.jpg (not a readable JPEG or PNG image), "
+                           "Training/glioma/notes.txt (not a .jpg/.jpeg/.png file), "
+                           "Training/glioma/truncated.jpg (damaged image")
+    assert "and 1 more" in line and "x.png" not in line and str(root) not in line
+    assert "remove them" in line
+    # The same words from the plain (path, reason) strings a result carries as JSON.
+    as_strings = [[str(p), why] for p, why in data.skipped]
+    assert describe_skipped(as_strings, str(root)) == line
+    assert "x.png" in describe_skipped(data, root, limit=10)
+    one = describe_skipped([(root / "Testing" / "a.jpg", "damaged image: x")], root)
+    assert one == ("1 file was skipped and not used: Testing/a.jpg (damaged image: x); "
+                   "replace it with readable JPEG or PNG scans, or remove it")
+    assert describe_skipped(load_split(_tree(tmp_path / "clean"), "Training",
+                                       classes=CLASSES, size=16), root) is None
+
+
+def test_class_whose_scans_are_all_unreadable_is_refused_by_name(tmp_path):
+    root = _tree(tmp_path)
+    folder = root / "Training" / "meningioma"
+    for f in folder.iterdir():
+        f.write_bytes(b"\x89PNG damaged")
+    with pytest.raises(DataError) as err:
+        load_split(root, "Training", classes=CLASSES, size=16)
+    msg = err.value.message
+    assert f"class 'meningioma' has no readable scans in {folder}" in msg
+    assert "all 2 image file(s) were skipped" in msg and "remove the class" in msg
+    # the other split still loads: the error is about this class folder only
+    assert len(load_split(root, "Testing", classes=CLASSES, size=16)) == 8
+
+
+def test_images_in_subfolders_of_a_class_folder_are_loaded(tmp_path):
+    """Scans exported one folder per patient (or study) belong to the class folder above
+    them; hidden folders are not read."""
+    root = _tree(tmp_path)
+    glioma = root / "Training" / "glioma"
+    scan = (glioma / "0.jpg").read_bytes()
+    (glioma / "patient_07" / "series_2").mkdir(parents=True)
+    (glioma / "patient_07" / "a.jpg").write_bytes(scan)
+    (glioma / "patient_07" / "series_2" / "b.JPG").write_bytes(scan)
+    (glioma / ".cache").mkdir()
+    (glioma / ".cache" / "c.jpg").write_bytes(scan)
+    # a class folder holding only a patient folder is not "empty"
+    pit = root / "Training" / "pituitary"
+    moved = list(pit.iterdir())
+    (pit / "p1").mkdir()
+    for f in moved:
+        f.rename(pit / "p1" / f.name)
+    data = load_split(root, "Training", classes=CLASSES, size=16)
+    assert data.counts() == {"glioma": 4, "meningioma": 2, "notumor": 2, "pituitary": 2}
+    names = {p.relative_to(root / "Training").as_posix() for p in data.paths}
+    assert {"glioma/patient_07/a.jpg", "glioma/patient_07/series_2/b.JPG"} <= names
+    assert not any(".cache" in n for n in names) and data.skipped == ()
+
+
+def test_scan_files_lists_what_training_reads(tmp_path):
+    """The hospital's data summary counts with ``scan_files``: it must match the loader."""
+    from securefl.ml.data import scan_files
+
+    root = _tree(tmp_path)
+    _spoil(root)
+    (root / "Training" / "glioma" / "p1").mkdir()
+    (root / "Training" / "glioma" / "p1" / "z.png").write_bytes(b"x")
+    images, others = scan_files(root / "Training" / "glioma")
+    assert [p.relative_to(root).as_posix() for p in images] == [
+        f"Training/glioma/{n}" for n in ("0.jpg", "1.jpg", "broken.jpg", "p1/z.png",
+                                         "truncated.jpg")]
+    assert [p.name for p in others] == ["notes.txt"]
 
 
 def test_custom_class_list(tmp_path):

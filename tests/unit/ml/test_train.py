@@ -105,3 +105,21 @@ def test_metrics_from_known_predictions():
     f1 = [3 / 4, 2 * (2 / 3) / (2 / 3 + 1), 2 * 0.5 / 1.5]
     assert abs(r.macro_f1 - sum(f1) / 3) < 1e-12
     assert "sensitivity" in r.format()
+
+
+def test_results_carry_the_skipped_files_through_json():
+    """The app trains in a child process that sends its ``TrainResult`` as JSON: the skipped
+    files must arrive (and read the same) on the other side."""
+    import json
+    from dataclasses import asdict
+
+    from securefl.ml.data import describe_skipped
+    from securefl.ml.train import TrainResult
+
+    result = TrainResult(10, {"loss": [1.0]}, False, 2.0,
+                         skipped=(("/scans/Training/glioma/x.jpg", "damaged image: y"),))
+    back = TrainResult(**json.loads(json.dumps(asdict(result))))
+    assert back == result
+    assert describe_skipped(back.skipped, "/scans") == describe_skipped(result.skipped, "/scans")
+    assert "Training/glioma/x.jpg (damaged image: y)" in describe_skipped(back.skipped, "/scans")
+    assert metrics_from_predictions(np.array([0, 1]), np.array([0, 0]), ("a", "b")).skipped == ()
