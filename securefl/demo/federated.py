@@ -94,6 +94,23 @@ class DemoResult:
         return sum(last.values()) / len(last)
 
 
+def table_header(names: list[str]) -> list[str]:
+    """The round table's two header lines.  A function so that docs/generate_samples.py's
+    test can check README's sample still has the layout the demo prints."""
+    return [" " * 18 + "  ".join(f"{'alone -> shared':>21}" for _ in names)
+            + f"  {'all test scans':>21}",
+            "  round  version  " + "  ".join(f"{n:>21}" for n in names)
+            + f"  {'best alone -> shared':>21}   time"]
+
+
+def table_row(row: RoundRow, names: list[str]) -> str:
+    """One round's line of the table (see :func:`table_header`)."""
+    cells = "  ".join(f"{row.local_acc[n]:>10.1%} -> {row.global_acc[n]:>6.1%}" for n in names)
+    best = max(row.pooled_local.values())
+    return (f"  {row.round:>5}  {row.version:>7}  {cells}  {best:>10.1%} -> "
+            f"{row.pooled_global:>6.1%}  {row.seconds:>4.0f}s")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -185,10 +202,8 @@ async def _run_rounds(settings: DemoSettings, hospitals: list[Hospital],
         tests = await asyncio.to_thread(
             lambda: ImageSet.concat([h.scans("Testing") for h in hospitals]))
         say("")
-        say(" " * 18 + "  ".join(f"{'alone -> shared':>21}" for _ in names)
-            + f"  {'all test scans':>21}")
-        say("  round  version  " + "  ".join(f"{n:>21}" for n in names)
-            + f"  {'best alone -> shared':>21}   time")
+        for line in table_header(names):
+            say(line)
         for r in range(1, settings.rounds + 1):
             started = time.perf_counter()
             for h in hospitals:
@@ -213,10 +228,7 @@ async def _run_rounds(settings: DemoSettings, hospitals: list[Hospital],
             row = RoundRow(r, outcome.version, time.perf_counter() - started, global_acc,
                            local_acc, pooled_global, pooled_local)
             result.rows.append(row)
-            cells = "  ".join(f"{local_acc[n]:>10.1%} -> {global_acc[n]:>6.1%}" for n in names)
-            best = max(pooled_local.values())
-            say(f"  {r:>5}  {outcome.version:>7}  {cells}  {best:>10.1%} -> {pooled_global:>6.1%}"
-                f"  {row.seconds:>4.0f}s")
+            say(table_row(row, names))
     finally:
         for s in [*sessions, admin]:
             with contextlib.suppress(SecureFLError, OSError):

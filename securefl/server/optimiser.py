@@ -38,6 +38,7 @@ from securefl.fedopt import (
     StepReport,
     step_file,
 )
+from securefl.server import testhook
 
 STATE_FILE = "server_opt.state"
 
@@ -59,6 +60,9 @@ class OptimiserState:
                 with contextlib.suppress(FileNotFoundError):
                     previous = stack.enter_context(open(self.path, "rb"))
                 target = stack.enter_context(open(self.tmp, "wb"))
+                if testhook.armed("optimiser"):  # test-only; see its module
+                    target = testhook.PauseHalfway(  # type: ignore[assignment]
+                        target, "optimiser", weights.nbytes // 2, self.tmp)
                 report = step_file(self.settings, self.statistics, weights, mean_update,
                                    previous=previous, version=version, target=target)
                 target.flush()

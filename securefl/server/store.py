@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from securefl.errors import DataError
+from securefl.server import testhook
 
 MAGIC = b"SFLM1\n"
 _LEN = struct.Struct(">I")
@@ -138,7 +139,10 @@ class ModelStore:
                     f.write(MAGIC)
                     f.write(_LEN.pack(len(meta)))
                     f.write(meta)
-                    f.write(weights.data)
+                    half = weights.shape[0] // 2
+                    f.write(weights[:half].data)
+                    testhook.pause("version", f, tmp)  # test-only; see its module
+                    f.write(weights[half:].data)
                     f.flush()
                 os.fsync(fd)
             finally:
