@@ -272,7 +272,7 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
     c.add_argument("--json", action="store_true", help="print the probabilities as JSON")
 
     def settings(args: argparse.Namespace) -> Any:
-        from securefl.ml.settings import load_ml_settings
+        from securefl.config import load_ml_settings
 
         loaded = load_ml_settings(args.config)
         if getattr(args, "epochs", None):

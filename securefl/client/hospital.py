@@ -35,7 +35,7 @@ import numpy as np
 from securefl import config
 from securefl.client.session import GlobalModel, HospitalSession, RoundOutcome, RoundStep
 from securefl.errors import ConfigError, DataError
-from securefl.ml.settings import MLSettings, load_ml_settings
+from securefl.ml.settings import MLSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from securefl.ml.data import ImageSet
@@ -75,7 +75,7 @@ class Hospital:
         if settings.ml is None:
             raise ConfigError(f"{path} has no [ml] table: add scans_dir and model_dir for the "
                               "hospital's scans and model")
-        return cls(settings, load_ml_settings(path))
+        return cls(settings, settings.ml)
 
     @property
     def name(self) -> str:
