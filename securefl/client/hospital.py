@@ -110,12 +110,29 @@ class Hospital:
         summary: dict[str, dict[str, int]] = {}
         for split in ("Training", "Testing"):
             counts = {}
-            for cls in self.ml.classes:
-                folder = self.ml.scans_dir / split / cls
+            for cls, folder_name in zip(self.ml.classes, self.ml.folders, strict=True):
+                folder = self.ml.scans_dir / split / folder_name
                 counts[cls] = sum(1 for p in folder.glob("*")
                                   if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else 0
             summary[split] = counts
         return summary
+
+    def check_classes(self) -> None:
+        """Refuse to use a model whose labels mean other classes than this hospital's.
+
+        The federation's class order comes with every downloaded version (``global.json``);
+        a hospital whose ``[ml] classes`` differ would train, score and send with swapped
+        labels and nobody would be told.  Called before train, evaluate, classify and send.
+        """
+        meta = self.global_meta()
+        theirs = tuple(meta.get("classes") or ()) if meta else ()
+        ours = tuple(self.ml.classes)
+        if theirs and theirs != ours:
+            raise DataError(
+                f"the federation's model has the classes [{', '.join(theirs)}] but this "
+                f"hospital's [ml] classes are [{', '.join(ours)}]: set classes to the "
+                "federation's list in that order (map differently named folders in "
+                "[ml.class_folders]), then get the global model again")
 
     # -- ML (blocking) ------------------------------------------------------------------------
     def model(self) -> Any:
@@ -144,6 +161,7 @@ class Hospital:
         """Train the local model on this hospital's scans, starting from what it holds now."""
         from securefl.ml.local import run_train
 
+        self.check_classes()
         meta = self.global_meta()
         result = run_train(self.ml, model=self.model(), data=self.scans("Training"),
                            progress=progress, cancel=cancel)
@@ -155,11 +173,13 @@ class Hospital:
     def evaluate(self) -> EvalReport:
         from securefl.ml.local import run_evaluate
 
+        self.check_classes()
         return run_evaluate(self.ml, model=self.model(), data=self.scans("Testing"))
 
     def classify(self, image: str | Path) -> dict[str, float]:
         from securefl.ml.local import run_classify
 
+        self.check_classes()
         if not self.ml.model_path.is_file():
             raise DataError("there is no model yet: get the global model or train first")
         return run_classify(self.ml, image, model=self.model())
@@ -177,6 +197,7 @@ class Hospital:
         """``(w_local - w_global, samples, base version)`` of the trained local model."""
         from securefl.ml.model import to_vector
 
+        self.check_classes()
         state, meta = self.local_state(), self.global_meta()
         if meta is None:
             raise DataError("no global model downloaded yet: get the global model, train, "
@@ -204,7 +225,7 @@ class Hospital:
         _write_json(self.state_dir / "global.json",
                     {"version": model.version, "sha256": model.sha256,
                      "contributors": model.contributors, "total_samples": model.total_samples,
-                     "created": model.created})
+                     "created": model.created, "classes": list(model.classes)})
         await asyncio.to_thread(self.apply_global, model.weights, model.version)
         return model
 

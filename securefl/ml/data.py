@@ -92,25 +92,27 @@ def load_image(path: str | Path, size: int, channels: int = 1) -> np.ndarray:
 
 
 def _class_files(
-    split_dir: Path, classes: Sequence[str]
+    split_dir: Path, classes: Sequence[str], folders: Sequence[str] | None = None
 ) -> tuple[list[tuple[Path, int]], list[tuple[Path, str]]]:
+    folders = tuple(classes) if folders is None else tuple(folders)  # [ml] class_folders
     present = sorted(
         p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
     )
-    unknown = [name for name in present if name not in classes]
+    unknown = [name for name in present if name not in folders]
     if unknown:
         raise DataError(
-            f"{split_dir} has folder(s) {', '.join(unknown)} that are not among the classes "
-            f"{', '.join(classes)}: rename or move them, or add them to 'classes' in the settings"
+            f"{split_dir} has folder(s) {', '.join(unknown)} that are not among the classes' "
+            f"folders {', '.join(folders)}: rename or move them, add them to 'classes' in the "
+            "settings, or map a class to them in [ml.class_folders]"
         )
     files: list[tuple[Path, int]] = []
     ignored: list[tuple[Path, str]] = []
-    for label, name in enumerate(classes):
-        folder = split_dir / name
+    for label, (name, folder_name) in enumerate(zip(classes, folders, strict=True)):
+        folder = split_dir / folder_name
         if not folder.is_dir():
             raise DataError(
                 f"{folder} is missing: every class needs a folder with at least one image "
-                f"(expected {', '.join(classes)})"
+                f"(expected {', '.join(folders)})"
             )
         entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -131,8 +133,10 @@ def load_split(
     classes: Sequence[str] = DEFAULT_CLASSES,
     size: int = 128,
     channels: int = 1,
+    folders: Sequence[str] | None = None,
 ) -> ImageSet:
-    """Decode ``root/split/<class>/*`` into an :class:`ImageSet` (labels in ``classes`` order)."""
+    """Decode ``root/split/<class>/*`` into an :class:`ImageSet` (labels in ``classes`` order;
+    ``folders``, when given, names each class's folder)."""
     root = Path(root)
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
@@ -144,7 +148,7 @@ def load_split(
     split_dir = root / split
     if not split_dir.is_dir():
         raise DataError(f"{root} has no {split}/ folder: expected {root}/{split}/<class>/*.jpg")
-    files, skipped = _class_files(split_dir, tuple(classes))
+    files, skipped = _class_files(split_dir, tuple(classes), folders)
 
     def read(item: tuple[Path, int]) -> np.ndarray | str:
         try:
