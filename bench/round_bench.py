@@ -47,28 +47,13 @@ def _proc_kb(pid: int, field: str) -> int:
 
 def _server_toml(certs: Path, store: Path, n: int, params: int, masking: str) -> Path:
     names = [f"h{i:03d}" for i in range(n)]
-    text = f"""
-host = "127.0.0.1"
-port = 0
-cert = "server.pem"
-key = "server.key"
-ca = "ca.pem"
-crl = "crl.pem"
-store_dir = "{store}"
-audit_log = "{store}/audit.jsonl"
-hospitals = {json.dumps(names)}
-
-[round]
-masking = "{masking}"
-max_clients = {max(n, 2)}
-step_timeout = 120
-
-[model]
-params = {params}
-"""
-    path = certs / f"server-{masking}.toml"
-    path.write_text(text)
-    return path
+    return config.write_toml(certs / f"server-{masking}.toml", {
+        "host": "127.0.0.1", "port": 0,
+        "cert": "server.pem", "key": "server.key", "ca": "ca.pem", "crl": "crl.pem",
+        "store_dir": store, "audit_log": store / "audit.jsonl", "hospitals": names,
+        "round": {"masking": masking, "max_clients": max(n, 2), "step_timeout": 120},
+        "model": {"params": params},
+    })
 
 
 def _start_server(path: Path) -> tuple[subprocess.Popen, int]:

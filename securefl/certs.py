@@ -28,23 +28,34 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from securefl.config import toml_text
 from securefl.crypto import pki
 from securefl.errors import ConfigError
+from securefl.ml.settings import DEFAULT_CLASSES
 
 # The model every party builds; the server's [model.ml] and each kit's [ml] repeat it.
-_MODEL_SPEC = 'image_size = 128\nmodel_kind = "seed"\n'
-_HOSPITAL_TAIL = (
-    "# Where this hospital keeps the downloaded global model and its round state.\n"
-    'state_dir = "state"\n\n'
-    "[ml]\n"
-    "# This hospital's scans: Training/<class>/*.jpg and Testing/<class>/*.jpg, with the\n"
-    "# classes glioma, meningioma, notumor, pituitary.  They never leave this machine.\n"
-    'scans_dir = "scans"\n'
-    "# The local model (model.keras) and its metrics history.\n"
-    'model_dir = "model"\n'
-    + _MODEL_SPEC
-    + "seed = 0\nepochs = 1\nbatch_size = 32\n"
-)
+_MODEL_SPEC: dict[str, object] = {"image_size": 128, "model_kind": "seed",
+                                  "classes": list(DEFAULT_CLASSES)}
+_HOSPITAL_COMMENT = """\
+state_dir   where this hospital keeps the downloaded global model and its round state.
+The [ml] table:
+  scans_dir   this hospital's scans: Training/<class>/*.jpg and Testing/<class>/*.jpg,
+              one folder per class.  They never leave this machine.
+  model_dir   the local model (model.keras) and its metrics history.
+  classes     the federation's classes, in the server's order: leave them as they are.
+Class folders named otherwise (e.g. glioma_tumor, no_tumor) are mapped once, in a table
+named ml.class_folders with one line per class:  glioma = "glioma_tumor"
+"""
+_SERVER_COMMENT = """\
+[model]     version 0, made when the store is empty: the hospitals' CNN, built from the
+            same settings as the [ml] table of every hospital kit (change both together,
+            before the first start).  [model.ml] classes is the federation's label order."""
+
+
+def _hospital_ml() -> dict[str, object]:
+    return {"scans_dir": "scans", "model_dir": "model", **_MODEL_SPEC, "seed": 0,
+            "epochs": 1, "batch_size": 32}
+
 
 CRL_LIFETIME = dt.timedelta(days=30)
 DEFAULT_PORT = 9095
@@ -152,19 +163,12 @@ class CertDir:
                                                              "ca.pem"))
         for name in hospitals:
             self.add_hospital(name, now=now, _ca=ca)
-        server_toml = self._settings_toml("server", "server.pem", "server.key", "ca.pem")
-        server_toml += (
-            'crl = "crl.pem"\nhost = "0.0.0.0"\n'
-            'store_dir = "store"\naudit_log = "audit.jsonl"\n'
-            f"hospitals = {json.dumps(hospitals)}\n\n"
-            "[model]\n"
-            "# Version 0, made when the store is empty: the hospitals' CNN, built from the same\n"
-            "# settings as the [ml] table of every hospital kit (change both together, before\n"
-            "# the first start).\n"
-            "seed = 0\n\n[model.ml]\n" + _MODEL_SPEC
-        ).encode()
-        _write(self.root / "server.toml", server_toml.replace(
-            f'host = "{server_hosts[0]}"\n'.encode(), b"", 1))
+        server = self._settings("server.pem", "server.key", "ca.pem")
+        server.update(crl="crl.pem", host="0.0.0.0", store_dir="store",
+                      audit_log="audit.jsonl", hospitals=hospitals,
+                      model={"seed": 0, "ml": _MODEL_SPEC})
+        _write(self.root / "server.toml", toml_text(
+            server, self._comment("server") + "\n" + _SERVER_COMMENT).encode())
 
     def add_hospital(
         self,
@@ -184,23 +188,23 @@ class CertDir:
         kit = self.kit(name)
         _save(kit, "hospital", cred)
         _write(kit / "ca.pem", ca.cert_pem())
+        settings = self._settings("hospital.pem", "hospital.key", "ca.pem")
+        settings.update(state_dir="state", ml=_hospital_ml())
         _write(kit / "hospital.toml",
-               self._settings_toml(name, "hospital.pem", "hospital.key", "ca.pem")
-               + _HOSPITAL_TAIL.encode())
+               toml_text(settings, self._comment(name) + "\n" + _HOSPITAL_COMMENT).encode())
         return kit
 
-    def _settings_toml(self, name: str, cert: str, key: str, ca: str) -> bytes:
+    def _settings(self, cert: str, key: str, ca: str) -> dict[str, object]:
         meta = self._meta()
-        lines = [
-            f"# securefl settings for '{name}'; paths are relative to this file.",
-            f'host = "{meta["server_hosts"][0]}"',
-            f"port = {meta['port']}",
-            f'cert = "{cert}"',
-            f'key = "{key}"',
-            f'ca = "{ca}"',
-            "",
-        ]
-        return "\n".join(lines).encode()
+        return {"host": meta["server_hosts"][0], "port": meta["port"], "cert": cert,
+                "key": key, "ca": ca}
+
+    @staticmethod
+    def _comment(name: str) -> str:
+        return f"securefl settings for '{name}'; paths are relative to this file."
+
+    def _settings_toml(self, name: str, cert: str, key: str, ca: str) -> bytes:
+        return toml_text(self._settings(cert, key, ca), self._comment(name)).encode()
 
     def revoke(self, name: str, *, now: dt.datetime | None = None) -> None:
         """Put a member's certificate on the CRL; the server refuses it from then on."""

@@ -1,22 +1,33 @@
-"""Settings for the server, a hospital and the admin, read from TOML files.
+"""Settings for the server, a hospital and the admin: the one module that reads and writes
+TOML.
 
 Why pydantic models and not a dict: a typo in a settings file must stop the program before
-it listens or connects (``extra="forbid"``), with a message naming the file and the field.
-Relative paths are resolved against the settings file's own folder, so a hospital kit can
-be copied anywhere and still work.
+it listens or connects (``extra="forbid"``), with a message naming the file and the field —
+including the hospital's ``[ml]`` table and the server's ``[model.ml]``, which are typed
+here (:class:`~securefl.ml.settings.MLSettings`, :class:`~securefl.ml.settings.ModelSpec`)
+rather than handed on as dicts to be checked later in another process.  Relative paths are
+resolved against the settings file's own folder, so a hospital kit can be copied anywhere
+and still work.
+
+Why one writer (:func:`toml_text` / :func:`write_toml`, on ``tomli-w``): settings files made
+by string formatting broke on paths with quotes or backslashes and drifted from the models;
+every generated file (kits, the demo's and the tests' federations) goes through it.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from securefl.errors import ConfigError
 from securefl.fedopt import ServerOptSettings
-from securefl.ml.settings import refuse_renamed_keys
+from securefl.ml.settings import MLSettings, ModelSpec, refuse_renamed_keys
 
 
 class _Settings(BaseModel):
@@ -67,8 +78,21 @@ class ModelSettings(_Settings):
     params: int | None = Field(None, ge=1)
     seed: int = 0
     init_scale: float = Field(0.05, ge=0)
-    #: Left open for ``securefl.ml.settings`` (the ML engineer's model spec).
-    ml: dict[str, Any] | None = None
+    #: The hospitals' CNN (``[model.ml]``), checked when server.toml is loaded.
+    ml: ModelSpec | None = None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The federation's class names in label order (none for a plain vector model)."""
+        return self.ml.classes if self.ml is not None else ()
+
+    def ml_spec(self) -> dict[str, Any]:
+        """What ``python -m securefl.ml.initial`` builds version 0 from (JSON-able)."""
+        if self.ml is None:
+            raise ConfigError("the server settings have no [model.ml] table")
+        spec = self.ml.model_dump(mode="json")
+        spec["seed"] = self.seed if self.ml.seed is None else self.ml.seed
+        return spec
 
 
 class TLSFiles(_Settings):
@@ -103,7 +127,8 @@ class ClientSettings(TLSFiles):
     round_timeout: float = Field(3600.0, gt=0)
     #: Hospital only: where the downloaded global model and local updates are kept.
     state_dir: Path = Path("state")
-    ml: dict[str, Any] | None = None
+    #: Hospital only: its scans, local model and training settings.
+    ml: MLSettings | None = None
 
     @model_validator(mode="after")
     def _host_given(self) -> ClientSettings:
@@ -117,26 +142,100 @@ S = TypeVar("S", bound=BaseModel)
 _PATH_FIELDS = ("cert", "key", "ca", "crl", "store_dir", "audit_log", "state_dir")
 
 
+def read_toml(path: Path | str) -> dict[str, Any]:
+    """A TOML file as a dict, with one clear error when it is missing or malformed.  The
+    only place that parses TOML, and older kits' renamed keys are refused here."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"settings file not found: {path}: check the path given with "
+                          "--config") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML ({exc}): fix the file and retry") from exc
+    refuse_renamed_keys(path, raw)
+    return raw
+
+
+def _problems(path: Path, exc: ValidationError, prefix: str = "") -> ConfigError:
+    problems = "; ".join(
+        f"{prefix}{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+    )
+    return ConfigError(f"{path}: {problems}")
+
+
+def _resolve(base: Path, value: Path) -> Path:
+    value = value.expanduser()
+    return value if value.is_absolute() else (base / value).resolve()
+
+
+def _resolve_ml(base: Path, ml: MLSettings) -> MLSettings:
+    return ml.model_copy(update={"scans_dir": _resolve(base, ml.scans_dir),
+                                 "model_dir": _resolve(base, ml.model_dir)})
+
+
 def load(path: Path | str, model: type[S]) -> S:
     """Read a TOML settings file into ``model``; relative paths are taken from its folder."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"settings file not found: {path}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    refuse_renamed_keys(path, raw)
+    raw = read_toml(path)
     try:
         result = model.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"{path}: {problems}") from exc
-    updates = {}
+        raise _problems(path, exc) from exc
+    base = path.resolve().parent
+    updates: dict[str, Any] = {}
     for key in _PATH_FIELDS:
         value = getattr(result, key, None)
         if isinstance(value, Path) and not value.is_absolute():
             updates[key] = (path.parent / value).resolve()
+    ml = getattr(result, "ml", None)
+    if isinstance(ml, MLSettings):
+        updates["ml"] = _resolve_ml(base, ml)
     return result.model_copy(update=updates)
+
+
+def load_ml_settings(path: Path | str) -> MLSettings:
+    """Only the ``[ml]`` table of a hospital file (the ML commands need no certificates, so
+    a file with just ``[ml]`` is enough for them)."""
+    path = Path(path)
+    table = read_toml(path).get("ml")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path} has no [ml] table: add one with at least scans_dir and "
+                          "model_dir")
+    try:
+        ml = MLSettings.model_validate(table)
+    except ValidationError as exc:
+        raise _problems(path, exc, "ml.") from exc
+    return _resolve_ml(path.resolve().parent, ml)
+
+
+def _plain(value: Any) -> Any:
+    """Paths and tuples as TOML knows them; ``None`` (no TOML value) leaves the key out."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, BaseModel):
+        return _plain(value.model_dump(mode="json", exclude_none=True))
+    return value
+
+
+def toml_text(data: Mapping[str, Any], comment: str | None = None) -> str:
+    """``data`` as TOML, after ``comment`` as ``#`` lines (kits explain themselves to the IT
+    staff who install them).  Keys keep their order; tables follow the plain keys."""
+    head = ""
+    if comment:
+        head = "".join(f"# {line}".rstrip() + "\n" for line in comment.splitlines()) + "\n"
+    return head + tomli_w.dumps(_plain(data))
+
+
+def write_toml(path: Path | str, data: Mapping[str, Any], comment: str | None = None) -> Path:
+    """Write a settings file atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(toml_text(data, comment), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

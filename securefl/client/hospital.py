@@ -45,14 +45,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from securefl import config
-from securefl.client.session import (
-    GlobalModel,
-    HospitalSession,
-    RoundOutcome,
-    RoundStep,
-)
+from securefl.client.session import GlobalModel, HospitalSession, RoundOutcome, RoundStep
 from securefl.errors import ConfigError, DataError, UpdateAlreadySentError
-from securefl.ml.settings import MLSettings, load_ml_settings
+from securefl.ml.settings import MLSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from securefl.ml.data import ImageSet
@@ -74,6 +69,8 @@ class LocalState:
     num_samples: int
     #: sha256 of the trained weights (float32 little-endian): what ``send`` must find.
     weights_sha256: str | None = None
+    #: The class order the model was trained with (its output units, in order).
+    classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,7 +141,7 @@ class Hospital:
                 raise ConfigError(f"{path} has no [ml] table: add scans_dir and model_dir for "
                                   "the hospital's scans and model")
             return cls(settings, None)
-        return cls(settings, load_ml_settings(path))
+        return cls(settings, settings.ml)
 
     @property
     def ml(self) -> MLSettings:
@@ -183,7 +180,8 @@ class Hospital:
         except FileNotFoundError:
             return LocalState(None, False, 0)
         return LocalState(raw.get("base_version"), bool(raw.get("trained")),
-                          int(raw.get("num_samples", 0)), raw.get("weights_sha256"))
+                          int(raw.get("num_samples", 0)), raw.get("weights_sha256"),
+                          tuple(raw.get("classes") or ()))
 
     def _set_local_state(self, state: LocalState) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -255,11 +253,34 @@ class Hospital:
         summary: dict[str, dict[str, int]] = {}
         for split in ("Training", "Testing"):
             counts = {}
-            for cls in self.ml.classes:
-                folder = self.ml.scans_dir / split / cls
+            for cls, folder_name in zip(self.ml.classes, self.ml.folders, strict=True):
+                folder = self.ml.scans_dir / split / folder_name
                 counts[cls] = len(scan_files(folder)[0]) if folder.is_dir() else 0
             summary[split] = counts
         return summary
+
+    def check_classes(self) -> None:
+        """Refuse to use a model whose labels mean other classes than this hospital's.
+
+        The federation's class order comes with every downloaded version (``global.json``);
+        a hospital whose ``[ml] classes`` differ would train, score and send with swapped
+        labels and nobody would be told.  Called before train, evaluate, classify and send.
+        """
+        meta = self.global_meta()
+        theirs = tuple(meta.get("classes") or ()) if meta else ()
+        ours = tuple(self.ml.classes)
+        if theirs and theirs != ours:
+            raise DataError(
+                f"the federation's model has the classes [{', '.join(theirs)}] but this "
+                f"hospital's [ml] classes are [{', '.join(ours)}]: set classes to the "
+                "federation's list in that order (map differently named folders in "
+                "[ml.class_folders]), then get the global model again")
+        trained = self.local_state()
+        if trained.trained and trained.classes and trained.classes != ours:
+            raise DataError(
+                f"the local model was trained with the classes [{', '.join(trained.classes)}] "
+                f"but this hospital's [ml] classes are now [{', '.join(ours)}]: get the "
+                "global model and train again")
 
     # -- ML (blocking) ------------------------------------------------------------------------
     def _model_file_ident(self) -> tuple[int, int, int] | None:
@@ -316,6 +337,7 @@ class Hospital:
         from securefl.ml.local import run_train
         from securefl.ml.model import to_vector
 
+        self.check_classes()
         meta = self.global_meta()
         model = self.model()
         result = run_train(self.ml, model=model, data=self.scans("Training"),
@@ -324,18 +346,21 @@ class Hospital:
             self._after_save()
             base = meta["version"] if meta else None
             self._set_local_state(LocalState(base, True, result.num_samples,
-                                             vector_sha256(to_vector(model))))
+                                             vector_sha256(to_vector(model)),
+                                             tuple(self.ml.classes)))
         return result
 
     def evaluate(self) -> EvalReport:
         from securefl.ml.local import run_evaluate
 
+        self.check_classes()
         model = self._saved_model()
         return run_evaluate(self.ml, model=model, data=self.scans("Testing"))
 
     def classify(self, image: str | Path) -> dict[str, float]:
         from securefl.ml.local import run_classify
 
+        self.check_classes()
         model = self._saved_model()
         return run_classify(self.ml, image, model=model)
 
@@ -353,6 +378,7 @@ class Hospital:
         """``(w_local - w_global, samples, base version)`` of the trained local model."""
         from securefl.ml.model import to_vector
 
+        self.check_classes()
         state, meta = self.local_state(), self.global_meta()
         if meta is None:
             raise DataError("no global model downloaded yet: get the global model, train, "
@@ -383,7 +409,7 @@ class Hospital:
         _write_json(self.state_dir / "global.json",
                     {"version": model.version, "sha256": model.sha256,
                      "contributors": model.contributors, "total_samples": model.total_samples,
-                     "created": model.created})
+                     "created": model.created, "classes": list(model.classes)})
         if self._ml is not None:
             await asyncio.to_thread(self.apply_global, model.weights, model.version)
         return model

@@ -45,6 +45,8 @@ class GlobalModel:
     contributors: int
     total_samples: int
     created: str
+    #: The federation's class names in label order (empty for a plain vector model).
+    classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,7 @@ class HospitalSession(_Session):
         self.base_version = reply.version
         self._length = int(weights.shape[0])
         return GlobalModel(reply.version, weights, reply.sha256, reply.contributors,
-                           reply.total_samples, reply.created)
+                           reply.total_samples, reply.created, tuple(reply.classes))
 
     async def send(
         self,

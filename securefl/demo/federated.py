@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import socket
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING
 from securefl.certs import CertDir
 from securefl.client.hospital import Hospital
 from securefl.client.session import AdminSession
-from securefl.config import ClientSettings, load
+from securefl.config import ClientSettings, load, write_toml
 from securefl.errors import ConfigError, SecureFLError, TransportError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -117,13 +116,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ml_table(settings: DemoSettings, data_dir: Path, model_dir: Path) -> str:
-    return (
-        "\n[ml]\n"
-        f'scans_dir = "{data_dir}"\nmodel_dir = "{model_dir}"\n'
-        f"image_size = {settings.image_size}\nmodel_kind = \"{settings.model_kind}\"\n"
-        f"epochs = {settings.epochs}\nseed = {settings.seed}\n"
-    )
+def _ml_table(settings: DemoSettings, data_dir: Path, model_dir: Path) -> dict[str, object]:
+    return {"scans_dir": data_dir, "model_dir": model_dir, "image_size": settings.image_size,
+            "model_kind": settings.model_kind, "epochs": settings.epochs,
+            "seed": settings.seed}
 
 
 def build_federation(settings: DemoSettings, root: Path, say: Print) -> tuple[Path, list[Path],
@@ -142,28 +138,24 @@ def build_federation(settings: DemoSettings, root: Path, say: Print) -> tuple[Pa
     synthesize(root / "data", hospitals=settings.hospitals, seed=settings.seed,
                train_per_hospital=settings.train_images, test_per_hospital=settings.test_images,
                size=settings.image_size)
-    server_toml = root / "server.toml"
-    server_toml.write_text(
-        f'cert = "{certs.root / "server.pem"}"\nkey = "{certs.root / "server.key"}"\n'
-        f'ca = "{certs.root / "ca.pem"}"\ncrl = "{certs.root / "crl.pem"}"\n'
-        f'host = "127.0.0.1"\nport = {port}\n'
-        f'store_dir = "{root / "server" / "store"}"\n'
-        f'audit_log = "{root / "server" / "audit.jsonl"}"\n'
-        f"hospitals = {json.dumps(names)}\n\n"
-        f"[round]\nmin_clients = {min(2, settings.hospitals)}\n\n"
-        f"[model.ml]\nimage_size = {settings.image_size}\n"
-        f'model_kind = "{settings.model_kind}"\nseed = {settings.seed}\n'
-    )
+    server_toml = write_toml(root / "server.toml", {
+        "cert": certs.root / "server.pem", "key": certs.root / "server.key",
+        "ca": certs.root / "ca.pem", "crl": certs.root / "crl.pem",
+        "host": "127.0.0.1", "port": port,
+        "store_dir": root / "server" / "store", "audit_log": root / "server" / "audit.jsonl",
+        "hospitals": names,
+        "round": {"min_clients": min(2, settings.hospitals)},
+        "model": {"ml": {"image_size": settings.image_size, "model_kind": settings.model_kind,
+                         "seed": settings.seed}},
+    })
     hospital_tomls = []
     for name in names:
-        path = certs.kit(name) / "hospital.toml"
-        path.write_text(
-            f"# the demo's settings for '{name}'; paths are relative to this file.\n"
-            f'host = "127.0.0.1"\nport = {port}\n'
-            'cert = "hospital.pem"\nkey = "hospital.key"\nca = "ca.pem"\n'
-            f'state_dir = "{root / "hospitals" / name / "state"}"\n'
-            + _ml_table(settings, root / "data" / name, root / "hospitals" / name / "model"))
-        hospital_tomls.append(path)
+        hospital_tomls.append(write_toml(certs.kit(name) / "hospital.toml", {
+            "host": "127.0.0.1", "port": port,
+            "cert": "hospital.pem", "key": "hospital.key", "ca": "ca.pem",
+            "state_dir": root / "hospitals" / name / "state",
+            "ml": _ml_table(settings, root / "data" / name, root / "hospitals" / name / "model"),
+        }, f"the demo's settings for '{name}'; paths are relative to this file."))
     return server_toml, hospital_tomls, certs.root / "admin.toml"
 
 

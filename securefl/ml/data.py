@@ -158,25 +158,27 @@ def scan_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
 
 
 def _class_files(
-    split_dir: Path, classes: Sequence[str]
+    split_dir: Path, classes: Sequence[str], folders: Sequence[str] | None = None
 ) -> tuple[list[tuple[Path, int]], list[tuple[Path, str]]]:
+    folders = tuple(classes) if folders is None else tuple(folders)  # [ml] class_folders
     present = sorted(
         p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
     )
-    unknown = [name for name in present if name not in classes]
+    unknown = [name for name in present if name not in folders]
     if unknown:
         raise DataError(
-            f"{split_dir} has folder(s) {', '.join(unknown)} that are not among the classes "
-            f"{', '.join(classes)}: rename or move them, or add them to 'classes' in the settings"
+            f"{split_dir} has folder(s) {', '.join(unknown)} that are not among the classes' "
+            f"folders {', '.join(folders)}: rename or move them, add them to 'classes' in the "
+            "settings, or map a class to them in [ml.class_folders]"
         )
     files: list[tuple[Path, int]] = []
     ignored: list[tuple[Path, str]] = []
-    for label, name in enumerate(classes):
-        folder = split_dir / name
+    for label, (name, folder_name) in enumerate(zip(classes, folders, strict=True)):
+        folder = split_dir / folder_name
         if not folder.is_dir():
             raise DataError(
                 f"{folder} is missing: every class needs a folder with at least one image "
-                f"(expected {', '.join(classes)})"
+                f"(expected {', '.join(folders)})"
             )
         images, others = scan_files(folder)
         ignored += [(p, NOT_AN_IMAGE) for p in others]
@@ -196,8 +198,10 @@ def load_split(
     classes: Sequence[str] = DEFAULT_CLASSES,
     size: int = 128,
     channels: int = 1,
+    folders: Sequence[str] | None = None,
 ) -> ImageSet:
-    """Decode ``root/split/<class>/**`` into an :class:`ImageSet` (labels in ``classes`` order).
+    """Decode ``root/split/<class>/**`` into an :class:`ImageSet` (labels in ``classes`` order;
+    ``folders``, when given, names each class's folder).
 
     Files that cannot be used are skipped and listed with their reason in ``skipped``; a
     class none of whose images can be read is a :class:`DataError` naming its folder.
@@ -213,7 +217,7 @@ def load_split(
     split_dir = root / split
     if not split_dir.is_dir():
         raise DataError(f"{root} has no {split}/ folder: expected {root}/{split}/<class>/*.jpg")
-    files, skipped = _class_files(split_dir, tuple(classes))
+    files, skipped = _class_files(split_dir, tuple(classes), folders)
 
     def read(item: tuple[Path, int]) -> np.ndarray | str:
         try:

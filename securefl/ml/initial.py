@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from securefl.errors import ConfigError
-from securefl.ml.settings import DEFAULT_CLASSES
-
-SPEC_KEYS = {"image_size", "channels", "classes", "model_kind", "seed"}
+from securefl.ml.settings import ModelSpec
 
 
 def initial_vector(spec: Mapping[str, Any]) -> np.ndarray:
@@ -31,19 +30,28 @@ def initial_vector(spec: Mapping[str, Any]) -> np.ndarray:
     return initial_model(spec)[0]
 
 
+def parse_spec(spec: Mapping[str, Any]) -> ModelSpec:
+    """The spec as the server validated it (the child checks again: it may be run alone)."""
+    try:
+        return ModelSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        unknown = [str(e["loc"][0]) for e in exc.errors() if e["type"] == "extra_forbidden"]
+        if unknown:
+            raise ConfigError(f"unknown [model.ml] setting(s): {', '.join(sorted(unknown))}; "
+                              f"allowed: {', '.join(sorted(ModelSpec.model_fields))}") from None
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
+                             for e in exc.errors())
+        raise ConfigError(f"[model.ml]: {problems}") from None
+
+
 def initial_model(spec: Mapping[str, Any]) -> tuple[np.ndarray, list[tuple[str, int]]]:
     """The version-0 vector and the ``(name, size)`` of its weight tensors, in order."""
-    unknown = set(spec) - SPEC_KEYS
-    if unknown:
-        raise ConfigError(f"unknown [model.ml] setting(s): {', '.join(sorted(unknown))}; "
-                          f"allowed: {', '.join(sorted(SPEC_KEYS))}")
+    parsed = parse_spec(spec)
     from securefl.ml.model import make_model, to_vector, weight_spec
 
-    size = int(spec.get("image_size", 128))
-    classes = spec.get("classes", DEFAULT_CLASSES)
-    num_classes = classes if isinstance(classes, int) else len(classes)  # a count or names
-    model = make_model((size, size, int(spec.get("channels", 1))), num_classes,
-                       kind=spec.get("model_kind", "seed"), seed=int(spec.get("seed", 0)))
+    size = parsed.image_size
+    model = make_model((size, size, parsed.channels), len(parsed.classes),
+                       kind=parsed.model_kind, seed=parsed.seed or 0)
     layers = [(layer.name, layer.size) for layer in weight_spec(model).layers]
     return to_vector(model), layers
 

@@ -114,7 +114,8 @@ def load_data(settings: MLSettings, split: str) -> ImageSet:
     from securefl.ml.data import load_split
 
     return load_split(settings.scans_dir, split, classes=settings.classes,
-                      size=settings.image_size, channels=settings.channels)
+                      size=settings.image_size, channels=settings.channels,
+                      folders=settings.folders)
 
 
 def run_evaluate(settings: MLSettings, *, model: keras.Model | None = None,

@@ -1,7 +1,9 @@
-"""A hospital's machine-learning settings, loaded from the ``[ml]`` table of a TOML file.
+"""A hospital's machine-learning settings (the ``[ml]`` table) and the server's model spec.
 
-Kept here (not in the full hospital configuration) so the ML layer can be used and tested on
-its own; the hospital configuration nests :class:`MLSettings` as its ``ml`` field.
+Kept here (not in :mod:`securefl.config`) so the ML layer can be used and tested on its own;
+the ML layer never reads files: :mod:`securefl.config` parses every TOML file once and nests
+:class:`MLSettings` as the hospital's ``ml`` field and :class:`ModelSpec` as the server's
+``[model.ml]``.
 
 Example ``hospital.toml``::
 
@@ -10,15 +12,18 @@ Example ``hospital.toml``::
     model_dir = "runs/hospital_1"    # model.keras and history.jsonl are written here
     image_size = 128
     epochs = 2
+
+    [ml.class_folders]                 # only where a folder is not named like its class
+    glioma = "glioma_tumor"
+    notumor = "no_tumor"
 """
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from securefl.errors import ConfigError
 
@@ -47,15 +52,30 @@ class MLSettings(BaseModel):
         True, description="factor this hospital's mix of tumour types out of the training "
                           "loss, so the model learns what tells the classes apart")
     seed: int = Field(0, ge=0, description="same seed everywhere = same initial weights")
+    #: The folder name of a class in Training/ and Testing/ where it is not the class name
+    #: (a site with the older ``glioma_tumor``, ``no_tumor`` folders maps them once here).
+    class_folders: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("classes")
     @classmethod
     def _classes_ok(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        if len(v) < 2:
-            raise ValueError("at least two classes are needed")
-        if len(set(v)) != len(v):
-            raise ValueError("class names must be different from each other")
-        return v
+        return _check_classes(v)
+
+    @model_validator(mode="after")
+    def _folders_ok(self) -> MLSettings:
+        unknown = [c for c in self.class_folders if c not in self.classes]
+        if unknown:
+            raise ValueError(f"class_folders names {', '.join(unknown)}, which is not among "
+                             f"the classes {', '.join(self.classes)}")
+        folders = list(self.folders)
+        if len(set(folders)) != len(folders):
+            raise ValueError("class_folders maps two classes to the same folder")
+        return self
+
+    @property
+    def folders(self) -> tuple[str, ...]:
+        """The folder of each class in ``classes`` order (its name unless mapped)."""
+        return tuple(self.class_folders.get(c, c) for c in self.classes)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -68,6 +88,37 @@ class MLSettings(BaseModel):
     @property
     def history_path(self) -> Path:
         return self.model_dir / "history.jsonl"
+
+
+def _check_classes(v: tuple[str, ...]) -> tuple[str, ...]:
+    if len(v) < 2:
+        raise ValueError("at least two classes are needed")
+    if len(set(v)) != len(v):
+        raise ValueError("class names must be different from each other")
+    return v
+
+
+class ModelSpec(BaseModel):
+    """The server's ``[model.ml]``: what every party needs to build the same version 0.
+
+    A hospital's ``[ml]`` table repeats these keys (it also has its folders and training
+    settings, which the server never sees).  ``classes`` is the federation's label order:
+    every version's metadata carries it, and a hospital whose ``classes`` differ is refused.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image_size: int = Field(128, ge=16, le=1024)
+    channels: Literal[1, 3] = 1
+    model_kind: ModelKind = "seed"
+    classes: tuple[str, ...] = DEFAULT_CLASSES
+    #: Seeds the initial weights; unset: the ``[model]`` table's seed.
+    seed: int | None = Field(None, ge=0)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_ok(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_classes(v)
 
 
 #: Keys of older kits, with the name that replaced each (a kit is not migrated silently:
@@ -88,35 +139,3 @@ def refuse_renamed_keys(path: Path, raw: dict[str, Any]) -> None:
             where = f"[{'.'.join(keys[:-1])}] " if len(keys) > 1 else ""
             raise ConfigError(f"{path}: {where}{keys[-1]} was renamed {new}: rename the key "
                               "in the file and run the command again")
-
-
-def load_ml_settings(path: str | Path) -> MLSettings:
-    """Read the ``[ml]`` table of a TOML file; relative paths are relative to that file."""
-    path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            doc = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"configuration file {path} not found: check the path given with --config"
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML ({exc}): fix the file and retry") from None
-    refuse_renamed_keys(path, doc)
-    table = doc.get("ml")
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path} has no [ml] table: add one with at least scans_dir and "
-                          "model_dir")
-    base = path.resolve().parent
-    table = dict(table)
-    for key in ("scans_dir", "model_dir"):
-        if key in table and isinstance(table[key], str):
-            p = Path(table[key]).expanduser()
-            table[key] = p if p.is_absolute() else base / p
-    try:
-        return MLSettings.model_validate(table)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc']) or 'ml'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"{path} [ml]: {problems}") from None

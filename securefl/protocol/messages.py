@@ -32,7 +32,8 @@ from pydantic import (
 from securefl.errors import RemoteProtocolError
 from securefl.protocol.frames import Frame
 
-PROTOCOL_VERSION = 2
+#: 3: ``global_model.classes`` (and the other changes of the same release, see PROTOCOL.md).
+PROTOCOL_VERSION = 3
 MAX_DIMS = 4
 U32 = Field(ge=0, le=2**32 - 1)
 
@@ -190,6 +191,10 @@ class GlobalModel(_Wire):
     contributors: int
     total_samples: int
     created: str
+    #: The federation's class names in label order (empty for a plain vector model): a
+    #: hospital whose ``[ml] classes`` differ would train with swapped labels.
+    classes: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        max_length=1000)
     array: ArraySpec
 
 

@@ -71,7 +71,7 @@ class Server:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.limits = settings.limits
-        self.store = ModelStore(settings.store_dir)
+        self.store = ModelStore(settings.store_dir, settings.model.classes)
         if self.store.empty:
             weights, layers = initial_model(settings.model)
             if layers is not None:

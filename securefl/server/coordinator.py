@@ -159,7 +159,8 @@ class Coordinator(AdminActions):
             return wm.GlobalModel(
                 rid=msg.rid, version=info.version, sha256=info.sha256,
                 contributors=info.contributors, total_samples=info.total_samples,
-                created=info.created, array=wm.ArraySpec.of(weights),
+                created=info.created, classes=list(info.classes),
+                array=wm.ArraySpec.of(weights),
             ), weights
         if isinstance(msg, wm.AdminCommand):
             if peer.role is not Role.ADMIN:

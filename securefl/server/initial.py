@@ -83,7 +83,7 @@ def initial_model(spec: ModelSettings) -> tuple[np.ndarray, list[tuple[str, int]
     """Version 0: the ML model spec's seeded CNN (with its weight names), or a seeded
     vector of ``params``.  Called once, when the store is empty."""
     if spec.ml is not None:
-        return ml_initial_weights({"seed": spec.seed, **spec.ml})
+        return ml_initial_weights(spec.ml_spec())
     if spec.params is None:
         raise ConfigError("the model store is empty: set [model] params or a [model.ml] "
                           "spec in the server settings to create version 0")
@@ -97,6 +97,6 @@ def model_layout(spec: ModelSettings, root: Path, length: int) -> StatisticsLayo
         return NO_STATISTICS
     layers = load_layers(root)
     if layers is None:
-        _, layers = ml_initial_weights({"seed": spec.seed, **spec.ml})
+        _, layers = ml_initial_weights(spec.ml_spec())
         save_layers(root, layers)
     return layout_for(layers, length)

@@ -5,11 +5,14 @@ File ``v<version:08d>.sflm``::
     b"SFLM1\\n" | u32 BE metadata_len | metadata JSON | weights (float32 little-endian)
 
 Metadata: version, contributors, total_samples, created (UTC ISO), sha256 (of the weight
-bytes), dtype and shape.  Why one file per version: nothing is ever rewritten, so the
-previous version stays byte-identical whatever happens to the next one.  A version is
-written to a temporary name, fsynced, renamed into place and the directory fsynced: after a
-crash (or ENOSPC) either the whole new version exists or only a stray ``.tmp`` that the next
-start deletes.  Versions only go up.
+bytes), length and classes (the class names in label order; versions written before they
+were recorded take the server's configured ones).
+
+Why one file per version: nothing is ever rewritten, so the previous version stays
+byte-identical whatever happens to the next one.  A version is written to a temporary name,
+fsynced, renamed into place and the directory fsynced: after a crash (or ENOSPC) either the
+whole new version exists or only a stray ``.tmp`` that the next start deletes.  Versions
+only go up.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class VersionInfo:
     created: str
     sha256: str
     length: int
+    #: The model's class names in label order (empty for a plain vector model).
+    classes: tuple[str, ...] = ()
 
 
 def weights_sha256(weights: np.ndarray) -> str:
@@ -54,8 +59,10 @@ def initial_weights(params: int, seed: int, scale: float = 0.05) -> np.ndarray:
 class ModelStore:
     """Versions in one folder; the latest is kept in memory (it is what hospitals download)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, classes: tuple[str, ...] = ()) -> None:
         self.root = Path(root)
+        #: What new versions record, and what older versions without them are taken to have.
+        self.classes = tuple(classes)
         self.root.mkdir(parents=True, exist_ok=True)
         for stray in self.root.glob("*.tmp"):
             stray.unlink()
@@ -95,12 +102,16 @@ class ModelStore:
             start = len(MAGIC) + _LEN.size
             meta = json.loads(data[start : start + meta_len])
             weights = np.frombuffer(data, dtype="<f4", offset=start + meta_len)
-            info = VersionInfo(**meta)
+            info = self._info(meta)
         except (ValueError, TypeError, struct.error) as exc:
             raise DataError(f"model version file {self._path(version)} is unreadable") from exc
         if weights_sha256(weights) != info.sha256 or info.version != version:
             raise DataError(f"model version file {self._path(version)} is corrupt (sha256)")
         return info, weights
+
+    def _info(self, meta: dict) -> VersionInfo:
+        classes = meta.pop("classes", None)
+        return VersionInfo(**meta, classes=self.classes if classes is None else tuple(classes))
 
     def info(self, version: int) -> VersionInfo:
         """One version's metadata without reading its weights (for the admin's history)."""
@@ -110,7 +121,7 @@ class ModelStore:
                 if not head.startswith(MAGIC):
                     raise ValueError("magic")
                 (meta_len,) = _LEN.unpack_from(head, len(MAGIC))
-                return VersionInfo(**json.loads(f.read(meta_len)))
+                return self._info(json.loads(f.read(meta_len)))
         except (OSError, ValueError, TypeError, struct.error) as exc:
             raise DataError(f"model version file {self._path(version)} is unreadable") from exc
 
@@ -128,6 +139,7 @@ class ModelStore:
             version=version, contributors=contributors, total_samples=total_samples,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             sha256=weights_sha256(weights), length=int(weights.shape[0]),
+            classes=self.classes,
         )
         meta = json.dumps(info.__dict__).encode()
         final = self._path(version)

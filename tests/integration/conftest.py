@@ -34,14 +34,10 @@ class Federation:
 
     def server_toml(self, port: int, params: int = 1000) -> Path:
         """A settings file for a server run as its own process (``securefl server``)."""
-        text = (self.certs.root / "server.toml").read_text()
-        text = text.replace('host = "0.0.0.0"', 'host = "127.0.0.1"')
-        text = text.replace("port = 9095", f"port = {port}")
-        text = text.replace('["a", "b", "c", "d"]', '["a", "b", "c"]')
-        path = self.certs.root / "server-test.toml"
-        model_at = text.index("[model]")  # a plain seeded vector instead of the CNN
-        path.write_text(text[:model_at] + f"[model]\nparams = {params}\nseed = 0\n")
-        return path
+        data = config.read_toml(self.certs.root / "server.toml")
+        data.update(host="127.0.0.1", port=port, hospitals=["a", "b", "c"],
+                    model={"params": params, "seed": 0})  # a seeded vector, not the CNN
+        return config.write_toml(self.certs.root / "server-test.toml", data)
 
     def client_settings(self, name: str, port: int, **changes: object) -> config.ClientSettings:
         path = (self.certs.root / "admin.toml" if name == "admin"

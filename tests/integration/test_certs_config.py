@@ -66,22 +66,23 @@ def test_add_revoke_renew_show(tmp_path: Path) -> None:
 
 
 def test_settings_refuse_typos_and_resolve_paths(tmp_path: Path) -> None:
-    good = 'cert = "c.pem"\nkey = "k.pem"\nca = "ca.pem"\nport = 1234\n'
-    (tmp_path / "h.toml").write_text(good)
+    good = {"cert": "c.pem", "key": "k.pem", "ca": "ca.pem", "port": 1234}
+    config.write_toml(tmp_path / "h.toml", good)
     s = config.load(tmp_path / "h.toml", config.ClientSettings)
     assert s.cert == tmp_path / "c.pem" and s.port == 1234
     assert s.state_dir == tmp_path / "state"
     # An older kit's key names are refused with the new name, never guessed.
-    (tmp_path / "old.toml").write_text(good + 'data_dir = "state"\n')
+    config.write_toml(tmp_path / "old.toml", {**good, "data_dir": "state"})
     with pytest.raises(ConfigError, match="data_dir was renamed state_dir"):
         config.load(tmp_path / "old.toml", config.ClientSettings)
-    (tmp_path / "old-ml.toml").write_text(good + '[ml]\ndata_dir = "x"\nmodel_dir = "m"\n')
+    config.write_toml(tmp_path / "old-ml.toml",
+                      {**good, "ml": {"data_dir": "x", "model_dir": "m"}})
     with pytest.raises(ConfigError, match=r"\[ml\] data_dir was renamed scans_dir"):
         config.load(tmp_path / "old-ml.toml", config.ClientSettings)
-    (tmp_path / "bad.toml").write_text(good + "prot = 5\n")
+    config.write_toml(tmp_path / "bad.toml", {**good, "prot": 5})
     with pytest.raises(ConfigError, match="prot"):
         config.load(tmp_path / "bad.toml", config.ClientSettings)
-    (tmp_path / "bad2.toml").write_text(good.replace("1234", "99999"))
+    config.write_toml(tmp_path / "bad2.toml", {**good, "port": 99999})
     with pytest.raises(ConfigError, match="port"):
         config.load(tmp_path / "bad2.toml", config.ClientSettings)
     with pytest.raises(ConfigError, match="not found"):

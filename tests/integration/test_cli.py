@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from securefl import config
 from securefl.cli import EXIT_CODES
 from securefl.errors import (
     CertificateRejectedError,
@@ -32,10 +33,10 @@ def _point_at(fed: Federation, port: int) -> dict[str, Path]:
     paths = {"admin": fed.certs.root / "admin.toml"}
     paths.update({n: fed.certs.kit(n) / "hospital.toml" for n in "abc"})
     for path in paths.values():
-        text = path.read_text().replace('host = "localhost"', 'host = "127.0.0.1"')
-        if "[ml]" in text:  # these rounds send plain vectors, not the kit's CNN
-            text = text[: text.index("[ml]")]
-        path.write_text(text.replace("port = 9095", f"port = {port}"))
+        data = config.read_toml(path)
+        data.update(host="127.0.0.1", port=port)
+        data.pop("ml", None)  # these rounds send plain vectors, not the kit's CNN
+        config.write_toml(path, data)
     return paths
 
 

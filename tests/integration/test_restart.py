@@ -214,7 +214,8 @@ def test_version_0_from_the_ml_model_spec(fed: Federation) -> None:
     from securefl.errors import ConfigError
     from securefl.server.app import Server
 
-    ml = {"image_size": 16, "channels": 1, "classes": 4, "model_kind": "small", "seed": 3}
+    ml = {"image_size": 16, "channels": 1, "classes": ["a", "b", "c", "d"],
+          "model_kind": "small", "seed": 3}
     settings = [fed.server_settings(model=config.ModelSettings(ml=ml),
                                     store_dir=fed.tmp / f"store{i}") for i in range(2)]
     if importlib.util.find_spec("securefl.ml.model") is None:
@@ -224,6 +225,7 @@ def test_version_0_from_the_ml_model_spec(fed: Federation) -> None:
     first, second = (Server(s).store.latest() for s in settings)
     assert first[0].length == second[0].length > 0
     assert first[0].sha256 == second[0].sha256
+    assert first[0].classes == ("a", "b", "c", "d")
 
 
 def test_port_in_use_is_a_clear_error(fed: Federation) -> None:

@@ -9,7 +9,6 @@ certificate), and every test bounds its own run time.
 from __future__ import annotations
 
 import contextlib
-import json
 import resource
 import shutil
 import socket
@@ -48,22 +47,17 @@ class Site:
         rs: dict[str, object] = {"enrolment_timeout": 2.0, "step_timeout": 3.0,
                                  "min_clients": 2}
         rs.update(round_settings)
-        round_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in rs.items())
         c = self.certs.root
-        text = (
-            f'cert = "{c / "server.pem"}"\nkey = "{c / "server.key"}"\n'
-            f'ca = "{c / "ca.pem"}"\ncrl = "{c / "crl.pem"}"\n'
-            f'host = "127.0.0.1"\nport = {self.port}\n'
-            f'store_dir = "{self.root / "store"}"\naudit_log = "{self.root / "audit.jsonl"}"\n'
-            f"hospitals = {json.dumps(hospitals or NAMES)}\n\n"
-            f"[round]\n{round_lines}\n\n[model]\nparams = {params}\nseed = 1\n"
-        )
+        data: dict[str, object] = {
+            "cert": c / "server.pem", "key": c / "server.key", "ca": c / "ca.pem",
+            "crl": c / "crl.pem", "host": "127.0.0.1", "port": self.port,
+            "store_dir": self.root / "store", "audit_log": self.root / "audit.jsonl",
+            "hospitals": hospitals or NAMES, "round": rs,
+            "model": {"params": params, "seed": 1},
+        }
         if limits:
-            text += "\n[limits]\n" + "\n".join(f"{k} = {json.dumps(v)}"
-                                               for k, v in limits.items()) + "\n"
-        path = self.root / "server.toml"
-        path.write_text(text)
-        return path
+            data["limits"] = limits
+        return config.write_toml(self.root / "server.toml", data)
 
     def settings(self, name: str, **changes: object) -> config.ClientSettings:
         path = (self.certs.root / "admin.toml" if name == "admin"

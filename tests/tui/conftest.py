@@ -66,6 +66,16 @@ def _template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Fed]:
     return root, Fed(root, server_toml, hospitals, admin, port)
 
 
+def _moved_settings(data: object, old: str, new: str, port: int) -> object:
+    """A settings table with its paths under ``old`` moved to ``new`` and its port changed."""
+    if isinstance(data, dict):
+        return {k: port if k == "port" else _moved_settings(v, old, new, port)
+                for k, v in data.items()}
+    if isinstance(data, str) and data.startswith(old):
+        return new + data[len(old):]
+    return data
+
+
 @pytest.fixture
 def fed(tmp_path: Path, _template: tuple[Path, Fed]) -> Fed:
     """A private copy of the template federation, on a fresh port."""
@@ -74,8 +84,8 @@ def fed(tmp_path: Path, _template: tuple[Path, Fed]) -> Fed:
     shutil.copytree(old_root, root)
     port = free_port()
     for toml in root.rglob("*.toml"):
-        text = toml.read_text().replace(str(old_root), str(root))
-        toml.write_text(text.replace(f"port = {tpl.port}", f"port = {port}"))
+        config.write_toml(toml, _moved_settings(config.read_toml(toml), str(old_root),
+                                                str(root), port))
 
     def moved(p: Path) -> Path:
         return root / p.relative_to(old_root)

@@ -310,18 +310,17 @@ def test_wrong_shapes_and_dtypes_are_refused():
         ServerOptimizer(ServerOptSettings(), 0)
 
 
-SERVER_TOML = 'cert = "c"\nkey = "k"\nca = "a"\ncrl = "r"\n[server_opt]\n'
+SERVER = {"cert": "c", "key": "k", "ca": "a", "crl": "r"}
 
 
 def test_server_opt_settings_are_validated_with_the_server_settings(tmp_path):
-    path = tmp_path / "server.toml"
-    path.write_text(SERVER_TOML.replace("[server_opt]\n", ""))
+    path = config.write_toml(tmp_path / "server.toml", SERVER)
     assert config.load(path, config.ServerSettings).server_opt == ServerOptSettings()
-    path.write_text(SERVER_TOML + 'kind = "fedadam"\nserver_lr = 0.01\n')
+    config.write_toml(path, {**SERVER, "server_opt": {"kind": "fedadam", "server_lr": 0.01}})
     assert config.load(path, config.ServerSettings).server_opt.kind == "fedadam"
-    for bad in ('kind = "sgd"', "momentum = 1.0", "server_lr = 0", "lr = 1", "server_lr = nan",
-                "eps = inf", 'statistics = "local"'):
-        path.write_text(SERVER_TOML + bad + "\n")
+    for bad in ({"kind": "sgd"}, {"momentum": 1.0}, {"server_lr": 0}, {"lr": 1},
+                {"server_lr": float("nan")}, {"eps": float("inf")}, {"statistics": "local"}):
+        config.write_toml(path, {**SERVER, "server_opt": bad})
         with pytest.raises(ConfigError, match="server_opt"):
             config.load(path, config.ServerSettings)
 

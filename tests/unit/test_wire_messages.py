@@ -99,3 +99,21 @@ def test_identity_comes_from_the_caller_not_the_message() -> None:
     adv = wm.Advertise(rid=1, round_id=5, c_pk=b"c" * 32, s_pk=b"s" * 32, signature=b"x")
     ka = mapping.advertisement_from_wire(adv, name="b", base_version=4, cert_der=b"der")
     assert (ka.name, ka.base_version, ka.cert_der) == ("b", 4, b"der")
+
+
+def test_global_model_carries_the_class_names_in_order() -> None:
+    w = np.arange(3, dtype="<f4")
+    msg = wm.GlobalModel(rid=1, version=4, sha256="ab", contributors=2, total_samples=9,
+                         created="2026-01-01T00:00:00+00:00", classes=["notumor", "glioma"],
+                         array=wm.ArraySpec.of(w))
+    header = json.loads(wm.encode_header(msg))
+    assert header["classes"] == ["notumor", "glioma"]
+    back, array = wm.decode(_frame(msg, w.tobytes()))
+    assert isinstance(back, wm.GlobalModel) and back.classes == ["notumor", "glioma"]
+    np.testing.assert_array_equal(array, w)
+    # Protocol 3: a global_model without the field (a protocol-2 server) is refused.
+    del header["classes"]
+    with pytest.raises(RemoteProtocolError) as err:
+        wm.decode(Frame(json.dumps(header).encode(), w.tobytes()))
+    assert err.value.code == "bad-message"
+    assert wm.PROTOCOL_VERSION == 3

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 from securefl.cli import main
+from securefl.config import write_toml
 from securefl.ml.train import read_history
 
 #: A hospital.toml's connection part: ML commands never connect, but read the same file.
-TLS = 'cert = "hospital.pem"\nkey = "hospital.key"\nca = "ca.pem"\n'
+TLS = {"cert": "hospital.pem", "key": "hospital.key", "ca": "ca.pem"}
 
 
 def test_synth_train_evaluate_classify(tmp_path, capsys):
@@ -16,11 +17,9 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(data), "--hospitals", "2", "--train", "48",
                  "--test", "16", "--size", "32", "--seed", "2"]) == 0
     assert (data / "hospital_2" / "Testing" / "pituitary").is_dir()
-    cfg = tmp_path / "hospital.toml"
-    cfg.write_text(
-        TLS + '[ml]\nscans_dir = "data/hospital_1"\nmodel_dir = "runs/h1"\nimage_size = 32\n'
-        'model_kind = "small"\nepochs = 1\nbatch_size = 16\n'
-    )
+    ml = {"scans_dir": "data/hospital_1", "model_dir": "runs/h1", "image_size": 32,
+          "model_kind": "small", "epochs": 1, "batch_size": 16}
+    cfg = write_toml(tmp_path / "hospital.toml", {**TLS, "ml": ml})
     capsys.readouterr()
     scan = next((data / "hospital_1" / "Testing" / "meningioma").iterdir())
     # No model yet: no answer, and nothing saved that could pass for one.
@@ -47,23 +46,23 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
     assert events == ["train", "evaluate"]
 
     # settings that no longer match the saved model are refused, not silently retrained
-    cfg.write_text(cfg.read_text().replace("image_size = 32", "image_size = 40"))
+    write_toml(cfg, {"ml": {**ml, "image_size": 40}})
     assert main(["client", "--config", str(cfg), "evaluate"]) == 4
     assert "move the old model file away" in capsys.readouterr().err
 
 
 def test_errors_are_one_sentence_and_an_exit_code(tmp_path, capsys):
-    cfg = tmp_path / "h.toml"
-    cfg.write_text(TLS + '[ml]\nscans_dir = "missing"\nmodel_dir = "runs"\n')
+    cfg = write_toml(tmp_path / "h.toml",
+                     {**TLS, "ml": {"scans_dir": "missing", "model_dir": "runs"}})
     assert main(["client", "--config", str(cfg), "train"]) == 4  # DataError
     assert "data folder" in capsys.readouterr().err
-    cfg.write_text(TLS + '[ml]\nscans_dir = "x"\nmodel_dir = "y"\nepochs = 0\n')
+    write_toml(cfg, {**TLS, "ml": {"scans_dir": "x", "model_dir": "y", "epochs": 0}})
     assert main(["client", "--config", str(cfg), "evaluate"]) == 3  # ConfigError
     assert "epochs" in capsys.readouterr().err
     assert main(["client", "--config", str(tmp_path / "none.toml"), "train"]) == 3
-    cfg.write_text(TLS)
+    write_toml(cfg, TLS)
     assert main(["client", "--config", str(cfg), "train"]) == 3
-    assert "[ml]" in capsys.readouterr().err
+    assert "no [ml] table" in capsys.readouterr().err
 
 
 def test_train_and_evaluate_say_which_files_were_skipped(tmp_path, capsys):
@@ -77,11 +76,9 @@ def test_train_and_evaluate_say_which_files_were_skipped(tmp_path, capsys):
         (scans / "Training" / "glioma" / name).write_bytes(b"not an image at all")
     (scans / "Training" / "notumor" / "README.txt").write_text("exported 2024-03-01")
     (scans / "Testing" / "pituitary" / "e.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    cfg = tmp_path / "hospital.toml"
-    cfg.write_text(
-        TLS + '[ml]\nscans_dir = "data/hospital_1"\nmodel_dir = "runs"\nimage_size = 32\n'
-        'model_kind = "small"\nepochs = 1\nbatch_size = 8\n'
-    )
+    ml = {"scans_dir": "data/hospital_1", "model_dir": "runs", "image_size": 32,
+          "model_kind": "small", "epochs": 1, "batch_size": 8}
+    cfg = write_toml(tmp_path / "hospital.toml", {**TLS, "ml": ml})
     capsys.readouterr()
     assert main(["client", "--config", str(cfg), "train"]) == 0
     out = capsys.readouterr()

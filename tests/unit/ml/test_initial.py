@@ -13,7 +13,8 @@ from securefl.ml.initial import main
 
 def test_vector_and_layers(tmp_path):
     out, layers_out = tmp_path / "initial.npy", tmp_path / "layers.json"
-    spec = {"image_size": 32, "model_kind": "small", "classes": 4, "seed": 2}
+    spec = {"image_size": 32, "model_kind": "small", "classes": ["a", "b", "c", "d"],
+            "seed": 2}
     assert main(["--spec", json.dumps(spec), "--out", str(out),
                  "--layers-out", str(layers_out)]) == 0
     vector = np.load(out)
