@@ -16,6 +16,7 @@ from securefl.errors import (
     NotEnoughSurvivorsError,
     ServerUnreachableError,
     StaleVersionError,
+    UpdateAlreadySentError,
 )
 
 from .conftest import Federation
@@ -66,6 +67,12 @@ def test_headless_round_and_exit_codes(fed: Federation) -> None:
             assert p.returncode == 0 and "published global version 1" in out, err
         assert _cli("admin", "--config", cfg["admin"], "version").stdout.strip() == "1"
 
+        again = _cli("client", "--config", cfg["a"], "send", "--update", fed.tmp / "a.npy",
+                     "--samples", "5")
+        assert again.returncode == EXIT_CODES[UpdateAlreadySentError] == 13
+        assert "already in global version 1" in again.stderr
+        # A site that lost its state folder's record: the server still refuses the stale base.
+        (fed.certs.kit("a") / "state" / "send.json").unlink()
         stale = _cli("client", "--config", cfg["a"], "send", "--update", fed.tmp / "a.npy",
                      "--samples", "5")
         assert stale.returncode == EXIT_CODES[StaleVersionError] == 12
