@@ -132,7 +132,7 @@ def test_stale_base_version_is_refused_with_the_current_version(fed: Federation)
         async with running(settings) as srv, HospitalSession(
             fed.client_settings("a", srv.port)) as h:
             with pytest.raises(StaleVersionError) as err:
-                await h.send(np.zeros(D, np.float32), 5, base_version=0)
+                await h.send(np.full(D, 0.01, np.float32), 5, base_version=0)
             assert err.value.server_version == 1  # type: ignore[attr-defined]
             assert "current version is 1" in err.value.message
             # The same hospital can go on: download the new model and join.

@@ -48,7 +48,7 @@ def test_upload_slot_requests_that_cannot_be_followed_are_refused(
             async with HospitalSession(fed.client_settings("b", srv.port)) as h, \
                     AdminSession(fed.client_settings("admin", srv.port)) as admin:
                 await h.get_global()
-                task = asyncio.create_task(h.send(np.zeros(1000, np.float32), 3))
+                task = asyncio.create_task(h.send(np.full(1000, 0.01, np.float32), 3))
                 while await admin.count() < 1:
                     await asyncio.sleep(0.02)
                 task.cancel()
