@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from securefl.cli import EXIT_CODES
+from securefl.config import read_toml, write_toml
 from securefl.errors import UpdateAlreadySentError
 from tests.outcome import assert_published, fedavgm_step, tolerance, weighted_mean
 
@@ -48,9 +49,13 @@ def wait_for(what: str, check: object, timeout: float = 120.0) -> None:
         time.sleep(0.2)
 
 
-def small_model(path: Path) -> None:
+def small_model(path: Path, **top: object) -> None:
     """The tutorial's one edit for a quick trial: smaller images, in the server and kits."""
-    path.write_text(path.read_text().replace("image_size = 128", "image_size = 32"))
+    data = read_toml(path)
+    table = data["model"]["ml"] if "model" in data else data["ml"]
+    assert table["image_size"] == 128  # what the kits come with
+    table["image_size"] = 32
+    write_toml(path, {**data, **top})
 
 
 def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
@@ -67,10 +72,8 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
     for i, kit in enumerate(kits.values(), start=1):
         shutil.move(tmp_path / "synth" / f"hospital_{i}", kit / "scans")
         small_model(kit / "hospital.toml")
-    small_model(certs / "server.toml")
     server_toml = certs / "server.toml"
-    server_toml.write_text(server_toml.read_text().replace('host = "0.0.0.0"',
-                                                           'host = "127.0.0.1"'))
+    small_model(server_toml, host="127.0.0.1")  # listen on loopback only: a test
     server = spawn("server", "--config", server_toml, cwd=tmp_path, log=tmp_path / "server.log")
     sends: dict[str, subprocess.Popen] = {}
     try:

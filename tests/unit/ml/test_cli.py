@@ -46,7 +46,7 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
     assert events == ["train", "evaluate"]
 
     # settings that no longer match the saved model are refused, not silently retrained
-    write_toml(cfg, {"ml": {**ml, "image_size": 40}})
+    write_toml(cfg, {**TLS, "ml": {**ml, "image_size": 40}})
     assert main(["client", "--config", str(cfg), "evaluate"]) == 4
     assert "move the old model file away" in capsys.readouterr().err
 

@@ -1,0 +1,90 @@
+"""The hospital's durable send record and class checks, without a network.
+
+What a ``send`` may do next is decided from ``state/send.json`` alone; these tests write the
+record exactly as the round writes it at each stage (``Hospital``'s journal) and ask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from securefl import config
+from securefl.client.hospital import Hospital, LocalState, SendRecord
+from securefl.errors import ConfigError, DataError, UpdateAlreadySentError
+from securefl.ml.settings import MLSettings
+
+
+def _hospital(tmp_path: Path, classes: tuple[str, ...] = ("a", "b")) -> Hospital:
+    settings = config.ClientSettings(cert=tmp_path / "c.pem", key=tmp_path / "k.pem",
+                                     ca=tmp_path / "ca.pem", state_dir=tmp_path / "state")
+    ml = MLSettings(scans_dir=tmp_path / "scans", model_dir=tmp_path / "model", classes=classes)
+    return Hospital(settings, ml)
+
+
+def test_nothing_sent_yet_or_another_version_allows_sending(tmp_path: Path) -> None:
+    h = _hospital(tmp_path)
+    h.check_can_send(0)
+    h._save_send_record(SendRecord(0, 5, "x", stage="published", round_id=1,
+                                   published_version=1))
+    h.check_can_send(1)  # trained on the new version: a new update
+
+
+@pytest.mark.parametrize("stage", ["joining", "joined", "keys-shared"])
+def test_before_the_masked_input_left_sending_again_is_allowed(tmp_path: Path,
+                                                              stage: str) -> None:
+    h = _hospital(tmp_path)
+    h._save_send_record(SendRecord(3, 5, "x", stage=stage, round_id=7))
+    h.check_can_send(3)
+
+
+def test_a_crash_after_recording_errs_on_the_side_of_it_left(tmp_path: Path) -> None:
+    """The record says 'masked-input' before the bytes go: a crash in between still counts
+    as sent, so the same version never gets a second masked update from this hospital."""
+    h = _hospital(tmp_path)
+    h._save_send_record(SendRecord(3, 5, "x", stage="masked-input", round_id=7,
+                                   masked_rounds=(7,)))
+    with pytest.raises(UpdateAlreadySentError, match=r"already left in round 7.*next version"):
+        h.check_can_send(3)
+    # A fresh object (another process) reads the same decision from disk.
+    with pytest.raises(UpdateAlreadySentError):
+        _hospital(tmp_path).check_can_send(3)
+
+
+def test_a_round_the_server_announced_as_abandoned_may_be_resent(tmp_path: Path) -> None:
+    h = _hospital(tmp_path)
+    h._save_send_record(SendRecord(3, 5, "x", stage="masked-input", round_id=7,
+                                   masked_rounds=(7,), abandoned_rounds=(7,)))
+    h.check_can_send(3)
+
+
+def test_published_says_which_version_holds_the_update(tmp_path: Path) -> None:
+    h = _hospital(tmp_path)
+    h._save_send_record(SendRecord(3, 5, "x", stage="published", round_id=7,
+                                   masked_rounds=(7,), published_version=4))
+    with pytest.raises(UpdateAlreadySentError, match="already in global version 4"):
+        h.check_can_send(3)
+
+
+def test_a_damaged_record_is_read_as_it_may_have_left(tmp_path: Path) -> None:
+    h = _hospital(tmp_path)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "send.json").write_text('{"base_version": 3, "samp')
+    with pytest.raises(DataError, match=r"damaged.*wait for the next global version"):
+        h.send_record()
+
+
+def test_a_model_trained_with_another_class_order_is_refused(tmp_path: Path) -> None:
+    h = _hospital(tmp_path, classes=("a", "b"))
+    h._set_local_state(LocalState(0, True, 5, "sha", ("b", "a")))
+    with pytest.raises(DataError, match=r"trained with the classes \[b, a\].*now \[a, b\]"):
+        h.check_classes()
+
+
+def test_ml_commands_without_an_ml_table_say_what_to_add(tmp_path: Path) -> None:
+    settings = config.ClientSettings(cert=tmp_path / "c.pem", key=tmp_path / "k.pem",
+                                     ca=tmp_path / "ca.pem")
+    h = Hospital(settings, None)
+    with pytest.raises(ConfigError, match=r"no \[ml\] table"):
+        h.evaluate()
