@@ -132,6 +132,7 @@ def test_get_train_send_history_and_logout(fed: Fed) -> None:
                 assert_published(v1, expected, tolerance(parts), v0)
                 assert np.abs(mine - theirs).max() > 0.01  # the app's own training is in it
                 await pilot.press("escape")
+                assert "its update is in version 1" in text(app, "#local")
                 await pilot.press("r")
                 await until(pilot, lambda: "version on server: 1" in text(app, "#global"))
                 # History shows the download, the evaluation and the training.

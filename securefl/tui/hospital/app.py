@@ -60,8 +60,12 @@ class HospitalApp(App[int]):
     def refresh_local(self) -> None:
         if self.hospital is not None and self.dashboard is not None:
             meta = self.hospital.global_meta()
+            try:
+                record = self.hospital.send_record()
+            except SecureFLError:
+                record = None  # a damaged record is reported when sending
             self.dashboard.show(local=describe_local(self.hospital.local_state(),
-                                                     meta["version"] if meta else None))
+                                                     meta["version"] if meta else None, record))
 
     def show_status(self, status: ServerStatus | None, connection: str) -> None:
         if self.dashboard is not None:
@@ -176,6 +180,7 @@ class HospitalApp(App[int]):
         if message.outcome is not None:
             self.notify(f"Global version {message.outcome.version} published: get it (g) "
                         "to evaluate the shared model.", title="Round finished")
+        self.refresh_local()
         if self.session is not None:
             self.refresh_status()
 

@@ -15,7 +15,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Header, Static
 
-from securefl.client.hospital import LocalState
+from securefl.client.hospital import LocalState, SendRecord
 from securefl.client.session import ServerStatus
 
 HERE = Path(__file__).parent
@@ -26,7 +26,8 @@ ACTIONS = [("train", "Train", "t", "Train"), ("send", "Send weights", "s", "Send
            ("history", "History", "h", "History"), ("logout", "Log out", "q", "Log out")]
 
 
-def describe_local(state: LocalState, downloaded: int | None) -> str:
+def describe_local(state: LocalState, downloaded: int | None,
+                   record: SendRecord | None = None) -> str:
     if state.base_version is None and not state.trained:
         base = "no model yet (press g to get the global weights)"
     elif state.base_version is None:
@@ -35,7 +36,13 @@ def describe_local(state: LocalState, downloaded: int | None) -> str:
         base = f"based on global version {state.base_version}"
     trained = f", trained on {state.num_samples} scans" if state.trained else ", not trained yet"
     got = f"; last download: version {downloaded}" if downloaded is not None else ""
-    return f"Local model: {base}{trained}{got}"
+    sent = ""
+    if record is not None and record.base_version == state.base_version:
+        if record.stage == "published":
+            sent = f"; its update is in version {record.published_version}"
+        elif record.pending_round is not None:
+            sent = f"; its update went out in round {record.pending_round}"
+    return f"Local model: {base}{trained}{got}{sent}"
 
 
 def describe_status(status: ServerStatus | None) -> tuple[str, str]:
