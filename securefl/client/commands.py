@@ -46,6 +46,7 @@ async def hospital(args: argparse.Namespace) -> int:
     state = hospital.state_dir
     async with hospital.session() as session:
         if session.resend_round is not None:
+            hospital.note_abandoned(session.resend_round)
             print(f"note: round {session.resend_round} was abandoned by a server restart; "
                   "send your update again")
         action = args.client_action

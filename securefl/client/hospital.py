@@ -206,6 +206,16 @@ class Hospital:
         stamped = {**asdict(record), "updated": datetime.now(UTC).isoformat(timespec="seconds")}
         _write_json(self.state_dir / "send.json", stamped, durable=True)
 
+    def note_abandoned(self, round_id: int) -> None:
+        """The server announced that ``round_id`` was abandoned (e.g. by its restart): an
+        update whose masked input went to that round may be sent again (today's rule; the
+        secure-aggregation issue narrows it to a retry with the same survivors)."""
+        rec = self.send_record()
+        if rec is not None and round_id in rec.masked_rounds \
+                and round_id not in rec.abandoned_rounds:
+            self._save_send_record(SendRecord(**{
+                **asdict(rec), "abandoned_rounds": (*rec.abandoned_rounds, round_id)}))
+
     def sent_update(self, base_version: int) -> np.ndarray | None:
         """The update this hospital handed to a round on ``base_version`` (None if none)."""
         path = self.state_dir / "sent" / f"v{base_version:08d}.npy"

@@ -88,3 +88,16 @@ def test_ml_commands_without_an_ml_table_say_what_to_add(tmp_path: Path) -> None
     h = Hospital(settings, None)
     with pytest.raises(ConfigError, match=r"no \[ml\] table"):
         h.evaluate()
+
+
+def test_a_round_abandoned_by_a_server_restart_may_be_resent(tmp_path: Path) -> None:
+    """The server's welcome names the round its restart abandoned: the record takes note,
+    so `send` does not contradict the 'send your update again' the user was just told."""
+    h = _hospital(tmp_path)
+    h._save_send_record(SendRecord(3, 5, "x", stage="masked-input", round_id=7,
+                                   masked_rounds=(7,)))
+    h.note_abandoned(6)  # another round: changes nothing
+    with pytest.raises(UpdateAlreadySentError):
+        h.check_can_send(3)
+    h.note_abandoned(7)
+    h.check_can_send(3)

@@ -87,6 +87,7 @@ class HospitalApp(App[int]):
             return
         self.session = session
         if session.resend_round is not None:
+            self.hospital.note_abandoned(session.resend_round)
             self.notify(f"Round {session.resend_round} was abandoned when the server "
                         "restarted: send your update again (s).", severity="warning")
         await self._status_once()
