@@ -47,8 +47,8 @@ async def hospital(args: argparse.Namespace) -> int:
     async with hospital.session() as session:
         if session.resend_round is not None:
             hospital.note_abandoned(session.resend_round)
-            print(f"note: round {session.resend_round} was abandoned by a server restart; "
-                  "send your update again")
+            print(f"note: round {session.resend_round} ended without publishing anything (the "
+                  "server restarted or too few hospitals stayed); send your update again")
         action = args.client_action
         if action == "status":
             st = await session.status()
@@ -109,9 +109,9 @@ def interrupted_send_note(config: Path) -> str:
                 f"{record.published_version} with this update in it")
     if record.pending_round is not None:
         return (f"send interrupted after the masked update left in round "
-                f"{record.pending_round}: it is in that round's result if the round "
-                "publishes; otherwise wait for the next version, then get, train and send "
-                "(do not send again on this version)")
+                f"{record.pending_round}: if that round publishes, the update is in it; if it "
+                "fails, the server says so the next time this hospital connects, and send may "
+                "then join a new round (`status` shows how the round is doing)")
     return ("send interrupted before the masked update left: nothing of it was used; run "
             "send again to join the round")
 

@@ -252,8 +252,10 @@ class Hospital:
         if pending is not None:
             raise UpdateAlreadySentError(
                 f"this hospital's masked update for version {base_version} already left in "
-                f"round {pending}: it is in that round's result if the round publishes, "
-                "otherwise wait for the next version, then get, train and send")
+                f"round {pending}, which has not reported back: if that round publishes, the "
+                "update is in it (then get, train and send on the new version); if it fails, "
+                "the server says so when this hospital next connects and send may join a new "
+                "round")
 
     def data_summary(self) -> dict[str, dict[str, int]]:
         """Images per class in Training/ and Testing/, counted from file names (no decoding),

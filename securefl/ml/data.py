@@ -185,7 +185,8 @@ def _class_files(
         if not images:
             raise DataError(
                 f"{folder} has no JPEG or PNG images (subfolders included): add scans of class "
-                f"'{name}' or remove the class from the settings"
+                f"'{name}' (the federation's model needs at least one of every class it "
+                "knows, so a class cannot be left out)"
             )
         files += [(p, label) for p in images]
     return files, ignored
@@ -267,8 +268,8 @@ def _refuse_unreadable_classes(
         first, reason = bad[0]
         parts.append(f"class '{classes[label]}' has no readable scans in {folder} (all "
                      f"{len(bad)} image file(s) were skipped, e.g. {first.name}: {reason})")
-    raise DataError("; ".join(parts) + ": replace them with readable JPEG or PNG scans, or "
-                    "remove the class from the settings")
+    raise DataError("; ".join(parts) + ": replace them with readable JPEG or PNG scans (the "
+                    "federation's model needs at least one of every class it knows)")
 
 
 SkippedFiles = Iterable[tuple[str | Path, str]]

@@ -64,8 +64,9 @@ class Coordinator(AdminActions):
         state = self._load_state()
         self.next_round_id: int = state.get("next_round", 1)
         abandoned = state.get("in_flight")
-        #: Names told to resend because a restart abandoned their round.
-        self.resend: dict[str, int] = {}
+        #: Names to tell, when they next say hello, that a round of theirs was abandoned
+        #: (by a restart, or while they were away): their ``send`` may then join a new one.
+        self.resend: dict[str, int] = {k: int(v) for k, v in state.get("resend", {}).items()}
         if abandoned:
             for name in abandoned["members"]:
                 self.resend[name] = abandoned["round_id"]
@@ -84,7 +85,8 @@ class Coordinator(AdminActions):
         """Round counter and the round in flight.  Fsynced when a round opens or ends (round
         ids must never repeat); a member joining only needs to survive a killed process."""
         tmp = self._state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"next_round": self.next_round_id, "in_flight": in_flight}))
+        tmp.write_text(json.dumps({"next_round": self.next_round_id, "in_flight": in_flight,
+                                   "resend": self.resend}))
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -149,9 +151,13 @@ class Coordinator(AdminActions):
                 raise RemoteProtocolError(
                     f"this server speaks protocol {wm.PROTOCOL_VERSION}, not {msg.protocol}",
                     code="unsupported-protocol")
+            resend = self.resend.pop(peer.name, None)
+            if resend is not None:
+                rnd = self.round
+                self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)}
+                                 if rnd is not None else None, durable=False)
             return wm.Welcome(rid=msg.rid, name=peer.name, role=peer.role.value,
-                              version=self.version,
-                              resend_round=self.resend.pop(peer.name, None)), None
+                              version=self.version, resend_round=resend), None
         if isinstance(msg, wm.Status):
             return self._status(msg.rid), None
         if isinstance(msg, wm.GetGlobal):
@@ -395,6 +401,11 @@ class Coordinator(AdminActions):
         done = wm.RoundDone(round_id=rnd.round_id, version=self.version, resend=True,
                             retry_round=again.round_id if again else 0, code=code,
                             message=message)
-        for peer in rnd.members.values():
-            self._push(peer, done)
+        for name, peer in rnd.members.items():
+            if peer.open:
+                self._push(peer, done)
+            else:  # gone before it heard: told when it next connects
+                self.resend[name] = rnd.round_id
+        if any(not p.open for p in rnd.members.values()):
+            self._save_state(None)
         return again

@@ -18,7 +18,7 @@ from securefl.cli import EXIT_CODES
 from securefl.client.hospital import Hospital
 from securefl.client.session import AdminSession, HospitalSession, RoundAbandonedError
 from securefl.config import read_toml, write_toml
-from securefl.errors import DataError, UpdateAlreadySentError
+from securefl.errors import DataError, NotEnoughSurvivorsError, UpdateAlreadySentError
 from tests.outcome import assert_published, fedavgm_step, tolerance, weighted_mean
 
 from .conftest import Federation, running
@@ -35,9 +35,9 @@ def _update(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 0.05, D).astype(np.float32)
 
 
-async def _published(fed: Federation, port: int) -> np.ndarray:
+async def _published(fed: Federation, port: int, name: str = "c") -> np.ndarray:
     """The current global version, fetched without touching any hospital's files."""
-    async with HospitalSession(fed.client_settings("c", port)) as s:
+    async with HospitalSession(fed.client_settings(name, port)) as s:
         return (await s.get_global()).weights
 
 
@@ -136,7 +136,7 @@ def test_after_the_masked_input_left_the_update_is_never_sent_again_on_that_vers
             assert record is not None and record.pending_round == 1
             async with sites["a"].session() as s:
                 with pytest.raises(UpdateAlreadySentError,
-                                   match=r"already left in round 1.*if the round publishes"):
+                                   match=r"already left in round 1.*if that round publishes"):
                     await sites["a"].send_update(s, ups["a"], 10, 0)
             async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
                 await _wait(admin, "submitted", 3)
@@ -243,3 +243,49 @@ def test_exit_code_13_is_documented() -> None:
     quickstart = (Path(__file__).resolve().parents[2] / "docs" / "QUICKSTART.md").read_text()
     assert EXIT_CODES[UpdateAlreadySentError] == 13
     assert "| 13 |" in quickstart
+
+
+def test_a_round_that_fails_while_a_hospital_is_away_is_announced_when_it_returns(
+        fed: Federation) -> None:
+    """Two hospitals; one vanishes after its masked input, so the round cannot be unmasked
+    and nobody is left to retry with.  When it reconnects the server tells it the round
+    ended without a version, and both can then publish the next one: the federation is not
+    stuck (a walk through the docs found it stuck here)."""
+    ups = {n: _update(20 + i) for i, n in enumerate("ab")}
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray]:
+        async with running(fed.server_settings(hospitals=["a", "b"])) as srv:
+            sites = {n: _site(fed, n, srv.port) for n in "ab"}
+            v0 = await _get(sites["a"])
+            await _get(sites["b"])
+            gone = await sites["a"].session().connect()
+            stays = await sites["b"].session().connect()
+            left = asyncio.create_task(sites["a"].send_update(gone, ups["a"], 10, 0,
+                                                              leave_after="masked_input"))
+            waiting = asyncio.create_task(sites["b"].send_update(stays, ups["b"], 10, 0))
+            assert await left is None
+            await gone.close()
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                await _wait(admin, "submitted", 2)
+                with pytest.raises(NotEnoughSurvivorsError, match="too few hospitals"):
+                    await admin.aggregate()
+                with pytest.raises(RoundAbandonedError):
+                    await waiting
+                async with sites["a"].session() as s:
+                    assert s.resend_round == 1  # told once, on its next hello
+                    sites["a"].note_abandoned(s.resend_round)
+                async with sites["a"].session() as s:
+                    assert s.resend_round is None
+                again = [asyncio.create_task(sites[n].send_update(
+                    await sites[n].session().connect(), ups[n], 10, 0)) for n in "ab"]
+                await _wait(admin, "submitted", 2)
+                assert (await admin.aggregate()).version == 1
+            outcomes = await asyncio.gather(*again)
+            assert {o.version for o in outcomes} == {1}
+            await stays.close()
+            return v0, await _published(fed, srv.port, "b")
+
+    v0, v1 = asyncio.run(scenario())
+    parts = [(ups[n], 10) for n in "ab"]
+    expected, _ = fedavgm_step(v0, weighted_mean(parts), None)
+    assert_published(v1, expected, tolerance(parts), v0)

@@ -88,8 +88,9 @@ class HospitalApp(App[int]):
         self.session = session
         if session.resend_round is not None:
             self.hospital.note_abandoned(session.resend_round)
-            self.notify(f"Round {session.resend_round} was abandoned when the server "
-                        "restarted: send your update again (s).", severity="warning")
+            self.notify(f"Round {session.resend_round} ended without publishing anything "
+                        "(the server restarted or too few hospitals stayed): send your update "
+                        "again (s).", severity="warning")
         await self._status_once()
 
     async def _status_once(self) -> None:

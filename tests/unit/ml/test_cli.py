@@ -112,4 +112,4 @@ def test_train_and_evaluate_say_which_files_were_skipped(tmp_path, capsys):
     assert main(["client", "--config", str(cfg), "evaluate"]) == 4
     err = capsys.readouterr().err
     assert (f"class 'pituitary' has no readable scans in {scans / 'Testing' / 'pituitary'}"
-            in err and "remove the class from the settings" in err)
+            in err and "needs at least one of every class" in err)

@@ -131,7 +131,7 @@ def test_class_whose_scans_are_all_unreadable_is_refused_by_name(tmp_path):
         load_split(root, "Training", classes=CLASSES, size=16)
     msg = err.value.message
     assert f"class 'meningioma' has no readable scans in {folder}" in msg
-    assert "all 2 image file(s) were skipped" in msg and "remove the class" in msg
+    assert "all 2 image file(s) were skipped" in msg and "needs at least one of every class" in msg
     # the other split still loads: the error is about this class folder only
     assert len(load_split(root, "Testing", classes=CLASSES, size=16)) == 8
 
