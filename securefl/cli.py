@@ -162,6 +162,9 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
 def _add_client_net_actions(actions: argparse._SubParsersAction) -> None:
     """The hospital's network actions under ``securefl client --config FILE``."""
     get = actions.add_parser("get", help="download the current global model into state_dir")
+    get.add_argument("--replace-trained", action="store_true",
+                     help="replace a local model that was trained on the current version but "
+                     "not sent yet (without it, get refuses rather than lose that training)")
     send = actions.add_parser("send", help="take part in a round with a trained update")
     what = send.add_mutually_exclusive_group()
     what.add_argument("--update", type=Path,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -57,7 +58,7 @@ async def hospital(args: argparse.Namespace) -> int:
                   f"{len(st.submitted)}")
             return 0
         if action == "get":
-            model = await hospital.get(session)
+            model = await hospital.get(session, replace_trained=args.replace_trained)
             where = (f"loaded into the local model {hospital.ml.model_path}"
                      if hospital.has_ml else f"saved to {state / 'global.npy'}")
             print(f"global version {model.version} downloaded ({model.weights.size} "
@@ -85,6 +86,7 @@ async def hospital(args: argparse.Namespace) -> int:
                 update = _load_vector(args.update)
             samples = args.samples
             what = f"the update trained on version {base}"
+        hospital.check_can_send(base)  # refused before anything says "sending"
         print(f"sending {what}; masked here, so only the sum of several hospitals' updates "
               "can be read.  This stays connected until the administrator aggregates the "
               "round: keep it running.", flush=True)
@@ -149,11 +151,22 @@ async def admin(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a service stop) ends a command the way Ctrl-C does, with its note."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def run(coro_fn: object, args: argparse.Namespace) -> int:
+    sending = getattr(args, "client_action", None) == "send"
+    if sending:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return asyncio.run(coro_fn(args))  # type: ignore[operator]
-    except KeyboardInterrupt:
-        if getattr(args, "client_action", None) == "send":
+    except KeyboardInterrupt as exc:
+        if sending:
             print(f"securefl: {interrupted_send_note(args.config)}", file=sys.stderr)
-            return 130
+            return 143 if isinstance(exc, _Terminated) else 130
         raise

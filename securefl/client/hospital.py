@@ -412,9 +412,33 @@ class Hospital:
         return local_w - global_w, state.num_samples, int(meta["version"])
 
     # -- federation (async) --------------------------------------------------------------------
+    def unsent_training(self, server_version: int) -> int | None:
+        """The version a trained local model is based on, when that model could still be
+        sent (trained on ``server_version``, its update not sent yet); otherwise None."""
+        state = self.local_state()
+        if not (self.has_ml and state.trained and state.base_version == server_version):
+            return None
+        rec = self.send_record()
+        if rec is not None and rec.base_version == server_version and (
+                rec.stage == "published" or rec.pending_round is not None):
+            return None  # already went out: nothing to lose
+        return server_version
+
     async def get(self, session: HospitalSession,
-                  on_progress: Callable[[int, int], None] | None = None) -> GlobalModel:
-        """Download (sha256-checked), keep it, and load it into the local model."""
+                  on_progress: Callable[[int, int], None] | None = None, *,
+                  replace_trained: bool = False) -> GlobalModel:
+        """Download (sha256-checked), keep it, and load it into the local model.
+
+        A local model trained on the version the server still has, and not sent, would be
+        overwritten: that is refused unless ``replace_trained`` (training can take hours).
+        """
+        if not replace_trained and self.has_ml:
+            st = await session.status()
+            if (base := self.unsent_training(st.version)) is not None:
+                raise DataError(
+                    f"the local model was trained on version {base} and its update has not "
+                    "been sent; getting the global model would overwrite that training: send "
+                    "it first, or get with --replace-trained to discard it")
         model = await session.get_global(on_progress)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         np.save(self.state_dir / "global.npy", model.weights)

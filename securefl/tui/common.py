@@ -57,9 +57,14 @@ class ConfirmScreen(ModalScreen[bool]):
     BINDINGS = [("escape", "dismiss(False)", "Cancel"), ("y", "dismiss(True)", "Yes"),
                 ("n", "dismiss(False)", "No")]
 
-    def __init__(self, question: str) -> None:
+    def __init__(self, question: str, *, default_no: bool = False) -> None:
+        """``default_no``: No has the focus, so Enter cannot destroy anything by habit."""
         super().__init__()
-        self.question = question
+        self.question, self.default_no = question, default_no
+
+    def on_mount(self) -> None:
+        if self.default_no:
+            self.query_one("#no", Button).focus()
 
     def compose(self) -> ComposeResult:
         with Grid(id="dialog"):

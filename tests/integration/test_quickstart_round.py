@@ -87,6 +87,11 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
             trained = securefl("client", "--config", cfg, "train", cwd=tmp_path)
             assert trained.returncode == 0, trained.stderr
             assert "from global version 0 on 48 scans" in trained.stdout
+            if name == "north":  # get now would overwrite training that was not sent
+                model = (kit / "model" / "model.keras").read_bytes()
+                again = securefl("client", "--config", cfg, "get", cwd=tmp_path)
+                assert again.returncode == 4 and "send it first" in again.stderr
+                assert (kit / "model" / "model.keras").read_bytes() == model
             sends[name] = spawn("client", "--config", cfg, "send", cwd=tmp_path,
                                 log=tmp_path / f"send-{name}.log")
         admin = certs / "admin.toml"

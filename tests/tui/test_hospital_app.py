@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-from textual.widgets import DataTable, Input, ProgressBar, Static
+from textual.widgets import DataTable, Input, Label, ProgressBar, Static
 
 from securefl.client.hospital import Hospital
 from securefl.client.session import AdminSession, HospitalSession
+from securefl.tui.common import ConfirmScreen
 from securefl.tui.hospital.app import HospitalApp
 from securefl.tui.hospital.dashboard import DashboardScreen
 from securefl.tui.hospital.get import GetScreen
@@ -105,6 +106,15 @@ def test_get_train_send_history_and_logout(fed: Fed) -> None:
                 await pilot.click("#start")
                 await until(pilot, lambda: "Trained on 40 scans" in text(app, "#state"), 120)
                 assert app.screen.losses and app.screen.accuracies
+                await pilot.press("escape")
+                assert "trained on 40 scans" in text(app, "#local")
+                # Get now would overwrite the unsent training: asked first, No by default.
+                await pilot.press("g")
+                await pilot.press("enter")
+                await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+                assert "was not sent" in str(app.screen.query_one("#question", Label).render())
+                await pilot.press("enter")  # the focused button is No
+                await until(pilot, lambda: "Kept the trained model" in text(app, "#state"))
                 await pilot.press("escape")
                 assert "trained on 40 scans" in text(app, "#local")
                 # Send: the stepper follows the round; hospital_2 and the admin take part.

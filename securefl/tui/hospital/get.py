@@ -20,7 +20,7 @@ from securefl.client.hospital import Hospital
 from securefl.client.session import HospitalSession
 from securefl.ml.data import describe_skipped
 from securefl.ml.train import EvalReport, append_history
-from securefl.tui.common import notify_error
+from securefl.tui.common import ConfirmScreen, notify_error
 
 HERE = Path(__file__).parent
 STEPS = ["Downloading", "sha256 verified", "Loaded into the local model", "Evaluated"]
@@ -72,8 +72,39 @@ class GetScreen(Screen):
             return
         self.running = True
         self.query_one("#start", Button).disabled = True
+        self.check_then_download()
+
+    @work(exclusive=True, group="get")
+    async def check_then_download(self) -> None:
+        """A trained, unsent model would be overwritten: ask first (training takes long)."""
+        assert self.session is not None
+        try:
+            status = await self.session.status()
+        except Exception as exc:  # shown as a notification
+            self._fail(exc)
+            return
+        base = self.hospital.unsent_training(status.version)
+        if base is None:
+            self._begin(False)
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._begin(True)
+            else:
+                self.running = False
+                self.query_one("#start", Button).disabled = False
+                self.query_one("#state", Static).update(
+                    "Kept the trained model: press Escape, then s to send its update.")
+
+        self.app.push_screen(ConfirmScreen(
+            f"The local model was trained on version {base} and its update was not sent. "
+            "Replace it with the global model (the training is lost)?", default_no=True),
+            answered)
+
+    def _begin(self, replace_trained: bool) -> None:
         self._step(0)
-        self.download()
+        self.download(replace_trained)
 
     def action_back(self) -> None:
         if self.running:
@@ -102,11 +133,12 @@ class GetScreen(Screen):
         self.query_one("#start", Button).disabled = False
         notify_error(self.app, exc, "Get weights failed")
 
-    @work(exclusive=True, group="get")
-    async def download(self) -> None:
+    @work(exclusive=True, group="download")
+    async def download(self, replace_trained: bool = False) -> None:
         assert self.session is not None
         try:
-            model = await self.hospital.get(self.session, on_progress=self._downloaded)
+            model = await self.hospital.get(self.session, on_progress=self._downloaded,
+                                            replace_trained=replace_trained)
         except Exception as exc:  # shown as a notification
             self._fail(exc)
             return
