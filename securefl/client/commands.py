@@ -61,9 +61,10 @@ async def hospital(args: argparse.Namespace) -> int:
             model = await hospital.get(session, replace_trained=args.replace_trained)
             where = (f"loaded into the local model {hospital.ml.model_path}"
                      if hospital.has_ml else f"saved to {state / 'global.npy'}")
-            print(f"global version {model.version} downloaded ({model.weights.size} "
-                  f"parameters, {model.contributors} hospitals, {model.total_samples} scans) "
-                  f"and {where}")
+            made = ("the starting model" if model.version == 0 else
+                    f"from {model.contributors} hospitals, {model.total_samples} scans")
+            print(f"global version {model.version} downloaded ({made}, "
+                  f"{model.weights.size} parameters) and {where}")
             return 0
         # send
         if args.update is None and args.weights is None:
