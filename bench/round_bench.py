@@ -70,7 +70,9 @@ def _settings(certs_root: Path, name: str, port: int) -> config.ClientSettings:
     certs = CertDir(certs_root)
     path = certs.root / "admin.toml" if name == "admin" else certs.kit(name) / "hospital.toml"
     s = config.load(path, config.ClientSettings)
-    return s.model_copy(update={"host": "127.0.0.1", "port": port})
+    # The unmasked baseline run needs hospitals that accept it (they refuse by default).
+    return s.model_copy(update={"host": "127.0.0.1", "port": port,
+                                "policy": config.HospitalPolicy(allow_unmasked=True)})
 
 
 def _hospitals(certs_root: Path, names: list[str], first: int, params: int, port: int,

@@ -116,6 +116,21 @@ class ServerSettings(TLSFiles):
     server_opt: ServerOptSettings = ServerOptSettings()
 
 
+class HospitalPolicy(_Settings):
+    """What a hospital accepts from a round whatever the server says (``[policy]``).
+
+    Why the hospital's own: the server runs the round, so anything it decides alone — send
+    in the clear, combine too few hospitals — is exactly what a dishonest server would
+    decide.  A round that breaks the policy is refused before anything is revealed.
+    """
+
+    #: Send the update without masks when the server asks (``masking = "plain"``).  Only
+    #: for benchmarks and tests: the server then reads this hospital's update.
+    allow_unmasked: bool = False
+    #: Never help unmask a sum of fewer hospitals than this (the round may ask for more).
+    min_contributors: int = Field(2, ge=2, le=1000)
+
+
 class ClientSettings(TLSFiles):
     host: str = "127.0.0.1"
     port: int = Field(9095, ge=0, le=65535)
@@ -129,6 +144,8 @@ class ClientSettings(TLSFiles):
     state_dir: Path = Path("state")
     #: Hospital only: its scans, local model and training settings.
     ml: MLSettings | None = None
+    #: Hospital only: what it accepts from a round, whatever the server says.
+    policy: HospitalPolicy = HospitalPolicy()
 
     @model_validator(mode="after")
     def _host_given(self) -> ClientSettings:

@@ -27,6 +27,7 @@ from securefl.crypto import pki
 from securefl.crypto.quantize import Encoding, check_update
 from securefl.crypto.secagg import ClientRound
 from securefl.errors import (
+    CryptoError,
     DataError,
     LocalProtocolError,
     ProtocolError,
@@ -292,6 +293,12 @@ class HospitalSession(_Session):
         if joined.vector_len != update.shape[0]:
             raise DataError(f"the update has {update.shape[0]} values, the global model "
                             f"{joined.vector_len}: train on the current model")
+        if joined.masking == "plain" and not self.settings.policy.allow_unmasked:
+            raise CryptoError(
+                "the server asked for this hospital's update without masks (masking = "
+                "\"plain\"), which would show it to the server; nothing was sent: tell the "
+                "federation operator (only a test federation may set [policy] "
+                "allow_unmasked = true)")
         enc = Encoding(joined.ring_bits, joined.clip, joined.scale, joined.max_clients,
                        joined.max_weight)
         if not enc.encode(update, samples)[:-1].any():
@@ -319,7 +326,8 @@ class HospitalSession(_Session):
         else:
             rnd = ClientRound(cert=self._cred.cert, signing_key=self._cred.key, ca_cert=self._ca,
                               round_id=joined.round_id, base_version=base, update=update,
-                              weight=samples)
+                              weight=samples,
+                              min_contributors=self.settings.policy.min_contributors)
             await self.conn.request(mapping.advertisement_to_wire(rnd.advertise()))
             if leave_after == "join":
                 return None

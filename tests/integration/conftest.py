@@ -43,7 +43,11 @@ class Federation:
         path = (self.certs.root / "admin.toml" if name == "admin"
                 else self.certs.kit(name) / "hospital.toml")
         s = config.load(path, config.ClientSettings)
-        upd = {"host": "127.0.0.1", "port": port, "reply_timeout": 30.0, "round_timeout": 30.0}
+        # Many of these tests run the unmasked benchmark baseline (masking = "plain"), which
+        # a hospital refuses by default: these test hospitals allow it.  The tests of that
+        # refusal pass policy=config.HospitalPolicy() (the default) explicitly.
+        upd = {"host": "127.0.0.1", "port": port, "reply_timeout": 30.0, "round_timeout": 30.0,
+               "policy": config.HospitalPolicy(allow_unmasked=True)}
         upd.update(changes)
         return s.model_copy(update=upd)
 

@@ -9,7 +9,13 @@ import pytest
 
 from securefl import config
 from securefl.client.session import AdminSession, HospitalSession
-from securefl.errors import DataError, NotEnoughSurvivorsError, ProtocolError, StaleVersionError
+from securefl.errors import (
+    CryptoError,
+    DataError,
+    NotEnoughSurvivorsError,
+    ProtocolError,
+    StaleVersionError,
+)
 from securefl.server.app import BIG_PAYLOAD
 from securefl.server.store import ModelStore
 
@@ -313,3 +319,28 @@ def test_download_reports_its_progress(fed: Federation) -> None:
     assert len(seen) > 2 and all(total == 2_400_000 for _, total in seen)
     got = [g for g, _ in seen]
     assert got == sorted(got) and got[-1] == 2_400_000
+
+
+def test_a_server_cannot_make_a_hospital_send_in_the_clear(fed: Federation) -> None:
+    """Attack 3 of the secure-aggregation review: a server configured (or lying) with
+    masking = "plain" asks for the update unmasked.  A hospital with the default policy
+    refuses before anything leaves; only one whose own settings allow it (a test
+    federation, the benchmark) sends in the clear."""
+    settings = fed.server_settings(round=config.RoundSettings(masking="plain"))
+
+    async def scenario() -> None:
+        async with running(settings) as srv:
+            strict = fed.client_settings("a", srv.port, policy=config.HospitalPolicy())
+            async with HospitalSession(strict) as h:
+                await h.get_global()
+                with pytest.raises(CryptoError, match=r"without masks.*nothing was sent"):
+                    await h.send(np.full(D, 0.01, np.float32), 5)
+                assert (await h.status()).submitted == ()
+            allowing = fed.client_settings("b", srv.port)  # allow_unmasked = true
+            async with HospitalSession(allowing) as h:
+                await h.get_global()
+                await h.send(np.full(D, 0.01, np.float32), 5, leave_after="masked_input")
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                assert (await admin.status()).submitted == ("b",)
+
+    asyncio.run(scenario())

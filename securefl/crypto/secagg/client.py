@@ -77,8 +77,12 @@ class ClientRound:
         update: np.ndarray,
         weight: int,
         now: dt.datetime | None = None,
+        min_contributors: int = 2,
     ) -> None:
+        """``min_contributors``: the hospital's own floor on how many hospitals a sum it
+        helps unmask must combine, whatever the roster says."""
         check_update(update)
+        self._min_contributors = max(2, min_contributors)
         self.state = ClientState.NEW
         self._cert, self._signing_key, self._ca = cert, signing_key, ca_cert
         self.round_id, self.base_version = round_id, base_version
@@ -199,6 +203,13 @@ class ClientRound:
         senders = set(bundle.envelopes)
         if not senders <= self._neighbours:
             raise RemoteProtocolError("share envelopes from hospitals that are not neighbours")
+        if len(senders) + 1 < cfg.threshold:  # our own share counts: we hold it
+            # Masking with fewer than t holders' shares would leave the self mask as the
+            # only mask on some view a server can unmask (Bonawitz et al. 2017, Fig. 4).
+            raise CryptoError(
+                f"only {len(senders)} other hospital(s) shared keys with this one; at least "
+                f"{cfg.threshold - 1} are needed before it may mask its update: refusing the "
+                "round, nothing was sent")
         for u in sorted(senders):
             b_raw, s_raw = envelope.open_envelope(
                 self._envelope_keys[u],
@@ -236,12 +247,20 @@ class ClientRound:
                 "the server asked for both shares of the same hospital: refusing, as that "
                 "would reveal its update"
             )
+        everyone = set(range(1, len(self.roster.participants) + 1))
+        if not (survivors | dropped) <= everyone:
+            # Numbers outside the roster would pad the survivor count past the threshold
+            # while every real hospital but one is declared dropped.
+            raise CryptoError(
+                "the unmask request names hospitals that are not in the round's roster: "
+                "refusing, as answering could reveal another hospital's update")
         if self.me not in survivors:
             raise RemoteProtocolError("unmask request does not list this hospital as a survivor")
-        if len(survivors) < max(cfg.threshold, cfg.min_contributors):
+        needed = max(cfg.threshold, cfg.min_contributors, self._min_contributors)
+        if len(survivors) < needed:
             raise CryptoError(
                 f"only {len(survivors)} hospital(s) would be combined; at least "
-                f"{max(cfg.threshold, cfg.min_contributors)} are needed to keep each one hidden"
+                f"{needed} are needed to keep each one hidden"
             )
         known = set(self._held)
         if not ((survivors | dropped) & self._neighbours <= known):

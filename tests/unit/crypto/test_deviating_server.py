@@ -1,0 +1,76 @@
+"""A server that deviates from the protocol, played message by message against the real
+hospital round (``ClientRound``): each attack from the secure-aggregation review that a
+hospital can now refuse on its own.  The harness is the server here; the hospitals are
+unmodified.  Each test asserts that no hospital answers the attack, so the attacker never
+holds what it needs.
+
+Not yet covered here (the rest of the secure-aggregation issue): split views of the
+survivor set across hospitals, which need the consistency round, and retry differencing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from securefl.crypto.messages import EnvelopeBundle, UnmaskRequest
+from securefl.crypto.secagg import ClientRound
+from securefl.errors import CryptoError
+from tests.unit.crypto.test_round_rules import Round
+
+
+def test_unmask_requests_padded_with_numbers_outside_the_roster_are_refused(fed5) -> None:
+    """Attack 1: to one target, 'survivors = {me, target, t made-up numbers}, dropped =
+    everyone else' would make every hospital reveal the target's self-mask share and every
+    other hospital's key share: enough to strip all of the target's masks."""
+    r = Round(fed5)
+    r.mask()
+    t = r.roster.config.threshold
+    target = r.clients[0].me
+    everyone = {c.me for c in r.clients}
+    answers = []
+    for client in r.clients:
+        fake = {100 + i for i in range(t)}
+        survivors = frozenset({client.me, target} | fake)
+        dropped = frozenset(everyone - survivors)
+        with pytest.raises(CryptoError, match="not in the round's roster"):
+            answers.append(client.receive(UnmaskRequest(1, survivors, dropped)))
+    assert answers == []
+
+
+def test_a_hospital_does_not_mask_with_fewer_than_t_share_holders(fed5) -> None:
+    """Attack 2: the server withholds the target's share envelopes; a hospital that masked
+    anyway would send y = x + PRG(b), and one ordinary unmask request then yields b."""
+    r = Round(fed5)
+    r.share()
+    t = r.roster.config.threshold
+    client: ClientRound = r.clients[0]
+    full = r.bundles[client.me]
+    kept = dict(list(full.envelopes.items())[: t - 2])  # t - 2 others + its own share
+    with pytest.raises(CryptoError, match=r"at least .* are needed before it may mask"):
+        client.receive(EnvelopeBundle(full.round_id, full.recipient, kept))
+    # With t - 1 others (t holders counting its own share) it masks as the protocol says.
+    r2 = Round(fed5)
+    r2.share()
+    c2 = r2.clients[0]
+    b2 = r2.bundles[c2.me]
+    enough = dict(list(b2.envelopes.items())[: t - 1])
+    assert c2.receive(EnvelopeBundle(b2.round_id, b2.recipient, enough)).y is not None
+
+
+def test_a_hospitals_own_minimum_holds_whatever_the_roster_says(fed5) -> None:
+    """The roster's min_contributors is the server's word; a hospital's [policy] floor is
+    not negotiable: it refuses to help unmask a smaller sum."""
+    r = Round(fed5)
+    strict = ClientRound(cert=r.creds[0].cert, signing_key=r.creds[0].key,
+                         ca_cert=r.ca.cert, round_id=1, base_version=0,
+                         update=r.updates[0], weight=10, min_contributors=5)
+    r.clients[0] = strict
+    r.mask()
+    t = r.roster.config.threshold
+    assert t < 5
+    survivors = frozenset(c.me for c in r.clients[:4])
+    dropped = frozenset({r.clients[4].me})
+    with pytest.raises(CryptoError, match="at least 5 are needed"):
+        strict.receive(UnmaskRequest(1, survivors, dropped))
+    # An ordinary hospital (floor 2) answers the same request: the floor is the policy's.
+    assert r.clients[1].receive(UnmaskRequest(1, survivors, dropped)).sender == r.clients[1].me
