@@ -301,6 +301,11 @@ class HospitalSession(_Session):
                 "allow_unmasked = true)")
         enc = Encoding(joined.ring_bits, joined.clip, joined.scale, joined.max_clients,
                        joined.max_weight)
+        if samples > enc.max_weight:
+            # Capped, not refused: a refusal would tell the server one bit of the count.
+            step("joined", f"this hospital's {samples} scans count as {enc.max_weight} in "
+                 "this round (the federation's limit per hospital)")
+            samples = enc.max_weight
         if not enc.encode(update, samples)[:-1].any():
             raise DataError(
                 f"every change in this update is below the server's precision "

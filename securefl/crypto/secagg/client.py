@@ -83,6 +83,8 @@ class ClientRound:
         helps unmask must combine, whatever the roster says."""
         check_update(update)
         self._min_contributors = max(2, min_contributors)
+        #: Whether the roster's limit lowered this hospital's sample count.
+        self.weight_capped = False
         self.state = ClientState.NEW
         self._cert, self._signing_key, self._ca = cert, signing_key, ca_cert
         self.round_id, self.base_version = round_id, base_version
@@ -150,10 +152,12 @@ class ClientRound:
                 f"the server expects {cfg.vector_len} parameters but this model has "
                 f"{self._update.shape[0]}: the hospital runs a different model"
             )
-        if not 1 <= self._weight <= cfg.encoding.max_weight:
-            raise ConfigError(
-                f"{self._weight} samples exceed the round's limit of {cfg.encoding.max_weight}"
-            )
+        if self._weight < 1:
+            raise ConfigError(f"the sample count must be at least 1, not {self._weight}")
+        # Capped, not refused: refusing a roster for its max_weight would tell the server
+        # one bit of this hospital's count per attempt.
+        self.weight_capped = self._weight > cfg.encoding.max_weight
+        self._weight = min(self._weight, cfg.encoding.max_weight)
         names = [a.name for a in roster.participants]
         if names != sorted(set(names)):
             raise RemoteProtocolError("roster names are not unique and sorted")

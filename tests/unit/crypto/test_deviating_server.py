@@ -74,3 +74,22 @@ def test_a_hospitals_own_minimum_holds_whatever_the_roster_says(fed5) -> None:
         strict.receive(UnmaskRequest(1, survivors, dropped))
     # An ordinary hospital (floor 2) answers the same request: the floor is the policy's.
     assert r.clients[1].receive(UnmaskRequest(1, survivors, dropped)).sender == r.clients[1].me
+
+
+def test_a_low_max_weight_in_the_roster_caps_the_count_and_reveals_nothing(fed5) -> None:
+    """Attack 7 (the count bit): a hospital used to refuse a roster whose max_weight was
+    below its sample count, so a server could learn one bit of that count per attempt
+    by varying max_weight.  It now takes part either way, with its count capped."""
+    from dataclasses import replace
+
+    from securefl.crypto.quantize import Encoding
+
+    r = Round(fed5)
+    roster = r.enrol()
+    low = Encoding.auto(max_clients=roster.config.encoding.max_clients, max_weight=10)
+    lying = replace(roster, config=replace(roster.config, encoding=low))
+    heavy = r.clients[4]  # weight 14, above the lying limit of 10
+    light = r.clients[0]  # weight 10, at the limit
+    for client in (heavy, light):
+        assert client.receive(lying).sender == client.me  # both answer alike
+    assert heavy.weight_capped and not light.weight_capped
