@@ -81,6 +81,10 @@ async def hospital(args: argparse.Namespace) -> int:
                 raise DataError("no downloaded global model: run `securefl client get` first, "
                                 "then train")
             base = args.base_version if args.base_version is not None else meta["version"]
+            if base != meta["version"]:
+                raise DataError(f"--base-version {base} is not the downloaded version "
+                                f"{meta['version']}: get the version the update was trained "
+                                "on first (its sha256 is signed with the round keys)")
             if args.weights is not None:
                 update = _load_vector(args.weights) - _load_vector(state / "global.npy")
             else:

@@ -499,5 +499,7 @@ class Hospital:
             state["record"] = rec
             self._save_send_record(rec)
 
+        meta = self.global_meta()
+        sha = meta.get("sha256") if meta and meta.get("version") == base else None
         return await session.send(update, samples, base_version=base, on_step=on_step,
-                                  journal=journal, **round_options)
+                                  journal=journal, base_sha256=sha, **round_options)

@@ -206,6 +206,8 @@ class HospitalSession(_Session):
         self._ca = pki.load_cert(settings.ca.read_bytes())
         #: Global version of the last ``get_global()``: what a following update is based on.
         self.base_version: int | None = None
+        #: sha256 (hex) of the bytes that ``get_global()`` returned as ``base_version``.
+        self.base_sha256: str | None = None
         self._length: int | None = None
 
     @property
@@ -230,6 +232,7 @@ class HospitalSession(_Session):
         if hashlib.sha256(weights.data).hexdigest() != reply.sha256:
             raise DataError("the downloaded model does not match its sha256: download again")
         self.base_version = reply.version
+        self.base_sha256 = reply.sha256
         self._length = int(weights.shape[0])
         return GlobalModel(reply.version, weights, reply.sha256, reply.contributors,
                            reply.total_samples, reply.created, tuple(reply.classes))
@@ -243,12 +246,16 @@ class HospitalSession(_Session):
         leave_after: Literal["join", "share_keys", "masked_input"] | None = None,
         on_step: Callable[[RoundStep], None] | None = None,
         journal: Journal | None = None,
+        base_sha256: str | None = None,
     ) -> RoundOutcome | None:
         """Take part in one round with ``update`` (w_local - w_global) from ``samples`` images.
 
         Stays connected through the unmask step and returns the version the round
         published.  ``leave_after`` makes the hospital vanish after that step (demos and
         tests of dropouts); the call then returns None.  ``on_step`` hears each step.
+        ``base_sha256`` (hex) is the sha256 of the base model the update was trained on
+        (default: that of the last ``get_global()`` when it is the same version); it is
+        signed with the round keys, so every hospital checks all received the same model.
         ``journal(stage, round_id[, version])`` is called synchronously at ``joined``,
         ``keys-shared``, ``masked-input`` (*before* the masked input leaves), ``abandoned``
         and ``published``: the hospital's durable send record (``client.hospital``).
@@ -261,6 +268,9 @@ class HospitalSession(_Session):
         base = self.base_version if base_version is None else base_version
         if base is None:
             raise LocalProtocolError("call get_global() first, or pass base_version")
+        if base_sha256 is None and base == self.base_version:
+            base_sha256 = self.base_sha256
+        digest = bytes.fromhex(base_sha256) if base_sha256 else None
         check_update(update)  # NaN, Inf, wrong type: refused here, before joining anything
         update = np.ascontiguousarray(update, dtype=np.float32)
         if self._length is not None and update.shape[0] != self._length:
@@ -274,7 +284,8 @@ class HospitalSession(_Session):
         note = journal or _no_journal
         for attempt in range(MAX_RESENDS + 1):
             try:
-                return await self._round(update, int(samples), base, leave_after, step, note)
+                return await self._round(update, int(samples), base, leave_after, step, note,
+                                         digest)
             except RoundAbandonedError as exc:
                 if not exc.retry_round or attempt == MAX_RESENDS:
                     raise
@@ -284,7 +295,7 @@ class HospitalSession(_Session):
 
     async def _round(self, update: np.ndarray, samples: int, base: int,
                      leave_after: str | None, step: Callable[[str, str], None],
-                     journal: Journal) -> RoundOutcome | None:
+                     journal: Journal, digest: bytes | None) -> RoundOutcome | None:
         """One attempt: join, the four secure-aggregation steps, the published version."""
         joined, _ = await self.conn.request(wm.Join(base_version=base))
         assert isinstance(joined, wm.Joined)
@@ -313,14 +324,14 @@ class HospitalSession(_Session):
                 "longer or with a higher learning rate, then send")
         try:
             return await self._steps(joined, enc, update, samples, base, leave_after, step,
-                                     journal)
+                                     journal, digest)
         except RoundAbandonedError:
             journal("abandoned", joined.round_id)
             raise
 
     async def _steps(self, joined: wm.Joined, enc: Encoding, update: np.ndarray, samples: int,
                      base: int, leave_after: str | None, step: Callable[[str, str], None],
-                     journal: Journal) -> RoundOutcome | None:
+                     journal: Journal, digest: bytes | None) -> RoundOutcome | None:
         if joined.masking == "plain":
             y = enc.encode(update, samples)
             journal("masked-input", joined.round_id)
@@ -329,10 +340,14 @@ class HospitalSession(_Session):
             if leave_after is not None:
                 return None
         else:
+            if digest is None:
+                raise LocalProtocolError("the base model's sha256 is unknown: call "
+                                         "get_global() first, or pass base_sha256")
             rnd = ClientRound(cert=self._cred.cert, signing_key=self._cred.key, ca_cert=self._ca,
                               round_id=joined.round_id, base_version=base, update=update,
                               weight=samples,
-                              min_contributors=self.settings.policy.min_contributors)
+                              min_contributors=self.settings.policy.min_contributors,
+                              base_sha256=digest)
             await self.conn.request(mapping.advertisement_to_wire(rnd.advertise()))
             if leave_after == "join":
                 return None

@@ -79,14 +79,22 @@ class KeyPair:
 
 
 def advertisement_bytes(
-    round_id: int, base_version: int, name: str, c_pk: bytes, s_pk: bytes
+    round_id: int, base_version: int, name: str, c_pk: bytes, s_pk: bytes,
+    base_sha256: bytes = bytes(32),
 ) -> bytes:
-    """The exact bytes a hospital signs: fixed-width, length-prefixed, domain-separated."""
+    """The exact bytes a hospital signs: fixed-width, length-prefixed, domain-separated.
+
+    v3 adds the sha256 of the base model bytes, so a server that shows different hospitals
+    different models under one version number is caught at the roster (Pasquini et al.,
+    CCS 2022, model inconsistency)."""
+    if len(base_sha256) != 32:
+        raise CryptoError("the base model's sha256 must be 32 bytes")
     raw_name = name.encode()
     return b"".join(
         [
-            b"securefl/v1/advertise\x00",
+            b"securefl/v3/advertise\x00",
             struct.pack(">QQH", round_id, base_version, len(raw_name)),
+            base_sha256,
             raw_name,
             c_pk,
             s_pk,
@@ -102,15 +110,17 @@ def sign_advertisement(
     base_version: int,
     c_pk: bytes,
     s_pk: bytes,
+    base_sha256: bytes = bytes(32),
 ) -> KeyAdvertisement:
     """Round 0 message: the round keys, signed under the hospital's certificate identity."""
     _, name = pki.identity_of(cert)
-    data = advertisement_bytes(round_id, base_version, name, c_pk, s_pk)
+    data = advertisement_bytes(round_id, base_version, name, c_pk, s_pk, base_sha256)
     if isinstance(key, ec.EllipticCurvePrivateKey):
         signature = key.sign(data, ec.ECDSA(hashes.SHA256()))
     else:
         signature = key.sign(data)
-    return KeyAdvertisement(round_id, base_version, name, c_pk, s_pk, pki.cert_der(cert), signature)
+    return KeyAdvertisement(round_id, base_version, name, c_pk, s_pk, pki.cert_der(cert),
+                            signature, base_sha256)
 
 
 def verify_advertisement(
@@ -125,7 +135,10 @@ def verify_advertisement(
         raise CryptoError(f"keys claimed for '{adv.name}' are signed by '{name}'")
     if len(adv.c_pk) != KEY_BYTES or len(adv.s_pk) != KEY_BYTES:
         raise CryptoError(f"round keys of '{name}' have the wrong length")
-    data = advertisement_bytes(adv.round_id, adv.base_version, adv.name, adv.c_pk, adv.s_pk)
+    if len(adv.base_sha256) != 32:
+        raise CryptoError(f"the round keys of '{name}' carry no base model sha256")
+    data = advertisement_bytes(adv.round_id, adv.base_version, adv.name, adv.c_pk, adv.s_pk,
+                               adv.base_sha256)
     public = cert.public_key()
     try:
         if isinstance(public, ec.EllipticCurvePublicKey):

@@ -27,9 +27,11 @@ KEY_BYTES = 32
 class KeyAdvertisement:
     """Round 0, hospital -> server: fresh round keys, signed with the hospital's certificate.
 
-    ``signature`` covers (round_id, base_version, name, c_pk, s_pk) under
+    ``signature`` covers (round_id, base_version, base_sha256, name, c_pk, s_pk) under
     ``securefl.crypto.keys.advertisement_bytes``; ``cert_der`` lets every other hospital
-    check it against the federation CA without trusting the server.
+    check it against the federation CA without trusting the server.  ``base_sha256`` is the
+    sha256 of the model bytes this hospital received as ``base_version``: every hospital
+    checks that all others received the same bytes.
     """
 
     round_id: int
@@ -39,6 +41,7 @@ class KeyAdvertisement:
     s_pk: bytes
     cert_der: bytes
     signature: bytes
+    base_sha256: bytes = bytes(32)
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,13 @@ def advertisement_from_wire(
     return cm.KeyAdvertisement(
         round_id=msg.round_id, base_version=base_version, name=name, c_pk=msg.c_pk,
         s_pk=msg.s_pk, cert_der=cert_der, signature=msg.signature,
+        base_sha256=msg.base_sha256,
     )
 
 
 def advertisement_to_wire(adv: cm.KeyAdvertisement, rid: int = 0) -> wm.Advertise:
     return wm.Advertise(rid=rid, round_id=adv.round_id, c_pk=adv.c_pk, s_pk=adv.s_pk,
-                        signature=adv.signature)
+                        signature=adv.signature, base_sha256=adv.base_sha256)
 
 
 def roster_to_wire(roster: cm.Roster) -> wm.RosterMsg:
@@ -39,7 +40,7 @@ def roster_to_wire(roster: cm.Roster) -> wm.RosterMsg:
         max_weight=enc.max_weight, min_contributors=c.min_contributors,
         participants=[
             wm.Participant(name=p.name, c_pk=p.c_pk, s_pk=p.s_pk, cert_der=p.cert_der,
-                           signature=p.signature)
+                           signature=p.signature, base_sha256=p.base_sha256)
             for p in roster.participants
         ],
     )
@@ -56,6 +57,7 @@ def roster_from_wire(msg: wm.RosterMsg) -> cm.Roster:
         cm.KeyAdvertisement(
             round_id=msg.round_id, base_version=msg.base_version, name=p.name, c_pk=p.c_pk,
             s_pk=p.s_pk, cert_der=p.cert_der, signature=p.signature,
+            base_sha256=p.base_sha256,
         )
         for p in msg.participants
     )

@@ -115,6 +115,8 @@ class Advertise(_Wire):
     c_pk: Bytes
     s_pk: Bytes
     signature: Bytes
+    #: sha256 of the base model bytes this hospital received (signed with the keys).
+    base_sha256: Bytes
 
 
 class ShareKeysMsg(_Wire):
@@ -286,6 +288,7 @@ class Participant(BaseModel):
     s_pk: Bytes
     cert_der: Bytes
     signature: Bytes
+    base_sha256: Bytes
 
 
 class RosterMsg(_Wire):

@@ -294,6 +294,7 @@ class Coordinator(AdminActions):
         else:
             engine = ServerRound(
                 round_id=round_id, base_version=info.version, vector_len=int(weights.shape[0]),
+                base_sha256=bytes.fromhex(info.sha256),
                 encoding=self.encoding, ca_cert=self.ca_cert, neighbours=self.rs.neighbours,
                 min_contributors=2,
             )

@@ -215,9 +215,11 @@ def test_forged_keys_and_out_of_order_round_messages(fed: Federation) -> None:
             raw = await Raw.open(fed, "a", srv.port)
             joined = await raw.request({"kind": "join", "rid": 1, "base_version": 0})
             rid = joined["round_id"]
+            v0_sha = bytes.fromhex(srv.store.latest()[0].sha256)
             forged = await raw.request({"kind": "advertise", "rid": 2, "round_id": rid,
                                         "c_pk": b64(32), "s_pk": b64(32),
-                                        "signature": b64(70)})
+                                        "signature": b64(70),
+                                        "base_sha256": base64.b64encode(v0_sha).decode()})
             assert forged["kind"] == "error" and forged["code"] == "crypto", forged
             early = await raw.request({"kind": "share_keys", "rid": 3, "round_id": rid,
                                        "envelopes": {"1": b64(10)}})

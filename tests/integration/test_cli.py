@@ -78,11 +78,15 @@ def test_headless_round_and_exit_codes(fed: Federation) -> None:
         assert stale.returncode == EXIT_CODES[StaleVersionError] == 12
         assert "current version is 1" in stale.stderr
 
+        assert _cli("client", "--config", cfg["b"], "get").returncode == 0  # version 1
         lone = subprocess.Popen(
             [sys.executable, "-m", "securefl", "client", "--config", str(cfg["b"]), "send",
-             "--update", str(fed.tmp / "b.npy"), "--samples", "5", "--base-version", "1"],
+             "--update", str(fed.tmp / "b.npy"), "--samples", "5"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
         while '"joined": ["b"]' not in _cli("admin", "--config", cfg["admin"], "status").stdout:
+            assert lone.poll() is None, lone.communicate()
+            assert time.monotonic() < deadline, "b never joined"
             time.sleep(0.1)
         few = _cli("admin", "--config", cfg["admin"], "close")
         assert few.returncode == EXIT_CODES[NotEnoughSurvivorsError] == 8

@@ -21,7 +21,7 @@ def _frame(msg: wm._Wire, payload: bytes = b"") -> Frame:
 
 def test_bytes_travel_as_base64_and_come_back() -> None:
     msg = wm.Advertise(rid=3, round_id=1, c_pk=b"\x00" * 32, s_pk=b"\xff" * 32,
-                       signature=b"sig")
+                       signature=b"sig", base_sha256=b"\x07" * 32)
     header = json.loads(wm.encode_header(msg))
     assert header["c_pk"] == "A" * 43 + "="
     back, array = wm.decode(_frame(msg))
@@ -66,7 +66,7 @@ def _roster() -> cm.Roster:
     cfg = cm.RoundConfig(round_id=3, base_version=2, vector_len=10, threshold=2, neighbours=2,
                          graph_seed=b"s" * 32, encoding=enc, min_contributors=2)
     parts = tuple(cm.KeyAdvertisement(3, 2, n, bytes([i]) * 32, bytes([i + 1]) * 32,
-                                      b"cert-" + n.encode(), b"sig")
+                                      b"cert-" + n.encode(), b"sig", bytes([9 + i]) * 32)
                   for i, n in enumerate(["a", "b", "c"]))
     return cm.Roster(cfg, parts)
 
@@ -96,7 +96,8 @@ def test_round_messages_round_trip() -> None:
 
 
 def test_identity_comes_from_the_caller_not_the_message() -> None:
-    adv = wm.Advertise(rid=1, round_id=5, c_pk=b"c" * 32, s_pk=b"s" * 32, signature=b"x")
+    adv = wm.Advertise(rid=1, round_id=5, c_pk=b"c" * 32, s_pk=b"s" * 32, signature=b"x",
+                       base_sha256=b"h" * 32)
     ka = mapping.advertisement_from_wire(adv, name="b", base_version=4, cert_der=b"der")
     assert (ka.name, ka.base_version, ka.cert_der) == ("b", 4, b"der")
 

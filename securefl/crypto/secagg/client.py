@@ -78,11 +78,13 @@ class ClientRound:
         weight: int,
         now: dt.datetime | None = None,
         min_contributors: int = 2,
+        base_sha256: bytes = bytes(32),
     ) -> None:
         """``min_contributors``: the hospital's own floor on how many hospitals a sum it
         helps unmask must combine, whatever the roster says."""
         check_update(update)
         self._min_contributors = max(2, min_contributors)
+        self._base_sha256 = base_sha256
         #: Whether the roster's limit lowered this hospital's sample count.
         self.weight_capped = False
         self.state = ClientState.NEW
@@ -109,6 +111,7 @@ class ClientRound:
             base_version=self.base_version,
             c_pk=self._c.public,
             s_pk=self._s.public,
+            base_sha256=self._base_sha256,
         )
         return self._own
 
@@ -171,6 +174,11 @@ class ClientRound:
                 if adv != self._own:
                     raise CryptoError("the roster altered this hospital's own round keys")
                 continue
+            if adv.base_sha256 != self._base_sha256:
+                raise CryptoError(
+                    f"'{adv.name}' was given other model bytes for version "
+                    f"{self.base_version} than this hospital: refusing the round (a server "
+                    "that shows hospitals different models could learn about one of them)")
             verify_advertisement(adv, self._ca, now=self._now)
         self.roster = roster
         self.me = roster.index_of(self._own.name)

@@ -89,8 +89,12 @@ class ServerRound:
         threshold: int | None = None,
         min_contributors: int = 2,
         now: dt.datetime | None = None,
+        base_sha256: bytes | None = None,
     ) -> None:
+        """``base_sha256``: the stored base model's sha256; a hospital whose keys say it
+        received other bytes is told at once (its download was damaged or not ours)."""
         self.state = ServerState.ENROLLING
+        self._base_sha256 = base_sha256
         self.round_id, self.base_version = round_id, base_version
         self.vector_len, self.encoding = vector_len, encoding
         self._ca, self._now = ca_cert, now
@@ -167,6 +171,11 @@ class ServerRound:
                 f"'{adv.name}' trained on global version {adv.base_version}; this round "
                 f"aggregates version {self.base_version}: fetch the new model and retrain"
             )
+        if self._base_sha256 is not None and adv.base_sha256 != self._base_sha256:
+            raise StaleVersionError(
+                f"the model '{adv.name}' trained on is not global version {self.base_version} "
+                "as this server stores it (its sha256 differs): get the global model again, "
+                "retrain and send")
         if adv.name in self._adverts:
             raise RemoteProtocolError(f"'{adv.name}' already joined this round")
         if len(self._adverts) >= self.encoding.max_clients:

@@ -93,3 +93,37 @@ def test_a_low_max_weight_in_the_roster_caps_the_count_and_reveals_nothing(fed5)
     for client in (heavy, light):
         assert client.receive(lying).sender == client.me  # both answer alike
     assert heavy.weight_capped and not light.weight_capped
+
+
+def test_different_model_bytes_under_one_version_are_caught_at_the_roster(fed5) -> None:
+    """Attack 8 (model inconsistency, Pasquini et al. CCS 2022): the server hands one
+    hospital other weights under the same version number.  Each hospital signs the sha256
+    of the bytes it received with its round keys, so every other hospital sees the
+    difference and refuses before sharing anything; so does the odd one out."""
+    r = Round(fed5)
+    odd = ClientRound(cert=r.creds[0].cert, signing_key=r.creds[0].key, ca_cert=r.ca.cert,
+                      round_id=1, base_version=0, update=r.updates[0], weight=10,
+                      base_sha256=b"\x01" * 32)
+    r.clients[0] = odd
+    roster = r.enrol()
+    for client in r.clients[1:]:
+        with pytest.raises(CryptoError, match=f"'{r.creds[0].name}' was given other model"):
+            client.receive(roster)
+    with pytest.raises(CryptoError, match="was given other model bytes"):
+        odd.receive(roster)
+
+
+def test_the_server_tells_a_hospital_whose_model_bytes_are_not_the_stored_ones(fed5) -> None:
+    from securefl.crypto.quantize import Encoding
+    from securefl.crypto.secagg import ServerRound
+    from securefl.errors import StaleVersionError
+
+    ca, creds = fed5
+    server = ServerRound(round_id=1, base_version=0, vector_len=64, encoding=Encoding(),
+                         ca_cert=ca.cert, base_sha256=b"\x02" * 32)
+    damaged = ClientRound(cert=creds[0].cert, signing_key=creds[0].key, ca_cert=ca.cert,
+                          round_id=1, base_version=0, update=Round(fed5).updates[0],
+                          weight=10, base_sha256=b"\x03" * 32)
+    with pytest.raises(StaleVersionError, match=r"sha256 differs.*get the global model again"):
+        server.receive(damaged.advertise(), from_name=creds[0].name)
+    assert server.joined == []
