@@ -188,8 +188,9 @@ class CertDir:
         kit = self.kit(name)
         _save(kit, "hospital", cred)
         _write(kit / "ca.pem", ca.cert_pem())
+        _write(kit / "crl.pem", self.crl.read_bytes())
         settings = self._settings("hospital.pem", "hospital.key", "ca.pem")
-        settings.update(state_dir="state", ml=_hospital_ml())
+        settings.update(crl="crl.pem", state_dir="state", ml=_hospital_ml())
         _write(kit / "hospital.toml",
                toml_text(settings, self._comment(name) + "\n" + _HOSPITAL_COMMENT).encode())
         return kit
@@ -219,12 +220,20 @@ class CertDir:
         self.write_crl(self.ca(), now=now)
 
     def write_crl(self, ca: pki.Credential, *, now: dt.datetime | None = None) -> None:
+        """A fresh, numbered revocation list, also into every kit folder here.
+
+        Why numbered: hospitals keep the newest list they have seen and refuse a server
+        that offers an older one (which could hide a revocation)."""
         now = now or dt.datetime.now(dt.UTC)
+        meta = self._meta()
+        meta["crl_number"] = int(meta.get("crl_number", 0)) + 1
+        _write(self.root / "federation.json", json.dumps(meta, indent=2).encode())
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(ca.cert.subject)
             .last_update(now - dt.timedelta(minutes=5))
             .next_update(now + CRL_LIFETIME)
+            .add_extension(x509.CRLNumber(meta["crl_number"]), critical=False)
         )
         for serial in self._meta()["revoked"]:
             builder = builder.add_revoked_certificate(
@@ -235,6 +244,10 @@ class CertDir:
             )
         crl = builder.sign(ca.key, hashes.SHA256())
         _write(self.crl, crl.public_bytes(serialization.Encoding.PEM))
+        kits = self.root / "kits"
+        for kit in sorted(kits.iterdir()) if kits.is_dir() else []:
+            if (kit / "hospital.toml").is_file():
+                _write(kit / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
 
     def renew(self, member: str | None = None, *, now: dt.datetime | None = None) -> Path:
         """A fresh server certificate (and a fresh CRL, whose validity also runs out), or,

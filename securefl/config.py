@@ -142,6 +142,10 @@ class ClientSettings(TLSFiles):
     round_timeout: float = Field(3600.0, gt=0)
     #: Hospital only: where the downloaded global model and local updates are kept.
     state_dir: Path = Path("state")
+    #: Hospital only: the CA's revocation list as the kit brought it; the server hands out
+    #: newer ones (kept in ``state_dir/crl.der``).  Round keys of revoked hospitals are
+    #: refused.
+    crl: Path | None = None
     #: Hospital only: its scans, local model and training settings.
     ml: MLSettings | None = None
     #: Hospital only: what it accepts from a round, whatever the server says.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -208,7 +209,39 @@ class HospitalSession(_Session):
         self.base_version: int | None = None
         #: sha256 (hex) of the bytes that ``get_global()`` returned as ``base_version``.
         self.base_sha256: str | None = None
+        #: Serial numbers of revoked certificates, from the newest revocation list held.
+        self.revoked: frozenset[int] = frozenset()
         self._length: int | None = None
+
+    async def connect(self) -> Self:
+        await super().connect()
+        assert self.conn.welcome is not None
+        self.revoked = self._accept_crl(self.conn.welcome.crl)
+        return self
+
+    def _accept_crl(self, offered: bytes | None) -> frozenset[int]:
+        """The newest revocation list among the kit's, the one kept from earlier, and the
+        one the server just offered; a server offering an older one than this hospital
+        holds is refused (it could be hiding a revocation)."""
+        held_path = self.settings.state_dir / "crl.der"
+        held = [pki.load_crl(p.read_bytes(), self._ca)
+                for p in (self.settings.crl, held_path) if p is not None and p.is_file()]
+        newest = max(held, key=pki.crl_number, default=None)
+        if offered is not None:
+            crl = pki.load_crl(offered, self._ca)
+            if newest is not None and pki.crl_number(crl) < pki.crl_number(newest):
+                raise CryptoError(
+                    f"the server handed out an older revocation list (number "
+                    f"{pki.crl_number(crl)}) than this hospital holds (number "
+                    f"{pki.crl_number(newest)}): not trusting this server's round; tell "
+                    "the federation operator")
+            if newest is None or pki.crl_number(crl) > pki.crl_number(newest):
+                held_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = held_path.with_suffix(".tmp")
+                tmp.write_bytes(offered)
+                os.replace(tmp, held_path)
+                newest = crl
+        return pki.revoked_serials(newest) if newest is not None else frozenset()
 
     @property
     def resend_round(self) -> int | None:
@@ -347,7 +380,7 @@ class HospitalSession(_Session):
                               round_id=joined.round_id, base_version=base, update=update,
                               weight=samples,
                               min_contributors=self.settings.policy.min_contributors,
-                              base_sha256=digest)
+                              base_sha256=digest, revoked=self.revoked)
             await self.conn.request(mapping.advertisement_to_wire(rnd.advertise()))
             if leave_after == "join":
                 return None

@@ -124,11 +124,16 @@ def sign_advertisement(
 
 
 def verify_advertisement(
-    adv: KeyAdvertisement, ca_cert: x509.Certificate, *, now: dt.datetime | None = None
+    adv: KeyAdvertisement, ca_cert: x509.Certificate, *, now: dt.datetime | None = None,
+    revoked: frozenset[int] = frozenset(),
 ) -> None:
-    """Raise ``CryptoError`` unless a hospital of this federation signed exactly these keys."""
+    """Raise ``CryptoError`` unless a hospital of this federation signed exactly these keys
+    with a certificate that is not in ``revoked`` (serial numbers from the CA's list)."""
     cert = pki.load_cert(adv.cert_der)
     role, name = pki.verify_issued_by(cert, ca_cert, now=now)
+    if cert.serial_number in revoked:
+        raise CryptoError(f"the certificate of '{name}' is revoked: refusing round keys "
+                          "signed with it")
     if role is not pki.Role.HOSPITAL:
         raise CryptoError(f"'{name}' is not a hospital certificate ({role.value})")
     if name != adv.name:

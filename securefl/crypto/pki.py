@@ -228,3 +228,32 @@ def load_cert(data: bytes) -> x509.Certificate:
 
 def cert_der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
+
+
+def load_crl(data: bytes, ca_cert: x509.Certificate) -> x509.CertificateRevocationList:
+    """A revocation list this federation's CA signed (PEM or DER), or ``CryptoError``.
+
+    Why hospitals check it themselves: the server hands it out, and a list it could forge
+    would let it hide a revocation from the hospitals that verify each other's round keys.
+    """
+    try:
+        crl = (x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----BEGIN")
+               else x509.load_der_x509_crl(data))
+    except ValueError as exc:
+        raise CryptoError("the revocation list cannot be read") from exc
+    public = ca_cert.public_key()
+    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(public):  # type: ignore[arg-type]
+        raise CryptoError("the revocation list was not signed by this federation's CA")
+    return crl
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The list's sequence number (0 for lists made before numbering)."""
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return 0
+
+
+def revoked_serials(crl: x509.CertificateRevocationList) -> frozenset[int]:
+    return frozenset(r.serial_number for r in crl)

@@ -184,6 +184,8 @@ class Welcome(_Wire):
     protocol: int = PROTOCOL_VERSION
     #: Set when a server restart abandoned a round this hospital was in: send again.
     resend_round: int | None = None
+    #: The CA's current revocation list (DER, CA-signed), for hospitals to check round keys.
+    crl: Bytes | None = None
 
 
 class GlobalModel(_Wire):

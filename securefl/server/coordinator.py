@@ -16,9 +16,11 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from securefl.config import ServerSettings
 from securefl.crypto.messages import MaskedInput
@@ -73,6 +75,16 @@ class Coordinator(AdminActions):
             audit.record("round-abandoned", round_id=abandoned["round_id"],
                          reason="server restarted", members=abandoned["members"], durable=True)
             self._save_state(None)
+
+    def _crl_der(self) -> bytes:
+        """The CA's revocation list as the server holds it (read again when it changes)."""
+        path = Path(self.settings.crl)
+        mtime = path.stat().st_mtime
+        if getattr(self, "_crl_cache", (None, b""))[0] != mtime:
+            der = x509.load_pem_x509_crl(path.read_bytes()).public_bytes(
+                serialization.Encoding.DER)
+            self._crl_cache = (mtime, der)
+        return self._crl_cache[1]
 
     # -- persistence of the round counter ---------------------------------------------------
     def _load_state(self) -> dict:
@@ -157,7 +169,8 @@ class Coordinator(AdminActions):
                 self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)}
                                  if rnd is not None else None, durable=False)
             return wm.Welcome(rid=msg.rid, name=peer.name, role=peer.role.value,
-                              version=self.version, resend_round=resend), None
+                              version=self.version, resend_round=resend,
+                              crl=self._crl_der()), None
         if isinstance(msg, wm.Status):
             return self._status(msg.rid), None
         if isinstance(msg, wm.GetGlobal):

@@ -30,7 +30,7 @@ def test_init_makes_ca_server_admin_hospitals_kits_and_crl(tmp_path: Path) -> No
     for name in ("north", "south"):
         kit = cd.kit(name)
         assert sorted(p.name for p in kit.iterdir()) == [
-            "ca.pem", "hospital.key", "hospital.pem", "hospital.toml"]
+            "ca.pem", "crl.pem", "hospital.key", "hospital.pem", "hospital.toml"]
         cert = pki.load_cert((kit / "hospital.pem").read_bytes())
         assert pki.verify_issued_by(cert, ca) == (pki.Role.HOSPITAL, name)
         settings = config.load(kit / "hospital.toml", config.ClientSettings)

@@ -79,12 +79,14 @@ class ClientRound:
         now: dt.datetime | None = None,
         min_contributors: int = 2,
         base_sha256: bytes = bytes(32),
+        revoked: frozenset[int] = frozenset(),
     ) -> None:
         """``min_contributors``: the hospital's own floor on how many hospitals a sum it
         helps unmask must combine, whatever the roster says."""
         check_update(update)
         self._min_contributors = max(2, min_contributors)
         self._base_sha256 = base_sha256
+        self._revoked = revoked  # certificate serials the CA revoked
         #: Whether the roster's limit lowered this hospital's sample count.
         self.weight_capped = False
         self.state = ClientState.NEW
@@ -179,7 +181,7 @@ class ClientRound:
                     f"'{adv.name}' was given other model bytes for version "
                     f"{self.base_version} than this hospital: refusing the round (a server "
                     "that shows hospitals different models could learn about one of them)")
-            verify_advertisement(adv, self._ca, now=self._now)
+            verify_advertisement(adv, self._ca, now=self._now, revoked=self._revoked)
         self.roster = roster
         self.me = roster.index_of(self._own.name)
         self._neighbours = graph.neighbours(n, cfg.neighbours, cfg.graph_seed)[self.me]

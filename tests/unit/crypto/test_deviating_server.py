@@ -127,3 +127,40 @@ def test_the_server_tells_a_hospital_whose_model_bytes_are_not_the_stored_ones(f
     with pytest.raises(StaleVersionError, match=r"sha256 differs.*get the global model again"):
         server.receive(damaged.advertise(), from_name=creds[0].name)
     assert server.joined == []
+
+
+def test_round_keys_of_a_revoked_hospital_are_refused(fed5) -> None:
+    """Attack 6: a revoked certificate still verified as the signer of round keys, so a
+    server could seat a revoked (e.g. stolen) hospital identity in a round.  Hospitals now
+    check round keys against the CA's revocation list they hold."""
+    r = Round(fed5)
+    stolen = r.creds[4].cert.serial_number
+    r.clients[:4] = [
+        ClientRound(cert=c.cert, signing_key=c.key, ca_cert=r.ca.cert, round_id=1,
+                    base_version=0, update=r.updates[i], weight=10, revoked=frozenset({stolen}))
+        for i, c in enumerate(r.creds[:4])]
+    roster = r.enrol()
+    for client in r.clients[:4]:
+        with pytest.raises(CryptoError, match=f"'{r.creds[4].name}' is revoked"):
+            client.receive(roster)
+
+
+def test_a_revocation_list_not_signed_by_the_ca_is_refused(fed5, other_ca) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from securefl.crypto import pki
+
+    ca, _ = fed5
+    intruder_ca, _ = other_ca
+    now = dt.datetime.now(dt.UTC)
+    forged = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject)
+              .last_update(now).next_update(now + dt.timedelta(days=1))
+              .add_extension(x509.CRLNumber(99), critical=False)
+              .sign(intruder_ca.key, hashes.SHA256()))
+    from cryptography.hazmat.primitives.serialization import Encoding as Enc
+
+    with pytest.raises(CryptoError, match="not signed by this federation's CA"):
+        pki.load_crl(forged.public_bytes(Enc.DER), ca.cert)
