@@ -129,6 +129,9 @@ class HospitalPolicy(_Settings):
     allow_unmasked: bool = False
     #: Never help unmask a sum of fewer hospitals than this (the round may ask for more).
     min_contributors: int = Field(2, ge=2, le=1000)
+    #: Rounds one update may go into (its masked input leaving) per base version, counting
+    #: retries the server announces: each one more sum that contains it.
+    max_attempts: int = Field(3, ge=1, le=10)
 
 
 class ClientSettings(TLSFiles):

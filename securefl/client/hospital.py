@@ -482,8 +482,18 @@ class Hospital:
         self._save_send_record(record)
         state: dict[str, SendRecord] = {"record": record}
 
+        limit = session.settings.policy.max_attempts
+
         def journal(stage: str, round_id: int, version: int | None = None) -> None:
             rec = state["record"]
+            if stage == "masked-input" and len(rec.masked_rounds) >= limit:
+                # Raised before the masked input leaves: nothing of this attempt is sent.
+                raise UpdateAlreadySentError(
+                    f"this hospital's update for version {base} already went into "
+                    f"{len(rec.masked_rounds)} round(s) (rounds "
+                    f"{', '.join(map(str, rec.masked_rounds))}), the most its [policy] "
+                    "max_attempts allows: it is not sent into another; wait for the next "
+                    "version, then get, train and send")
             if stage == "masked-input":
                 rec = SendRecord(**{**asdict(rec), "stage": stage, "round_id": round_id,
                                     "masked_rounds": (*rec.masked_rounds, round_id)})

@@ -290,3 +290,42 @@ def test_a_round_that_fails_while_a_hospital_is_away_is_announced_when_it_return
     parts = [(ups[n], 10) for n in "ab"]
     expected, _ = fedavgm_step(v0, weighted_mean(parts), None)
     assert_published(v1, expected, tolerance(parts), v0)
+
+
+def test_policy_caps_the_rounds_one_update_may_go_into(fed: Federation) -> None:
+    """Each round an update's masked input goes into is one more sum that contains it; a
+    server that keeps announcing failed rounds collects them.  [policy] max_attempts caps
+    it: past the cap the hospital stops before its masked input leaves."""
+    from securefl import config as cfg
+
+    ups = {n: _update(30 + i) for i, n in enumerate("abc")}
+
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv:
+            strict = Hospital(fed.client_settings(
+                "a", srv.port, ml=None,
+                policy=cfg.HospitalPolicy(allow_unmasked=True, max_attempts=1)), None)
+            sites = {"a": strict, **{n: _site(fed, n, srv.port) for n in "bc"}}
+            for site in sites.values():
+                await _get(site)
+
+            async def send_all() -> dict[str, asyncio.Task]:
+                return {n: asyncio.create_task(sites[n].send_update(
+                    await sites[n].session().connect(), ups[n], 10, 0)) for n in "abc"}
+
+            first = await send_all()
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                await _wait(admin, "submitted", 3)
+                await admin.abort_round()  # announced: the hospitals may send again
+                for task in first.values():
+                    with pytest.raises(RoundAbandonedError):
+                        await task
+                second = await send_all()
+                with pytest.raises(UpdateAlreadySentError, match="max_attempts"):
+                    await second["a"]
+                await _wait(admin, "submitted", 2)
+                assert "a" not in (await admin.status()).submitted
+                for n in "bc":
+                    second[n].cancel()
+
+    asyncio.run(scenario())
