@@ -16,12 +16,8 @@ Files in the hospital's ``state_dir`` (network state) and ``[ml] model_dir``:
   local.json                 which global version the local model is based on, whether it
                              was trained since, on how many scans, and the sha256 of the
                              trained weights (``send`` refuses a model that is not that one)
-  send.json                  the durable record of the last send: for which base version,
-                             in which round, how far it got (written *before* the masked
-                             input leaves, so a crash errs on the side of "it left")
-  sent/v<base>.npy           each update exactly as handed to a round, by base version (the
-                             hospital's own copy, for its records and for checking what a
-                             published version contains); the newest SENT_KEPT are kept
+  send.json, sent/           the durable record of the last send and the updates handed to
+                             rounds (``securefl.client.outbox``)
   history.jsonl              training and evaluation metrics over time (securefl.ml)
 
 TensorFlow work is blocking: async callers get it through ``asyncio.to_thread``.  The Keras
@@ -32,21 +28,19 @@ rounds); they are read again only when their files change.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-import os
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from securefl import config
+from securefl.client.outbox import Outbox, SendRecord, vector_sha256, write_json
 from securefl.client.session import GlobalModel, HospitalSession, RoundOutcome, RoundStep
-from securefl.errors import ConfigError, DataError, UpdateAlreadySentError
+from securefl.errors import ConfigError, DataError
 from securefl.ml.settings import MLSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,10 +48,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from securefl.ml.train import EvalReport, ProgressFn, TrainResult
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-#: Stages of a send, in order; ``masked-input`` is written before the masked input leaves.
-SEND_STAGES = ("joining", "joined", "keys-shared", "masked-input", "published")
-#: Sent updates kept in ``state_dir/sent`` (one model-sized file each).
-SENT_KEPT = 5
 
 
 @dataclass(frozen=True)
@@ -73,51 +63,6 @@ class LocalState:
     classes: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class SendRecord:
-    """How far the last send for ``base_version`` got (``state_dir/send.json``)."""
-
-    base_version: int
-    samples: int
-    update_sha256: str
-    stage: str = "joining"
-    round_id: int | None = None
-    #: Rounds in which this update's masked input (may have) left, oldest first.
-    masked_rounds: tuple[int, ...] = ()
-    #: The version a round published with this update in it.
-    published_version: int | None = None
-    #: Rounds the server announced as abandoned after the masked input left (resend allowed).
-    abandoned_rounds: tuple[int, ...] = field(default=())
-    updated: str = ""
-
-    @property
-    def pending_round(self) -> int | None:
-        """A round whose outcome this hospital never heard, after its masked input left."""
-        open_rounds = [r for r in self.masked_rounds if r not in self.abandoned_rounds]
-        return open_rounds[-1] if open_rounds and self.stage != "published" else None
-
-
-def _write_json(path: Path, data: dict[str, Any], *, durable: bool = False) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data))
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if durable:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def vector_sha256(vector: np.ndarray) -> str:
-    """sha256 of a weight vector as float32 little-endian bytes (the wire's layout)."""
-    return hashlib.sha256(np.ascontiguousarray(vector, dtype="<f4").data).hexdigest()
-
-
 class Hospital:
     """One hospital: ``settings`` for the network, ``ml`` (may be None) for its data and model.
 
@@ -128,6 +73,7 @@ class Hospital:
     def __init__(self, settings: config.ClientSettings, ml: MLSettings | None) -> None:
         self.settings, self._ml = settings, ml
         self.state_dir = Path(settings.state_dir)
+        self.outbox = Outbox(self.state_dir)
         self._model: Any = None  # a keras.Model; only securefl.ml names Keras
         self._model_ident: tuple[int, int, int] | None = None
         self._scans: dict[str, tuple[tuple[int, float], ImageSet]] = {}
@@ -185,77 +131,19 @@ class Hospital:
 
     def _set_local_state(self, state: LocalState) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(self.state_dir / "local.json", asdict(state), durable=True)
+        write_json(self.state_dir / "local.json", asdict(state), durable=True)
 
     def send_record(self) -> SendRecord | None:
-        try:
-            raw = json.loads((self.state_dir / "send.json").read_text())
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            # A torn record is read as "the masked input may have left": the safe side.
-            raise DataError(f"{self.state_dir / 'send.json'} is damaged, so it is unknown "
-                            "whether the last update left: wait for the next global version, "
-                            "then get, train and send (and remove that file)") from None
-        raw["masked_rounds"] = tuple(raw.get("masked_rounds", ()))
-        raw["abandoned_rounds"] = tuple(raw.get("abandoned_rounds", ()))
-        return SendRecord(**raw)
-
-    def _save_send_record(self, record: SendRecord) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        stamped = {**asdict(record), "updated": datetime.now(UTC).isoformat(timespec="seconds")}
-        _write_json(self.state_dir / "send.json", stamped, durable=True)
+        return self.outbox.record()
 
     def note_abandoned(self, round_id: int) -> None:
-        """The server announced that ``round_id`` was abandoned (e.g. by its restart): an
-        update whose masked input went to that round may be sent again (today's rule; the
-        secure-aggregation issue narrows it to a retry with the same survivors)."""
-        rec = self.send_record()
-        if rec is not None and round_id in rec.masked_rounds \
-                and round_id not in rec.abandoned_rounds:
-            self._save_send_record(SendRecord(**{
-                **asdict(rec), "abandoned_rounds": (*rec.abandoned_rounds, round_id)}))
+        self.outbox.note_abandoned(round_id)
 
     def sent_update(self, base_version: int) -> np.ndarray | None:
-        """The update this hospital handed to a round on ``base_version`` (None if none)."""
-        path = self.state_dir / "sent" / f"v{base_version:08d}.npy"
-        return np.load(path, allow_pickle=False) if path.is_file() else None
-
-    def _keep_sent_update(self, base_version: int, update: np.ndarray) -> None:
-        folder = self.state_dir / "sent"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"v{base_version:08d}.npy"
-        tmp = folder / f".v{base_version:08d}.npy.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, update)
-        os.replace(tmp, path)
-        for old in sorted(folder.glob("v*.npy"))[:-SENT_KEPT]:
-            old.unlink(missing_ok=True)
+        return self.outbox.sent_update(base_version)
 
     def check_can_send(self, base_version: int) -> None:
-        """Refuse an update on ``base_version`` when one already left for it.
-
-        Why: a masked input that left can be in a revealed sum even if this hospital never
-        answered the unmask step; sending another on the same base would let a server
-        difference two sums (docs/SECURITY.md).  Resending is allowed while nothing left,
-        and after the server announced that the round was abandoned.
-        """
-        rec = self.send_record()
-        if rec is None or rec.base_version != base_version:
-            return
-        if rec.stage == "published":
-            raise UpdateAlreadySentError(
-                f"this hospital's update trained on version {base_version} is already in "
-                f"global version {rec.published_version} (round {rec.round_id}): get that "
-                "version, train on it and send again")
-        pending = rec.pending_round
-        if pending is not None:
-            raise UpdateAlreadySentError(
-                f"this hospital's masked update for version {base_version} already left in "
-                f"round {pending}, which has not reported back: if that round publishes, the "
-                "update is in it (then get, train and send on the new version); if it fails, "
-                "the server says so when this hospital next connects and send may join a new "
-                "round")
+        self.outbox.check_can_send(base_version)
 
     def data_summary(self) -> dict[str, dict[str, int]]:
         """Images per class in Training/ and Testing/, counted from file names (no decoding),
@@ -442,7 +330,7 @@ class Hospital:
         model = await session.get_global(on_progress)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         np.save(self.state_dir / "global.npy", model.weights)
-        _write_json(self.state_dir / "global.json",
+        write_json(self.state_dir / "global.json",
                     {"version": model.version, "sha256": model.sha256,
                      "contributors": model.contributors, "total_samples": model.total_samples,
                      "created": model.created, "classes": list(model.classes)})
@@ -465,50 +353,9 @@ class Hospital:
 
         ``round_options`` go to ``HospitalSession.send`` (``leave_after`` for dropout tests).
         """
-        self.check_can_send(base)
         update = np.ascontiguousarray(update, dtype=np.float32).reshape(-1)
-        if not update.any():
-            raise DataError("the update is all zeros (the local model equals the downloaded "
-                            "global model): train before sending")
-        digest = vector_sha256(update)
-        previous = self.send_record()
-        record = SendRecord(base, int(samples), digest)
-        if previous is not None and previous.base_version == base:
-            # Same base: keep the history of rounds it went to (a resend after an abandon).
-            record = SendRecord(base, int(samples), digest,
-                                masked_rounds=previous.masked_rounds,
-                                abandoned_rounds=previous.abandoned_rounds)
-        self._keep_sent_update(base, update)
-        self._save_send_record(record)
-        state: dict[str, SendRecord] = {"record": record}
-
-        limit = session.settings.policy.max_attempts
-
-        def journal(stage: str, round_id: int, version: int | None = None) -> None:
-            rec = state["record"]
-            if stage == "masked-input" and len(rec.masked_rounds) >= limit:
-                # Raised before the masked input leaves: nothing of this attempt is sent.
-                raise UpdateAlreadySentError(
-                    f"this hospital's update for version {base} already went into "
-                    f"{len(rec.masked_rounds)} round(s) (rounds "
-                    f"{', '.join(map(str, rec.masked_rounds))}), the most its [policy] "
-                    "max_attempts allows: it is not sent into another; wait for the next "
-                    "version, then get, train and send")
-            if stage == "masked-input":
-                rec = SendRecord(**{**asdict(rec), "stage": stage, "round_id": round_id,
-                                    "masked_rounds": (*rec.masked_rounds, round_id)})
-            elif stage == "abandoned":
-                if round_id in rec.masked_rounds:
-                    rec = SendRecord(**{**asdict(rec),
-                                        "abandoned_rounds": (*rec.abandoned_rounds, round_id)})
-            elif stage == "published":
-                rec = SendRecord(**{**asdict(rec), "stage": stage, "round_id": round_id,
-                                    "published_version": version})
-            else:
-                rec = SendRecord(**{**asdict(rec), "stage": stage, "round_id": round_id})
-            state["record"] = rec
-            self._save_send_record(rec)
-
+        journal = self.outbox.begin(base, samples, update,
+                                    session.settings.policy.max_attempts)
         meta = self.global_meta()
         sha = meta.get("sha256") if meta and meta.get("version") == base else None
         return await session.send(update, samples, base_version=base, on_step=on_step,

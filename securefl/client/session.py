@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -22,6 +21,7 @@ from typing import Any, Literal, Protocol, Self
 import numpy as np
 
 from securefl.certs import load_credential
+from securefl.client import revocation
 from securefl.client.transport import Connection, error_from_wire
 from securefl.config import ClientSettings
 from securefl.crypto import pki
@@ -216,32 +216,9 @@ class HospitalSession(_Session):
     async def connect(self) -> Self:
         await super().connect()
         assert self.conn.welcome is not None
-        self.revoked = self._accept_crl(self.conn.welcome.crl)
+        self.revoked = revocation.accept(self._ca, self.conn.welcome.crl, kit=self.settings.crl,
+                                         held=self.settings.state_dir / "crl.der")
         return self
-
-    def _accept_crl(self, offered: bytes | None) -> frozenset[int]:
-        """The newest revocation list among the kit's, the one kept from earlier, and the
-        one the server just offered; a server offering an older one than this hospital
-        holds is refused (it could be hiding a revocation)."""
-        held_path = self.settings.state_dir / "crl.der"
-        held = [pki.load_crl(p.read_bytes(), self._ca)
-                for p in (self.settings.crl, held_path) if p is not None and p.is_file()]
-        newest = max(held, key=pki.crl_number, default=None)
-        if offered is not None:
-            crl = pki.load_crl(offered, self._ca)
-            if newest is not None and pki.crl_number(crl) < pki.crl_number(newest):
-                raise CryptoError(
-                    f"the server handed out an older revocation list (number "
-                    f"{pki.crl_number(crl)}) than this hospital holds (number "
-                    f"{pki.crl_number(newest)}): not trusting this server's round; tell "
-                    "the federation operator")
-            if newest is None or pki.crl_number(crl) > pki.crl_number(newest):
-                held_path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = held_path.with_suffix(".tmp")
-                tmp.write_bytes(offered)
-                os.replace(tmp, held_path)
-                newest = crl
-        return pki.revoked_serials(newest) if newest is not None else frozenset()
 
     @property
     def resend_round(self) -> int | None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from securefl import config
-from securefl.client.hospital import Hospital, LocalState, SendRecord
+from securefl.client.hospital import Hospital, LocalState
+from securefl.client.outbox import SendRecord
 from securefl.errors import ConfigError, DataError, UpdateAlreadySentError
 from securefl.ml.settings import MLSettings
 
@@ -26,7 +27,7 @@ def _hospital(tmp_path: Path, classes: tuple[str, ...] = ("a", "b")) -> Hospital
 def test_nothing_sent_yet_or_another_version_allows_sending(tmp_path: Path) -> None:
     h = _hospital(tmp_path)
     h.check_can_send(0)
-    h._save_send_record(SendRecord(0, 5, "x", stage="published", round_id=1,
+    h.outbox.save(SendRecord(0, 5, "x", stage="published", round_id=1,
                                    published_version=1))
     h.check_can_send(1)  # trained on the new version: a new update
 
@@ -35,7 +36,7 @@ def test_nothing_sent_yet_or_another_version_allows_sending(tmp_path: Path) -> N
 def test_before_the_masked_input_left_sending_again_is_allowed(tmp_path: Path,
                                                               stage: str) -> None:
     h = _hospital(tmp_path)
-    h._save_send_record(SendRecord(3, 5, "x", stage=stage, round_id=7))
+    h.outbox.save(SendRecord(3, 5, "x", stage=stage, round_id=7))
     h.check_can_send(3)
 
 
@@ -43,7 +44,7 @@ def test_a_crash_after_recording_errs_on_the_side_of_it_left(tmp_path: Path) -> 
     """The record says 'masked-input' before the bytes go: a crash in between still counts
     as sent, so the same version never gets a second masked update from this hospital."""
     h = _hospital(tmp_path)
-    h._save_send_record(SendRecord(3, 5, "x", stage="masked-input", round_id=7,
+    h.outbox.save(SendRecord(3, 5, "x", stage="masked-input", round_id=7,
                                    masked_rounds=(7,)))
     with pytest.raises(UpdateAlreadySentError, match=r"already left in round 7.*if it fails"):
         h.check_can_send(3)
@@ -54,14 +55,14 @@ def test_a_crash_after_recording_errs_on_the_side_of_it_left(tmp_path: Path) -> 
 
 def test_a_round_the_server_announced_as_abandoned_may_be_resent(tmp_path: Path) -> None:
     h = _hospital(tmp_path)
-    h._save_send_record(SendRecord(3, 5, "x", stage="masked-input", round_id=7,
+    h.outbox.save(SendRecord(3, 5, "x", stage="masked-input", round_id=7,
                                    masked_rounds=(7,), abandoned_rounds=(7,)))
     h.check_can_send(3)
 
 
 def test_published_says_which_version_holds_the_update(tmp_path: Path) -> None:
     h = _hospital(tmp_path)
-    h._save_send_record(SendRecord(3, 5, "x", stage="published", round_id=7,
+    h.outbox.save(SendRecord(3, 5, "x", stage="published", round_id=7,
                                    masked_rounds=(7,), published_version=4))
     with pytest.raises(UpdateAlreadySentError, match="already in global version 4"):
         h.check_can_send(3)
@@ -94,7 +95,7 @@ def test_a_round_abandoned_by_a_server_restart_may_be_resent(tmp_path: Path) -> 
     """The server's welcome names the round its restart abandoned: the record takes note,
     so `send` does not contradict the 'send your update again' the user was just told."""
     h = _hospital(tmp_path)
-    h._save_send_record(SendRecord(3, 5, "x", stage="masked-input", round_id=7,
+    h.outbox.save(SendRecord(3, 5, "x", stage="masked-input", round_id=7,
                                    masked_rounds=(7,)))
     h.note_abandoned(6)  # another round: changes nothing
     with pytest.raises(UpdateAlreadySentError):

@@ -15,7 +15,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Header, Static
 
-from securefl.client.hospital import LocalState, SendRecord
+from securefl.client.hospital import LocalState
+from securefl.client.outbox import SendRecord
 from securefl.client.session import ServerStatus
 
 HERE = Path(__file__).parent

@@ -1,0 +1,190 @@
+"""What a hospital sent, kept where only it can read it: the durable send record.
+
+Why a record on disk: a ``send`` can be interrupted (Ctrl-C, a crash, a lost connection) at
+any step, and the next ``send`` — maybe another process — must know whether this update's
+masked input already left.  A masked input that left can be in a revealed sum even if the
+hospital never answered the unmask step, so a second one on the same base version could let
+a server difference two sums (docs/SECURITY.md).  The record is written *before* the masked
+input leaves, so a crash in between errs on the side of "it left".
+
+Files in the hospital's ``state_dir``:
+  send.json           how far the last send for a base version got (``SendRecord``)
+  sent/v<base>.npy    each update exactly as handed to a round, the newest ``SENT_KEPT``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from securefl.client.session import Journal
+from securefl.errors import DataError, UpdateAlreadySentError
+
+#: Sent updates kept in ``state_dir/sent`` (one model-sized file each).
+SENT_KEPT = 5
+
+
+@dataclass(frozen=True)
+class SendRecord:
+    """How far the last send for ``base_version`` got (``state_dir/send.json``)."""
+
+    base_version: int
+    samples: int
+    update_sha256: str
+    #: ``joining``, ``joined``, ``keys-shared``, ``masked-input`` (written before the masked
+    #: input leaves) or ``published``.
+    stage: str = "joining"
+    round_id: int | None = None
+    #: Rounds in which this update's masked input (may have) left, oldest first.
+    masked_rounds: tuple[int, ...] = ()
+    #: The version a round published with this update in it.
+    published_version: int | None = None
+    #: Rounds the server announced as abandoned after the masked input left (resend allowed).
+    abandoned_rounds: tuple[int, ...] = ()
+    updated: str = ""
+
+    @property
+    def pending_round(self) -> int | None:
+        """A round whose outcome this hospital never heard, after its masked input left."""
+        open_rounds = [r for r in self.masked_rounds if r not in self.abandoned_rounds]
+        return open_rounds[-1] if open_rounds and self.stage != "published" else None
+
+
+def write_json(path: Path, data: dict[str, Any], *, durable: bool = False) -> None:
+    """Replace ``path`` atomically; ``durable`` also fsyncs the file and its folder."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data))
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if durable:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def vector_sha256(vector: np.ndarray) -> str:
+    """sha256 of a weight vector as float32 little-endian bytes (the wire's layout)."""
+    return hashlib.sha256(np.ascontiguousarray(vector, dtype="<f4").data).hexdigest()
+
+
+class Outbox:
+    """The send record and the kept updates of one hospital's ``state_dir``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    def record(self) -> SendRecord | None:
+        try:
+            raw = json.loads((self.state_dir / "send.json").read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            # A torn record is read as "the masked input may have left": the safe side.
+            raise DataError(f"{self.state_dir / 'send.json'} is damaged, so it is unknown "
+                            "whether the last update left: wait for the next global version, "
+                            "then get, train and send (and remove that file)") from None
+        raw["masked_rounds"] = tuple(raw.get("masked_rounds", ()))
+        raw["abandoned_rounds"] = tuple(raw.get("abandoned_rounds", ()))
+        return SendRecord(**raw)
+
+    def save(self, record: SendRecord) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        stamped = replace(record, updated=datetime.now(UTC).isoformat(timespec="seconds"))
+        write_json(self.state_dir / "send.json", asdict(stamped), durable=True)
+
+    def note_abandoned(self, round_id: int) -> None:
+        """The server announced that ``round_id`` was abandoned (e.g. by its restart): an
+        update whose masked input went to that round may be sent again (today's rule; the
+        secure-aggregation issue narrows it to a retry with the same survivors)."""
+        rec = self.record()
+        if rec is not None and round_id in rec.masked_rounds \
+                and round_id not in rec.abandoned_rounds:
+            self.save(replace(rec, abandoned_rounds=(*rec.abandoned_rounds, round_id)))
+
+    def sent_update(self, base_version: int) -> np.ndarray | None:
+        """The update this hospital handed to a round on ``base_version`` (None if none)."""
+        path = self.state_dir / "sent" / f"v{base_version:08d}.npy"
+        return np.load(path, allow_pickle=False) if path.is_file() else None
+
+    def check_can_send(self, base_version: int) -> None:
+        """Refuse an update on ``base_version`` when one already left for it; resending is
+        allowed while nothing left, and after the server announced the round abandoned."""
+        rec = self.record()
+        if rec is None or rec.base_version != base_version:
+            return
+        if rec.stage == "published":
+            raise UpdateAlreadySentError(
+                f"this hospital's update trained on version {base_version} is already in "
+                f"global version {rec.published_version} (round {rec.round_id}): get that "
+                "version, train on it and send again")
+        pending = rec.pending_round
+        if pending is not None:
+            raise UpdateAlreadySentError(
+                f"this hospital's masked update for version {base_version} already left in "
+                f"round {pending}, which has not reported back: if that round publishes, the "
+                "update is in it (then get, train and send on the new version); if it fails, "
+                "the server says so when this hospital next connects and send may join a new "
+                "round")
+
+    def begin(self, base_version: int, samples: int, update: np.ndarray,
+              max_attempts: int) -> Journal:
+        """Keep ``update``, record the send, and return the journal the round calls at each
+        step (it refuses, before the masked input leaves, a round past ``max_attempts``)."""
+        self.check_can_send(base_version)
+        previous = self.record()
+        record = SendRecord(base_version, int(samples), vector_sha256(update))
+        if previous is not None and previous.base_version == base_version:
+            # Same base: keep the history of rounds it went to (a resend after an abandon).
+            record = replace(record, masked_rounds=previous.masked_rounds,
+                             abandoned_rounds=previous.abandoned_rounds)
+        self._keep(base_version, update)
+        self.save(record)
+        current = [record]
+
+        def journal(stage: str, round_id: int, version: int | None = None) -> None:
+            rec = current[0]
+            if stage == "masked-input":
+                if len(rec.masked_rounds) >= max_attempts:
+                    # Raised before the masked input leaves: nothing of this attempt is sent.
+                    raise UpdateAlreadySentError(
+                        f"this hospital's update for version {base_version} already went into "
+                        f"{len(rec.masked_rounds)} round(s) (rounds "
+                        f"{', '.join(map(str, rec.masked_rounds))}), the most its [policy] "
+                        "max_attempts allows: it is not sent into another; wait for the next "
+                        "version, then get, train and send")
+                rec = replace(rec, stage=stage, round_id=round_id,
+                              masked_rounds=(*rec.masked_rounds, round_id))
+            elif stage == "abandoned":
+                if round_id in rec.masked_rounds:
+                    rec = replace(rec, abandoned_rounds=(*rec.abandoned_rounds, round_id))
+            elif stage == "published":
+                rec = replace(rec, stage=stage, round_id=round_id, published_version=version)
+            else:
+                rec = replace(rec, stage=stage, round_id=round_id)
+            current[0] = rec
+            self.save(rec)
+
+        return journal
+
+    def _keep(self, base_version: int, update: np.ndarray) -> None:
+        folder = self.state_dir / "sent"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"v{base_version:08d}.npy"
+        tmp = folder / f".v{base_version:08d}.npy.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, update)
+        os.replace(tmp, path)
+        for old in sorted(folder.glob("v*.npy"))[:-SENT_KEPT]:
+            old.unlink(missing_ok=True)
