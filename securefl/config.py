@@ -20,7 +20,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -61,6 +61,10 @@ class RoundSettings(_Settings):
     step_timeout: float = Field(60.0, gt=0)
     #: SecAgg+ neighbours per hospital (None: every pair, classic SecAgg).
     neighbours: int | None = Field(None, ge=2)
+    #: Hospitals assumed able to collude with a dishonest server (c).  The threshold is
+    #: floor((n + c) / 2) + 1 and a round needs c + 2 hospitals; hospitals refuse a round
+    #: sized for a smaller c than their own ``[policy] colluders``, so keep the two equal.
+    colluders: int = Field(1, ge=0, le=100)
     #: "secagg" masks every input; "plain" runs the same transport without masks (benchmark
     #: baseline only: the server then sees each hospital's update).
     masking: str = Field("secagg", pattern="^(secagg|plain)$")
@@ -129,6 +133,17 @@ class HospitalPolicy(_Settings):
     allow_unmasked: bool = False
     #: Never help unmask a sum of fewer hospitals than this (the round may ask for more).
     min_contributors: int = Field(2, ge=2, le=1000)
+    #: Other hospitals assumed able to collude with a dishonest server (c).  Default 1: no
+    #: hospital is assumed flawless, and each extra one raises the threshold.  A round must
+    #: then have a threshold of at least floor((n + c) / 2) + 1 and c + 2 hospitals — with
+    #: 3 hospitals and c = 1 all 3 must stay to the end of a round.
+    colluders: int = Field(1, ge=0, le=100)
+    #: Accept a SecAgg+ sparse graph (``[round] neighbours`` on the server); its guarantees
+    #: against a deviating server are weaker than the full graph's (docs/SECURITY.md).
+    allow_sparse: bool = False
+    #: Rings the masked update may be encoded in, and the largest clip accepted.
+    ring_bits: list[Literal[32, 64]] = Field(default_factory=lambda: [32, 64], min_length=1)
+    max_clip: float = Field(10.0, gt=0)
     #: Rounds one update may go into (its masked input leaving) per base version, counting
     #: retries the server announces: each one more sum that contains it.
     max_attempts: int = Field(3, ge=1, le=10)

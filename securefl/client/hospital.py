@@ -142,8 +142,10 @@ class Hospital:
     def sent_update(self, base_version: int) -> np.ndarray | None:
         return self.outbox.sent_update(base_version)
 
-    def check_can_send(self, base_version: int) -> None:
-        self.outbox.check_can_send(base_version)
+    def check_can_send(self, base_version: int) -> frozenset[str] | None:
+        """Raise if an update on ``base_version`` may not be sent; else the survivor set
+        a resend must repeat exactly (None: any round)."""
+        return self.outbox.check_can_send(base_version)
 
     def data_summary(self) -> dict[str, dict[str, int]]:
         """Images per class in Training/ and Testing/, counted from file names (no decoding),
@@ -354,9 +356,10 @@ class Hospital:
         ``round_options`` go to ``HospitalSession.send`` (``leave_after`` for dropout tests).
         """
         update = np.ascontiguousarray(update, dtype=np.float32).reshape(-1)
-        journal = self.outbox.begin(base, samples, update,
-                                    session.settings.policy.max_attempts)
+        journal, required = self.outbox.begin(base, samples, update,
+                                              session.settings.policy.max_attempts)
         meta = self.global_meta()
         sha = meta.get("sha256") if meta and meta.get("version") == base else None
         return await session.send(update, samples, base_version=base, on_step=on_step,
-                                  journal=journal, base_sha256=sha, **round_options)
+                                  journal=journal, base_sha256=sha,
+                                  required_survivors=required, **round_options)

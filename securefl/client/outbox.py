@@ -46,8 +46,11 @@ class SendRecord:
     masked_rounds: tuple[int, ...] = ()
     #: The version a round published with this update in it.
     published_version: int | None = None
-    #: Rounds the server announced as abandoned after the masked input left (resend allowed).
+    #: Rounds the server announced as abandoned after the masked input left.
     abandoned_rounds: tuple[int, ...] = ()
+    #: The survivor list (names) this update was signed into; None while none was.  After
+    #: an abandoned round, the update may only go into a round of exactly these hospitals.
+    signed_survivors: tuple[str, ...] | None = None
     updated: str = ""
 
     @property
@@ -97,6 +100,8 @@ class Outbox:
                             "then get, train and send (and remove that file)") from None
         raw["masked_rounds"] = tuple(raw.get("masked_rounds", ()))
         raw["abandoned_rounds"] = tuple(raw.get("abandoned_rounds", ()))
+        if raw.get("signed_survivors") is not None:
+            raw["signed_survivors"] = tuple(raw["signed_survivors"])
         return SendRecord(**raw)
 
     def save(self, record: SendRecord) -> None:
@@ -106,8 +111,8 @@ class Outbox:
 
     def note_abandoned(self, round_id: int) -> None:
         """The server announced that ``round_id`` was abandoned (e.g. by its restart): an
-        update whose masked input went to that round may be sent again (today's rule; the
-        secure-aggregation issue narrows it to a retry with the same survivors)."""
+        update whose masked input went to that round may be sent again, but only into a
+        round of exactly the survivors it signed (``check_can_send``)."""
         rec = self.record()
         if rec is not None and round_id in rec.masked_rounds \
                 and round_id not in rec.abandoned_rounds:
@@ -118,12 +123,18 @@ class Outbox:
         path = self.state_dir / "sent" / f"v{base_version:08d}.npy"
         return np.load(path, allow_pickle=False) if path.is_file() else None
 
-    def check_can_send(self, base_version: int) -> None:
+    def check_can_send(self, base_version: int) -> frozenset[str] | None:
         """Refuse an update on ``base_version`` when one already left for it; resending is
-        allowed while nothing left, and after the server announced the round abandoned."""
+        allowed while nothing left, and after the server announced the round abandoned —
+        then only into a round of exactly the signed survivors, which are returned.
+
+        Why so strict: a masked input that left can be in a sum the server revealed even
+        if it says the round failed; a second sum over another set of hospitals that holds
+        the same update could be subtracted from the first (docs/SECURITY.md).
+        """
         rec = self.record()
         if rec is None or rec.base_version != base_version:
-            return
+            return None
         if rec.stage == "published":
             raise UpdateAlreadySentError(
                 f"this hospital's update trained on version {base_version} is already in "
@@ -137,23 +148,34 @@ class Outbox:
                 "update is in it (then get, train and send on the new version); if it fails, "
                 "the server says so when this hospital next connects and send may join a new "
                 "round")
+        if rec.masked_rounds and rec.signed_survivors is None:
+            raise UpdateAlreadySentError(
+                f"this hospital's masked update for version {base_version} left in round "
+                f"{rec.masked_rounds[-1]}, which failed before the hospitals agreed on who is "
+                "in the sum, so it may be in a sum the server holds: to keep it hidden it "
+                f"goes into no other round on version {base_version}; wait for the next "
+                "version, then get, train and send")
+        return frozenset(rec.signed_survivors) if rec.signed_survivors is not None else None
 
     def begin(self, base_version: int, samples: int, update: np.ndarray,
-              max_attempts: int) -> Journal:
+              max_attempts: int) -> tuple[Journal, frozenset[str] | None]:
         """Keep ``update``, record the send, and return the journal the round calls at each
-        step (it refuses, before the masked input leaves, a round past ``max_attempts``)."""
-        self.check_can_send(base_version)
+        step (it refuses, before the masked input leaves, a round past ``max_attempts``)
+        with the survivor set a retry must repeat (None: any round)."""
+        required = self.check_can_send(base_version)
         previous = self.record()
         record = SendRecord(base_version, int(samples), vector_sha256(update))
         if previous is not None and previous.base_version == base_version:
             # Same base: keep the history of rounds it went to (a resend after an abandon).
             record = replace(record, masked_rounds=previous.masked_rounds,
-                             abandoned_rounds=previous.abandoned_rounds)
+                             abandoned_rounds=previous.abandoned_rounds,
+                             signed_survivors=previous.signed_survivors)
         self._keep(base_version, update)
         self.save(record)
         current = [record]
 
-        def journal(stage: str, round_id: int, version: int | None = None) -> None:
+        def journal(stage: str, round_id: int, version: int | None = None, *,
+                    survivors: tuple[str, ...] | None = None) -> None:
             rec = current[0]
             if stage == "masked-input":
                 if len(rec.masked_rounds) >= max_attempts:
@@ -166,6 +188,9 @@ class Outbox:
                         "version, then get, train and send")
                 rec = replace(rec, stage=stage, round_id=round_id,
                               masked_rounds=(*rec.masked_rounds, round_id))
+            elif stage == "signed":
+                rec = replace(rec, stage=stage, round_id=round_id,
+                              signed_survivors=rec.signed_survivors or survivors)
             elif stage == "abandoned":
                 if round_id in rec.masked_rounds:
                     rec = replace(rec, abandoned_rounds=(*rec.abandoned_rounds, round_id))
@@ -176,7 +201,7 @@ class Outbox:
             current[0] = rec
             self.save(rec)
 
-        return journal
+        return journal, required
 
     def _keep(self, base_version: int, update: np.ndarray) -> None:
         folder = self.state_dir / "sent"

@@ -27,6 +27,7 @@ from securefl.config import ClientSettings
 from securefl.crypto import pki
 from securefl.crypto.quantize import Encoding, check_update
 from securefl.crypto.secagg import ClientRound
+from securefl.crypto.secagg.policy import RoundPolicy
 from securefl.errors import (
     CryptoError,
     DataError,
@@ -34,6 +35,7 @@ from securefl.errors import (
     ProtocolError,
     RemoteProtocolError,
     SecureFLError,
+    UpdateAlreadySentError,
 )
 from securefl.protocol import mapping
 from securefl.protocol import messages as wm
@@ -130,7 +132,7 @@ class RoundStep:
     detail: str
 
 
-STEPS = ("joined", "roster", "keys-shared", "masked-sent", "unmasked", "published")
+STEPS = ("joined", "roster", "keys-shared", "masked-sent", "signed", "unmasked", "published")
 #: Not part of the normal sequence: the round failed and this hospital rejoins a new one.
 RETRY_STEP = "retrying"
 #: Server-announced retries a hospital follows before giving up (the server bounds them too).
@@ -140,11 +142,23 @@ MAX_RESENDS = 3
 class Journal(Protocol):
     """Hears how far a send got, synchronously (see ``HospitalSession.send``)."""
 
-    def __call__(self, stage: str, round_id: int, version: int | None = None) -> None: ...
+    def __call__(self, stage: str, round_id: int, version: int | None = None, *,
+                 survivors: tuple[str, ...] | None = None) -> None: ...
 
 
-def _no_journal(stage: str, round_id: int, version: int | None = None) -> None:
+def _no_journal(stage: str, round_id: int, version: int | None = None, *,
+                survivors: tuple[str, ...] | None = None) -> None:
     return None
+
+
+@dataclass
+class _Sent:
+    """What earlier attempts of one ``send`` fix for the next (the cross-round rule)."""
+
+    #: The survivor list this update was signed into: a retry must combine exactly these.
+    required: frozenset[str] | None = None
+    #: A round this update's masked input went to before any survivor list was signed.
+    unlisted_round: int | None = None
 
 
 class RoundAbandonedError(ProtocolError):
@@ -253,10 +267,11 @@ class HospitalSession(_Session):
         samples: int,
         *,
         base_version: int | None = None,
-        leave_after: Literal["join", "share_keys", "masked_input"] | None = None,
+        leave_after: Literal["join", "share_keys", "masked_input", "signed"] | None = None,
         on_step: Callable[[RoundStep], None] | None = None,
         journal: Journal | None = None,
         base_sha256: str | None = None,
+        required_survivors: frozenset[str] | None = None,
     ) -> RoundOutcome | None:
         """Take part in one round with ``update`` (w_local - w_global) from ``samples`` images.
 
@@ -267,8 +282,12 @@ class HospitalSession(_Session):
         (default: that of the last ``get_global()`` when it is the same version); it is
         signed with the round keys, so every hospital checks all received the same model.
         ``journal(stage, round_id[, version])`` is called synchronously at ``joined``,
-        ``keys-shared``, ``masked-input`` (*before* the masked input leaves), ``abandoned``
-        and ``published``: the hospital's durable send record (``client.hospital``).
+        ``keys-shared``, ``masked-input`` (*before* the masked input leaves), ``signed``
+        (with the survivor names, before the signature leaves), ``abandoned`` and
+        ``published``: the hospital's durable send record (``client.hospital``).
+        ``required_survivors``: this update's masked input already went into a round that
+        signed this survivor list and then failed; it may only go into a round of exactly
+        these hospitals (a different set would let two sums be subtracted).
         """
 
         def step(name: str, detail: str) -> None:
@@ -292,20 +311,29 @@ class HospitalSession(_Session):
             raise DataError("the update is all zeros (the local model equals the global "
                             "model): train before sending")
         note = journal or _no_journal
+        sent = _Sent(required=required_survivors)
         for attempt in range(MAX_RESENDS + 1):
             try:
                 return await self._round(update, int(samples), base, leave_after, step, note,
-                                         digest)
+                                         digest, sent)
             except RoundAbandonedError as exc:
                 if not exc.retry_round or attempt == MAX_RESENDS:
                     raise
+                if sent.unlisted_round is not None:
+                    raise UpdateAlreadySentError(
+                        f"round {sent.unlisted_round} failed after this hospital's masked "
+                        "update left but before the hospitals agreed on who is in the sum, so "
+                        "it may be in a sum the server holds: to keep it hidden it goes into "
+                        f"no other round on version {base}; wait for the next version, then "
+                        "get, train and send") from exc
                 step(RETRY_STEP, f"the round could not be finished ({exc.message}); "
                      f"joining round {exc.retry_round} with the same update")
         raise AssertionError("unreachable")
 
     async def _round(self, update: np.ndarray, samples: int, base: int,
                      leave_after: str | None, step: Callable[[str, str], None],
-                     journal: Journal, digest: bytes | None) -> RoundOutcome | None:
+                     journal: Journal, digest: bytes | None,
+                     sent: _Sent) -> RoundOutcome | None:
         """One attempt: join, the four secure-aggregation steps, the published version."""
         joined, _ = await self.conn.request(wm.Join(base_version=base))
         assert isinstance(joined, wm.Joined)
@@ -334,14 +362,15 @@ class HospitalSession(_Session):
                 "longer or with a higher learning rate, then send")
         try:
             return await self._steps(joined, enc, update, samples, base, leave_after, step,
-                                     journal, digest)
+                                     journal, digest, sent)
         except RoundAbandonedError:
             journal("abandoned", joined.round_id)
             raise
 
     async def _steps(self, joined: wm.Joined, enc: Encoding, update: np.ndarray, samples: int,
                      base: int, leave_after: str | None, step: Callable[[str, str], None],
-                     journal: Journal, digest: bytes | None) -> RoundOutcome | None:
+                     journal: Journal, digest: bytes | None,
+                     sent: _Sent) -> RoundOutcome | None:
         if joined.masking == "plain":
             y = enc.encode(update, samples)
             journal("masked-input", joined.round_id)
@@ -355,9 +384,8 @@ class HospitalSession(_Session):
                                          "get_global() first, or pass base_sha256")
             rnd = ClientRound(cert=self._cred.cert, signing_key=self._cred.key, ca_cert=self._ca,
                               round_id=joined.round_id, base_version=base, update=update,
-                              weight=samples,
-                              min_contributors=self.settings.policy.min_contributors,
-                              base_sha256=digest, revoked=self.revoked)
+                              weight=samples, base_sha256=digest,
+                              policy=self.round_policy(sent.required))
             await self.conn.request(mapping.advertisement_to_wire(rnd.advertise()))
             if leave_after == "join":
                 return None
@@ -376,10 +404,22 @@ class HospitalSession(_Session):
             bundle = await self._expect(wm.EnvelopesMsg, joined.round_id)
             masked = await self._run(rnd.receive, mapping.bundle_from_wire(bundle))
             journal("masked-input", joined.round_id)  # before it leaves: a crash errs safe
+            if sent.required is None:
+                sent.unlisted_round = joined.round_id
             await self._send_input(joined.round_id, masked.y)
             step("masked-sent", "masked update sent; waiting for the administrator to "
                  "aggregate")
             if leave_after == "masked_input":
+                return None
+            listed = await self._expect(wm.SurvivorListMsg, joined.round_id)
+            signature = await self._run(rnd.receive, mapping.survivor_list_from_wire(listed))
+            assert rnd.signed_survivors is not None
+            journal("signed", joined.round_id, survivors=rnd.signed_survivors)
+            sent.required, sent.unlisted_round = frozenset(rnd.signed_survivors), None
+            await self.conn.request(mapping.signature_to_wire(signature))
+            step("signed", f"{len(rnd.signed_survivors)} hospitals' updates are in the sum; "
+                 "list signed, waiting for the others' signatures")
+            if leave_after == "signed":
                 return None
             request = await self._expect(wm.UnmaskRequestMsg, joined.round_id)
             answer = await self._run(rnd.receive, mapping.unmask_request_from_wire(request))
@@ -389,6 +429,14 @@ class HospitalSession(_Session):
         journal("published", joined.round_id, done.version)
         step("published", f"aggregated into global version {done.version}")
         return RoundOutcome(done.round_id, done.version, done.sha256)
+
+    def round_policy(self, required_survivors: frozenset[str] | None = None) -> RoundPolicy:
+        """This hospital's ``[policy]`` as the round checks it, with the revoked serials."""
+        p = self.settings.policy
+        return RoundPolicy(colluders=p.colluders, min_contributors=p.min_contributors,
+                           ring_bits=frozenset(p.ring_bits), max_clip=p.max_clip,
+                           allow_sparse=p.allow_sparse, revoked=self.revoked,
+                           required_survivors=required_survivors)
 
     async def _run(self, fn: Callable[[Any], Any], arg: object) -> Any:
         return await asyncio.to_thread(fn, arg) if self._offload else fn(arg)

@@ -115,10 +115,7 @@ def sign_advertisement(
     """Round 0 message: the round keys, signed under the hospital's certificate identity."""
     _, name = pki.identity_of(cert)
     data = advertisement_bytes(round_id, base_version, name, c_pk, s_pk, base_sha256)
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        signature = key.sign(data, ec.ECDSA(hashes.SHA256()))
-    else:
-        signature = key.sign(data)
+    signature = sign(key, data)
     return KeyAdvertisement(round_id, base_version, name, c_pk, s_pk, pki.cert_der(cert),
                             signature, base_sha256)
 
@@ -144,13 +141,46 @@ def verify_advertisement(
         raise CryptoError(f"the round keys of '{name}' carry no base model sha256")
     data = advertisement_bytes(adv.round_id, adv.base_version, adv.name, adv.c_pk, adv.s_pk,
                                adv.base_sha256)
+    if not verify(cert, adv.signature, data):
+        raise CryptoError(f"the round keys of '{name}' carry a bad signature")
+
+
+def sign(key: SigningKey, data: bytes) -> bytes:
+    """Sign with a certificate's private key (ECDSA P-256/SHA-256 or Ed25519)."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(hashes.SHA256()))
+    return key.sign(data)
+
+
+def verify(cert: x509.Certificate, signature: bytes, data: bytes) -> bool:
+    """Whether ``signature`` over ``data`` was made with the key of ``cert``."""
     public = cert.public_key()
     try:
         if isinstance(public, ec.EllipticCurvePublicKey):
-            public.verify(adv.signature, data, ec.ECDSA(hashes.SHA256()))
+            public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
         elif isinstance(public, ed25519.Ed25519PublicKey):
-            public.verify(adv.signature, data)
+            public.verify(signature, data)
         else:
-            raise CryptoError(f"unsupported certificate key type for '{name}'")
-    except InvalidSignature as exc:
-        raise CryptoError(f"the round keys of '{name}' carry a bad signature") from exc
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
+
+def survivors_statement(round_id: int, base_version: int, base_sha256: bytes,
+                        roster_digest: bytes, survivors: tuple[int, ...]) -> bytes:
+    """The bytes each survivor signs in the consistency check (Bonawitz et al. 2017 §6).
+
+    They bind the list to this round of this model (id, version and the model's sha256)
+    and to one roster (its digest), so a signature can be replayed neither into another
+    round nor under a roster the server changed for some hospitals.
+    """
+    if len(base_sha256) != 32 or len(roster_digest) != 32:
+        raise CryptoError("the consistency statement needs 32-byte digests")
+    return b"".join([
+        b"securefl/v4/survivors\x00",
+        struct.pack(">QQ", round_id, base_version),
+        base_sha256,
+        roster_digest,
+        struct.pack(f">H{len(survivors)}H", len(survivors), *survivors),
+    ])

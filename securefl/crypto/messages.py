@@ -110,17 +110,42 @@ class MaskedInput:
 
 
 @dataclass(frozen=True)
-class UnmaskRequest:
-    """Round 3, server -> surviving hospitals: who sent a masked input and who dropped."""
+class ConsistencyRequest:
+    """Round 3, server -> surviving hospitals: whose masked inputs are in the sum (U3).
+
+    Each survivor checks the list and signs it (``ConsistencySignature``); no share leaves
+    a hospital before it has seen t signatures on the same list (Bonawitz et al. 2017 §6).
+    """
 
     round_id: int
     survivors: tuple[int, ...]
-    dropped: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ConsistencySignature:
+    """Round 3, hospital -> server: its signature on ``keys.survivors_statement``."""
+
+    round_id: int
+    sender: int
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Round 4, server -> hospitals that signed: the survivor list and t+ signatures on it.
+
+    Carries no "dropped" list: each hospital takes as dropped those whose shares it holds
+    and who are not on the signed list, so the server has nothing more to choose.
+    """
+
+    round_id: int
+    survivors: tuple[int, ...]
+    signatures: Mapping[int, bytes]
 
 
 @dataclass(frozen=True)
 class UnmaskResponse:
-    """Round 3, hospital -> server: shares of b_u for survivors, of s_sk_u for the dropped.
+    """Round 4, hospital -> server: shares of b_u for survivors, of s_sk_u for the dropped.
 
     Keys are the participant whose secret the share belongs to; the share's x-coordinate is
     ``sender``.  A hospital never puts the same participant in both maps.

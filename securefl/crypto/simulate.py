@@ -19,8 +19,9 @@ from securefl.crypto import pki
 from securefl.crypto.messages import AggregateResult
 from securefl.crypto.quantize import Encoding
 from securefl.crypto.secagg import ClientRound, ServerRound
+from securefl.crypto.secagg.policy import RoundPolicy
 
-STAGES = ("advertise", "share", "input", "unmask")
+STAGES = ("advertise", "share", "input", "check", "unmask")
 
 
 @dataclass
@@ -50,8 +51,11 @@ def run_round(
     round_id: int = 1,
     base_version: int = 0,
     on_stage: Callable[[str], None] | None = None,
+    colluders: int = 1,
 ) -> tuple[AggregateResult, RoundTimings]:
     """Run one round; ``drop[stage]`` lists hospital indices (0-based) lost before ``stage``.
+
+    ``colluders``: the c both the server's threshold and every hospital's policy assume.
 
     Raises what the server raises (e.g. ``NotEnoughSurvivorsError``) when too many drop.
     """
@@ -84,7 +88,9 @@ def run_round(
         ca_cert=ca.cert,
         neighbours=neighbours,
         threshold=threshold,
+        colluders=colluders,
     )
+    policy = RoundPolicy(colluders=colluders, allow_sparse=True)
     alive: dict[str, ClientRound] = {}
     lost: set[int] = set()
 
@@ -101,7 +107,7 @@ def run_round(
             continue
         c = ClientRound(cert=creds[i].cert, signing_key=creds[i].key, ca_cert=ca.cert,
                         round_id=round_id, base_version=base_version,
-                        update=updates[i], weight=int(weights[i]))
+                        update=updates[i], weight=int(weights[i]), policy=policy)
         alive[creds[i].name] = c
         adv = timed(creds[i].name, c.advertise)
         server_timed(lambda adv=adv, name=creds[i].name: server.receive(adv, from_name=name))
@@ -120,11 +126,18 @@ def run_round(
         msg = timed(name, lambda c=c: c.receive(bundles[c.me]))  # type: ignore[index]
         timings.upload_bytes = msg.y.nbytes  # type: ignore[attr-defined]
         server_timed(lambda msg=msg, name=name: server.receive(msg, from_name=name))
-    request = server_timed(server.close_inputs)
+    listed = server_timed(server.close_inputs)
+
+    stage("check")
+    for name, c in alive.items():
+        if c.me in listed.survivors:  # type: ignore[attr-defined]
+            msg = timed(name, lambda c=c: c.receive(listed))
+            server_timed(lambda msg=msg, name=name: server.receive(msg, from_name=name))
+    request = server_timed(server.close_check)
 
     stage("unmask")
     for name, c in alive.items():
-        if c.me in request.survivors:  # type: ignore[attr-defined]
+        if c.me in request.signatures:  # type: ignore[attr-defined]
             msg = timed(name, lambda c=c: c.receive(request))
             server_timed(lambda msg=msg, name=name: server.receive(msg, from_name=name))
     result = server_timed(server.finish)
@@ -145,5 +158,6 @@ def secure_weighted_mean(
         [np.ascontiguousarray(u, dtype=np.float32) for u in updates],
         [int(w) for w in weights],
         encoding=encoding,
+        colluders=0,  # an honest computation of the mean, not a security setting
     )
     return result.mean_update

@@ -88,14 +88,31 @@ def masked_input_from_wire(
     return cm.MaskedInput(round_id=msg.round_id, sender=sender, y=y)
 
 
+def survivor_list_to_wire(req: cm.ConsistencyRequest) -> wm.SurvivorListMsg:
+    return wm.SurvivorListMsg(round_id=req.round_id, survivors=list(req.survivors))
+
+
+def survivor_list_from_wire(msg: wm.SurvivorListMsg) -> cm.ConsistencyRequest:
+    return cm.ConsistencyRequest(round_id=msg.round_id, survivors=tuple(msg.survivors))
+
+
+def signature_to_wire(sig: cm.ConsistencySignature, rid: int = 0) -> wm.SignSurvivors:
+    return wm.SignSurvivors(rid=rid, round_id=sig.round_id, signature=sig.signature)
+
+
+def signature_from_wire(msg: wm.SignSurvivors, *, sender: int) -> cm.ConsistencySignature:
+    return cm.ConsistencySignature(round_id=msg.round_id, sender=sender,
+                                   signature=msg.signature)
+
+
 def unmask_request_to_wire(req: cm.UnmaskRequest) -> wm.UnmaskRequestMsg:
     return wm.UnmaskRequestMsg(round_id=req.round_id, survivors=list(req.survivors),
-                               dropped=list(req.dropped))
+                               signatures=dict(req.signatures))
 
 
 def unmask_request_from_wire(msg: wm.UnmaskRequestMsg) -> cm.UnmaskRequest:
     return cm.UnmaskRequest(round_id=msg.round_id, survivors=tuple(msg.survivors),
-                            dropped=tuple(msg.dropped))
+                            signatures=dict(msg.signatures))
 
 
 def unmask_response_to_wire(resp: cm.UnmaskResponse, rid: int = 0) -> wm.UnmaskResponseMsg:

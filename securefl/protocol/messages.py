@@ -32,8 +32,9 @@ from pydantic import (
 from securefl.errors import RemoteProtocolError
 from securefl.protocol.frames import Frame
 
-#: 3: ``global_model.classes`` (and the other changes of the same release, see PROTOCOL.md).
-PROTOCOL_VERSION = 3
+#: 4: the consistency check (``survivor_list`` / ``sign_survivors``, signatures in
+#: ``unmask_request``) and the other changes of the same release, see PROTOCOL.md.
+PROTOCOL_VERSION = 4
 MAX_DIMS = 4
 U32 = Field(ge=0, le=2**32 - 1)
 
@@ -145,6 +146,15 @@ class MaskedInputMsg(_Wire):
     kind: Literal["masked_input"] = "masked_input"
     round_id: int = Field(ge=0)
     array: ArraySpec
+
+
+class SignSurvivors(_Wire):
+    """Round 3: this hospital's signature on the survivor list it was sent (see
+    ``securefl.crypto.keys.survivors_statement`` for the signed bytes)."""
+
+    kind: Literal["sign_survivors"] = "sign_survivors"
+    round_id: int = Field(ge=0)
+    signature: Bytes
 
 
 class UnmaskResponseMsg(_Wire):
@@ -319,11 +329,21 @@ class EnvelopesMsg(_Wire):
     envelopes: dict[int, Bytes] = Field(max_length=1000)
 
 
+class SurvivorListMsg(_Wire):
+    """Push, round 3: the participants whose masked inputs are in the sum, to be signed."""
+
+    kind: Literal["survivor_list"] = "survivor_list"
+    round_id: int
+    survivors: list[int] = Field(max_length=1000)
+
+
 class UnmaskRequestMsg(_Wire):
+    """Push, round 4: the same survivor list and the signatures gathered on it."""
+
     kind: Literal["unmask_request"] = "unmask_request"
     round_id: int
     survivors: list[int] = Field(max_length=1000)
-    dropped: list[int] = Field(max_length=1000)
+    signatures: dict[int, Bytes] = Field(max_length=1000)
 
 
 class AggregateProgress(_Wire):
@@ -369,7 +389,8 @@ Message = Annotated[
     Hello | GetGlobal | Status | Join | Advertise | ShareKeysMsg | MaskedInputMsg
     | UnmaskResponseMsg | AdminCommand | Welcome | GlobalModel | StatusReply | Joined | Ack
     | AdminResult | RosterMsg | EnvelopesMsg | UnmaskRequestMsg | RoundDone | ErrorMsg
-    | AdminQuery | AdminQueryReply | UploadSlot | AggregateProgress,
+    | AdminQuery | AdminQueryReply | UploadSlot | AggregateProgress | SurvivorListMsg
+    | SignSurvivors,
     Field(discriminator="kind"),
 ]
 MESSAGE: TypeAdapter[Message] = TypeAdapter(Message)

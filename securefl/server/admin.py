@@ -103,7 +103,7 @@ class AdminActions:
         eng = rnd.engine
         if rnd.watcher is None or not isinstance(eng, ServerRound) or eng.roster is None:
             return None
-        return wm.AggregateProgress(round_id=rnd.round_id, asked=len(rnd.submitted()),
+        return wm.AggregateProgress(round_id=rnd.round_id, asked=len(eng.signed),
                                     answered=len(rnd.answered),
                                     needed=eng.roster.config.threshold)
 
@@ -111,6 +111,15 @@ class AdminActions:
         """Tell the waiting admin how many hospitals have answered the unmask step."""
         if (msg := self._unmask_progress(rnd)) is not None and rnd.watcher is not None:
             self._push(rnd.watcher, msg)
+
+    async def _wait_step(self, rnd: ActiveRound) -> None:
+        """Until every hospital still connected has answered this step, or the timeout."""
+        rnd.step_done.clear()
+        self._check_progress(rnd)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(rnd.step_done.wait(), self.rs.step_timeout)
+        if self.round is not rnd:
+            raise NotEnoughSurvivorsError("the round was abandoned while unmasking")
 
     async def _aggregate(self, rnd: ActiveRound, rid: int, admin: Peer) -> wm.AdminResult:
         eng = rnd.engine
@@ -120,20 +129,26 @@ class AdminActions:
             raise RoundBusyError(f"the round is {rnd.phase}; aggregate once updates are "
                                  "being collected", code="round-not-ready")
         try:
-            request = eng.close_inputs()
+            listed = eng.close_inputs()
             if isinstance(eng, ServerRound):
-                wire = mapping.unmask_request_to_wire(request)
+                assert listed is not None
+                # Round 3: every survivor signs the one survivor list ...
+                wire: wm._Wire = mapping.survivor_list_to_wire(listed)
                 for name in rnd.submitted():
                     if rnd.members[name].open:
                         self._push(rnd.members[name], wire)
-                rnd.step_done.clear()
+                await self._wait_step(rnd)
+                # ... round 4: those that signed get the list with t+ signatures, and only
+                # then reveal shares.
+                request = eng.close_check()
+                wire = mapping.unmask_request_to_wire(request)
+                for index in sorted(request.signatures):
+                    peer = rnd.members.get(eng.name_of(index))
+                    if peer is not None and peer.open:
+                        self._push(peer, wire)
                 rnd.watcher = admin
                 self._report_unmask(rnd)
-                self._check_progress(rnd)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(rnd.step_done.wait(), self.rs.step_timeout)
-                if self.round is not rnd:
-                    raise NotEnoughSurvivorsError("the round was abandoned while unmasking")
+                await self._wait_step(rnd)
                 if (last := self._unmask_progress(rnd)) is not None:
                     # Awaited, so the final count reaches the admin before the result.
                     with contextlib.suppress(ConnectionError, OSError, TimeoutError):

@@ -211,6 +211,11 @@ class Coordinator(AdminActions):
             rnd.engine.receive(MaskedInput(msg.round_id, sender, array), from_name=peer.name)
             self.audit.record("submission", round_id=rnd.round_id, name=peer.name,
                               collected=rnd.engine.collected)
+        elif isinstance(msg, wm.SignSurvivors):
+            rnd.require_secagg(msg.kind)
+            sig = mapping.signature_from_wire(msg, sender=rnd.index_of(peer.name))
+            rnd.engine.receive(sig, from_name=peer.name)
+            self._check_progress(rnd)
         elif isinstance(msg, wm.UnmaskResponseMsg):
             rnd.require_secagg(msg.kind)
             resp = mapping.unmask_response_from_wire(msg, sender=rnd.index_of(peer.name))
@@ -309,7 +314,7 @@ class Coordinator(AdminActions):
                 round_id=round_id, base_version=info.version, vector_len=int(weights.shape[0]),
                 base_sha256=bytes.fromhex(info.sha256),
                 encoding=self.encoding, ca_cert=self.ca_cert, neighbours=self.rs.neighbours,
-                min_contributors=2,
+                min_contributors=2, colluders=self.rs.colluders,
             )
         rnd = ActiveRound(round_id, info.version, engine)
         self.round = rnd
@@ -333,16 +338,23 @@ class Coordinator(AdminActions):
                 joined = set(eng.joined)
                 expected = rnd.invited or set(self.settings.hospitals)
                 everyone = bool(expected) and expected <= joined
-                enough = len(joined) >= self.rs.min_clients and rnd.deadline_passed
+                least = max(self.rs.min_clients, self.rs.colluders + 2)
+                enough = len(joined) >= least and rnd.deadline_passed
                 if everyone or enough:
                     self._close_enrolment(rnd)
             elif eng.state is ServerState.SHARING:
                 waiting = [n for n in eng.joined if n not in rnd.shared and rnd.members[n].open]
                 if not waiting:
                     self._close_shares(rnd)
+            elif eng.state is ServerState.CHECKING and isinstance(eng, ServerRound):
+                waiting = [n for n in rnd.submitted() if rnd.members[n].open
+                           and rnd.index_of(n) not in eng.signed]
+                if not waiting:
+                    rnd.step_done.set()
             elif eng.state is ServerState.UNMASKING:
-                waiting = [n for n in rnd.submitted()
-                           if n not in rnd.answered and rnd.members[n].open]
+                asked = rnd.submitted() if isinstance(eng, PlainRound) else sorted(
+                    eng.name_of(i) for i in eng.signed)
+                waiting = [n for n in asked if n not in rnd.answered and rnd.members[n].open]
                 if not waiting:
                     rnd.step_done.set()
         except SecureFLError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from securefl.crypto.messages import AggregateResult, MaskedInput, UnmaskRequest
+from securefl.crypto.messages import AggregateResult, MaskedInput
 from securefl.crypto.quantize import Encoding
 from securefl.crypto.secagg import ServerState
 from securefl.errors import NotEnoughSurvivorsError, RemoteProtocolError
@@ -54,14 +54,13 @@ class PlainRound:
     def close_enrolment(self) -> None:
         self.state = ServerState.COLLECTING
 
-    def close_inputs(self) -> UnmaskRequest:
+    def close_inputs(self) -> None:
         if self.collected < self.min_contributors:
             self.fail()
             raise NotEnoughSurvivorsError(
                 f"only {self.collected} update(s) arrived; at least {self.min_contributors} "
                 "are needed")
         self.state = ServerState.UNMASKING
-        return UnmaskRequest(self.round_id, (), ())
 
     def finish(self) -> AggregateResult:
         assert self._sum is not None

@@ -27,7 +27,7 @@ from tests.outcome import assert_published, fedavgm_step, tolerance, weighted_me
 
 from .test_restart import free_port
 
-SITES = ("north", "south")
+SITES = ("north", "south", "east")  # c = 1 (the default) needs 3
 
 
 def securefl(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
@@ -65,7 +65,7 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
                   "--hospitals", ",".join(SITES), "--port", str(port), cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     certs = tmp_path / "certs"
-    synth = securefl("data", "synth", "--out", "synth", "--hospitals", "2", "--train", "48",
+    synth = securefl("data", "synth", "--out", "synth", "--hospitals", str(len(SITES)), "--train", "48",
                      "--test", "8", "--size", "32", cwd=tmp_path)
     assert synth.returncode == 0, synth.stderr
     kits = {name: certs / "kits" / name for name in SITES}
@@ -95,8 +95,8 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
             sends[name] = spawn("client", "--config", cfg, "send", cwd=tmp_path,
                                 log=tmp_path / f"send-{name}.log")
         admin = certs / "admin.toml"
-        wait_for("two masked updates", lambda: securefl(
-            "admin", "--config", admin, "count", cwd=tmp_path).stdout.strip() == "2")
+        wait_for("three masked updates", lambda: securefl(
+            "admin", "--config", admin, "count", cwd=tmp_path).stdout.strip() == "3")
         # What each hospital handed to the round, checked against its trained model before
         # anything overwrites the model: the update is (trained weights - version 0).
         import keras
@@ -111,11 +111,11 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
             record = json.loads((kit / "state" / "send.json").read_text())
             assert record["stage"] == "masked-input" and record["base_version"] == 0
             contributions.append((sent, record["samples"]))
-        assert [n for _, n in contributions] == [48, 48]
+        assert [n for _, n in contributions] == [48, 48, 48]
         assert all(np.abs(u).max() > 1e-3 for u, _ in contributions)
 
         agg = securefl("admin", "--config", admin, "aggregate", cwd=tmp_path)
-        assert agg.returncode == 0 and "published version 1 from 2 hospitals" in agg.stdout, \
+        assert agg.returncode == 0 and "published version 1 from 3 hospitals" in agg.stdout, \
             agg.stderr
         for name, proc in sends.items():
             assert proc.wait(timeout=120) == 0, (tmp_path / f"send-{name}.log").read_text()

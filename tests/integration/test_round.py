@@ -52,7 +52,7 @@ async def _round(fed: Federation, settings: config.ServerSettings, samples: list
                 if out is not None:  # a hospital that stayed saw every step, in order
                     assert steps == (["joined", "masked-sent", "published"]
                                      if settings.round.masking == "plain" else
-                                     ["joined", "roster", "keys-shared", "masked-sent",
+                                     ["joined", "roster", "keys-shared", "masked-sent", "signed",
                                       "unmasked", "published"])
                 return out
 

@@ -53,11 +53,24 @@ def test_a_crash_after_recording_errs_on_the_side_of_it_left(tmp_path: Path) -> 
         _hospital(tmp_path).check_can_send(3)
 
 
-def test_a_round_the_server_announced_as_abandoned_may_be_resent(tmp_path: Path) -> None:
+def test_an_abandoned_round_may_be_retried_only_with_the_signed_survivors(
+        tmp_path: Path) -> None:
+    h = _hospital(tmp_path)
+    h.outbox.save(SendRecord(3, 5, "x", stage="signed", round_id=7, masked_rounds=(7,),
+                             abandoned_rounds=(7,), signed_survivors=("a", "b", "c")))
+    assert h.check_can_send(3) == frozenset({"a", "b", "c"})
+
+
+def test_an_abandoned_round_with_no_signed_list_locks_the_base_version(
+        tmp_path: Path) -> None:
+    """The masked input left but no survivor list was signed: the update may be in a sum
+    the server holds, so it goes into no other round on that base."""
     h = _hospital(tmp_path)
     h.outbox.save(SendRecord(3, 5, "x", stage="masked-input", round_id=7,
-                                   masked_rounds=(7,), abandoned_rounds=(7,)))
-    h.check_can_send(3)
+                             masked_rounds=(7,), abandoned_rounds=(7,)))
+    with pytest.raises(UpdateAlreadySentError, match="no other round on version 3"):
+        h.check_can_send(3)
+    assert h.check_can_send(4) is None  # the next version is free
 
 
 def test_published_says_which_version_holds_the_update(tmp_path: Path) -> None:
@@ -95,10 +108,10 @@ def test_a_round_abandoned_by_a_server_restart_may_be_resent(tmp_path: Path) -> 
     """The server's welcome names the round its restart abandoned: the record takes note,
     so `send` does not contradict the 'send your update again' the user was just told."""
     h = _hospital(tmp_path)
-    h.outbox.save(SendRecord(3, 5, "x", stage="masked-input", round_id=7,
-                                   masked_rounds=(7,)))
+    h.outbox.save(SendRecord(3, 5, "x", stage="signed", round_id=7,
+                             masked_rounds=(7,), signed_survivors=("a", "b", "c")))
     h.note_abandoned(6)  # another round: changes nothing
     with pytest.raises(UpdateAlreadySentError):
         h.check_can_send(3)
     h.note_abandoned(7)
-    h.check_can_send(3)
+    assert h.check_can_send(3) == frozenset({"a", "b", "c"})

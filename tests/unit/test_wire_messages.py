@@ -86,7 +86,14 @@ def test_round_messages_round_trip() -> None:
     b = cm.EnvelopeBundle(round_id=1, recipient=2, envelopes={1: b"x"})
     msg, _ = wm.decode(_frame(mapping.bundle_to_wire(b)))
     assert mapping.bundle_from_wire(msg) == b  # type: ignore[arg-type]
-    req = cm.UnmaskRequest(round_id=1, survivors=(1, 2), dropped=(3,))
+    listed = cm.ConsistencyRequest(round_id=1, survivors=(1, 2, 4))
+    msg, _ = wm.decode(_frame(mapping.survivor_list_to_wire(listed)))
+    assert mapping.survivor_list_from_wire(msg) == listed  # type: ignore[arg-type]
+    sig = cm.ConsistencySignature(round_id=1, sender=2, signature=b"\x30" * 70)
+    msg, _ = wm.decode(_frame(mapping.signature_to_wire(sig, rid=5)))
+    assert mapping.signature_from_wire(msg, sender=2) == sig  # type: ignore[arg-type]
+    req = cm.UnmaskRequest(round_id=1, survivors=(1, 2, 4),
+                           signatures={1: b"s1", 2: b"s2", 4: b"s4"})
     msg, _ = wm.decode(_frame(mapping.unmask_request_to_wire(req)))
     assert mapping.unmask_request_from_wire(msg) == req  # type: ignore[arg-type]
     resp = cm.UnmaskResponse(round_id=1, sender=2, b_shares={1: b"\x01" * 33},
@@ -117,4 +124,4 @@ def test_global_model_carries_the_class_names_in_order() -> None:
     with pytest.raises(RemoteProtocolError) as err:
         wm.decode(Frame(json.dumps(header).encode(), w.tobytes()))
     assert err.value.code == "bad-message"
-    assert wm.PROTOCOL_VERSION == 3
+    assert wm.PROTOCOL_VERSION == 4

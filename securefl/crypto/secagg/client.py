@@ -4,11 +4,16 @@ Typed messages in, typed messages out; no sockets, files or clocks.  The transit
 ``CLIENT_TABLE`` is the whole protocol order for this role: anything else raises
 ``RemoteProtocolError`` (the server sent it) or ``LocalProtocolError`` (we called it).
 
-Bonawitz et al. 2017, Fig. 4, user side:
+Bonawitz et al. 2017, Fig. 4 with the §6 consistency check, user side:
   round 0  ``advertise()``                    -> KeyAdvertisement
   round 1  ``receive(Roster)``                -> ShareKeys
   round 2  ``receive(EnvelopeBundle)``        -> MaskedInput
-  round 3  ``receive(UnmaskRequest)``         -> UnmaskResponse
+  round 3  ``receive(ConsistencyRequest)``    -> ConsistencySignature
+  round 4  ``receive(UnmaskRequest)``         -> UnmaskResponse
+
+At every step the hospital goes on only with at least t hospitals' messages of the step
+before (its own counts, as it holds its own share and signs the list too), and every
+request is checked against the hospital's ``RoundPolicy``, never only the server's roster.
 """
 
 from __future__ import annotations
@@ -21,9 +26,19 @@ from typing import overload
 import numpy as np
 from cryptography import x509
 
-from securefl.crypto import envelope, graph, shamir
-from securefl.crypto.keys import KeyPair, SigningKey, sign_advertisement, verify_advertisement
+from securefl.crypto import envelope, graph, pki, shamir
+from securefl.crypto.keys import (
+    KeyPair,
+    SigningKey,
+    sign,
+    sign_advertisement,
+    survivors_statement,
+    verify,
+    verify_advertisement,
+)
 from securefl.crypto.messages import (
+    ConsistencyRequest,
+    ConsistencySignature,
     EnvelopeBundle,
     KeyAdvertisement,
     MaskedInput,
@@ -39,9 +54,11 @@ from securefl.crypto.secagg.common import (
     PAIR_MASK,
     SELF_MASK,
     check_config,
+    roster_digest,
     round_context,
     step,
 )
+from securefl.crypto.secagg.policy import RoundPolicy
 from securefl.errors import ConfigError, CryptoError, RemoteProtocolError, StaleVersionError
 
 
@@ -49,7 +66,8 @@ class ClientState(Enum):
     NEW = "not started"
     ADVERTISED = "waiting for the roster"
     SHARED = "waiting for key shares"
-    MASKED = "waiting for the unmask request"
+    MASKED = "waiting for the survivor list"
+    SIGNED = "waiting for the unmask request"
     DONE = "finished"
 
 
@@ -59,7 +77,8 @@ CLIENT_TABLE = {
     ClientState.NEW: {ADVERTISE: ClientState.ADVERTISED},
     ClientState.ADVERTISED: {Roster: ClientState.SHARED},
     ClientState.SHARED: {EnvelopeBundle: ClientState.MASKED},
-    ClientState.MASKED: {UnmaskRequest: ClientState.DONE},
+    ClientState.MASKED: {ConsistencyRequest: ClientState.SIGNED},
+    ClientState.SIGNED: {UnmaskRequest: ClientState.DONE},
 }
 
 
@@ -77,16 +96,17 @@ class ClientRound:
         update: np.ndarray,
         weight: int,
         now: dt.datetime | None = None,
-        min_contributors: int = 2,
         base_sha256: bytes = bytes(32),
-        revoked: frozenset[int] = frozenset(),
+        policy: RoundPolicy | None = None,
     ) -> None:
-        """``min_contributors``: the hospital's own floor on how many hospitals a sum it
-        helps unmask must combine, whatever the roster says."""
+        """``policy``: the hospital's own floors (threshold, contributors, encoding,
+        revoked certificates, a required survivor set) that no roster can lower."""
         check_update(update)
-        self._min_contributors = max(2, min_contributors)
+        self.policy = policy or RoundPolicy()
         self._base_sha256 = base_sha256
-        self._revoked = revoked  # certificate serials the CA revoked
+        #: The survivor list this hospital signed, by name (what a retry must repeat).
+        self.signed_survivors: tuple[str, ...] | None = None
+        self._statement = b""
         #: Whether the roster's limit lowered this hospital's sample count.
         self.weight_capped = False
         self.state = ClientState.NEW
@@ -123,17 +143,22 @@ class ClientRound:
     @overload
     def receive(self, msg: EnvelopeBundle) -> MaskedInput: ...
     @overload
+    def receive(self, msg: ConsistencyRequest) -> ConsistencySignature: ...
+    @overload
     def receive(self, msg: UnmaskRequest) -> UnmaskResponse: ...
 
     def receive(
-        self, msg: Roster | EnvelopeBundle | UnmaskRequest
-    ) -> ShareKeys | MaskedInput | UnmaskResponse:
+        self, msg: Roster | EnvelopeBundle | ConsistencyRequest | UnmaskRequest
+    ) -> ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse:
         """Feed the server's next message; returns this hospital's answer to send back."""
         nxt = step(CLIENT_TABLE, self.state, type(msg), remote=True)
+        out: ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse
         if isinstance(msg, Roster):
-            out: ShareKeys | MaskedInput | UnmaskResponse = self._on_roster(msg)
+            out = self._on_roster(msg)
         elif isinstance(msg, EnvelopeBundle):
             out = self._on_envelopes(msg)
+        elif isinstance(msg, ConsistencyRequest):
+            out = self._on_consistency(msg)
         else:
             out = self._on_unmask(msg)
         self.state = nxt  # type: ignore[assignment]
@@ -151,6 +176,7 @@ class ClientRound:
             raise RemoteProtocolError(f"roster is for round {cfg.round_id}, not {self.round_id}")
         n = len(roster.participants)
         check_config(cfg, n)
+        self._check_policy(roster)
         assert self._update is not None
         if cfg.vector_len != self._update.shape[0]:
             raise ConfigError(
@@ -181,7 +207,7 @@ class ClientRound:
                     f"'{adv.name}' was given other model bytes for version "
                     f"{self.base_version} than this hospital: refusing the round (a server "
                     "that shows hospitals different models could learn about one of them)")
-            verify_advertisement(adv, self._ca, now=self._now, revoked=self._revoked)
+            verify_advertisement(adv, self._ca, now=self._now, revoked=self.policy.revoked)
         self.roster = roster
         self.me = roster.index_of(self._own.name)
         self._neighbours = graph.neighbours(n, cfg.neighbours, cfg.graph_seed)[self.me]
@@ -249,38 +275,115 @@ class ClientRound:
         self._update = None  # the clear update is no longer needed
         return MaskedInput(cfg.round_id, self.me, y)
 
-    # -- round 3 -----------------------------------------------------------------------
-    def _on_unmask(self, req: UnmaskRequest) -> UnmaskResponse:
+    def _check_policy(self, roster: Roster) -> None:
+        """Refuse a roster that falls below this hospital's own floors (one sentence each)."""
+        cfg, pol = roster.config, self.policy
+        n = len(roster.participants)
+        enc = cfg.encoding
+        if cfg.neighbours < n - 1 and not pol.allow_sparse:
+            raise CryptoError(
+                f"the server chose a sparse SecAgg+ graph ({cfg.neighbours} neighbours of "
+                f"{n - 1}), which this hospital's policy does not accept: refusing the round, "
+                "nothing was sent")
+        if n < pol.contributors_floor:
+            raise CryptoError(
+                f"the round has {n} hospitals; with {pol.colluders} assumed colluder(s) this "
+                f"hospital needs at least {pol.contributors_floor} so that every sum holds two "
+                "honest ones: refusing the round, nothing was sent")
+        floor = pol.threshold_floor(cfg.neighbours + 1)
+        if cfg.threshold < floor:
+            raise CryptoError(
+                f"the round's threshold {cfg.threshold} is below {floor}, the least that "
+                f"stops a server showing hospitals different survivor lists with "
+                f"{pol.colluders} assumed colluder(s): refusing the round, nothing was sent")
+        if floor > cfg.neighbours + 1:
+            raise CryptoError(
+                f"with {pol.colluders} assumed colluder(s) no threshold is safe for "
+                f"{cfg.neighbours + 1} share holders: refusing the round, nothing was sent")
+        if enc.ring_bits not in pol.ring_bits or enc.clip > pol.max_clip:
+            raise CryptoError(
+                f"the round's encoding ({enc.ring_bits}-bit ring, clip {enc.clip:g}) is outside "
+                "this hospital's policy: refusing the round, nothing was sent")
+        names = frozenset(a.name for a in roster.participants)
+        if pol.required_survivors is not None and names != pol.required_survivors:
+            raise CryptoError(
+                "this update's masked input already went into a round that failed; it may "
+                "only go into a retry of exactly the same hospitals ("
+                f"{', '.join(sorted(pol.required_survivors))}), and this round has "
+                f"{', '.join(sorted(names))}: refusing, as two sums of different hospitals "
+                "could be subtracted to expose one")
+
+    # -- round 3: consistency check ------------------------------------------------------
+    def _on_consistency(self, req: ConsistencyRequest) -> ConsistencySignature:
         assert self.roster is not None
         cfg = self.roster.config
-        survivors, dropped = set(req.survivors), set(req.dropped)
+        survivors = tuple(req.survivors)
         if req.round_id != cfg.round_id:
-            raise RemoteProtocolError("unmask request for another round")
-        if survivors & dropped:
-            raise CryptoError(
-                "the server asked for both shares of the same hospital: refusing, as that "
-                "would reveal its update"
-            )
-        everyone = set(range(1, len(self.roster.participants) + 1))
-        if not (survivors | dropped) <= everyone:
+            raise RemoteProtocolError("survivor list for another round")
+        if list(survivors) != sorted(set(survivors)):
+            raise RemoteProtocolError("the survivor list is not sorted and unique")
+        n = len(self.roster.participants)
+        if not set(survivors) <= set(range(1, n + 1)):
             # Numbers outside the roster would pad the survivor count past the threshold
             # while every real hospital but one is declared dropped.
             raise CryptoError(
-                "the unmask request names hospitals that are not in the round's roster: "
+                "the survivor list names hospitals that are not in the round's roster: "
                 "refusing, as answering could reveal another hospital's update")
         if self.me not in survivors:
-            raise RemoteProtocolError("unmask request does not list this hospital as a survivor")
-        needed = max(cfg.threshold, cfg.min_contributors, self._min_contributors)
+            raise RemoteProtocolError("the survivor list does not name this hospital")
+        if not (set(survivors) & self._neighbours) <= set(self._held):
+            raise CryptoError(
+                "the survivor list names hospitals that never shared keys with this one: "
+                "refusing the round")
+        needed = max(cfg.threshold, cfg.min_contributors, self.policy.contributors_floor)
         if len(survivors) < needed:
             raise CryptoError(
-                f"only {len(survivors)} hospital(s) would be combined; at least "
-                f"{needed} are needed to keep each one hidden"
-            )
+                f"only {len(survivors)} hospital(s) would be combined; at least {needed} are "
+                "needed to keep each one hidden: refusing the round")
+        names = frozenset(self.roster.participants[u - 1].name for u in survivors)
+        required = self.policy.required_survivors
+        if required is not None and names != required:
+            raise CryptoError(
+                "this retry combines other hospitals than the round whose list this "
+                "hospital signed before: refusing, as the two sums could be subtracted")
+        self._statement = survivors_statement(cfg.round_id, cfg.base_version,
+                                              self._base_sha256, roster_digest(self.roster),
+                                              survivors)
+        self._survivors = survivors
+        self.signed_survivors = tuple(sorted(names))
+        return ConsistencySignature(cfg.round_id, self.me,
+                                    sign(self._signing_key, self._statement))
+
+    # -- round 4: unmask -----------------------------------------------------------------
+    def _on_unmask(self, req: UnmaskRequest) -> UnmaskResponse:
+        assert self.roster is not None
+        cfg = self.roster.config
+        if req.round_id != cfg.round_id:
+            raise RemoteProtocolError("unmask request for another round")
+        if tuple(req.survivors) != self._survivors:
+            raise CryptoError(
+                "the unmask request names other survivors than the list this hospital "
+                "signed: refusing, as answering could reveal another hospital's update")
+        if not set(req.signatures) <= set(self._survivors):
+            raise CryptoError("the unmask request carries signatures of hospitals that are "
+                              "not on the survivor list: refusing")
+        good = 0
+        for u, sig in req.signatures.items():
+            cert = pki.load_cert(self.roster.participants[u - 1].cert_der)
+            if not verify(cert, sig, self._statement):
+                raise CryptoError(
+                    f"the signature of '{self.roster.participants[u - 1].name}' on the "
+                    "survivor list does not verify (it signed another list, roster or "
+                    "round): refusing to unmask")
+            good += 1
+        if good < cfg.threshold:
+            raise CryptoError(
+                f"only {good} hospital(s) signed the survivor list; {cfg.threshold} must "
+                "before any share is revealed: refusing to unmask")
+        survivors = set(self._survivors)
         known = set(self._held)
-        if not ((survivors | dropped) & self._neighbours <= known):
-            raise RemoteProtocolError("unmask request names neighbours that never shared keys")
         b_for = sorted(survivors & known)
-        s_for = sorted(dropped & known)
+        s_for = sorted(known - survivors)  # shared keys with us, masked input not summed
         return UnmaskResponse(
             cfg.round_id,
             self.me,

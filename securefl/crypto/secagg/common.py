@@ -7,12 +7,14 @@ whose masked input arrived ("survivors"), ``U1 \\ U2`` the dropped ones, ``t`` t
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
-from securefl.crypto.messages import RoundConfig
+from securefl.crypto.keys import advertisement_bytes
+from securefl.crypto.messages import Roster, RoundConfig
 from securefl.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 
 # HKDF labels, one per purpose (securefl/v1/<label>|<round context>).
@@ -26,6 +28,26 @@ Table = Mapping[Enum, Mapping[Any, Enum]]
 def round_context(config: RoundConfig) -> bytes:
     """Binds every derived key to this round of this federation's model version."""
     return struct.pack(">QQ", config.round_id, config.base_version)
+
+
+def roster_digest(roster: Roster) -> bytes:
+    """sha256 over everything a roster fixes: config, names, keys, certificates, signatures.
+
+    Signed inside the consistency statement, so two hospitals that were shown different
+    rosters can never count each other's signatures.
+    """
+    c, e = roster.config, roster.config.encoding
+    h = hashlib.sha256(b"securefl/v4/roster\x00")
+    h.update(struct.pack(">QQQHHH", c.round_id, c.base_version, c.vector_len, c.threshold,
+                         c.neighbours, c.min_contributors))
+    h.update(c.graph_seed)
+    h.update(struct.pack(">HddQQ", e.ring_bits, e.clip, e.scale, e.max_clients, e.max_weight))
+    for a in roster.participants:
+        for part in (advertisement_bytes(a.round_id, a.base_version, a.name, a.c_pk, a.s_pk,
+                                         a.base_sha256), a.cert_der, a.signature):
+            h.update(struct.pack(">I", len(part)))
+            h.update(part)
+    return h.digest()
 
 
 def check_config(config: RoundConfig, n: int) -> None:

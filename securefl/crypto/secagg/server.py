@@ -8,7 +8,8 @@ that dropped after sharing keys.  It never sees an unmasked single update.
 Events (``SERVER_TABLE`` is the whole order; anything else is a protocol error):
   KeyAdvertisement*  close_enrolment() -> Roster
   ShareKeys*         close_shares()    -> {participant: EnvelopeBundle}
-  MaskedInput*       close_inputs()    -> UnmaskRequest
+  MaskedInput*       close_inputs()    -> ConsistencyRequest   (the survivor list, U3)
+  ConsistencySignature*  close_check() -> UnmaskRequest        (the list and t+ signatures)
   UnmaskResponse*    finish()          -> AggregateResult    (or NotEnoughSurvivorsError)
 The transport decides *when* to call the ``close_*`` steps (deadlines, admin actions).
 """
@@ -22,10 +23,12 @@ from enum import Enum
 import numpy as np
 from cryptography import x509
 
-from securefl.crypto import graph, shamir
-from securefl.crypto.keys import KeyPair, verify_advertisement
+from securefl.crypto import graph, pki, shamir
+from securefl.crypto.keys import KeyPair, survivors_statement, verify, verify_advertisement
 from securefl.crypto.messages import (
     AggregateResult,
+    ConsistencyRequest,
+    ConsistencySignature,
     EnvelopeBundle,
     KeyAdvertisement,
     MaskedInput,
@@ -37,7 +40,15 @@ from securefl.crypto.messages import (
 )
 from securefl.crypto.prg import MaskBuffer, derive_seed
 from securefl.crypto.quantize import Encoding
-from securefl.crypto.secagg.common import PAIR_MASK, SELF_MASK, check_config, round_context, step
+from securefl.crypto.secagg.common import (
+    PAIR_MASK,
+    SELF_MASK,
+    check_config,
+    roster_digest,
+    round_context,
+    step,
+)
+from securefl.crypto.secagg.policy import split_view_threshold
 from securefl.errors import (
     CryptoError,
     LocalProtocolError,
@@ -51,23 +62,26 @@ class ServerState(Enum):
     ENROLLING = "enrolling"
     SHARING = "sharing keys"
     COLLECTING = "collecting masked updates"
+    CHECKING = "checking the survivor list"
     UNMASKING = "unmasking"
     DONE = "done"
     FAILED = "failed"
 
 
-CLOSE_ENROLMENT, CLOSE_SHARES, CLOSE_INPUTS, FINISH, FAIL = (
-    "close_enrolment", "close_shares", "close_inputs", "finish", "fail",
+CLOSE_ENROLMENT, CLOSE_SHARES, CLOSE_INPUTS, CLOSE_CHECK, FINISH, FAIL = (
+    "close_enrolment", "close_shares", "close_inputs", "close_check", "finish", "fail",
 )
 _LIVE = (ServerState.ENROLLING, ServerState.SHARING, ServerState.COLLECTING,
-         ServerState.UNMASKING)
+         ServerState.CHECKING, ServerState.UNMASKING)
 
 SERVER_TABLE = {
     ServerState.ENROLLING: {KeyAdvertisement: ServerState.ENROLLING,
                             CLOSE_ENROLMENT: ServerState.SHARING},
     ServerState.SHARING: {ShareKeys: ServerState.SHARING, CLOSE_SHARES: ServerState.COLLECTING},
     ServerState.COLLECTING: {MaskedInput: ServerState.COLLECTING,
-                             CLOSE_INPUTS: ServerState.UNMASKING},
+                             CLOSE_INPUTS: ServerState.CHECKING},
+    ServerState.CHECKING: {ConsistencySignature: ServerState.CHECKING,
+                           CLOSE_CHECK: ServerState.UNMASKING},
     ServerState.UNMASKING: {UnmaskResponse: ServerState.UNMASKING, FINISH: ServerState.DONE},
 }
 for _state in _LIVE:
@@ -90,10 +104,16 @@ class ServerRound:
         min_contributors: int = 2,
         now: dt.datetime | None = None,
         base_sha256: bytes | None = None,
+        colluders: int = 1,
     ) -> None:
         """``base_sha256``: the stored base model's sha256; a hospital whose keys say it
-        received other bytes is told at once (its download was damaged or not ours)."""
+        received other bytes is told at once (its download was damaged or not ours).
+        ``colluders``: the c the threshold is sized for, t = floor((n + c) / 2) + 1 (the
+        hospitals refuse a smaller t by their own policy, so this only has to match it)."""
         self.state = ServerState.ENROLLING
+        self.colluders = colluders
+        self._signatures: dict[int, bytes] = {}
+        self._statement = b""
         self._base_sha256 = base_sha256
         self.round_id, self.base_version = round_id, base_version
         self.vector_len, self.encoding = vector_len, encoding
@@ -145,7 +165,8 @@ class ServerRound:
     # -- events --------------------------------------------------------------------------
     def receive(
         self,
-        msg: KeyAdvertisement | ShareKeys | MaskedInput | UnmaskResponse,
+        msg: KeyAdvertisement | ShareKeys | MaskedInput | ConsistencySignature
+        | UnmaskResponse,
         *,
         from_name: str | None = None,
     ) -> None:
@@ -159,6 +180,8 @@ class ServerRound:
             self._on_shares(msg, from_name)
         elif isinstance(msg, MaskedInput):
             self._on_input(msg, from_name)
+        elif isinstance(msg, ConsistencySignature):
+            self._on_signature(msg, from_name)
         else:
             self._on_unmask(msg, from_name)
         self.state = nxt  # type: ignore[assignment]
@@ -209,11 +232,32 @@ class ServerRound:
             np.add(self._sum, y, out=self._sum)
         self.survivors.add(msg.sender)
 
-    def _on_unmask(self, msg: UnmaskResponse, from_name: str | None) -> None:
+    def _on_signature(self, msg: ConsistencySignature, from_name: str | None) -> None:
         self._check_sender(msg.sender, from_name)
         v = msg.sender
         if v not in self.survivors:
-            raise RemoteProtocolError("unmask response from a hospital that is not a survivor")
+            raise RemoteProtocolError("a survivor-list signature from a hospital whose "
+                                      "update is not in the sum")
+        if v in self._signatures:
+            raise RemoteProtocolError(f"'{self.name_of(v)}' already signed the survivor list")
+        assert self.roster is not None
+        cert = pki.load_cert(self.roster.participants[v - 1].cert_der)
+        if not verify(cert, msg.signature, self._statement):
+            raise RemoteProtocolError(f"the survivor-list signature of '{self.name_of(v)}' "
+                                      "does not verify")
+        self._signatures[v] = msg.signature
+
+    @property
+    def signed(self) -> frozenset[int]:
+        """Survivors whose signature on the survivor list arrived (U4 of Bonawitz et al.)."""
+        return frozenset(self._signatures)
+
+    def _on_unmask(self, msg: UnmaskResponse, from_name: str | None) -> None:
+        self._check_sender(msg.sender, from_name)
+        v = msg.sender
+        if v not in self._signatures:
+            raise RemoteProtocolError("unmask response from a hospital that did not sign "
+                                      "the survivor list")
         if v in self._responses:
             raise RemoteProtocolError(f"'{self.name_of(v)}' already answered the unmask step")
         mine = (self._graph[v] | {v}) & self.u1
@@ -237,8 +281,13 @@ class ServerRound:
                 f"only {n} hospital(s) joined; a round needs at least "
                 f"{max(2, self.min_contributors)}"
             )
+        if n < max(2, self.min_contributors, self.colluders + 2):
+            raise NotEnoughSurvivorsError(
+                f"only {n} hospital(s) joined; with {self.colluders} assumed colluder(s) a "
+                f"round needs at least {self.colluders + 2}")
         k = graph.effective_degree(n, self._want_k)
-        t = self._want_t if self._want_t is not None else (k + 1) // 2 + 1
+        t = self._want_t if self._want_t is not None else min(
+            k + 1, split_view_threshold(k + 1, self.colluders))
         config = RoundConfig(
             round_id=self.round_id,
             base_version=self.base_version,
@@ -274,8 +323,9 @@ class ServerRound:
         self._envelopes = {}  # routed: the server keeps none of them
         return {v: EnvelopeBundle(self.round_id, v, env) for v, env in bundles.items()}
 
-    def close_inputs(self) -> UnmaskRequest:
-        """Name the survivors (U2) and the dropped (U1 minus U2) for the unmask step."""
+    def close_inputs(self) -> ConsistencyRequest:
+        """Fix the survivors (U3, whose masked inputs are in the sum) for every hospital to
+        sign; the dropped are those that shared keys and are not on the list."""
         nxt = step(SERVER_TABLE, self.state, CLOSE_INPUTS, remote=False)
         assert self.roster is not None
         need = max(self.roster.config.threshold, self.min_contributors)
@@ -286,8 +336,26 @@ class ServerRound:
                 "needed to unmask"
             )
         self.state = nxt  # type: ignore[assignment]
-        dropped = self.u1 - self.survivors
-        return UnmaskRequest(self.round_id, tuple(sorted(self.survivors)), tuple(sorted(dropped)))
+        cfg = self.roster.config
+        listed = tuple(sorted(self.survivors))
+        self._statement = survivors_statement(
+            cfg.round_id, cfg.base_version, self._base_sha256 or self.roster.participants[0]
+            .base_sha256, roster_digest(self.roster), listed)
+        return ConsistencyRequest(self.round_id, listed)
+
+    def close_check(self) -> UnmaskRequest:
+        """Hand the signed list to the hospitals that signed it: they unmask only with t."""
+        nxt = step(SERVER_TABLE, self.state, CLOSE_CHECK, remote=False)
+        assert self.roster is not None
+        t = self.roster.config.threshold
+        if len(self._signatures) < t:
+            self.fail()
+            raise NotEnoughSurvivorsError(
+                f"only {len(self._signatures)} hospital(s) signed the survivor list; {t} "
+                "are needed before any may unmask")
+        self.state = nxt  # type: ignore[assignment]
+        return UnmaskRequest(self.round_id, tuple(sorted(self.survivors)),
+                             dict(sorted(self._signatures.items())))
 
     def finish(self) -> AggregateResult:
         """Rebuild the secrets, strip every mask, decode: the weighted mean, or an error.

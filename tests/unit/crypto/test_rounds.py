@@ -24,9 +24,9 @@ def expected_mean(updates, weights, contributors, clip):
 
 
 def random_dropouts(rng, n, budget):
-    """Spread up to ``budget`` hospitals over the three post-enrolment stages."""
+    """Spread up to ``budget`` hospitals over the four post-enrolment stages."""
     lost = rng.sample(range(n), rng.randint(0, budget))
-    plan = {"share": set(), "input": set(), "unmask": set()}
+    plan = {"share": set(), "input": set(), "check": set(), "unmask": set()}
     for i in lost:
         plan[rng.choice(list(plan))].add(i)
     return plan
@@ -37,16 +37,17 @@ def random_dropouts(rng, n, budget):
 def test_round_with_random_dropouts_gives_weighted_mean(n, trial):
     rng = random.Random(1000 * n + trial)
     updates, weights = make_updates(n, 257, seed=trial)
-    t = n // 2 + 1  # default threshold: a majority of the n share holders
+    c = 0 if n == 2 else 1  # two hospitals cannot assume a colluder: c + 2 would be 3
+    t = (n + c) // 2 + 1  # default threshold: the split-view bound for c colluders
     plan = random_dropouts(rng, n, n - t) if trial else {}
     gone = plan.get("share", set()) | plan.get("input", set())
     survivors = [i for i in range(n) if i not in gone]
     enc = Encoding.auto(clip=0.5, max_clients=n, max_weight=2000)
     if len(survivors) < 2:
         with pytest.raises(NotEnoughSurvivorsError):
-            run_round(updates, weights, encoding=enc, drop=plan)
+            run_round(updates, weights, encoding=enc, drop=plan, colluders=c)
         return
-    result, _ = run_round(updates, weights, encoding=enc, drop=plan)
+    result, _ = run_round(updates, weights, encoding=enc, drop=plan, colluders=c)
     mean, total = expected_mean(updates, weights, survivors, 0.5)
     assert result.total_weight == total
     assert result.contributors == tuple(f"hospital-{i:03d}" for i in survivors)
@@ -56,7 +57,29 @@ def test_round_with_random_dropouts_gives_weighted_mean(n, trial):
 def test_n2_loses_one_and_refuses_to_expose_the_other():
     updates, weights = make_updates(2, 16, seed=0)
     with pytest.raises(NotEnoughSurvivorsError, match="at least 2"):
-        run_round(updates, weights, drop={"input": {1}})
+        run_round(updates, weights, drop={"input": {1}}, colluders=0)
+
+
+def test_two_hospitals_cannot_assume_a_colluder():
+    updates, weights = make_updates(2, 16, seed=0)
+    with pytest.raises(NotEnoughSurvivorsError, match="at least 3"):
+        run_round(updates, weights)
+
+
+def test_a_survivor_that_never_signs_is_still_unmasked_by_the_others():
+    n = 7  # c = 1: t = 5; one survivor silent at the check, one at the unmask step
+    updates, weights = make_updates(n, 64, seed=9)
+    result, _ = run_round(updates, weights, drop={"check": {2}, "unmask": {5}})
+    mean, total = expected_mean(updates, weights, range(n), 1.0)
+    assert result.total_weight == total
+    assert np.abs(result.mean_update - mean).max() < 1e-6
+
+
+def test_too_few_signatures_publish_nothing():
+    n = 5  # c = 1: t = 4; two survivors never sign the list
+    updates, weights = make_updates(n, 32, seed=4)
+    with pytest.raises(NotEnoughSurvivorsError, match="signed the survivor list"):
+        run_round(updates, weights, drop={"check": {0, 1}})
 
 
 def test_dropouts_before_enrolment_just_shrink_the_round():
@@ -69,12 +92,12 @@ def test_dropouts_before_enrolment_just_shrink_the_round():
 
 @pytest.mark.parametrize("trial", range(3))
 def test_secagg_plus_sparse_graph_with_dropouts(trial):
-    n, k = 30, 8  # 9 holders per secret, t = 5: any 4 losses leave every one >= t
+    n, k = 30, 8  # 9 holders per secret, t = 5 (c = 0): any 4 losses leave every one >= t
     updates, weights = make_updates(n, 300, seed=10 + trial)
     rng = random.Random(trial)
     lost = rng.sample(range(n), 4)
     plan = {"share": {lost[0]}, "input": {lost[1]}, "unmask": {lost[2], lost[3]}}
-    result, _ = run_round(updates, weights, neighbours=k, drop=plan)
+    result, _ = run_round(updates, weights, neighbours=k, drop=plan, colluders=0)
     contributors = [i for i in range(n) if i not in (lost[0], lost[1])]
     mean, total = expected_mean(updates, weights, contributors, 1.0)
     assert result.total_weight == total
