@@ -23,6 +23,7 @@ from cryptography import x509
 
 from securefl.crypto import envelope, graph, shamir
 from securefl.crypto.keys import KeyPair, SigningKey, sign_advertisement, verify_advertisement
+from securefl.crypto.membership import MemberList
 from securefl.crypto.messages import (
     EnvelopeBundle,
     KeyAdvertisement,
@@ -80,6 +81,7 @@ class ClientRound:
         min_contributors: int = 2,
         base_sha256: bytes = bytes(32),
         revoked: frozenset[int] = frozenset(),
+        members: MemberList | None = None,
     ) -> None:
         """``min_contributors``: the hospital's own floor on how many hospitals a sum it
         helps unmask must combine, whatever the roster says."""
@@ -87,6 +89,7 @@ class ClientRound:
         self._min_contributors = max(2, min_contributors)
         self._base_sha256 = base_sha256
         self._revoked = revoked  # certificate serials the CA revoked
+        self._members = members  # the operator's signed member list: who may be in a round
         #: Whether the roster's limit lowered this hospital's sample count.
         self.weight_capped = False
         self.state = ClientState.NEW
@@ -149,6 +152,8 @@ class ClientRound:
                     f"was trained from version {self.base_version}: fetch the new model first"
                 )
             raise RemoteProtocolError(f"roster is for round {cfg.round_id}, not {self.round_id}")
+        if self._members is not None:
+            self._members.check_roster(roster.participants)
         n = len(roster.participants)
         check_config(cfg, n)
         assert self._update is not None
