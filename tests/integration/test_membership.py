@@ -202,3 +202,19 @@ def test_an_expired_revocation_list_warns_but_never_locks_the_hospital_out(
                 assert h.conn.warnings == []
 
     asyncio.run(scenario())
+
+
+def test_the_server_will_not_start_on_a_member_list_the_ca_did_not_sign(
+        fed: Federation) -> None:
+    from securefl.errors import ConfigError
+
+    text = fed.certs.members.read_text().replace('"number": ', '"number": 1', 1)
+    fed.certs.members.write_text(text)  # a raised number: no longer what the CA signed
+
+    async def scenario() -> None:
+        with pytest.raises(ConfigError, match=r"members.json: the member list .* was not "
+                           r"signed by this federation's CA"):
+            async with running(fed.server_settings()):
+                pass
+
+    asyncio.run(scenario())
