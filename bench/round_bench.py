@@ -50,6 +50,7 @@ def _server_toml(certs: Path, store: Path, n: int, params: int, masking: str) ->
     return config.write_toml(certs / f"server-{masking}.toml", {
         "host": "127.0.0.1", "port": 0,
         "cert": "server.pem", "key": "server.key", "ca": "ca.pem", "crl": "crl.pem",
+        "members": "members.json",
         "store_dir": store, "audit_log": store / "audit.jsonl", "hospitals": names,
         "round": {"masking": masking, "max_clients": max(n, 2), "step_timeout": 120},
         "model": {"params": params},

@@ -7,12 +7,15 @@ self-contained kit folder per hospital to copy to that hospital's machine.
 
 Layout of the certificate folder (everything but README/.gitignore stays out of git)::
 
-    ca.pem ca.key            federation CA (the key signs new certificates and the CRL)
+    ca.pem ca.key            federation CA (the key signs certificates, the CRL, the member list)
     crl.pem                  revocation list, always present (the server requires one)
+    members.json             the signed member list: each hospital's name and the sha256 of
+                             its current certificate (``securefl.crypto.membership``)
     server.pem server.key    server certificate, SANs = hosts given to ``init``
     admin.pem admin.key      the operator's certificate
     members/<name>.pem       every hospital certificate ever issued (revocation needs them)
-    kits/<name>/             hospital.pem hospital.key ca.pem hospital.toml
+    kits/<name>/             hospital.pem hospital.key ca.pem crl.pem members.json
+                             hospital.toml
     federation.json          server hosts and port, reused by ``add-hospital`` and ``renew``
 """
 
@@ -30,8 +33,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from securefl.config import toml_text
 from securefl.crypto import pki
+from securefl.crypto.membership import MemberList
 from securefl.errors import ConfigError
 from securefl.ml.settings import DEFAULT_CLASSES
+from securefl.protocol.messages import MAX_BYTES_FIELD
 
 # The model every party builds; the server's [model.ml] and each kit's [ml] repeat it.
 _MODEL_SPEC: dict[str, object] = {"image_size": 128, "model_kind": "seed",
@@ -59,6 +64,8 @@ def _hospital_ml() -> dict[str, object]:
 
 CRL_LIFETIME = dt.timedelta(days=30)
 DEFAULT_PORT = 9095
+#: Names ``revoke`` and ``renew`` take for the federation's own certificates.
+RESERVED = ("server", "admin")
 
 
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:
@@ -99,6 +106,13 @@ def fingerprint(cert: x509.Certificate) -> str:
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
+def _hospital_name(name: str) -> str:
+    if name in RESERVED:
+        raise ConfigError(f"'{name}' names the federation's own {name} certificate: choose "
+                          "another name for the hospital")
+    return pki.check_name(name)
+
+
 @dataclass(frozen=True)
 class CertDir:
     """One federation's certificate folder."""
@@ -113,6 +127,10 @@ class CertDir:
     @property
     def crl(self) -> Path:
         return self.root / "crl.pem"
+
+    @property
+    def members(self) -> Path:
+        return self.root / "members.json"
 
     def member_cert(self, name: str) -> Path:
         return self.root / "members" / f"{pki.check_name(name)}.pem"
@@ -147,7 +165,7 @@ class CertDir:
         if not server_hosts:
             raise ConfigError("give at least one --server-host")
         for name in hospitals:
-            pki.check_name(name)
+            _hospital_name(name)
         if len(set(hospitals)) != len(hospitals):
             raise ConfigError("hospital names must be unique")
         ca = pki.make_ca(federation, now=now)
@@ -162,9 +180,10 @@ class CertDir:
         _write(self.root / "admin.toml", self._settings_toml("admin", "admin.pem", "admin.key",
                                                              "ca.pem"))
         for name in hospitals:
-            self.add_hospital(name, now=now, _ca=ca)
+            self._issue_kit(ca, name, now=now, lifetime=None)
+        self.write_members(ca, now=now)
         server = self._settings("server.pem", "server.key", "ca.pem")
-        server.update(crl="crl.pem", host="0.0.0.0", store_dir="store",
+        server.update(crl="crl.pem", members="members.json", host="0.0.0.0", store_dir="store",
                       audit_log="audit.jsonl", hospitals=hospitals,
                       model={"seed": 0, "ml": _MODEL_SPEC})
         _write(self.root / "server.toml", toml_text(
@@ -178,11 +197,20 @@ class CertDir:
         lifetime: dt.timedelta | None = None,
         _ca: pki.Credential | None = None,
     ) -> Path:
-        """Issue a hospital certificate and its kit; returns the kit folder."""
-        pki.check_name(name)
-        if self.member_cert(name).exists() and name not in self._meta()["revoked"]:
-            raise ConfigError(f"hospital '{name}' already has a certificate")
+        """Issue a hospital certificate and its kit, and a member list naming it (also into
+        every other kit); returns the kit folder.  A revoked hospital may be added again,
+        with a new certificate."""
+        _hospital_name(name)
+        if self.member_cert(name).exists() and not self._revoked(self.member_cert(name)):
+            raise ConfigError(f"hospital '{name}' already has a certificate: use `renew "
+                              f"{name}` for a fresh one, or `revoke {name}` first")
         ca = _ca or self.ca()
+        kit = self._issue_kit(ca, name, now=now, lifetime=lifetime)
+        self.write_members(ca, now=now)
+        return kit
+
+    def _issue_kit(self, ca: pki.Credential, name: str, *, now: dt.datetime | None,
+                   lifetime: dt.timedelta | None) -> Path:
         cred = pki.issue(ca, pki.Role.HOSPITAL, name, now=now, lifetime=lifetime)
         _write(self.member_cert(name), cred.cert_pem())
         kit = self.kit(name)
@@ -190,10 +218,47 @@ class CertDir:
         _write(kit / "ca.pem", ca.cert_pem())
         _write(kit / "crl.pem", self.crl.read_bytes())
         settings = self._settings("hospital.pem", "hospital.key", "ca.pem")
-        settings.update(crl="crl.pem", state_dir="state", ml=_hospital_ml())
+        settings.update(crl="crl.pem", members="members.json", state_dir="state",
+                        ml=_hospital_ml())
         _write(kit / "hospital.toml",
                toml_text(settings, self._comment(name) + "\n" + _HOSPITAL_COMMENT).encode())
         return kit
+
+    def _revoked(self, cert_path: Path) -> bool:
+        return pki.load_cert(cert_path.read_bytes()).serial_number in self._meta()["revoked"]
+
+    def write_members(self, ca: pki.Credential | None = None, *,
+                      now: dt.datetime | None = None) -> MemberList:
+        """Sign a fresh member list — every hospital with a certificate here that is not
+        revoked, with the fingerprint of its current one — and copy it into every kit.
+
+        Why derived from the folder rather than edited: the list then always says what the
+        certificates say; ``add-hospital``, ``revoke`` and ``renew NAME`` call it, and
+        ``securefl certs members`` re-signs it (for folders made before member lists)."""
+        ca = ca or self.ca()
+        current: dict[str, bytes] = {}
+        for path in sorted((self.root / "members").glob("*.pem")):
+            cert = pki.load_cert(path.read_bytes())
+            if cert.serial_number not in self._meta()["revoked"]:
+                current[path.stem] = pki.cert_der(cert)
+        meta = self._meta()
+        number = int(meta.get("members_number", 0)) + 1
+        listed = MemberList.issue(ca.cert, ca.key, current, number=number, now=now)
+        data = listed.to_bytes()
+        if len(data) > MAX_BYTES_FIELD:
+            raise ConfigError(
+                f"the member list of {len(current)} hospitals would be {len(data)} bytes, "
+                f"more than the {MAX_BYTES_FIELD} a welcome message carries: the protocol "
+                "does not support a federation this large yet (the new certificate was "
+                "issued; revoke it)")
+        meta["members_number"] = number
+        _write(self.root / "federation.json", json.dumps(meta, indent=2).encode())
+        _write(self.members, data)
+        kits = self.root / "kits"
+        for kit in sorted(kits.iterdir()) if kits.is_dir() else []:
+            if (kit / "hospital.toml").is_file():
+                _write(kit / "members.json", data)
+        return listed
 
     def _settings(self, cert: str, key: str, ca: str) -> dict[str, object]:
         meta = self._meta()
@@ -208,16 +273,24 @@ class CertDir:
         return toml_text(self._settings(cert, key, ca), self._comment(name)).encode()
 
     def revoke(self, name: str, *, now: dt.datetime | None = None) -> None:
-        """Put a member's certificate on the CRL; the server refuses it from then on."""
-        path = self.member_cert(name)
+        """Put a certificate on the CRL: a hospital's (which also leaves the member list),
+        the admin's, or the server's (``name`` "server": a new server certificate is issued
+        at once, since the federation cannot run without one)."""
+        path = self.root / f"{name}.pem" if name in RESERVED else self.member_cert(name)
         if not path.exists():
             raise ConfigError(f"no certificate was issued to '{name}'")
+        ca = self.ca()
         meta = self._meta()
         serial = pki.load_cert(path.read_bytes()).serial_number
         if serial not in meta["revoked"]:
             meta["revoked"].append(serial)
         _write(self.root / "federation.json", json.dumps(meta, indent=2).encode())
-        self.write_crl(self.ca(), now=now)
+        if name == "server":
+            _save(self.root, "server", pki.issue(ca, pki.Role.SERVER, "server",
+                                                 hosts=meta["server_hosts"], now=now))
+        self.write_crl(ca, now=now)
+        if name not in RESERVED:
+            self.write_members(ca, now=now)
 
     def write_crl(self, ca: pki.Credential, *, now: dt.datetime | None = None) -> None:
         """A fresh, numbered revocation list, also into every kit folder here.
@@ -255,8 +328,9 @@ class CertDir:
 
         Returns the folder to copy to the machine that uses it.  A hospital's renewed
         certificate and key replace those in its kit; its ``hospital.toml`` is left as the
-        hospital edited it.  The old certificate stays valid until it expires: revoke it if
-        it may have leaked.
+        hospital edited it.  The member list is re-signed with the new certificate's
+        fingerprint, so hospitals refuse rounds that present the old one; the server still
+        lets the old one connect until it expires: revoke it if it may have leaked.
         """
         ca = self.ca()
         if member is None:
@@ -270,14 +344,14 @@ class CertDir:
             return self.root
         if not self.member_cert(member).exists():
             raise ConfigError(f"no certificate was issued to '{member}': use add-hospital")
-        if pki.load_cert(self.member_cert(member).read_bytes()).serial_number in \
-                self._meta()["revoked"]:
+        if self._revoked(self.member_cert(member)):
             raise ConfigError(f"'{member}' was revoked: issue a new kit with add-hospital")
         cred = pki.issue(ca, pki.Role.HOSPITAL, member, now=now)
         _write(self.member_cert(member), cred.cert_pem())
         kit = self.kit(member)
         _save(kit, "hospital", cred)
         _write(kit / "ca.pem", ca.cert_pem())
+        self.write_members(ca, now=now)  # the member list pins the new certificate
         return kit
 
     def show(self) -> list[dict[str, str]]:

@@ -106,12 +106,15 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--port", type=int, default=9095)
     add = acts.add_parser("add-hospital", help="certificate and kit for one more hospital")
     add.add_argument("name")
-    rev = acts.add_parser("revoke", help="revoke a hospital's (or the admin's) certificate")
+    rev = acts.add_parser("revoke", help="revoke a hospital's certificate (it leaves the member "
+                          "list), the admin's, or the server's ('server': a new one is issued)")
     rev.add_argument("name")
     ren = acts.add_parser("renew", help="a fresh server certificate (90 days) and CRL, or "
                           "with a name a fresh admin or hospital certificate (1 year)")
     ren.add_argument("name", nargs="?", help="'admin' or a hospital (default: the server)")
     acts.add_parser("show", help="every certificate with its expiry and fingerprint")
+    acts.add_parser("members", help="sign a fresh member list (every hospital not revoked) "
+                    "and copy it into every kit")
 
     def run(args: argparse.Namespace) -> int:
         from securefl.certs import CertDir
@@ -125,10 +128,24 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
                   + ", ".join(str(cd.kit(n)) for n in names))
         elif args.action == "add-hospital":
             kit = cd.add_hospital(args.name)
-            print(f"kit for '{args.name}' in {kit}; add it to `hospitals` in server.toml")
+            print(f"kit for '{args.name}' in {kit}; add it to `hospitals` in server.toml and "
+                  f"copy {cd.members.name} to the server")
         elif args.action == "revoke":
             cd.revoke(args.name)
-            print(f"'{args.name}' revoked; the server refuses it from its next connection")
+            if args.name == "server":
+                print("server certificate revoked and a new one issued: copy server.pem, "
+                      "server.key and crl.pem to the server and restart it")
+            elif args.name == "admin":
+                print("admin certificate revoked: copy crl.pem to the server; `renew admin` "
+                      "issues a new one")
+            else:
+                print(f"'{args.name}' revoked and off the member list: copy crl.pem and "
+                      f"{cd.members.name} to the server (the server refuses it from its next "
+                      "connection on)")
+        elif args.action == "members":
+            listed = cd.write_members()
+            print(f"member list number {listed.number} ({len(listed.members)} hospitals) in "
+                  f"{cd.members} and every kit: copy it to the server")
         elif args.action == "renew":
             where = cd.renew(args.name)
             if args.name is None:
@@ -137,7 +154,8 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
                 print(f"admin certificate renewed in {where}")
             else:
                 print(f"certificate of '{args.name}' renewed in its kit {where}: copy "
-                      "hospital.pem and hospital.key to that hospital")
+                      "hospital.pem and hospital.key to that hospital, and "
+                      f"{cd.members.name} to the server")
         else:
             for row in cd.show():
                 print(f"{row['role']:<9} {row['name']:<20} {row['status']:<8} "

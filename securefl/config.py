@@ -109,6 +109,9 @@ class ServerSettings(TLSFiles):
     host: str = "127.0.0.1"
     port: int = Field(9095, ge=0, le=65535)
     crl: Path
+    #: The operator's signed member list (``securefl certs``), handed to every hospital on
+    #: connect; None hands out none (hospitals then rely on their kits' copies).
+    members: Path | None = None
     store_dir: Path = Path("store")
     audit_log: Path = Path("audit.jsonl")
     #: Registered hospitals: enrolment closes at once when all of them have joined.
@@ -164,6 +167,10 @@ class ClientSettings(TLSFiles):
     #: newer ones (kept in ``state_dir/crl.der``).  Round keys of revoked hospitals are
     #: refused.
     crl: Path | None = None
+    #: Hospital only: the operator's signed member list as the kit brought it (default: the
+    #: kit's ``members.json``); the server hands out newer ones (kept in
+    #: ``state_dir/members.json``).  A round naming anyone else is refused.
+    members: Path | None = Path("members.json")
     #: Hospital only: its scans, local model and training settings.
     ml: MLSettings | None = None
     #: Hospital only: what it accepts from a round, whatever the server says.
@@ -178,7 +185,7 @@ class ClientSettings(TLSFiles):
 
 S = TypeVar("S", bound=BaseModel)
 
-_PATH_FIELDS = ("cert", "key", "ca", "crl", "store_dir", "audit_log", "state_dir")
+_PATH_FIELDS = ("cert", "key", "ca", "crl", "members", "store_dir", "audit_log", "state_dir")
 
 
 def read_toml(path: Path | str) -> dict[str, Any]:

@@ -46,6 +46,8 @@ async def hospital(args: argparse.Namespace) -> int:
     hospital = Hospital.from_file(args.config, require_ml=False)
     state = hospital.state_dir
     async with hospital.session() as session:
+        for warning in session.conn.warnings:  # e.g. an expired revocation list
+            print(f"securefl: warning: {warning}", file=sys.stderr)
         if session.resend_round is not None:
             hospital.note_abandoned(session.resend_round)
             print(f"note: round {session.resend_round} ended without publishing anything (the "

@@ -21,10 +21,11 @@ from typing import Any, Literal, Protocol, Self
 import numpy as np
 
 from securefl.certs import load_credential
-from securefl.client import revocation
+from securefl.client import membership, revocation
 from securefl.client.transport import Connection, error_from_wire
 from securefl.config import ClientSettings
 from securefl.crypto import pki
+from securefl.crypto.membership import MemberList
 from securefl.crypto.quantize import Encoding, check_update
 from securefl.crypto.secagg import ClientRound
 from securefl.crypto.secagg.policy import RoundPolicy
@@ -225,13 +226,24 @@ class HospitalSession(_Session):
         self.base_sha256: str | None = None
         #: Serial numbers of revoked certificates, from the newest revocation list held.
         self.revoked: frozenset[int] = frozenset()
+        #: The operator's signed member list (the newest held): rosters are checked against it.
+        self.members: MemberList | None = None
         self._length: int | None = None
 
     async def connect(self) -> Self:
         await super().connect()
-        assert self.conn.welcome is not None
-        self.revoked = revocation.accept(self._ca, self.conn.welcome.crl, kit=self.settings.crl,
-                                         held=self.settings.state_dir / "crl.der")
+        welcome, state = self.conn.welcome, self.settings.state_dir
+        assert welcome is not None
+        try:
+            self.revoked = revocation.accept(self._ca, welcome.crl, kit=self.settings.crl,
+                                             held=state / "crl.der",
+                                             server_cert=self.conn.server_cert)
+            self.members = membership.accept(self._ca, welcome.members,
+                                             kit=self.settings.members,
+                                             held=state / "members.json", me=self._cred.cert)
+        except SecureFLError:
+            await self.close()
+            raise
         return self
 
     @property
@@ -385,7 +397,7 @@ class HospitalSession(_Session):
             rnd = ClientRound(cert=self._cred.cert, signing_key=self._cred.key, ca_cert=self._ca,
                               round_id=joined.round_id, base_version=base, update=update,
                               weight=samples, base_sha256=digest,
-                              policy=self.round_policy(sent.required))
+                              policy=self.round_policy(sent.required), members=self.members)
             await self.conn.request(mapping.advertisement_to_wire(rnd.advertise()))
             if leave_after == "join":
                 return None

@@ -15,13 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import ssl
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from securefl.client import revocation
 from securefl.config import ClientSettings
+from securefl.crypto import pki
 from securefl.errors import (
     CertificateRejectedError,
     ConfigError,
@@ -39,6 +42,7 @@ from securefl.protocol import frames
 from securefl.protocol import messages as wm
 
 READ_CHUNK = 1 << 20
+log = logging.getLogger("securefl.client")
 
 _ERRORS: dict[str, type[SecureFLError]] = {
     "stale-version": StaleVersionError,
@@ -82,6 +86,10 @@ class Connection:
         self._got_reply = False
         self.bytes_sent = 0
         self.welcome: wm.Welcome | None = None
+        #: The server's certificate (DER) as the TLS handshake presented it.
+        self.server_cert = b""
+        #: What the user should hear about this connection (e.g. an expired revocation list).
+        self.warnings: list[str] = []
         #: Called with (bytes received, payload size) while a large payload arrives.
         self.payload_progress: Callable[[int, int], None] | None = None
         self._task = asyncio.create_task(self._read_loop())
@@ -108,7 +116,20 @@ class Connection:
             raise ServerUnreachableError(
                 f"cannot reach the securefl server at {where}: is it running, and are the "
                 "host and port in the settings right?") from None
+        # The CA vouched for the server's certificate; whether the operator has revoked it
+        # since is in the revocation list this hospital holds (the kit's, or a newer one).
+        server_cert = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        try:
+            warnings = revocation.check_server(
+                server_cert, pki.load_cert(settings.ca.read_bytes()), kit=settings.crl,
+                held=settings.state_dir / "crl.der", where=f"the server at {where}")
+        except SecureFLError:
+            writer.close()
+            raise
+        for warning in warnings:
+            log.warning(warning)
         conn = cls(reader, writer, settings)
+        conn.server_cert, conn.warnings = server_cert, warnings
         try:
             welcome, _ = await conn.request(wm.Hello())
         except TransportError:

@@ -141,6 +141,7 @@ def build_federation(settings: DemoSettings, root: Path, say: Print) -> tuple[Pa
     server_toml = write_toml(root / "server.toml", {
         "cert": certs.root / "server.pem", "key": certs.root / "server.key",
         "ca": certs.root / "ca.pem", "crl": certs.root / "crl.pem",
+        "members": certs.members,
         "host": "127.0.0.1", "port": port,
         "store_dir": root / "server" / "store", "audit_log": root / "server" / "audit.jsonl",
         "hospitals": names,

@@ -196,6 +196,9 @@ class Welcome(_Wire):
     resend_round: int | None = None
     #: The CA's current revocation list (DER, CA-signed), for hospitals to check round keys.
     crl: Bytes | None = None
+    #: The operator's signed member list (``members.json``, CA-signed and numbered), for
+    #: hospitals to check every roster against (protocol 4).
+    members: Bytes | None = None
 
 
 class GlobalModel(_Wire):

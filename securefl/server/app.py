@@ -33,7 +33,12 @@ from securefl.server.coordinator import Coordinator
 from securefl.server.initial import initial_model, model_layout, save_layers
 from securefl.server.rounds import Peer
 from securefl.server.store import ModelStore
-from securefl.server.tls import check_expiry, limit_tls_buffers, server_context
+from securefl.server.tls import (
+    check_expiry,
+    limit_tls_buffers,
+    read_members,
+    server_context,
+)
 
 log = logging.getLogger("securefl.server")
 
@@ -79,6 +84,8 @@ class Server:
             self.store.write(weights, contributors=0, total_samples=0)
         self.audit = AuditLog(settings.audit_log)
         self.ca_cert = pki.load_cert(Path(settings.ca).read_bytes())
+        if settings.members is not None:
+            read_members(settings.members, self.ca_cert)  # refuse to start on a bad list
         length = self.store.latest()[1].shape[0]
         layout = model_layout(settings.model, self.store.root, length)
         self.coordinator = Coordinator(settings, self.store, self.audit, self.ca_cert,

@@ -86,6 +86,21 @@ class Coordinator(AdminActions):
             self._crl_cache = (mtime, der)
         return self._crl_cache[1]
 
+    def _members(self) -> bytes | None:
+        """The signed member list as the server holds it (read again when it changes; a
+        file that went bad since start-up is not handed out, the last good one is)."""
+        from securefl.server.tls import read_members
+
+        if self.settings.members is None:
+            return None
+        try:
+            mtime = Path(self.settings.members).stat().st_mtime
+            if getattr(self, "_members_cache", (None, None))[0] != mtime:
+                self._members_cache = (mtime, read_members(self.settings.members, self.ca_cert))
+        except (OSError, SecureFLError) as exc:
+            log.warning("member list not reloaded: %s", exc)
+        return getattr(self, "_members_cache", (None, None))[1]
+
     # -- persistence of the round counter ---------------------------------------------------
     def _load_state(self) -> dict:
         try:
@@ -170,7 +185,7 @@ class Coordinator(AdminActions):
                                  if rnd is not None else None, durable=False)
             return wm.Welcome(rid=msg.rid, name=peer.name, role=peer.role.value,
                               version=self.version, resend_round=resend,
-                              crl=self._crl_der()), None
+                              crl=self._crl_der(), members=self._members()), None
         if isinstance(msg, wm.Status):
             return self._status(msg.rid), None
         if isinstance(msg, wm.GetGlobal):

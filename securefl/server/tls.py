@@ -65,6 +65,25 @@ def check_expiry(cert: Path, crl: Path, *, now: dt.datetime | None = None) -> li
     return warnings
 
 
+def read_members(path: Path, ca_cert: x509.Certificate) -> bytes:
+    """The operator's signed member list as the server hands it out, checked against the CA.
+
+    Why the server checks a list it only relays: a wrong or unsigned file would make every
+    hospital refuse to work with the server, which is better said once, at start-up."""
+    from securefl.crypto.membership import MemberList
+    from securefl.errors import CryptoError
+
+    try:
+        data = Path(path).read_bytes()
+        MemberList.load(data, ca_cert)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the member list {path} ({exc.strerror}): copy "
+                          "members.json from the operator's certificate folder") from exc
+    except CryptoError as exc:
+        raise ConfigError(f"{path}: {exc.message}") from exc
+    return data
+
+
 def server_context(cert: Path, key: Path, ca: Path, crl: Path) -> ssl.SSLContext:
     import ssl
 

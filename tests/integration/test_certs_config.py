@@ -12,6 +12,7 @@ from securefl import config
 from securefl.certs import CertDir
 from securefl.cli import main
 from securefl.crypto import pki
+from securefl.crypto.membership import MemberList, fingerprint
 from securefl.errors import ConfigError
 
 
@@ -30,17 +31,24 @@ def test_init_makes_ca_server_admin_hospitals_kits_and_crl(tmp_path: Path) -> No
     for name in ("north", "south"):
         kit = cd.kit(name)
         assert sorted(p.name for p in kit.iterdir()) == [
-            "ca.pem", "crl.pem", "hospital.key", "hospital.pem", "hospital.toml"]
+            "ca.pem", "crl.pem", "hospital.key", "hospital.pem", "hospital.toml",
+            "members.json"]
         cert = pki.load_cert((kit / "hospital.pem").read_bytes())
         assert pki.verify_issued_by(cert, ca) == (pki.Role.HOSPITAL, name)
         settings = config.load(kit / "hospital.toml", config.ClientSettings)
         assert settings.host == "fl.example.org" and settings.cert == kit / "hospital.pem"
+        assert settings.members == kit / "members.json"
+        # The kit's member list: both hospitals, pinned to their certificates, CA-signed.
+        listed = MemberList.load((kit / "members.json").read_bytes(), ca)
+        assert sorted(listed.members) == ["north", "south"]
+        assert listed.members[name] == fingerprint(pki.cert_der(cert))
     admin = pki.load_cert((cd.root / "admin.pem").read_bytes())
     assert pki.identity_of(admin) == (pki.Role.ADMIN, "admin")
     crl = x509.load_pem_x509_crl((cd.root / "crl.pem").read_bytes())
     assert crl.is_signature_valid(ca.public_key()) and len(crl) == 0  # type: ignore[arg-type]
     server_settings = config.load(cd.root / "server.toml", config.ServerSettings)
     assert server_settings.hospitals == ["north", "south"]
+    assert server_settings.members == cd.members
 
 
 def test_add_revoke_renew_show(tmp_path: Path) -> None:
@@ -116,3 +124,69 @@ def test_renew_a_hospital_or_the_admin_keeps_the_kit_settings(tmp_path: Path) ->
         cd.renew("b")
     with pytest.raises(ConfigError, match="add-hospital"):
         cd.renew("nobody")
+
+
+def test_the_member_list_follows_add_revoke_and_renew_into_every_kit(tmp_path: Path) -> None:
+    cd = CertDir(tmp_path)
+    cd.init(["localhost"], ["a", "b"])
+    ca = cd.ca().cert
+
+    def kit_list(name: str) -> MemberList:
+        listed = MemberList.load((cd.kit(name) / "members.json").read_bytes(), ca)
+        assert (cd.kit(name) / "members.json").read_bytes() == cd.members.read_bytes()
+        return listed
+
+    def pinned(name: str) -> str:
+        return fingerprint(pki.cert_der(pki.load_cert(cd.member_cert(name).read_bytes())))
+
+    first = kit_list("a")
+    assert sorted(first.members) == ["a", "b"]
+    cd.add_hospital("c")
+    added = kit_list("a")  # the older kits get the new list too
+    assert sorted(added.members) == ["a", "b", "c"] and added.number > first.number
+    cd.revoke("b")
+    revoked = kit_list("c")
+    assert sorted(revoked.members) == ["a", "c"] and revoked.number > added.number
+    old_a = pinned("a")
+    cd.renew("a")
+    renewed = kit_list("c")
+    assert renewed.members["a"] == pinned("a") != old_a and renewed.number > revoked.number
+    # A revoked hospital may come back, with a new certificate (and on the list again).
+    cd.add_hospital("b")
+    assert kit_list("a").members["b"] == pinned("b")
+    for reserved in ("server", "admin"):
+        with pytest.raises(ConfigError, match=f"'{reserved}' names the federation's own"):
+            cd.add_hospital(reserved)
+
+
+def test_revoking_the_server_certificate_issues_a_new_one(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    cd = CertDir(tmp_path)
+    cd.init(["localhost"], ["a"])
+    old = pki.load_cert((tmp_path / "server.pem").read_bytes())
+    assert main(["certs", "--dir", str(tmp_path), "revoke", "server"]) == 0
+    assert "copy server.pem, server.key and crl.pem to the server" in capsys.readouterr().out
+    new = pki.load_cert((tmp_path / "server.pem").read_bytes())
+    assert new.serial_number != old.serial_number
+    assert pki.verify_issued_by(new, cd.ca().cert) == (pki.Role.SERVER, "server")
+    crl = pki.load_crl(cd.crl.read_bytes(), cd.ca().cert)
+    assert pki.revoked_serials(crl) == {old.serial_number}
+    assert (cd.kit("a") / "crl.pem").read_bytes() == cd.crl.read_bytes()
+    # The admin's certificate can be revoked too (renew admin issues the next one).
+    admin = pki.load_cert((tmp_path / "admin.pem").read_bytes())
+    cd.revoke("admin")
+    crl = pki.load_crl(cd.crl.read_bytes(), cd.ca().cert)
+    assert admin.serial_number in pki.revoked_serials(crl)
+
+
+def test_certs_members_resigns_the_list_for_an_older_folder(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    cd = CertDir(tmp_path)
+    cd.init(["localhost"], ["a", "b"])
+    cd.members.unlink()  # a folder made before member lists
+    for kit in ("a", "b"):
+        (cd.kit(kit) / "members.json").unlink()
+    assert main(["certs", "--dir", str(tmp_path), "members"]) == 0
+    assert "(2 hospitals)" in capsys.readouterr().out
+    listed = MemberList.load((cd.kit("b") / "members.json").read_bytes(), cd.ca().cert)
+    assert sorted(listed.members) == ["a", "b"]

@@ -50,7 +50,8 @@ class Site:
         c = self.certs.root
         data: dict[str, object] = {
             "cert": c / "server.pem", "key": c / "server.key", "ca": c / "ca.pem",
-            "crl": c / "crl.pem", "host": "127.0.0.1", "port": self.port,
+            "crl": c / "crl.pem", "members": c / "members.json",
+            "host": "127.0.0.1", "port": self.port,
             "store_dir": self.root / "store", "audit_log": self.root / "audit.jsonl",
             "hospitals": hospitals or NAMES, "round": rs,
             "model": {"params": params, "seed": 1},

@@ -36,6 +36,7 @@ from securefl.crypto.keys import (
     verify,
     verify_advertisement,
 )
+from securefl.crypto.membership import MemberList
 from securefl.crypto.messages import (
     ConsistencyRequest,
     ConsistencySignature,
@@ -98,6 +99,7 @@ class ClientRound:
         now: dt.datetime | None = None,
         base_sha256: bytes = bytes(32),
         policy: RoundPolicy | None = None,
+        members: MemberList | None = None,
     ) -> None:
         """``policy``: the hospital's own floors (threshold, contributors, encoding,
         revoked certificates, a required survivor set) that no roster can lower."""
@@ -107,6 +109,7 @@ class ClientRound:
         #: The survivor list this hospital signed, by name (what a retry must repeat).
         self.signed_survivors: tuple[str, ...] | None = None
         self._statement = b""
+        self._members = members  # the operator's signed member list: who may be in a round
         #: Whether the roster's limit lowered this hospital's sample count.
         self.weight_capped = False
         self.state = ClientState.NEW
@@ -174,6 +177,8 @@ class ClientRound:
                     f"was trained from version {self.base_version}: fetch the new model first"
                 )
             raise RemoteProtocolError(f"roster is for round {cfg.round_id}, not {self.round_id}")
+        if self._members is not None:
+            self._members.check_roster(roster.participants)
         n = len(roster.participants)
         check_config(cfg, n)
         self._check_policy(roster)

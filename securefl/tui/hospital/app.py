@@ -86,6 +86,8 @@ class HospitalApp(App[int]):
             notify_error(self, exc, "Cannot connect")
             return
         self.session = session
+        for warning in session.conn.warnings:  # e.g. an expired revocation list
+            self.notify(warning[0].upper() + warning[1:] + ".", severity="warning")
         if session.resend_round is not None:
             self.hospital.note_abandoned(session.resend_round)
             self.notify(f"Round {session.resend_round} ended without publishing anything "
