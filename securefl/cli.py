@@ -203,9 +203,40 @@ def _add_client_net_actions(actions: argparse._SubParsersAction) -> None:
         p.set_defaults(func=run)
 
 
+#: Most entries ``securefl client ... log --limit`` prints (the log keeps a few thousand).
+MAX_LOG_LIMIT = 10_000
+
+
+def _log_limit(text: str) -> int:
+    """``--limit``: a whole number of entries, refused in one sentence otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_LOG_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of entries from 1 to {MAX_LOG_LIMIT}, not {text!r}")
+    return value
+
+
+def _add_client_log_action(actions: argparse._SubParsersAction) -> None:
+    """``log``: the hospital's own record of its gets, trainings and sends (no network)."""
+    p = actions.add_parser("log", help="what this hospital did and refused, newest last "
+                           "(its own log, kept in state_dir; no server needed)")
+    p.add_argument("--limit", type=_log_limit, default=20,
+                   help=f"entries to show, 1 to {MAX_LOG_LIMIT} (default 20)")
+
+    def run(args: argparse.Namespace) -> int:
+        from securefl.client import commands
+
+        return commands.show_log(args)
+
+    p.set_defaults(func=run)
+
+
 def _add_client(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("client", help="a hospital: the app, or train, evaluate, classify, "
-                       "get, send, status")
+                       "get, send, status, log")
     p.add_argument("--config", type=Path, help="hospital.toml from the kit (with no ACTION "
                    "the app asks for it)")
     p.add_argument("--hospital", help="with no ACTION: the hospital name to check against the "
@@ -213,6 +244,7 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="client_action", metavar="ACTION", required=False)
     _add_client_ml_actions(actions)
     _add_client_net_actions(actions)
+    _add_client_log_action(actions)
 
     def run_app(args: argparse.Namespace) -> int:
         from securefl.tui.hospital.app import run_hospital_app

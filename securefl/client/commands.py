@@ -105,6 +105,23 @@ async def hospital(args: argparse.Namespace) -> int:
         return 0
 
 
+def show_log(args: argparse.Namespace) -> int:
+    """The newest entries of the hospital's own log, oldest first, one line each."""
+    from securefl.client.hospital_log import HospitalLog
+
+    log = HospitalLog(_settings(args).state_dir)
+    entries, damaged = log.entries(args.limit)
+    if not entries:
+        print(f"the hospital's log {log.path} has no entries yet: it starts with the first "
+              "get, train or send")
+    for entry in entries:
+        print(entry.format())
+    if damaged:
+        print(f"securefl: note: {damaged} damaged line(s) in {log.path} were skipped (a "
+              "write cut short by a crash or a full disk)", file=sys.stderr)
+    return 0
+
+
 def interrupted_send_note(config: Path) -> str:
     """What a user whose ``send`` was interrupted should know, from the durable record."""
     try:

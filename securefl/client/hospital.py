@@ -19,6 +19,8 @@ Files in the hospital's ``state_dir`` (network state) and ``[ml] model_dir``:
   send.json, sent/           the durable record of the last send and the updates handed to
                              rounds (``securefl.client.outbox``)
   history.jsonl              training and evaluation metrics over time (securefl.ml)
+  log.jsonl                  the hospital's own log: every get, train and send step, and why
+                             one stopped (``securefl.client.hospital_log``)
 
 TensorFlow work is blocking: async callers get it through ``asyncio.to_thread``.  The Keras
 model and the decoded scans stay in memory between steps (the app and the demo run for many
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from securefl import config
+from securefl.client.hospital_log import HospitalLog, logged
 from securefl.client.outbox import Outbox, SendRecord, vector_sha256, write_json
 from securefl.client.session import GlobalModel, HospitalSession, RoundOutcome, RoundStep
 from securefl.errors import ConfigError, DataError
@@ -74,6 +77,7 @@ class Hospital:
         self.settings, self._ml = settings, ml
         self.state_dir = Path(settings.state_dir)
         self.outbox = Outbox(self.state_dir)
+        self.log = HospitalLog(self.state_dir)
         self._model: Any = None  # a keras.Model; only securefl.ml names Keras
         self._model_ident: tuple[int, int, int] | None = None
         self._scans: dict[str, tuple[tuple[int, float], ImageSet]] = {}
@@ -138,10 +142,12 @@ class Hospital:
 
     def note_abandoned(self, round_id: int) -> None:
         self.outbox.note_abandoned(round_id)
+        self.log.round_ended(round_id)
 
     def sent_update(self, base_version: int) -> np.ndarray | None:
         return self.outbox.sent_update(base_version)
 
+    @logged("send", base="base_version")
     def check_can_send(self, base_version: int) -> frozenset[str] | None:
         """Raise if an update on ``base_version`` may not be sent; else the survivor set
         a resend must repeat exactly (None: any round)."""
@@ -232,6 +238,7 @@ class Hospital:
             self._scans[split] = cached
         return cached[1]
 
+    @logged("train")
     def train(self, progress: ProgressFn | None = None,
               cancel: threading.Event | None = None) -> TrainResult:
         """Train the local model on this hospital's scans, starting from what it holds now,
@@ -250,6 +257,8 @@ class Hospital:
             self._set_local_state(LocalState(base, True, result.num_samples,
                                              vector_sha256(to_vector(model)),
                                              tuple(self.ml.classes)))
+        self.log.trained(meta["version"] if meta else None, result.num_samples,
+                         cancelled=result.cancelled)
         return result
 
     def evaluate(self) -> EvalReport:
@@ -276,6 +285,7 @@ class Hospital:
         self._after_save()
         self._set_local_state(LocalState(version, False, 0))
 
+    @logged("send")
     def local_update(self) -> tuple[np.ndarray, int, int]:
         """``(w_local - w_global, samples, base version)`` of the trained local model."""
         from securefl.ml.model import to_vector
@@ -314,6 +324,7 @@ class Hospital:
             return None  # already went out: nothing to lose
         return server_version
 
+    @logged("get")
     async def get(self, session: HospitalSession,
                   on_progress: Callable[[int, int], None] | None = None, *,
                   replace_trained: bool = False) -> GlobalModel:
@@ -338,8 +349,11 @@ class Hospital:
                      "created": model.created, "classes": list(model.classes)})
         if self._ml is not None:
             await asyncio.to_thread(self.apply_global, model.weights, model.version)
+        self.log.downloaded(model.version, model.contributors, model.total_samples,
+                            model.sha256)
         return model
 
+    @logged("send")
     async def send(self, session: HospitalSession,
                    on_step: Callable[[RoundStep], None] | None = None) -> RoundOutcome:
         """Send the trained model's update through one secure-aggregation round."""
@@ -348,6 +362,7 @@ class Hospital:
         assert outcome is not None  # only ``leave_after`` returns without an outcome
         return outcome
 
+    @logged("send", base="base")
     async def send_update(self, session: HospitalSession, update: np.ndarray, samples: int,
                           base: int, *, on_step: Callable[[RoundStep], None] | None = None,
                           **round_options: Any) -> RoundOutcome | None:
@@ -361,5 +376,6 @@ class Hospital:
         meta = self.global_meta()
         sha = meta.get("sha256") if meta and meta.get("version") == base else None
         return await session.send(update, samples, base_version=base, on_step=on_step,
-                                  journal=journal, base_sha256=sha,
-                                  required_survivors=required, **round_options)
+                                  journal=self.log.follow(journal, base, samples),
+                                  base_sha256=sha, required_survivors=required,
+                                  **round_options)

@@ -65,8 +65,8 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
                   "--hospitals", ",".join(SITES), "--port", str(port), cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     certs = tmp_path / "certs"
-    synth = securefl("data", "synth", "--out", "synth", "--hospitals", str(len(SITES)), "--train", "48",
-                     "--test", "8", "--size", "32", cwd=tmp_path)
+    synth = securefl("data", "synth", "--out", "synth", "--hospitals", str(len(SITES)),
+                     "--train", "48", "--test", "8", "--size", "32", cwd=tmp_path)
     assert synth.returncode == 0, synth.stderr
     kits = {name: certs / "kits" / name for name in SITES}
     for i, kit in enumerate(kits.values(), start=1):
@@ -139,6 +139,20 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
         stale = securefl("client", "--config", kits["north"] / "hospital.toml", "send",
                          cwd=tmp_path)
         assert stale.returncode == 4 and "train first" in stale.stderr
+
+        # "What went wrong?": each hospital's own log tells the story, refusals included.
+        story = {name: securefl("client", "--config", kit / "hospital.toml", "log", cwd=tmp_path)
+                 for name, kit in kits.items()}
+        north = story["north"].stdout.splitlines()
+        assert [line.split()[3] for line in north] == [
+            "downloaded", "trained", "REFUSED", "sending", "joined", "masked-input",
+            "published", "downloaded", "REFUSED"], story["north"].stdout
+        assert "trained from global version 0 on 48 scans" in north[1]
+        assert "[data, by this hospital]" in north[2] and "send it first" in north[2]
+        assert "published global version 1" in north[6] and "train first" in north[8]
+        south = story["south"].stdout.splitlines()
+        assert "REFUSED      base v0            [already-sent, by this hospital]" in south[-1]
+        assert "already in global version 1" in south[-1]
     finally:
         for proc in [*sends.values(), server]:
             if proc.poll() is None:
