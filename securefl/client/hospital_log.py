@@ -221,8 +221,10 @@ class HospitalLog:
         attempt = _ATTEMPT.get()
 
         def logged_journal(stage: str, round_id: int, version: int | None = None, *,
-                           survivors: tuple[str, ...] | None = None) -> None:
-            journal(stage, round_id, version, survivors=survivors)
+                           survivors: tuple[str, ...] | None = None,
+                           others_can_sign: bool = True) -> None:
+            journal(stage, round_id, version, survivors=survivors,
+                    others_can_sign=others_can_sign)
             if attempt is not None:
                 attempt["round"] = round_id
             if stage == "joined":

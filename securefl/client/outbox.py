@@ -51,6 +51,10 @@ class SendRecord:
     #: The survivor list (names) this update was signed into; None while none was.  After
     #: an abandoned round, the update may only go into a round of exactly these hospitals.
     signed_survivors: tuple[str, ...] | None = None
+    #: The masked input left into a round where the other hospitals alone could have
+    #: signed a survivor list with it (t <= n - 1) and this hospital signed none: its
+    #: update may be in a sum the server holds, so it goes into no other round on the base.
+    unlisted_exposed: bool = False
     updated: str = ""
 
     @property
@@ -148,7 +152,7 @@ class Outbox:
                 "update is in it (then get, train and send on the new version); if it fails, "
                 "the server says so when this hospital next connects and send may join a new "
                 "round")
-        if rec.masked_rounds and rec.signed_survivors is None:
+        if rec.masked_rounds and rec.unlisted_exposed:
             raise UpdateAlreadySentError(
                 f"this hospital's masked update for version {base_version} left in round "
                 f"{rec.masked_rounds[-1]}, which failed before the hospitals agreed on who is "
@@ -169,13 +173,15 @@ class Outbox:
             # Same base: keep the history of rounds it went to (a resend after an abandon).
             record = replace(record, masked_rounds=previous.masked_rounds,
                              abandoned_rounds=previous.abandoned_rounds,
-                             signed_survivors=previous.signed_survivors)
+                             signed_survivors=previous.signed_survivors,
+                             unlisted_exposed=previous.unlisted_exposed)
         self._keep(base_version, update)
         self.save(record)
         current = [record]
 
         def journal(stage: str, round_id: int, version: int | None = None, *,
-                    survivors: tuple[str, ...] | None = None) -> None:
+                    survivors: tuple[str, ...] | None = None,
+                    others_can_sign: bool = True) -> None:
             rec = current[0]
             if stage == "masked-input":
                 if len(rec.masked_rounds) >= max_attempts:
@@ -187,10 +193,15 @@ class Outbox:
                         "max_attempts allows: it is not sent into another; wait for the next "
                         "version, then get, train and send")
                 rec = replace(rec, stage=stage, round_id=round_id,
-                              masked_rounds=(*rec.masked_rounds, round_id))
+                              masked_rounds=(*rec.masked_rounds, round_id),
+                              unlisted_exposed=rec.unlisted_exposed or (
+                                  others_can_sign and rec.signed_survivors is None))
             elif stage == "signed":
+                # The list covers this round: a sum with this update is over these names.
                 rec = replace(rec, stage=stage, round_id=round_id,
-                              signed_survivors=rec.signed_survivors or survivors)
+                              signed_survivors=rec.signed_survivors or survivors,
+                              unlisted_exposed=False if rec.signed_survivors is None
+                              and len(rec.masked_rounds) == 1 else rec.unlisted_exposed)
             elif stage == "abandoned":
                 if round_id in rec.masked_rounds:
                     rec = replace(rec, abandoned_rounds=(*rec.abandoned_rounds, round_id))

@@ -144,11 +144,12 @@ class Journal(Protocol):
     """Hears how far a send got, synchronously (see ``HospitalSession.send``)."""
 
     def __call__(self, stage: str, round_id: int, version: int | None = None, *,
-                 survivors: tuple[str, ...] | None = None) -> None: ...
+                 survivors: tuple[str, ...] | None = None,
+                 others_can_sign: bool = True) -> None: ...
 
 
 def _no_journal(stage: str, round_id: int, version: int | None = None, *,
-                survivors: tuple[str, ...] | None = None) -> None:
+                survivors: tuple[str, ...] | None = None, others_can_sign: bool = True) -> None:
     return None
 
 
@@ -158,7 +159,8 @@ class _Sent:
 
     #: The survivor list this update was signed into: a retry must combine exactly these.
     required: frozenset[str] | None = None
-    #: A round this update's masked input went to before any survivor list was signed.
+    #: A round this update's masked input went to before any survivor list was signed, in
+    #: which the other hospitals alone could sign a list with it (t <= n - 1).
     unlisted_round: int | None = None
 
 
@@ -415,8 +417,12 @@ class HospitalSession(_Session):
                 return None
             bundle = await self._expect(wm.EnvelopesMsg, joined.round_id)
             masked = await self._run(rnd.receive, mapping.bundle_from_wire(bundle))
-            journal("masked-input", joined.round_id)  # before it leaves: a crash errs safe
-            if sent.required is None:
+            # Could the others sign a list with this update in it without this hospital?
+            # Not when t > n - 1: then its update is in no sum it did not sign for.
+            others_can_sign = len(roster.participants) - 1 >= roster.config.threshold
+            journal("masked-input", joined.round_id,  # before it leaves: a crash errs safe
+                    others_can_sign=others_can_sign)
+            if sent.required is None and others_can_sign:
                 sent.unlisted_round = joined.round_id
             await self._send_input(joined.round_id, masked.y)
             step("masked-sent", "masked update sent; waiting for the administrator to "

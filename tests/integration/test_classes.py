@@ -93,17 +93,17 @@ def test_other_class_order_is_refused_before_train_and_send(fed: Federation) -> 
     asyncio.run(scenario())
 
 
-def test_a_protocol_2_client_is_told_the_servers_protocol(fed: Federation) -> None:
+def test_a_protocol_3_client_is_told_the_servers_protocol(fed: Federation) -> None:
     """Bumping the protocol number keeps its clear error for an old hospital."""
     from .test_bad_input import Raw
 
     async def scenario() -> None:
         async with running(fed.server_settings()) as srv:
             raw = await Raw.open(fed, "a", srv.port)
-            reply = await raw.request({"kind": "hello", "rid": 1, "protocol": 2})
+            reply = await raw.request({"kind": "hello", "rid": 1, "protocol": 3})
             raw.close()
         assert reply["kind"] == "error" and reply["code"] == "unsupported-protocol"
-        assert "this server speaks protocol 3, not 2" in reply["message"]
+        assert "this server speaks protocol 4, not 3" in reply["message"]
 
     asyncio.run(scenario())
 

@@ -218,9 +218,13 @@ def test_admin_abort_tells_members_to_resend(fed: Federation) -> None:
 
 async def _two_of_three(fed: Federation, settings: config.ServerSettings,
                         close_by_admin: bool) -> list:
+    """Two of three hospitals: a federation that assumes no colluder (c = 0 on both sides;
+    with the default c = 1 a round needs three)."""
     ups = _updates(2)
+    no_colluder = config.HospitalPolicy(allow_unmasked=True, colluders=0)
     async with running(settings) as srv:
-        sessions = [await HospitalSession(fed.client_settings(n, srv.port)).connect()
+        sessions = [await HospitalSession(fed.client_settings(n, srv.port,
+                                                              policy=no_colluder)).connect()
                     for n in "ab"]
         for s in sessions:
             await s.get_global()
@@ -241,13 +245,15 @@ async def _two_of_three(fed: Federation, settings: config.ServerSettings,
 
 def test_enrolment_closes_at_the_deadline_with_min_clients(fed: Federation) -> None:
     """'c' never comes: after the deadline the two that joined are enough."""
-    settings = fed.server_settings(round=config.RoundSettings(enrolment_timeout=0.3))
+    settings = fed.server_settings(round=config.RoundSettings(enrolment_timeout=0.3,
+                                                              colluders=0))
     outcomes = asyncio.run(_two_of_three(fed, settings, close_by_admin=False))
     assert [o.version for o in outcomes] == [1, 1]
 
 
 def test_admin_closes_enrolment(fed: Federation) -> None:
-    settings = fed.server_settings(round=config.RoundSettings(enrolment_timeout=3600))
+    settings = fed.server_settings(round=config.RoundSettings(enrolment_timeout=3600,
+                                                              colluders=0))
     outcomes = asyncio.run(_two_of_three(fed, settings, close_by_admin=True))
     assert [o.version for o in outcomes] == [1, 1]
 
