@@ -49,7 +49,7 @@ from securefl.crypto.messages import (
     UnmaskResponse,
 )
 from securefl.crypto.prg import MaskBuffer, derive_seed
-from securefl.crypto.quantize import check_update
+from securefl.crypto.quantize import Encoding, check_update
 from securefl.crypto.secagg.common import (
     ENVELOPE_KEY,
     PAIR_MASK,
@@ -63,6 +63,11 @@ from securefl.crypto.secagg.policy import RoundPolicy
 from securefl.errors import ConfigError, CryptoError, RemoteProtocolError, StaleVersionError
 
 
+def _describe(enc: Encoding) -> str:
+    return (f"{enc.ring_bits}-bit ring, clip {enc.clip:g}, scale {enc.scale:g}, "
+            f"max weight {enc.max_weight}")
+
+
 class ClientState(Enum):
     NEW = "not started"
     ADVERTISED = "waiting for the roster"
@@ -70,6 +75,7 @@ class ClientState(Enum):
     MASKED = "waiting for the survivor list"
     SIGNED = "waiting for the unmask request"
     DONE = "finished"
+    FAILED = "abandoned after a refusal"
 
 
 ADVERTISE = "advertise"
@@ -108,6 +114,8 @@ class ClientRound:
         self._base_sha256 = base_sha256
         #: The survivor list this hospital signed, by name (what a retry must repeat).
         self.signed_survivors: tuple[str, ...] | None = None
+        #: The encoding of the round whose list it signed (what a retry must repeat too).
+        self.signed_encoding: Encoding | None = None
         self._statement = b""
         self._members = members  # the operator's signed member list: who may be in a round
         #: Whether the roster's limit lowered this hospital's sample count.
@@ -153,17 +161,30 @@ class ClientRound:
     def receive(
         self, msg: Roster | EnvelopeBundle | ConsistencyRequest | UnmaskRequest
     ) -> ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse:
-        """Feed the server's next message; returns this hospital's answer to send back."""
-        nxt = step(CLIENT_TABLE, self.state, type(msg), remote=True)
-        out: ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse
-        if isinstance(msg, Roster):
-            out = self._on_roster(msg)
-        elif isinstance(msg, EnvelopeBundle):
-            out = self._on_envelopes(msg)
-        elif isinstance(msg, ConsistencyRequest):
-            out = self._on_consistency(msg)
-        else:
-            out = self._on_unmask(msg)
+        """Feed the server's next message; returns this hospital's answer to send back.
+
+        Any refusal ends the round for this hospital (``ClientState.FAILED``), as h11 does
+        after a protocol error.  Why: a refused message may already have changed the state
+        (shares opened from a bundle before a forged envelope in it, a capped sample
+        count), and a server allowed to try the step again could use that: e.g. make the
+        hospital hold shares of more hospitals than it masked with, then sign a list that
+        names one it never masked with, which exposes its update (see
+        test_deviating_server.py).
+        """
+        try:
+            nxt = step(CLIENT_TABLE, self.state, type(msg), remote=True)
+            out: ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse
+            if isinstance(msg, Roster):
+                out = self._on_roster(msg)
+            elif isinstance(msg, EnvelopeBundle):
+                out = self._on_envelopes(msg)
+            elif isinstance(msg, ConsistencyRequest):
+                out = self._on_consistency(msg)
+            else:
+                out = self._on_unmask(msg)
+        except Exception:
+            self.state = ClientState.FAILED
+            raise
         self.state = nxt  # type: ignore[assignment]
         return out
 
@@ -197,6 +218,9 @@ class ClientRound:
         names = [a.name for a in roster.participants]
         if names != sorted(set(names)):
             raise RemoteProtocolError("roster names are not unique and sorted")
+        if self._own.name not in names:  # a typed refusal, not a KeyError further down
+            raise RemoteProtocolError("the roster does not name this hospital: it belongs to "
+                                      "another round, refusing it")
         keys = [a.c_pk for a in roster.participants] + [a.s_pk for a in roster.participants]
         if len(set(keys)) != len(keys):
             raise CryptoError("roster repeats a public key: refusing the round")
@@ -317,6 +341,15 @@ class ClientRound:
                 f"{', '.join(sorted(pol.required_survivors))}), and this round has "
                 f"{', '.join(sorted(names))}: refusing, as two sums of different hospitals "
                 "could be subtracted to expose one")
+        # Same hospitals and same updates, but another encoding (a lower max_weight that
+        # caps one hospital's count, another clip) would give another sum: the difference
+        # of the two exposes e.g. the heaviest hospital's update.
+        if pol.required_encoding is not None and enc != pol.required_encoding:
+            raise CryptoError(
+                "this update's masked input already went into a round that failed, and this "
+                f"retry uses another encoding ({_describe(enc)}) than the round whose list "
+                f"this hospital signed ({_describe(pol.required_encoding)}): refusing, as the "
+                "two sums could be subtracted to expose one hospital; nothing was sent")
 
     # -- round 3: consistency check ------------------------------------------------------
     def _on_consistency(self, req: ConsistencyRequest) -> ConsistencySignature:
@@ -356,6 +389,7 @@ class ClientRound:
                                               survivors)
         self._survivors = survivors
         self.signed_survivors = tuple(sorted(names))
+        self.signed_encoding = cfg.encoding
         return ConsistencySignature(cfg.round_id, self.me,
                                     sign(self._signing_key, self._statement))
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from securefl.crypto.quantize import Encoding
+
 
 def split_view_threshold(holders: int, colluders: int) -> int:
     """The least threshold t for which two conflicting survivor lists cannot both gather t
@@ -41,6 +43,11 @@ class RoundPolicy:
     #: Serial numbers of certificates the CA revoked.
     revoked: frozenset[int] = frozenset()
     required_survivors: frozenset[str] | None = None
+    #: When set (with ``required_survivors``), the retry must also use exactly this
+    #: encoding: the same hospitals with another max_weight or clip give another sum, and
+    #: the difference of two such sums can expose one hospital (``ClientRound``
+    #: ``signed_encoding`` is the one to keep).
+    required_encoding: Encoding | None = None
 
     @property
     def contributors_floor(self) -> int:

@@ -9,7 +9,12 @@ import pytest
 
 from securefl.crypto import pki
 from securefl.crypto.keys import KeyPair, sign_advertisement
-from securefl.crypto.messages import EnvelopeBundle, MaskedInput, UnmaskRequest
+from securefl.crypto.messages import (
+    ConsistencyRequest,
+    EnvelopeBundle,
+    MaskedInput,
+    UnmaskRequest,
+)
 from securefl.crypto.quantize import Encoding
 from securefl.crypto.secagg import ClientRound, ClientState, ServerRound, ServerState
 from securefl.errors import (
@@ -62,7 +67,15 @@ class Round:
             msg = client.receive(self.bundles[client.me])
             self.inputs[client.me] = msg
             self.server.receive(msg, from_name=cred.name)
-        self.request = self.server.close_inputs()
+        self.listed = self.server.close_inputs()
+        return self.listed
+
+    def check(self, skip=()):
+        """Every survivor signs the list; returns the server's unmask request."""
+        for i, (cred, client) in enumerate(zip(self.creds, self.clients, strict=True)):
+            if i not in skip and client.me in self.listed.survivors:
+                self.server.receive(client.receive(self.listed), from_name=cred.name)
+        self.request = self.server.close_check()
         return self.request
 
 
@@ -71,9 +84,13 @@ def test_out_of_order_messages_are_protocol_errors(fed5):
     client = r.clients[0]
     with pytest.raises(RemoteProtocolError, match="EnvelopeBundle is not allowed"):
         client.receive(EnvelopeBundle(1, 1, {}))
-    client.advertise()
+    assert client.state is ClientState.FAILED  # a refusal ends the round for the hospital
     with pytest.raises(LocalProtocolError):
         client.advertise()
+    other = r.clients[1]
+    other.advertise()
+    with pytest.raises(LocalProtocolError):
+        other.advertise()
     with pytest.raises(RemoteProtocolError, match="MaskedInput is not allowed"):
         r.server.receive(MaskedInput(1, 1, np.zeros(D + 1, np.uint32)))
     with pytest.raises(LocalProtocolError):
@@ -179,15 +196,22 @@ def test_tampered_envelope_in_transit_is_refused(fed5):
 
 
 def test_hospital_refuses_to_reveal_both_shares_of_one_peer(fed5):
-    r = Round(fed5)
-    request = r.mask(skip={4})
-    both = UnmaskRequest(1, request.survivors, (*request.dropped, request.survivors[-1]))
-    with pytest.raises(CryptoError, match="both shares"):
-        r.clients[0].receive(both)
-    r.clients[1].receive(request)
-    with pytest.raises(RemoteProtocolError):  # and never answers a second, different request
-        r.clients[1].receive(UnmaskRequest(1, request.survivors[:-1],
-                                           (*request.dropped, request.survivors[-1])))
+    """The self-mask share for a survivor, the key share for a dropped hospital, never both:
+    one answer splits by the signed list, and a second request (where the last survivor
+    would count as dropped) is never answered."""
+    r = Round(fed5)  # t = 4: the four survivors all sign
+    r.mask(skip={4})
+    request = r.check()
+    last = request.survivors[-1]
+    answer = r.clients[1].receive(request)
+    assert set(answer.b_shares) == set(request.survivors)
+    assert set(answer.s_shares) == {r.clients[4].me}
+    with pytest.raises(RemoteProtocolError, match="not allowed while the round is finished"):
+        r.clients[1].receive(UnmaskRequest(1, request.survivors[:-1], request.signatures))
+    # Nor does a hospital answer a request whose list differs from the one it signed.
+    with pytest.raises(CryptoError, match="other survivors than the list this hospital signed"):
+        r.clients[0].receive(UnmaskRequest(1, tuple(u for u in request.survivors if u != last),
+                                           request.signatures))
 
 
 def test_hospital_refuses_to_unmask_a_too_small_set(fed5):
@@ -196,13 +220,13 @@ def test_hospital_refuses_to_unmask_a_too_small_set(fed5):
     me = r.clients[0].me
     other = next(x for x in range(1, 6) if x != me)
     with pytest.raises(CryptoError, match="keep each one hidden"):
-        r.clients[0].receive(UnmaskRequest(1, (me, other), tuple(
-            x for x in range(1, 6) if x not in (me, other))))
+        r.clients[0].receive(ConsistencyRequest(1, tuple(sorted((me, other)))))
 
 
 def test_below_threshold_nothing_is_published(fed5):
-    r = Round(fed5)  # 5 holders, t = 3
-    request = r.mask()
+    r = Round(fed5)  # 5 holders, c = 1: t = 4
+    r.mask()
+    request = r.check()
     for client in r.clients[:2]:
         r.server.receive(client.receive(request), from_name=client._own.name)
     with pytest.raises(NotEnoughSurvivorsError, match="2 hospital"):
@@ -221,8 +245,9 @@ def test_too_few_inputs_fail_the_round_before_unmasking(fed5):
 
 def test_bad_share_for_a_dropped_key_is_detected(fed5):
     r = Round(fed5)
-    request = r.mask(skip={2})
-    dropped = request.dropped[0]
+    r.mask(skip={2})
+    request = r.check()
+    dropped = r.clients[2].me
     responses = [c.receive(request) for c in r.clients if c.me in request.survivors]
     lowest = min(responses, key=lambda m: m.sender)
     raw = bytearray(lowest.s_shares[dropped])
@@ -288,10 +313,12 @@ def test_hospital_forgets_its_clear_update_once_masked(fed5):
     assert all(c._update is None and c.state is ClientState.MASKED for c in r.clients)
 
 
-def test_sparse_graph_roster_carries_k_and_a_majority_threshold(fed5):
+def test_sparse_graph_roster_carries_k_and_the_split_view_threshold(fed5):
     r = Round(fed5, neighbours=2)
-    roster = r.enrol()
-    assert roster.config.neighbours == 2 and roster.config.threshold == 2  # 3 holders
+    roster = r.enrol()  # 3 holders, c = 1: t = floor(4 / 2) + 1 = 3
+    assert roster.config.neighbours == 2 and roster.config.threshold == 3
+    r = Round(fed5, neighbours=2, colluders=0)
+    assert r.enrol().config.threshold == 2  # no colluder assumed: a majority of 3
 
 
 def test_certificate_of_unknown_ca_cannot_join(fed5, other_ca):
