@@ -43,6 +43,7 @@ from securefl import config
 from securefl.client.hospital_log import HospitalLog, logged
 from securefl.client.outbox import Outbox, SendRecord, vector_sha256, write_json
 from securefl.client.session import GlobalModel, HospitalSession, RoundOutcome, RoundStep
+from securefl.crypto.secagg.policy import SignedList
 from securefl.errors import ConfigError, DataError
 from securefl.ml.settings import MLSettings
 
@@ -148,9 +149,9 @@ class Hospital:
         return self.outbox.sent_update(base_version)
 
     @logged("send", base="base_version")
-    def check_can_send(self, base_version: int) -> frozenset[str] | None:
-        """Raise if an update on ``base_version`` may not be sent; else the survivor set
-        a resend must repeat exactly (None: any round)."""
+    def check_can_send(self, base_version: int) -> SignedList | None:
+        """Raise if an update on ``base_version`` may not be sent; else the signed list a
+        resend must repeat exactly (None: any round)."""
         return self.outbox.check_can_send(base_version)
 
     def data_summary(self) -> dict[str, dict[str, int]]:
@@ -377,5 +378,5 @@ class Hospital:
         sha = meta.get("sha256") if meta and meta.get("version") == base else None
         return await session.send(update, samples, base_version=base, on_step=on_step,
                                   journal=self.log.follow(journal, base, samples),
-                                  base_sha256=sha, required_survivors=required,
+                                  base_sha256=sha, bound_to=required,
                                   **round_options)

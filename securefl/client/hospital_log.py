@@ -222,9 +222,9 @@ class HospitalLog:
 
         def logged_journal(stage: str, round_id: int, version: int | None = None, *,
                            survivors: tuple[str, ...] | None = None,
-                           others_can_sign: bool = True) -> None:
+                           others_can_sign: bool = True, encoding: object = None) -> None:
             journal(stage, round_id, version, survivors=survivors,
-                    others_can_sign=others_can_sign)
+                    others_can_sign=others_can_sign, encoding=encoding)
             if attempt is not None:
                 attempt["round"] = round_id
             if stage == "joined":

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from securefl.client.session import Journal
+from securefl.crypto.quantize import Encoding
+from securefl.crypto.secagg.policy import SignedList
 from securefl.errors import DataError, UpdateAlreadySentError
 
 #: Sent updates kept in ``state_dir/sent`` (one model-sized file each).
@@ -51,6 +53,9 @@ class SendRecord:
     #: The survivor list (names) this update was signed into; None while none was.  After
     #: an abandoned round, the update may only go into a round of exactly these hospitals.
     signed_survivors: tuple[str, ...] | None = None
+    #: The encoding of the round whose list was signed (``Encoding`` fields): a retry with
+    #: the same hospitals but another encoding would give a sum that differs by one.
+    signed_encoding: dict[str, Any] | None = None
     #: The masked input left into a round where the other hospitals alone could have
     #: signed a survivor list with it (t <= n - 1) and this hospital signed none: its
     #: update may be in a sum the server holds, so it goes into no other round on the base.
@@ -127,7 +132,7 @@ class Outbox:
         path = self.state_dir / "sent" / f"v{base_version:08d}.npy"
         return np.load(path, allow_pickle=False) if path.is_file() else None
 
-    def check_can_send(self, base_version: int) -> frozenset[str] | None:
+    def check_can_send(self, base_version: int) -> SignedList | None:
         """Refuse an update on ``base_version`` when one already left for it; resending is
         allowed while nothing left, and after the server announced the round abandoned —
         then only into a round of exactly the signed survivors, which are returned.
@@ -159,10 +164,13 @@ class Outbox:
                 "in the sum, so it may be in a sum the server holds: to keep it hidden it "
                 f"goes into no other round on version {base_version}; wait for the next "
                 "version, then get, train and send")
-        return frozenset(rec.signed_survivors) if rec.signed_survivors is not None else None
+        if rec.signed_survivors is None:
+            return None
+        enc = Encoding(**rec.signed_encoding) if rec.signed_encoding else None
+        return SignedList(frozenset(rec.signed_survivors), enc)
 
     def begin(self, base_version: int, samples: int, update: np.ndarray,
-              max_attempts: int) -> tuple[Journal, frozenset[str] | None]:
+              max_attempts: int) -> tuple[Journal, SignedList | None]:
         """Keep ``update``, record the send, and return the journal the round calls at each
         step (it refuses, before the masked input leaves, a round past ``max_attempts``)
         with the survivor set a retry must repeat (None: any round)."""
@@ -174,6 +182,7 @@ class Outbox:
             record = replace(record, masked_rounds=previous.masked_rounds,
                              abandoned_rounds=previous.abandoned_rounds,
                              signed_survivors=previous.signed_survivors,
+                             signed_encoding=previous.signed_encoding,
                              unlisted_exposed=previous.unlisted_exposed)
         self._keep(base_version, update)
         self.save(record)
@@ -181,7 +190,8 @@ class Outbox:
 
         def journal(stage: str, round_id: int, version: int | None = None, *,
                     survivors: tuple[str, ...] | None = None,
-                    others_can_sign: bool = True) -> None:
+                    others_can_sign: bool = True,
+                    encoding: Encoding | None = None) -> None:
             rec = current[0]
             if stage == "masked-input":
                 if len(rec.masked_rounds) >= max_attempts:
@@ -200,6 +210,8 @@ class Outbox:
                 # The list covers this round: a sum with this update is over these names.
                 rec = replace(rec, stage=stage, round_id=round_id,
                               signed_survivors=rec.signed_survivors or survivors,
+                              signed_encoding=rec.signed_encoding or (
+                                  asdict(encoding) if encoding is not None else None),
                               unlisted_exposed=False if rec.signed_survivors is None
                               and len(rec.masked_rounds) == 1 else rec.unlisted_exposed)
             elif stage == "abandoned":

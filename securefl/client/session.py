@@ -28,7 +28,7 @@ from securefl.crypto import pki
 from securefl.crypto.membership import MemberList
 from securefl.crypto.quantize import Encoding, check_update
 from securefl.crypto.secagg import ClientRound
-from securefl.crypto.secagg.policy import RoundPolicy
+from securefl.crypto.secagg.policy import RoundPolicy, SignedList
 from securefl.errors import (
     CryptoError,
     DataError,
@@ -145,11 +145,12 @@ class Journal(Protocol):
 
     def __call__(self, stage: str, round_id: int, version: int | None = None, *,
                  survivors: tuple[str, ...] | None = None,
-                 others_can_sign: bool = True) -> None: ...
+                 others_can_sign: bool = True, encoding: Encoding | None = None) -> None: ...
 
 
 def _no_journal(stage: str, round_id: int, version: int | None = None, *,
-                survivors: tuple[str, ...] | None = None, others_can_sign: bool = True) -> None:
+                survivors: tuple[str, ...] | None = None, others_can_sign: bool = True,
+                encoding: Encoding | None = None) -> None:
     return None
 
 
@@ -157,8 +158,8 @@ def _no_journal(stage: str, round_id: int, version: int | None = None, *,
 class _Sent:
     """What earlier attempts of one ``send`` fix for the next (the cross-round rule)."""
 
-    #: The survivor list this update was signed into: a retry must combine exactly these.
-    required: frozenset[str] | None = None
+    #: The survivor list this update was signed into: a retry must repeat it exactly.
+    required: SignedList | None = None
     #: A round this update's masked input went to before any survivor list was signed, in
     #: which the other hospitals alone could sign a list with it (t <= n - 1).
     unlisted_round: int | None = None
@@ -285,7 +286,7 @@ class HospitalSession(_Session):
         on_step: Callable[[RoundStep], None] | None = None,
         journal: Journal | None = None,
         base_sha256: str | None = None,
-        required_survivors: frozenset[str] | None = None,
+        bound_to: SignedList | None = None,
     ) -> RoundOutcome | None:
         """Take part in one round with ``update`` (w_local - w_global) from ``samples`` images.
 
@@ -299,9 +300,9 @@ class HospitalSession(_Session):
         ``keys-shared``, ``masked-input`` (*before* the masked input leaves), ``signed``
         (with the survivor names, before the signature leaves), ``abandoned`` and
         ``published``: the hospital's durable send record (``client.hospital``).
-        ``required_survivors``: this update's masked input already went into a round that
-        signed this survivor list and then failed; it may only go into a round of exactly
-        these hospitals (a different set would let two sums be subtracted).
+        ``bound_to``: this update's masked input already went into a round that signed this
+        survivor list and then failed; it may only go into a round of exactly these
+        hospitals and that encoding (another sum could be subtracted from the first).
         """
 
         def step(name: str, detail: str) -> None:
@@ -325,7 +326,7 @@ class HospitalSession(_Session):
             raise DataError("the update is all zeros (the local model equals the global "
                             "model): train before sending")
         note = journal or _no_journal
-        sent = _Sent(required=required_survivors)
+        sent = _Sent(required=bound_to)
         for attempt in range(MAX_RESENDS + 1):
             try:
                 return await self._round(update, int(samples), base, leave_after, step, note,
@@ -432,8 +433,10 @@ class HospitalSession(_Session):
             listed = await self._expect(wm.SurvivorListMsg, joined.round_id)
             signature = await self._run(rnd.receive, mapping.survivor_list_from_wire(listed))
             assert rnd.signed_survivors is not None
-            journal("signed", joined.round_id, survivors=rnd.signed_survivors)
-            sent.required, sent.unlisted_round = frozenset(rnd.signed_survivors), None
+            journal("signed", joined.round_id, survivors=rnd.signed_survivors,
+                    encoding=rnd.signed_encoding)
+            sent.required = SignedList(frozenset(rnd.signed_survivors), rnd.signed_encoding)
+            sent.unlisted_round = None
             await self.conn.request(mapping.signature_to_wire(signature))
             step("signed", f"{len(rnd.signed_survivors)} hospitals' updates are in the sum; "
                  "list signed, waiting for the others' signatures")
@@ -448,13 +451,14 @@ class HospitalSession(_Session):
         step("published", f"aggregated into global version {done.version}")
         return RoundOutcome(done.round_id, done.version, done.sha256)
 
-    def round_policy(self, required_survivors: frozenset[str] | None = None) -> RoundPolicy:
-        """This hospital's ``[policy]`` as the round checks it, with the revoked serials."""
+    def round_policy(self, bound_to: SignedList | None = None) -> RoundPolicy:
+        """This hospital's ``[policy]`` as the round checks it, with the revoked serials
+        and, for a retry, the signed list and encoding it must repeat."""
         p = self.settings.policy
         return RoundPolicy(colluders=p.colluders, min_contributors=p.min_contributors,
                            ring_bits=frozenset(p.ring_bits), max_clip=p.max_clip,
                            allow_sparse=p.allow_sparse, revoked=self.revoked,
-                           required_survivors=required_survivors)
+                           **(bound_to.policy_fields() if bound_to else {}))  # type: ignore[arg-type]
 
     async def _run(self, fn: Callable[[Any], Any], arg: object) -> Any:
         return await asyncio.to_thread(fn, arg) if self._offload else fn(arg)

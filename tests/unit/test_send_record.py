@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from securefl import config
@@ -58,7 +59,7 @@ def test_an_abandoned_round_may_be_retried_only_with_the_signed_survivors(
     h = _hospital(tmp_path)
     h.outbox.save(SendRecord(3, 5, "x", stage="signed", round_id=7, masked_rounds=(7,),
                              abandoned_rounds=(7,), signed_survivors=("a", "b", "c")))
-    assert h.check_can_send(3) == frozenset({"a", "b", "c"})
+    assert h.check_can_send(3).survivors == frozenset({"a", "b", "c"})
 
 
 def test_an_abandoned_round_with_no_signed_list_locks_the_base_version(
@@ -67,10 +68,27 @@ def test_an_abandoned_round_with_no_signed_list_locks_the_base_version(
     the server holds, so it goes into no other round on that base."""
     h = _hospital(tmp_path)
     h.outbox.save(SendRecord(3, 5, "x", stage="masked-input", round_id=7,
-                             masked_rounds=(7,), abandoned_rounds=(7,)))
+                             masked_rounds=(7,), abandoned_rounds=(7,),
+                             unlisted_exposed=True))
     with pytest.raises(UpdateAlreadySentError, match="no other round on version 3"):
         h.check_can_send(3)
     assert h.check_can_send(4) is None  # the next version is free
+
+
+def test_with_t_above_n_minus_1_an_unsigned_update_may_be_resent(tmp_path: Path) -> None:
+    """Three hospitals, c = 1, t = 3: no list with this update in it can gather t
+    signatures without this hospital's own, so having signed none it is in no sum."""
+    h = _hospital(tmp_path)
+    journal, bound = h.outbox.begin(3, 5, np.ones(4, np.float32), max_attempts=3)
+    assert bound is None
+    journal("masked-input", 7, others_can_sign=False)
+    journal("abandoned", 7)
+    assert h.check_can_send(3) is None
+    journal2, _ = h.outbox.begin(3, 5, np.ones(4, np.float32), max_attempts=3)
+    journal2("masked-input", 8, others_can_sign=True)
+    journal2("abandoned", 8)
+    with pytest.raises(UpdateAlreadySentError, match="no other round on version 3"):
+        h.check_can_send(3)
 
 
 def test_published_says_which_version_holds_the_update(tmp_path: Path) -> None:
@@ -114,4 +132,4 @@ def test_a_round_abandoned_by_a_server_restart_may_be_resent(tmp_path: Path) -> 
     with pytest.raises(UpdateAlreadySentError):
         h.check_can_send(3)
     h.note_abandoned(7)
-    assert h.check_can_send(3) == frozenset({"a", "b", "c"})
+    assert h.check_can_send(3).survivors == frozenset({"a", "b", "c"})

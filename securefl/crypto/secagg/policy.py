@@ -55,3 +55,15 @@ class RoundPolicy:
 
     def threshold_floor(self, holders: int) -> int:
         return split_view_threshold(holders, self.colluders)
+
+
+@dataclass(frozen=True)
+class SignedList:
+    """A survivor list this hospital signed, with the encoding of that round: what a retry
+    of a failed round must repeat exactly (``RoundPolicy.bound_to``)."""
+
+    survivors: frozenset[str]
+    encoding: Encoding | None = None
+
+    def policy_fields(self) -> dict[str, object]:
+        return {"required_survivors": self.survivors, "required_encoding": self.encoding}
