@@ -138,6 +138,13 @@ def build_federation(settings: DemoSettings, root: Path, say: Print) -> tuple[Pa
     synthesize(root / "data", hospitals=settings.hospitals, seed=settings.seed,
                train_per_hospital=settings.train_images, test_per_hospital=settings.test_images,
                size=settings.image_size)
+    # One colluding hospital is assumed (the default) when there are at least three; two
+    # hospitals can each work out the other's update from the published model anyway, so
+    # with two the only adversary secure aggregation can hold off is the server (c = 0).
+    colluders = 1 if settings.hospitals >= 3 else 0
+    if not colluders:
+        say("  two hospitals: secure aggregation hides each update from the server, but "
+            "each hospital can work out the other's from the published model")
     server_toml = write_toml(root / "server.toml", {
         "cert": certs.root / "server.pem", "key": certs.root / "server.key",
         "ca": certs.root / "ca.pem", "crl": certs.root / "crl.pem",
@@ -145,7 +152,7 @@ def build_federation(settings: DemoSettings, root: Path, say: Print) -> tuple[Pa
         "host": "127.0.0.1", "port": port,
         "store_dir": root / "server" / "store", "audit_log": root / "server" / "audit.jsonl",
         "hospitals": names,
-        "round": {"min_clients": min(2, settings.hospitals)},
+        "round": {"min_clients": min(2, settings.hospitals), "colluders": colluders},
         "model": {"ml": {"image_size": settings.image_size, "model_kind": settings.model_kind,
                          "seed": settings.seed}},
     })
@@ -156,6 +163,7 @@ def build_federation(settings: DemoSettings, root: Path, say: Print) -> tuple[Pa
             "cert": "hospital.pem", "key": "hospital.key", "ca": "ca.pem",
             "state_dir": root / "hospitals" / name / "state",
             "ml": _ml_table(settings, root / "data" / name, root / "hospitals" / name / "model"),
+            "policy": {"colluders": colluders},
         }, f"the demo's settings for '{name}'; paths are relative to this file."))
     return server_toml, hospital_tomls, certs.root / "admin.toml"
 

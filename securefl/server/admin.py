@@ -37,6 +37,7 @@ class AdminActions:
     optimiser: Any
     settings: Any
     rs: Any
+    binding: dict | None
     last_seen: dict[str, str]
     cert_expires: dict[str, str]
 
@@ -164,6 +165,13 @@ class AdminActions:
                     f"published.  A new round {again.round_id} has started with the "
                     f"{len(again.invited)} hospitals still online: aggregate again once they "
                     "have sent") from exc
+            if self.binding is not None and self.binding["base_version"] == rnd.base_version:
+                names = ", ".join(self.binding["names"])
+                raise NotEnoughSurvivorsError(
+                    f"round {rnd.round_id} could not be unmasked ({exc.message}); nothing was "
+                    f"published.  {names} are on its survivor list, so to keep each one's "
+                    "update hidden they send it again only into a round of exactly them: "
+                    "ask all of them to connect and send, then aggregate") from exc
             raise NotEnoughSurvivorsError(
                 f"round {rnd.round_id} could not be unmasked ({exc.message}); nothing was "
                 "published and too few hospitals are online to retry: ask the hospitals to "
@@ -194,6 +202,7 @@ class AdminActions:
                               reason=report.restarted, durable=True)
         rnd.watcher = None
         self.round = None
+        self.binding = None  # a new base version: no earlier list binds anyone
         self._save_state(None)
         self.audit.record("aggregated", round_id=rnd.round_id, version=info.version,
                           contributors=len(result.contributors), sha256=info.sha256,

@@ -69,6 +69,10 @@ class Coordinator(AdminActions):
         #: Names to tell, when they next say hello, that a round of theirs was abandoned
         #: (by a restart, or while they were away): their ``send`` may then join a new one.
         self.resend: dict[str, int] = {k: int(v) for k, v in state.get("resend", {}).items()}
+        #: After a round failed once its survivor list was out: the base version and the
+        #: hospitals on the list.  They resend that update only into a round of exactly
+        #: them, so until a version publishes every round on that base is theirs alone.
+        self.binding: dict | None = state.get("binding")
         if abandoned:
             for name in abandoned["members"]:
                 self.resend[name] = abandoned["round_id"]
@@ -113,7 +117,7 @@ class Coordinator(AdminActions):
         ids must never repeat); a member joining only needs to survive a killed process."""
         tmp = self._state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"next_round": self.next_round_id, "in_flight": in_flight,
-                                   "resend": self.resend}))
+                                   "resend": self.resend, "binding": self.binding}))
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -292,6 +296,11 @@ class Coordinator(AdminActions):
         elif rnd.engine.state is not ServerState.ENROLLING:
             raise RoundBusyError(f"round {rnd.round_id} is past enrolment; send again after "
                                  "it publishes")
+        if rnd.exact and peer.name not in rnd.invited:
+            raise RoundBusyError(
+                f"round {rnd.round_id} is the retry of a failed round and may combine only "
+                f"{', '.join(sorted(rnd.invited))} (they signed its survivor list): send "
+                "again after it publishes")
         if peer.name in rnd.members:
             earlier = rnd.members[peer.name]
             if earlier is peer:
@@ -332,6 +341,8 @@ class Coordinator(AdminActions):
                 min_contributors=2, colluders=self.rs.colluders,
             )
         rnd = ActiveRound(round_id, info.version, engine)
+        if self.binding is not None and self.binding["base_version"] == info.version:
+            rnd.invited, rnd.exact = frozenset(self.binding["names"]), True
         self.round = rnd
         self.audit.record("round-open", round_id=round_id, base_version=info.version)
         loop = asyncio.get_running_loop()
@@ -432,13 +443,25 @@ class Coordinator(AdminActions):
         self.audit.record("round-failed" if retry else "round-abandoned",
                           round_id=rnd.round_id, reason=code, durable=True)
         online = frozenset(n for n, p in rnd.members.items() if p.open)
+        eng = rnd.engine
+        if isinstance(eng, ServerRound) and eng.listed is not None:
+            # The list went out: its hospitals now resend only into a round of exactly them.
+            bound = frozenset(eng.name_of(u) for u in eng.listed)
+            self.binding = {"base_version": rnd.base_version, "names": sorted(bound)}
+            self._save_state(None)
+            self.audit.record("round-bound", round_id=rnd.round_id, names=sorted(bound),
+                              base_version=rnd.base_version, durable=True)
+            invite, exact = (bound, True) if bound <= online else (None, True)
+        else:
+            invite, exact = online, rnd.exact
         again: ActiveRound | None = None
-        if retry and rnd.attempt < self.rs.max_retries and len(online) >= self.rs.min_clients:
+        if (retry and invite is not None and rnd.attempt < self.rs.max_retries
+                and len(invite) >= self.rs.min_clients):
             again = self._open_round()
-            again.invited, again.attempt = online, rnd.attempt + 1
+            again.invited, again.exact, again.attempt = invite, exact, rnd.attempt + 1
             self.audit.record("round-retry", round_id=again.round_id,
                               failed_round=rnd.round_id, attempt=again.attempt,
-                              invited=sorted(online), durable=True)
+                              invited=sorted(invite or ()), durable=True)
         done = wm.RoundDone(round_id=rnd.round_id, version=self.version, resend=True,
                             retry_round=again.round_id if again else 0, code=code,
                             message=message)

@@ -52,6 +52,8 @@ class ActiveRound:
     deadline_passed: bool = False
     #: A retry round waits only for the members of the failed round still online.
     invited: frozenset[str] = frozenset()
+    #: Only the invited may join (a retry bound to a signed survivor list).
+    exact: bool = False
     #: How many failed rounds this one is retrying (bounded by ``max_retries``).
     attempt: int = 0
     step_done: asyncio.Event = field(default_factory=asyncio.Event)

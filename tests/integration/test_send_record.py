@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+from securefl import config
 from securefl.cli import EXIT_CODES
 from securefl.client.hospital import Hospital
 from securefl.client.session import AdminSession, HospitalSession, RoundAbandonedError
@@ -26,9 +27,15 @@ from .conftest import Federation, running
 D = 1000
 
 
-def _site(fed: Federation, name: str, port: int) -> Hospital:
+def _site(fed: Federation, name: str, port: int, colluders: int = 1) -> Hospital:
     """A hospital that trains with its own tools: the kit's settings without ``[ml]``."""
-    return Hospital(fed.client_settings(name, port, ml=None), None)
+    policy = config.HospitalPolicy(allow_unmasked=True, colluders=colluders)
+    return Hospital(fed.client_settings(name, port, ml=None, policy=policy), None)
+
+
+def _no_colluder(fed: Federation, **changes: object) -> config.ServerSettings:
+    """A federation that assumes no colluding hospital (c = 0: t = floor(n / 2) + 1)."""
+    return fed.server_settings(round=config.RoundSettings(colluders=0), **changes)
 
 
 def _update(seed: int) -> np.ndarray:
@@ -117,12 +124,13 @@ def test_a_send_interrupted_while_enrolling_joins_the_same_round_again(
 def test_after_the_masked_input_left_the_update_is_never_sent_again_on_that_version(
         fed: Federation) -> None:
     """A hospital that vanished after its masked input is still in the round's result; a
-    later send on the same version is refused (exit 13) with what happens next."""
+    later send on the same version is refused (exit 13) with what happens next.  (c = 0,
+    so t = 2 of 3: with the default c = 1 all three must stay to the end.)"""
     ups = {n: _update(10 + i) for i, n in enumerate("abc")}
 
     async def scenario() -> tuple[np.ndarray, np.ndarray]:
-        async with running(fed.server_settings()) as srv:
-            sites = {n: _site(fed, n, srv.port) for n in "abc"}
+        async with running(_no_colluder(fed)) as srv:
+            sites = {n: _site(fed, n, srv.port, colluders=0) for n in "abc"}
             v0 = await _get(sites["a"])
             for n in "bc":
                 await _get(sites[n])
@@ -215,8 +223,8 @@ def test_the_server_refuses_to_publish_an_all_zero_mean(fed: Federation) -> None
     up = _update(5)
 
     async def scenario() -> None:
-        async with running(fed.server_settings(hospitals=["a", "b"])) as srv:
-            sites = {n: _site(fed, n, srv.port) for n in "ab"}
+        async with running(_no_colluder(fed, hospitals=["a", "b"])) as srv:
+            sites = {n: _site(fed, n, srv.port, colluders=0) for n in "ab"}
             for site in sites.values():
                 await _get(site)
             sessions = {n: await sites[n].session().connect() for n in "ab"}
@@ -248,15 +256,16 @@ def test_exit_code_13_is_documented() -> None:
 
 def test_a_round_that_fails_while_a_hospital_is_away_is_announced_when_it_returns(
         fed: Federation) -> None:
-    """Two hospitals; one vanishes after its masked input, so the round cannot be unmasked
-    and nobody is left to retry with.  When it reconnects the server tells it the round
-    ended without a version, and both can then publish the next one: the federation is not
-    stuck (a walk through the docs found it stuck here)."""
+    """Two hospitals (c = 0, t = 2); one vanishes after its masked input, so the round
+    cannot be unmasked.  b signed the list {a, b}: it resends only into a round of exactly
+    a and b.  a signed nothing, and no list with its update could gather t = 2 signatures
+    without its own, so it is free.  When a reconnects the server tells it the round ended
+    without a version, and the two publish the next one together."""
     ups = {n: _update(20 + i) for i, n in enumerate("ab")}
 
     async def scenario() -> tuple[np.ndarray, np.ndarray]:
-        async with running(fed.server_settings(hospitals=["a", "b"])) as srv:
-            sites = {n: _site(fed, n, srv.port) for n in "ab"}
+        async with running(_no_colluder(fed, hospitals=["a", "b"])) as srv:
+            sites = {n: _site(fed, n, srv.port, colluders=0) for n in "ab"}
             v0 = await _get(sites["a"])
             await _get(sites["b"])
             gone = await sites["a"].session().connect()
@@ -268,7 +277,8 @@ def test_a_round_that_fails_while_a_hospital_is_away_is_announced_when_it_return
             await gone.close()
             async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
                 await _wait(admin, "submitted", 2)
-                with pytest.raises(NotEnoughSurvivorsError, match="too few hospitals"):
+                with pytest.raises(NotEnoughSurvivorsError,
+                                   match="only into a round of exactly them"):
                     await admin.aggregate()
                 with pytest.raises(RoundAbandonedError):
                     await waiting
@@ -296,7 +306,7 @@ def test_policy_caps_the_rounds_one_update_may_go_into(fed: Federation) -> None:
     """Each round an update's masked input goes into is one more sum that contains it; a
     server that keeps announcing failed rounds collects them.  [policy] max_attempts caps
     it: past the cap the hospital stops before its masked input leaves."""
-    from securefl import config as cfg
+
 
     ups = {n: _update(30 + i) for i, n in enumerate("abc")}
 
@@ -304,7 +314,7 @@ def test_policy_caps_the_rounds_one_update_may_go_into(fed: Federation) -> None:
         async with running(fed.server_settings()) as srv:
             strict = Hospital(fed.client_settings(
                 "a", srv.port, ml=None,
-                policy=cfg.HospitalPolicy(allow_unmasked=True, max_attempts=1)), None)
+                policy=config.HospitalPolicy(allow_unmasked=True, max_attempts=1)), None)
             sites = {"a": strict, **{n: _site(fed, n, srv.port) for n in "bc"}}
             for site in sites.values():
                 await _get(site)

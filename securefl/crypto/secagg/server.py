@@ -114,6 +114,9 @@ class ServerRound:
         self.colluders = colluders
         self._signatures: dict[int, bytes] = {}
         self._statement = b""
+        #: The survivor list sent to be signed (None until ``close_inputs``): from then on
+        #: the hospitals on it resend this update only into a round of exactly them.
+        self.listed: tuple[int, ...] | None = None
         self._base_sha256 = base_sha256
         self.round_id, self.base_version = round_id, base_version
         self.vector_len, self.encoding = vector_len, encoding
@@ -338,6 +341,7 @@ class ServerRound:
         self.state = nxt  # type: ignore[assignment]
         cfg = self.roster.config
         listed = tuple(sorted(self.survivors))
+        self.listed = listed
         self._statement = survivors_statement(
             cfg.round_id, cfg.base_version, self._base_sha256 or self.roster.participants[0]
             .base_sha256, roster_digest(self.roster), listed)
