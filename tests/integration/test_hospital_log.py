@@ -122,7 +122,8 @@ def test_a_whole_round_leaves_no_key_share_or_weight_in_the_log(
     for site in sites.values():
         text = (site.state_dir / LOG_NAME).read_text()
         events = [e["event"] for e in _entries(site)]
-        assert events == ["downloaded", "sending", "joined", "masked-input", "published"]
+        assert events == ["downloaded", "sending", "joined", "masked-input", "signed",
+                          "published"]
         assert not BLOB.search(text), BLOB.search(text)
         for secret in secrets:
             for form in (secret.hex(), secret.hex()[:16], base64.b64encode(secret).decode(),
