@@ -146,10 +146,11 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
         north = story["north"].stdout.splitlines()
         assert [line.split()[3] for line in north] == [
             "downloaded", "trained", "REFUSED", "sending", "joined", "masked-input",
-            "published", "downloaded", "REFUSED"], story["north"].stdout
+            "signed", "published", "downloaded", "REFUSED"], story["north"].stdout
         assert "trained from global version 0 on 48 scans" in north[1]
         assert "[data, by this hospital]" in north[2] and "send it first" in north[2]
-        assert "published global version 1" in north[6] and "train first" in north[8]
+        assert "list of 3 hospitals" in north[6]
+        assert "published global version 1" in north[7] and "train first" in north[9]
         south = story["south"].stdout.splitlines()
         assert "REFUSED      base v0            [already-sent, by this hospital]" in south[-1]
         assert "already in global version 1" in south[-1]
