@@ -73,6 +73,13 @@ class AdminActions:
             if rnd.engine.state is not ServerState.ENROLLING:
                 raise RoundBusyError("enrolment is already closed")
             if isinstance(rnd.engine, ServerRound):
+                missing = sorted(rnd.invited - set(rnd.engine.joined)) if rnd.exact else []
+                if missing:
+                    raise RoundBusyError(
+                        f"round {rnd.round_id} may only combine exactly "
+                        f"{', '.join(sorted(rnd.invited))} (the survivor list of a round "
+                        f"that failed); still missing: {', '.join(missing)} — ask them to "
+                        "connect and send", code="round-not-ready")
                 self._close_enrolment(rnd)
             return wm.AdminResult(rid=msg.rid, action=action, value=rnd.round_id)
         return await self._aggregate(rnd, msg.rid, peer)

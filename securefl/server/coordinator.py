@@ -298,8 +298,8 @@ class Coordinator(AdminActions):
                                  "it publishes")
         if rnd.exact and peer.name not in rnd.invited:
             raise RoundBusyError(
-                f"round {rnd.round_id} is the retry of a failed round and may combine only "
-                f"{', '.join(sorted(rnd.invited))} (they signed its survivor list): send "
+                f"round {rnd.round_id} may combine only {', '.join(sorted(rnd.invited))}, "
+                "the hospitals on the survivor list of a failed round on this version: send "
                 "again after it publishes")
         if peer.name in rnd.members:
             earlier = rnd.members[peer.name]
@@ -365,7 +365,9 @@ class Coordinator(AdminActions):
                 expected = rnd.invited or set(self.settings.hospitals)
                 everyone = bool(expected) and expected <= joined
                 least = max(self.rs.min_clients, self.rs.colluders + 2)
-                enough = len(joined) >= least and rnd.deadline_passed
+                # A round bound to a signed list waits for all of it: a subset would be
+                # refused by every hospital on the list.
+                enough = len(joined) >= least and rnd.deadline_passed and not rnd.exact
                 if everyone or enough:
                     self._close_enrolment(rnd)
             elif eng.state is ServerState.SHARING:

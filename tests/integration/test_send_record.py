@@ -19,7 +19,12 @@ from securefl.cli import EXIT_CODES
 from securefl.client.hospital import Hospital
 from securefl.client.session import AdminSession, HospitalSession, RoundAbandonedError
 from securefl.config import read_toml, write_toml
-from securefl.errors import DataError, NotEnoughSurvivorsError, UpdateAlreadySentError
+from securefl.errors import (
+    DataError,
+    NotEnoughSurvivorsError,
+    ProtocolError,
+    UpdateAlreadySentError,
+)
 from tests.outcome import assert_published, fedavgm_step, tolerance, weighted_mean
 
 from .conftest import Federation, running
@@ -339,3 +344,80 @@ def test_policy_caps_the_rounds_one_update_may_go_into(fed: Federation) -> None:
                     second[n].cancel()
 
     asyncio.run(scenario())
+
+
+def test_after_a_round_fails_with_its_list_out_only_the_listed_hospitals_go_on(
+        fed: Federation) -> None:
+    """a and b are in round 1 (c = 0, t = 2); a vanishes after signing the list {a, b}, so
+    only b answers the unmask step and nothing is published.  The server then admits only
+    a and b to rounds on version 0: c is told to wait, the admin cannot close enrolment
+    without a, and once a is back the two publish version 1 — their own sum, the same one
+    round 1 could have revealed.  Then c sends on version 1."""
+    ups = {n: _update(40 + i) for i, n in enumerate("abc")}
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray]:
+        settings = _no_colluder(fed)
+        settings = settings.model_copy(update={"round": settings.round.model_copy(
+            update={"enrolment_timeout": 3600.0, "step_timeout": 5.0})})
+        async with running(settings) as srv:
+            sites = {n: _site(fed, n, srv.port, colluders=0) for n in "abc"}
+            v0 = await _get(sites["a"])
+            for n in "bc":
+                await _get(sites[n])
+            gone = await sites["a"].session().connect()
+            stays = await sites["b"].session().connect()
+            left = asyncio.create_task(sites["a"].send_update(gone, ups["a"], 10, 0,
+                                                              leave_after="signed"))
+            waiting = asyncio.create_task(sites["b"].send_update(stays, ups["b"], 10, 0))
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                while len((await admin.status()).joined) < 2:
+                    await asyncio.sleep(0.02)
+                await admin.close_enrolment()
+                await _wait(admin, "submitted", 2)
+                aggregating = asyncio.create_task(admin.aggregate())
+                assert await left is None  # a signed the list, then vanished
+                await gone.close()
+                with pytest.raises(NotEnoughSurvivorsError,
+                                   match=r"a, b are on its survivor list.*exactly them"):
+                    await aggregating
+                with pytest.raises(RoundAbandonedError) as told:
+                    await waiting
+                assert told.value.retry_round == 0  # a is away: no retry without it
+                assert sites["b"].check_can_send(0).survivors == {"a", "b"}
+                # c was not on the list: rounds on version 0 are a's and b's now.
+                async with sites["c"].session() as s:
+                    with pytest.raises(ProtocolError, match="may combine only a, b"):
+                        await sites["c"].send_update(s, ups["c"], 10, 0)
+                again_b = asyncio.create_task(sites["b"].send_update(
+                    await sites["b"].session().connect(), ups["b"], 10, 0))
+                while not (await admin.status()).joined:
+                    await asyncio.sleep(0.02)
+                with pytest.raises(ProtocolError, match="still missing: a"):
+                    await admin.close_enrolment()
+                async with sites["a"].session() as s:  # a is back, and told round 1 failed
+                    assert s.resend_round == 1
+                    sites["a"].note_abandoned(s.resend_round)
+                assert sites["a"].check_can_send(0).survivors == {"a", "b"}
+                again_a = asyncio.create_task(sites["a"].send_update(
+                    await sites["a"].session().connect(), ups["a"], 10, 0))
+                await _wait(admin, "submitted", 2)
+                assert (await admin.aggregate()).version == 1
+                assert {o.version for o in await asyncio.gather(again_a, again_b)} == {1}
+                events = [e.event for e in await admin.audit(200)]
+                assert "round-bound" in events
+            await stays.close()
+            v1 = await _published(fed, srv.port, "c")
+            await _get(sites["c"])
+            async with sites["c"].session() as s:  # the next version is open to everyone
+                sent = asyncio.create_task(sites["c"].send_update(s, ups["c"], 10, 1))
+                async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                    while not (await admin.status()).joined:
+                        await asyncio.sleep(0.02)
+                    assert (await admin.status()).joined == ("c",)
+                sent.cancel()
+            return v0, v1
+
+    v0, v1 = asyncio.run(scenario())
+    parts = [(ups[n], 10) for n in "ab"]
+    expected, _ = fedavgm_step(v0, weighted_mean(parts), None)
+    assert_published(v1, expected, tolerance(parts), v0)
