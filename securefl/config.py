@@ -147,6 +147,9 @@ class HospitalPolicy(_Settings):
     #: Rings the masked update may be encoded in, and the largest clip accepted.
     ring_bits: list[Literal[32, 64]] = Field(default_factory=lambda: [32, 64], min_length=1)
     max_clip: float = Field(10.0, gt=0)
+    #: The coarsest fixed-point scale accepted (and the one the "update below the server's
+    #: precision" check uses, so that check never depends on the server's choice).
+    min_scale: float = Field(64.0, gt=0)
     #: Rounds one update may go into (its masked input leaving) per base version, counting
     #: retries the server announces: each one more sum that contains it.
     max_attempts: int = Field(3, ge=1, le=10)

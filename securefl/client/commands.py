@@ -50,14 +50,16 @@ async def hospital(args: argparse.Namespace) -> int:
             print(f"securefl: warning: {warning}", file=sys.stderr)
         if session.resend_round is not None:
             hospital.note_abandoned(session.resend_round)
-            print(f"note: round {session.resend_round} ended without publishing anything (the "
-                  "server restarted or too few hospitals stayed); send your update again")
+            print(f"note: round {session.resend_round} ended without publishing anything (it "
+                  "failed, was aborted, or the server restarted) while this hospital was away; "
+                  "send your update again (`send` says if this version no longer allows it)")
         action = args.client_action
         if action == "status":
             st = await session.status()
             print(f"version {st.version}; round {st.round_id or '-'} {st.phase}; online "
                   f"{', '.join(st.online) or '-'}; joined {len(st.joined)}; submitted "
-                  f"{len(st.submitted)}")
+                  f"{len(st.submitted)}"
+                  + (f"; waiting for {', '.join(st.waiting_for)}" if st.waiting_for else ""))
             return 0
         if action == "get":
             model = await hospital.get(session, replace_trained=args.replace_trained)
@@ -150,7 +152,13 @@ async def admin(args: argparse.Namespace) -> int:
             print(json.dumps({
                 "version": st.version, "round": st.round_id, "phase": st.phase,
                 "online": list(st.online), "joined": list(st.joined),
-                "submitted": list(st.submitted), "collected": st.collected}))
+                "submitted": list(st.submitted), "collected": st.collected,
+                "waiting_for": list(st.waiting_for)}))
+            if st.waiting_for:
+                print(f"waiting for {', '.join(st.waiting_for)}: a round on version "
+                      f"{st.version} failed after its survivor list went out, so the next "
+                      "may combine only the hospitals on it; ask them to connect and send",
+                      file=sys.stderr)
         elif action == "aggregate":
             out = await session.aggregate(on_progress=_print_unmask)
             print(f"published version {out.version} from {out.contributors} hospitals "

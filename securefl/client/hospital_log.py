@@ -238,7 +238,8 @@ class HospitalLog:
             elif stage == "signed":
                 self.record("signed", f"signed round {round_id}'s list of "
                             f"{len(survivors or ())} hospitals whose updates are in the sum; "
-                            "a retry may only combine exactly these", round=round_id,
+                            f"a retry may only combine exactly these: "
+                            f"{', '.join(survivors or ())}", round=round_id,
                             base_version=base_version, action="send", durable=True)
             elif stage == "abandoned":
                 self.record("abandoned", f"round {round_id} was abandoned by the server "

@@ -177,6 +177,18 @@ class Outbox:
         required = self.check_can_send(base_version)
         previous = self.record()
         record = SendRecord(base_version, int(samples), vector_sha256(update))
+        if required is not None and previous is not None and (
+                previous.update_sha256, previous.samples) != (record.update_sha256,
+                                                              record.samples):
+            # The same hospitals with another update or count give a sum that differs
+            # from the first by exactly this hospital's change.
+            raise UpdateAlreadySentError(
+                f"this hospital's update for version {base_version} already went into round "
+                f"{previous.masked_rounds[-1]}, which failed after its survivor list was "
+                "signed: only that same update with the same number of scans may be sent "
+                "again (a different one would let the two sums be subtracted): send it with "
+                f"`send --update {self.state_dir / 'sent' / f'v{base_version:08d}.npy'} "
+                f"--samples {previous.samples}`, or wait for the next version")
         if previous is not None and previous.base_version == base_version:
             # Same base: keep the history of rounds it went to (a resend after an abandon).
             record = replace(record, masked_rounds=previous.masked_rounds,

@@ -70,6 +70,9 @@ class ServerStatus:
     joined: tuple[str, ...]
     submitted: tuple[str, ...]
     collected: int
+    #: Hospitals the current version's rounds still need (after a failed round's survivor
+    #: list bound them); empty otherwise.
+    waiting_for: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,8 @@ class _Session:
         reply, _ = await self.conn.request(wm.Status())
         assert isinstance(reply, wm.StatusReply)
         return ServerStatus(reply.version, reply.round_id, reply.phase, tuple(reply.online),
-                            tuple(reply.joined), tuple(reply.submitted), reply.collected)
+                            tuple(reply.joined), tuple(reply.submitted), reply.collected,
+                            tuple(reply.waiting_for))
 
 
 class HospitalSession(_Session):
@@ -365,15 +369,25 @@ class HospitalSession(_Session):
                 "allow_unmasked = true)")
         enc = Encoding(joined.ring_bits, joined.clip, joined.scale, joined.max_clients,
                        joined.max_weight)
+        original_samples = samples
         if samples > enc.max_weight:
             # Capped, not refused: a refusal would tell the server one bit of the count.
             step("joined", f"this hospital's {samples} scans count as {enc.max_weight} in "
                  "this round (the federation's limit per hospital)")
             samples = enc.max_weight
-        if not enc.encode(update, samples)[:-1].any():
+        least = self.settings.policy.min_scale
+        if enc.scale < least:
+            raise CryptoError(
+                f"the server's encoding is coarser (scale {enc.scale:g}) than this "
+                f"hospital's [policy] min_scale ({least:g}): refusing the round, nothing "
+                "was sent")
+        # Checked at the hospital's own scale with its own count, never the server's
+        # encoding: a refusal that depended on a value the server chose would tell it
+        # about the update's magnitude, one bit per attempt.
+        if float(np.abs(update).max()) * original_samples * least < 0.5:
             raise DataError(
-                f"every change in this update is below the server's precision "
-                f"(1/{enc.scale:g} per scan): it would add nothing to the model; train "
+                f"every change in this update is below the federation's precision "
+                f"(1/{least:g} per scan): it would add nothing to the model; train "
                 "longer or with a higher learning rate, then send")
         try:
             return await self._steps(joined, enc, update, samples, base, leave_after, step,
@@ -406,6 +420,10 @@ class HospitalSession(_Session):
                 return None
             roster = mapping.roster_from_wire(
                 await self._expect(wm.RosterMsg, joined.round_id))  # type: ignore[arg-type]
+            if roster.config.encoding != enc:
+                raise RemoteProtocolError("the roster's encoding is not the one the server "
+                                          "announced when this hospital joined: refusing "
+                                          "the round, nothing was sent")
             step("roster", f"{len(roster.participants)} hospitals in the round; "
                  "checking their keys")
             # Checking every signature and splitting secrets, then masking, take tens of ms
@@ -457,6 +475,7 @@ class HospitalSession(_Session):
         p = self.settings.policy
         return RoundPolicy(colluders=p.colluders, min_contributors=p.min_contributors,
                            ring_bits=frozenset(p.ring_bits), max_clip=p.max_clip,
+                           min_scale=p.min_scale,
                            allow_sparse=p.allow_sparse, revoked=self.revoked,
                            **(bound_to.policy_fields() if bound_to else {}))  # type: ignore[arg-type]
 

@@ -224,6 +224,9 @@ class StatusReply(_Wire):
     joined: list[str]
     submitted: list[str]
     collected: int
+    #: After a round failed once its survivor list went out: the listed hospitals not yet
+    #: in the current round (rounds on this version need exactly them).
+    waiting_for: list[str] = Field(default_factory=list, max_length=10_000)
 
 
 class Joined(_Wire):

@@ -38,6 +38,7 @@ class AdminActions:
     settings: Any
     rs: Any
     binding: dict | None
+    waiting_for: Any
     last_seen: dict[str, str]
     cert_expires: dict[str, str]
 
@@ -134,6 +135,12 @@ class AdminActions:
         if isinstance(eng, PlainRound) and eng.state is ServerState.ENROLLING:
             eng.close_enrolment()
         if eng.state is not ServerState.COLLECTING:
+            if rnd.exact and (missing := self.waiting_for()):
+                raise RoundBusyError(
+                    f"round {rnd.round_id} may only combine exactly "
+                    f"{', '.join(sorted(rnd.invited))} (the survivor list of a round that "
+                    f"failed on this version); still missing: {', '.join(missing)} — ask "
+                    "them to connect and send, then aggregate", code="round-not-ready")
             raise RoundBusyError(f"the round is {rnd.phase}; aggregate once updates are "
                                  "being collected", code="round-not-ready")
         try:

@@ -246,9 +246,18 @@ class Coordinator(AdminActions):
             raise RemoteProtocolError(f"'{msg.kind}' is not a request", code="bad-message")
         return wm.Ack(rid=msg.rid, collected=rnd.engine.collected), None
 
+    def waiting_for(self) -> list[str]:
+        """Hospitals a round bound to a signed survivor list still needs (else [])."""
+        rnd, b = self.round, self.binding
+        if b is None or b["base_version"] != self.version:
+            return []
+        joined = set(rnd.members) if rnd is not None else set()
+        return sorted(set(b["names"]) - joined)
+
     def _status(self, rid: int) -> wm.StatusReply:
         rnd = self.round
         return wm.StatusReply(
+            waiting_for=self.waiting_for(),
             rid=rid, version=self.version, round_id=rnd.round_id if rnd else 0,
             phase=rnd.phase if rnd else "idle", online=self.online(),
             joined=sorted(rnd.members) if rnd else [],
@@ -464,6 +473,11 @@ class Coordinator(AdminActions):
             self.audit.record("round-retry", round_id=again.round_id,
                               failed_round=rnd.round_id, attempt=again.attempt,
                               invited=sorted(invite or ()), durable=True)
+        if self.binding is not None and self.binding["base_version"] == rnd.base_version \
+                and again is None:
+            message += (f"; the next round on this version may combine only "
+                        f"{', '.join(self.binding['names'])}: run send again once all of "
+                        "them are connected")
         done = wm.RoundDone(round_id=rnd.round_id, version=self.version, resend=True,
                             retry_round=again.round_id if again else 0, code=code,
                             message=message)

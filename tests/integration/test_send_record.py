@@ -216,10 +216,44 @@ def test_hospitals_refuse_updates_that_would_add_nothing(fed: Federation) -> Non
                 with pytest.raises(DataError, match=r"all zeros.*train before sending"):
                     await site.send_update(s, np.zeros(D, np.float32), 10, 0)
                 # Below the server's fixed-point precision: every value encodes to 0.
-                with pytest.raises(DataError, match="below the server's precision"):
+                with pytest.raises(DataError, match="below the federation's precision"):
                     await site.send_update(s, np.full(D, 1e-9, np.float32), 10, 0)
 
     asyncio.run(scenario())
+
+
+def test_the_precision_refusal_does_not_depend_on_the_servers_encoding(
+        fed: Federation) -> None:
+    """A server that varies its scale must not learn the update's magnitude from which
+    attempts a hospital refuses: the check uses the hospital's own [policy] min_scale, and
+    a coarser server encoding is refused whatever the update (an adversary run found the
+    refusal depended on the server's scale)."""
+    tiny = np.full(D, 1e-4, np.float32)  # 1e-4 * 10 scans * 64 < 0.5: below precision
+    small = np.full(D, 1e-3, np.float32)  # 1e-3 * 10 * 64 >= 0.5: fine at any scale
+    outcomes: dict[str, list[str]] = {}
+
+    async def attempt(settings: config.ServerSettings) -> list[str]:
+        seen = []
+        async with running(settings) as srv:
+            for up in (tiny, small):
+                site = _site(fed, "a", srv.port)
+                await _get(site)
+                async with site.session() as s:
+                    task = asyncio.create_task(site.send_update(s, up, 10, 0))
+                    await asyncio.sleep(0.5)
+                    if task.done() and task.exception() is not None:
+                        seen.append(type(task.exception()).__name__)
+                    else:
+                        seen.append("joined")
+                        task.cancel()
+                (site.state_dir / "send.json").unlink(missing_ok=True)
+        return seen
+
+    for name, max_weight in (("fine", 100), ("default", 10_000), ("coarse", 10_000_000)):
+        settings = fed.server_settings(round=config.RoundSettings(max_weight=max_weight))
+        outcomes[name] = asyncio.run(attempt(settings))
+    assert outcomes["fine"] == outcomes["default"] == ["DataError", "joined"]
+    assert outcomes["coarse"] == ["CryptoError", "CryptoError"]  # refused whatever the update
 
 
 def test_the_server_refuses_to_publish_an_all_zero_mean(fed: Federation) -> None:
@@ -383,6 +417,8 @@ def test_after_a_round_fails_with_its_list_out_only_the_listed_hospitals_go_on(
                 with pytest.raises(RoundAbandonedError) as told:
                     await waiting
                 assert told.value.retry_round == 0  # a is away: no retry without it
+                assert "may combine only a, b: run send again" in told.value.message
+                assert (await admin.status()).waiting_for == ("a", "b")
                 assert sites["b"].check_can_send(0).survivors == {"a", "b"}
                 # c was not on the list: rounds on version 0 are a's and b's now.
                 async with sites["c"].session() as s:
@@ -394,6 +430,9 @@ def test_after_a_round_fails_with_its_list_out_only_the_listed_hospitals_go_on(
                     await asyncio.sleep(0.02)
                 with pytest.raises(ProtocolError, match="still missing: a"):
                     await admin.close_enrolment()
+                with pytest.raises(ProtocolError, match=r"exactly a, b .*still missing: a"):
+                    await admin.aggregate()
+                assert (await admin.status()).waiting_for == ("a",)
                 async with sites["a"].session() as s:  # a is back, and told round 1 failed
                     assert s.resend_round == 1
                     sites["a"].note_abandoned(s.resend_round)

@@ -133,3 +133,21 @@ def test_a_round_abandoned_by_a_server_restart_may_be_resent(tmp_path: Path) -> 
         h.check_can_send(3)
     h.note_abandoned(7)
     assert h.check_can_send(3).survivors == frozenset({"a", "b", "c"})
+
+
+def test_a_resend_bound_to_a_signed_list_must_be_the_identical_update(tmp_path: Path) -> None:
+    """The same hospitals with another update (retrained) or another count would give a
+    sum that differs from the first by exactly this hospital's change (found by an
+    adversary run: a corrected --samples recovered the update from the two sums)."""
+    h = _hospital(tmp_path)
+    first = np.linspace(-1, 1, 8).astype(np.float32)
+    journal, bound = h.outbox.begin(3, 100, first, max_attempts=3)
+    journal("masked-input", 7)
+    journal("signed", 7, survivors=("a", "b", "c"))
+    journal("abandoned", 7)
+    with pytest.raises(UpdateAlreadySentError, match=r"only that same update.*send --update"):
+        h.outbox.begin(3, 200, first, max_attempts=3)  # another count
+    with pytest.raises(UpdateAlreadySentError, match="only that same update"):
+        h.outbox.begin(3, 100, first * 1.01, max_attempts=3)  # retrained
+    _, bound = h.outbox.begin(3, 100, first.copy(), max_attempts=3)
+    assert bound is not None and bound.survivors == {"a", "b", "c"}

@@ -329,7 +329,8 @@ class ClientRound:
             raise CryptoError(
                 f"with {pol.colluders} assumed colluder(s) no threshold is safe for "
                 f"{cfg.neighbours + 1} share holders: refusing the round, nothing was sent")
-        if enc.ring_bits not in pol.ring_bits or enc.clip > pol.max_clip:
+        if (enc.ring_bits not in pol.ring_bits or enc.clip > pol.max_clip
+                or enc.scale < pol.min_scale):
             raise CryptoError(
                 f"the round's encoding ({enc.ring_bits}-bit ring, clip {enc.clip:g}) is outside "
                 "this hospital's policy: refusing the round, nothing was sent")

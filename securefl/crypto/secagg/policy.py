@@ -37,6 +37,11 @@ class RoundPolicy:
     min_contributors: int = 2
     ring_bits: frozenset[int] = frozenset({32, 64})
     max_clip: float = 10.0
+    #: The coarsest fixed-point scale accepted.  Also the scale at which the hospital
+    #: checks that its update is not all below precision, so that refusal depends on the
+    #: hospital's own setting and never on one the server chose (which could otherwise be
+    #: varied to learn the update's magnitude bit by bit).
+    min_scale: float = 64.0
     #: Accept a SecAgg+ sparse graph (k < n - 1); its guarantees against a deviating
     #: server are weaker (see docs/SECURITY.md), so a hospital opts in.
     allow_sparse: bool = False

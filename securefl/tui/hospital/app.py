@@ -91,7 +91,7 @@ class HospitalApp(App[int]):
         if session.resend_round is not None:
             self.hospital.note_abandoned(session.resend_round)
             self.notify(f"Round {session.resend_round} ended without publishing anything "
-                        "(the server restarted or too few hospitals stayed): send your update "
+                        "(it failed, was aborted, or the server restarted): send your update "
                         "again (s).", severity="warning")
         await self._status_once()
 
