@@ -261,8 +261,9 @@ class HospitalLog:
                   "durable": True}
         if isinstance(exc, SecureFLError):
             if isinstance(exc, TransportError | RoundAbandonedError | NotEnoughSurvivorsError):
+                by = None if isinstance(exc, TransportError) else "server"
                 self.record("failed", f"{action} failed: {exc.message}", code=exc.code,
-                            **common)  # type: ignore[arg-type]
+                            by=by, **common)  # type: ignore[arg-type]
             else:
                 # Errors the server sent are made by ``transport.error_from_wire``, which
                 # marks them with the server's version.
@@ -270,7 +271,9 @@ class HospitalLog:
                 self.record("refused", exc.message, code=exc.code, by=by,
                             **common)  # type: ignore[arg-type]
         elif isinstance(exc, KeyboardInterrupt | SystemExit) or _is_cancel(exc):
-            self.record("interrupted", f"{action} was interrupted before it finished",
+            self.record("interrupted", f"{action} was interrupted before it finished (after "
+                        "a masked-input entry for this round the update had already left and "
+                        "may be in that round's sum)",
                         **common)  # type: ignore[arg-type]
         else:
             self.record("error", f"{action} stopped on an unexpected error "

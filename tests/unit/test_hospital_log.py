@@ -116,7 +116,7 @@ def test_each_kind_of_stop_is_told_apart(tmp_path: Path) -> None:
         log.failed("send", exc, round=4, base_version=2)
     got = [(e.event, e.code, e.by) for e in log.entries(10)[0]]
     assert got == [("refused", "crypto", "hospital"), ("refused", "crypto", "server"),
-                   ("failed", "unreachable", None), ("failed", "round-abandoned", None),
+                   ("failed", "unreachable", None), ("failed", "round-abandoned", "server"),
                    ("interrupted", None, None), ("interrupted", None, None),
                    ("error", None, None)]
     lines = [json.loads(x) for x in log.path.read_text().splitlines()]
