@@ -408,6 +408,8 @@ class ScriptedRound:
         #: Every roster wire message pushed, per hospital (for replay tests).
         self.rosters: dict[str, wm.RosterMsg] = {}
         self.adverts: dict[str, wm.Advertise] = {}
+        #: The honest envelope bundles, by recipient number (for misrouting tests).
+        self.bundles: dict[int, cm.EnvelopeBundle] = {}
 
     # -- helpers -------------------------------------------------------------------------
     @property
@@ -496,7 +498,7 @@ class ScriptedRound:
                 await peer.ack(msg)
 
     async def send_envelopes(self, tamper: Tamper | None = None) -> None:
-        bundles = self.engine.close_shares()
+        bundles = self.bundles = self.engine.close_shares()
         for puppet in self.puppets.values():
             me = puppet.round.me
             self.loot.delivered[me] = frozenset(bundles[me].envelopes)

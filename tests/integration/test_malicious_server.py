@@ -33,6 +33,7 @@ from securefl.errors import (
     SecureFLError,
     UpdateAlreadySentError,
 )
+from securefl.protocol import mapping
 from securefl.protocol import messages as wm
 from tests.malicious_server import Loot, Peer, Puppet, ScriptedRound, ScriptedServer
 
@@ -426,8 +427,9 @@ def test_an_earlier_rounds_roster_or_keys_replayed_into_a_retry_are_refused(
     for site in sites:
         out = outcomes[site.name]
         if replay == "roster as sent":
-            # NOTE: typed and refused, but the sentence does not say why (a roster for
-            # another round); see the report of the harness's first run.
+            # NOTE: refused and typed, but the sentence ("expected 'RosterMsg', the server
+            # sent 'roster'") says what arrived, not why it is refused (a roster for an
+            # earlier round): HospitalSession._expect's wording, left as it is here.
             assert isinstance(out, RemoteProtocolError), out
             assert_refused(site, out, RemoteProtocolError, "the server sent 'roster'")
             continue
@@ -512,8 +514,8 @@ def test_messages_out_of_order_are_refused(fed: Federation, order: str) -> None:
                                                                   "unmask_request"),
                       "a second unmask request": ("RoundDone", "unmask_request")}[order]
     for n in names:
-        # NOTE: typed and refused, but the sentence names classes rather than saying why
-        # (a step out of order); see the report.
+        # NOTE: refused and typed, but the sentence names a class and a wire kind rather
+        # than saying why (a step out of order): HospitalSession._expect's wording.
         assert_refused(sites[n], outcomes[n], RemoteProtocolError,
                        f"expected '{expected}', the server sent '{sent}'")
     missing = assert_hidden(loot, 3, ups["c"])
@@ -585,6 +587,47 @@ def test_withheld_share_envelopes_leave_the_target_hidden(fed: Federation,
     missing = assert_hidden(loot, 4, ups["d"])
     assert missing == ("its masked input never arrived" if withheld == "to the target"
                        else "its self-mask seed: 0 share(s) of 3")
+
+
+@pytest.mark.parametrize("change", ["a byte flipped", "another hospital's bundle"])
+def test_altered_share_envelopes_are_refused_before_masking(fed: Federation,
+                                                            change: str) -> None:
+    """a's envelopes are altered in transit, or a is handed b's: either would give a shares
+    it cannot check, so a sends no masked input."""
+    names = "abc"
+
+    async def script(server: ScriptedServer) -> tuple[list[str], list[str]]:
+        holder: list[ScriptedRound] = []
+
+        def tamper(name: str, msg: wm.EnvelopesMsg) -> wm.EnvelopesMsg:
+            if name != "a":
+                return msg
+            if change == "a byte flipped":
+                return msg.model_copy(update={"envelopes": {
+                    u: ct[:-1] + bytes([ct[-1] ^ 1]) for u, ct in msg.envelopes.items()}})
+            rnd = holder[0]
+            return mapping.bundle_to_wire(rnd.bundles[rnd.index("b")])
+
+        rnd = ScriptedRound(server, 1, [await server.peer(n) for n in names])
+        holder.append(rnd)
+        await rnd.enrol()
+        await rnd.send_roster()
+        await rnd.collect_shares()
+        await rnd.send_envelopes(tamper)  # type: ignore[arg-type]
+        await rnd.collect_inputs()
+        kinds, gone = rnd.peers["a"].kinds, sorted(rnd.gone)
+        await rnd.abandon()
+        await rnd.expect_gone()
+        return gone, kinds
+
+    outcomes, (gone, kinds), sites, _ = asyncio.run(_scenario(fed, names, script))
+    assert gone == ["a"] and "upload_slot" not in kinds and "masked_input" not in kinds
+    if change == "a byte flipped":
+        assert_refused(sites["a"], outcomes["a"], CryptoError, "failed authentication "
+                       "(tampered, misrouted or from another round)")
+    else:
+        assert_refused(sites["a"], outcomes["a"], RemoteProtocolError,
+                       "share envelopes addressed to another round or hospital")
 
 
 # -- attack 1: survivors padded with numbers that are not on the roster -----------------------
