@@ -34,12 +34,12 @@ from securefl.errors import (
     DataError,
     LocalProtocolError,
     ProtocolError,
-    RemoteProtocolError,
     SecureFLError,
     UpdateAlreadySentError,
 )
 from securefl.protocol import mapping
 from securefl.protocol import messages as wm
+from securefl.protocol.conversation import Conversation, Side
 
 
 @dataclass(frozen=True)
@@ -180,12 +180,16 @@ class RoundAbandonedError(ProtocolError):
 
 
 class _Session:
+    #: Whose wire order this session keeps (``securefl.protocol.conversation``).
+    ROLE = "hospital"
+
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
         self._conn: Connection | None = None
 
     async def connect(self) -> Self:
-        self._conn = await Connection.open(self.settings)
+        self._conn = await Connection.open(self.settings,
+                                           Conversation(self.ROLE, Side.CLIENT))
         return self
 
     async def close(self) -> None:
@@ -356,6 +360,19 @@ class HospitalSession(_Session):
         """One attempt: join, the four secure-aggregation steps, the published version."""
         joined, _ = await self.conn.request(wm.Join(base_version=base))
         assert isinstance(joined, wm.Joined)
+        try:
+            return await self._joined(joined, update, samples, base, leave_after, step,
+                                      journal, digest, sent)
+        finally:
+            # Still in the round (refused it, or left after a step): whatever the server
+            # still sends for it is skipped, and this connection may join another.
+            if self._conn is not None:
+                self._conn.conversation.leave()
+
+    async def _joined(self, joined: wm.Joined, update: np.ndarray, samples: int, base: int,
+                      leave_after: str | None, step: Callable[[str, str], None],
+                      journal: Journal, digest: bytes | None,
+                      sent: _Sent) -> RoundOutcome | None:
         journal("joined", joined.round_id)
         step("joined", f"joined round {joined.round_id}; waiting for the other hospitals")
         if joined.vector_len != update.shape[0]:
@@ -489,7 +506,12 @@ class HospitalSession(_Session):
         await self.conn.request(wm.MaskedInputMsg(round_id=round_id, array=wm.ArraySpec.of(y)), y)
 
     async def _expect(self, kind: type[wm._Wire], round_id: int) -> wm._Wire:
-        """The next push of ``kind`` for this round; an abandoned round is raised."""
+        """The next push of ``kind`` for this round; an abandoned round is raised.
+
+        The connection's table (``securefl.protocol.conversation``) has already refused
+        every push out of order (a ``RemoteProtocolError`` raised here); what reaches this
+        loop is in order, or from a round this hospital left, or a round's end.
+        """
         while True:
             msg, _ = await self.conn.next_push(self.settings.round_timeout)
             if isinstance(msg, wm.RoundDone) and msg.round_id == round_id and msg.resend:
@@ -500,13 +522,15 @@ class HospitalSession(_Session):
                 raise error_from_wire(msg)
             if isinstance(msg, kind) and getattr(msg, "round_id", round_id) == round_id:
                 return msg
-            if isinstance(msg, wm.RoundDone):
-                continue  # the end of an earlier round we left
-            raise RemoteProtocolError(f"expected '{kind.__name__}', the server sent "
-                                      f"'{msg.kind}'")
+            if isinstance(msg, wm.RoundDone) or getattr(msg, "round_id", round_id) != round_id:
+                continue  # the end of a round, or a step of one this hospital left
+            raise LocalProtocolError(f"this hospital waited for '{kind.__name__}' in round "
+                                     f"{round_id}, and its wire order let '{msg.kind}' through")
 
 
 class AdminSession(_Session):
+    ROLE = "admin"
+
     async def _admin(self, action: str) -> wm.AdminResult:
         reply, _ = await self.conn.request(wm.AdminCommand(action=action))  # type: ignore[arg-type]
         assert isinstance(reply, wm.AdminResult)

@@ -40,6 +40,7 @@ from securefl.errors import (
 )
 from securefl.protocol import frames
 from securefl.protocol import messages as wm
+from securefl.protocol.conversation import Conversation, Side
 
 READ_CHUNK = 1 << 20
 log = logging.getLogger("securefl.client")
@@ -76,8 +77,11 @@ def error_from_wire(msg: wm.ErrorMsg) -> SecureFLError:
 
 class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 settings: ClientSettings) -> None:
+                 settings: ClientSettings, conversation: Conversation | None = None) -> None:
         self._reader, self._writer, self.settings = reader, writer, settings
+        #: This end's wire order: every request before it leaves, every frame as it arrives
+        #: (a push out of order fails the connection with ``RemoteProtocolError``).
+        self.conversation = conversation or Conversation("hospital", Side.CLIENT)
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._pushes: asyncio.Queue = asyncio.Queue()
@@ -95,7 +99,10 @@ class Connection:
         self._task = asyncio.create_task(self._read_loop())
 
     @classmethod
-    async def open(cls, settings: ClientSettings) -> Connection:
+    async def open(cls, settings: ClientSettings,
+                   conversation: Conversation | None = None) -> Connection:
+        """Connect, check the server, say hello; ``conversation``: the wire order of this
+        end (default: a hospital's)."""
         ctx = client_context(settings.cert, settings.key, settings.ca)
         where = f"{settings.host}:{settings.port}"
         try:
@@ -128,7 +135,7 @@ class Connection:
             raise
         for warning in warnings:
             log.warning(warning)
-        conn = cls(reader, writer, settings)
+        conn = cls(reader, writer, settings, conversation)
         conn.server_cert, conn.warnings = server_cert, warnings
         try:
             welcome, _ = await conn.request(wm.Hello())
@@ -158,6 +165,7 @@ class Connection:
             raise self._closed
         header = wm.encode_header(msg)
         payload = b"" if array is None else memoryview(np.ascontiguousarray(array)).cast("B")
+        self.conversation.send(msg)  # LocalProtocolError: our own code is out of order
         async with self._lock:
             try:
                 prefix = frames.encode_prefix(header, len(payload))
@@ -229,12 +237,13 @@ class Connection:
                     assert isinstance(frame, frames.Frame)
                     self._got_reply = True
                     msg, array = wm.decode(frame)
+                    deliver = self.conversation.receive(msg)
                     fut = self._pending.get(msg.rid) if msg.rid else None
                     if fut is not None and not fut.done():
                         fut.set_result((msg, array))
                     elif isinstance(msg, wm.ErrorMsg):
                         failure = error_from_wire(msg)
-                    else:
+                    elif deliver and not msg.rid:  # not a late reply nobody waits for
                         self._pushes.put_nowait((msg, array))
                 if self.payload_progress is not None and parser.payload_len:
                     self.payload_progress(parser.payload_received, parser.payload_len)

@@ -25,9 +25,16 @@ from cryptography import x509
 
 from securefl.config import ServerSettings
 from securefl.crypto import pki
-from securefl.errors import ConfigError, CryptoError, RemoteProtocolError, SecureFLError
+from securefl.errors import (
+    ConfigError,
+    CryptoError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    SecureFLError,
+)
 from securefl.protocol import frames
 from securefl.protocol import messages as wm
+from securefl.protocol.conversation import Conversation, Side
 from securefl.server.audit import AuditLog
 from securefl.server.coordinator import Coordinator
 from securefl.server.initial import initial_model, model_layout, save_layers
@@ -235,11 +242,18 @@ class Server:
             return None, reader, writer
         self.audit.record("connected", address=address, name=name, role=role.value)
         lock = asyncio.Lock()
+        conversation = Conversation(role.value, Side.SERVER)
 
         async def push(msg: wm._Wire, array: np.ndarray | None) -> None:
+            try:  # every frame to this peer, reply or push, in the order of its table
+                conversation.send(msg)
+            except LocalProtocolError as exc:
+                log.error("not sent to %s (a server bug): %s", name, exc.message)
+                raise
             await self._send(writer, lock, msg, array)
 
-        peer = Peer(name=name, role=role, cert_der=der, push=push, address=address)
+        peer = Peer(name=name, role=role, cert_der=der, push=push, conversation=conversation,
+                    address=address)
         return peer, reader, writer
 
     async def _send(
@@ -339,10 +353,8 @@ class Server:
         try:
             msg, array = wm.decode(frame)
             rid = msg.rid
-            if rid == 0:
-                raise RemoteProtocolError("requests need a request id (rid) of 1 or more",
-                                          code="bad-message")
             slot.spent = isinstance(msg, wm.MaskedInputMsg)
+            self.coordinator.admit(peer, msg)  # the wire order decides before anyone acts
             if isinstance(msg, wm.UploadSlot):
                 reply, payload = await self._grant(peer, msg, slot), None
             else:

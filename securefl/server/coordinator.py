@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ from securefl.server.admin import AdminActions
 from securefl.server.audit import AuditLog
 from securefl.server.optimiser import OptimiserState
 from securefl.server.plain import PlainRound
-from securefl.server.rounds import ActiveRound, ForbiddenError, Peer, RoundBusyError
+from securefl.server.rounds import ActiveRound, Peer, RoundBusyError
 from securefl.server.store import ModelStore
 
 log = logging.getLogger("securefl.server")
@@ -149,7 +149,7 @@ class Coordinator(AdminActions):
         (an interrupted ``send`` must not lock a hospital out of the round)."""
         if isinstance(rnd.engine, PlainRound) and name in rnd.engine.submitted_names():
             return  # the benchmark's unmasked round already holds its input: it stays
-        del rnd.members[name]
+        rnd.members.pop(name).conversation.leave()
         if isinstance(rnd.engine, ServerRound):
             rnd.engine.withdraw(name)
         self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)},
@@ -167,84 +167,119 @@ class Coordinator(AdminActions):
         return self.store.latest()[0].version
 
     # -- dispatch --------------------------------------------------------------------------
+    def admit(self, peer: Peer, msg: wm.Message) -> None:
+        """The connection's wire order (``securefl.protocol.conversation``) decides whether
+        ``msg`` may come now, before anything acts on it; refusals carry their error code."""
+        try:
+            peer.conversation.receive(msg)
+        except RemoteProtocolError as exc:
+            if exc.code == "forbidden" and isinstance(msg, wm.AdminCommand):
+                self.audit.record("refused", name=peer.name, action=msg.action,
+                                  reason="admin action without the admin role")
+            raise
+
     async def handle(
         self, peer: Peer, msg: wm.Message, array: np.ndarray | None
     ) -> tuple[wm._Wire, np.ndarray | None]:
-        """One request -> its reply (or a ``SecureFLError`` the connection turns into one)."""
+        """One request (already admitted) -> its reply (or a ``SecureFLError`` the
+        connection turns into one)."""
         if peer.role is Role.HOSPITAL:
             self.last_seen[peer.name] = views.now_iso()
-        if isinstance(msg, wm.AdminQuery):
-            if peer.role is not Role.ADMIN:
-                raise ForbiddenError("this view needs the admin certificate")
-            return self._query(msg), None
-        if isinstance(msg, wm.Hello):
-            if msg.protocol != wm.PROTOCOL_VERSION:
-                raise RemoteProtocolError(
-                    f"this server speaks protocol {wm.PROTOCOL_VERSION}, not {msg.protocol}",
-                    code="unsupported-protocol")
-            resend = self.resend.pop(peer.name, None)
-            if resend is not None:
-                rnd = self.round
-                self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)}
-                                 if rnd is not None else None, durable=False)
-            return wm.Welcome(rid=msg.rid, name=peer.name, role=peer.role.value,
-                              version=self.version, resend_round=resend,
-                              crl=self._crl_der(), members=self._members()), None
-        if isinstance(msg, wm.Status):
-            return self._status(msg.rid), None
-        if isinstance(msg, wm.GetGlobal):
-            info, weights = self.store.latest()
-            return wm.GlobalModel(
-                rid=msg.rid, version=info.version, sha256=info.sha256,
-                contributors=info.contributors, total_samples=info.total_samples,
-                created=info.created, classes=list(info.classes),
-                array=wm.ArraySpec.of(weights),
-            ), weights
-        if isinstance(msg, wm.AdminCommand):
-            if peer.role is not Role.ADMIN:
-                self.audit.record("refused", name=peer.name, action=msg.action,
-                                  reason="admin action without the admin role")
-                raise ForbiddenError("this action needs the admin certificate")
-            return await self._admin(peer, msg), None
-        if peer.role is not Role.HOSPITAL:
-            raise ForbiddenError("only hospitals take part in rounds")
-        if isinstance(msg, wm.Join):
-            return self._join(peer, msg), None
-        rnd = self._member_round(peer, getattr(msg, "round_id", -1))
-        if isinstance(msg, wm.Advertise):
-            rnd.require_secagg(msg.kind)
-            adv = mapping.advertisement_from_wire(
-                msg, name=peer.name, base_version=rnd.base_version, cert_der=peer.cert_der)
-            rnd.engine.receive(adv, from_name=peer.name)
-            self.audit.record("join", round_id=rnd.round_id, name=peer.name)
-            self._check_progress(rnd)
-        elif isinstance(msg, wm.ShareKeysMsg):
-            rnd.require_secagg(msg.kind)
-            sk = mapping.share_keys_from_wire(msg, sender=rnd.index_of(peer.name))
-            rnd.engine.receive(sk, from_name=peer.name)
-            rnd.shared.add(peer.name)
-            self._check_progress(rnd)
-        elif isinstance(msg, wm.MaskedInputMsg):
-            assert array is not None
-            sender = rnd.index_of(peer.name) if isinstance(rnd.engine, ServerRound) else 0
-            rnd.engine.receive(MaskedInput(msg.round_id, sender, array), from_name=peer.name)
-            self.audit.record("submission", round_id=rnd.round_id, name=peer.name,
-                              collected=rnd.engine.collected)
-        elif isinstance(msg, wm.SignSurvivors):
-            rnd.require_secagg(msg.kind)
-            sig = mapping.signature_from_wire(msg, sender=rnd.index_of(peer.name))
-            rnd.engine.receive(sig, from_name=peer.name)
-            self._check_progress(rnd)
-        elif isinstance(msg, wm.UnmaskResponseMsg):
-            rnd.require_secagg(msg.kind)
-            resp = mapping.unmask_response_from_wire(msg, sender=rnd.index_of(peer.name))
-            rnd.engine.receive(resp, from_name=peer.name)
-            rnd.answered.add(peer.name)
-            self._report_unmask(rnd)
-            self._check_progress(rnd)
-        else:
+        handler = _HANDLERS.get(msg.kind)
+        if handler is None:  # upload_slot is the connection's (app.Server._grant)
             raise RemoteProtocolError(f"'{msg.kind}' is not a request", code="bad-message")
-        return wm.Ack(rid=msg.rid, collected=rnd.engine.collected), None
+        return await handler(self, peer, msg, array)
+
+    async def _on_hello(self, peer: Peer, msg: wm.Hello,
+                        array: None) -> tuple[wm._Wire, None]:
+        if msg.protocol != wm.PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                f"this server speaks protocol {wm.PROTOCOL_VERSION}, not {msg.protocol}",
+                code="unsupported-protocol")
+        resend = self.resend.pop(peer.name, None)
+        if resend is not None:
+            rnd = self.round
+            self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)}
+                             if rnd is not None else None, durable=False)
+        return wm.Welcome(rid=msg.rid, name=peer.name, role=peer.role.value,
+                          version=self.version, resend_round=resend,
+                          crl=self._crl_der(), members=self._members()), None
+
+    async def _on_status(self, peer: Peer, msg: wm.Status,
+                         array: None) -> tuple[wm._Wire, None]:
+        return self._status(msg.rid), None
+
+    async def _on_get_global(self, peer: Peer, msg: wm.GetGlobal,
+                             array: None) -> tuple[wm._Wire, np.ndarray]:
+        info, weights = self.store.latest()
+        return wm.GlobalModel(
+            rid=msg.rid, version=info.version, sha256=info.sha256,
+            contributors=info.contributors, total_samples=info.total_samples,
+            created=info.created, classes=list(info.classes),
+            array=wm.ArraySpec.of(weights),
+        ), weights
+
+    async def _on_admin(self, peer: Peer, msg: wm.AdminCommand,
+                        array: None) -> tuple[wm._Wire, None]:
+        return await self._admin(peer, msg), None
+
+    async def _on_admin_query(self, peer: Peer, msg: wm.AdminQuery,
+                              array: None) -> tuple[wm._Wire, None]:
+        return self._query(msg), None
+
+    async def _on_join(self, peer: Peer, msg: wm.Join, array: None) -> tuple[wm._Wire, None]:
+        return self._join(peer, msg), None
+
+    async def _on_advertise(self, peer: Peer, msg: wm.Advertise,
+                            array: None) -> tuple[wm._Wire, None]:
+        rnd = self._member_round(peer, msg.round_id)
+        adv = mapping.advertisement_from_wire(
+            msg, name=peer.name, base_version=rnd.base_version, cert_der=peer.cert_der)
+        rnd.engine.receive(adv, from_name=peer.name)
+        self.audit.record("join", round_id=rnd.round_id, name=peer.name)
+        self._check_progress(rnd)
+        return self._ack(msg, rnd), None
+
+    async def _on_share_keys(self, peer: Peer, msg: wm.ShareKeysMsg,
+                             array: None) -> tuple[wm._Wire, None]:
+        rnd = self._member_round(peer, msg.round_id)
+        sk = mapping.share_keys_from_wire(msg, sender=rnd.index_of(peer.name))
+        rnd.engine.receive(sk, from_name=peer.name)
+        rnd.shared.add(peer.name)
+        self._check_progress(rnd)
+        return self._ack(msg, rnd), None
+
+    async def _on_masked_input(self, peer: Peer, msg: wm.MaskedInputMsg,
+                               array: np.ndarray | None) -> tuple[wm._Wire, None]:
+        rnd = self._member_round(peer, msg.round_id)
+        assert array is not None
+        sender = rnd.index_of(peer.name) if isinstance(rnd.engine, ServerRound) else 0
+        rnd.engine.receive(MaskedInput(msg.round_id, sender, array), from_name=peer.name)
+        self.audit.record("submission", round_id=rnd.round_id, name=peer.name,
+                          collected=rnd.engine.collected)
+        return self._ack(msg, rnd), None
+
+    async def _on_sign_survivors(self, peer: Peer, msg: wm.SignSurvivors,
+                                 array: None) -> tuple[wm._Wire, None]:
+        rnd = self._member_round(peer, msg.round_id)
+        sig = mapping.signature_from_wire(msg, sender=rnd.index_of(peer.name))
+        rnd.engine.receive(sig, from_name=peer.name)
+        self._check_progress(rnd)
+        return self._ack(msg, rnd), None
+
+    async def _on_unmask_response(self, peer: Peer, msg: wm.UnmaskResponseMsg,
+                                  array: None) -> tuple[wm._Wire, None]:
+        rnd = self._member_round(peer, msg.round_id)
+        resp = mapping.unmask_response_from_wire(msg, sender=rnd.index_of(peer.name))
+        rnd.engine.receive(resp, from_name=peer.name)
+        rnd.answered.add(peer.name)
+        self._report_unmask(rnd)
+        self._check_progress(rnd)
+        return self._ack(msg, rnd), None
+
+    @staticmethod
+    def _ack(msg: wm._Wire, rnd: ActiveRound) -> wm.Ack:
+        return wm.Ack(rid=msg.rid, collected=rnd.engine.collected)
 
     def waiting_for(self) -> list[str]:
         """Hospitals a round bound to a signed survivor list still needs (else [])."""
@@ -267,18 +302,15 @@ class Coordinator(AdminActions):
 
     def check_upload(self, peer: Peer, msg: wm.UploadSlot) -> None:
         """Refuse an upload-slot request that could not be followed by a valid masked input,
-        so no slot is ever held for one (the connection grants the slot itself)."""
-        if peer.role is not Role.HOSPITAL:
-            raise ForbiddenError("only hospitals take part in rounds")
+        so no slot is ever held for one (the connection grants the slot itself).  This
+        connection's own order (envelopes first, nothing sent yet) was checked on arrival;
+        this is the round's: still this connection's, and collecting."""
         rnd = self._member_round(peer, msg.round_id)
         accepting = (ServerState.COLLECTING,) if isinstance(rnd.engine, ServerRound) else (
             ServerState.ENROLLING, ServerState.COLLECTING)
         if rnd.engine.state not in accepting:
             raise RemoteProtocolError(f"round {rnd.round_id} is not collecting updates "
                                       f"({rnd.phase})", code="wrong-phase")
-        if peer.name in rnd.submitted():
-            raise RemoteProtocolError(f"'{peer.name}' already sent its update for round "
-                                      f"{rnd.round_id}", code="already-submitted")
 
     def _member_round(self, peer: Peer, round_id: int) -> ActiveRound:
         rnd = self.round
@@ -406,7 +438,8 @@ class Coordinator(AdminActions):
         assert isinstance(rnd.engine, ServerRound)
         roster = rnd.engine.close_enrolment()
         for name in [n for n in rnd.members if n not in rnd.engine.joined]:
-            del rnd.members[name]  # joined but never advertised keys: not in this round
+            # joined but never advertised keys: not in this round (and not told so)
+            rnd.members.pop(name).conversation.leave()
         self.audit.record("enrolment-closed", round_id=rnd.round_id,
                           members=list(rnd.engine.joined))
         wire = mapping.roster_to_wire(roster)
@@ -489,3 +522,19 @@ class Coordinator(AdminActions):
         if any(not p.open for p in rnd.members.values()):
             self._save_state(None)
         return again
+
+
+#: The coordinator's requests by kind (``upload_slot`` is granted by the connection).
+_HANDLERS: dict[str, Callable[..., Awaitable[tuple[wm._Wire, np.ndarray | None]]]] = {
+    "hello": Coordinator._on_hello,
+    "status": Coordinator._on_status,
+    "get_global": Coordinator._on_get_global,
+    "admin": Coordinator._on_admin,
+    "admin_query": Coordinator._on_admin_query,
+    "join": Coordinator._on_join,
+    "advertise": Coordinator._on_advertise,
+    "share_keys": Coordinator._on_share_keys,
+    "masked_input": Coordinator._on_masked_input,
+    "sign_survivors": Coordinator._on_sign_survivors,
+    "unmask_response": Coordinator._on_unmask_response,
+}

@@ -16,6 +16,7 @@ from securefl.crypto.pki import Role
 from securefl.crypto.secagg import ServerRound
 from securefl.errors import RemoteProtocolError, SecureFLError
 from securefl.protocol import messages as wm
+from securefl.protocol.conversation import Conversation
 from securefl.server.plain import PlainRound
 
 Push = Callable[[wm._Wire, np.ndarray | None], Awaitable[None]]
@@ -31,12 +32,14 @@ class RoundBusyError(SecureFLError):
 
 @dataclass(eq=False)
 class Peer:
-    """One authenticated connection: who it is (from the certificate) and how to reach it."""
+    """One authenticated connection: who it is (from the certificate), how to reach it, and
+    the server's end of its wire order (every frame in or out passes ``conversation``)."""
 
     name: str
     role: Role
     cert_der: bytes
     push: Push
+    conversation: Conversation
     address: str = ""
     open: bool = True
 
@@ -71,10 +74,6 @@ class ActiveRound:
         if isinstance(eng, PlainRound):
             return eng.submitted_names()
         return sorted(eng.name_of(u) for u in eng.survivors)
-
-    def require_secagg(self, kind: str) -> None:
-        if not isinstance(self.engine, ServerRound):
-            raise RemoteProtocolError(f"'{kind}' has no place in a round without masking")
 
     def index_of(self, name: str) -> int:
         """The participant number of a member, once the roster exists."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from securefl.client.session import AdminSession, HospitalSession
-from securefl.errors import SecureFLError
+from securefl.errors import LocalProtocolError, SecureFLError
 from securefl.protocol import messages as wm
 from securefl.server import audit
 from tests.integration.conftest import Federation, running
@@ -34,10 +34,14 @@ def test_hospitals_history_and_audit_tail(fed: Federation) -> None:
                 assert len(entries) == 3
                 assert entries[-1].event == "connected" and entries[-1].name == "admin"
                 assert all("prev=" not in e.detail for e in entries)
-            # A hospital may not ask.
-            with pytest.raises(SecureFLError) as err:
+            # A hospital may not ask: its own session does not send the request, and the
+            # server refuses a hospital certificate that asks through the admin's client.
+            with pytest.raises(LocalProtocolError, match="'admin_query' needs the admin"):
                 await h.conn.request(wm.AdminQuery(what="audit"))
-            assert err.value.code == "forbidden"
+            async with AdminSession(fed.client_settings("a", srv.port)) as fake:
+                with pytest.raises(SecureFLError) as err:
+                    await fake.audit()
+                assert err.value.code == "forbidden"
 
     asyncio.run(scenario())
 
