@@ -34,6 +34,7 @@ from securefl.errors import (
     DataError,
     LocalProtocolError,
     ProtocolError,
+    RemoteProtocolError,
     SecureFLError,
     UpdateAlreadySentError,
 )
