@@ -114,3 +114,15 @@ def test_close_enrolment_too_few_to_unmask_and_abort(fed: Fed) -> None:
                            if isinstance(r, SecureFLError))
 
     asyncio.run(scenario())
+
+
+def test_the_round_line_names_the_hospitals_a_bound_version_waits_for() -> None:
+    """After a round failed once its survivor list was out, the dashboard says who the
+    federation is waiting for (the docs walk found the admin app silent about it)."""
+    from securefl.client.session import ServerStatus
+    from securefl.tui.admin.dashboard import describe
+
+    bound = ServerStatus(3, 7, "enrolling", ("b",), ("b",), (), 0, waiting_for=("a", "c"))
+    assert describe(bound)[1].endswith("waiting for a, c")
+    free = ServerStatus(3, 0, "idle", ("b",), (), (), 0)
+    assert "waiting" not in describe(free)[1]

@@ -34,6 +34,10 @@ def describe(status: ServerStatus | None) -> tuple[str, str]:
     else:
         round_text = (f"Round {status.round_id}: {status.phase} · weight sets collected "
                       f"{status.collected} of {len(status.joined)} joined")
+    if status.waiting_for:
+        # A round on this version failed after its survivor list went out: only the
+        # hospitals on it can go on, so say which are missing.
+        round_text += f" · waiting for {', '.join(status.waiting_for)}"
     return (f"Global version: {status.version} · {len(status.online)} hospital(s) online",
             round_text)
 
