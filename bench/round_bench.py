@@ -20,8 +20,11 @@ run.  Timing runs from the first join to the published version (``aggregate`` re
 downloads of the global model happen before it.  ``server_peak_rss_bytes`` is the server's
 peak resident set during the secure round (the kernel's high-water mark is reset just
 before it); ``upload_bytes`` is what one hospital wrote during its round (frame bytes; TLS
-adds ~0.1%).  Prints one readable line per configuration (secure, plain and their ratio),
-then, last, one JSON line per configuration.
+adds ~0.1%); ``server_cpu_s`` and ``hospitals_cpu_s`` are the CPU seconds the server's and
+the hospitals' processes used during the timed round (with ``plain_`` the same for the
+plain round): on two cores they say which side a round waits for.  Prints one readable line
+per configuration (secure, plain and their ratio), then, last, one JSON line per
+configuration.
 """
 
 from __future__ import annotations
@@ -45,6 +48,12 @@ import numpy as np
 from securefl import config
 from securefl.certs import CertDir
 from securefl.client.session import AdminSession, HospitalSession
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _proc_kb(pid: int, field: str) -> int:
@@ -101,8 +110,9 @@ def _hospitals(certs_root: Path, names: list[str], first: int, params: int, port
         before = [s.conn.bytes_sent for s in sessions]
         ready.put(len(names))
         await asyncio.to_thread(go.wait)
+        cpu = time.process_time()
         await asyncio.gather(*(s.send(u, 100) for s, u in zip(sessions, updates, strict=True)))
-        results.put(sessions[0].conn.bytes_sent - before[0])
+        results.put((sessions[0].conn.bytes_sent - before[0], time.process_time() - cpu))
         for s in sessions:
             await s.close()
 
@@ -123,25 +133,29 @@ def _one_round(certs: CertDir, n: int, params: int, port: int, pid: int, procs: 
     for _ in children:
         ready.get(timeout=300)
 
-    async def admin_side() -> tuple[float, int, int]:
+    async def admin_side() -> tuple[float, int, int, float]:
         admin = await AdminSession(_settings(certs.root, "admin", port)).connect()
         idle_rss = _proc_kb(pid, "VmRSS")
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak to now
+        cpu = _cpu_s(pid)
         t0 = time.perf_counter()
         go.set()
         while await admin.count() < n:
             await asyncio.sleep(0.005)
         result = await admin.aggregate()
         round_s = time.perf_counter() - t0
+        server_cpu = _cpu_s(pid) - cpu
         assert result.contributors == n
         await admin.close()
-        return round_s, idle_rss, _proc_kb(pid, "VmHWM")
+        return round_s, idle_rss, _proc_kb(pid, "VmHWM"), server_cpu
 
-    round_s, idle_rss, peak = asyncio.run(admin_side())
-    upload = results.get(timeout=300)
+    round_s, idle_rss, peak, server_cpu = asyncio.run(admin_side())
+    per_process = [results.get(timeout=300) for _ in children]
     for w in children:
         w.join(timeout=300)
-    return {"round_s": round_s, "idle_rss": idle_rss, "peak_rss": peak, "upload": upload}
+    return {"round_s": round_s, "idle_rss": idle_rss, "peak_rss": peak,
+            "upload": per_process[0][0], "server_cpu_s": server_cpu,
+            "hospitals_cpu_s": sum(cpu for _, cpu in per_process)}
 
 
 def _run(certs: CertDir, tmp: Path, n: int, params: int, procs: int, workers: int,
@@ -181,6 +195,14 @@ def run_config(n: int, params: int, procs: int, repeats: int = 3, workers: int =
             "round_s": round(round_s, 3), "plain_round_s": round(plain_s, 3),
             "secure_over_plain": round(round_s / plain_s, 2),
             "round_s_all": [round(r["round_s"], 3) for r in secure],
+            # CPU seconds during the timed round (medians): where the two cores went
+            "server_cpu_s": round(float(np.median([r["server_cpu_s"] for r in secure])), 3),
+            "hospitals_cpu_s": round(float(np.median([r["hospitals_cpu_s"] for r in secure])),
+                                     3),
+            "plain_server_cpu_s": round(float(np.median([r["server_cpu_s"] for r in plain])),
+                                        3),
+            "plain_hospitals_cpu_s": round(float(np.median([r["hospitals_cpu_s"]
+                                                            for r in plain])), 3),
             "plain_round_s_all": [round(r["round_s"], 3) for r in plain],
             "upload_bytes": secure[0]["upload"],
             "server_idle_rss_bytes": worst["idle_rss"],
