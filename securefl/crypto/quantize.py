@@ -31,6 +31,8 @@ from securefl.errors import ConfigError, DataError
 RING_BITS = (32, 64)
 #: Elements decoded per step: the float64 intermediate stays small whatever the model size.
 DECODE_CHUNK = 1 << 16
+#: Elements encoded per step (a 512 KiB float64 scratch that stays in cache).
+ENCODE_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -105,11 +107,21 @@ class Encoding:
             raise DataError(
                 f"sample count must be a whole number from 1 to {self.max_weight}, not {weight}"
             )
-        out = np.empty(update.shape[0] + 1, dtype=self.dtype)
-        scaled = np.clip(update, -self.clip, self.clip, dtype=np.float64)
-        scaled *= float(weight) * self.scale
-        np.rint(scaled, out=scaled)
-        out[:-1] = scaled.astype(self.signed_dtype).view(self.dtype)
+        # In chunks through one small float64 scratch (the same operations, so the same
+        # bits): whole-model float64 and int temporaries made this 7 times slower, most of
+        # it page faults on fresh 8 MB buffers, on every hospital's critical path.
+        d = update.shape[0]
+        out = np.empty(d + 1, dtype=self.dtype)
+        signed = out[:-1].view(self.signed_dtype)
+        factor = float(weight) * self.scale
+        scratch = np.empty(min(d, ENCODE_CHUNK), np.float64)
+        for start in range(0, d, ENCODE_CHUNK):
+            stop = min(start + ENCODE_CHUNK, d)
+            scaled = scratch[: stop - start]
+            np.clip(update[start:stop], -self.clip, self.clip, out=scaled, dtype=np.float64)
+            scaled *= factor
+            np.rint(scaled, out=scaled)
+            np.copyto(signed[start:stop], scaled, casting="unsafe")
         out[-1] = weight
         return out
 

@@ -52,10 +52,13 @@ def run_round(
     base_version: int = 0,
     on_stage: Callable[[str], None] | None = None,
     colluders: int = 1,
+    on_message: Callable[[str, object], None] | None = None,
 ) -> tuple[AggregateResult, RoundTimings]:
     """Run one round; ``drop[stage]`` lists hospital indices (0-based) lost before ``stage``.
 
     ``colluders``: the c both the server's threshold and every hospital's policy assume.
+    ``on_message(name, msg)`` hears every message a hospital sends, outside the timings
+    (the benchmark counts their bytes on the wire with it).
 
     Raises what the server raises (e.g. ``NotEnoughSurvivorsError``) when too many drop.
     """
@@ -73,6 +76,11 @@ def run_round(
         out = fn()
         timings.client_s[name] = timings.client_s.get(name, 0.0) + time.perf_counter() - t0
         return out
+
+    def sent(name: str, msg: object) -> object:
+        if on_message is not None:
+            on_message(name, msg)
+        return msg
 
     def server_timed(fn: Callable[[], object]) -> object:
         t0 = time.perf_counter()
@@ -109,13 +117,13 @@ def run_round(
                         round_id=round_id, base_version=base_version,
                         update=updates[i], weight=int(weights[i]), policy=policy)
         alive[creds[i].name] = c
-        adv = timed(creds[i].name, c.advertise)
+        adv = sent(creds[i].name, timed(creds[i].name, c.advertise))
         server_timed(lambda adv=adv, name=creds[i].name: server.receive(adv, from_name=name))
     roster = server_timed(server.close_enrolment)
 
     stage("share")
     for name, c in alive.items():
-        msg = timed(name, lambda c=c: c.receive(roster))
+        msg = sent(name, timed(name, lambda c=c: c.receive(roster)))
         server_timed(lambda msg=msg, name=name: server.receive(msg, from_name=name))
     bundles = server_timed(server.close_shares)
 
@@ -123,7 +131,7 @@ def run_round(
     for name, c in alive.items():
         if c.me not in bundles:  # type: ignore[operator]
             continue
-        msg = timed(name, lambda c=c: c.receive(bundles[c.me]))  # type: ignore[index]
+        msg = sent(name, timed(name, lambda c=c: c.receive(bundles[c.me])))  # type: ignore[index]
         timings.upload_bytes = msg.y.nbytes  # type: ignore[attr-defined]
         server_timed(lambda msg=msg, name=name: server.receive(msg, from_name=name))
     listed = server_timed(server.close_inputs)
@@ -131,14 +139,14 @@ def run_round(
     stage("check")
     for name, c in alive.items():
         if c.me in listed.survivors:  # type: ignore[attr-defined]
-            msg = timed(name, lambda c=c: c.receive(listed))
+            msg = sent(name, timed(name, lambda c=c: c.receive(listed)))
             server_timed(lambda msg=msg, name=name: server.receive(msg, from_name=name))
     request = server_timed(server.close_check)
 
     stage("unmask")
     for name, c in alive.items():
         if c.me in request.signatures:  # type: ignore[attr-defined]
-            msg = timed(name, lambda c=c: c.receive(request))
+            msg = sent(name, timed(name, lambda c=c: c.receive(request)))
             server_timed(lambda msg=msg, name=name: server.receive(msg, from_name=name))
     result = server_timed(server.finish)
     return result, timings  # type: ignore[return-value]

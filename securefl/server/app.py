@@ -161,6 +161,12 @@ class Server:
                     await asyncio.sleep(0.1)
                     continue
                 raise
+            # asyncio turns Nagle's algorithm off only for sockets whose ``proto`` is TCP, and
+            # an accepted socket reports 0: without this, each small push that follows a
+            # reply (roster, share envelopes, survivor list) waited for the hospital's delayed
+            # ACK, 20-40 ms per protocol step.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = asyncio.create_task(self._connection(sock, f"{addr[0]}:{addr[1]}"))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

@@ -95,3 +95,21 @@ def test_clipping_is_applied_before_encoding():
     enc = Encoding(clip=0.5, scale=1024)
     mean, _ = enc.decode(enc.encode(np.array([3.0, -3.0, 0.25], np.float32), 2))
     assert mean.tolist() == [0.5, -0.5, 0.25]
+
+
+@pytest.mark.parametrize("ring", [32, 64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_element_of_a_model_sized_update_is_encoded_exactly(ring, dtype):
+    # Encoding runs in chunks; every element, across the chunk seams, must be exactly
+    # round(weight * clip(x) * scale) in the ring, and the last one the sample count.
+    from securefl.crypto.quantize import ENCODE_CHUNK
+
+    d = 3 * ENCODE_CHUNK + 17
+    x = np.random.default_rng(3).normal(0, 0.4, d).astype(dtype)
+    x[ENCODE_CHUNK - 1 : ENCODE_CHUNK + 1] = [1.7, -0.3]  # one clipped, one not, at a seam
+    enc = Encoding.auto(ring_bits=ring, clip=0.9, max_clients=10, max_weight=700)
+    y = enc.encode(x, 613)
+    expect = np.rint(np.clip(x.astype(np.float64), -0.9, 0.9) * (613.0 * enc.scale))
+    assert y.dtype == enc.dtype and y.shape == (d + 1,)
+    assert np.array_equal(y[:-1].view(enc.signed_dtype), expect.astype(enc.signed_dtype))
+    assert y[-1] == 613

@@ -1,0 +1,52 @@
+"""The benchmark scripts still run against today's protocol, on small sizes.
+
+Why: docs/PERFORMANCE.md quotes their figures, and a protocol change (a new round step, a
+new threshold) used to break them silently until someone re-measured.  Outcomes only, no
+timing: the secure and plain rounds both publish, the ratio is printed from the two, and
+every byte count holds the model at 4 bytes per parameter plus the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str) -> list[str]:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, check=True, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300).stdout
+    return out.strip().splitlines()
+
+
+def test_round_bench_prints_its_layout_and_both_rounds_side_by_side() -> None:
+    lines = _run("bench/round_bench.py", "--clients", "3", "--params", "2000",
+                 "--repeats", "1")
+    assert lines[0].startswith("layout: server in 1 process; hospitals in 1 process(es)")
+    row = json.loads(lines[-1])
+    assert row["clients"] == 3 and row["repeats"] == 1
+    assert row["round_s"] > 0 and row["plain_round_s"] > 0
+    # the ratio of the unrounded medians; the printed times are rounded to milliseconds
+    assert row["secure_over_plain"] == pytest.approx(row["round_s"] / row["plain_round_s"],
+                                                     rel=0.2)
+    assert 4 * 2000 < row["upload_bytes"] < 4 * 2000 + 10_000
+    assert any(line.startswith("N=3 D=2000: secure ") and "secure/plain" in line
+               for line in lines)
+
+
+def test_secagg_bench_counts_every_byte_and_says_why_a_configuration_is_refused() -> None:
+    lines = _run("bench/secagg_bench.py", "--clients", "5", "12", "--params", "3000",
+                 "--dropout", "0.3")
+    rows = {r["clients"]: r for r in map(json.loads, lines[-2:])}
+    # N = 5, 2 lost: 3 left, below t = 4 for one assumed colluder.
+    assert "at least 4" in rows[5]["refused"]
+    ok = rows[12]
+    assert ok["colluders"] == 1 and ok["upload_bytes"] == 4 * 3001
+    # keys, envelopes, a signature and shares: O(n) bytes on top of the masked input
+    assert 0 < ok["extra_bytes"] < 12 * 1000
+    assert ok["sent_bytes"] == 4 * 3000 + ok["extra_bytes"]
