@@ -69,3 +69,22 @@ def neighbours(n: int, k: int, seed: bytes) -> dict[int, frozenset[int]]:
             result[u].add(v)
             result[v].add(u)
     return {u: frozenset(vs) for u, vs in result.items()}
+
+
+def connected(graph: dict[int, frozenset[int]], nodes: frozenset[int]) -> bool:
+    """Whether ``nodes`` form one connected piece of ``graph`` restricted to them.
+
+    Why it matters: in a sparse graph the survivors' masks cancel only within each
+    connected piece, so a split survivor graph lets even an honest server unmask the sum of
+    each piece on its own — less than the total the hospitals agreed to reveal.
+    """
+    if not nodes:
+        return True
+    start = min(nodes)
+    seen, todo = {start}, [start]
+    while todo:
+        for v in graph[todo.pop()] & nodes:
+            if v not in seen:
+                seen.add(v)
+                todo.append(v)
+    return seen == set(nodes)

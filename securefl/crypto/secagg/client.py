@@ -239,7 +239,8 @@ class ClientRound:
             verify_advertisement(adv, self._ca, now=self._now, revoked=self.policy.revoked)
         self.roster = roster
         self.me = roster.index_of(self._own.name)
-        self._neighbours = graph.neighbours(n, cfg.neighbours, cfg.graph_seed)[self.me]
+        self._graph = graph.neighbours(n, cfg.neighbours, cfg.graph_seed)
+        self._neighbours = self._graph[self.me]
         ctx = round_context(cfg)
 
         b_u = os.urandom(32)
@@ -379,6 +380,12 @@ class ClientRound:
             raise CryptoError(
                 f"only {len(survivors)} hospital(s) would be combined; at least {needed} are "
                 "needed to keep each one hidden: refusing the round")
+        if not graph.connected(self._graph, frozenset(survivors)):
+            # Sparse graph only (the full graph is always connected): the sum of each piece
+            # could be unmasked on its own, so fewer hospitals than agreed would be combined.
+            raise CryptoError(
+                "the survivors' masks do not form one connected graph, so the sum of a "
+                "smaller group could be unmasked on its own: refusing to sign the list")
         names = frozenset(self.roster.participants[u - 1].name for u in survivors)
         required = self.policy.required_survivors
         if required is not None and names != required:

@@ -760,3 +760,34 @@ def test_a_revocation_list_not_signed_by_the_ca_is_refused(fed5, other_ca) -> No
               .sign(intruder_ca.key, hashes.SHA256()))
     with pytest.raises(CryptoError, match="not signed by this federation's CA"):
         pki.load_crl(forged.public_bytes(Enc.DER), ca.cert)
+
+
+def test_a_survivor_list_whose_masks_split_into_pieces_is_not_signed() -> None:
+    """Sparse graph (opted in), k = 2 over 10 hospitals: the pairwise masks form a ring.
+    Declaring two non-adjacent hospitals dropped splits the survivors into two arcs whose
+    masks cancel separately, so each arc's sum could be unmasked on its own.  Hospitals
+    refuse to sign such a list; a connected one (one dropout) they sign."""
+    from securefl.crypto import graph
+
+    policy = RoundPolicy(colluders=0, allow_sparse=True)
+    adv = Adversary(10, policy=policy)
+    roster = adv.enrol(neighbours=2, assumed_colluders=0)
+    adv.share()
+    adv.mask()
+    ring = graph.neighbours(10, 2, roster.config.graph_seed)
+    a = 1
+    b = next(v for v in range(3, 11) if v not in ring[a] and not graph.connected(
+        ring, frozenset(range(1, 11)) - {a, v}))
+    split = tuple(u for u in range(1, 11) if u not in (a, b))
+    assert adv.collect_signatures(split) == {}
+    for p in adv.honest:
+        if p.me in split:
+            refused(adv, p, CryptoError, "do not form one connected graph")
+    assert adv.exposed() == []
+
+    again = Adversary(10, policy=policy)
+    again.enrol(neighbours=2, assumed_colluders=0)
+    again.share()
+    again.mask()
+    one_out = tuple(range(2, 11))
+    assert set(again.collect_signatures(one_out)) == set(one_out)
