@@ -286,13 +286,18 @@ class Adversary:
                     self.s_pool.setdefault(owner, {})[p.me] = shamir.share_from_bytes(raw)
         return got
 
-    def honest_round(self, **config: object) -> tuple[int, ...]:
-        """Run the round as the protocol says (everyone listed, everyone signs, unmask);
-        returns the survivor list."""
+    def to_masked_inputs(self, **config: object) -> tuple[int, ...]:
+        """Enrol, share keys and collect every masked input honestly; returns who sent one
+        (the honest survivor list)."""
         self.enrol(**config)
         self.share()
         self.mask()
-        listed = tuple(sorted(self.y))
+        return tuple(sorted(self.y))
+
+    def honest_round(self, **config: object) -> tuple[int, ...]:
+        """Run the round as the protocol says (everyone listed, everyone signs, unmask);
+        returns the survivor list."""
+        listed = self.to_masked_inputs(**config)
         sigs = {**self.collect_signatures(listed), **self.colluder_signatures(listed)}
         self.unmask(UnmaskRequest(self.round_id, listed, sigs))
         return listed

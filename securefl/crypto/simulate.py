@@ -136,18 +136,19 @@ def run_round(
         server_timed(lambda msg=msg, name=name: server.receive(msg, from_name=name))
     listed = server_timed(server.close_inputs)
 
+    def ask(request: object, addressed: Collection[int]) -> None:
+        """Every hospital still here that ``request`` is addressed to answers it."""
+        for name, c in alive.items():
+            if c.me in addressed:
+                msg = sent(name, timed(name, lambda c=c: c.receive(request)))
+                server_timed(lambda msg=msg, name=name: server.receive(msg, from_name=name))
+
     stage("check")
-    for name, c in alive.items():
-        if c.me in listed.survivors:  # type: ignore[attr-defined]
-            msg = sent(name, timed(name, lambda c=c: c.receive(listed)))
-            server_timed(lambda msg=msg, name=name: server.receive(msg, from_name=name))
+    ask(listed, listed.survivors)  # type: ignore[attr-defined]
     request = server_timed(server.close_check)
 
     stage("unmask")
-    for name, c in alive.items():
-        if c.me in request.signatures:  # type: ignore[attr-defined]
-            msg = sent(name, timed(name, lambda c=c: c.receive(request)))
-            server_timed(lambda msg=msg, name=name: server.receive(msg, from_name=name))
+    ask(request, request.signatures)  # type: ignore[attr-defined]
     result = server_timed(server.finish)
     return result, timings  # type: ignore[return-value]
 

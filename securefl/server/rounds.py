@@ -22,10 +22,6 @@ from securefl.server.plain import PlainRound
 Push = Callable[[wm._Wire, np.ndarray | None], Awaitable[None]]
 
 
-class ForbiddenError(SecureFLError):
-    code = "forbidden"
-
-
 class RoundBusyError(SecureFLError):
     code = "round-busy"
 

@@ -199,9 +199,7 @@ def test_a_retry_that_leaves_a_hospital_off_the_survivor_list_is_refused(
     required = {i: box.check_can_send(0) for i, box in boxes.items()}
     retry = Adversary(5, round_id=2,
                       policy=lambda i: RoundPolicy(**required[i].policy_fields()))
-    retry.enrol()
-    retry.share()
-    retry.mask()
+    retry.to_masked_inputs()
     assert retry.refusals == {}
     target, *others = retry.parties
     without = tuple(u for u in sorted(retry.y) if u != target.me)
@@ -372,9 +370,7 @@ def test_a_survivor_list_smaller_than_the_hospitals_minimum_is_not_signed() -> N
     at the survivor list too, where the server decides how many are combined."""
     strict = RoundPolicy(min_contributors=5)
     adv = Adversary(5, policy=lambda i: strict if i == 0 else RoundPolicy())
-    adv.enrol()
-    adv.share()
-    adv.mask()
+    adv.to_masked_inputs()
     four = tuple(sorted(adv.y))[:4]
     sigs = adv.collect_signatures(four)
     refused(adv, adv.parties[0], CryptoError, "only 4 hospital(s) would be combined",
@@ -489,9 +485,7 @@ def test_survivor_signatures_from_an_earlier_round_do_not_count(round_id: int) -
     old = Adversary(5, round_id=1)
     old.honest_round()
     new = Adversary(5, round_id=round_id)
-    new.enrol()
-    new.share()
-    new.mask()
+    new.to_masked_inputs()
     target = new.parties[0]
     everyone = tuple(sorted(new.y))
     mine = new.collect_signatures(everyone, [target])
@@ -565,10 +559,7 @@ def _lie(name: str) -> Callable[[Adversary, tuple[int, ...], dict[int, bytes]], 
 def test_lies_in_the_unmask_request_are_refused(lie: str, kind: type[SecureFLError],
                                                 phrase: str) -> None:
     adv = Adversary(5, colluders=1)
-    adv.enrol()
-    adv.share()
-    adv.mask()
-    listed = tuple(sorted(adv.y))
+    listed = adv.to_masked_inputs()
     sigs = {**adv.collect_signatures(listed), **adv.colluder_signatures(listed)}
     target = adv.parties[0]
     adv.unmask(_lie(lie)(adv, listed, sigs), [target])
@@ -603,10 +594,7 @@ def test_a_survivor_list_that_could_expose_a_hospital_is_not_signed(
 
 def test_a_hospital_signs_one_list_and_answers_one_unmask_request() -> None:
     adv = Adversary(5, colluders=1)
-    adv.enrol()
-    adv.share()
-    adv.mask()
-    listed = tuple(sorted(adv.y))
+    listed = adv.to_masked_inputs()
     sigs = {**adv.collect_signatures(listed), **adv.colluder_signatures(listed)}
     answered, signed_only = adv.parties[0], adv.parties[1]
     assert adv.unmask(UnmaskRequest(1, listed, sigs), [answered])
