@@ -154,7 +154,9 @@ def test_skipped_files_are_shown_after_training_and_after_evaluation(fed: Fed) -
                                           "Training/glioma/broken.jpg (not a readable JPEG or "
                                           "PNG image), Training/glioma/export.log (not a "
                                           ".jpg/.jpeg/.png file)")
-                assert any(str(n.message) == skipped for n in app._notifications)
+                # A notification arrives as a message: wait for it rather than race it.
+                await until(pilot, lambda: any(str(n.message) == skipped
+                                               for n in app._notifications), 10)
                 await pilot.press("escape", "g", "enter")
                 await until(pilot, lambda: "accuracy" in text(app, "#summary"), 120)
                 assert "1 file was skipped and not used: Testing/notumor/half.png" in text(
