@@ -59,8 +59,15 @@ class RoundSettings(_Settings):
     #: Longest wait for the hospitals' key shares and unmask answers before going on
     #: without the silent ones (they count as dropped).
     step_timeout: float = Field(60.0, gt=0)
-    #: SecAgg+ neighbours per hospital (None: every pair, classic SecAgg).
-    neighbours: int | None = Field(None, ge=2)
+    #: SecAgg+ (Bell et al. 2020): each hospital masks with k neighbours of a random graph
+    #: instead of all others, with k and t sized from ``corrupt_fraction`` and
+    #: ``dropout_fraction`` (the full graph when that saves less than half the work).
+    #: Hospitals accept it only with ``[policy] allow_sparse`` and their own fractions.
+    sparse: bool = False
+    #: SecAgg+ only: fraction of hospitals assumed dishonest (gamma) and able to drop out
+    #: during a round (delta); corrupt_fraction + 2 * dropout_fraction must be <= 0.9.
+    corrupt_fraction: float = Field(0.05, ge=0, lt=1)
+    dropout_fraction: float = Field(0.1, ge=0, lt=1)
     #: Hospitals assumed able to collude with a dishonest server (c).  The threshold is
     #: floor((n + c) / 2) + 1 and a round needs c + 2 hospitals; hospitals refuse a round
     #: sized for a smaller c than their own ``[policy] colluders``, so keep the two equal.
@@ -141,9 +148,15 @@ class HospitalPolicy(_Settings):
     #: then have a threshold of at least floor((n + c) / 2) + 1 and c + 2 hospitals — with
     #: 3 hospitals and c = 1 all 3 must stay to the end of a round.
     colluders: int = Field(1, ge=0, le=100)
-    #: Accept a SecAgg+ sparse graph (``[round] neighbours`` on the server); its guarantees
+    #: Accept a SecAgg+ sparse graph (``[round] sparse`` on the server); its guarantees
     #: against a deviating server are weaker than the full graph's (docs/SECURITY.md).
     allow_sparse: bool = False
+    #: SecAgg+ only: the fractions this hospital assumes dishonest (gamma) and dropping out
+    #: (delta).  It refuses a sparse round with fewer neighbours or a lower threshold than
+    #: its own analysis of them gives, and signs no survivor list with more dropouts than
+    #: delta * n (rounded up).
+    corrupt_fraction: float = Field(0.05, ge=0, lt=1)
+    dropout_fraction: float = Field(0.1, ge=0, lt=1)
     #: Rings the masked update may be encoded in, and the largest clip accepted.
     ring_bits: list[Literal[32, 64]] = Field(default_factory=lambda: [32, 64], min_length=1)
     max_clip: float = Field(10.0, gt=0)
@@ -151,7 +164,9 @@ class HospitalPolicy(_Settings):
     #: precision" check uses, so that check never depends on the server's choice).
     min_scale: float = Field(64.0, gt=0)
     #: Rounds one update may go into (its masked input leaving) per base version, counting
-    #: retries the server announces: each one more sum that contains it.
+    #: retries the server announces: each one more sum that contains it.  In SecAgg+
+    #: rounds, revealing a graph-seed value counts too: each abort gives a dishonest server
+    #: a fresh random graph to hope for.
     max_attempts: int = Field(3, ge=1, le=10)
 
 

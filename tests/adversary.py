@@ -27,14 +27,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from securefl.crypto import pki, shamir
+from securefl.crypto import graph, pki, shamir
 from securefl.crypto.keys import KeyPair, sign, survivors_statement
 from securefl.crypto.messages import (
     ConsistencyRequest,
     EnvelopeBundle,
     KeyAdvertisement,
     Roster,
+    RosterAck,
+    RosterAcks,
     RoundConfig,
+    SeedReveal,
+    SeedReveals,
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
@@ -42,13 +46,19 @@ from securefl.crypto.messages import (
 from securefl.crypto.prg import MaskBuffer, derive_seed
 from securefl.crypto.quantize import Encoding
 from securefl.crypto.secagg import ClientRound
-from securefl.crypto.secagg.common import PAIR_MASK, SELF_MASK, roster_digest, round_context
+from securefl.crypto.secagg.common import (
+    PAIR_MASK,
+    SELF_MASK,
+    graph_seed,
+    roster_digest,
+    round_context,
+)
 from securefl.crypto.secagg.policy import RoundPolicy, split_view_threshold
 from securefl.crypto.simulate import federation
 from securefl.errors import CryptoError, SecureFLError
 
-#: One federation for every test: hospital-000 .. hospital-029 and their CA (cached).
-FEDERATION_SIZE = 30
+#: One federation for every test: hospital-000 .. hospital-099 and their CA (cached).
+FEDERATION_SIZE = 100
 #: The sha256 of the base model every hospital says it trained on.
 BASE_SHA256 = hashlib.sha256(b"global model, version 0").digest()
 ENCODING = Encoding.auto(max_clients=100, max_weight=1000)
@@ -56,9 +66,11 @@ ENCODING = Encoding.auto(max_clients=100, max_weight=1000)
 
 def hospital_data(index: int, dim: int, seed: int = 0) -> tuple[np.ndarray, int]:
     """The update and sample count of hospital ``index``: the same in every round, as a
-    resend after a failed round would be.  Counts fall with the index, all distinct."""
+    resend after a failed round would be.  Counts fall with the index (the first 40), all
+    distinct."""
     rng = np.random.default_rng([seed, index])
-    return rng.normal(0, 0.1, dim).astype(np.float32), 300 - 7 * index
+    return rng.normal(0, 0.1, dim).astype(np.float32), (300 - 7 * index if index < 40
+                                                         else 400 + index)
 
 
 @dataclass
@@ -120,6 +132,7 @@ class Adversary:
         self.adverts: dict[str, KeyAdvertisement] = {}
         self.roster: Roster | None = None
         self.shown: dict[str, Roster] = {}            # the roster each hospital was shown
+        self.graph: dict[int, frozenset[int]] = {}    # once every value was revealed
         self.share_keys: dict[int, ShareKeys] = {}
         self.y: dict[int, np.ndarray] = {}            # masked inputs by participant number
         self.mask_sets: dict[int, frozenset[int]] = {}  # whose envelopes each one got
@@ -178,7 +191,6 @@ class Adversary:
         assumed_colluders: int = 1,
         adverts: Collection[KeyAdvertisement] | None = None,
         round_id: int | None = None,
-        graph_seed: bytes = b"\x07" * 32,
     ) -> Roster:
         """A roster of the advertised keys with whatever parameters the server likes; the
         threshold defaults to the least a hospital assuming ``assumed_colluders`` takes."""
@@ -190,7 +202,7 @@ class Adversary:
         config = RoundConfig(
             round_id=self.round_id if round_id is None else round_id,
             base_version=self.base_version, vector_len=self.dim, threshold=t, neighbours=k,
-            graph_seed=graph_seed, encoding=encoding or ENCODING,
+            encoding=encoding or ENCODING,
             min_contributors=min_contributors)
         return Roster(config, tuple(advs))
 
@@ -200,12 +212,47 @@ class Adversary:
         return self.roster
 
     def share(self, shown: Mapping[str, Roster] | None = None) -> dict[int, ShareKeys]:
-        """Send the roster (or, per hospital name, another one) and collect key shares."""
+        """Send the roster (or, per hospital name, another one), then every acknowledgement
+        and every graph-seed value as the protocol says; collect the key shares."""
+        acks = self.acknowledge(shown)
+        if not acks:
+            return self.share_keys
+        reveals = self.reveal(RosterAcks(self.round_id, acks))
+        return self.draw(SeedReveals(self.round_id, reveals))
+
+    def acknowledge(self, shown: Mapping[str, Roster] | None = None) -> dict[int, bytes]:
+        """Round 1a: each hospital's signature on the roster it was shown."""
         assert self.roster is not None
+        got: dict[int, bytes] = {}
         for p in self.parties:
             roster = (shown or {}).get(p.name, self.roster)
             self.shown[p.name] = roster
             out = self._ask(p, roster)
+            if isinstance(out, RosterAck):
+                got[out.sender] = out.signature
+        return got
+
+    def reveal(self, acks: RosterAcks | Mapping[str, RosterAcks]) -> dict[int, bytes]:
+        """Round 1b: hand out acknowledgements (the same, or per name); collect values."""
+        got: dict[int, bytes] = {}
+        for p in self.parties:
+            msg = acks.get(p.name) if isinstance(acks, Mapping) else acks
+            if msg is None:
+                continue
+            out = self._ask(p, msg)
+            if isinstance(out, SeedReveal):
+                got[out.sender] = out.value
+        return got
+
+    def draw(self, reveals: SeedReveals) -> dict[int, ShareKeys]:
+        """Round 1c: hand out every value; the graph is fixed; collect key shares."""
+        assert self.roster is not None
+        n = len(self.roster.participants)
+        if set(reveals.values) == set(range(1, n + 1)):
+            seed = graph_seed(self.roster.config, [reveals.values[u] for u in range(1, n + 1)])
+            self.graph = graph.neighbours(n, self.roster.config.neighbours, seed)
+        for p in self.parties:
+            out = self._ask(p, reveals)
             if isinstance(out, ShareKeys):
                 self.share_keys[out.sender] = out
         return self.share_keys

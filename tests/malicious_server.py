@@ -410,6 +410,8 @@ class ScriptedRound:
         self.adverts: dict[str, wm.Advertise] = {}
         #: The honest envelope bundles, by recipient number (for misrouting tests).
         self.bundles: dict[int, cm.EnvelopeBundle] = {}
+        self._acks: dict[int, bytes] = {}
+        self._drawn = False
 
     # -- helpers -------------------------------------------------------------------------
     @property
@@ -484,10 +486,60 @@ class ScriptedRound:
         wire = mapping.roster_to_wire(roster)
         self.rosters = await self._push_each(lambda _: wire, tamper)  # type: ignore[assignment]
         for puppet in self.puppets.values():
-            self.engine.receive(puppet.round.receive(roster))
+            ack = puppet.round.receive(roster)
+            self._acks[ack.sender] = ack.signature
+            self.engine.receive(ack)
         return roster
 
+    async def draw(self, acks_tamper: Tamper | None = None,
+                   reveals_tamper: Tamper | None = None) -> None:
+        """Collect the roster acknowledgements, push them all (tampered per hospital),
+        collect the graph-seed values, push them all: the graph is drawn.  The bundles
+        hold whatever arrived, checked or not, so a hospital shown another roster is
+        handed signatures on this one (and refuses)."""
+        if self._drawn:
+            return
+        self._drawn = True
+        for peer in self.live:
+            got = await self._next(peer, wm.AckRoster)
+            if got is None:
+                continue
+            msg, me = got[0], self.index(peer.name)
+            assert isinstance(msg, wm.AckRoster)
+            self._acks[me] = msg.signature
+            with contextlib.suppress(SecureFLError):
+                self.engine.receive(mapping.roster_ack_from_wire(msg, sender=me),
+                                    from_name=peer.name)
+            await peer.ack(msg)
+        acks = cm.RosterAcks(self.round_id, dict(sorted(self._acks.items())))
+        with contextlib.suppress(SecureFLError):
+            self.engine.close_acks()
+        await self._push_each(lambda _: mapping.roster_acks_to_wire(acks), acks_tamper)
+        values: dict[int, bytes] = {}
+        for puppet in self.puppets.values():
+            rev = puppet.round.receive(acks)
+            values[rev.sender] = rev.value
+            self.engine.receive(rev)
+        for peer in self.live:
+            got = await self._next(peer, wm.RevealSeed)
+            if got is None:
+                continue
+            rmsg, me = got[0], self.index(peer.name)
+            assert isinstance(rmsg, wm.RevealSeed)
+            values[me] = rmsg.value
+            with contextlib.suppress(SecureFLError):
+                self.engine.receive(mapping.seed_reveal_from_wire(rmsg, sender=me),
+                                    from_name=peer.name)
+            await peer.ack(rmsg)
+        reveals = cm.SeedReveals(self.round_id, dict(sorted(values.items())))
+        with contextlib.suppress(SecureFLError):
+            self.engine.close_reveals()
+        await self._push_each(lambda _: mapping.seed_reveals_to_wire(reveals), reveals_tamper)
+        for puppet in self.puppets.values():
+            self.engine.receive(puppet.round.receive(reveals))
+
     async def collect_shares(self) -> None:
+        await self.draw()
         for peer in self.live:
             got = await self._next(peer, wm.ShareKeysMsg)
             if got is not None:
@@ -560,8 +612,10 @@ class ScriptedRound:
     async def send_unmask(self, requests: Mapping[str, wm.UnmaskRequestMsg] | None = None,
                           tamper: Tamper | None = None) -> None:
         if requests is None:
-            wire = mapping.unmask_request_to_wire(self.engine.close_check())
-            await self._push_each(lambda _: wire, tamper)
+            reqs = self.engine.close_check()
+            anyone = next(iter(reqs.values()))
+            await self._push_each(lambda n: mapping.unmask_request_to_wire(
+                reqs.get(self.index(n), anyone)), tamper)
         else:
             await self._push_each(lambda n: requests[n], tamper)
 

@@ -46,6 +46,9 @@ class SendRecord:
     round_id: int | None = None
     #: Rounds in which this update's masked input (may have) left, oldest first.
     masked_rounds: tuple[int, ...] = ()
+    #: SecAgg+ rounds in which this hospital revealed its graph-seed value: each is one
+    #: more random graph a dishonest server could have hoped for (``max_attempts``).
+    graph_rounds: tuple[int, ...] = ()
     #: The version a round published with this update in it.
     published_version: int | None = None
     #: Rounds the server announced as abandoned after the masked input left.
@@ -109,6 +112,7 @@ class Outbox:
                             "then get, train and send (and remove that file)") from None
         raw["masked_rounds"] = tuple(raw.get("masked_rounds", ()))
         raw["abandoned_rounds"] = tuple(raw.get("abandoned_rounds", ()))
+        raw["graph_rounds"] = tuple(raw.get("graph_rounds", ()))
         if raw.get("signed_survivors") is not None:
             raw["signed_survivors"] = tuple(raw["signed_survivors"])
         return SendRecord(**raw)
@@ -192,6 +196,7 @@ class Outbox:
         if previous is not None and previous.base_version == base_version:
             # Same base: keep the history of rounds it went to (a resend after an abandon).
             record = replace(record, masked_rounds=previous.masked_rounds,
+                             graph_rounds=previous.graph_rounds,
                              abandoned_rounds=previous.abandoned_rounds,
                              signed_survivors=previous.signed_survivors,
                              signed_encoding=previous.signed_encoding,
@@ -205,15 +210,19 @@ class Outbox:
                     others_can_sign: bool = True,
                     encoding: Encoding | None = None) -> None:
             rec = current[0]
-            if stage == "masked-input":
-                if len(rec.masked_rounds) >= max_attempts:
-                    # Raised before the masked input leaves: nothing of this attempt is sent.
+            if stage in ("masked-input", "graph-drawn"):
+                earlier = sorted((set(rec.masked_rounds) | set(rec.graph_rounds)) - {round_id})
+                if len(earlier) >= max_attempts:
+                    # Raised before the masked input (or the seed value) leaves: nothing of
+                    # this attempt is sent.
                     raise UpdateAlreadySentError(
                         f"this hospital's update for version {base_version} already went into "
-                        f"{len(rec.masked_rounds)} round(s) (rounds "
-                        f"{', '.join(map(str, rec.masked_rounds))}), the most its [policy] "
-                        "max_attempts allows: it is not sent into another; wait for the next "
-                        "version, then get, train and send")
+                        f"{len(earlier)} round(s) (rounds {', '.join(map(str, earlier))}), the "
+                        "most its [policy] max_attempts allows: it is not sent into another; "
+                        "wait for the next version, then get, train and send")
+            if stage == "graph-drawn":
+                rec = replace(rec, graph_rounds=(*rec.graph_rounds, round_id))
+            elif stage == "masked-input":
                 rec = replace(rec, stage=stage, round_id=round_id,
                               masked_rounds=(*rec.masked_rounds, round_id),
                               unlisted_exposed=rec.unlisted_exposed or (

@@ -306,7 +306,8 @@ class HospitalSession(_Session):
         (default: that of the last ``get_global()`` when it is the same version); it is
         signed with the round keys, so every hospital checks all received the same model.
         ``journal(stage, round_id[, version])`` is called synchronously at ``joined``,
-        ``keys-shared``, ``masked-input`` (*before* the masked input leaves), ``signed``
+        ``graph-drawn`` (SecAgg+ only, before the graph-seed value leaves), ``keys-shared``,
+        ``masked-input`` (*before* the masked input leaves), ``signed``
         (with the survivor names, before the signature leaves), ``abandoned`` and
         ``published``: the hospital's durable send record (``client.hospital``).
         ``bound_to``: this update's masked input already went into a round that signed this
@@ -433,7 +434,7 @@ class HospitalSession(_Session):
                               round_id=joined.round_id, base_version=base, update=update,
                               weight=samples, base_sha256=digest,
                               policy=self.round_policy(sent.required), members=self.members)
-            await self.conn.request(mapping.advertisement_to_wire(rnd.advertise()))
+            await self._in_round(joined.round_id, mapping.advertisement_to_wire(rnd.advertise()))
             if leave_after == "join":
                 return None
             roster = mapping.roster_from_wire(
@@ -446,8 +447,18 @@ class HospitalSession(_Session):
                  "checking their keys")
             # Checking every signature and splitting secrets, then masking, take tens of ms
             # per step: done in a thread so the caller's event loop (a TUI) stays live.
-            shares = await self._run(rnd.receive, roster)
-            await self.conn.request(mapping.share_keys_to_wire(shares))
+            ack = await self._run(rnd.receive, roster)
+            await self._in_round(joined.round_id, mapping.roster_ack_to_wire(ack))
+            acks = await self._expect(wm.RosterAcksMsg, joined.round_id)
+            reveal = await self._run(rnd.receive, mapping.roster_acks_from_wire(acks))
+            if rnd.sparse:
+                # Each reveal lets the graph be drawn again: counted against max_attempts
+                # before it leaves, so a server aborting rounds gets few draws to pick from.
+                journal("graph-drawn", joined.round_id)
+            await self._in_round(joined.round_id, mapping.seed_reveal_to_wire(reveal))
+            reveals = await self._expect(wm.SeedRevealsMsg, joined.round_id)
+            shares = await self._run(rnd.receive, mapping.seed_reveals_from_wire(reveals))
+            await self._in_round(joined.round_id, mapping.share_keys_to_wire(shares))
             journal("keys-shared", joined.round_id)
             step("keys-shared", "key shares sent; waiting for the others' shares")
             if leave_after == "share_keys":
@@ -473,19 +484,43 @@ class HospitalSession(_Session):
                     encoding=rnd.signed_encoding)
             sent.required = SignedList(frozenset(rnd.signed_survivors), rnd.signed_encoding)
             sent.unlisted_round = None
-            await self.conn.request(mapping.signature_to_wire(signature))
+            await self._in_round(joined.round_id, mapping.signature_to_wire(signature))
             step("signed", f"{len(rnd.signed_survivors)} hospitals' updates are in the sum; "
                  "list signed, waiting for the others' signatures")
             if leave_after == "signed":
                 return None
             request = await self._expect(wm.UnmaskRequestMsg, joined.round_id)
             answer = await self._run(rnd.receive, mapping.unmask_request_from_wire(request))
-            await self.conn.request(mapping.unmask_response_to_wire(answer))
+            await self._in_round(joined.round_id, mapping.unmask_response_to_wire(answer))
             step("unmasked", "unmasking: shares for the survivors sent")
         done = await self._expect(wm.RoundDone, joined.round_id)
         journal("published", joined.round_id, done.version)
         step("published", f"aggregated into global version {done.version}")
         return RoundOutcome(done.round_id, done.version, done.sha256)
+
+    async def _in_round(self, round_id: int, msg: wm._Wire,
+                        array: np.ndarray | None = None) -> tuple[wm.Message, Any]:
+        """A request inside round ``round_id``.  Refused because the server ended the round
+        meanwhile (its ``round_done`` crossed our request on the wire), it is that round's
+        end that is raised, so ``send`` follows the server's retry like any other abandon."""
+        try:
+            return await self.conn.request(msg, array)
+        except SecureFLError as exc:
+            if exc.code not in ("not-joined", "wrong-round", "wrong-phase"):
+                raise
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5.0
+            while loop.time() < deadline:
+                ends = [m for m in self.conn.take_pushes(wm.RoundDone)
+                        if isinstance(m, wm.RoundDone) and m.round_id == round_id
+                        and m.resend]
+                if ends:
+                    raise RoundAbandonedError(
+                        f"round {round_id} was abandoned ({ends[0].message}); send the "
+                        "update again", code=ends[0].code or RoundAbandonedError.code,
+                        retry_round=ends[0].retry_round) from exc
+                await asyncio.sleep(0.05)
+            raise
 
     def round_policy(self, bound_to: SignedList | None = None) -> RoundPolicy:
         """This hospital's ``[policy]`` as the round checks it, with the revoked serials
@@ -503,8 +538,9 @@ class HospitalSession(_Session):
     async def _send_input(self, round_id: int, y: np.ndarray) -> None:
         """Wait for the server's upload slot, then send: the server takes one model-sized
         upload at a time, and the bytes wait here rather than in its buffers."""
-        await self.conn.request(wm.UploadSlot(round_id=round_id, nbytes=y.nbytes))
-        await self.conn.request(wm.MaskedInputMsg(round_id=round_id, array=wm.ArraySpec.of(y)), y)
+        await self._in_round(round_id, wm.UploadSlot(round_id=round_id, nbytes=y.nbytes))
+        await self._in_round(round_id, wm.MaskedInputMsg(round_id=round_id,
+                                                         array=wm.ArraySpec.of(y)), y)
 
     async def _expect(self, kind: type[wm._Wire], round_id: int) -> wm._Wire:
         """The next push of ``kind`` for this round; an abandoned round is raised.

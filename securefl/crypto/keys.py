@@ -80,21 +80,23 @@ class KeyPair:
 
 def advertisement_bytes(
     round_id: int, base_version: int, name: str, c_pk: bytes, s_pk: bytes,
-    base_sha256: bytes = bytes(32),
+    base_sha256: bytes = bytes(32), graph_commit: bytes = bytes(32),
 ) -> bytes:
     """The exact bytes a hospital signs: fixed-width, length-prefixed, domain-separated.
 
-    v3 adds the sha256 of the base model bytes, so a server that shows different hospitals
+    v3 added the sha256 of the base model bytes, so a server that shows different hospitals
     different models under one version number is caught at the roster (Pasquini et al.,
-    CCS 2022, model inconsistency)."""
-    if len(base_sha256) != 32:
-        raise CryptoError("the base model's sha256 must be 32 bytes")
+    CCS 2022, model inconsistency).  v4 adds the commitment to the hospital's share of the
+    graph seed, so the server cannot swap it after seeing others' values."""
+    if len(base_sha256) != 32 or len(graph_commit) != 32:
+        raise CryptoError("the base model's sha256 and the graph commitment must be 32 bytes")
     raw_name = name.encode()
     return b"".join(
         [
-            b"securefl/v3/advertise\x00",
+            b"securefl/v4/advertise\x00",
             struct.pack(">QQH", round_id, base_version, len(raw_name)),
             base_sha256,
+            graph_commit,
             raw_name,
             c_pk,
             s_pk,
@@ -111,13 +113,15 @@ def sign_advertisement(
     c_pk: bytes,
     s_pk: bytes,
     base_sha256: bytes = bytes(32),
+    graph_commit: bytes = bytes(32),
 ) -> KeyAdvertisement:
     """Round 0 message: the round keys, signed under the hospital's certificate identity."""
     _, name = pki.identity_of(cert)
-    data = advertisement_bytes(round_id, base_version, name, c_pk, s_pk, base_sha256)
+    data = advertisement_bytes(round_id, base_version, name, c_pk, s_pk, base_sha256,
+                               graph_commit)
     signature = sign(key, data)
     return KeyAdvertisement(round_id, base_version, name, c_pk, s_pk, pki.cert_der(cert),
-                            signature, base_sha256)
+                            signature, base_sha256, graph_commit)
 
 
 def verify_advertisement(
@@ -137,10 +141,11 @@ def verify_advertisement(
         raise CryptoError(f"keys claimed for '{adv.name}' are signed by '{name}'")
     if len(adv.c_pk) != KEY_BYTES or len(adv.s_pk) != KEY_BYTES:
         raise CryptoError(f"round keys of '{name}' have the wrong length")
-    if len(adv.base_sha256) != 32:
-        raise CryptoError(f"the round keys of '{name}' carry no base model sha256")
+    if len(adv.base_sha256) != 32 or len(adv.graph_commit) != 32:
+        raise CryptoError(f"the round keys of '{name}' carry no base model sha256 or no "
+                          "graph commitment")
     data = advertisement_bytes(adv.round_id, adv.base_version, adv.name, adv.c_pk, adv.s_pk,
-                               adv.base_sha256)
+                               adv.base_sha256, adv.graph_commit)
     if not verify(cert, adv.signature, data):
         raise CryptoError(f"the round keys of '{name}' carry a bad signature")
 
@@ -184,3 +189,16 @@ def survivors_statement(round_id: int, base_version: int, base_sha256: bytes,
         roster_digest,
         struct.pack(f">H{len(survivors)}H", len(survivors), *survivors),
     ])
+
+
+def roster_statement(round_id: int, base_version: int, roster_digest: bytes) -> bytes:
+    """The bytes each participant signs to acknowledge the roster it holds.
+
+    Why: the graph seed's values are revealed only after every participant signed the same
+    roster digest, so a server cannot learn some hospitals' values and then show others a
+    roster with commitments it picked to suit them.
+    """
+    if len(roster_digest) != 32:
+        raise CryptoError("the roster statement needs a 32-byte digest")
+    return b"".join([b"securefl/v4/roster-ack\x00", struct.pack(">QQ", round_id, base_version),
+                     roster_digest])

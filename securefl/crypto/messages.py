@@ -31,7 +31,9 @@ class KeyAdvertisement:
     ``securefl.crypto.keys.advertisement_bytes``; ``cert_der`` lets every other hospital
     check it against the federation CA without trusting the server.  ``base_sha256`` is the
     sha256 of the model bytes this hospital received as ``base_version``: every hospital
-    checks that all others received the same bytes.
+    checks that all others received the same bytes.  ``graph_commit`` commits to this
+    hospital's share of the SecAgg+ graph seed (``common.graph_commitment``); the value
+    itself is revealed only once every hospital acknowledged the same roster.
     """
 
     round_id: int
@@ -42,6 +44,7 @@ class KeyAdvertisement:
     cert_der: bytes
     signature: bytes
     base_sha256: bytes = bytes(32)
+    graph_commit: bytes = bytes(32)
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,9 @@ class RoundConfig:
     """What the server fixes when enrolment closes; every hospital checks it before sharing.
 
     ``neighbours`` is k of the SecAgg+ graph (n - 1 = every pair masks, classic SecAgg);
-    ``threshold`` is t, the shares needed to rebuild a secret.  ``graph_seed`` drives the
-    random relabelling of the Harary graph, so every party derives the same neighbours.
+    ``threshold`` is t, the shares needed to rebuild a secret.  The graph's random
+    relabelling is not the server's to choose: its seed comes from every hospital's
+    revealed commitment (``SeedReveals``), after the roster is fixed.
     """
 
     round_id: int
@@ -58,7 +62,6 @@ class RoundConfig:
     vector_len: int
     threshold: int
     neighbours: int
-    graph_seed: bytes
     encoding: Encoding
     min_contributors: int = 2
 
@@ -76,6 +79,44 @@ class Roster:
             if adv.name == name:
                 return i
         raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class RosterAck:
+    """Round 1, hospital -> server: its signature on the roster it holds
+    (``keys.roster_statement``).  No hospital reveals its graph-seed value before it has
+    seen every participant's acknowledgement of the same roster."""
+
+    round_id: int
+    sender: int
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class RosterAcks:
+    """Round 1, server -> every participant: all participants' roster signatures."""
+
+    round_id: int
+    signatures: Mapping[int, bytes]
+
+
+@dataclass(frozen=True)
+class SeedReveal:
+    """Round 1, hospital -> server: the 32-byte value its advertisement committed to."""
+
+    round_id: int
+    sender: int
+    value: bytes
+
+
+@dataclass(frozen=True)
+class SeedReveals:
+    """Round 1, server -> every participant: every participant's revealed value.  The
+    graph seed is the hash of all of them (``common.graph_seed``), so it is random as long
+    as one hospital is honest, and no one could see the others' values before committing."""
+
+    round_id: int
+    values: Mapping[int, bytes]
 
 
 @dataclass(frozen=True)

@@ -53,12 +53,16 @@ def run_round(
     on_stage: Callable[[str], None] | None = None,
     colluders: int = 1,
     on_message: Callable[[str, object], None] | None = None,
+    sparse: bool = False,
+    policy: RoundPolicy | None = None,
 ) -> tuple[AggregateResult, RoundTimings]:
     """Run one round; ``drop[stage]`` lists hospital indices (0-based) lost before ``stage``.
 
     ``colluders``: the c both the server's threshold and every hospital's policy assume.
     ``on_message(name, msg)`` hears every message a hospital sends, outside the timings
-    (the benchmark counts their bytes on the wire with it).
+    (the benchmark counts their bytes on the wire with it).  ``sparse``: the server sizes a
+    SecAgg+ graph by the analysis (``params.choose_graph``); ``policy``: every hospital's
+    (default: ``colluders`` and sparse graphs accepted).
 
     Raises what the server raises (e.g. ``NotEnoughSurvivorsError``) when too many drop.
     """
@@ -97,8 +101,9 @@ def run_round(
         neighbours=neighbours,
         threshold=threshold,
         colluders=colluders,
+        sparse=sparse,
     )
-    policy = RoundPolicy(colluders=colluders, allow_sparse=True)
+    policy = policy or RoundPolicy(colluders=colluders, allow_sparse=True)
     alive: dict[str, ClientRound] = {}
     lost: set[int] = set()
 
@@ -121,10 +126,18 @@ def run_round(
         server_timed(lambda adv=adv, name=creds[i].name: server.receive(adv, from_name=name))
     roster = server_timed(server.close_enrolment)
 
+    def everyone(message: object) -> None:
+        """Every hospital still here answers ``message``; the server takes each answer."""
+        for name, c in alive.items():
+            msg = sent(name, timed(name, lambda c=c: c.receive(message)))
+            server_timed(lambda msg=msg, name=name: server.receive(msg, from_name=name))
+
+    everyone(roster)  # roster acknowledgements
+    everyone(server_timed(server.close_acks))  # graph-seed values
+    reveals = server_timed(server.close_reveals)
+
     stage("share")
-    for name, c in alive.items():
-        msg = sent(name, timed(name, lambda c=c: c.receive(roster)))
-        server_timed(lambda msg=msg, name=name: server.receive(msg, from_name=name))
+    everyone(reveals)  # key shares
     bundles = server_timed(server.close_shares)
 
     stage("input")
@@ -145,10 +158,13 @@ def run_round(
 
     stage("check")
     ask(listed, listed.survivors)  # type: ignore[attr-defined]
-    request = server_timed(server.close_check)
+    requests = server_timed(server.close_check)
 
     stage("unmask")
-    ask(request, request.signatures)  # type: ignore[attr-defined]
+    for name, c in alive.items():
+        if c.me in requests:  # type: ignore[operator]
+            msg = sent(name, timed(name, lambda c=c: c.receive(requests[c.me])))  # type: ignore[index]
+            server_timed(lambda msg=msg, name=name: server.receive(msg, from_name=name))
     result = server_timed(server.finish)
     return result, timings  # type: ignore[return-value]
 

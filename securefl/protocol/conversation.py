@@ -49,7 +49,12 @@ class HospitalPhase(Enum):
     JOINING = "waits for the reply to its join"
     JOINED = "has joined round {r} but not yet advertised its keys"
     ADVERTISED = "has advertised its keys for round {r} and waits for the roster"
-    ROSTER = "holds the roster of round {r} and has not yet shared its keys"
+    ROSTER = "holds the roster of round {r} and has not yet acknowledged it"
+    ACKED = ("has acknowledged the roster of round {r} and waits for every hospital's "
+             "acknowledgement")
+    ACKS = "holds every acknowledgement of round {r} and has not yet revealed its seed value"
+    REVEALED = "has revealed its seed value for round {r} and waits for everyone's"
+    SEEDED = "holds every seed value of round {r} and has not yet shared its keys"
     SHARED = "has shared its keys for round {r} and waits for the share envelopes"
     ENVELOPES = "holds its share envelopes of round {r} and has not yet sent its masked input"
     SLOT = "has asked for the upload slot of round {r} and not yet sent its masked input"
@@ -75,8 +80,8 @@ class AdminPhase(Enum):
 #: Requests any certificate may make, in any phase; they change nothing.
 ANYTIME = ("hello", "status", "get_global")
 #: A hospital's requests inside a round: each names the round (``round_id``).
-ROUND_REQUESTS = ("advertise", "share_keys", "upload_slot", "masked_input", "sign_survivors",
-                  "unmask_response")
+ROUND_REQUESTS = ("advertise", "ack_roster", "reveal_seed", "share_keys", "upload_slot",
+                  "masked_input", "sign_survivors", "unmask_response")
 ADMIN_ACTIONS = ("aggregate", "version", "count", "close", "abort")
 #: Request kind -> the kind of its (successful) reply.
 REPLY_TO: Mapping[str, str] = {
@@ -88,8 +93,8 @@ REPLY_TO: Mapping[str, str] = {
 REQUEST_KINDS = frozenset(REPLY_TO)
 #: What the server sends each role unprompted (``rid`` 0), besides ``error``.
 PUSHES: Mapping[str, frozenset[str]] = {
-    "hospital": frozenset({"roster", "envelopes", "survivor_list", "unmask_request",
-                           "round_done"}),
+    "hospital": frozenset({"roster", "roster_acks", "seed_reveals", "envelopes",
+                           "survivor_list", "unmask_request", "round_done"}),
     "admin": frozenset({"aggregate_progress"}),
 }
 
@@ -100,7 +105,11 @@ _ROUND_ORDER: Mapping[HospitalPhase, Mapping[str, HospitalPhase]] = {
     H.JOINING: {"joined:secagg": H.JOINED, "joined:plain": H.PLAIN},
     H.JOINED: {"advertise": H.ADVERTISED},
     H.ADVERTISED: {"roster": H.ROSTER},
-    H.ROSTER: {"share_keys": H.SHARED},
+    H.ROSTER: {"ack_roster": H.ACKED},
+    H.ACKED: {"roster_acks": H.ACKS},
+    H.ACKS: {"reveal_seed": H.REVEALED},
+    H.REVEALED: {"seed_reveals": H.SEEDED},
+    H.SEEDED: {"share_keys": H.SHARED},
     H.SHARED: {"envelopes": H.ENVELOPES},
     # Asking for the upload slot first is what a hospital should do; a masked input sent
     # without asking is still taken (the server reads it when the slot is free).

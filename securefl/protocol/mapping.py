@@ -22,25 +22,27 @@ def advertisement_from_wire(
     return cm.KeyAdvertisement(
         round_id=msg.round_id, base_version=base_version, name=name, c_pk=msg.c_pk,
         s_pk=msg.s_pk, cert_der=cert_der, signature=msg.signature,
-        base_sha256=msg.base_sha256,
+        base_sha256=msg.base_sha256, graph_commit=msg.graph_commit,
     )
 
 
 def advertisement_to_wire(adv: cm.KeyAdvertisement, rid: int = 0) -> wm.Advertise:
     return wm.Advertise(rid=rid, round_id=adv.round_id, c_pk=adv.c_pk, s_pk=adv.s_pk,
-                        signature=adv.signature, base_sha256=adv.base_sha256)
+                        signature=adv.signature, base_sha256=adv.base_sha256,
+                        graph_commit=adv.graph_commit)
 
 
 def roster_to_wire(roster: cm.Roster) -> wm.RosterMsg:
     c, enc = roster.config, roster.config.encoding
     return wm.RosterMsg(
         round_id=c.round_id, base_version=c.base_version, vector_len=c.vector_len,
-        threshold=c.threshold, neighbours=c.neighbours, graph_seed=c.graph_seed,
+        threshold=c.threshold, neighbours=c.neighbours,
         ring_bits=enc.ring_bits, clip=enc.clip, scale=enc.scale, max_clients=enc.max_clients,
         max_weight=enc.max_weight, min_contributors=c.min_contributors,
         participants=[
             wm.Participant(name=p.name, c_pk=p.c_pk, s_pk=p.s_pk, cert_der=p.cert_der,
-                           signature=p.signature, base_sha256=p.base_sha256)
+                           signature=p.signature, base_sha256=p.base_sha256,
+                           graph_commit=p.graph_commit)
             for p in roster.participants
         ],
     )
@@ -50,18 +52,50 @@ def roster_from_wire(msg: wm.RosterMsg) -> cm.Roster:
     enc = Encoding(msg.ring_bits, msg.clip, msg.scale, msg.max_clients, msg.max_weight)
     config = cm.RoundConfig(
         round_id=msg.round_id, base_version=msg.base_version, vector_len=msg.vector_len,
-        threshold=msg.threshold, neighbours=msg.neighbours, graph_seed=msg.graph_seed,
+        threshold=msg.threshold, neighbours=msg.neighbours,
         encoding=enc, min_contributors=msg.min_contributors,
     )
     parts = tuple(
         cm.KeyAdvertisement(
             round_id=msg.round_id, base_version=msg.base_version, name=p.name, c_pk=p.c_pk,
             s_pk=p.s_pk, cert_der=p.cert_der, signature=p.signature,
-            base_sha256=p.base_sha256,
+            base_sha256=p.base_sha256, graph_commit=p.graph_commit,
         )
         for p in msg.participants
     )
     return cm.Roster(config=config, participants=parts)
+
+
+def roster_ack_to_wire(ack: cm.RosterAck, rid: int = 0) -> wm.AckRoster:
+    return wm.AckRoster(rid=rid, round_id=ack.round_id, signature=ack.signature)
+
+
+def roster_ack_from_wire(msg: wm.AckRoster, *, sender: int) -> cm.RosterAck:
+    return cm.RosterAck(round_id=msg.round_id, sender=sender, signature=msg.signature)
+
+
+def roster_acks_to_wire(acks: cm.RosterAcks) -> wm.RosterAcksMsg:
+    return wm.RosterAcksMsg(round_id=acks.round_id, signatures=dict(acks.signatures))
+
+
+def roster_acks_from_wire(msg: wm.RosterAcksMsg) -> cm.RosterAcks:
+    return cm.RosterAcks(round_id=msg.round_id, signatures=dict(msg.signatures))
+
+
+def seed_reveal_to_wire(rev: cm.SeedReveal, rid: int = 0) -> wm.RevealSeed:
+    return wm.RevealSeed(rid=rid, round_id=rev.round_id, value=rev.value)
+
+
+def seed_reveal_from_wire(msg: wm.RevealSeed, *, sender: int) -> cm.SeedReveal:
+    return cm.SeedReveal(round_id=msg.round_id, sender=sender, value=msg.value)
+
+
+def seed_reveals_to_wire(revs: cm.SeedReveals) -> wm.SeedRevealsMsg:
+    return wm.SeedRevealsMsg(round_id=revs.round_id, values=dict(revs.values))
+
+
+def seed_reveals_from_wire(msg: wm.SeedRevealsMsg) -> cm.SeedReveals:
+    return cm.SeedReveals(round_id=msg.round_id, values=dict(msg.values))
 
 
 def share_keys_to_wire(sk: cm.ShareKeys, rid: int = 0) -> wm.ShareKeysMsg:

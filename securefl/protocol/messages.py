@@ -118,6 +118,25 @@ class Advertise(_Wire):
     signature: Bytes
     #: sha256 of the base model bytes this hospital received (signed with the keys).
     base_sha256: Bytes
+    #: Commitment to this hospital's graph-seed value (signed with the keys).
+    graph_commit: Bytes
+
+
+class AckRoster(_Wire):
+    """Round 1: this hospital's signature on the roster it was sent
+    (``securefl.crypto.keys.roster_statement``)."""
+
+    kind: Literal["ack_roster"] = "ack_roster"
+    round_id: int = Field(ge=0)
+    signature: Bytes
+
+
+class RevealSeed(_Wire):
+    """Round 1: the 32-byte value this hospital's advertisement committed to."""
+
+    kind: Literal["reveal_seed"] = "reveal_seed"
+    round_id: int = Field(ge=0)
+    value: Bytes
 
 
 class ShareKeysMsg(_Wire):
@@ -307,6 +326,7 @@ class Participant(BaseModel):
     cert_der: Bytes
     signature: Bytes
     base_sha256: Bytes
+    graph_commit: Bytes
 
 
 class RosterMsg(_Wire):
@@ -318,7 +338,6 @@ class RosterMsg(_Wire):
     vector_len: int
     threshold: int
     neighbours: int
-    graph_seed: Bytes
     ring_bits: int
     clip: float
     scale: float
@@ -326,6 +345,22 @@ class RosterMsg(_Wire):
     max_weight: int
     min_contributors: int
     participants: list[Participant] = Field(max_length=1000)
+
+
+class RosterAcksMsg(_Wire):
+    """Push, round 1: every participant's signature on the roster (by participant number)."""
+
+    kind: Literal["roster_acks"] = "roster_acks"
+    round_id: int
+    signatures: dict[int, Bytes] = Field(max_length=1000)
+
+
+class SeedRevealsMsg(_Wire):
+    """Push, round 1: every participant's graph-seed value (by participant number)."""
+
+    kind: Literal["seed_reveals"] = "seed_reveals"
+    round_id: int
+    values: dict[int, Bytes] = Field(max_length=1000)
 
 
 class EnvelopesMsg(_Wire):
@@ -396,7 +431,7 @@ Message = Annotated[
     | UnmaskResponseMsg | AdminCommand | Welcome | GlobalModel | StatusReply | Joined | Ack
     | AdminResult | RosterMsg | EnvelopesMsg | UnmaskRequestMsg | RoundDone | ErrorMsg
     | AdminQuery | AdminQueryReply | UploadSlot | AggregateProgress | SurvivorListMsg
-    | SignSurvivors,
+    | SignSurvivors | AckRoster | RevealSeed | RosterAcksMsg | SeedRevealsMsg,
     Field(discriminator="kind"),
 ]
 MESSAGE: TypeAdapter[Message] = TypeAdapter(Message)

@@ -155,12 +155,11 @@ class AdminActions:
                 await self._wait_step(rnd)
                 # ... round 4: those that signed get the list with t+ signatures, and only
                 # then reveal shares.
-                request = eng.close_check()
-                wire = mapping.unmask_request_to_wire(request)
-                for index in sorted(request.signatures):
+                requests = eng.close_check()
+                for index, request in sorted(requests.items()):
                     peer = rnd.members.get(eng.name_of(index))
                     if peer is not None and peer.open:
-                        self._push(peer, wire)
+                        self._push(peer, mapping.unmask_request_to_wire(request))
                 rnd.watcher = admin
                 self._report_unmask(rnd)
                 await self._wait_step(rnd)

@@ -240,6 +240,22 @@ class Coordinator(AdminActions):
         self._check_progress(rnd)
         return self._ack(msg, rnd), None
 
+    async def _on_ack_roster(self, peer: Peer, msg: wm.AckRoster,
+                             array: None) -> tuple[wm._Wire, None]:
+        rnd = self._member_round(peer, msg.round_id)
+        ack = mapping.roster_ack_from_wire(msg, sender=rnd.index_of(peer.name))
+        rnd.engine.receive(ack, from_name=peer.name)
+        self._check_progress(rnd)
+        return self._ack(msg, rnd), None
+
+    async def _on_reveal_seed(self, peer: Peer, msg: wm.RevealSeed,
+                              array: None) -> tuple[wm._Wire, None]:
+        rnd = self._member_round(peer, msg.round_id)
+        rev = mapping.seed_reveal_from_wire(msg, sender=rnd.index_of(peer.name))
+        rnd.engine.receive(rev, from_name=peer.name)
+        self._check_progress(rnd)
+        return self._ack(msg, rnd), None
+
     async def _on_share_keys(self, peer: Peer, msg: wm.ShareKeysMsg,
                              array: None) -> tuple[wm._Wire, None]:
         rnd = self._member_round(peer, msg.round_id)
@@ -378,7 +394,9 @@ class Coordinator(AdminActions):
             engine = ServerRound(
                 round_id=round_id, base_version=info.version, vector_len=int(weights.shape[0]),
                 base_sha256=bytes.fromhex(info.sha256),
-                encoding=self.encoding, ca_cert=self.ca_cert, neighbours=self.rs.neighbours,
+                encoding=self.encoding, ca_cert=self.ca_cert, sparse=self.rs.sparse,
+                corrupt_fraction=self.rs.corrupt_fraction,
+                dropout_fraction=self.rs.dropout_fraction,
                 min_contributors=2, colluders=self.rs.colluders,
             )
         rnd = ActiveRound(round_id, info.version, engine)
@@ -411,6 +429,16 @@ class Coordinator(AdminActions):
                 enough = len(joined) >= least and rnd.deadline_passed and not rnd.exact
                 if everyone or enough:
                     self._close_enrolment(rnd)
+            elif eng.state in (ServerState.CONFIRMING, ServerState.REVEALING) and isinstance(
+                    eng, ServerRound):
+                have = eng.acked if eng.state is ServerState.CONFIRMING else eng.revealed
+                # Gone before revealing: its value will never come.
+                gone = [n for n in eng.joined if not rnd.members[n].open
+                        and rnd.index_of(n) not in eng.revealed]
+                if len(have) == len(eng.joined) or gone:
+                    # Complete, or someone left who never will answer: no need to wait for
+                    # the deadline to know the graph cannot be drawn without it.
+                    self._all_or_nothing_deadline(rnd)
             elif eng.state is ServerState.SHARING:
                 waiting = [n for n in eng.joined if n not in rnd.shared and rnd.members[n].open]
                 if not waiting:
@@ -443,6 +471,39 @@ class Coordinator(AdminActions):
         self.audit.record("enrolment-closed", round_id=rnd.round_id,
                           members=list(rnd.engine.joined))
         wire = mapping.roster_to_wire(roster)
+        for peer in rnd.members.values():
+            self._push(peer, wire)
+        self._restart_timer(rnd, lambda: self._all_or_nothing_deadline(rnd))
+
+    def _all_or_nothing_deadline(self, rnd: ActiveRound) -> None:
+        """A hospital that never confirmed the roster or revealed its seed value stops the
+        round (the graph needs every value); the others are invited to a fresh one.
+        Also called as soon as the step is complete, or a member left."""
+        eng = rnd.engine
+        if self.round is not rnd or eng.state not in (ServerState.CONFIRMING,
+                                                      ServerState.REVEALING):
+            return
+        try:
+            if eng.state is ServerState.CONFIRMING:
+                self._close_acks(rnd)
+            else:
+                self._close_reveals(rnd)
+        except SecureFLError as exc:
+            self._abandon(rnd, exc.code, exc.message, retry=True)
+
+    def _close_acks(self, rnd: ActiveRound) -> None:
+        assert isinstance(rnd.engine, ServerRound)
+        wire = mapping.roster_acks_to_wire(rnd.engine.close_acks())
+        for peer in rnd.members.values():
+            self._push(peer, wire)
+        self._restart_timer(rnd, lambda: self._all_or_nothing_deadline(rnd))
+
+    def _close_reveals(self, rnd: ActiveRound) -> None:
+        assert isinstance(rnd.engine, ServerRound)
+        wire = mapping.seed_reveals_to_wire(rnd.engine.close_reveals())
+        self.audit.record("graph-drawn", round_id=rnd.round_id,
+                          neighbours=rnd.engine.roster.config.neighbours  # type: ignore[union-attr]
+                          )
         for peer in rnd.members.values():
             self._push(peer, wire)
         self._restart_timer(rnd, lambda: self._sharing_deadline(rnd))
@@ -533,6 +594,8 @@ _HANDLERS: dict[str, Callable[..., Awaitable[tuple[wm._Wire, np.ndarray | None]]
     "admin_query": Coordinator._on_admin_query,
     "join": Coordinator._on_join,
     "advertise": Coordinator._on_advertise,
+    "ack_roster": Coordinator._on_ack_roster,
+    "reveal_seed": Coordinator._on_reveal_seed,
     "share_keys": Coordinator._on_share_keys,
     "masked_input": Coordinator._on_masked_input,
     "sign_survivors": Coordinator._on_sign_survivors,

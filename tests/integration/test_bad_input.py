@@ -219,7 +219,8 @@ def test_forged_keys_and_out_of_order_round_messages(fed: Federation) -> None:
             forged = await raw.request({"kind": "advertise", "rid": 2, "round_id": rid,
                                         "c_pk": b64(32), "s_pk": b64(32),
                                         "signature": b64(70),
-                                        "base_sha256": base64.b64encode(v0_sha).decode()})
+                                        "base_sha256": base64.b64encode(v0_sha).decode(),
+                                        "graph_commit": b64(32)})
             assert forged["kind"] == "error" and forged["code"] == "crypto", forged
             early = await raw.request({"kind": "share_keys", "rid": 3, "round_id": rid,
                                        "envelopes": {"1": b64(10)}})

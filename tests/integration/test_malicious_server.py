@@ -441,40 +441,31 @@ def test_an_earlier_rounds_roster_or_keys_replayed_into_a_retry_are_refused(
 
 
 # -- different rosters for different hospitals ------------------------------------------------
-def test_different_rosters_for_different_hospitals_are_caught_at_the_consistency_check(
+def test_different_rosters_for_different_hospitals_are_caught_before_any_key_is_shared(
         fed: Federation) -> None:
-    """b gets a roster that differs from a's and c's in one field its masks never use (the
-    graph seed), so the round runs to the survivor list; every signature covers the
-    signer's roster digest, so no hospital finds t valid signatures and none unmasks."""
+    """b gets a roster that differs from a's and c's in one field its masks never use
+    (min_contributors).  Every hospital signs the roster it holds and reveals its
+    graph-seed value only on seeing all signatures on that same roster: each finds one
+    that is not, and stops before making any key share."""
     names = "abc"
 
     def tamper(name: str, msg: wm.RosterMsg) -> wm.RosterMsg:
-        return msg.model_copy(update={"graph_seed": b"\x07" * 32}) if name == "b" else msg
+        return msg.model_copy(update={"min_contributors": 3}) if name == "b" else msg
 
     async def script(server: ScriptedServer) -> tuple[Loot, list[str]]:
         rnd = ScriptedRound(server, 1, [await server.peer(n) for n in names])
         await rnd.enrol()
         await rnd.send_roster(tamper)  # type: ignore[arg-type]
-        await rnd.collect_shares()
-        await rnd.send_envelopes()
-        await rnd.collect_inputs()
-        await rnd.send_lists({n: [1, 2, 3] for n in names})
-        signed = await rnd.collect_signatures(to_engine=False)
-        assert set(signed) == set(names)
-        everyone = {rnd.index(n): signed[n] for n in names}
-        await rnd.send_unmask({n: wm.UnmaskRequestMsg(round_id=1, survivors=[1, 2, 3],
-                                                      signatures=everyone) for n in names})
+        await rnd.draw()
         return rnd.loot, await rnd.expect_gone()
 
-    outcomes, (loot, answered), sites, ups = asyncio.run(_scenario(fed, names, script))
+    outcomes, (loot, answered), sites, _ups = asyncio.run(_scenario(fed, names, script))
     assert answered == []
     for n in names:
         other = "a" if n == "b" else "b"
         assert_refused(sites[n], outcomes[n], CryptoError,
-                       f"the signature of '{other}' on the survivor list does not verify (it "
-                       "signed another list, roster or round): refusing to unmask")
-    assert len(loot.inputs) == 3 and not loot.b_shares
-    assert assert_hidden(loot, 2, ups["b"]) == "its self-mask seed: 0 share(s) of 3"
+                       f"'{other}' acknowledged another roster than this hospital holds")
+    assert loot.inputs == {}
 
 
 # -- messages out of order --------------------------------------------------------------------
@@ -580,8 +571,8 @@ def test_withheld_share_envelopes_leave_the_target_hidden(fed: Federation,
                            "the survivor list names hospitals that never shared keys with "
                            "this one")
         assert_refused(sites["d"], outcomes["d"], CryptoError,
-                       "only 1 hospital(s) signed the survivor list; 3 must before any "
-                       "share is revealed")
+                       "only 1 hospital(s) signed the survivor list; 3 must, of the 4 "
+                       "holding shares of 'a', before any share is revealed")
     missing = assert_hidden(loot, 4, ups["d"])
     assert missing == ("its masked input never arrived" if withheld == "to the target"
                        else "its self-mask seed: 0 share(s) of 3")
@@ -651,7 +642,7 @@ def test_survivors_padded_with_unknown_numbers_reveal_nothing(fed: Federation,
             honest = rnd.engine.close_check()
             await rnd.send_unmask({n: wm.UnmaskRequestMsg(
                 round_id=1, survivors=padded(rnd.index(n)),
-                signatures=dict(honest.signatures)) for n in names})
+                signatures=dict(honest[1].signatures)) for n in names})
         return rnd.loot, await rnd.expect_gone()
 
     outcomes, (loot, answered), sites, ups = asyncio.run(_scenario(fed, names, script))
@@ -709,8 +700,8 @@ def test_split_survivor_lists_with_a_colluder(fed: Federation, assumed: int) -> 
         assert answered == []
         for n in names:
             assert_refused(sites[n], outcomes[n], CryptoError,
-                           "only 3 hospital(s) signed the survivor list; 4 must before any "
-                           "share is revealed")
+                           "only 3 hospital(s) signed the survivor list; 4 must, of the 5 "
+                           "holding shares of")
         assert assert_hidden(loot, 4, ups["d"]) == "its self-mask seed: 1 share(s) of 4"
     else:
         assert sorted(answered) == names

@@ -50,6 +50,8 @@ async def _round(fed: Federation, settings: config.ServerSettings, samples: list
                 out = await h.send(ups[i], samples[i], leave_after=leave.get(name),  # type: ignore[arg-type]
                                    on_step=lambda s: steps.append(s.name))
                 if out is not None:  # a hospital that stayed saw every step, in order
+                    if "retrying" in steps:  # of the round that published
+                        steps = steps[len(steps) - steps[::-1].index("retrying"):]
                     assert steps == (["joined", "masked-sent", "published"]
                                      if settings.round.masking == "plain" else
                                      ["joined", "roster", "keys-shared", "masked-sent", "signed",
@@ -100,7 +102,9 @@ def test_model_sized_uploads_take_turns_for_the_slot_and_give_the_weighted_mean(
 
 
 @pytest.mark.parametrize(("leaver", "when", "counted"), [
-    ("a", "join", [1, 2, 3]),          # gone before sharing keys: not in the round at all
+    # gone before confirming the roster: the graph cannot be drawn without it, so the
+    # round is retried at once with the others
+    ("a", "join", [1, 2, 3]),
     ("a", "share_keys", [1, 2, 3]),    # gone before its masked input: left out, mask removed
     ("d", "masked_input", [0, 1, 2, 3]),  # gone after it: still in, others unmask for it
 ])

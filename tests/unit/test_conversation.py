@@ -27,6 +27,7 @@ from securefl.protocol.conversation import (
     INITIAL,
     PUSHES,
     REPLY_TO,
+    ROUND_REQUESTS,
     TABLES,
     AdminPhase,
     Conversation,
@@ -64,7 +65,9 @@ def request(event: str, rid: int, round_id: int = ROUND) -> wm._Wire:
         "get_global": lambda: wm.GetGlobal(rid=rid),
         "join": lambda: wm.Join(rid=rid, base_version=0),
         "advertise": lambda: wm.Advertise(rid=rid, round_id=round_id, c_pk=B, s_pk=B,
-                                          signature=B, base_sha256=B),
+                                          signature=B, base_sha256=B, graph_commit=B),
+        "ack_roster": lambda: wm.AckRoster(rid=rid, round_id=round_id, signature=B),
+        "reveal_seed": lambda: wm.RevealSeed(rid=rid, round_id=round_id, value=B),
         "share_keys": lambda: wm.ShareKeysMsg(rid=rid, round_id=round_id, envelopes={2: B}),
         "upload_slot": lambda: wm.UploadSlot(rid=rid, round_id=round_id, nbytes=12),
         "masked_input": lambda: wm.MaskedInputMsg(
@@ -104,8 +107,10 @@ def push(event: str, round_id: int = ROUND, **fields: object) -> wm._Wire:
     make: dict[str, Callable[[], wm._Wire]] = {
         "roster": lambda: wm.RosterMsg(
             round_id=round_id, base_version=0, vector_len=2, threshold=2, neighbours=1,
-            graph_seed=B, ring_bits=32, clip=1.0, scale=1.0, max_clients=10, max_weight=10,
+            ring_bits=32, clip=1.0, scale=1.0, max_clients=10, max_weight=10,
             min_contributors=2, participants=[]),
+        "roster_acks": lambda: wm.RosterAcksMsg(round_id=round_id, signatures={1: B, 2: B}),
+        "seed_reveals": lambda: wm.SeedRevealsMsg(round_id=round_id, values={1: B, 2: B}),
         "envelopes": lambda: wm.EnvelopesMsg(round_id=round_id, recipient=1,
                                              envelopes={2: B}),
         "survivor_list": lambda: wm.SurvivorListMsg(round_id=round_id, survivors=[1, 2]),
@@ -168,7 +173,9 @@ def secagg_round(link: Link, round_id: int = ROUND, *, slot: bool = True,
     seen = []
     link.exchange("join", "joined:secagg", round_id=round_id)
     seen.append(link.phase)
-    for step, kind in [("advertise", "ask"), ("roster", "push"), ("share_keys", "ask"),
+    for step, kind in [("advertise", "ask"), ("roster", "push"), ("ack_roster", "ask"),
+                       ("roster_acks", "push"), ("reveal_seed", "ask"),
+                       ("seed_reveals", "push"), ("share_keys", "ask"),
                        ("envelopes", "push"), ("upload_slot", "ask"), ("masked_input", "ask"),
                        ("survivor_list", "push"), ("sign_survivors", "ask"),
                        ("unmask_request", "push"), ("unmask_response", "ask")]:
@@ -189,7 +196,8 @@ def test_a_secagg_round_back_to_back() -> None:
     link.exchange("hello")
     link.exchange("get_global")
     assert link.phase is H.IDLE and not link.client.in_round
-    assert secagg_round(link) == [H.JOINED, H.ADVERTISED, H.ROSTER, H.SHARED, H.ENVELOPES,
+    assert secagg_round(link) == [H.JOINED, H.ADVERTISED, H.ROSTER, H.ACKED, H.ACKS,
+                                  H.REVEALED, H.SEEDED, H.SHARED, H.ENVELOPES,
                                   H.SLOT, H.SUBMITTED, H.LISTED, H.SIGNED, H.UNMASKING,
                                   H.ANSWERED]
     assert link.client.round_id == ROUND
@@ -416,8 +424,7 @@ def expected_code(role: str, phase: Enum, event: str) -> str:
     kind = event.split(":")[0]
     if event not in {e for row in TABLES[role].values() for e in row}:
         return "forbidden"
-    if kind in ("advertise", "share_keys", "upload_slot", "masked_input", "sign_survivors",
-                "unmask_response") and phase in (H.IDLE, H.JOINING):
+    if kind in ROUND_REQUESTS and phase in (H.IDLE, H.JOINING):
         return "not-joined"
     if kind == "join":
         return "already-joined"
@@ -485,7 +492,8 @@ def test_the_generated_pairs_cover_both_roles_and_every_kind() -> None:
     pairs = list(illegal_pairs())
     assert {r for r, _, _ in pairs} == {"hospital", "admin"}
     kinds = {e.split(":")[0] for _, _, e in pairs}
-    assert kinds >= {"join", "advertise", "share_keys", "upload_slot", "masked_input",
+    assert kinds >= {"join", "advertise", "ack_roster", "reveal_seed", "roster_acks",
+                     "seed_reveals", "share_keys", "upload_slot", "masked_input",
                      "sign_survivors", "unmask_response", "roster", "envelopes",
                      "survivor_list", "unmask_request", "aggregate_progress", "admin",
                      "admin_query"}
@@ -506,6 +514,10 @@ def test_the_disorders_the_issue_names_are_decided_by_the_table() -> None:
     link.exchange("join", "joined:secagg")
     link.exchange("advertise")
     link.push("roster")
+    link.exchange("ack_roster")
+    link.push("roster_acks")
+    link.exchange("reveal_seed")
+    link.push("seed_reveals")
     link.exchange("share_keys")
     for event, code, says in [
             ("masked_input", "remote-protocol", "'masked_input' is not allowed while this "

@@ -21,7 +21,7 @@ def _frame(msg: wm._Wire, payload: bytes = b"") -> Frame:
 
 def test_bytes_travel_as_base64_and_come_back() -> None:
     msg = wm.Advertise(rid=3, round_id=1, c_pk=b"\x00" * 32, s_pk=b"\xff" * 32,
-                       signature=b"sig", base_sha256=b"\x07" * 32)
+                       signature=b"sig", base_sha256=b"\x07" * 32, graph_commit=b"\x08" * 32)
     header = json.loads(wm.encode_header(msg))
     assert header["c_pk"] == "A" * 43 + "="
     back, array = wm.decode(_frame(msg))
@@ -64,11 +64,28 @@ def test_models_are_frozen() -> None:
 def _roster() -> cm.Roster:
     enc = Encoding.auto(max_clients=4, max_weight=100)
     cfg = cm.RoundConfig(round_id=3, base_version=2, vector_len=10, threshold=2, neighbours=2,
-                         graph_seed=b"s" * 32, encoding=enc, min_contributors=2)
+                         encoding=enc, min_contributors=2)
     parts = tuple(cm.KeyAdvertisement(3, 2, n, bytes([i]) * 32, bytes([i + 1]) * 32,
-                                      b"cert-" + n.encode(), b"sig", bytes([9 + i]) * 32)
+                                      b"cert-" + n.encode(), b"sig", bytes([9 + i]) * 32,
+                                      bytes([20 + i]) * 32)
                   for i, n in enumerate(["a", "b", "c"]))
     return cm.Roster(cfg, parts)
+
+
+def test_the_graph_seed_steps_round_trip_through_the_wire() -> None:
+    """Roster acknowledgements and graph-seed values, both directions."""
+    ack = cm.RosterAck(3, 2, b"signature")
+    msg, _ = wm.decode(_frame(mapping.roster_ack_to_wire(ack, rid=4)))
+    assert mapping.roster_ack_from_wire(msg, sender=2) == ack  # type: ignore[arg-type]
+    acks = cm.RosterAcks(3, {1: b"s1", 2: b"s2"})
+    msg, _ = wm.decode(_frame(mapping.roster_acks_to_wire(acks)))
+    assert mapping.roster_acks_from_wire(msg) == acks  # type: ignore[arg-type]
+    rev = cm.SeedReveal(3, 2, b"\x05" * 32)
+    msg, _ = wm.decode(_frame(mapping.seed_reveal_to_wire(rev, rid=5)))
+    assert mapping.seed_reveal_from_wire(msg, sender=2) == rev  # type: ignore[arg-type]
+    revs = cm.SeedReveals(3, {1: b"\x01" * 32, 2: b"\x02" * 32})
+    msg, _ = wm.decode(_frame(mapping.seed_reveals_to_wire(revs)))
+    assert mapping.seed_reveals_from_wire(msg) == revs  # type: ignore[arg-type]
 
 
 def test_roster_round_trips_through_the_wire() -> None:
@@ -104,7 +121,7 @@ def test_round_messages_round_trip() -> None:
 
 def test_identity_comes_from_the_caller_not_the_message() -> None:
     adv = wm.Advertise(rid=1, round_id=5, c_pk=b"c" * 32, s_pk=b"s" * 32, signature=b"x",
-                       base_sha256=b"h" * 32)
+                       base_sha256=b"h" * 32, graph_commit=b"g" * 32)
     ka = mapping.advertisement_from_wire(adv, name="b", base_version=4, cert_der=b"der")
     assert (ka.name, ka.base_version, ka.cert_der) == ("b", 4, b"der")
 

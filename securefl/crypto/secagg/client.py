@@ -4,9 +4,12 @@ Typed messages in, typed messages out; no sockets, files or clocks.  The transit
 ``CLIENT_TABLE`` is the whole protocol order for this role: anything else raises
 ``RemoteProtocolError`` (the server sent it) or ``LocalProtocolError`` (we called it).
 
-Bonawitz et al. 2017, Fig. 4 with the §6 consistency check, user side:
-  round 0  ``advertise()``                    -> KeyAdvertisement
-  round 1  ``receive(Roster)``                -> ShareKeys
+Bonawitz et al. 2017, Fig. 4 with the §6 consistency check, user side, and the graph
+seed drawn by commit-then-reveal (SecAgg+, Bell et al. 2020, with no server-chosen seed):
+  round 0  ``advertise()``                    -> KeyAdvertisement (commits to a value)
+  round 1  ``receive(Roster)``                -> RosterAck        (signs the roster)
+           ``receive(RosterAcks)``            -> SeedReveal       (all n signed the same)
+           ``receive(SeedReveals)``           -> ShareKeys        (graph from all values)
   round 2  ``receive(EnvelopeBundle)``        -> MaskedInput
   round 3  ``receive(ConsistencyRequest)``    -> ConsistencySignature
   round 4  ``receive(UnmaskRequest)``         -> UnmaskResponse
@@ -30,6 +33,7 @@ from securefl.crypto import envelope, graph, pki, shamir
 from securefl.crypto.keys import (
     KeyPair,
     SigningKey,
+    roster_statement,
     sign,
     sign_advertisement,
     survivors_statement,
@@ -44,6 +48,10 @@ from securefl.crypto.messages import (
     KeyAdvertisement,
     MaskedInput,
     Roster,
+    RosterAck,
+    RosterAcks,
+    SeedReveal,
+    SeedReveals,
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
@@ -55,9 +63,16 @@ from securefl.crypto.secagg.common import (
     PAIR_MASK,
     SELF_MASK,
     check_config,
+    graph_commitment,
+    graph_seed,
     roster_digest,
     round_context,
     step,
+)
+from securefl.crypto.secagg.params import (
+    choose_graph,
+    dropout_allowance,
+    sparse_threshold_floor,
 )
 from securefl.crypto.secagg.policy import RoundPolicy
 from securefl.errors import ConfigError, CryptoError, RemoteProtocolError, StaleVersionError
@@ -71,6 +86,8 @@ def _describe(enc: Encoding) -> str:
 class ClientState(Enum):
     NEW = "not started"
     ADVERTISED = "waiting for the roster"
+    ACKED = "waiting for every hospital's acknowledgement of the roster"
+    REVEALED = "waiting for every hospital's graph-seed value"
     SHARED = "waiting for key shares"
     MASKED = "waiting for the survivor list"
     SIGNED = "waiting for the unmask request"
@@ -82,7 +99,9 @@ ADVERTISE = "advertise"
 
 CLIENT_TABLE = {
     ClientState.NEW: {ADVERTISE: ClientState.ADVERTISED},
-    ClientState.ADVERTISED: {Roster: ClientState.SHARED},
+    ClientState.ADVERTISED: {Roster: ClientState.ACKED},
+    ClientState.ACKED: {RosterAcks: ClientState.REVEALED},
+    ClientState.REVEALED: {SeedReveals: ClientState.SHARED},
     ClientState.SHARED: {EnvelopeBundle: ClientState.MASKED},
     ClientState.MASKED: {ConsistencyRequest: ClientState.SIGNED},
     ClientState.SIGNED: {UnmaskRequest: ClientState.DONE},
@@ -133,6 +152,11 @@ class ClientRound:
         self._neighbours: frozenset[int] = frozenset()
         self._held: dict[int, tuple[int, int]] = {}  # sender -> (share of b, share of s_sk)
         self._envelope_keys: dict[int, bytes] = {}  # neighbour -> AES-GCM key (symmetric)
+        self._graph: dict[int, frozenset[int]] = {}
+        self._seed_value = os.urandom(32)  # this hospital's share of the graph seed
+        self._roster_statement = b""
+        #: Whether the roster's graph is sparse (SecAgg+): then the dropout cap applies.
+        self.sparse = False
 
     # -- round 0 -----------------------------------------------------------------------
     def advertise(self) -> KeyAdvertisement:
@@ -145,12 +169,18 @@ class ClientRound:
             c_pk=self._c.public,
             s_pk=self._s.public,
             base_sha256=self._base_sha256,
+            graph_commit=graph_commitment(self.round_id, self.base_version,
+                                          pki.identity_of(self._cert)[1], self._seed_value),
         )
         return self._own
 
     # -- dispatch ----------------------------------------------------------------------
     @overload
-    def receive(self, msg: Roster) -> ShareKeys: ...
+    def receive(self, msg: Roster) -> RosterAck: ...
+    @overload
+    def receive(self, msg: RosterAcks) -> SeedReveal: ...
+    @overload
+    def receive(self, msg: SeedReveals) -> ShareKeys: ...
     @overload
     def receive(self, msg: EnvelopeBundle) -> MaskedInput: ...
     @overload
@@ -159,8 +189,10 @@ class ClientRound:
     def receive(self, msg: UnmaskRequest) -> UnmaskResponse: ...
 
     def receive(
-        self, msg: Roster | EnvelopeBundle | ConsistencyRequest | UnmaskRequest
-    ) -> ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse:
+        self, msg: Roster | RosterAcks | SeedReveals | EnvelopeBundle | ConsistencyRequest
+        | UnmaskRequest,
+    ) -> RosterAck | SeedReveal | ShareKeys | MaskedInput | ConsistencySignature \
+            | UnmaskResponse:
         """Feed the server's next message; returns this hospital's answer to send back.
 
         Any refusal ends the round for this hospital (``ClientState.FAILED``), as h11 does
@@ -173,9 +205,14 @@ class ClientRound:
         """
         try:
             nxt = step(CLIENT_TABLE, self.state, type(msg), remote=True)
-            out: ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse
+            out: (RosterAck | SeedReveal | ShareKeys | MaskedInput | ConsistencySignature
+                  | UnmaskResponse)
             if isinstance(msg, Roster):
                 out = self._on_roster(msg)
+            elif isinstance(msg, RosterAcks):
+                out = self._on_acks(msg)
+            elif isinstance(msg, SeedReveals):
+                out = self._on_reveals(msg)
             elif isinstance(msg, EnvelopeBundle):
                 out = self._on_envelopes(msg)
             elif isinstance(msg, ConsistencyRequest):
@@ -189,7 +226,7 @@ class ClientRound:
         return out
 
     # -- round 1 -----------------------------------------------------------------------
-    def _on_roster(self, roster: Roster) -> ShareKeys:
+    def _on_roster(self, roster: Roster) -> RosterAck:
         cfg = roster.config
         if (cfg.round_id, cfg.base_version) != (self.round_id, self.base_version):
             if cfg.base_version != self.base_version:
@@ -237,9 +274,55 @@ class ClientRound:
                     f"{self.base_version} than this hospital: refusing the round (a server "
                     "that shows hospitals different models could learn about one of them)")
             verify_advertisement(adv, self._ca, now=self._now, revoked=self.policy.revoked)
+        commits = [a.graph_commit for a in roster.participants]
+        if len(set(commits)) != len(commits):
+            raise CryptoError("roster repeats a graph commitment: refusing the round")
         self.roster = roster
         self.me = roster.index_of(self._own.name)
-        self._graph = graph.neighbours(n, cfg.neighbours, cfg.graph_seed)
+        self.sparse = cfg.neighbours < n - 1
+        self._roster_statement = roster_statement(cfg.round_id, cfg.base_version,
+                                                  roster_digest(roster))
+        return RosterAck(cfg.round_id, self.me, sign(self._signing_key,
+                                                     self._roster_statement))
+
+    # -- round 1: every hospital holds the same roster, then the graph seed --------------
+    def _on_acks(self, acks: RosterAcks) -> SeedReveal:
+        assert self.roster is not None
+        cfg, parts = self.roster.config, self.roster.participants
+        if acks.round_id != cfg.round_id:
+            raise RemoteProtocolError("roster acknowledgements for another round")
+        if set(acks.signatures) != set(range(1, len(parts) + 1)):
+            raise CryptoError(
+                "not every hospital on the roster acknowledged it: this hospital reveals its "
+                "share of the graph seed only when all have, refusing the round")
+        for u, sig in sorted(acks.signatures.items()):
+            if not verify(pki.load_cert(parts[u - 1].cert_der), sig, self._roster_statement):
+                raise CryptoError(
+                    f"'{parts[u - 1].name}' acknowledged another roster than this hospital "
+                    "holds: the server showed hospitals different rosters; refusing the round")
+        return SeedReveal(cfg.round_id, self.me, self._seed_value)
+
+    def _on_reveals(self, reveals: SeedReveals) -> ShareKeys:
+        assert self.roster is not None and self._update is not None
+        roster = self.roster
+        cfg, parts, n = roster.config, roster.participants, len(roster.participants)
+        if reveals.round_id != cfg.round_id:
+            raise RemoteProtocolError("graph-seed values for another round")
+        if set(reveals.values) != set(range(1, n + 1)):
+            raise CryptoError("not every hospital revealed its share of the graph seed: "
+                              "refusing the round")
+        if reveals.values[self.me] != self._seed_value:
+            raise CryptoError("the server altered this hospital's own graph-seed value: "
+                              "refusing the round")
+        for u, value in sorted(reveals.values.items()):
+            a = parts[u - 1]
+            if len(value) != 32 or graph_commitment(cfg.round_id, cfg.base_version, a.name,
+                                                    value) != a.graph_commit:
+                raise CryptoError(
+                    f"the graph-seed value of '{a.name}' does not match what its keys "
+                    "committed to: refusing the round")
+        seed = graph_seed(cfg, [reveals.values[u] for u in range(1, n + 1)])
+        self._graph = graph.neighbours(n, cfg.neighbours, seed)
         self._neighbours = self._graph[self.me]
         ctx = round_context(cfg)
 
@@ -320,6 +403,8 @@ class ClientRound:
                 f"the round has {n} hospitals; with {pol.colluders} assumed colluder(s) this "
                 f"hospital needs at least {pol.contributors_floor} so that every sum holds two "
                 "honest ones: refusing the round, nothing was sent")
+        if cfg.neighbours < n - 1:
+            self._check_sparse(cfg.neighbours, cfg.threshold, n)
         floor = pol.threshold_floor(cfg.neighbours + 1)
         if cfg.threshold < floor:
             raise CryptoError(
@@ -353,6 +438,32 @@ class ClientRound:
                 f"this hospital signed ({_describe(pol.required_encoding)}): refusing, as the "
                 "two sums could be subtracted to expose one hospital; nothing was sent")
 
+    def _check_sparse(self, k: int, t: int, n: int) -> None:
+        """A sparse graph must be at least as dense, and its threshold at least as high, as
+        this hospital's own analysis (Bell et al. 2020) gives for its assumed corrupted and
+        dropped fractions: the server's numbers are never taken on trust."""
+        pol = self.policy
+        want = choose_graph(n, corrupt_fraction=pol.corrupt_fraction,
+                            dropout_fraction=pol.dropout_fraction, colluders=pol.colluders)
+        if not want.sparse:
+            raise CryptoError(
+                f"with {n} hospitals this hospital's policy calls for the full graph (a "
+                f"sparse one would save little or not be safe), and the server chose {k} "
+                f"neighbours of {n - 1}: refusing the round, nothing was sent")
+        if k < want.degree:
+            raise CryptoError(
+                f"the server's SecAgg+ graph gives each hospital {k} neighbours; with {n} "
+                f"hospitals, {want.corrupt} assumed dishonest and {want.dropped} dropouts "
+                f"this hospital needs at least {want.degree}: refusing the round, nothing "
+                "was sent")
+        floor = sparse_threshold_floor(n, k, want.corrupt)
+        if t < floor:
+            raise CryptoError(
+                f"the round's threshold {t} is below {floor}, the least that keeps a "
+                f"hospital's {k} neighbours from rebuilding both of its masks with "
+                f"{want.corrupt} assumed dishonest hospitals: refusing the round, nothing "
+                "was sent")
+
     # -- round 3: consistency check ------------------------------------------------------
     def _on_consistency(self, req: ConsistencyRequest) -> ConsistencySignature:
         assert self.roster is not None
@@ -380,6 +491,15 @@ class ClientRound:
             raise CryptoError(
                 f"only {len(survivors)} hospital(s) would be combined; at least {needed} are "
                 "needed to keep each one hidden: refusing the round")
+        if self.sparse:
+            allowed = dropout_allowance(n, self.policy.dropout_fraction)
+            if n - len(survivors) > allowed:
+                # The analysis that sized k and t assumed at most this many dropouts; past
+                # it, the survivors' graph may split or a neighbourhood fall below t.
+                raise CryptoError(
+                    f"{n - len(survivors)} of the round's {n} hospitals are not on the "
+                    f"survivor list; this hospital's policy allows at most {allowed} "
+                    "(dropout_fraction) in a sparse round: refusing to sign the list")
         if not graph.connected(self._graph, frozenset(survivors)):
             # Sparse graph only (the full graph is always connected): the sum of each piece
             # could be unmasked on its own, so fewer hospitals than agreed would be combined.
@@ -402,6 +522,29 @@ class ClientRound:
                                     sign(self._signing_key, self._statement))
 
     # -- round 4: unmask -----------------------------------------------------------------
+    def _check_signers(self, signers: frozenset[int]) -> None:
+        """A share of u's secrets leaves only when t of u's own share holders (its
+        neighbours and itself) signed this list -- not any t hospitals.
+
+        Why per neighbourhood: honest holders sign one list each, so two lists (u survived
+        / u dropped) cannot both reach t among u's holders while 2t > holders + dishonest
+        holders.  Counted over everyone instead, a server could hand each of u's holders
+        its own list, padded with signatures of hospitals that hold nothing of u, and
+        gather both of u's secrets without a single colluder (test_secagg_plus.py).
+        """
+        assert self.roster is not None
+        t = self.roster.config.threshold
+        for u in sorted(self._held):
+            holders = self._graph[u] | {u}
+            got = len(holders & signers)
+            if got < t:
+                who = ("this hospital" if u == self.me else
+                       f"'{self.roster.participants[u - 1].name}'")
+                raise CryptoError(
+                    f"only {got} hospital(s) signed the survivor list; {t} must, of the "
+                    f"{len(holders)} holding shares of {who}, before any share is revealed: "
+                    "refusing to unmask")
+
     def _on_unmask(self, req: UnmaskRequest) -> UnmaskResponse:
         assert self.roster is not None
         cfg = self.roster.config
@@ -414,7 +557,6 @@ class ClientRound:
         if not set(req.signatures) <= set(self._survivors):
             raise CryptoError("the unmask request carries signatures of hospitals that are "
                               "not on the survivor list: refusing")
-        good = 0
         for u, sig in req.signatures.items():
             cert = pki.load_cert(self.roster.participants[u - 1].cert_der)
             if not verify(cert, sig, self._statement):
@@ -422,13 +564,9 @@ class ClientRound:
                     f"the signature of '{self.roster.participants[u - 1].name}' on the "
                     "survivor list does not verify (it signed another list, roster or "
                     "round): refusing to unmask")
-            good += 1
-        if good < cfg.threshold:
-            raise CryptoError(
-                f"only {good} hospital(s) signed the survivor list; {cfg.threshold} must "
-                "before any share is revealed: refusing to unmask")
-        survivors = set(self._survivors)
+        self._check_signers(frozenset(req.signatures))
         known = set(self._held)
+        survivors = set(self._survivors)
         b_for = sorted(survivors & known)
         s_for = sorted(known - survivors)  # shared keys with us, masked input not summed
         return UnmaskResponse(

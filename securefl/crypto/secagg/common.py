@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any
 
@@ -40,13 +40,39 @@ def roster_digest(roster: Roster) -> bytes:
     h = hashlib.sha256(b"securefl/v4/roster\x00")
     h.update(struct.pack(">QQQHHH", c.round_id, c.base_version, c.vector_len, c.threshold,
                          c.neighbours, c.min_contributors))
-    h.update(c.graph_seed)
     h.update(struct.pack(">HddQQ", e.ring_bits, e.clip, e.scale, e.max_clients, e.max_weight))
     for a in roster.participants:
         for part in (advertisement_bytes(a.round_id, a.base_version, a.name, a.c_pk, a.s_pk,
-                                         a.base_sha256), a.cert_der, a.signature):
+                                         a.base_sha256, a.graph_commit), a.cert_der,
+                     a.signature):
             h.update(struct.pack(">I", len(part)))
             h.update(part)
+    return h.digest()
+
+
+def graph_commitment(round_id: int, base_version: int, name: str, value: bytes) -> bytes:
+    """What a hospital's advertisement commits to: a hash of its 32-byte graph-seed value.
+
+    Bound to the round and the hospital's name, so a colluder cannot copy an honest
+    hospital's commitment and later reveal the same value as its own.
+    """
+    if len(value) != 32:
+        raise ConfigError("a graph-seed value is 32 bytes")
+    raw = name.encode()
+    return hashlib.sha256(b"securefl/v4/graph-commit\x00" + struct.pack(
+        ">QQH", round_id, base_version, len(raw)) + raw + value).digest()
+
+
+def graph_seed(config: RoundConfig, values: Sequence[bytes]) -> bytes:
+    """The SecAgg+ graph seed: a hash of every participant's revealed value, roster order.
+
+    Why everyone's: one honest hospital's fresh random value, committed before anyone's was
+    seen, makes the seed uniform; the server and any colluders can only abort a round (a
+    fresh draw, which hospitals cap per base version), never pick the graph.
+    """
+    h = hashlib.sha256(b"securefl/v4/graph-seed\x00" + round_context(config))
+    for v in values:
+        h.update(v)
     return h.digest()
 
 
@@ -78,8 +104,8 @@ def check_config(config: RoundConfig, n: int) -> None:
         raise ConfigError(
             f"{n} hospitals exceed the encoding's budget of {config.encoding.max_clients}"
         )
-    if config.vector_len < 1 or len(config.graph_seed) != 32:
-        raise ConfigError("round config has an empty model or a bad graph seed")
+    if config.vector_len < 1:
+        raise ConfigError("round config has an empty model")
 
 
 def step(table: Table, state: Enum, event: Any, *, remote: bool) -> Enum:

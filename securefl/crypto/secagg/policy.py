@@ -45,6 +45,11 @@ class RoundPolicy:
     #: Accept a SecAgg+ sparse graph (k < n - 1); its guarantees against a deviating
     #: server are weaker (see docs/SECURITY.md), so a hospital opts in.
     allow_sparse: bool = False
+    #: SecAgg+ only: the fraction of hospitals assumed dishonest (gamma) and the fraction
+    #: that may drop out (delta) of Bell et al. 2020; each hospital sizes the least degree
+    #: and threshold it accepts from them (``params.choose_graph``), rounding counts up.
+    corrupt_fraction: float = 0.05
+    dropout_fraction: float = 0.1
     #: Serial numbers of certificates the CA revoked.
     revoked: frozenset[int] = frozenset()
     required_survivors: frozenset[str] | None = None

@@ -7,9 +7,11 @@ that dropped after sharing keys.  It never sees an unmasked single update.
 
 Events (``SERVER_TABLE`` is the whole order; anything else is a protocol error):
   KeyAdvertisement*  close_enrolment() -> Roster
+  RosterAck*         close_acks()      -> RosterAcks           (every participant's)
+  SeedReveal*        close_reveals()   -> SeedReveals          (the graph is fixed now)
   ShareKeys*         close_shares()    -> {participant: EnvelopeBundle}
   MaskedInput*       close_inputs()    -> ConsistencyRequest   (the survivor list, U3)
-  ConsistencySignature*  close_check() -> UnmaskRequest        (the list and t+ signatures)
+  ConsistencySignature*  close_check() -> {participant: UnmaskRequest}  (list + signatures)
   UnmaskResponse*    finish()          -> AggregateResult    (or NotEnoughSurvivorsError)
 The transport decides *when* to call the ``close_*`` steps (deadlines, admin actions).
 """
@@ -17,14 +19,19 @@ The transport decides *when* to call the ``close_*`` steps (deadlines, admin act
 from __future__ import annotations
 
 import datetime as dt
-import os
 from enum import Enum
 
 import numpy as np
 from cryptography import x509
 
 from securefl.crypto import graph, pki, shamir
-from securefl.crypto.keys import KeyPair, survivors_statement, verify, verify_advertisement
+from securefl.crypto.keys import (
+    KeyPair,
+    roster_statement,
+    survivors_statement,
+    verify,
+    verify_advertisement,
+)
 from securefl.crypto.messages import (
     AggregateResult,
     ConsistencyRequest,
@@ -33,7 +40,11 @@ from securefl.crypto.messages import (
     KeyAdvertisement,
     MaskedInput,
     Roster,
+    RosterAck,
+    RosterAcks,
     RoundConfig,
+    SeedReveal,
+    SeedReveals,
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
@@ -44,10 +55,13 @@ from securefl.crypto.secagg.common import (
     PAIR_MASK,
     SELF_MASK,
     check_config,
+    graph_commitment,
+    graph_seed,
     roster_digest,
     round_context,
     step,
 )
+from securefl.crypto.secagg.params import choose_graph, dropout_allowance
 from securefl.crypto.secagg.policy import split_view_threshold
 from securefl.errors import (
     CryptoError,
@@ -60,6 +74,8 @@ from securefl.errors import (
 
 class ServerState(Enum):
     ENROLLING = "enrolling"
+    CONFIRMING = "confirming the roster"
+    REVEALING = "drawing the graph seed"
     SHARING = "sharing keys"
     COLLECTING = "collecting masked updates"
     CHECKING = "checking the survivor list"
@@ -68,15 +84,22 @@ class ServerState(Enum):
     FAILED = "failed"
 
 
-CLOSE_ENROLMENT, CLOSE_SHARES, CLOSE_INPUTS, CLOSE_CHECK, FINISH, FAIL = (
-    "close_enrolment", "close_shares", "close_inputs", "close_check", "finish", "fail",
+CLOSE_ENROLMENT, CLOSE_ACKS, CLOSE_REVEALS, CLOSE_SHARES, CLOSE_INPUTS, CLOSE_CHECK = (
+    "close_enrolment", "close_acks", "close_reveals", "close_shares", "close_inputs",
+    "close_check",
 )
-_LIVE = (ServerState.ENROLLING, ServerState.SHARING, ServerState.COLLECTING,
-         ServerState.CHECKING, ServerState.UNMASKING)
+FINISH, FAIL = "finish", "fail"
+_LIVE = (ServerState.ENROLLING, ServerState.CONFIRMING, ServerState.REVEALING,
+         ServerState.SHARING, ServerState.COLLECTING, ServerState.CHECKING,
+         ServerState.UNMASKING)
 
 SERVER_TABLE = {
     ServerState.ENROLLING: {KeyAdvertisement: ServerState.ENROLLING,
-                            CLOSE_ENROLMENT: ServerState.SHARING},
+                            CLOSE_ENROLMENT: ServerState.CONFIRMING},
+    ServerState.CONFIRMING: {RosterAck: ServerState.CONFIRMING,
+                             CLOSE_ACKS: ServerState.REVEALING},
+    ServerState.REVEALING: {SeedReveal: ServerState.REVEALING,
+                            CLOSE_REVEALS: ServerState.SHARING},
     ServerState.SHARING: {ShareKeys: ServerState.SHARING, CLOSE_SHARES: ServerState.COLLECTING},
     ServerState.COLLECTING: {MaskedInput: ServerState.COLLECTING,
                              CLOSE_INPUTS: ServerState.CHECKING},
@@ -105,13 +128,26 @@ class ServerRound:
         now: dt.datetime | None = None,
         base_sha256: bytes | None = None,
         colluders: int = 1,
+        sparse: bool = False,
+        corrupt_fraction: float = 0.05,
+        dropout_fraction: float = 0.1,
     ) -> None:
         """``base_sha256``: the stored base model's sha256; a hospital whose keys say it
         received other bytes is told at once (its download was damaged or not ours).
         ``colluders``: the c the threshold is sized for, t = floor((n + c) / 2) + 1 (the
-        hospitals refuse a smaller t by their own policy, so this only has to match it)."""
+        hospitals refuse a smaller t by their own policy, so this only has to match it).
+        ``sparse``: size a SecAgg+ graph by ``params.choose_graph`` from the assumed
+        ``corrupt_fraction`` and ``dropout_fraction`` (the full graph when that saves too
+        little); ``neighbours``/``threshold`` fix k and t by hand (tests, benchmarks)."""
         self.state = ServerState.ENROLLING
         self.colluders = colluders
+        self.sparse = sparse
+        self.corrupt_fraction, self.dropout_fraction = corrupt_fraction, dropout_fraction
+        self._acks: dict[int, bytes] = {}
+        self._reveals: dict[int, bytes] = {}
+        self._ack_statement = b""
+        #: Most dropouts a sparse round's hospitals sign a survivor list with (None: full).
+        self.dropout_cap: int | None = None
         self._signatures: dict[int, bytes] = {}
         self._statement = b""
         #: The survivor list sent to be signed (None until ``close_inputs``): from then on
@@ -168,8 +204,8 @@ class ServerRound:
     # -- events --------------------------------------------------------------------------
     def receive(
         self,
-        msg: KeyAdvertisement | ShareKeys | MaskedInput | ConsistencySignature
-        | UnmaskResponse,
+        msg: KeyAdvertisement | RosterAck | SeedReveal | ShareKeys | MaskedInput
+        | ConsistencySignature | UnmaskResponse,
         *,
         from_name: str | None = None,
     ) -> None:
@@ -179,6 +215,10 @@ class ServerRound:
             raise RemoteProtocolError(f"message for round {msg.round_id}, this is {self.round_id}")
         if isinstance(msg, KeyAdvertisement):
             self._on_advert(msg, from_name)
+        elif isinstance(msg, RosterAck):
+            self._on_ack(msg, from_name)
+        elif isinstance(msg, SeedReveal):
+            self._on_reveal(msg, from_name)
         elif isinstance(msg, ShareKeys):
             self._on_shares(msg, from_name)
         elif isinstance(msg, MaskedInput):
@@ -208,6 +248,41 @@ class ServerRound:
             raise RemoteProtocolError("this round is full")
         verify_advertisement(adv, self._ca, now=self._now)
         self._adverts[adv.name] = adv
+
+    def _on_ack(self, msg: RosterAck, from_name: str | None) -> None:
+        self._check_sender(msg.sender, from_name)
+        if msg.sender in self._acks:
+            raise RemoteProtocolError(f"'{self.name_of(msg.sender)}' already acknowledged "
+                                      "the roster")
+        assert self.roster is not None
+        cert = pki.load_cert(self.roster.participants[msg.sender - 1].cert_der)
+        if not verify(cert, msg.signature, self._ack_statement):
+            raise RemoteProtocolError(f"the roster acknowledgement of "
+                                      f"'{self.name_of(msg.sender)}' does not verify")
+        self._acks[msg.sender] = msg.signature
+
+    def _on_reveal(self, msg: SeedReveal, from_name: str | None) -> None:
+        self._check_sender(msg.sender, from_name)
+        if msg.sender in self._reveals:
+            raise RemoteProtocolError(f"'{self.name_of(msg.sender)}' already revealed its "
+                                      "graph-seed value")
+        assert self.roster is not None
+        adv = self.roster.participants[msg.sender - 1]
+        if len(msg.value) != 32 or graph_commitment(
+                self.round_id, self.base_version, adv.name, msg.value) != adv.graph_commit:
+            raise RemoteProtocolError(f"the graph-seed value of '{adv.name}' does not match "
+                                      "its commitment")
+        self._reveals[msg.sender] = msg.value
+
+    @property
+    def acked(self) -> frozenset[int]:
+        """Participants whose roster acknowledgement arrived."""
+        return frozenset(self._acks)
+
+    @property
+    def revealed(self) -> frozenset[int]:
+        """Participants whose graph-seed value arrived."""
+        return frozenset(self._reveals)
 
     def _on_shares(self, msg: ShareKeys, from_name: str | None) -> None:
         self._check_sender(msg.sender, from_name)
@@ -275,8 +350,12 @@ class ServerRound:
         self._responses.add(v)
 
     # -- local steps -----------------------------------------------------------------------
-    def close_enrolment(self, *, graph_seed: bytes | None = None) -> Roster:
-        """Fix the participants and the round's parameters; everyone gets the same roster."""
+    def close_enrolment(self) -> Roster:
+        """Fix the participants and the round's parameters; everyone gets the same roster.
+
+        The graph is not fixed yet: its seed comes from the participants' revealed values
+        (``close_reveals``), so the server cannot pick who neighbours whom.
+        """
         nxt = step(SERVER_TABLE, self.state, CLOSE_ENROLMENT, remote=False)
         n = len(self._adverts)
         if n < max(2, self.min_contributors):
@@ -288,24 +367,75 @@ class ServerRound:
             raise NotEnoughSurvivorsError(
                 f"only {n} hospital(s) joined; with {self.colluders} assumed colluder(s) a "
                 f"round needs at least {self.colluders + 2}")
-        k = graph.effective_degree(n, self._want_k)
-        t = self._want_t if self._want_t is not None else min(
-            k + 1, split_view_threshold(k + 1, self.colluders))
+        if self._want_k is None and self.sparse:
+            choice = choose_graph(n, corrupt_fraction=self.corrupt_fraction,
+                                  dropout_fraction=self.dropout_fraction,
+                                  colluders=self.colluders)
+            k, t = choice.degree, choice.threshold
+            if not choice.sparse:
+                t = min(n, split_view_threshold(n, self.colluders))
+        else:
+            k = graph.effective_degree(n, self._want_k)
+            t = self._want_t if self._want_t is not None else min(
+                k + 1, split_view_threshold(k + 1, self.colluders))
+        if self._want_t is not None:
+            t = self._want_t
+        if k < n - 1:
+            self.dropout_cap = dropout_allowance(n, self.dropout_fraction)
         config = RoundConfig(
             round_id=self.round_id,
             base_version=self.base_version,
             vector_len=self.vector_len,
             threshold=t,
             neighbours=k,
-            graph_seed=graph_seed or os.urandom(32),
             encoding=self.encoding,
             min_contributors=self.min_contributors,
         )
         check_config(config, n)
         self.roster = Roster(config, tuple(self._adverts[name] for name in sorted(self._adverts)))
-        self._graph = graph.neighbours(n, k, config.graph_seed)
+        self._ack_statement = roster_statement(self.round_id, self.base_version,
+                                               roster_digest(self.roster))
         self.state = nxt  # type: ignore[assignment]
         return self.roster
+
+    def _missing(self, have: frozenset[int] | set[int] | dict[int, bytes]) -> list[str]:
+        assert self.roster is not None
+        return [a.name for i, a in enumerate(self.roster.participants, 1) if i not in have]
+
+    def close_acks(self) -> RosterAcks:
+        """Every participant's roster signature, for every participant: each reveals its
+        graph-seed value only on seeing that all hold the same roster."""
+        nxt = step(SERVER_TABLE, self.state, CLOSE_ACKS, remote=False)
+        missing = self._missing(self._acks)
+        if missing:
+            self.fail()
+            raise NotEnoughSurvivorsError(
+                f"{', '.join(missing)} did not confirm the roster; every hospital in a round "
+                "must, before the graph is drawn")
+        self.state = nxt  # type: ignore[assignment]
+        return RosterAcks(self.round_id, dict(sorted(self._acks.items())))
+
+    def close_reveals(self) -> SeedReveals:
+        """Every participant's value: the graph seed is their hash (``common.graph_seed``).
+
+        A withheld value fails the round; the next round draws afresh, and hospitals cap
+        how many rounds they take part in per base version, so withholding cannot be used
+        to choose among many graphs.
+        """
+        nxt = step(SERVER_TABLE, self.state, CLOSE_REVEALS, remote=False)
+        assert self.roster is not None
+        missing = self._missing(self._reveals)
+        if missing:
+            self.fail()
+            raise NotEnoughSurvivorsError(
+                f"{', '.join(missing)} did not reveal a graph-seed value; the round cannot "
+                "draw its graph without every hospital's")
+        n = len(self.roster.participants)
+        values = [self._reveals[u] for u in range(1, n + 1)]
+        self._graph = graph.neighbours(n, self.roster.config.neighbours,
+                                       graph_seed(self.roster.config, values))
+        self.state = nxt  # type: ignore[assignment]
+        return SeedReveals(self.round_id, dict(sorted(self._reveals.items())))
 
     def close_shares(self) -> dict[int, EnvelopeBundle]:
         """Route each envelope to its recipient; hospitals that shared nothing are out (U1)."""
@@ -338,6 +468,12 @@ class ServerRound:
                 f"only {len(self.survivors)} masked update(s) arrived; at least {need} are "
                 "needed to unmask"
             )
+        dropped = len(self.roster.participants) - len(self.survivors)
+        if self.dropout_cap is not None and dropped > self.dropout_cap:
+            self.fail()
+            raise NotEnoughSurvivorsError(
+                f"{dropped} hospitals dropped out, more than the {self.dropout_cap} this "
+                "sparse round was sized for: the hospitals would refuse to sign the list")
         self.state = nxt  # type: ignore[assignment]
         cfg = self.roster.config
         listed = tuple(sorted(self.survivors))
@@ -347,8 +483,10 @@ class ServerRound:
             .base_sha256, roster_digest(self.roster), listed)
         return ConsistencyRequest(self.round_id, listed)
 
-    def close_check(self) -> UnmaskRequest:
-        """Hand the signed list to the hospitals that signed it: they unmask only with t."""
+    def close_check(self) -> dict[int, UnmaskRequest]:
+        """Hand the signed list to each hospital that signed it, with the signatures it
+        counts: those of the share holders of every hospital whose share it holds (its
+        neighbours' neighbours; everyone's in the full graph)."""
         nxt = step(SERVER_TABLE, self.state, CLOSE_CHECK, remote=False)
         assert self.roster is not None
         t = self.roster.config.threshold
@@ -358,8 +496,17 @@ class ServerRound:
                 f"only {len(self._signatures)} hospital(s) signed the survivor list; {t} "
                 "are needed before any may unmask")
         self.state = nxt  # type: ignore[assignment]
-        return UnmaskRequest(self.round_id, tuple(sorted(self.survivors)),
-                             dict(sorted(self._signatures.items())))
+        listed = tuple(sorted(self.survivors))
+        n = len(self.roster.participants)
+        if self.roster.config.neighbours >= n - 1:
+            every = UnmaskRequest(self.round_id, listed, dict(sorted(self._signatures.items())))
+            return dict.fromkeys(self._signatures, every)
+        requests = {}
+        for v in self._signatures:
+            near = set().union(*(self._graph[u] | {u} for u in self._graph[v] | {v}))
+            requests[v] = UnmaskRequest(self.round_id, listed, {
+                u: sig for u, sig in sorted(self._signatures.items()) if u in near})
+        return requests
 
     def finish(self) -> AggregateResult:
         """Rebuild the secrets, strip every mask, decode: the weighted mean, or an error.

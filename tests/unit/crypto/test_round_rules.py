@@ -51,10 +51,20 @@ class Round:
         self.roster = self.server.close_enrolment()
         return self.roster
 
-    def share(self):
-        self.enrol()
+    def everyone(self, msg):
         for cred, client in zip(self.creds, self.clients, strict=True):
-            self.server.receive(client.receive(self.roster), from_name=cred.name)
+            self.server.receive(client.receive(msg), from_name=cred.name)
+
+    def draw(self):
+        """Roster, every acknowledgement, every graph-seed value: the graph is fixed."""
+        self.enrol()
+        self.everyone(self.roster)
+        self.everyone(self.server.close_acks())
+        self.reveals = self.server.close_reveals()
+        return self.reveals
+
+    def share(self):
+        self.everyone(self.draw())
         self.bundles = self.server.close_shares()
         return self.bundles
 
@@ -75,7 +85,8 @@ class Round:
         for i, (cred, client) in enumerate(zip(self.creds, self.clients, strict=True)):
             if i not in skip and client.me in self.listed.survivors:
                 self.server.receive(client.receive(self.listed), from_name=cred.name)
-        self.request = self.server.close_check()
+        self.requests = self.server.close_check()
+        self.request = next(iter(self.requests.values()))  # the full graph: all the same
         return self.request
 
 
@@ -280,9 +291,10 @@ def test_what_the_server_sees_is_indistinguishable_from_random(fed5):
                for c in creds[:3]]
     for c in clients:
         server.receive(c.advertise())
-    roster = server.close_enrolment()
-    for c in clients:
-        server.receive(c.receive(roster))
+    for msg in (server.close_enrolment, server.close_acks, server.close_reveals):
+        sent = msg()
+        for c in clients:
+            server.receive(c.receive(sent))
     bundles = server.close_shares()
     ys = [c.receive(bundles[c.me]).y for c in clients]
     for y in ys:

@@ -92,12 +92,17 @@ def test_dropouts_before_enrolment_just_shrink_the_round():
 
 @pytest.mark.parametrize("trial", range(3))
 def test_secagg_plus_sparse_graph_with_dropouts(trial):
-    n, k = 30, 8  # 9 holders per secret, t = 5 (c = 0): any 4 losses leave every one >= t
+    # Sized by the analysis at the default fractions: k = 10 (11 holders per secret),
+    # t = 7, at most 3 dropouts; any 4 losses leave every secret >= t holders.
+    n = 30
     updates, weights = make_updates(n, 300, seed=10 + trial)
     rng = random.Random(trial)
     lost = rng.sample(range(n), 4)
     plan = {"share": {lost[0]}, "input": {lost[1]}, "unmask": {lost[2], lost[3]}}
-    result, _ = run_round(updates, weights, neighbours=k, drop=plan, colluders=0)
+    seen = []
+    result, _ = run_round(updates, weights, sparse=True, drop=plan, colluders=1,
+                          on_message=lambda name, msg: seen.append(msg))
+    assert {len(m.envelopes) for m in seen if hasattr(m, "envelopes")} == {10}
     contributors = [i for i in range(n) if i not in (lost[0], lost[1])]
     mean, total = expected_mean(updates, weights, contributors, 1.0)
     assert result.total_weight == total
