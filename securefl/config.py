@@ -50,6 +50,16 @@ class Limits(_Settings):
     max_payload_bytes: int = Field(1 << 30, ge=1024)
 
 
+def _check_fractions(corrupt: float, dropout: float, where: str) -> None:
+    """The analysis (Bell et al. 2020 against a server that deviates) is only feasible for
+    corrupt + 2 * dropout <= 0.9; refused at load, not at the first sparse round."""
+    if corrupt + 2 * dropout > 0.9 + 1e-12:
+        raise ValueError(
+            f"{where}.corrupt_fraction + 2 x {where}.dropout_fraction is "
+            f"{corrupt + 2 * dropout:g}; "
+            "it must be at most 0.9 for any SecAgg+ graph to be safe: lower one of them")
+
+
 class RoundSettings(_Settings):
     """How a secure-aggregation round is formed."""
 
@@ -81,6 +91,11 @@ class RoundSettings(_Settings):
     #: A round that cannot be unmasked is retried at once with the hospitals still online,
     #: at most this many times in a row (0: report and stop).
     max_retries: int = Field(2, ge=0, le=10)
+
+    @model_validator(mode="after")
+    def _fractions_feasible(self) -> RoundSettings:
+        _check_fractions(self.corrupt_fraction, self.dropout_fraction, "round")
+        return self
 
 
 class ModelSettings(_Settings):
@@ -168,6 +183,11 @@ class HospitalPolicy(_Settings):
     #: rounds, revealing a graph-seed value counts too: each abort gives a dishonest server
     #: a fresh random graph to hope for.
     max_attempts: int = Field(3, ge=1, le=10)
+
+    @model_validator(mode="after")
+    def _fractions_feasible(self) -> HospitalPolicy:
+        _check_fractions(self.corrupt_fraction, self.dropout_fraction, "policy")
+        return self
 
 
 class ClientSettings(TLSFiles):

@@ -506,7 +506,12 @@ class HospitalSession(_Session):
         try:
             return await self.conn.request(msg, array)
         except SecureFLError as exc:
-            if exc.code not in ("not-joined", "wrong-round", "wrong-phase"):
+            # Refused by the server for a round it no longer runs, or not even sent: this
+            # connection's wire order already saw that round end (its round_done came in
+            # while the step was being computed).
+            ended_here = self.conn.conversation.round_id != round_id
+            if exc.code not in ("not-joined", "wrong-round", "wrong-phase") \
+                    and not ended_here:
                 raise
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 5.0

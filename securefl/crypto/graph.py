@@ -37,8 +37,10 @@ def _permutation(n: int, seed: bytes) -> list[int]:
     def draws() -> Iterator[int]:
         block = 0
         while True:  # practically one block: a rejection is rarer than 1 in 2**32 / n
-            yield from expand(derive_seed(seed, "graph-order", block.to_bytes(4, "big")),
-                              4 * n + 64, np.uint32).tolist()
+            raw = expand(derive_seed(seed, "graph-order", block.to_bytes(4, "big")),
+                         4 * n + 64, np.uint32)
+            # Read as little-endian whatever the machine: every party must draw one graph.
+            yield from np.frombuffer(raw.tobytes(), dtype="<u4").tolist()
             block += 1
 
     source = draws()

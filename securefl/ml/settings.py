@@ -126,6 +126,9 @@ class ModelSpec(BaseModel):
 RENAMED_KEYS: dict[tuple[str, ...], str] = {
     ("data_dir",): "state_dir (where the downloaded global model and round state are kept)",
     ("ml", "data_dir"): "scans_dir (the folder with Training/<class>/ and Testing/<class>/)",
+    ("round", "neighbours"): "sparse, set to true (the server now sizes the SecAgg+ degree "
+                             "and threshold from corrupt_fraction and dropout_fraction, and "
+                             "the hospitals check both)",
 }
 
 

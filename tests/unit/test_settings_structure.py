@@ -164,3 +164,30 @@ def test_written_settings_read_back_and_keep_their_comment(tmp_path):
     assert text.startswith("# line one\n# line two\n")
     assert config.read_toml(path) == {"host": 'we"ird\\host', "port": 1,
                                       "ml": {"scans_dir": str(tmp_path / "a b")}}
+
+
+def test_the_old_neighbours_setting_is_refused_naming_its_replacement(tmp_path):
+    path = config.write_toml(tmp_path / "server.toml", {"round": {"neighbours": 8}})
+    with pytest.raises(ConfigError, match=r"\[round\] neighbours was renamed sparse, set to "
+                       "true"):
+        config.load(path, config.ServerSettings)
+
+
+@pytest.mark.parametrize(("model", "table"), [
+    (config.ServerSettings, "round"),
+    (config.ClientSettings, "policy"),
+])
+def test_secagg_plus_fractions_beyond_the_analysis_are_refused_at_load(tmp_path, model,
+                                                                         table):
+    """corrupt + 2 x dropout > 0.9 has no safe SecAgg+ graph: said when the file is read,
+    not when the first sparse round arrives."""
+    base = {"cert": "h.pem", "key": "h.key", "ca": "ca.pem", "crl": "crl.pem"}
+    path = config.write_toml(tmp_path / "x.toml", {
+        **base, table: {"corrupt_fraction": 0.3, "dropout_fraction": 0.4}})
+    with pytest.raises(ConfigError, match=rf"{table}.corrupt_fraction \+ 2 x {table}"
+                       r"\.dropout_fraction is 1\.1.*lower one of them"):
+        config.load(path, model)
+    config.write_toml(path, {**base, table: {"corrupt_fraction": 0.1,
+                                             "dropout_fraction": 0.4}})
+    loaded = config.load(path, model)
+    assert getattr(loaded, table).dropout_fraction == 0.4

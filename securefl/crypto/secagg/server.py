@@ -247,6 +247,14 @@ class ServerRound:
         if len(self._adverts) >= self.encoding.max_clients:
             raise RemoteProtocolError("this round is full")
         verify_advertisement(adv, self._ca, now=self._now)
+        for other in self._adverts.values():
+            # Every hospital refuses a roster that repeats one: said to this one now,
+            # rather than to everyone once the roster is out.
+            if {adv.c_pk, adv.s_pk, adv.graph_commit} & {other.c_pk, other.s_pk,
+                                                          other.graph_commit}:
+                raise RemoteProtocolError(f"the round keys of '{adv.name}' repeat a key or "
+                                          "graph commitment already in this round: make "
+                                          "fresh ones")
         self._adverts[adv.name] = adv
 
     def _on_ack(self, msg: RosterAck, from_name: str | None) -> None:
@@ -495,6 +503,16 @@ class ServerRound:
             raise NotEnoughSurvivorsError(
                 f"only {len(self._signatures)} hospital(s) signed the survivor list; {t} "
                 "are needed before any may unmask")
+        signers = frozenset(self._signatures)
+        short = [u for u in sorted(self.u1) if len((self._graph[u] | {u}) & signers) < t]
+        if short:
+            # Each hospital reveals a share of u only with t signatures from u's own holders:
+            # they would all refuse, so say so now rather than after the step's deadline.
+            self.fail()
+            raise NotEnoughSurvivorsError(
+                f"fewer than {t} of the hospitals holding shares of "
+                f"{', '.join(repr(self.name_of(u)) for u in short[:3])} signed the survivor "
+                "list, so none may unmask")
         self.state = nxt  # type: ignore[assignment]
         listed = tuple(sorted(self.survivors))
         n = len(self.roster.participants)

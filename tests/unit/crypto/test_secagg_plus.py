@@ -308,3 +308,57 @@ def test_a_withheld_value_gives_no_graph() -> None:
     for p in adv.honest:
         assert "not every hospital revealed" in adv.refusal(p).message
     assert adv.share_keys == {}
+
+
+def test_the_server_refuses_a_repeated_commitment_when_it_arrives() -> None:
+    """Every hospital would refuse a roster repeating a commitment (a colluder copying an
+    honest hospital's, hoping to reveal the same value): our server says so at once."""
+    from securefl.crypto.secagg import ServerRound
+    from securefl.crypto.simulate import federation
+    from securefl.errors import RemoteProtocolError
+
+    ca, creds = federation(30)
+    server = ServerRound(round_id=1, base_version=0, vector_len=8, encoding=ENCODING,
+                         ca_cert=ca.cert)
+    first = sign_advertisement(creds[0].key, creds[0].cert, round_id=1, base_version=0,
+                               c_pk=KeyPair().public, s_pk=KeyPair().public,
+                               graph_commit=b"\x01" * 32)
+    copy = sign_advertisement(creds[1].key, creds[1].cert, round_id=1, base_version=0,
+                              c_pk=KeyPair().public, s_pk=KeyPair().public,
+                              graph_commit=first.graph_commit)
+    server.receive(first, from_name=creds[0].name)
+    with pytest.raises(RemoteProtocolError, match="repeat a key or graph commitment"):
+        server.receive(copy, from_name=creds[1].name)
+    assert server.joined == [creds[0].name]
+
+
+def test_the_server_stops_when_a_neighbourhood_lacks_t_signatures() -> None:
+    """Rather than send unmask requests every hospital would refuse, the server fails the
+    round at once, naming whose holders fell short."""
+    from securefl.crypto.secagg import ServerRound
+    from securefl.crypto.simulate import federation
+    from securefl.errors import NotEnoughSurvivorsError
+
+    ca, creds = federation(30)
+    server = ServerRound(round_id=1, base_version=0, vector_len=8, encoding=ENCODING,
+                         ca_cert=ca.cert, sparse=True)
+    clients = {c.name: ClientRound(cert=c.cert, signing_key=c.key, ca_cert=ca.cert,
+                                   round_id=1, base_version=0,
+                                   update=np.full(8, 0.01, np.float32), weight=5,
+                                   policy=SPARSE) for c in creds[:30]}
+    for name, c in clients.items():
+        server.receive(c.advertise(), from_name=name)
+    for step in (server.close_enrolment, server.close_acks, server.close_reveals,
+                 server.close_shares):
+        out = step()
+        for name, c in clients.items():
+            msg = out[c.me] if isinstance(out, dict) else out
+            server.receive(c.receive(msg), from_name=name)
+    listed = server.close_inputs()
+    target = 1
+    near = server._graph[target] | {target}
+    for name, c in clients.items():  # the target's holders do not sign
+        if c.me not in near:
+            server.receive(c.receive(listed), from_name=name)
+    with pytest.raises(NotEnoughSurvivorsError, match="holding shares of 'hospital-000'"):
+        server.close_check()
