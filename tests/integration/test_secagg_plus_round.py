@@ -20,6 +20,7 @@ import pytest
 
 from securefl import config
 from securefl.certs import CertDir
+from securefl.client.outbox import Outbox
 from securefl.client.session import AdminSession, HospitalSession
 from securefl.errors import CryptoError
 from securefl.server.store import ModelStore
@@ -56,11 +57,13 @@ def test_twenty_hospitals_publish_the_weighted_mean_through_a_sparse_graph(
         async with running(settings) as srv:
             async def hospital(i: int, name: str) -> object:
                 policy = config.HospitalPolicy(allow_sparse=name != refuser)
+                journal, _ = Outbox(fed20.tmp / "sent" / name).begin(
+                    0, samples[i], ups[i], max_attempts=3)
                 async with HospitalSession(fed20.client_settings(
                         name, srv.port, policy=policy)) as h:
                     await h.get_global()
                     try:
-                        return await h.send(ups[i], samples[i], leave_after=(
+                        return await h.send(ups[i], samples[i], journal=journal, leave_after=(
                             "share_keys" if name == leaver else None))  # type: ignore[arg-type]
                     except CryptoError as exc:
                         return exc
@@ -88,3 +91,8 @@ def test_twenty_hospitals_publish_the_weighted_mean_through_a_sparse_graph(
     audit = [json.loads(line) for line in Path(settings.audit_log).read_text().splitlines()]
     drawn = [e for e in audit if e["event"] == "graph-drawn"]
     assert drawn and drawn[-1]["neighbours"] == 8  # 19 hospitals: k = 8 of 18, t = 6
+    # Each hospital counted the one graph it helped draw (round 2; round 1 stopped before
+    # any value was revealed) against its max_attempts, before its value left.
+    for name in NAMES[1:]:
+        record = Outbox(fed20.tmp / "sent" / name).record()
+        assert record is not None and record.graph_rounds == (drawn[-1]["round_id"],)
