@@ -483,13 +483,16 @@ class Coordinator(AdminActions):
         if self.round is not rnd or eng.state not in (ServerState.CONFIRMING,
                                                       ServerState.REVEALING):
             return
+        assert isinstance(eng, ServerRound)
+        have = eng.acked if eng.state is ServerState.CONFIRMING else eng.revealed
+        silent = frozenset(n for n in eng.joined if rnd.index_of(n) not in have)
         try:
             if eng.state is ServerState.CONFIRMING:
                 self._close_acks(rnd)
             else:
                 self._close_reveals(rnd)
         except SecureFLError as exc:
-            self._abandon(rnd, exc.code, exc.message, retry=True)
+            self._abandon(rnd, exc.code, exc.message, retry=True, silent=silent)
 
     def _close_acks(self, rnd: ActiveRound) -> None:
         assert isinstance(rnd.engine, ServerRound)
@@ -532,7 +535,8 @@ class Coordinator(AdminActions):
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _abandon(self, rnd: ActiveRound, code: str, message: str, *,
-                 retry: bool = False) -> ActiveRound | None:
+                 retry: bool = False, silent: frozenset[str] = frozenset()
+                 ) -> ActiveRound | None:
         """Give the round up; every member is told to send again.
 
         With ``retry`` (the round could not be unmasked), a fresh round opens at once for
@@ -547,7 +551,9 @@ class Coordinator(AdminActions):
         self._save_state(None)
         self.audit.record("round-failed" if retry else "round-abandoned",
                           round_id=rnd.round_id, reason=code, durable=True)
-        online = frozenset(n for n, p in rnd.members.items() if p.open)
+        # ``silent``: connected but unanswering members; a retry waiting for them would
+        # only wait again.
+        online = frozenset(n for n, p in rnd.members.items() if p.open) - silent
         eng = rnd.engine
         if isinstance(eng, ServerRound) and eng.listed is not None:
             # The list went out: its hospitals now resend only into a round of exactly them.

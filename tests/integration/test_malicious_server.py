@@ -294,6 +294,10 @@ def test_different_model_bytes_for_one_version_are_refused_at_the_roster(
     ("contributors", "ab", "the round has 2 hospitals; with 1 assumed colluder(s) this "
                            "hospital needs at least 3"),
     ("sparse", "abcd", "the server chose a sparse SecAgg+ graph (2 neighbours of 3)"),
+    # Opted in to SecAgg+, the hospital's own analysis still wants the full graph for 4
+    # (issue 13, attack 1: the degree is not the server's to choose).
+    ("sparse opted in", "abcd", "with 4 hospitals this hospital's policy calls for the full "
+                                "graph"),
 ])
 def test_a_roster_below_the_hospitals_policy_is_refused(fed: Federation, case: str,
                                                         names: str, why: str) -> None:
@@ -303,14 +307,15 @@ def test_a_roster_below_the_hospitals_policy_is_refused(fed: Federation, case: s
     def tamper(name: str, msg: wm.RosterMsg) -> wm.RosterMsg:
         if case == "threshold":
             return msg.model_copy(update={"threshold": 2})
-        if case == "sparse":
+        if case.startswith("sparse"):
             return msg.model_copy(update={"neighbours": 2, "threshold": 2})
         return msg  # two hospitals: the roster is honest, the round is just too small
 
     # With two hospitals the server sizes its round for no colluders (t = 2).
     colluders = 0 if case == "contributors" else 1
+    policy = {"allow_sparse": True} if case == "sparse opted in" else {}
     outcomes, sites, _ = asyncio.run(_refused_at_roster(fed, list(names), tamper,
-                                                        colluders=colluders))
+                                                        colluders=colluders, **policy))
     for site in sites:
         assert_refused(site, outcomes[site.name], CryptoError, why, "nothing was sent")
 

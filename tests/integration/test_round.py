@@ -286,7 +286,9 @@ def test_a_connected_but_silent_hospital_is_dropped_at_the_step_deadline(
     fed: Federation, silent_after: str
 ) -> None:
     """'d' stays connected but stops answering: the round goes on without it after
-    step_timeout (its masked input, if it sent one, still counts)."""
+    step_timeout (its masked input, if it sent one, still counts).  Silent from the roster
+    on, it never confirms it, so the graph cannot be drawn: the round restarts at once
+    without it, and the others follow the retry on their own."""
     settings = fed.server_settings(hospitals=["a", "b", "c", "d"],
                                    round=config.RoundSettings(step_timeout=0.5))
     ups = _updates(4)

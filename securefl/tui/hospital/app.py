@@ -7,6 +7,7 @@ logging out must close exactly that one.  The app reacts to the screens' message
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from pathlib import Path
 
@@ -59,13 +60,24 @@ class HospitalApp(App[int]):
     # -- attributes down -----------------------------------------------------------------------
     def refresh_local(self) -> None:
         if self.hospital is not None and self.dashboard is not None:
-            meta = self.hospital.global_meta()
+            self._read_local(self.hospital)
+
+    @work(exclusive=True, group="local")
+    async def _read_local(self, hospital: Hospital) -> None:
+        """Read the hospital's state files off the event loop (a slow or network disk must
+        not freeze the screen), then show them."""
+        def read() -> str:
+            meta = hospital.global_meta()
             try:
-                record = self.hospital.send_record()
+                record = hospital.send_record()
             except SecureFLError:
                 record = None  # a damaged record is reported when sending
-            self.dashboard.show(local=describe_local(self.hospital.local_state(),
-                                                     meta["version"] if meta else None, record))
+            return describe_local(hospital.local_state(), meta["version"] if meta else None,
+                                  record)
+
+        local = await asyncio.to_thread(read)
+        if self.dashboard is not None:
+            self.dashboard.show(local=local)
 
     def show_status(self, status: ServerStatus | None, connection: str) -> None:
         if self.dashboard is not None:
