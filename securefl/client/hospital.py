@@ -44,7 +44,7 @@ from securefl.client.hospital_log import HospitalLog, logged
 from securefl.client.outbox import Outbox, SendRecord, vector_sha256, write_json
 from securefl.client.session import GlobalModel, HospitalSession, RoundOutcome, RoundStep
 from securefl.crypto.secagg.policy import SignedList
-from securefl.errors import ConfigError, DataError
+from securefl.errors import ConfigError, CryptoError, DataError
 from securefl.ml.settings import MLSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -342,6 +342,15 @@ class Hospital:
                     "been sent; getting the global model would overwrite that training: send "
                     "it first, or get with --replace-trained to discard it")
         model = await session.get_global(on_progress)
+        held = await asyncio.to_thread(self.global_meta)
+        if held is not None and model.version < int(held["version"]):
+            # Versions only go up.  A server that goes back could lead this hospital to
+            # send a second update on an old version after its record of the first moved
+            # on, and two sums on one version can be subtracted (docs/SECURITY.md).
+            raise CryptoError(
+                f"the server offered global version {model.version}, but this hospital "
+                f"already had version {held['version']}: global versions never go back, so "
+                "nothing was saved or loaded; tell the federation operator")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         np.save(self.state_dir / "global.npy", model.weights)
         write_json(self.state_dir / "global.json",

@@ -72,6 +72,14 @@ class SendRecord:
         return open_rounds[-1] if open_rounds and self.stage != "published" else None
 
 
+def _cap_reached(base_version: int, rounds: list[int]) -> str:
+    return (f"this hospital's update for version {base_version} already took part in "
+            f"{len(rounds)} round(s) (rounds {', '.join(map(str, rounds))}: its masked update "
+            "or its share of a SecAgg+ graph left in each), the most its [policy] "
+            "max_attempts allows: it is not sent into another; wait for the next version, "
+            "then get, train and send")
+
+
 def write_json(path: Path, data: dict[str, Any], *, durable: bool = False) -> None:
     """Replace ``path`` atomically; ``durable`` also fsyncs the file and its folder."""
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -194,6 +202,11 @@ class Outbox:
                 f"`send --update {self.state_dir / 'sent' / f'v{base_version:08d}.npy'} "
                 f"--samples {previous.samples}`, or wait for the next version")
         if previous is not None and previous.base_version == base_version:
+            done = sorted(set(previous.masked_rounds) | set(previous.graph_rounds))
+            if len(done) >= max_attempts:
+                # Said before joining: a hospital that would refuse at the round's first
+                # step must not hold up the others' round first.
+                raise UpdateAlreadySentError(_cap_reached(base_version, done))
             # Same base: keep the history of rounds it went to (a resend after an abandon).
             record = replace(record, masked_rounds=previous.masked_rounds,
                              graph_rounds=previous.graph_rounds,
@@ -211,15 +224,19 @@ class Outbox:
                     encoding: Encoding | None = None) -> None:
             rec = current[0]
             if stage in ("masked-input", "graph-drawn"):
+                # A round id seen before for this step is a server reusing ids, which would
+                # let it draw graphs (or collect sums) without the count going up.
+                seen = rec.graph_rounds if stage == "graph-drawn" else rec.masked_rounds
+                if round_id in seen or (stage == "graph-drawn" and round_id in rec.masked_rounds):
+                    raise UpdateAlreadySentError(
+                        f"the server reused round number {round_id} for another attempt with "
+                        f"this update on version {base_version}: refusing, nothing was sent "
+                        "(round numbers never repeat on an honest server; tell the operator)")
                 earlier = sorted((set(rec.masked_rounds) | set(rec.graph_rounds)) - {round_id})
                 if len(earlier) >= max_attempts:
                     # Raised before the masked input (or the seed value) leaves: nothing of
                     # this attempt is sent.
-                    raise UpdateAlreadySentError(
-                        f"this hospital's update for version {base_version} already went into "
-                        f"{len(earlier)} round(s) (rounds {', '.join(map(str, earlier))}), the "
-                        "most its [policy] max_attempts allows: it is not sent into another; "
-                        "wait for the next version, then get, train and send")
+                    raise UpdateAlreadySentError(_cap_reached(base_version, earlier))
             if stage == "graph-drawn":
                 rec = replace(rec, graph_rounds=(*rec.graph_rounds, round_id))
             elif stage == "masked-input":

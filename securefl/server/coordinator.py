@@ -73,6 +73,11 @@ class Coordinator(AdminActions):
         #: hospitals on the list.  They resend that update only into a round of exactly
         #: them, so until a version publishes every round on that base is theirs alone.
         self.binding: dict | None = state.get("binding")
+        #: SecAgg+ only: hospitals that stopped a round on a base version by never
+        #: confirming the roster or revealing their graph-seed value.  Each such stop costs
+        #: every other hospital one of its max_attempts for that version, so one hostile
+        #: hospital could otherwise halt the federation for good; they wait for the next.
+        self.withheld: dict[str, list[str]] = state.get("withheld", {})
         if abandoned:
             for name in abandoned["members"]:
                 self.resend[name] = abandoned["round_id"]
@@ -117,7 +122,8 @@ class Coordinator(AdminActions):
         ids must never repeat); a member joining only needs to survive a killed process."""
         tmp = self._state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"next_round": self.next_round_id, "in_flight": in_flight,
-                                   "resend": self.resend, "binding": self.binding}))
+                                   "resend": self.resend, "binding": self.binding,
+                                   "withheld": self.withheld}))
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -346,6 +352,12 @@ class Coordinator(AdminActions):
             raise StaleVersionError(
                 f"your update was trained on global version {msg.base_version}, the current "
                 f"version is {self.version}: download it, retrain and send again")
+        if peer.name in self.withheld.get(str(self.version), ()):
+            raise RoundBusyError(
+                f"this hospital stopped a round on version {self.version} by not answering "
+                "its roster step (a SecAgg+ graph needs every hospital's value), so it takes "
+                "part again from the next version: get that version once it is published, "
+                "then train and send")
         rnd = self.round
         opened = rnd is None
         if rnd is None:
@@ -421,7 +433,8 @@ class Coordinator(AdminActions):
         try:
             if eng.state is ServerState.ENROLLING and isinstance(eng, ServerRound):
                 joined = set(eng.joined)
-                expected = rnd.invited or set(self.settings.hospitals)
+                expected = (rnd.invited or set(self.settings.hospitals)) - set(
+                    self.withheld.get(str(rnd.base_version), ()))
                 everyone = bool(expected) and expected <= joined
                 least = max(self.rs.min_clients, self.rs.colluders + 2)
                 # A round bound to a signed list waits for all of it: a subset would be
@@ -438,7 +451,7 @@ class Coordinator(AdminActions):
                 if len(have) == len(eng.joined) or gone:
                     # Complete, or someone left who never will answer: no need to wait for
                     # the deadline to know the graph cannot be drawn without it.
-                    self._all_or_nothing_deadline(rnd)
+                    self._all_or_nothing_deadline(rnd, deadline=False)
             elif eng.state is ServerState.SHARING:
                 waiting = [n for n in eng.joined if n not in rnd.shared and rnd.members[n].open]
                 if not waiting:
@@ -475,7 +488,7 @@ class Coordinator(AdminActions):
             self._push(peer, wire)
         self._restart_timer(rnd, lambda: self._all_or_nothing_deadline(rnd))
 
-    def _all_or_nothing_deadline(self, rnd: ActiveRound) -> None:
+    def _all_or_nothing_deadline(self, rnd: ActiveRound, *, deadline: bool = True) -> None:
         """A hospital that never confirmed the roster or revealed its seed value stops the
         round (the graph needs every value); the others are invited to a fresh one.
         Also called as soon as the step is complete, or a member left."""
@@ -485,13 +498,23 @@ class Coordinator(AdminActions):
             return
         assert isinstance(eng, ServerRound)
         have = eng.acked if eng.state is ServerState.CONFIRMING else eng.revealed
-        silent = frozenset(n for n in eng.joined if rnd.index_of(n) not in have)
+        # At the deadline every member that has not answered is silent; before it (a member
+        # left), only those gone without answering are: the others may still be checking.
+        silent = frozenset(n for n in eng.joined if rnd.index_of(n) not in have
+                           and (deadline or not rnd.members[n].open))
         try:
             if eng.state is ServerState.CONFIRMING:
                 self._close_acks(rnd)
             else:
                 self._close_reveals(rnd)
         except SecureFLError as exc:
+            roster = eng.roster
+            if silent and roster is not None and roster.config.neighbours < len(
+                    roster.participants) - 1:
+                names = sorted(set(self.withheld.get(str(rnd.base_version), [])) | silent)
+                self.withheld = {str(rnd.base_version): names}  # older versions are over
+                self.audit.record("withheld", round_id=rnd.round_id, names=sorted(silent),
+                                  base_version=rnd.base_version, durable=True)
             self._abandon(rnd, exc.code, exc.message, retry=True, silent=silent)
 
     def _close_acks(self, rnd: ActiveRound) -> None:

@@ -576,8 +576,8 @@ def test_withheld_share_envelopes_leave_the_target_hidden(fed: Federation,
                            "the survivor list names hospitals that never shared keys with "
                            "this one")
         assert_refused(sites["d"], outcomes["d"], CryptoError,
-                       "only 1 hospital(s) signed the survivor list; 3 must, of the 4 "
-                       "holding shares of 'a', before any share is revealed")
+                       "only 1 of the 4 hospitals holding shares of 'a' signed the survivor "
+                       "list; 3 must before any share is revealed")
     missing = assert_hidden(loot, 4, ups["d"])
     assert missing == ("its masked input never arrived" if withheld == "to the target"
                        else "its self-mask seed: 0 share(s) of 3")
@@ -705,8 +705,7 @@ def test_split_survivor_lists_with_a_colluder(fed: Federation, assumed: int) -> 
         assert answered == []
         for n in names:
             assert_refused(sites[n], outcomes[n], CryptoError,
-                           "only 3 hospital(s) signed the survivor list; 4 must, of the 5 "
-                           "holding shares of")
+                           "only 3 of the 5 hospitals holding shares of")
         assert assert_hidden(loot, 4, ups["d"]) == "its self-mask seed: 1 share(s) of 4"
     else:
         assert sorted(answered) == names
@@ -921,7 +920,8 @@ def test_a_server_that_keeps_retrying_gets_an_update_into_at_most_max_attempts_r
     assert answered == []
     for n in names:
         assert_refused(sites[n], outcomes[n], UpdateAlreadySentError,
-                       "already went into 3 round(s) (rounds 1, 2, 3), the most its [policy] "
+                       "already took part in 3 round(s) (rounds 1, 2, 3: its masked update "
+                       "or its share of a SecAgg+ graph left in each), the most its [policy] "
                        "max_attempts allows")
 
 
@@ -966,3 +966,25 @@ def test_the_hospitals_answer_to_joined_does_not_depend_on_its_update(
     seen = asyncio.run(scenario())
     assert seen["a"][-1] == seen["b"][-1], (
         f"the server tells the two updates apart by the hospitals' answers: {seen}")
+
+
+# -- issue 13 review: a detour through another version -----------------------------------------
+def test_a_server_that_goes_back_a_version_is_refused(fed: Federation) -> None:
+    """Found by the adversary review: the send record is per base version, so a server
+    that served version 1, then version 0 again, could have a hospital send a second
+    update on version 0 after its record had moved on.  Versions never go back: the
+    download is refused and nothing the hospital holds changes."""
+    async def scenario() -> None:
+        async with ScriptedServer(fed.certs, _weights(), version=1) as server:
+            site = _site(fed, "a", server.port)
+            async with site.session() as s:
+                await site.get(s)
+            held = (site.state_dir / "global.json").read_bytes()
+            server.version = 0
+            async with site.session() as s:
+                with pytest.raises(CryptoError, match="offered global version 0, but this "
+                                   "hospital already had version 1"):
+                    await site.get(s)
+            assert (site.state_dir / "global.json").read_bytes() == held
+
+    asyncio.run(scenario())

@@ -22,7 +22,8 @@ from securefl import config
 from securefl.certs import CertDir
 from securefl.client.outbox import Outbox
 from securefl.client.session import AdminSession, HospitalSession
-from securefl.errors import CryptoError
+from securefl.errors import CryptoError, SecureFLError
+from securefl.protocol import messages as wm
 from securefl.server.store import ModelStore
 from tests.integration.conftest import Federation, running
 
@@ -96,3 +97,72 @@ def test_twenty_hospitals_publish_the_weighted_mean_through_a_sparse_graph(
     for name in NAMES[1:]:
         record = Outbox(fed20.tmp / "sent" / name).record()
         assert record is not None and record.graph_rounds == (drawn[-1]["round_id"],)
+
+
+class Withholder(HospitalSession):
+    """A hostile hospital: it confirms the roster, then never reveals its graph-seed value
+    (found by the adversary review to halt the federation for good: every retry cost each
+    honest hospital one of its max_attempts)."""
+
+    async def _in_round(self, round_id: int, msg: wm._Wire,
+                        array: np.ndarray | None = None) -> tuple[wm.Message, object]:
+        if isinstance(msg, wm.RevealSeed):
+            await asyncio.sleep(3600)
+        return await super()._in_round(round_id, msg, array)
+
+
+def test_a_hospital_that_withholds_its_seed_value_is_left_out_for_the_version(
+        fed20: Federation) -> None:
+    settings = fed20.server_settings(
+        hospitals=NAMES, model=config.ModelSettings(params=D),
+        round=config.RoundSettings(sparse=True, step_timeout=2))
+    rng = np.random.default_rng(14)
+    ups = [rng.normal(0, 0.01, D).astype(np.float32) for _ in NAMES]
+    hostile = "h19"
+
+    async def scenario() -> tuple[list[object], object, str]:
+        async with running(settings) as srv:
+            async def hospital(i: int, name: str) -> object:
+                cls = Withholder if name == hostile else HospitalSession
+                journal, _ = Outbox(fed20.tmp / "sent" / name).begin(
+                    0, 10 + i, ups[i], max_attempts=3)
+                async with cls(fed20.client_settings(
+                        name, srv.port, policy=config.HospitalPolicy(allow_sparse=True))) as h:
+                    await h.get_global()
+                    return await h.send(ups[i], 10 + i, journal=journal)
+
+            honest = [asyncio.create_task(hospital(i, n)) for i, n in enumerate(NAMES)
+                      if n != hostile]
+            bad = asyncio.create_task(hospital(NAMES.index(hostile), hostile))
+            async with AdminSession(fed20.client_settings("admin", srv.port)) as admin:
+                while await admin.count() < len(NAMES) - 1:
+                    await asyncio.sleep(0.05)
+                bad.cancel()
+                # Back on version 0 with its update, it is told plainly to wait.
+                async with HospitalSession(fed20.client_settings(
+                        hostile, srv.port,
+                        policy=config.HospitalPolicy(allow_sparse=True))) as h:
+                    await h.get_global()
+                    try:
+                        await h.send(ups[-1], 10)
+                        again = ""
+                    except SecureFLError as exc:
+                        again = exc.message
+                result = await admin.aggregate()
+            return list(await asyncio.gather(*honest)), result, again
+
+    outcomes, result, again = asyncio.run(scenario())
+    assert all(o.version == 1 for o in outcomes)  # type: ignore[attr-defined]
+    assert result.contributors == 19  # type: ignore[attr-defined]
+    store = ModelStore(settings.store_dir)
+    counted = range(len(NAMES) - 1)
+    expected = sum(ups[i] * (10 + i) for i in counted) / sum(10 + i for i in counted)
+    np.testing.assert_allclose(store.read(1)[1] - store.read(0)[1], expected, atol=1e-4)
+    # One stopped round cost each honest hospital one draw of its three.
+    for name in NAMES[:-1]:
+        record = Outbox(fed20.tmp / "sent" / name).record()
+        assert record is not None and len(record.graph_rounds) == 2
+    assert "this hospital stopped a round on version 0 by not answering its roster step" \
+        in again
+    audit = [json.loads(line) for line in Path(settings.audit_log).read_text().splitlines()]
+    assert [e["names"] for e in audit if e["event"] == "withheld"] == [[hostile]]

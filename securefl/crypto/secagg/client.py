@@ -453,7 +453,7 @@ class ClientRound:
         if k < want.degree:
             raise CryptoError(
                 f"the server's SecAgg+ graph gives each hospital {k} neighbours; with {n} "
-                f"hospitals, {want.corrupt} assumed dishonest and {want.dropped} dropouts "
+                f"hospitals, {want.corrupt} assumed dishonest and {want.dropped} dropout(s) "
                 f"this hospital needs at least {want.degree}: refusing the round, nothing "
                 "was sent")
         floor = sparse_threshold_floor(n, k, want.corrupt)
@@ -461,7 +461,7 @@ class ClientRound:
             raise CryptoError(
                 f"the round's threshold {t} is below {floor}, the least that keeps a "
                 f"hospital's {k} neighbours from rebuilding both of its masks with "
-                f"{want.corrupt} assumed dishonest hospitals: refusing the round, nothing "
+                f"{want.corrupt} assumed dishonest hospital(s): refusing the round, nothing "
                 "was sent")
 
     # -- round 3: consistency check ------------------------------------------------------
@@ -541,8 +541,8 @@ class ClientRound:
                 who = ("this hospital" if u == self.me else
                        f"'{self.roster.participants[u - 1].name}'")
                 raise CryptoError(
-                    f"only {got} hospital(s) signed the survivor list; {t} must, of the "
-                    f"{len(holders)} holding shares of {who}, before any share is revealed: "
+                    f"only {got} of the {len(holders)} hospitals holding shares of {who} "
+                    f"signed the survivor list; {t} must before any share is revealed: "
                     "refusing to unmask")
 
     def _on_unmask(self, req: UnmaskRequest) -> UnmaskResponse:

@@ -322,8 +322,8 @@ def test_split_views_cannot_gather_t_signatures_on_two_lists(n: int, c: int) -> 
         for group in (group_a, group_b):
             for p in group:
                 if group in short:
-                    refused(adv, p, CryptoError, f"only {len(group) + c} hospital(s) signed "
-                            f"the survivor list; {t} must", "refusing to unmask")
+                    refused(adv, p, CryptoError, f"only {len(group) + c} of the",
+                            f"signed the survivor list; {t} must", "refusing to unmask")
                 else:  # the attacker got all it could from this group
                     assert p.me in adv.responses
         assert adv.recover({target.me}) is None
@@ -551,7 +551,8 @@ def _lie(name: str) -> Callable[[Adversary, tuple[int, ...], dict[int, bytes]], 
     ("on another list", CryptoError, "signature of 'hospital-004' on the survivor list does "
      "not verify"),
     ("under another number", CryptoError, "of 'hospital-001' on the survivor list does not"),
-    ("too few", CryptoError, "only 3 hospital(s) signed the survivor list; 4 must"),
+    ("too few", CryptoError, "only 3 of the 5 hospitals holding shares of this hospital "
+                             "signed the survivor list; 4 must"),
     ("from outside the list", CryptoError, "signatures of hospitals that are not on the"),
     ("another list than signed", CryptoError, "other survivors than the list this hospital "
      "signed"),
@@ -676,7 +677,8 @@ def test_a_list_naming_a_hospital_whose_envelopes_were_withheld_is_not_signed() 
     adv.mask(withhold={target.me: [h2.me]})
     _call_h1_dropped(adv, target, h2)
     refused(adv, target, CryptoError, "never shared keys with this one")
-    refused(adv, h2, CryptoError, "only 2 hospital(s) signed the survivor list; 3 must")
+    refused(adv, h2, CryptoError, "only 2 of the 4 hospitals holding shares of "
+            "'hospital-000' signed the survivor list; 3 must")
     assert adv.responses == {} and adv.exposed() == []
 
 

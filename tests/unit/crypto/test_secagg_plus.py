@@ -278,6 +278,25 @@ def test_a_server_that_keeps_aborting_gets_at_most_max_attempts_draws(tmp_path: 
         grinder.attempt(4, journal)
     record = outbox.record()
     assert record is not None and record.graph_rounds == (1, 2, 3)
+    # A later send of the same update on that version stops before joining anything.
+    with pytest.raises(UpdateAlreadySentError, match=r"took part in 3 round\(s\)"):
+        outbox.begin(0, 10, np.full(8, 0.01, np.float32), max_attempts=3)
+
+
+def test_a_server_reusing_a_round_number_gets_no_uncounted_draw(tmp_path: Path) -> None:
+    """Found by the adversary review: the cap counted distinct round numbers, so a server
+    giving every retry the same number drew graphs without end."""
+    outbox = Outbox(tmp_path)
+    journal, _ = outbox.begin(0, 10, np.full(8, 0.01, np.float32), max_attempts=3)
+    grinder = SeedGrinder()
+    grinder.attempt(101, journal)
+    with pytest.raises(UpdateAlreadySentError, match="reused round number 101"):
+        grinder.attempt(101, journal)
+    journal("masked-input", 102)
+    with pytest.raises(UpdateAlreadySentError, match="reused round number 102"):
+        journal("graph-drawn", 102)  # a graph after the masked input: another round
+    with pytest.raises(UpdateAlreadySentError, match="reused round number 102"):
+        journal("masked-input", 102)
 
 
 def test_a_value_that_does_not_open_its_commitment_is_refused() -> None:
