@@ -208,7 +208,8 @@ def run_once(updates: list[np.ndarray], weights: list[int], lost: set[int],
 
 def measure(clients: int, params: int, dropout: float, graphs: list[str | int],
             repeats: int, colluders: int = 1) -> dict[str | int, dict]:
-    """The fastest of ``repeats`` rounds for each graph, the graphs alternating."""
+    """The fastest of ``repeats`` rounds for each graph, the graphs alternating; a graph
+    the protocol refuses gets ``{"refused": reason}`` and is not tried again."""
     rng = np.random.default_rng(clients * 7 + params)
     updates = [rng.normal(0, 0.05, params).astype(np.float32) for _ in range(clients)]
     weights = [int(w) for w in rng.integers(100, 5000, clients)]
@@ -218,7 +219,16 @@ def measure(clients: int, params: int, dropout: float, graphs: list[str | int],
     best: dict[str | int, dict] = {}
     for _ in range(repeats):
         for graph in graphs:
-            row = run_once(updates, weights, lost, encoding, graph, colluders)
+            if "refused" in best.get(graph, {}):
+                continue
+            try:
+                row = run_once(updates, weights, lost, encoding, graph, colluders)
+            except (NotEnoughSurvivorsError, CryptoError) as exc:
+                # e.g. N = 5 with 30% lost: t = 4 with c = 1, and only 3 are left; by design.
+                best[graph] = {"clients": clients, "params": params, "dropout": dropout,
+                               "graph": graph if isinstance(graph, str) else "hand",
+                               "colluders": colluders, "refused": exc.message}
+                continue
             if graph not in best or row["total_s"] < best[graph]["total_s"]:
                 best[graph] = row
     keep = [i for i in range(clients) if i not in lost]
@@ -229,7 +239,9 @@ def measure(clients: int, params: int, dropout: float, graphs: list[str | int],
     plain /= sum(weights[i] for i in keep)
     plain_s = round(time.perf_counter() - t0, 4)
     for row in best.values():
-        row["plain_s"] = plain_s
+        row["dropout"] = dropout  # as asked; "dropped" says how many that made
+        if "refused" not in row:
+            row["plain_s"] = plain_s
     return best
 
 
@@ -280,15 +292,13 @@ def main() -> None:
           f"{'sent':>10} {'extra':>7}"
           + (f" {'flower_s':>9} {'speedup':>8}" if args.flower else ""))
     for clients, params, dropout in grid:
-        try:
-            best = measure(clients, params, dropout, graphs, args.repeats, args.colluders)
-        except (NotEnoughSurvivorsError, CryptoError) as exc:
-            # e.g. N = 5 with 30% lost: t = 4 with c = 1, and only 3 are left; by design.
-            rows.append({"clients": clients, "params": params, "dropout": dropout,
-                         "colluders": args.colluders, "refused": exc.message})
-            print(f"{clients:>4} {params:>9} {dropout:>5}  refused: {exc.message}", flush=True)
-            continue
+        best = measure(clients, params, dropout, graphs, args.repeats, args.colluders)
         for row in best.values():
+            rows.append(row)
+            if "refused" in row:
+                print(f"{clients:>4} {params:>9} {dropout:>5} {row['graph']:>6}  refused: "
+                      f"{row['refused']}", flush=True)
+                continue
             extra = ""
             if args.flower:
                 ref = flower(row)
@@ -296,14 +306,13 @@ def main() -> None:
                 row["flower_upload_bytes"] = ref["upload_bytes"]
                 row["speedup_vs_flower"] = round(ref["total_s"] / row["total_s"], 2)
                 extra = f" {row['flower_total_s']:>9.3f} {row['speedup_vs_flower']:>7.1f}x"
-            rows.append(row)
             print(f"{clients:>4} {params:>9} {dropout:>5} {row['graph']:>6} "
                   f"{row['neighbours']:>4} {row['threshold']:>4} {row['client_s']:>9.3f} "
                   f"{row['client_max_s']:>7.3f} {row['server_s']:>9.3f} {row['total_s']:>8.3f} "
                   f"{row['plain_s']:>8.4f} {row['upload_bytes']:>10} {row['sent_bytes']:>10} "
                   f"{row['extra_bytes']:>7}{extra}", flush=True)
-        if args.compare:
-            full, sparse = best["full"], best["sparse"]
+        full, sparse = best.get("full", {}), best.get("sparse", {})
+        if args.compare and "refused" not in full and "refused" not in sparse:
             ratios = {key: round(full[key] / sparse[key], 2) if sparse[key] else None
                       for key in ("client_s", "client_max_s", "server_s", "total_s",
                                   "extra_bytes")}
