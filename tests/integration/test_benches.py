@@ -50,3 +50,25 @@ def test_secagg_bench_counts_every_byte_and_says_why_a_configuration_is_refused(
     # keys, envelopes, a signature and shares: O(n) bytes on top of the masked input
     assert 0 < ok["extra_bytes"] < 12 * 1000
     assert ok["sent_bytes"] == 4 * 3000 + ok["extra_bytes"]
+
+
+def test_secagg_bench_sizes_secagg_plus_by_the_analysis_and_compares_it_with_the_full_graph(
+) -> None:
+    lines = _run("bench/secagg_bench.py", "--clients", "20", "--params", "3000",
+                 "--dropout", "0.1", "0.15", "--compare")
+    rows = [json.loads(line) for line in lines if line.startswith("{")]
+    full, sparse, full_15, refused = rows
+    # choose_graph(20, 0.05, 0.1, c=1): k = 8, t = 6, read from the roster the server sent
+    assert (full["sparse"], full["neighbours"], full["threshold"]) == (False, 19, 11)
+    assert (sparse["sparse"], sparse["neighbours"], sparse["threshold"]) == (True, 8, 6)
+    # 2 of 20 lost is exactly the hospitals' cap, ceil(0.1 * 20): the list is signed
+    assert sparse["dropped"] == sparse["dropout_cap"] == 2
+    assert sparse["extra_bytes"] < full["extra_bytes"]
+    assert sparse["full_over_sparse"]["server_s"] == pytest.approx(
+        full["server_s"] / sparse["server_s"], rel=0.05)
+    assert any("full / sparse: client_s" in line for line in lines)
+    # 3 of 20 lost is one more than a sparse round allows: refused, with the reason, while
+    # the full graph (no dropout cap) still runs
+    assert full_15["dropped"] == 3 and "refused" not in full_15
+    assert refused["graph"] == "sparse"
+    assert "more than the 2 this sparse round was sized for" in refused["refused"]
