@@ -344,7 +344,8 @@ def test_a_round_that_fails_while_a_hospital_is_away_is_announced_when_it_return
 def test_policy_caps_the_rounds_one_update_may_go_into(fed: Federation) -> None:
     """Each round an update's masked input goes into is one more sum that contains it; a
     server that keeps announcing failed rounds collects them.  [policy] max_attempts caps
-    it: past the cap the hospital stops before its masked input leaves."""
+    it: past the cap the hospital stops before its masked input leaves, and a new send
+    past it stops before joining (it would only hold up the others' round)."""
 
 
     ups = {n: _update(30 + i) for i, n in enumerate("abc")}
@@ -372,8 +373,8 @@ def test_policy_caps_the_rounds_one_update_may_go_into(fed: Federation) -> None:
                 second = await send_all()
                 with pytest.raises(UpdateAlreadySentError, match="max_attempts"):
                     await second["a"]
-                await _wait(admin, "submitted", 2)
-                assert "a" not in (await admin.status()).submitted
+                await _wait(admin, "joined", 2)
+                assert "a" not in (await admin.status()).joined
                 for n in "bc":
                     second[n].cancel()
 

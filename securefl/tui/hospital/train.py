@@ -196,3 +196,7 @@ class TrainScreen(Screen):
                 self.notify(skipped, title="Some files were not used", severity="warning",
                             timeout=30)
             self.query_one("#epoch-bar", ProgressBar).update(progress=self.hospital.ml.epochs)
+            # Progress from the training process may be coalesced when the screen is busy:
+            # the finished state must not show an earlier epoch.
+            epochs = self.hospital.ml.epochs
+            self.query_one("#epoch-label", Label).update(f"Epoch {epochs} of {epochs}")
