@@ -191,7 +191,9 @@ def _add_client_net_actions(actions: argparse._SubParsersAction) -> None:
     send.add_argument("--samples", type=int, help="training images used (with --update or "
                       "--weights)")
     send.add_argument("--base-version", type=int, default=None,
-                      help="global version trained on (default: the last `get`)")
+                      help="global version trained on; must be the version of the last "
+                           "`get` (its model's sha256 is signed into the round), which is "
+                           "also the default")
     status = actions.add_parser("status", help="round phase and who is online")
 
     def run(args: argparse.Namespace) -> int:
