@@ -17,6 +17,8 @@ times slower.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -50,7 +52,15 @@ def keystream_into(seed: bytes, out: np.ndarray) -> np.ndarray:
     view = memoryview(raw)
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
     encryptor.update_into(view, view)
+    if out.dtype.itemsize > 1 and not _is_little(out.dtype):
+        # Ring elements are the keystream read as little-endian words on every machine:
+        # a big-endian hospital's masks must cancel with everyone else's.
+        out.byteswap(inplace=True)
     return out
+
+
+def _is_little(dtype: np.dtype) -> bool:
+    return dtype.byteorder == "<" or (dtype.byteorder in "=|" and sys.byteorder == "little")
 
 
 def expand(seed: bytes, length: int, dtype: type[np.unsignedinteger]) -> np.ndarray:

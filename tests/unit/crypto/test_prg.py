@@ -87,3 +87,16 @@ def test_chunked_mask_is_exactly_the_whole_stream(n, dtype):
     assert MaskBuffer(n, dtype)._scratch.nbytes <= CHUNK * np.dtype(dtype).itemsize
     with pytest.raises(CryptoError):
         MaskBuffer(n, dtype).add(np.zeros(n + 1, dtype), seed)
+
+
+def test_ring_elements_are_little_endian_words_whatever_the_array_byte_order():
+    """A hospital on a big-endian machine must draw the same masks: the keystream is read
+    as little-endian words, also into an array of the other byte order."""
+    key = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    ks = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(64))
+    words = [int.from_bytes(ks[i:i + 4], "little") for i in range(0, 64, 4)]
+    for order in ("<u4", ">u4"):
+        out = keystream_into(key, np.empty(16, dtype=order))
+        assert [int(v) for v in out] == words
