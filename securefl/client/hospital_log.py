@@ -230,6 +230,11 @@ class HospitalLog:
             if stage == "joined":
                 self.record("joined", f"joined round {round_id}", round=round_id,
                             base_version=base_version, action="send")
+            elif stage == "graph-drawn":
+                self.record("graph-drawn", f"revealed this hospital's share of round "
+                            f"{round_id}'s SecAgg+ graph; each such round counts against "
+                            "[policy] max_attempts on this version", round=round_id,
+                            base_version=base_version, action="send")
             elif stage == "masked-input":
                 self.record("masked-input", f"the masked update is being sent into round "
                             f"{round_id}; from here it can be part of that round's sum",

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from securefl import config
@@ -168,3 +169,20 @@ def test_processes_writing_at_once_lose_and_tear_nothing(tmp_path: Path) -> None
     for w in writers:  # every entry of each writer, in its own order
         mine = [e.round for e in entries if e.round // 1000 == w]
         assert mine == [w * 1000 + i for i in range(WRITES)]
+
+
+def test_each_secagg_plus_graph_draw_is_in_the_hospitals_log(tmp_path: Path) -> None:
+    """A clinician reading the log sees each SecAgg+ round its hospital helped draw a graph
+    for, since each counts against max_attempts; the send record's refusal past the cap is
+    what gets logged then, not a draw that did not happen."""
+    from securefl.client.outbox import Outbox
+
+    log = HospitalLog(tmp_path)
+    journal, _ = Outbox(tmp_path).begin(2, 10, np.full(4, 0.1, np.float32), max_attempts=1)
+    follow = log.follow(journal, 2, 10)
+    follow("graph-drawn", 7)
+    with pytest.raises(UpdateAlreadySentError):
+        follow("graph-drawn", 8)
+    entries, _ = log.entries(10)
+    drawn = [e for e in entries if e.event == "graph-drawn"]
+    assert len(drawn) == 1 and drawn[0].round == 7 and "max_attempts" in drawn[0].detail
