@@ -179,9 +179,9 @@ class HospitalPolicy(_Settings):
     #: precision" check uses, so that check never depends on the server's choice).
     min_scale: float = Field(64.0, gt=0)
     #: Rounds one update may go into (its masked input leaving) per base version, counting
-    #: retries the server announces: each one more sum that contains it.  In SecAgg+
-    #: rounds, revealing a graph-seed value counts too: each abort gives a dishonest server
-    #: a fresh random graph to hope for.
+    #: retries the server announces: each one more sum that contains it.  SecAgg+ graph
+    #: draws (revealed seed values) are capped apart at this plus the hospitals assumed
+    #: dishonest: each abort gives a dishonest server a fresh random graph to hope for.
     max_attempts: int = Field(3, ge=1, le=10)
 
     @model_validator(mode="after")

@@ -222,9 +222,10 @@ class HospitalLog:
 
         def logged_journal(stage: str, round_id: int, version: int | None = None, *,
                            survivors: tuple[str, ...] | None = None,
-                           others_can_sign: bool = True, encoding: object = None) -> None:
+                           others_can_sign: bool = True, encoding: object = None,
+                           spare: int = 0) -> None:
             journal(stage, round_id, version, survivors=survivors,
-                    others_can_sign=others_can_sign, encoding=encoding)
+                    others_can_sign=others_can_sign, encoding=encoding, spare=spare)
             if attempt is not None:
                 attempt["round"] = round_id
             if stage == "joined":

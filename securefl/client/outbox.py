@@ -49,6 +49,8 @@ class SendRecord:
     #: SecAgg+ rounds in which this hospital revealed its graph-seed value: each is one
     #: more random graph a dishonest server could have hoped for (``max_attempts``).
     graph_rounds: tuple[int, ...] = ()
+    #: Draws allowed beyond max_attempts: the dishonest hospitals assumed in the last one.
+    graph_spare: int = 0
     #: The version a round published with this update in it.
     published_version: int | None = None
     #: Rounds the server announced as abandoned after the masked input left.
@@ -73,11 +75,19 @@ class SendRecord:
 
 
 def _cap_reached(base_version: int, rounds: list[int]) -> str:
-    return (f"this hospital's update for version {base_version} already took part in "
-            f"{len(rounds)} round(s) (rounds {', '.join(map(str, rounds))}: its masked update "
-            "or its share of a SecAgg+ graph left in each), the most its [policy] "
-            "max_attempts allows: it is not sent into another; wait for the next version, "
-            "then get, train and send")
+    return (f"this hospital's update for version {base_version} already went into "
+            f"{len(rounds)} round(s) (rounds {', '.join(map(str, rounds))}), the most its "
+            "[policy] max_attempts allows: it is not sent into another; wait for the next "
+            "version, then get, train and send")
+
+
+def _draws_reached(base_version: int, rounds: list[int], spare: int) -> str:
+    return (f"this hospital already helped draw the SecAgg+ graph of {len(rounds)} round(s) "
+            f"on version {base_version} (rounds {', '.join(map(str, rounds))}), the most its "
+            f"[policy] max_attempts allows (plus {spare} for the hospitals it assumes "
+            "dishonest, each of which can stop one round): nothing more is sent on this "
+            "version; wait for the next, or, if those rounds were stopped by hospitals the "
+            "operator has since removed, raise max_attempts by one and send again")
 
 
 def write_json(path: Path, data: dict[str, Any], *, durable: bool = False) -> None:
@@ -202,14 +212,18 @@ class Outbox:
                 f"`send --update {self.state_dir / 'sent' / f'v{base_version:08d}.npy'} "
                 f"--samples {previous.samples}`, or wait for the next version")
         if previous is not None and previous.base_version == base_version:
-            done = sorted(set(previous.masked_rounds) | set(previous.graph_rounds))
-            if len(done) >= max_attempts:
-                # Said before joining: a hospital that would refuse at the round's first
-                # step must not hold up the others' round first.
-                raise UpdateAlreadySentError(_cap_reached(base_version, done))
+            # Said before joining: a hospital that would refuse at the round's first step
+            # must not hold up the others' round first.
+            if len(set(previous.masked_rounds)) >= max_attempts:
+                raise UpdateAlreadySentError(_cap_reached(base_version,
+                                                          sorted(set(previous.masked_rounds))))
+            if len(set(previous.graph_rounds)) >= max_attempts + previous.graph_spare:
+                raise UpdateAlreadySentError(_draws_reached(
+                    base_version, sorted(set(previous.graph_rounds)), previous.graph_spare))
             # Same base: keep the history of rounds it went to (a resend after an abandon).
             record = replace(record, masked_rounds=previous.masked_rounds,
                              graph_rounds=previous.graph_rounds,
+                             graph_spare=previous.graph_spare,
                              abandoned_rounds=previous.abandoned_rounds,
                              signed_survivors=previous.signed_survivors,
                              signed_encoding=previous.signed_encoding,
@@ -221,7 +235,7 @@ class Outbox:
         def journal(stage: str, round_id: int, version: int | None = None, *,
                     survivors: tuple[str, ...] | None = None,
                     others_can_sign: bool = True,
-                    encoding: Encoding | None = None) -> None:
+                    encoding: Encoding | None = None, spare: int = 0) -> None:
             rec = current[0]
             if stage in ("masked-input", "graph-drawn"):
                 # A round id seen before for this step is a server reusing ids, which would
@@ -232,13 +246,19 @@ class Outbox:
                         f"the server reused round number {round_id} for another attempt with "
                         f"this update on version {base_version}: refusing, nothing was sent "
                         "(round numbers never repeat on an honest server; tell the operator)")
-                earlier = sorted((set(rec.masked_rounds) | set(rec.graph_rounds)) - {round_id})
-                if len(earlier) >= max_attempts:
-                    # Raised before the masked input (or the seed value) leaves: nothing of
-                    # this attempt is sent.
+                # Raised before the masked input (or the seed value) leaves: nothing of this
+                # attempt is sent.  Two caps: sums that hold this update (max_attempts), and
+                # graphs drawn (max_attempts + the assumed dishonest hospitals, since an
+                # honest server shuts each out after it stops one round; without that margin
+                # they could take turns and halt a version for good).
+                earlier = sorted(set(seen) - {round_id})
+                if stage == "masked-input" and len(earlier) >= max_attempts:
                     raise UpdateAlreadySentError(_cap_reached(base_version, earlier))
+                if stage == "graph-drawn" and len(earlier) >= max_attempts + spare:
+                    raise UpdateAlreadySentError(_draws_reached(base_version, earlier, spare))
             if stage == "graph-drawn":
-                rec = replace(rec, graph_rounds=(*rec.graph_rounds, round_id))
+                rec = replace(rec, graph_rounds=(*rec.graph_rounds, round_id),
+                              graph_spare=spare)
             elif stage == "masked-input":
                 rec = replace(rec, stage=stage, round_id=round_id,
                               masked_rounds=(*rec.masked_rounds, round_id),

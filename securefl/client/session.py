@@ -149,12 +149,13 @@ class Journal(Protocol):
 
     def __call__(self, stage: str, round_id: int, version: int | None = None, *,
                  survivors: tuple[str, ...] | None = None,
-                 others_can_sign: bool = True, encoding: Encoding | None = None) -> None: ...
+                 others_can_sign: bool = True, encoding: Encoding | None = None,
+                 spare: int = 0) -> None: ...
 
 
 def _no_journal(stage: str, round_id: int, version: int | None = None, *,
                 survivors: tuple[str, ...] | None = None, others_can_sign: bool = True,
-                encoding: Encoding | None = None) -> None:
+                encoding: Encoding | None = None, spare: int = 0) -> None:
     return None
 
 
@@ -454,7 +455,7 @@ class HospitalSession(_Session):
             if rnd.sparse:
                 # Each reveal lets the graph be drawn again: counted against max_attempts
                 # before it leaves, so a server aborting rounds gets few draws to pick from.
-                journal("graph-drawn", joined.round_id)
+                journal("graph-drawn", joined.round_id, spare=rnd.assumed_corrupt)
             await self._in_round(joined.round_id, mapping.seed_reveal_to_wire(reveal))
             reveals = await self._expect(wm.SeedRevealsMsg, joined.round_id)
             shares = await self._run(rnd.receive, mapping.seed_reveals_from_wire(reveals))

@@ -920,8 +920,7 @@ def test_a_server_that_keeps_retrying_gets_an_update_into_at_most_max_attempts_r
     assert answered == []
     for n in names:
         assert_refused(sites[n], outcomes[n], UpdateAlreadySentError,
-                       "already took part in 3 round(s) (rounds 1, 2, 3: its masked update "
-                       "or its share of a SecAgg+ graph left in each), the most its [policy] "
+                       "already went into 3 round(s) (rounds 1, 2, 3), the most its [policy] "
                        "max_attempts allows")
 
 

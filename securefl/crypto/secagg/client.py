@@ -157,6 +157,9 @@ class ClientRound:
         self._roster_statement = b""
         #: Whether the roster's graph is sparse (SecAgg+): then the dropout cap applies.
         self.sparse = False
+        #: SecAgg+: the dishonest hospitals this hospital's analysis assumes for the round
+        #: (each could stop one round by withholding its value: the draw cap's margin).
+        self.assumed_corrupt = 0
 
     # -- round 0 -----------------------------------------------------------------------
     def advertise(self) -> KeyAdvertisement:
@@ -450,6 +453,7 @@ class ClientRound:
                 f"with {n} hospitals this hospital's policy calls for the full graph (a "
                 f"sparse one would save little or not be safe), and the server chose {k} "
                 f"neighbours of {n - 1}: refusing the round, nothing was sent")
+        self.assumed_corrupt = want.corrupt
         if k < want.degree:
             raise CryptoError(
                 f"the server's SecAgg+ graph gives each hospital {k} neighbours; with {n} "

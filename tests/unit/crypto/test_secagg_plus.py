@@ -279,8 +279,24 @@ def test_a_server_that_keeps_aborting_gets_at_most_max_attempts_draws(tmp_path: 
     record = outbox.record()
     assert record is not None and record.graph_rounds == (1, 2, 3)
     # A later send of the same update on that version stops before joining anything.
-    with pytest.raises(UpdateAlreadySentError, match=r"took part in 3 round\(s\)"):
+    with pytest.raises(UpdateAlreadySentError, match=r"graph of 3 round\(s\) on version 0"):
         outbox.begin(0, 10, np.full(8, 0.01, np.float32), max_attempts=3)
+
+
+def test_each_assumed_dishonest_hospital_adds_one_draw(tmp_path: Path) -> None:
+    """Found by the adversary review: three hostile hospitals taking turns to withhold
+    their values stopped three rounds and used up every honest hospital's draws, halting
+    the version for good.  An honest server shuts each one out after one stop, so a
+    hospital allows one more draw per hospital its analysis assumes dishonest."""
+    outbox = Outbox(tmp_path)
+    journal, _ = outbox.begin(0, 10, np.full(8, 0.01, np.float32), max_attempts=3)
+    for r in (1, 2, 3, 4):
+        journal("graph-drawn", r, spare=1)  # n = 20: one assumed dishonest hospital
+    with pytest.raises(UpdateAlreadySentError, match=r"plus 1 for the hospitals it assumes"):
+        journal("graph-drawn", 5, spare=1)
+    with pytest.raises(UpdateAlreadySentError, match=r"graph of 4 round\(s\)"):
+        outbox.begin(0, 10, np.full(8, 0.01, np.float32), max_attempts=3)
+    journal("masked-input", 4)  # the sums cap is apart: the masked input may still go
 
 
 def test_a_server_reusing_a_round_number_gets_no_uncounted_draw(tmp_path: Path) -> None:
