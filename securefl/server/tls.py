@@ -97,6 +97,10 @@ def server_context(cert: Path, key: Path, ca: Path, crl: Path) -> ssl.SSLContext
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the server's certificates ({cert}, {ca}, {crl})") from exc
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
+    # No TLS 1.3 session tickets: a resumed session skips the client certificate check, so
+    # a ticket let a certificate keep working after it expired (chained tickets: for ever).
+    # Every connection is a full handshake; hospitals connect rarely, so it costs little.
+    ctx.num_tickets = 0
     return ctx
 
 

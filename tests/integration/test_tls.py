@@ -261,3 +261,45 @@ def test_a_renewed_hospital_certificate_is_accepted(fed: Federation) -> None:
             assert h.name == "a" and (await h.get_global()).version == 0
 
     asyncio.run(scenario())
+
+
+def test_an_expired_certificate_cannot_resume_a_session(fed: Federation) -> None:
+    """Found by the hostile-peer review (issue 14): a 25-second certificate resumed its TLS
+    1.3 session after expiry and got ``welcome`` again, indefinitely with chained tickets.
+    The server now issues no session tickets, so every connection checks the certificate;
+    a client offering its old session after expiry gets a full handshake and is refused."""
+    import socket
+
+    from securefl.protocol.frames import encode_frame
+
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=2)
+    _kit_with(fed, pki.issue(fed.certs.ca(), pki.Role.HOSPITAL, "a", now=start,
+                             lifetime=dt.timedelta(seconds=6)))
+    settings = fed.client_settings("a", 0)
+    ctx = client_context(settings.cert, settings.key, settings.ca)
+    hello = b'{"kind":"hello","rid":1,"protocol":4}'
+
+    def talk(port: int, session: ssl.SSLSession | None) -> tuple[bytes, ssl.SSLSession | None,
+                                                                 bool]:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls:
+                tls.sendall(encode_frame(hello))
+                data = tls.recv(65536)
+                return data, tls.session, tls.session_reused
+        except (ssl.SSLError, ConnectionError, OSError):
+            return b"", None, False
+
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv:
+            first, session, _ = await asyncio.to_thread(talk, srv.port, None)
+            assert b"welcome" in first  # valid for a few more seconds
+            await asyncio.sleep(max(0.0, (start + dt.timedelta(seconds=7)
+                                          - dt.datetime.now(dt.UTC)).total_seconds()))
+            again, _, reused = await asyncio.to_thread(talk, srv.port, session)
+            assert (again, reused) == (b"", False), "an expired certificate resumed"
+            assert session is None or not session.has_ticket  # nothing to resume with
+            await asyncio.sleep(0.2)
+        assert any("certificate has expired" in r for r in _refusals(fed))
+
+    asyncio.run(scenario())
