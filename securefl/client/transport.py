@@ -138,7 +138,7 @@ class Connection:
         conn = cls(reader, writer, settings, conversation)
         conn.server_cert, conn.warnings = server_cert, warnings
         try:
-            welcome, _ = await conn.request(wm.Hello())
+            welcome, _ = await conn.request(wm.Hello(protocol=wm.PROTOCOL_VERSION))
         except TransportError:
             await conn.close()
             if conn._got_reply:

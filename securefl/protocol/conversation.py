@@ -314,6 +314,10 @@ class Conversation:
         fault = LocalProtocolError if ours else RemoteProtocolError
         kind, rid = str(getattr(msg, "kind", "")), msg.rid
         pending = self._pending.get(rid)
+        if pending is None and ours and isinstance(msg, wm.ErrorMsg):
+            # The server refusing a request that never reached this table (its header did
+            # not decode): the refusal still carries the rid the client is waiting on.
+            return
         if pending is None:
             raise fault(f"'{kind}' answers request id {rid}, and no request with that id is "
                         "waiting for a reply")

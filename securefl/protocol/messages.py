@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from typing import Annotated, Literal
 
 import numpy as np
@@ -63,7 +64,7 @@ Bytes = Annotated[
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     rid: int = Field(0, ge=0, le=2**32 - 1)
 
@@ -71,7 +72,7 @@ class _Wire(BaseModel):
 class ArraySpec(BaseModel):
     """How to read the payload: numpy dtype string (little-endian) and shape."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     dtype: Literal["<f4", "<f8", "<u4", "<u8"]
     shape: tuple[Annotated[int, Field(ge=0, le=2**31)], ...] = Field(min_length=1,
@@ -79,7 +80,9 @@ class ArraySpec(BaseModel):
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        # Python integers: a product of four 2**16 dimensions wraps to 0 in int64, and an
+        # empty payload then passed the size check (issue 14).
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
     @classmethod
     def of(cls, array: np.ndarray) -> ArraySpec:
@@ -90,7 +93,8 @@ class ArraySpec(BaseModel):
 # -- requests: hospital and admin -> server -------------------------------------------------
 class Hello(_Wire):
     kind: Literal["hello"] = "hello"
-    protocol: int = PROTOCOL_VERSION
+    #: Required: a peer that does not say which protocol it speaks is refused.
+    protocol: int
 
 
 class GetGlobal(_Wire):
@@ -278,7 +282,7 @@ class AdminResult(_Wire):
 
 
 class HospitalRow(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str
     registered: bool
@@ -290,7 +294,7 @@ class HospitalRow(BaseModel):
 
 
 class VersionRow(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     version: int
     created: str
@@ -300,7 +304,7 @@ class VersionRow(BaseModel):
 
 
 class AuditRow(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     seq: int
     time: str
@@ -318,7 +322,7 @@ class AdminQueryReply(_Wire):
 
 
 class Participant(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str
     c_pk: Bytes
@@ -441,6 +445,19 @@ WITH_ARRAY = (MaskedInputMsg, GlobalModel)
 
 def encode_header(msg: _Wire) -> bytes:
     return msg.model_dump_json().encode()
+
+
+def request_id(header: bytes) -> int:
+    """The ``rid`` of a header that failed to decode, when it is itself a valid u32 (else
+    0), so the error reply still answers the request a client is waiting on."""
+    try:
+        raw = json.loads(header)
+    except (ValueError, UnicodeDecodeError):
+        return 0
+    rid = raw.get("rid") if isinstance(raw, dict) else None
+    if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= 2**32 - 1:
+        return rid
+    return 0
 
 
 def decode(frame: Frame) -> tuple[Message, np.ndarray | None]:

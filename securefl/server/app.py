@@ -366,7 +366,7 @@ class Server:
             else:
                 reply, payload = await self.coordinator.handle(peer, msg, array)
         except SecureFLError as exc:
-            await self._reply_error(peer, exc, rid)
+            await self._reply_error(peer, exc, rid or wm.request_id(frame.header))
             return
         except Exception:
             log.exception("request from %s failed", peer.name)

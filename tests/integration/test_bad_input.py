@@ -92,6 +92,15 @@ def _plain(fed: Federation, **limits: object) -> config.ServerSettings:
       "array": {"dtype": "<u4", "shape": [D + 1]}}, b"\0" * 16, "bad-shape"),
     ({"kind": "share_keys", "rid": 1, "round_id": 1, "envelopes": {}}, b"", "not-joined"),
     ({"kind": "join", "rid": 1, "base_version": 7}, b"", "stale-version"),
+    # A strict wire (issue 14, item 7): nothing is coerced.
+    ({"kind": "status", "rid": "2"}, b"", "bad-message"),
+    ({"kind": "status", "rid": 2.0}, b"", "bad-message"),
+    ({"kind": "status", "rid": True}, b"", "bad-message"),
+    ({"kind": "hello", "rid": 5}, b"", "bad-message"),  # which protocol?
+    ({"kind": "join", "rid": 6, "base_version": "0"}, b"", "bad-message"),
+    # Element counts whose product overflows 64 bits (item 8): refused, no internal error.
+    ({"kind": "masked_input", "rid": 7, "round_id": 1,
+      "array": {"dtype": "<u4", "shape": [65536, 65536, 65536, 65536]}}, b"", "bad-shape"),
 ])
 def test_malformed_requests_get_a_typed_error_and_the_connection_lives(
     fed: Federation, header: dict | bytes, payload: bytes, code: str
@@ -100,8 +109,13 @@ def test_malformed_requests_get_a_typed_error_and_the_connection_lives(
         async with running(_plain(fed)) as srv:
             raw = await Raw.open(fed, "a", srv.port)
             reply = await raw.request(header, payload)
-            assert reply["kind"] == "error" and reply["code"] == code, reply
+            assert reply.get("kind") == "error" and reply["code"] == code, reply
             assert "Traceback" not in reply["message"] and "pydantic" not in reply["message"]
+            # The reply answers the request it refuses whenever its rid is a valid u32
+            # (item 6: it used to be 0, and a client following the spec hung).
+            rid = header.get("rid") if isinstance(header, dict) else None
+            valid = isinstance(rid, int) and not isinstance(rid, bool) and rid > 0
+            assert reply["rid"] == (rid if valid else 0), reply
             # Framing was intact, so the same connection still works.
             assert (await raw.request({"kind": "status", "rid": 2}))["kind"] == "status_reply"
             raw.close()

@@ -60,7 +60,7 @@ def payload_of(msg: wm._Wire) -> bytes:
 def request(event: str, rid: int, round_id: int = ROUND) -> wm._Wire:
     kind, _, action = event.partition(":")
     make: dict[str, Callable[[], wm._Wire]] = {
-        "hello": lambda: wm.Hello(rid=rid),
+        "hello": lambda: wm.Hello(rid=rid, protocol=wm.PROTOCOL_VERSION),
         "status": lambda: wm.Status(rid=rid),
         "get_global": lambda: wm.GetGlobal(rid=rid),
         "join": lambda: wm.Join(rid=rid, base_version=0),
