@@ -98,6 +98,11 @@ def _plain(fed: Federation, **limits: object) -> config.ServerSettings:
     ({"kind": "status", "rid": True}, b"", "bad-message"),
     ({"kind": "hello", "rid": 5}, b"", "bad-message"),  # which protocol?
     ({"kind": "join", "rid": 6, "base_version": "0"}, b"", "bad-message"),
+    # What only the server sends, sent to it as a request: not a request at all.
+    ({"kind": "round_done", "rid": 8, "round_id": 1, "version": 0}, b"", "bad-message"),
+    ({"kind": "welcome", "rid": 9, "name": "a", "role": "hospital", "version": 0,
+      "protocol": 4}, b"", "bad-message"),
+    ({"kind": "error", "rid": 10, "code": "x", "message": "y"}, b"", "bad-message"),
     # Element counts whose product overflows 64 bits (item 8): refused, no internal error.
     ({"kind": "masked_input", "rid": 7, "round_id": 1,
       "array": {"dtype": "<u4", "shape": [65536, 65536, 65536, 65536]}}, b"", "bad-shape"),
