@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from securefl.crypto.secagg import ServerRound, ServerState
-from securefl.errors import DataError, NotEnoughSurvivorsError
+from securefl.errors import CryptoError, DataError, NotEnoughSurvivorsError
 from securefl.fedopt import StepReport
 from securefl.protocol import mapping
 from securefl.protocol import messages as wm
@@ -168,7 +168,10 @@ class AdminActions:
                     with contextlib.suppress(ConnectionError, OSError, TimeoutError):
                         await admin.push(last, None)
             result = eng.finish()
-        except NotEnoughSurvivorsError as exc:
+        except (NotEnoughSurvivorsError, CryptoError, DataError) as exc:
+            # Also a sum that cannot be right (a hospital returned a wrong share): the
+            # round ends like any that could not be unmasked -- hospitals told, audited, the
+            # cross-round rule applied -- instead of staying "failed" and blocking joins.
             rnd.watcher = None
             again = self._abandon(rnd, exc.code, exc.message, retry=True) \
                 if self.round is rnd else None

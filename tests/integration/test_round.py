@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import numpy as np
 import pytest
 
 from securefl import config
 from securefl.client.session import AdminSession, HospitalSession
+from securefl.crypto import shamir
 from securefl.errors import (
     CryptoError,
     DataError,
@@ -16,6 +18,7 @@ from securefl.errors import (
     ProtocolError,
     StaleVersionError,
 )
+from securefl.protocol import messages as wm
 from securefl.server.app import BIG_PAYLOAD
 from securefl.server.store import ModelStore
 
@@ -356,3 +359,52 @@ def test_a_server_cannot_make_a_hospital_send_in_the_clear(fed: Federation) -> N
                 assert (await admin.status()).submitted == ("b",)
 
     asyncio.run(scenario())
+
+
+class _WrongShares(HospitalSession):
+    """A hospital that answers its first unmask request with random shares (issue 14's
+    high finding: the server published noise, or stayed 'failed' and refused every join)."""
+
+    tampered = False
+
+    async def _in_round(self, round_id: int, msg: wm._Wire,
+                        array: np.ndarray | None = None) -> tuple[wm.Message, object]:
+        if isinstance(msg, wm.UnmaskResponseMsg) and not _WrongShares.tampered:
+            _WrongShares.tampered = True
+            msg = msg.model_copy(update={"b_shares": {  # random, but in the field
+                k: shamir.share_to_bytes(int.from_bytes(os.urandom(33), "big") % shamir.PRIME)
+                for k in msg.b_shares}})
+        return await super()._in_round(round_id, msg, array)
+
+
+def test_wrong_unmask_shares_publish_nothing_and_the_retry_publishes_the_right_model(
+        fed: Federation) -> None:
+    settings = fed.server_settings(round=config.RoundSettings(step_timeout=10))
+    ups, samples = _updates(3), [10, 20, 30]
+
+    async def scenario() -> tuple[list[object], str, object]:
+        async with running(settings) as srv:
+            async def hospital(i: int, name: str) -> object:
+                cls = _WrongShares if name == "a" else HospitalSession
+                async with cls(fed.client_settings(name, srv.port)) as h:
+                    await h.get_global()
+                    return await h.send(ups[i], samples[i])
+
+            tasks = [asyncio.create_task(hospital(i, n)) for i, n in enumerate("abc")]
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                await _wait_count(admin, 3)
+                with pytest.raises(NotEnoughSurvivorsError) as failed:
+                    await admin.aggregate()
+                await _wait_count(admin, 3)  # the hospitals followed the retry at once
+                result = await admin.aggregate()
+            return list(await asyncio.gather(*tasks)), failed.value.message, result
+
+    _WrongShares.tampered = False
+    outcomes, failed, result = asyncio.run(scenario())
+    assert "a hospital returned a wrong share; nothing was published" in failed
+    assert all(o.version == 1 for o in outcomes)  # type: ignore[attr-defined]
+    store = ModelStore(settings.store_dir)
+    assert store.versions() == [0, 1]
+    expected = sum(u * n for u, n in zip(ups, samples, strict=True)) / sum(samples)
+    np.testing.assert_allclose(store.read(1)[1] - store.read(0)[1], expected, atol=1e-3)
+    assert result.contributors == 3  # type: ignore[attr-defined]

@@ -65,6 +65,7 @@ from securefl.crypto.secagg.params import choose_graph, dropout_allowance
 from securefl.crypto.secagg.policy import split_view_threshold
 from securefl.errors import (
     CryptoError,
+    DataError,
     LocalProtocolError,
     NotEnoughSurvivorsError,
     RemoteProtocolError,
@@ -580,7 +581,22 @@ class ServerRound:
                 else:
                     masks.add(total, s_uv)
         del masks  # the scratch buffer goes before the result is made
-        mean, weight = self.encoding.decode(total)
+        try:
+            mean, weight = self.encoding.decode(total)
+        except DataError:
+            mean, weight = np.zeros(0, np.float32), 0
+        n, enc = len(self.survivors), self.encoding
+        # Each survivor's count is 1..max_weight and each element of its clipped update at
+        # most clip: a sum outside that is not one of these hospitals' updates at all (a
+        # hospital returned a wrong share), and is never published.
+        if not n <= weight <= n * enc.max_weight or (
+                mean.size and float(np.abs(mean).max()) > enc.clip * (1 + 1e-6)
+                + 1 / enc.scale):
+            raise CryptoError(
+                "the unmasked sum is impossible for these hospitals (sample total "
+                f"{weight} for {n} hospitals, or a value beyond the clip): a hospital returned "
+                "a wrong share; nothing was published")
+
         self._sum = None
         names = tuple(self.name_of(u) for u in sorted(self.survivors))
         return AggregateResult(self.round_id, self.base_version, mean, weight, names)

@@ -1,6 +1,7 @@
 """The rules of a round, driven message by message: order, identity, refusals, privacy."""
 
 import gc
+import os
 import weakref
 from dataclasses import replace
 
@@ -344,3 +345,31 @@ def test_certificate_of_unknown_ca_cannot_join(fed5, other_ca):
         server.receive(client.advertise())
     assert server.joined == []
     assert pki.identity_of(intruder.cert)[1] == "hospital-000"
+
+
+@pytest.mark.parametrize("how", ["random", "shifted by one"])
+def test_a_wrong_unmask_share_never_becomes_a_published_model(fed5, how):
+    """Issue 14's high finding: a hospital answering the unmask step with random in-range
+    shares made the server publish noise (sample totals like 1,465,507,810 from three
+    hospitals of 10 scans).  With t = n = 3 there is no spare share to detect it by; the sum
+    is then impossible for these hospitals (count or values out of range), and nothing is
+    published: the round fails and says why."""
+    from securefl.crypto import shamir
+    from securefl.crypto.messages import UnmaskResponse
+
+    r = Round(fed5, n=3)
+    r.mask()
+    r.check()
+    for i, (cred, client) in enumerate(zip(r.creds, r.clients, strict=True)):
+        resp = client.receive(r.requests[client.me])
+        if i == 0:
+            bad = {}
+            for owner, raw in resp.b_shares.items():
+                y = shamir.share_from_bytes(raw)
+                y = (y + 1) if how == "shifted by one" else int.from_bytes(os.urandom(32), "big")
+                bad[owner] = shamir.share_to_bytes(y)
+            resp = UnmaskResponse(resp.round_id, resp.sender, bad, resp.s_shares)
+        r.server.receive(resp, from_name=cred.name)
+    with pytest.raises(CryptoError, match="unmasked sum is impossible.*nothing was published"):
+        r.server.finish()
+    assert r.server.state is ServerState.FAILED
