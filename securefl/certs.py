@@ -106,6 +106,31 @@ def fingerprint(cert: x509.Certificate) -> str:
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
+def _local_address(hosts: list[str]) -> str | None:
+    """The first of ``hosts`` that is an IP address of this machine (``localhost`` counts),
+    so the generated server.toml listens only there rather than on every interface.
+
+    Only literal addresses are tried: resolving names would wait on DNS, and the server
+    usually runs on another machine than the one making the certificates anyway.
+    """
+    import ipaddress
+    import socket
+
+    for host in hosts:
+        ip = "127.0.0.1" if host == "localhost" else host
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+        except ValueError:
+            continue
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((ip, 0))
+        except OSError:
+            continue
+        return host
+    return None
+
+
 def _hospital_name(name: str) -> str:
     if name in RESERVED:
         raise ConfigError(f"'{name}' names the federation's own {name} certificate: choose "
@@ -158,8 +183,12 @@ class CertDir:
         port: int = DEFAULT_PORT,
         federation: str = "securefl",
         now: dt.datetime | None = None,
-    ) -> None:
-        """CA, server, admin, one certificate and kit per hospital, and an empty CRL."""
+    ) -> str:
+        """CA, server, admin, one certificate and kit per hospital, and an empty CRL.
+
+        Returns the address ``server.toml`` listens on: the first ``server_hosts`` entry
+        that is an address of this machine, else "0.0.0.0" (every interface), which the
+        caller should warn about."""
         if self.ca_cert.exists():
             raise ConfigError(f"{self.root} already holds a federation CA; refusing to replace it")
         if not server_hosts:
@@ -183,11 +212,14 @@ class CertDir:
             self._issue_kit(ca, name, now=now, lifetime=None)
         self.write_members(ca, now=now)
         server = self._settings("server.pem", "server.key", "ca.pem")
-        server.update(crl="crl.pem", members="members.json", host="0.0.0.0", store_dir="store",
+        listen = _local_address(server_hosts) or "0.0.0.0"
+        server.update(crl="crl.pem", members="members.json", host=listen,
+                      store_dir="store",
                       audit_log="audit.jsonl", hospitals=hospitals,
                       model={"seed": 0, "ml": _MODEL_SPEC})
         _write(self.root / "server.toml", toml_text(
             server, self._comment("server") + "\n" + _SERVER_COMMENT).encode())
+        return listen
 
     def add_hospital(
         self,

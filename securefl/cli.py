@@ -123,9 +123,14 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
         if args.action == "init":
             names = [n.strip() for n in args.hospitals.split(",") if n.strip()]
             hosts = [h.strip() for h in args.server_host.split(",") if h.strip()]
-            cd.init(hosts, names, port=args.port)
+            listen = cd.init(hosts, names, port=args.port)
             print(f"federation created in {cd.root}; kits: "
                   + ", ".join(str(cd.kit(n)) for n in names))
+            if listen == "0.0.0.0":
+                print(f"warning: none of {', '.join(hosts)} is an address of this machine, so "
+                      f"{cd.root / 'server.toml'} listens on every interface (host = "
+                      "\"0.0.0.0\"): on the server, set host to the address hospitals "
+                      "connect to", file=sys.stderr)
         elif args.action == "add-hospital":
             kit = cd.add_hospital(args.name)
             print(f"kit for '{args.name}' in {kit}; add it to `hospitals` in server.toml and "

@@ -190,3 +190,22 @@ def test_certs_members_resigns_the_list_for_an_older_folder(tmp_path: Path,
     assert "(2 hospitals)" in capsys.readouterr().out
     listed = MemberList.load((cd.kit("b") / "members.json").read_bytes(), cd.ca().cert)
     assert sorted(listed.members) == ["a", "b"]
+
+
+def test_the_generated_server_listens_on_this_machines_address_or_warns(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 14 (defaults): server.toml used to listen on every interface whatever the
+    operator named.  Now it listens on the first --server-host that is an address of this
+    machine; with none, on every interface, and init says so."""
+    assert main(["certs", "--dir", str(tmp_path / "a"), "init", "--server-host",
+                 "fl.example.org,127.0.0.1", "--hospitals", "north"]) == 0
+    assert config.load(tmp_path / "a" / "server.toml", config.ServerSettings).host == \
+        "127.0.0.1"
+    assert "warning" not in capsys.readouterr().err
+    assert main(["certs", "--dir", str(tmp_path / "b"), "init", "--server-host",
+                 "fl.example.org,192.0.2.7", "--hospitals", "north"]) == 0
+    assert config.load(tmp_path / "b" / "server.toml", config.ServerSettings).host == \
+        "0.0.0.0"
+    err = capsys.readouterr().err
+    assert "none of fl.example.org, 192.0.2.7 is an address of this machine" in err
+    assert "set host to the address hospitals connect to" in err
