@@ -394,6 +394,12 @@ class Server:
         return wm.Ack(rid=msg.rid, collected=rnd.engine.collected if rnd else 0)
 
     async def _reply_error(self, peer: Peer, exc: SecureFLError | None, rid: int) -> None:
+        # Every refusal of an authenticated peer's request is audited with its code (issue
+        # 14: bad-message, remote-protocol, crypto and internal ones were not), so an
+        # operator can see a misbehaving hospital; the text is ours, never the peer's.
+        self.audit.record("request-refused", name=peer.name,
+                          code=exc.code if exc is not None else "internal",
+                          reason=(exc.message if exc is not None else "internal error")[:200])
         if exc is None:
             msg = wm.ErrorMsg(rid=rid, code="internal",
                               message="internal server error; the operator's log has details")

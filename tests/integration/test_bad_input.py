@@ -127,6 +127,10 @@ def test_malformed_requests_get_a_typed_error_and_the_connection_lives(
             await _others_still_served(fed, srv.port)
 
     asyncio.run(scenario())
+    # Every refusal is in the audit log with its code and who asked (issue 14, item 10).
+    refused = [e for e in read_entries(fed.certs.root / "audit.jsonl")
+               if e["event"] == "request-refused"]
+    assert [(e["name"], e["code"]) for e in refused] == [("a", code)]
 
 
 @pytest.mark.parametrize("update", [
