@@ -251,7 +251,7 @@ class Outbox:
                 # graphs drawn (max_attempts + the assumed dishonest hospitals, since an
                 # honest server shuts each out after it stops one round; without that margin
                 # they could take turns and halt a version for good).
-                earlier = sorted(set(seen) - {round_id})
+                earlier = sorted(set(seen))  # round_id is not among them (checked above)
                 if stage == "masked-input" and len(earlier) >= max_attempts:
                     raise UpdateAlreadySentError(_cap_reached(base_version, earlier))
                 if stage == "graph-drawn" and len(earlier) >= max_attempts + spare:

@@ -44,13 +44,19 @@ def fed20(tmp_path: Path, _big_template: Path) -> Federation:
     return Federation(CertDir(tmp_path / "certs"), tmp_path)
 
 
-def test_twenty_hospitals_publish_the_weighted_mean_through_a_sparse_graph(
-        fed20: Federation) -> None:
+def _sparse(fed20: Federation, step_timeout: float, seed: int
+            ) -> tuple[config.ServerSettings, list[np.ndarray]]:
+    """A SecAgg+ server for the twenty hospitals, and each hospital's update."""
     settings = fed20.server_settings(
         hospitals=NAMES, model=config.ModelSettings(params=D),
-        round=config.RoundSettings(sparse=True, step_timeout=30))
-    rng = np.random.default_rng(13)
-    ups = [rng.normal(0, 0.01, D).astype(np.float32) for _ in NAMES]
+        round=config.RoundSettings(sparse=True, step_timeout=step_timeout))
+    rng = np.random.default_rng(seed)
+    return settings, [rng.normal(0, 0.01, D).astype(np.float32) for _ in NAMES]
+
+
+def test_twenty_hospitals_publish_the_weighted_mean_through_a_sparse_graph(
+        fed20: Federation) -> None:
+    settings, ups = _sparse(fed20, step_timeout=30, seed=13)
     samples = [10 + 3 * i for i in range(len(NAMES))]
     refuser, leaver = "h00", "h07"
 
@@ -113,11 +119,7 @@ class Withholder(HospitalSession):
 
 def test_a_hospital_that_withholds_its_seed_value_is_left_out_for_the_version(
         fed20: Federation) -> None:
-    settings = fed20.server_settings(
-        hospitals=NAMES, model=config.ModelSettings(params=D),
-        round=config.RoundSettings(sparse=True, step_timeout=2))
-    rng = np.random.default_rng(14)
-    ups = [rng.normal(0, 0.01, D).astype(np.float32) for _ in NAMES]
+    settings, ups = _sparse(fed20, step_timeout=2, seed=14)
     hostile = "h19"
 
     async def scenario() -> tuple[list[object], object, str]:
