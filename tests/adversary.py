@@ -261,7 +261,8 @@ class Adversary:
     def bundle(self, recipient: int, withhold: Collection[int] = ()) -> EnvelopeBundle:
         envelopes = {u: sk.envelopes[recipient] for u, sk in sorted(self.share_keys.items())
                      if recipient in sk.envelopes and u not in withhold}
-        return EnvelopeBundle(self.round_id, recipient, envelopes)
+        return EnvelopeBundle(self.round_id, recipient, envelopes,
+                              {u: self.share_keys[u].digests[recipient] for u in envelopes})
 
     def deliver(self, party: Party, bundle: EnvelopeBundle) -> np.ndarray | None:
         out = self._ask(party, bundle)

@@ -41,8 +41,12 @@ def seal(
     recipient: int,
     b_share: bytes,
     s_share: bytes,
+    nonce: bytes | None = None,
 ) -> bytes:
-    nonce = os.urandom(NONCE_BYTES)
+    """The envelope; ``nonce`` is drawn here unless given (test vectors fix it)."""
+    nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
+    if len(nonce) != NONCE_BYTES:
+        raise CryptoError(f"an envelope nonce is {NONCE_BYTES} bytes")
     plain = _PLAIN.pack(sender, recipient, b_share, s_share)
     aad = _aad(round_id, base_version, sender, recipient)
     return nonce + AESGCM(key).encrypt(nonce, plain, aad)

@@ -151,9 +151,14 @@ def verify_advertisement(
 
 
 def sign(key: SigningKey, data: bytes) -> bytes:
-    """Sign with a certificate's private key (ECDSA P-256/SHA-256 or Ed25519)."""
+    """Sign with a certificate's private key (ECDSA P-256/SHA-256 or Ed25519).
+
+    ECDSA nonces follow RFC 6979 (deterministic): the same key and bytes give the same
+    signature, so docs/PROTOCOL.md's test vectors can list signatures exactly, and no
+    signature depends on the quality of a random generator at signing time.
+    """
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(data, ec.ECDSA(hashes.SHA256()))
+        return key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
     return key.sign(data)
 
 

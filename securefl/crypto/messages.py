@@ -21,6 +21,8 @@ from securefl.crypto.quantize import Encoding
 #: Size of a Shamir share value: the field prime is just above 2**256.
 SHARE_BYTES = 33
 KEY_BYTES = 32
+#: A dealer's digests for one holder: sha256 of the b share, then of the s share.
+DIGEST_PAIR_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -121,20 +123,29 @@ class SeedReveals:
 
 @dataclass(frozen=True)
 class ShareKeys:
-    """Round 1, hospital -> server: one AES-GCM envelope per neighbour (recipient id -> ct)."""
+    """Round 1, hospital -> server: one AES-GCM envelope per neighbour (recipient id -> ct).
+
+    ``digests``: for every holder of this dealer's shares (its neighbours and itself),
+    ``share_digest`` of its b share then of its s share (64 bytes); ``b_commit`` is
+    ``self_mask_commit`` of b_u.  The server checks returned shares against them.
+    """
 
     round_id: int
     sender: int
     envelopes: Mapping[int, bytes]
+    digests: Mapping[int, bytes]
+    b_commit: bytes
 
 
 @dataclass(frozen=True)
 class EnvelopeBundle:
-    """Round 1 -> 2, server -> one hospital: the envelopes addressed to it (sender id -> ct)."""
+    """Round 1 -> 2, server -> one hospital: the envelopes addressed to it (sender id -> ct)
+    and, per sender, the 64 digest bytes that sender committed to for this recipient."""
 
     round_id: int
     recipient: int
     envelopes: Mapping[int, bytes]
+    digests: Mapping[int, bytes]
 
 
 @dataclass(frozen=True)

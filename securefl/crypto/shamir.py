@@ -12,7 +12,7 @@ reconstruction refuses to run on fewer than t rather than return a wrong value.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 
 from securefl.crypto.messages import SHARE_BYTES
@@ -22,8 +22,12 @@ PRIME = 2**256 + 297
 SECRET_BYTES = 32
 
 
-def split(secret: bytes, xs: Iterable[int], threshold: int) -> dict[int, int]:
-    """Shares ``{x: f(x)}`` of a random degree-(t-1) polynomial with ``f(0) = secret``."""
+def split(secret: bytes, xs: Iterable[int], threshold: int,
+          coefficients: Sequence[int] | None = None) -> dict[int, int]:
+    """Shares ``{x: f(x)}`` of a random degree-(t-1) polynomial with ``f(0) = secret``.
+
+    ``coefficients`` (a_1..a_{t-1}) are drawn here unless given: test vectors fix them.
+    """
     points = list(xs)
     if len(secret) != SECRET_BYTES:
         raise CryptoError(f"can only share {SECRET_BYTES}-byte secrets, not {len(secret)}")
@@ -31,9 +35,12 @@ def split(secret: bytes, xs: Iterable[int], threshold: int) -> dict[int, int]:
         raise CryptoError(f"threshold {threshold} impossible with {len(points)} share holders")
     if len(set(points)) != len(points) or any(not 0 < x < PRIME for x in points):
         raise CryptoError("share x-coordinates must be distinct and non-zero")
-    coeffs = [int.from_bytes(secret, "big")] + [
-        secrets.randbelow(PRIME) for _ in range(threshold - 1)
-    ]
+    if coefficients is None:
+        coefficients = [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    if len(coefficients) != threshold - 1 or any(not 0 <= c < PRIME for c in coefficients):
+        raise CryptoError(f"a threshold-{threshold} polynomial needs {threshold - 1} "
+                          "coefficients below the field prime")
+    coeffs = [int.from_bytes(secret, "big"), *coefficients]
     shares = {}
     for x in points:
         acc = 0

@@ -99,21 +99,23 @@ def seed_reveals_from_wire(msg: wm.SeedRevealsMsg) -> cm.SeedReveals:
 
 
 def share_keys_to_wire(sk: cm.ShareKeys, rid: int = 0) -> wm.ShareKeysMsg:
-    return wm.ShareKeysMsg(rid=rid, round_id=sk.round_id, envelopes=dict(sk.envelopes))
+    return wm.ShareKeysMsg(rid=rid, round_id=sk.round_id, envelopes=dict(sk.envelopes),
+                           digests=dict(sk.digests), b_commit=sk.b_commit)
 
 
 def share_keys_from_wire(msg: wm.ShareKeysMsg, *, sender: int) -> cm.ShareKeys:
-    return cm.ShareKeys(round_id=msg.round_id, sender=sender, envelopes=dict(msg.envelopes))
+    return cm.ShareKeys(round_id=msg.round_id, sender=sender, envelopes=dict(msg.envelopes),
+                        digests=dict(msg.digests), b_commit=msg.b_commit)
 
 
 def bundle_to_wire(bundle: cm.EnvelopeBundle) -> wm.EnvelopesMsg:
     return wm.EnvelopesMsg(round_id=bundle.round_id, recipient=bundle.recipient,
-                           envelopes=dict(bundle.envelopes))
+                           envelopes=dict(bundle.envelopes), digests=dict(bundle.digests))
 
 
 def bundle_from_wire(msg: wm.EnvelopesMsg) -> cm.EnvelopeBundle:
     return cm.EnvelopeBundle(round_id=msg.round_id, recipient=msg.recipient,
-                             envelopes=dict(msg.envelopes))
+                             envelopes=dict(msg.envelopes), digests=dict(msg.digests))
 
 
 def masked_input_from_wire(

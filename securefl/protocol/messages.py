@@ -144,9 +144,15 @@ class RevealSeed(_Wire):
 
 
 class ShareKeysMsg(_Wire):
+    """Round 1: one envelope per neighbour, and the dealer's digests of every share it
+    dealt (neighbours and itself, 64 bytes each) with its commitment to b_u (32 bytes):
+    what the server checks returned shares against (docs/PROTOCOL.md)."""
+
     kind: Literal["share_keys"] = "share_keys"
     round_id: int = Field(ge=0)
     envelopes: dict[int, Bytes] = Field(max_length=1000)
+    digests: dict[int, Bytes] = Field(max_length=1001)
+    b_commit: Bytes
 
 
 class UploadSlot(_Wire):
@@ -372,6 +378,7 @@ class EnvelopesMsg(_Wire):
     round_id: int
     recipient: int
     envelopes: dict[int, Bytes] = Field(max_length=1000)
+    digests: dict[int, Bytes] = Field(max_length=1000)
 
 
 class SurvivorListMsg(_Wire):

@@ -116,6 +116,16 @@ class AdminActions:
                                     answered=len(rnd.answered),
                                     needed=eng.roster.config.threshold)
 
+    def _audit_bad_sharers(self, rnd: ActiveRound) -> None:
+        """Name every hospital caught returning a share its dealer did not deal (or dealing
+        shares that do not fit together), whether or not the round could still finish:
+        the operator must know who to talk to, and a repeat offender shows in the log."""
+        eng = rnd.engine
+        for name, what in sorted(getattr(eng, "bad_sharers", {}).items()):
+            log.warning("round %d: '%s' %s", rnd.round_id, name, what)
+            self.audit.record("bad-shares", round_id=rnd.round_id, name=name, reason=what,
+                              durable=True)
+
     def _report_unmask(self, rnd: ActiveRound) -> None:
         """Tell the waiting admin how many hospitals have answered the unmask step."""
         if (msg := self._unmask_progress(rnd)) is not None and rnd.watcher is not None:
@@ -167,7 +177,10 @@ class AdminActions:
                     # Awaited, so the final count reaches the admin before the result.
                     with contextlib.suppress(ConnectionError, OSError, TimeoutError):
                         await admin.push(last, None)
-            result = eng.finish()
+            try:
+                result = eng.finish()
+            finally:
+                self._audit_bad_sharers(rnd)
         except (NotEnoughSurvivorsError, CryptoError, DataError) as exc:
             # Also a sum that cannot be right (a hospital returned a wrong share): the
             # round ends like any that could not be unmasked -- hospitals told, audited, the

@@ -488,7 +488,7 @@ def test_messages_out_of_order_are_refused(fed: Federation, order: str) -> None:
         await rnd.enrol()
         if order == "envelopes before the roster":
             for p in rnd.live:
-                await p.push(wm.EnvelopesMsg(round_id=1, recipient=1, envelopes={}))
+                await p.push(wm.EnvelopesMsg(round_id=1, recipient=1, envelopes={}, digests={}))
             return rnd.loot, await rnd.expect_gone()
         await rnd.send_roster()
         await rnd.collect_shares()
@@ -538,10 +538,12 @@ def test_withheld_share_envelopes_leave_the_target_hidden(fed: Federation,
             d = holder[0].index("d")
             if withheld == "to the target" and name == "d":
                 keep = min(msg.envelopes)
-                return msg.model_copy(update={"envelopes": {keep: msg.envelopes[keep]}})
+                return msg.model_copy(update={"envelopes": {keep: msg.envelopes[keep]},
+                                              "digests": {keep: msg.digests[keep]}})
             if withheld == "from the target" and name != "d":
-                return msg.model_copy(update={"envelopes": {
-                    u: ct for u, ct in msg.envelopes.items() if u != d}})
+                return msg.model_copy(update={
+                    "envelopes": {u: ct for u, ct in msg.envelopes.items() if u != d},
+                    "digests": {u: dg for u, dg in msg.digests.items() if u != d}})
             return msg
 
         rnd = ScriptedRound(server, 1, [await server.peer(n) for n in names])

@@ -20,6 +20,7 @@ from securefl.errors import (
 )
 from securefl.protocol import messages as wm
 from securefl.server.app import BIG_PAYLOAD
+from securefl.server.audit import read_entries
 from securefl.server.store import ModelStore
 
 from .conftest import Federation, running
@@ -401,7 +402,9 @@ def test_wrong_unmask_shares_publish_nothing_and_the_retry_publishes_the_right_m
 
     _WrongShares.tampered = False
     outcomes, failed, result = asyncio.run(scenario())
-    assert "a hospital returned a wrong share; nothing was published" in failed
+    assert "'a' returned a share of" in failed and "nothing was published" in failed
+    named = [e for e in read_entries(settings.audit_log) if e["event"] == "bad-shares"]
+    assert [e["name"] for e in named] == ["a"]
     assert all(o.version == 1 for o in outcomes)  # type: ignore[attr-defined]
     store = ModelStore(settings.store_dir)
     assert store.versions() == [0, 1]

@@ -68,7 +68,8 @@ def request(event: str, rid: int, round_id: int = ROUND) -> wm._Wire:
                                           signature=B, base_sha256=B, graph_commit=B),
         "ack_roster": lambda: wm.AckRoster(rid=rid, round_id=round_id, signature=B),
         "reveal_seed": lambda: wm.RevealSeed(rid=rid, round_id=round_id, value=B),
-        "share_keys": lambda: wm.ShareKeysMsg(rid=rid, round_id=round_id, envelopes={2: B}),
+        "share_keys": lambda: wm.ShareKeysMsg(rid=rid, round_id=round_id, envelopes={2: B},
+                                              digests={1: B, 2: B}, b_commit=B),
         "upload_slot": lambda: wm.UploadSlot(rid=rid, round_id=round_id, nbytes=12),
         "masked_input": lambda: wm.MaskedInputMsg(
             rid=rid, round_id=round_id, array=wm.ArraySpec(dtype="<u4", shape=(3,))),
@@ -112,7 +113,7 @@ def push(event: str, round_id: int = ROUND, **fields: object) -> wm._Wire:
         "roster_acks": lambda: wm.RosterAcksMsg(round_id=round_id, signatures={1: B, 2: B}),
         "seed_reveals": lambda: wm.SeedRevealsMsg(round_id=round_id, values={1: B, 2: B}),
         "envelopes": lambda: wm.EnvelopesMsg(round_id=round_id, recipient=1,
-                                             envelopes={2: B}),
+                                             envelopes={2: B}, digests={2: B}),
         "survivor_list": lambda: wm.SurvivorListMsg(round_id=round_id, survivors=[1, 2]),
         "unmask_request": lambda: wm.UnmaskRequestMsg(round_id=round_id, survivors=[1, 2],
                                                       signatures={1: B, 2: B}),

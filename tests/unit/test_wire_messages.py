@@ -97,10 +97,11 @@ def test_roster_round_trips_through_the_wire() -> None:
 
 
 def test_round_messages_round_trip() -> None:
-    sk = cm.ShareKeys(round_id=1, sender=2, envelopes={1: b"x", 3: b"y"})
+    sk = cm.ShareKeys(round_id=1, sender=2, envelopes={1: b"x", 3: b"y"},
+                      digests={1: b"d" * 64, 2: b"e" * 64, 3: b"f" * 64}, b_commit=b"c" * 32)
     msg, _ = wm.decode(_frame(mapping.share_keys_to_wire(sk, rid=4)))
     assert mapping.share_keys_from_wire(msg, sender=2) == sk  # type: ignore[arg-type]
-    b = cm.EnvelopeBundle(round_id=1, recipient=2, envelopes={1: b"x"})
+    b = cm.EnvelopeBundle(round_id=1, recipient=2, envelopes={1: b"x"}, digests={1: b"d" * 64})
     msg, _ = wm.decode(_frame(mapping.bundle_to_wire(b)))
     assert mapping.bundle_from_wire(msg) == b  # type: ignore[arg-type]
     listed = cm.ConsistencyRequest(round_id=1, survivors=(1, 2, 4))

@@ -22,7 +22,6 @@ request is checked against the hospital's ``RoundPolicy``, never only the server
 from __future__ import annotations
 
 import datetime as dt
-import os
 from enum import Enum
 from typing import overload
 
@@ -58,6 +57,7 @@ from securefl.crypto.messages import (
 )
 from securefl.crypto.prg import MaskBuffer, derive_seed
 from securefl.crypto.quantize import Encoding, check_update
+from securefl.crypto.randomness import SYSTEM, Randomness
 from securefl.crypto.secagg.common import (
     ENVELOPE_KEY,
     PAIR_MASK,
@@ -67,6 +67,8 @@ from securefl.crypto.secagg.common import (
     graph_seed,
     roster_digest,
     round_context,
+    self_mask_commit,
+    share_digest,
     step,
 )
 from securefl.crypto.secagg.params import (
@@ -125,9 +127,12 @@ class ClientRound:
         base_sha256: bytes = bytes(32),
         policy: RoundPolicy | None = None,
         members: MemberList | None = None,
+        randomness: Randomness = SYSTEM,
     ) -> None:
         """``policy``: the hospital's own floors (threshold, contributors, encoding,
-        revoked certificates, a required survivor set) that no roster can lower."""
+        revoked certificates, a required survivor set) that no roster can lower.
+        ``randomness``: where every random value of the round comes from (tests fix it to
+        reproduce docs/PROTOCOL.md's vectors)."""
         check_update(update)
         self.policy = policy or RoundPolicy()
         self._base_sha256 = base_sha256
@@ -145,15 +150,16 @@ class ClientRound:
         self._update: np.ndarray | None = update
         self._weight = weight
         self._now = now
-        self._c = KeyPair()
-        self._s = KeyPair()
+        self._rand = randomness
+        self._c = KeyPair.from_private_bytes(randomness.x25519_private("c"))
+        self._s = KeyPair.from_private_bytes(randomness.x25519_private("s"))
         self.me = 0  # participant number, known from the roster
         self.roster: Roster | None = None
         self._neighbours: frozenset[int] = frozenset()
         self._held: dict[int, tuple[int, int]] = {}  # sender -> (share of b, share of s_sk)
         self._envelope_keys: dict[int, bytes] = {}  # neighbour -> AES-GCM key (symmetric)
         self._graph: dict[int, frozenset[int]] = {}
-        self._seed_value = os.urandom(32)  # this hospital's share of the graph seed
+        self._seed_value = randomness.graph_value()  # this hospital's share of the graph seed
         self._roster_statement = b""
         #: Whether the roster's graph is sparse (SecAgg+): then the dropout cap applies.
         self.sparse = False
@@ -329,12 +335,19 @@ class ClientRound:
         self._neighbours = self._graph[self.me]
         ctx = round_context(cfg)
 
-        b_u = os.urandom(32)
+        rand = self._rand
+        b_u = rand.self_mask_seed()
         self._b = b_u
         holders = self._neighbours | {self.me}  # keep a share of our own, as Bonawitz does
-        b_shares = shamir.split(b_u, holders, cfg.threshold)
-        s_shares = shamir.split(self._s.private_bytes(), holders, cfg.threshold)
+        t = cfg.threshold
+        b_shares = shamir.split(b_u, sorted(holders), t, rand.coefficients("b", t - 1))
+        s_shares = shamir.split(self._s.private_bytes(), sorted(holders), t,
+                                rand.coefficients("s", t - 1))
         self._held[self.me] = (b_shares[self.me], s_shares[self.me])
+        digests = {
+            v: share_digest(cfg, b"b", self.me, v, shamir.share_to_bytes(b_shares[v]))
+            + share_digest(cfg, b"s", self.me, v, shamir.share_to_bytes(s_shares[v]))
+            for v in sorted(holders)}
         envelopes = {}
         for v in sorted(self._neighbours):
             key = self._c.agree(roster.participants[v - 1].c_pk, ENVELOPE_KEY, ctx)
@@ -347,8 +360,10 @@ class ClientRound:
                 recipient=v,
                 b_share=shamir.share_to_bytes(b_shares[v]),
                 s_share=shamir.share_to_bytes(s_shares[v]),
+                nonce=rand.nonce(v),
             )
-        return ShareKeys(cfg.round_id, self.me, envelopes)
+        return ShareKeys(cfg.round_id, self.me, envelopes, digests,
+                         self_mask_commit(cfg, self.me, b_u))
 
     # -- round 2 -----------------------------------------------------------------------
     def _on_envelopes(self, bundle: EnvelopeBundle) -> MaskedInput:
@@ -359,6 +374,8 @@ class ClientRound:
         senders = set(bundle.envelopes)
         if not senders <= self._neighbours:
             raise RemoteProtocolError("share envelopes from hospitals that are not neighbours")
+        if set(bundle.digests) != senders:
+            raise RemoteProtocolError("share envelopes without their dealers' share digests")
         if len(senders) + 1 < cfg.threshold:  # our own share counts: we hold it
             # Masking with fewer than t holders' shares would leave the self mask as the
             # only mask on some view a server can unmask (Bonawitz et al. 2017, Fig. 4).
@@ -375,6 +392,15 @@ class ClientRound:
                 sender=u,
                 recipient=self.me,
             )
+            # The server checks the shares this hospital returns against these digests:
+            # a dealer that committed to other shares than it sent would get an honest
+            # holder named as the cheat, so the holder refuses the round instead.
+            if bundle.digests[u] != (share_digest(cfg, b"b", u, self.me, b_raw)
+                                     + share_digest(cfg, b"s", u, self.me, s_raw)):
+                raise CryptoError(
+                    f"the key shares '{self.roster.participants[u - 1].name}' sent this "
+                    "hospital do not match the digests it gave the server: refusing the "
+                    "round, nothing was sent")
             self._held[u] = (shamir.share_from_bytes(b_raw), shamir.share_from_bytes(s_raw))
 
         ctx = round_context(cfg)

@@ -76,6 +76,29 @@ def graph_seed(config: RoundConfig, values: Sequence[bytes]) -> bytes:
     return h.digest()
 
 
+def share_digest(config: RoundConfig, kind: bytes, dealer: int, holder: int,
+                 share: bytes) -> bytes:
+    """What a dealer commits to for each share it hands out (``kind`` b"b" or b"s").
+
+    Why: at the unmask step the server checks every returned share against its dealer's
+    digest, so a hospital that returns a wrong share is caught and named at any number of
+    answers (with t answers there is no redundancy to decode errors from).  The holder
+    checks its digests on receipt, so a dealer cannot frame an honest holder.  The digest
+    hides the share: to anyone holding fewer than t shares each one is a uniformly random
+    field element.
+    """
+    return hashlib.sha256(b"securefl/v4/share-digest\x00" + kind + round_context(config)
+                          + struct.pack(">II", dealer, holder) + share).digest()
+
+
+def self_mask_commit(config: RoundConfig, dealer: int, b: bytes) -> bytes:
+    """The dealer's commitment to its self-mask seed b_u: a b_u rebuilt from shares that
+    each match their digests but lie on no single polynomial is caught (and the dealer
+    named) instead of stripping the wrong mask."""
+    return hashlib.sha256(b"securefl/v4/self-mask-commit\x00" + round_context(config)
+                          + struct.pack(">I", dealer) + b).digest()
+
+
 def check_config(config: RoundConfig, n: int) -> None:
     """Refuse a round whose parameters would leak or could not finish.
 

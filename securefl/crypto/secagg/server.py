@@ -33,6 +33,7 @@ from securefl.crypto.keys import (
     verify_advertisement,
 )
 from securefl.crypto.messages import (
+    DIGEST_PAIR_BYTES,
     AggregateResult,
     ConsistencyRequest,
     ConsistencySignature,
@@ -59,6 +60,8 @@ from securefl.crypto.secagg.common import (
     graph_seed,
     roster_digest,
     round_context,
+    self_mask_commit,
+    share_digest,
     step,
 )
 from securefl.crypto.secagg.params import choose_graph, dropout_allowance
@@ -167,7 +170,13 @@ class ServerRound:
         self.u1: frozenset[int] = frozenset()            # shared keys (U1)
         self._sum: np.ndarray | None = None
         self.survivors: set[int] = set()                 # U2
-        self._responses: set[int] = set()
+        self._responses: set[int] = set()                # answers whose shares all checked
+        #: Dealer -> {holder: 64 digest bytes} and dealer -> commitment to b_u: what every
+        #: returned share and rebuilt seed is checked against (a few bytes per pair).
+        self._digests: dict[int, dict[int, bytes]] = {}
+        self._b_commits: dict[int, bytes] = {}
+        #: Hospitals caught cheating at the unmask step, name -> what they did (audited).
+        self.bad_sharers: dict[str, str] = {}
         self._b_shares: dict[int, dict[int, int]] = {}   # owner -> {holder x: share}
         self._s_shares: dict[int, dict[int, int]] = {}
 
@@ -299,6 +308,13 @@ class ServerRound:
             raise RemoteProtocolError(f"'{self.name_of(msg.sender)}' already shared its keys")
         if set(msg.envelopes) != self._graph[msg.sender]:
             raise RemoteProtocolError("key shares are not addressed to exactly the neighbours")
+        if set(msg.digests) != self._graph[msg.sender] | {msg.sender} or any(
+                len(d) != DIGEST_PAIR_BYTES for d in msg.digests.values()):
+            raise RemoteProtocolError(
+                f"share digests must be {DIGEST_PAIR_BYTES} bytes for each neighbour and the "
+                "hospital itself")
+        if len(msg.b_commit) != 32:
+            raise RemoteProtocolError("the self-mask commitment must be 32 bytes")
         self._envelopes[msg.sender] = msg
 
     def _on_input(self, msg: MaskedInput, from_name: str | None) -> None:
@@ -345,13 +361,26 @@ class ServerRound:
         if v not in self._signatures:
             raise RemoteProtocolError("unmask response from a hospital that did not sign "
                                       "the survivor list")
-        if v in self._responses:
+        if v in self._responses or self.name_of(v) in self.bad_sharers:
             raise RemoteProtocolError(f"'{self.name_of(v)}' already answered the unmask step")
         mine = (self._graph[v] | {v}) & self.u1
         b_ok = set(msg.b_shares) <= (mine & self.survivors)
         s_ok = set(msg.s_shares) <= (mine - self.survivors)
         if not (b_ok and s_ok):
             raise RemoteProtocolError("unmask response holds shares that were not asked for")
+        assert self.roster is not None
+        cfg = self.roster.config
+        for kind, shares, half in ((b"b", msg.b_shares, slice(0, 32)),
+                                   (b"s", msg.s_shares, slice(32, 64))):
+            for owner, raw in sorted(shares.items()):
+                if share_digest(cfg, kind, owner, v, raw) != self._digests[owner][v][half]:
+                    # Checked against what the dealer committed to over its own
+                    # connection, so the one who answered is the one who lied; none of its
+                    # shares is used, and the round goes on if t checked answers remain.
+                    self.bad_sharers[self.name_of(v)] = (
+                        f"returned a share of '{self.name_of(owner)}' that does not match "
+                        "what its dealer committed to")
+                    return
         for owner, raw in msg.b_shares.items():
             self._b_shares.setdefault(owner, {})[v] = shamir.share_from_bytes(raw)
         for owner, raw in msg.s_shares.items():
@@ -458,12 +487,17 @@ class ServerRound:
         self.state = nxt  # type: ignore[assignment]
         self.u1 = frozenset(self._envelopes)
         bundles: dict[int, dict[int, bytes]] = {v: {} for v in self.u1}
+        digests: dict[int, dict[int, bytes]] = {v: {} for v in self.u1}
         for u, msg in self._envelopes.items():
+            self._digests[u] = dict(msg.digests)
+            self._b_commits[u] = msg.b_commit
             for v, ct in msg.envelopes.items():
                 if v in bundles:
                     bundles[v][u] = ct
-        self._envelopes = {}  # routed: the server keeps none of them
-        return {v: EnvelopeBundle(self.round_id, v, env) for v, env in bundles.items()}
+                    digests[v][u] = msg.digests[v]
+        self._envelopes = {}  # routed: the server keeps none of them (only the digests)
+        return {v: EnvelopeBundle(self.round_id, v, env, digests[v])
+                for v, env in bundles.items()}
 
     def close_inputs(self) -> ConsistencyRequest:
         """Fix the survivors (U3, whose masked inputs are in the sum) for every hospital to
@@ -539,8 +573,8 @@ class ServerRound:
         try:
             if len(self._responses) < t:
                 raise NotEnoughSurvivorsError(
-                    f"only {len(self._responses)} hospital(s) answered the unmask step; "
-                    f"{t} are needed"
+                    f"only {len(self._responses)} hospital(s) answered the unmask step with "
+                    f"shares that check; {t} are needed{self._cheats()}"
                 )
             dropped = set(self.u1 - self.survivors)
             for owner, pool in [(u, self._b_shares) for u in self.survivors] + [
@@ -549,7 +583,7 @@ class ServerRound:
                 if len(pool.get(owner, {})) < t:
                     raise NotEnoughSurvivorsError(
                         f"too few neighbours of '{self.name_of(owner)}' answered to remove its "
-                        f"mask ({len(pool.get(owner, {}))} of {t})"
+                        f"mask ({len(pool.get(owner, {}))} of {t}){self._cheats()}"
                     )
             result = self._strip_masks(dropped)
         except Exception:
@@ -565,14 +599,24 @@ class ServerRound:
         total = self._sum
         masks = MaskBuffer(total.shape[0], self.encoding.dtype)
         for u in sorted(self.survivors):
-            b_u = shamir.reconstruct(self._b_shares[u], cfg.threshold)
+            b_u = shamir.reconstruct(self._b_shares[u], cfg.threshold)  # t checked shares
+            if self_mask_commit(cfg, u, b_u) != self._b_commits[u]:
+                # Every share matched its digest, so the dealer's own shares lie on no one
+                # polynomial: which seed a subset rebuilds would be the dealer's choice.
+                self.bad_sharers[self.name_of(u)] = ("dealt shares of its self-mask seed "
+                                                     "that do not fit together")
+                raise CryptoError(f"the self-mask seed of '{self.name_of(u)}' rebuilt from "
+                                  "checked shares does not match its commitment: "
+                                  f"{self._cheats()[2:]}")
             masks.subtract(total, derive_seed(b_u, SELF_MASK, ctx))
         for u in sorted(dropped):
             s_u = KeyPair.from_private_bytes(shamir.reconstruct(self._s_shares[u], cfg.threshold))
             if s_u.public != self.roster.participants[u - 1].s_pk:
+                self.bad_sharers[self.name_of(u)] = ("dealt shares of its masking key that "
+                                                     "do not fit together")
                 raise CryptoError(
                     f"the rebuilt key of '{self.name_of(u)}' does not match its advertised key: "
-                    "a hospital returned a bad share"
+                    f"{self._cheats()[2:]}"
                 )
             for v in sorted(self._graph[u] & self.survivors):
                 s_uv = s_u.agree(self.roster.participants[v - 1].s_pk, PAIR_MASK, ctx)
@@ -600,6 +644,10 @@ class ServerRound:
         self._sum = None
         names = tuple(self.name_of(u) for u in sorted(self.survivors))
         return AggregateResult(self.round_id, self.base_version, mean, weight, names)
+
+    def _cheats(self) -> str:
+        """'; X returned ..., Y dealt ...' for an error message ('' when no one cheated)."""
+        return "".join(f"; '{name}' {what}" for name, what in sorted(self.bad_sharers.items()))
 
     def fail(self) -> None:
         """Abandon the round (admin abort, too few hospitals): nothing will be published."""

@@ -612,7 +612,7 @@ def test_a_hospital_signs_one_list_and_answers_one_unmask_request() -> None:
 
 
 @pytest.mark.parametrize(("stage", "message"), [
-    ("advertised", lambda adv: EnvelopeBundle(1, 1, {})),
+    ("advertised", lambda adv: EnvelopeBundle(1, 1, {}, {})),
     ("advertised", lambda adv: UnmaskRequest(1, (1, 2, 3, 4, 5), {})),
     ("shared", lambda adv: ConsistencyRequest(1, (1, 2, 3, 4, 5))),
     ("masked", lambda adv: UnmaskRequest(1, tuple(sorted(adv.y)), {})),  # no consistency step
@@ -700,7 +700,8 @@ def _tampered_bundle(adv: Adversary, target: Party, *, good: Party,
     ct = bytearray(adv.share_keys[bad.me].envelopes[target.me])
     ct[-3] ^= 0x80
     return EnvelopeBundle(1, target.me, {good.me: adv.share_keys[good.me].envelopes[target.me],
-                                         bad.me: bytes(ct)})
+                                         bad.me: bytes(ct)},
+                          {p.me: adv.share_keys[p.me].digests[target.me] for p in (good, bad)})
 
 
 def _call_h1_dropped(adv: Adversary, target: Party, h2: Party) -> None:
