@@ -90,7 +90,8 @@ def _plain(fed: Federation, **limits: object) -> config.ServerSettings:
     ({"kind": "hello", "rid": 1, "protocol": 1}, b"", "unsupported-protocol"),
     ({"kind": "masked_input", "rid": 1, "round_id": 1,
       "array": {"dtype": "<u4", "shape": [D + 1]}}, b"\0" * 16, "bad-shape"),
-    ({"kind": "share_keys", "rid": 1, "round_id": 1, "envelopes": {}}, b"", "not-joined"),
+    ({"kind": "share_keys", "rid": 1, "round_id": 1, "envelopes": {},
+      "digests": {}, "b_commit": "AAAA"}, b"", "not-joined"),
     ({"kind": "join", "rid": 1, "base_version": 7}, b"", "stale-version"),
     # A strict wire (issue 14, item 7): nothing is coerced.
     ({"kind": "status", "rid": "2"}, b"", "bad-message"),
@@ -246,7 +247,8 @@ def test_forged_keys_and_out_of_order_round_messages(fed: Federation) -> None:
                                         "graph_commit": b64(32)})
             assert forged["kind"] == "error" and forged["code"] == "crypto", forged
             early = await raw.request({"kind": "share_keys", "rid": 3, "round_id": rid,
-                                       "envelopes": {"1": b64(10)}})
+                                       "envelopes": {"1": b64(10)},
+                                       "digests": {"1": b64(64)}, "b_commit": b64(32)})
             assert early["kind"] == "error" and early["code"] == "remote-protocol", early
             assert "roster" in early["message"] or "not allowed" in early["message"]
             wrong = await raw.request({"kind": "unmask_response", "rid": 4, "round_id": rid + 5,
