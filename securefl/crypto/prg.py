@@ -85,12 +85,15 @@ class MaskBuffer:
 
     def __init__(self, length: int, dtype: type[np.unsignedinteger]) -> None:
         self._length = length
-        self._scratch = np.empty(min(length, CHUNK), dtype=dtype)
+        self._dtype = np.dtype(dtype)
+        # The keystream is read as little-endian words on every host (PROTOCOL.md A.2):
+        # on a big-endian machine numpy converts while adding, so masks still cancel.
+        self._scratch = np.empty(min(length, CHUNK), dtype=self._dtype.newbyteorder("<"))
 
     def _apply(self, target: np.ndarray, seed: bytes, op: np.ufunc) -> None:
         if len(seed) != SEED_BYTES:
             raise CryptoError(f"a PRG seed must be {SEED_BYTES} bytes, not {len(seed)}")
-        if target.shape != (self._length,) or target.dtype != self._scratch.dtype:
+        if target.shape != (self._length,) or target.dtype != self._dtype:
             raise CryptoError("mask target has the wrong shape or type for this buffer")
         encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
         raw = self._scratch.view(np.uint8)

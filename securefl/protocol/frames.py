@@ -153,7 +153,9 @@ class FrameParser:
             frame_len, frame_type, header_len = PREFIX.unpack_from(self._pending)
             if frame_type != FRAME_TYPE_MESSAGE:
                 raise MalformedFrame(f"unknown frame type {frame_type}")
-            if header_len == 0 or header_len > self.max_header:
+            if header_len == 0:
+                raise MalformedFrame("a frame must carry a header")
+            if header_len > self.max_header:
                 raise FrameTooLarge(f"header of {header_len} bytes (limit {self.max_header})")
             payload_len = frame_len - 5 - header_len
             if payload_len < 0:

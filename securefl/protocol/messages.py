@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from typing import Annotated, Literal
 
 import numpy as np
@@ -61,6 +62,32 @@ Bytes = Annotated[
     PlainSerializer(lambda b: base64.b64encode(b).decode("ascii"), return_type=str),
     Field(max_length=MAX_BYTES_FIELD),
 ]
+
+
+_DECIMAL = re.compile(r"(0|[1-9][0-9]{0,9})")
+
+
+def _participant_key(value: object) -> object:
+    """Map keys are participant numbers written as plain decimal ("1", never "01", "+1",
+    " 1" or "1_0"): one number has one spelling, so two keys cannot name one hospital."""
+    if isinstance(value, str):
+        if not _DECIMAL.fullmatch(value):
+            raise ValueError("a participant number is written in plain decimal")
+        return int(value)
+    return value
+
+
+#: A participant number as a JSON object key (1..n, roster order).
+ParticipantNo = Annotated[int, BeforeValidator(_participant_key), Field(ge=1, le=2**32 - 1)]
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key '{key[:40]}' appears twice")
+        out[key] = value
+    return out
 
 
 class _Wire(BaseModel):
@@ -150,8 +177,8 @@ class ShareKeysMsg(_Wire):
 
     kind: Literal["share_keys"] = "share_keys"
     round_id: int = Field(ge=0)
-    envelopes: dict[int, Bytes] = Field(max_length=1000)
-    digests: dict[int, Bytes] = Field(max_length=1001)
+    envelopes: dict[ParticipantNo, Bytes] = Field(max_length=1000)
+    digests: dict[ParticipantNo, Bytes] = Field(max_length=1001)
     b_commit: Bytes
 
 
@@ -189,8 +216,8 @@ class SignSurvivors(_Wire):
 class UnmaskResponseMsg(_Wire):
     kind: Literal["unmask_response"] = "unmask_response"
     round_id: int = Field(ge=0)
-    b_shares: dict[int, Bytes] = Field(max_length=1000)
-    s_shares: dict[int, Bytes] = Field(max_length=1000)
+    b_shares: dict[ParticipantNo, Bytes] = Field(max_length=1000)
+    s_shares: dict[ParticipantNo, Bytes] = Field(max_length=1000)
 
 
 class AdminCommand(_Wire):
@@ -362,7 +389,7 @@ class RosterAcksMsg(_Wire):
 
     kind: Literal["roster_acks"] = "roster_acks"
     round_id: int
-    signatures: dict[int, Bytes] = Field(max_length=1000)
+    signatures: dict[ParticipantNo, Bytes] = Field(max_length=1000)
 
 
 class SeedRevealsMsg(_Wire):
@@ -370,15 +397,15 @@ class SeedRevealsMsg(_Wire):
 
     kind: Literal["seed_reveals"] = "seed_reveals"
     round_id: int
-    values: dict[int, Bytes] = Field(max_length=1000)
+    values: dict[ParticipantNo, Bytes] = Field(max_length=1000)
 
 
 class EnvelopesMsg(_Wire):
     kind: Literal["envelopes"] = "envelopes"
     round_id: int
     recipient: int
-    envelopes: dict[int, Bytes] = Field(max_length=1000)
-    digests: dict[int, Bytes] = Field(max_length=1000)
+    envelopes: dict[ParticipantNo, Bytes] = Field(max_length=1000)
+    digests: dict[ParticipantNo, Bytes] = Field(max_length=1000)
 
 
 class SurvivorListMsg(_Wire):
@@ -395,7 +422,7 @@ class UnmaskRequestMsg(_Wire):
     kind: Literal["unmask_request"] = "unmask_request"
     round_id: int
     survivors: list[int] = Field(max_length=1000)
-    signatures: dict[int, Bytes] = Field(max_length=1000)
+    signatures: dict[ParticipantNo, Bytes] = Field(max_length=1000)
 
 
 class AggregateProgress(_Wire):
@@ -469,6 +496,15 @@ def request_id(header: bytes) -> int:
 
 def decode(frame: Frame) -> tuple[Message, np.ndarray | None]:
     """Header -> message; payload -> array when the message carries one (shape checked)."""
+    try:
+        # A key given twice is refused, not silently overwritten: what the server
+        # validates must be what every reader of the same bytes would see.
+        json.loads(frame.header, object_pairs_hook=_refuse_duplicates)
+    except ValueError as exc:
+        if "appears twice" in str(exc):
+            raise RemoteProtocolError(f"malformed message header: {exc}",
+                                      code="bad-message") from None
+        raise RemoteProtocolError("header is not JSON", code="bad-message") from None
     try:
         msg = MESSAGE.validate_json(frame.header)
     except ValidationError as exc:

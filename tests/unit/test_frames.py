@@ -54,7 +54,7 @@ def test_byte_by_byte_reports_in_frame_and_payload_len() -> None:
 
 @pytest.mark.parametrize(("prefix", "error"), [
     (struct.pack(">IBI", 0xFFFFFFFF, 1, 2), FrameTooLarge),
-    (struct.pack(">IBI", 1000, 1, 0), FrameTooLarge),
+    (struct.pack(">IBI", 1000, 1, 0), MalformedFrame),  # no header at all,
     (struct.pack(">IBI", 1000, 1, 2000), FrameTooLarge),
     (struct.pack(">IBI", 1000, 2, 2), MalformedFrame),
     (struct.pack(">IBI", 6, 1, 2), MalformedFrame),

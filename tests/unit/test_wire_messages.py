@@ -55,6 +55,21 @@ def test_malformed_headers_are_refused_without_echoing_them(header: bytes) -> No
     assert "%%%" not in err.value.message and "Traceback" not in err.value.message
 
 
+_UNMASK = '{"kind":"unmask_request","round_id":1,"survivors":[1,2],"signatures":%s}'
+
+
+@pytest.mark.parametrize("keys", ['{"01":"AAAA"}', '{"+1":"AAAA"}', '{" 1":"AAAA"}',
+                                  '{"1_0":"AAAA"}', '{"0":"AAAA"}', '{"1":"AAAA","1":"AAAB"}'])
+def test_participant_keys_have_one_spelling_and_appear_once(keys: str) -> None:
+    """Probes found "01", "+1", "1_0" (read as 10) accepted and a repeated key silently
+    overwritten: two readers of the same bytes could see different maps."""
+    with pytest.raises(RemoteProtocolError) as err:
+        wm.decode(Frame((_UNMASK % keys).encode(), b""))
+    assert err.value.code == "bad-message"
+    msg, _ = wm.decode(Frame((_UNMASK % '{"1":"AAAA","10":"AAAA"}').encode(), b""))
+    assert set(msg.signatures) == {1, 10}  # type: ignore[union-attr]
+
+
 def test_models_are_frozen() -> None:
     msg = wm.Status(rid=1)
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error type

@@ -123,6 +123,9 @@ def check_config(config: RoundConfig, n: int) -> None:
         )
     if config.min_contributors < 2:
         raise ConfigError("a round must combine at least 2 hospitals, or one would be exposed")
+    if config.min_contributors > n:
+        raise ConfigError(f"the round asks for {config.min_contributors} contributors but has "
+                          f"only {n} hospitals, so it could never finish")
     if n > config.encoding.max_clients:
         raise ConfigError(
             f"{n} hospitals exceed the encoding's budget of {config.encoding.max_clients}"

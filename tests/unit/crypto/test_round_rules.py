@@ -186,6 +186,7 @@ def test_roster_that_alters_our_own_keys_is_refused(fed5):
         ({"threshold": 6}, ConfigError, "unreachable"),
         ({"vector_len": D + 1}, ConfigError, "different model"),
         ({"min_contributors": 1}, ConfigError, "at least 2"),
+        ({"min_contributors": 65536}, ConfigError, "could never finish"),  # no struct.error
     ],
 )
 def test_hospital_refuses_unsafe_round_configs(fed5, change, error, match):
