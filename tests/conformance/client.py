@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -157,13 +158,13 @@ class FixedRandomness(Randomness):
     def b_coefficients(self, count: int) -> list[int]:
         values = self._take("b_coefficients")
         if len(values) != count:
-            raise RuntimeError(f"fixed randomness: {count} b coefficients asked, {len(values)} given")
+            raise RuntimeError(f"fixed randomness: {count} b coefficients asked, {len(values)}")
         return values
 
     def s_coefficients(self, count: int) -> list[int]:
         values = self._take("s_coefficients")
         if len(values) != count:
-            raise RuntimeError(f"fixed randomness: {count} s coefficients asked, {len(values)} given")
+            raise RuntimeError(f"fixed randomness: {count} s coefficients asked, {len(values)}")
         return values
 
     def envelope_nonce(self, recipient: int) -> bytes:
@@ -538,7 +539,7 @@ class Identity:
     def take_crl(self, der: bytes) -> None:
         crl = x509.load_der_x509_crl(der)
         if not crl.is_signature_valid(self.ca.public_key()):
-            raise RoundRefused("crypto", "the server offered a revocation list not signed by the CA")
+            raise RoundRefused("crypto", "the offered revocation list is not signed by the CA")
         if self.crl is not None and crl_number(crl) < crl_number(self.crl):
             raise RoundRefused("crypto", "the server offered an older revocation list than ours")
         self.crl = crl
@@ -661,7 +662,7 @@ class HospitalRound:
             raise RoundRefused("crypto", f"{p.name}'s certificate is not a hospital named so")
         if self.id.members is not None and \
                 self.id.members["members"].get(p.name) != hashlib.sha256(p.cert_der).hexdigest():
-            raise RoundRefused("crypto", f"{p.name} is not on the member list with that certificate")
+            raise RoundRefused("crypto", f"{p.name} is not a member with that certificate")
         return cert
 
     # step 6
@@ -740,7 +741,7 @@ class HospitalRound:
             p = self.participants[i - 1]
             if len(v) != 32 or graph_commitment(
                     self.round_id, self.base_version, p.name, v) != p.graph_commit:
-                raise RoundRefused("crypto", f"participant {i}'s value does not open its commitment")
+                raise RoundRefused("crypto", f"participant {i}'s value opens no commitment")
         self.graph_seed = graph_seed(self.ctx, [values[i] for i in range(1, self.n + 1)])
         self.neighbours = neighbours(self.n, self.params.neighbours, self.me)
         holders = sorted([*self.neighbours, self.me])
@@ -818,7 +819,7 @@ class HospitalRound:
     def on_survivor_list(self, survivors: list[int]) -> bytes:
         self._expect("masked", "signed")
         if survivors != sorted(set(survivors)) or not set(survivors) <= set(range(1, self.n + 1)):
-            raise RoundRefused("crypto", "the survivor list is not sorted, unique and on the roster")
+            raise RoundRefused("crypto", "the survivor list is not sorted, unique, on the roster")
         if self.me not in survivors:
             raise RoundRefused("crypto", "the survivor list does not name this hospital")
         if not {v for v in survivors if v in self.neighbours} <= set(self.senders):
@@ -1002,13 +1003,18 @@ class Connection:
         self.writer.write(encode_frame(header, payload))
         await self.writer.drain()
 
+    async def exchange(self, header: dict, payload: bytes = b"") -> tuple[dict, bytes]:
+        """Send a header with its own integer `rid`; return the reply, `error` included."""
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[header["rid"]] = fut
+        await self.send(header, payload)
+        return await fut
+
     async def request(self, kind: str, payload: bytes = b"", **fields: Any) -> tuple[dict, bytes]:
         """Send one request; return its reply, or raise ServerError for an `error`."""
-        rid = self.next_rid()
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        await self.send({"kind": kind, "rid": rid, **fields}, payload)
-        header, body = await fut
+        header, body = await self.exchange(
+            {"kind": kind, "rid": self.next_rid(), **fields}, payload
+        )
         if header.get("kind") == "error":
             raise ServerError(header["code"], header["message"], header["rid"],
                               header.get("version"))
@@ -1023,10 +1029,8 @@ class Connection:
     async def close(self) -> None:
         self._task.cancel()
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
             await self.writer.wait_closed()
-        except (ConnectionError, ssl.SSLError):
-            pass
 
 
 # --------------------------------------------------------------------------------------
