@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -132,7 +133,12 @@ async def run_cli(*args: str, timeout: float = 90) -> tuple[int, str]:
         *securefl_cmd(), *args, env=env(), stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except (TimeoutError, asyncio.CancelledError):
+        proc.kill()
+        await proc.wait()
+        raise
     return proc.returncode, out.decode()
 
 
@@ -200,8 +206,25 @@ def test_bad_requests_get_an_error_with_their_rid_and_the_connection_lives(feder
             assert (reply["kind"], reply["rid"], reply["code"]) == \
                 ("error", 47, "stale-version"), reply
             assert reply["version"] == welcome["version"]
-            status, _ = await conn.exchange({"kind": "status", "rid": 48})
-            assert (status["kind"], status["rid"]) == ("status_reply", 48)
+            reply, _ = await conn.exchange(
+                {"kind": "masked_input", "rid": 49, "round_id": 1,
+                 "array": {"dtype": "<u4", "shape": [3]}}, b"12345")
+            assert (reply["kind"], reply["rid"], reply["code"]) == ("error", 49, "bad-shape")
+            # section 3: no usable rid (0, or outside u32) -> the error carries rid 0
+            for header in ({"kind": "status", "rid": 0}, {"kind": "status", "rid": 2**32}):
+                await conn.send(header)
+                reply, _ = await conn.push(10)
+                assert (reply["kind"], reply["rid"], reply["code"]) == ("error", 0, "bad-message")
+            status, _ = await conn.exchange({"kind": "status", "rid": 50})
+            assert (status["kind"], status["rid"]) == ("status_reply", 50)
+            # section 2: an unknown frame type gets malformed-frame (rid 0), then the close
+            head = b'{"kind":"status","rid":51}'
+            conn.writer.write(struct.pack(">IBI", 5 + len(head), 2, len(head)) + head)
+            await conn.writer.drain()
+            reply, _ = await conn.push(10)
+            assert (reply["kind"], reply["rid"], reply["code"]) == ("error", 0, "malformed-frame")
+            with pytest.raises(sfl.ClientError, match="closed"):
+                await conn.push(10)
         finally:
             await conn.close()
 
