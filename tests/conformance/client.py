@@ -11,6 +11,11 @@ server: nothing here imports `securefl` or was read from its source.  Three laye
 Only the full graph (k = n - 1) is supported: a sparse roster is refused, as section 5
 allows for a client that does not reproduce the SecAgg+ analysis.
 
+Not implemented (a real client needs them; the conformance tests do not): the state that
+survives a process (section 5's refusal of a repeated round number, section 6's
+cross-round rule and `max_attempts`, keeping the newest CRL and member list on disk),
+rejoining a `retry_round`, and `masking = "plain"` (always refused).
+
 Run as ``python -m tests.conformance.client --config hospital.toml get|status|send``.
 """
 
