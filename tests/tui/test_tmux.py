@@ -90,7 +90,7 @@ def test_train_send_aggregate_get_in_tmux(fed: Fed, tmp_path: Path) -> None:
             tmux.keys(h, "Escape", "s", "Enter")
         states = [config.load(t, config.ClientSettings).state_dir for t in fed.hospital_tomls]
         v0 = np.load(states[0] / "global.npy")
-        tmux.wait("fed:admin", "collected 2 of 2 joined", 60)
+        tmux.wait("fed:admin", "updates received: 2 of 2", 60)
         tmux.keys("fed:admin", "a")
         tmux.wait("fed:admin", "Yes", 10)
         tmux.keys("fed:admin", "y")

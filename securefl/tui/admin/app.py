@@ -4,37 +4,67 @@ Why polling: the server pushes nothing to the admin, so a timer asks for the sta
 hospitals table every ``REFRESH_EVERY`` seconds in an exclusive worker (a slow answer is
 replaced, never queued).  Aggregation can take the whole unmask step, so it runs in its own
 worker and the dashboard shows what it is waiting for meanwhile.
+
+Before asking "are you sure?", each control asks the server whether it can work now (a
+fresh status): the administrator is never offered to combine zero updates, or to abort a
+round that is not running.  When the server cannot be reached the app retries with backoff
+and greys what it last knew.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 from textual import work
-from textual.app import App
 
 from securefl import config
-from securefl.client.session import AdminSession, UnmaskProgress
+from securefl.client.session import AdminSession, ServerStatus, UnmaskProgress
 from securefl.errors import NotEnoughSurvivorsError, SecureFLError
 from securefl.tui.admin.audit import AuditScreen
-from securefl.tui.admin.dashboard import AdminDashboard
+from securefl.tui.admin.dashboard import COLLECTING, AdminDashboard
 from securefl.tui.admin.versions import VersionsScreen
-from securefl.tui.common import ConfirmScreen, notify_error
+from securefl.tui.common import HERE as COMMON
+from securefl.tui.common import ConfirmScreen, SecureFLApp, clock, explain, sentence
 
 REFRESH_EVERY = 2.0
 AUDIT_LINES = 200
 
 
 def too_few_advice(exc: SecureFLError) -> str:
-    return (f"{exc.message}. Not enough hospitals stayed online to remove the masks, so the "
-            "round was abandoned and no version was published. The hospitals are told to "
-            "send again: ask them to stay connected until aggregation, then aggregate again.")
+    """One account of a failed unmask step: what happened, what it means, what to do."""
+    return (f"Aggregation failed: {sentence(exc.message)} Nothing was published and the "
+            "hospitals are told to send again. Next: ask them to stay connected until you "
+            "aggregate, then aggregate again.")
 
 
-class AdminApp(App[int]):
-    TITLE = "securefl — administrator"
-    ENABLE_COMMAND_PALETTE = False  # every action is on a key shown in the footer
+def cannot(action: str, st: ServerStatus) -> str | None:
+    """Why ``action`` cannot work in the round ``st`` describes, or None if it can."""
+    if action == "aggregate":
+        if st.phase == "idle":
+            return "No round is running, so there is nothing to combine."
+        if st.phase == "enrolling":
+            return (f"Enrolment is still open ({len(st.joined)} hospital(s) joined): close it "
+                    "(e) once everyone taking part has joined, then aggregate when their "
+                    "updates are in.")
+        if st.phase != COLLECTING:
+            return (f"The round is still {st.phase}: aggregate once the hospitals' updates "
+                    "are being received.")
+        if st.collected == 0:
+            return (f"No updates received yet (0 of {len(st.joined)} joined hospitals): wait "
+                    "until they are in.")
+    if action == "abort" and st.phase == "idle":
+        return "No round is running, so there is nothing to abort."
+    if action == "close" and st.phase != "enrolling":
+        return ("No round is enrolling, so there is no enrolment to close." if st.phase == "idle"
+                else f"Enrolment of round {st.round_id} is already closed ({st.phase}).")
+    return None
+
+
+class AdminApp(SecureFLApp):
+    TITLE = "securefl administrator"
+    CSS_PATH = COMMON / "common.tcss"
 
     def __init__(self, settings: config.ClientSettings | None, *, connect: bool = True) -> None:
         super().__init__()
@@ -50,10 +80,17 @@ class AdminApp(App[int]):
             self.connect()
             self.set_interval(REFRESH_EVERY, self.poll)
 
+    def busy_reason(self) -> str | None:
+        if self.busy:
+            return ("The updates are being combined: quitting now leaves the round "
+                    "unfinished and the hospitals must send again")
+        return None
+
     # -- network ---------------------------------------------------------------------------
     @work(exclusive=True, group="connect")
     async def connect(self) -> None:
         assert self.settings is not None
+        self.cancel_reconnect()
         await self._close()
         s = self.settings
         self.dashboard.show(connection=f"Connecting to {s.host}:{s.port}…")
@@ -61,12 +98,20 @@ class AdminApp(App[int]):
         try:
             await session.connect()
         except SecureFLError as exc:
-            self.dashboard.show(connection="Not connected (press r to retry)")
-            notify_error(self, exc, "Cannot connect")
+            self._lost(exc, "Not connected")
             return
         self.session = session
+        self.connected_again()
         self.dashboard.show(connection=f"Connected to {s.host}:{s.port} as {session.name}")
         await self._refresh_once()
+
+    def _lost(self, exc: SecureFLError, what: str) -> None:
+        first = self._retry_at == 0
+        delay = self.schedule_reconnect(self.connect)
+        self.dashboard.show(connection=f"{what} since {clock()} — trying again in "
+                            f"{delay:.0f} s (r: now)", stale=True)
+        if first:
+            self.notify(explain(exc), title=what, severity="error", timeout=8)
 
     async def _refresh_once(self) -> None:
         if self.session is None:
@@ -76,10 +121,9 @@ class AdminApp(App[int]):
             hospitals = await self.session.hospitals()
         except SecureFLError as exc:
             await self._close()
-            self.dashboard.show(connection="Connection lost (press r to reconnect)")
-            notify_error(self, exc, "Connection lost")
+            self._lost(exc, "Connection lost")
             return
-        self.dashboard.show(status=status, hospitals=tuple(hospitals))
+        self.dashboard.show(status=status, hospitals=tuple(hospitals), stale=False)
 
     @work(exclusive=True, group="poll")
     async def poll(self) -> None:
@@ -94,64 +138,89 @@ class AdminApp(App[int]):
     # -- actions -----------------------------------------------------------------------------
     def _connected(self) -> bool:
         if self.session is None:
-            self.notify("Not connected to the server: press r to reconnect.", severity="error")
+            self.notify("Not connected to the server: the app is reconnecting (r: now).",
+                        severity="error")
             return False
         return True
 
     def action_refresh(self) -> None:
         if self.session is None and self.settings is not None:
+            self.connected_again()
             self.connect()
         elif self.session is not None:
             self.poll()
 
-    def _confirm(self, question: str, then: object) -> None:
+    def _confirm(self, question: str, then: Callable[[], object], title: str) -> None:
         def answered(yes: bool | None) -> None:
             if yes:
-                then()  # type: ignore[operator]
+                then()
 
-        self.push_screen(ConfirmScreen(question), answered)
+        self.push_screen(ConfirmScreen(question, title=title), answered)
+
+    @work(exclusive=True, group="ask")
+    async def _ask(self, action: str) -> None:
+        """Ask the server whether ``action`` can work now; if so, ask the administrator."""
+        if not self._connected() or self.busy:
+            return
+        assert self.session is not None
+        try:
+            st = await self.session.status()
+        except SecureFLError as exc:
+            await self._close()
+            self._lost(exc, "Connection lost")
+            return
+        self.dashboard.show(status=st)
+        if (why := cannot(action, st)) is not None:
+            self.dashboard.show(activity=why)
+            self.notify(why, title="Not now", severity="warning", timeout=6)
+            return
+        if action == "aggregate":
+            self._confirm(f"Combine the {st.collected} update(s) received in round "
+                          f"{st.round_id} and publish global version {st.version + 1}?",
+                          self.aggregate, "Aggregate")
+        elif action == "close":
+            self._confirm(f"Close enrolment of round {st.round_id} now, with "
+                          f"{len(st.joined)} hospital(s)? Hospitals that have not joined "
+                          "wait for the next round.", self.close_enrolment, "Close enrolment")
+        elif action == "abort":
+            self._confirm(f"Abort round {st.round_id}? Nothing is published; every hospital "
+                          "in it has to send again.", self.abort, "Abort the round")
 
     def action_aggregate(self) -> None:
-        if self._connected() and not self.busy:
-            st = self.dashboard.status
-            k = st.collected if st else 0
-            self._confirm(f"Aggregate the {k} weight set(s) collected and publish the next "
-                          "version?", self.aggregate)
+        self._ask("aggregate")
 
     def action_close_enrolment(self) -> None:
-        if self._connected() and not self.busy:
-            self._confirm("Close enrolment now? Hospitals that have not joined wait for the "
-                          "next round.", self.close_enrolment)
+        self._ask("close")
 
     def action_abort(self) -> None:
-        if self._connected() and not self.busy:
-            self._confirm("Abort the current round? Nothing is published; hospitals will "
-                          "send again.", self.abort)
+        self._ask("abort")
 
     @work(exclusive=True, group="admin")
     async def aggregate(self) -> None:
         assert self.session is not None
         self.busy = True
-        self.dashboard.show(activity="Unmasking: asking the hospitals for their key shares, "
+        self.dashboard.show(activity="Combining: asking the hospitals for their key shares, "
                             "then removing the masks…")
 
         def progress(p: UnmaskProgress) -> None:
             self.dashboard.show(
-                activity=f"Unmasking round {p.round_id}: {p.answered} of {p.asked} "
+                activity=f"Combining round {p.round_id}: {p.answered} of {p.asked} "
                 f"hospitals answered ({p.needed} needed)…", progress=(p.answered, p.asked))
 
         try:
             out = await self.session.aggregate(on_progress=progress)
         except NotEnoughSurvivorsError as exc:
-            self.dashboard.show(activity="Aggregation failed: too few hospitals online.")
-            self.notify(too_few_advice(exc), title="Aggregation failed", severity="error",
-                        timeout=15)
+            self.dashboard.show(activity=too_few_advice(exc), sticky=True)
+            self.notify("Too few hospitals stayed online; see the status line.",
+                        title="Aggregation failed", severity="error", timeout=6)
         except SecureFLError as exc:
-            self.dashboard.show(activity="Aggregation failed.")
-            notify_error(self, exc, "Aggregation failed")
+            self.dashboard.show(activity=f"Aggregation failed: {explain(exc)}", sticky=True)
+            self.notify("See the status line.", title="Aggregation failed",
+                        severity="error", timeout=6)
         else:
             self.dashboard.show(activity=f"Published version {out.version}: "
-                                f"{out.contributors} hospitals, {out.total_samples} samples.")
+                                f"{out.contributors} hospitals, {out.total_samples} scans. "
+                                "Next: the hospitals get it (g) and train on it.", sticky=True)
             self.notify(f"Version {out.version} published.", title="Aggregated")
         finally:
             self.busy = False
@@ -163,9 +232,10 @@ class AdminApp(App[int]):
         try:
             round_id = await self.session.close_enrolment()
         except SecureFLError as exc:
-            notify_error(self, exc, "Close enrolment failed")
+            self.dashboard.show(activity=f"Close enrolment failed: {explain(exc)}")
         else:
-            self.dashboard.show(activity=f"Enrolment of round {round_id} closed.")
+            self.dashboard.show(activity=f"Enrolment of round {round_id} closed. Next: "
+                                "aggregate (a) once the updates are in.", sticky=True)
         await self._refresh_once()
 
     @work(exclusive=True, group="admin")
@@ -174,9 +244,10 @@ class AdminApp(App[int]):
         try:
             round_id = await self.session.abort_round()
         except SecureFLError as exc:
-            notify_error(self, exc, "Abort failed")
+            self.dashboard.show(activity=f"Abort failed: {explain(exc)}")
         else:
-            self.dashboard.show(activity=f"Round {round_id} aborted; hospitals will send again.")
+            self.dashboard.show(activity=f"Round {round_id} aborted; hospitals will send "
+                                "again.", sticky=True)
         await self._refresh_once()
 
     @work(exclusive=True, group="views")
@@ -187,7 +258,7 @@ class AdminApp(App[int]):
         try:
             versions = await self.session.history(limit=200)
         except SecureFLError as exc:
-            notify_error(self, exc, "Version history")
+            self.notify(explain(exc), title="Version history", severity="error")
             return
         await self.push_screen(VersionsScreen(versions))
 
@@ -199,12 +270,13 @@ class AdminApp(App[int]):
         try:
             entries = await self.session.audit(limit=AUDIT_LINES)
         except SecureFLError as exc:
-            notify_error(self, exc, "Audit log")
+            self.notify(explain(exc), title="Audit log", severity="error")
             return
         await self.push_screen(AuditScreen(entries))
 
     def action_logout(self) -> None:
-        self._confirm("Log out and disconnect from the server?", self.logout)
+        self._confirm("Log out and disconnect from the server? (The server and any round "
+                      "go on without you.)", self.logout, "Log out")
 
     @work(exclusive=True, group="connect")
     async def logout(self) -> None:

@@ -1,39 +1,45 @@
 """The administrator's live dashboard: version, round phase, k of n, hospitals table.
 
-Attributes down: the app sets ``status``, ``hospitals`` and ``activity``; the screen renders.
+Attributes down: the app sets ``status``, ``hospitals``, ``activity`` and ``stale``; the
+screen renders.  A line about an action ("Aggregation failed…") is cleared once the round
+it was about has moved on, so the screen never shows advice for a state that is gone.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
+from textual.widgets import DataTable, Footer, Header, Static
 
 from securefl.client.session import HospitalInfo, ServerStatus
+from securefl.tui.common import Progress, TextScreen, clock, pairs
 
 HERE = Path(__file__).parent
 
-
-COLUMNS = [("Hospital", 14), ("Online", 6), ("Joined", 6), ("Submitted", 9),
-           ("Last seen (UTC)", 19), ("Cert expires", 12)]
+#: The server's phase name while masked updates come in (when aggregation can work).
+COLLECTING = "collecting masked updates"
+COLUMNS = [("Hospital", 14), ("Online", 6), ("Joined", 6), ("Sent", 4),
+           ("Last seen (UTC)", 16), ("Cert expires", 12)]
 
 
 def short_time(iso: str) -> str:
-    """'2026-11-28T21:03:07+00:00' -> '2026-11-28 21:03:07'; '' -> 'never'."""
-    return iso.replace("T", " ")[:19] if iso else "never"
+    """'2026-11-28T21:03:07+00:00' -> '2026-11-28 21:03'; '' -> 'not since restart'."""
+    return iso.replace("T", " ")[:16] if iso else "not since restart"
 
 
 def describe(status: ServerStatus | None) -> tuple[str, str]:
     if status is None:
         return "Global version: unknown", "Round: unknown (not connected)"
     if status.phase == "idle":
-        round_text = "Round: none in progress · weight sets collected 0"
+        round_text = "Round: none in progress"
     else:
-        round_text = (f"Round {status.round_id}: {status.phase} · weight sets collected "
-                      f"{status.collected} of {len(status.joined)} joined")
+        round_text = (f"Round {status.round_id}: {status.phase} · {len(status.joined)} joined "
+                      f"· updates received: {status.collected} of {len(status.joined)}")
     if status.waiting_for:
         # A round on this version failed after its survivor list went out: only the
         # hospitals on it can go on, so say which are missing.
@@ -46,11 +52,36 @@ def yes(flag: bool) -> str:
     return "yes" if flag else "-"
 
 
+def merge_known(old: tuple[HospitalInfo, ...],
+                new: tuple[HospitalInfo, ...]) -> tuple[HospitalInfo, ...]:
+    """After a server restart it knows no "last seen" or certificate expiry for hospitals
+    that have not connected since: keep what this app saw before instead of "never"."""
+    before = {h.name: h for h in old}
+    out = []
+    for h in new:
+        prev = before.get(h.name)
+        if prev is not None:
+            h = replace(h, last_seen=h.last_seen or prev.last_seen,
+                        cert_expires=h.cert_expires or prev.cert_expires)
+        out.append(h)
+    return tuple(out)
+
+
 class AdminDashboard(Screen):
     CSS_PATH = HERE / "dashboard.tcss"
+    TITLE = "Federation"
+    HELP = ("The federation at a glance, refreshed every 2 s: the global version, the "
+            "round in progress and each hospital (online, joined this round, update sent, "
+            "last seen, certificate expiry; Enter on a row shows it in full).\n"
+            "A round: hospitals press Send; enrolment closes by itself once every hospital "
+            "joined (or close it with e); once their updates are in, a combines them and "
+            "publishes the next version.  x aborts a round (the hospitals send again).  "
+            "Greyed values marked 'stale' are the last known while the server cannot be "
+            "reached; the app reconnects by itself.")
     BINDINGS = [("a", "app.aggregate", "Aggregate"), ("e", "app.close_enrolment", "Close"),
                 ("x", "app.abort", "Abort"), ("v", "app.versions", "Versions"),
-                ("l", "app.audit", "Audit"), ("r", "app.refresh", "Refresh"),
+                ("l", "app.audit", "Audit"),
+                Binding("r", "app.refresh", "Refresh", show=False),  # so "? Help" fits
                 ("q", "app.logout", "Log out")]
 
     def __init__(self) -> None:
@@ -61,26 +92,48 @@ class AdminDashboard(Screen):
         self.activity = ""
         #: (done, total) for the activity's bar; None: an indeterminate bar.
         self.progress: tuple[int, int] | None = None
+        self.stale = False
+        self.as_of = ""
+        #: The (round, phase, version) the activity line was written about.
+        self._activity_state: tuple[int, str, int] | None = None
 
     _UNSET = object()
 
+    @staticmethod
+    def _key(status: ServerStatus | None) -> tuple[int, str, int] | None:
+        return None if status is None else (status.round_id, status.phase, status.version)
+
     def show(self, *, connection: str | None = None, status: object = _UNSET,
              hospitals: tuple[HospitalInfo, ...] | None = None,
-             activity: str | None = None, progress: tuple[int, int] | None = None) -> None:
+             activity: str | None = None, progress: tuple[int, int] | None = None,
+             stale: bool | None = None, sticky: bool = False) -> None:
         """Set what the app learnt; redraw if mounted (else ``on_mount`` draws it).
 
-        A new ``activity`` without ``progress`` makes the bar indeterminate again."""
+        A new ``activity`` without ``progress`` makes the bar indeterminate again.  An
+        activity line is dropped once the round moves on from the state it was written in
+        (``sticky``: from the state after it, e.g. a failed round's advice)."""
         if connection is not None:
             self.connection = connection
-        if status is not self._UNSET:
+        if status is not self._UNSET and status is not None:
+            new = self._key(status)  # type: ignore[arg-type]
+            if (self.activity and not self.activity.endswith("…")
+                    and self._activity_state is not None and new != self._activity_state):
+                self.activity = ""
             self.status = status  # type: ignore[assignment]
+            self.as_of = clock()
+            if self._activity_state is None:
+                self._activity_state = new
+        if stale is not None:
+            self.stale = stale
         if hospitals is not None:
-            self.hospitals = hospitals
+            self.hospitals = merge_known(self.hospitals, hospitals)
             if self.is_mounted:
                 self._fill_table()
         if activity is not None:
             self.activity = activity
             self.progress = progress
+            # Sticky advice outlives the refresh right after it (the round's end itself).
+            self._activity_state = None if sticky else self._key(self.status)
         if self.is_mounted:
             self._draw()
 
@@ -88,11 +141,12 @@ class AdminDashboard(Screen):
         yield Header()
         with Vertical(id="main"):
             yield Static(self.connection, id="connection")
-            yield Static("", id="version")
-            yield Static("", id="round")
-            yield DataTable(id="hospitals", cursor_type="row", zebra_stripes=True)
+            with Vertical(id="known"):
+                yield Static("", id="version")
+                yield Static("", id="round")
+                yield DataTable(id="hospitals", cursor_type="row", zebra_stripes=True)
             yield Static("", id="activity")
-            yield ProgressBar(total=None, show_eta=False, show_percentage=False, id="busy")
+            yield Progress(total=None, show_eta=False, show_percentage=False, id="busy")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -104,11 +158,16 @@ class AdminDashboard(Screen):
 
     def _draw(self) -> None:
         version, round_text = describe(self.status)
+        if self.stale and self.status is not None:
+            version += f" (stale: as of {self.as_of})"
+            round_text += " (stale)"
         self.query_one("#connection", Static).update(self.connection)
+        self.query_one("#connection").set_class(self.stale, "offline")
+        self.query_one("#known").set_class(self.stale, "stale")
         self.query_one("#version", Static).update(version)
         self.query_one("#round", Static).update(round_text)
         self.query_one("#activity", Static).update(self.activity)
-        bar = self.query_one("#busy", ProgressBar)
+        bar = self.query_one("#busy", Progress)
         bar.display = self.activity.endswith("…")
         if self.progress is None:
             bar.update(total=None)
@@ -117,8 +176,25 @@ class AdminDashboard(Screen):
 
     def _fill_table(self) -> None:
         table = self.query_one("#hospitals", DataTable)
+        row = table.cursor_row
         table.clear()
         for h in self.hospitals:
             table.add_row(h.name + ("" if h.registered else " (unregistered)"), yes(h.online),
                           yes(h.joined), yes(h.submitted), short_time(h.last_seen),
                           h.cert_expires[:10] or "unknown", key=h.name)
+        if self.hospitals:
+            table.move_cursor(row=min(row, len(self.hospitals) - 1))
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """A hospital in full: nothing is cut off by the columns."""
+        if not 0 <= event.cursor_row < len(self.hospitals):
+            return
+        h = self.hospitals[event.cursor_row]
+        body = "\n".join(pairs([
+            ("Hospital", h.name), ("On the member list", yes(h.registered)),
+            ("Online", yes(h.online)), ("Joined this round", yes(h.joined)),
+            ("Update sent this round", yes(h.submitted)),
+            ("Last seen (UTC)", h.last_seen or "not since the server restarted"),
+            ("Certificate expires", h.cert_expires or "unknown (not connected since the "
+             "server restarted)")]))
+        self.app.push_screen(TextScreen(f"Hospital {h.name}", body))

@@ -42,6 +42,10 @@ class ScanTree(DirectoryTree):
 
 class ClassifyScreen(Screen):
     CSS_PATH = HERE / "classify.tcss"
+    TITLE = "Classify a scan"
+    HELP = ("Pick a scan in the tree (Enter on a file) or type its path and press Enter. "
+            "The model's answer is shown as a bar per class, most likely first.  Decision "
+            "support only: a clinician makes the diagnosis.")
     BINDINGS = [("escape", "back", "Back")]
 
     class Classified(Message):

@@ -1,34 +1,98 @@
-"""Get weights: download the global model (sha256 checked), then evaluate it locally.
+"""Get weights: download the global model (checked against its fingerprint), then evaluate
+it on this hospital's test scans.
 
-Steps: download -> sha256 verified (``HospitalSession.get_global`` refuses a mismatch) ->
+Steps: download -> checked intact (``HospitalSession.get_global`` refuses a mismatch) ->
 loaded into the local model -> evaluated on this hospital's test scans.  The download is
-one exclusive async worker; the evaluation is TensorFlow work in a thread worker.
+one exclusive async worker; the evaluation is TensorFlow work in a thread worker.  Results
+are told in clinical terms (sensitivity, specificity, full class names); the rest (macro
+F1, precision, the fingerprint) is in the details view (d).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from textual import on, work
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, DataTable, Footer, Header, ProgressBar, Static
+from textual.widgets import Button, DataTable, Footer, Header, Label, Static
 
 from securefl.client.hospital import Hospital
 from securefl.client.session import HospitalSession
 from securefl.ml.data import describe_skipped
 from securefl.ml.train import EvalReport, append_history
-from securefl.tui.common import ConfirmScreen, notify_error
+from securefl.tui.common import ConfirmScreen, TextScreen, notify_error, pairs
+from securefl.tui.common import Progress as ProgressBar
 
 HERE = Path(__file__).parent
-STEPS = ["Downloading", "sha256 verified", "Loaded into the local model", "Evaluated"]
+STEPS = ["Download", "Checked intact", "Loaded into the local model",
+         "Evaluated on your test scans"]
+#: How the usual class folder names read in a clinic.
+CLASS_NAMES = {"glioma": "glioma", "meningioma": "meningioma", "notumor": "no tumour",
+               "no_tumor": "no tumour", "pituitary": "pituitary tumour"}
+
+
+def class_name(name: str) -> str:
+    return CLASS_NAMES.get(name, name.replace("_", " "))
+
+
+def specificity(confusion: list[list[int]], i: int) -> float | None:
+    """Of the scans that are not class ``i``, the share the model did not call ``i``."""
+    total = sum(map(sum, confusion))
+    negatives = total - sum(confusion[i])
+    false_pos = sum(row[i] for row in confusion) - confusion[i][i]
+    return None if negatives == 0 else (negatives - false_pos) / negatives
+
+
+def one_class_warning(r: EvalReport) -> str:
+    """A warning when the model gives every test scan the same answer, else ''."""
+    names = list(r.per_class)
+    called = [sum(row[j] for row in r.confusion) for j in range(len(names))]
+    if sum(called) and sum(1 for c in called if c) == 1 and len(names) > 1:
+        only = class_name(names[called.index(max(called))])
+        return (f"Warning: this model calls every test scan \"{only}\": it cannot tell the "
+                "classes apart yet, so do not use it to classify scans. Train it (t) and "
+                "send the update (s); later versions should do better.")
+    return ""
+
+
+def report_details(r: EvalReport, version: int | None, sha256: str) -> str:
+    """Everything the evaluation measured, for the details view."""
+    names = list(r.per_class)
+    lines = list(pairs([("Global version", str(version)),
+                        ("Fingerprint (sha256)", sha256 or "-"),
+                        ("Test scans", str(r.num_samples)),
+                        ("Accuracy", f"{r.accuracy:.1%}"),
+                        ("Macro F1", f"{r.macro_f1:.3f}")]))
+    lines += ["", "Per class: sensitivity (recall), specificity, precision, F1, scans"]
+    for i, (name, m) in enumerate(r.per_class.items()):
+        spec = specificity(r.confusion, i)
+        lines.append(f"  {class_name(name):<18} {m.recall:6.1%} "
+                     f"{'-' if spec is None else f'{spec:6.1%}'} {m.precision:6.1%} "
+                     f"{m.f1:.3f} {m.support:5d}")
+    lines += ["", "Confusion matrix (rows: actual class, columns: the model's answer)"]
+    lines.append(" " * 20 + "".join(f"{class_name(n)[:10]:>11}" for n in names))
+    for name, row in zip(names, r.confusion, strict=True):
+        lines.append(f"  {class_name(name):<18}" + "".join(f"{v:>11}" for v in row))
+    return "\n".join(lines)
 
 
 class GetScreen(Screen):
     CSS_PATH = HERE / "get.tcss"
-    BINDINGS = [("escape", "back", "Back"), ("enter", "start", "Get weights")]
+    TITLE = "Get the global weights"
+    HELP = ("Downloads the federation's current global model, checks that it arrived "
+            "intact, loads it into this hospital's model and tests it on this hospital's "
+            "test scans.  Sensitivity: of the scans of a class, the share the model found.  "
+            "Specificity: of the other scans, the share it did not wrongly call that "
+            "class.  The table below shows, for each actual class, what the model answered.  "
+            "d shows the full technical report.  If the local model was trained and its "
+            "update not sent, you are asked first (No keeps the training).")
+    BINDINGS = [("escape", "back", "Back"), ("enter", "start", "Get weights"),
+                Binding("escape", "busy_back", show=False), ("d", "details", "Details")]
 
     class Evaluated(Message):
         def __init__(self, report: EvalReport | None, error: BaseException | None) -> None:
@@ -42,44 +106,81 @@ class GetScreen(Screen):
             super().__init__()
             self.version = version
 
-    def __init__(self, hospital: Hospital, session: HospitalSession | None) -> None:
+    def __init__(self, hospital: Hospital,
+                 session: Callable[[], HospitalSession | None] | HospitalSession | None
+                 ) -> None:
         super().__init__()
-        self.hospital, self.session = hospital, session
+        self.hospital = hospital
+        self._session = session if callable(session) else (lambda: session)
         self.running = False
         self.version: int | None = None
+        self.sha256 = ""
+        self.report: EvalReport | None = None
+
+    @property
+    def session(self) -> HospitalSession | None:
+        return self._session()
 
     def compose(self) -> ComposeResult:
         yield Header()
-        with Vertical(id="get"):
-            with Horizontal(id="top"):
-                yield Button("Get weights", variant="primary", id="start")
+        with VerticalScroll(id="get"):
+            yield Button("Get weights", variant="primary", id="start")
+            with Horizontal(classes="bar-row"):
+                yield Label("Steps", classes="bar-label")
                 yield ProgressBar(total=len(STEPS), show_eta=False, id="bar")
-            yield ProgressBar(total=100, show_eta=False, id="download")
-            yield Static("", id="state")
+            with Horizontal(classes="bar-row"):
+                yield Label("Download", classes="bar-label")
+                yield ProgressBar(total=100, show_eta=False, id="download")
+            yield Static("Press Enter (or Get weights) to start.", id="state")
             yield Static("", id="summary")
-            with Horizontal(id="tables"):
-                yield DataTable(id="per-class", cursor_type="none")
-                yield DataTable(id="confusion", cursor_type="none")
+            yield Static("", id="warning")
+            yield DataTable(id="per-class", cursor_type="none")
+            yield DataTable(id="confusion", cursor_type="none")
         yield Footer()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("start", "back"):
+            return not self.running
+        if action == "busy_back":
+            return self.running
+        if action == "details":
+            return self.report is not None
+        return True
+
+    def _set_running(self, running: bool) -> None:
+        self.running = running
+        self.query_one("#start", Button).disabled = running
+        self.refresh_bindings()
+
+    def connection_changed(self, connected: bool) -> None:
+        if not self.running:
+            self.query_one("#state", Static).update(
+                "Connected to the server again: press Enter to get the weights." if connected
+                else "Not connected to the server: the app is reconnecting by itself.")
 
     @on(Button.Pressed, "#start")
     def action_start(self) -> None:
         if self.running:
             return
         if self.session is None:
-            self.notify("Not connected to the server: press Escape, then r to reconnect.",
+            self.query_one("#state", Static).update(
+                "Not connected to the server: the app is reconnecting by itself. Get works "
+                "again once it is connected.")
+            self.notify("Not connected to the server yet: the app is reconnecting.",
                         severity="error")
             return
-        self.running = True
-        self.query_one("#start", Button).disabled = True
+        self._set_running(True)
         self.check_then_download()
 
     @work(exclusive=True, group="get")
     async def check_then_download(self) -> None:
         """A trained, unsent model would be overwritten: ask first (training takes long)."""
-        assert self.session is not None
+        session = self.session
+        if session is None:
+            self._fail(ConnectionError("not connected to the server"))
+            return
         try:
-            status = await self.session.status()
+            status = await session.status()
         except Exception as exc:  # shown as a notification
             self._fail(exc)
             return
@@ -92,26 +193,32 @@ class GetScreen(Screen):
             if yes:
                 self._begin(True)
             else:
-                self.running = False
-                self.query_one("#start", Button).disabled = False
+                self._set_running(False)
                 self.query_one("#state", Static).update(
-                    "Kept the trained model: press Escape, then s to send its update.")
+                    "Kept the trained model. Next: press Escape, then s to send its update.")
 
         self.app.push_screen(ConfirmScreen(
             f"The local model was trained on version {base} and its update was not sent. "
-            "Replace it with the global model (the training is lost)?", default_no=True),
-            answered)
+            "Replace it with the global model (the training is lost)?",
+            title="Replace the trained model?"), answered)
 
     def _begin(self, replace_trained: bool) -> None:
         self._step(0)
         self.download(replace_trained)
 
     def action_back(self) -> None:
-        if self.running:
-            self.notify("Please wait until the download and evaluation finish.",
-                        severity="warning")
-            return
-        self.dismiss()
+        if not self.running:
+            self.dismiss()
+
+    def action_busy_back(self) -> None:
+        self.notify("Please wait until the download and evaluation finish.",
+                    severity="warning")
+
+    def action_details(self) -> None:
+        if self.report is not None:
+            self.app.push_screen(TextScreen(
+                f"Evaluation of global version {self.version} (technical)",
+                report_details(self.report, self.version, self.sha256)))
 
     def _step(self, done: int, extra: str = "") -> None:
         self.query_one("#bar", ProgressBar).update(progress=done)
@@ -129,15 +236,18 @@ class GetScreen(Screen):
                 f"Downloading the global model: {received / 1e6:.1f} of {total / 1e6:.1f} MB")
 
     def _fail(self, exc: BaseException) -> None:
-        self.running = False
-        self.query_one("#start", Button).disabled = False
+        self._set_running(False)
         notify_error(self.app, exc, "Get weights failed")
+        self.query_one("#state", Static).update("Get weights failed; see the message.")
 
     @work(exclusive=True, group="download")
     async def download(self, replace_trained: bool = False) -> None:
-        assert self.session is not None
+        session = self.session
+        if session is None:
+            self._fail(ConnectionError("not connected to the server"))
+            return
         try:
-            model = await self.hospital.get(self.session, on_progress=self._downloaded,
+            model = await self.hospital.get(session, on_progress=self._downloaded,
                                             replace_trained=replace_trained)
         except Exception as exc:  # shown as a notification
             self._fail(exc)
@@ -146,9 +256,9 @@ class GetScreen(Screen):
                        {"event": "get", "version": model.version, "sha256": model.sha256,
                         "contributors": model.contributors,
                         "total_samples": model.total_samples})
-        self.version = model.version
-        self._step(3, f"Global version {model.version}, sha256 {model.sha256[:16]}…; "
-                   "evaluating on this hospital's test scans…")
+        self.version, self.sha256 = model.version, model.sha256
+        self._step(3, f"Global version {model.version} (from {model.contributors} "
+                   "hospitals); testing it on this hospital's test scans…")
         self.post_message(self.Downloaded(model.version))
         self.evaluate()
 
@@ -166,15 +276,20 @@ class GetScreen(Screen):
         if message.error is not None or message.report is None:
             self._fail(message.error or RuntimeError("no report"))
             return
-        self.running = False
-        self.query_one("#start", Button).disabled = False
-        r = message.report
-        self._step(4)
+        r = self.report = message.report
+        self._set_running(False)
+        self._step(4, "Next: press Escape, then t to train this model on your scans "
+                   "(d: full report).")
         skipped = describe_skipped(r.skipped, self.hospital.ml.scans_dir)
         self.query_one("#summary", Static).update(
-            f"Global version {self.version} · accuracy {r.accuracy:.1%} · macro F1 "
-            f"{r.macro_f1:.3f} · {r.num_samples} test scans"
-            + (f"\n{skipped}" if skipped else ""))
+            f"Global version {self.version} · accuracy {r.accuracy:.1%} · {r.num_samples} "
+            "test scans" + (f"\n{skipped}" if skipped else ""))
+        warning = one_class_warning(r)
+        self.query_one("#warning", Static).update(warning)
+        self.query_one("#warning", Static).display = bool(warning)
+        if warning:
+            self.notify(warning, title="This model is not usable yet", severity="warning",
+                        timeout=15)
         if skipped:
             self.notify(skipped, title="Some test files were not used", severity="warning",
                         timeout=30)
@@ -183,13 +298,16 @@ class GetScreen(Screen):
 
 
 def show_report(per_class: DataTable, confusion: DataTable, r: EvalReport) -> None:
-    """Per-class recall/precision and the confusion matrix (rows true, columns predicted)."""
+    """Sensitivity and specificity per class, and what the model answered for each actual
+    class (rows actual, columns the model's answer)."""
     per_class.clear(columns=True)
-    per_class.add_columns("Class", "Recall", "Precision", "n")
-    for name, m in r.per_class.items():
-        per_class.add_row(name, f"{m.recall:.0%}", f"{m.precision:.0%}", str(m.support))
+    per_class.add_columns("Class", "Sensitivity", "Specificity", "Scans")
+    for i, (name, m) in enumerate(r.per_class.items()):
+        spec = specificity(r.confusion, i)
+        per_class.add_row(class_name(name), f"{m.recall:.0%}",
+                          "-" if spec is None else f"{spec:.0%}", str(m.support))
     names = list(r.per_class)
     confusion.clear(columns=True)
-    confusion.add_columns("true\\pred", *[n[:4] for n in names])
+    confusion.add_columns("Actual ↓ / answer →", *[class_name(n) for n in names])
     for name, row in zip(names, r.confusion, strict=True):
-        confusion.add_row(name, *[str(v) for v in row])
+        confusion.add_row(class_name(name), *[str(v) for v in row])

@@ -2,6 +2,7 @@
 
 The hospital's ML layer writes one line per training and evaluation; the Get screen adds
 one per downloaded version.  Read-only; the file is small, so it is read on the UI thread.
+The table keeps to a few short columns; Enter on a row opens everything that line recorded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 
 from securefl.client.hospital import Hospital
 from securefl.ml.train import read_history
+from securefl.tui.common import TextScreen, pairs
 
 HERE = Path(__file__).parent
 
@@ -32,20 +34,39 @@ def history_rows(records: list[dict]) -> list[tuple[str, str, str, str]]:
             hist = r.get("history", {})
             loss = (hist.get("loss") or [float("nan")])[-1]
             acc = (hist.get("accuracy") or [float("nan")])[-1]
-            metrics = (f"loss {loss:.3f}, accuracy {acc:.1%} on {r.get('num_samples', 0)} scans"
+            metrics = (f"accuracy {acc:.1%} on {r.get('num_samples', 0)} scans, loss {loss:.3f}"
                        + (" (cancelled)" if r.get("cancelled") else ""))
         elif event == "evaluate":
-            metrics = (f"test accuracy {r.get('accuracy', 0):.1%}, macro F1 "
-                       f"{r.get('macro_f1', 0):.3f}")
+            metrics = f"test accuracy {r.get('accuracy', 0):.1%}"
         else:
             metrics = ""
-        rows.append((str(r.get("time", "")), event, version, metrics))
+        rows.append((str(r.get("time", "")).replace("T", " ")[:16], event, version, metrics))
     return rows
+
+
+def record_details(record: dict) -> str:
+    """One history line in full (lists shortened to their last values)."""
+    items = []
+    for key, value in record.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                last = v[-1] if isinstance(v, list) and v else v
+                items.append((f"{key}.{k}", f"{last:.4g}" if isinstance(last, float)
+                              else str(last)))
+        elif isinstance(value, float):
+            items.append((key, f"{value:.4g}"))
+        else:
+            items.append((key, str(value)))
+    return "\n".join(pairs(items))
 
 
 class HistoryScreen(Screen):
     CSS_PATH = HERE / "history.tcss"
-    BINDINGS = [("escape", "back", "Back")]
+    TITLE = "History"
+    HELP = ("Every global version this hospital downloaded, every training and every "
+            "evaluation on its test scans, oldest first; the curve is the test accuracy "
+            "over time.  Enter (or a click) on a row shows everything that line recorded.")
+    BINDINGS = [("escape", "back", "Back"), ("enter", "details", "Details")]
 
     def __init__(self, hospital: Hospital) -> None:
         super().__init__()
@@ -56,11 +77,11 @@ class HistoryScreen(Screen):
         with Vertical(id="history"):
             yield Static("Test accuracy over time", id="curve-label")
             yield Sparkline([], id="curve")
-            yield DataTable(id="table", zebra_stripes=True)
+            yield DataTable(id="table", zebra_stripes=True, cursor_type="row")
         yield Footer()
 
     def on_mount(self) -> None:
-        records = read_history(self.hospital.ml.history_path)
+        records = self.records = read_history(self.hospital.ml.history_path)
         table = self.query_one("#table", DataTable)
         table.add_columns("Time (UTC)", "Event", "Version", "Metrics")
         for row in history_rows(records):
@@ -73,3 +94,13 @@ class HistoryScreen(Screen):
 
     def action_back(self) -> None:
         self.dismiss()
+
+    def action_details(self) -> None:
+        table = self.query_one("#table", DataTable)
+        if self.records and 0 <= table.cursor_row < len(self.records):
+            record = self.records[table.cursor_row]
+            self.app.push_screen(TextScreen(f"History: {record.get('event', '?')}",
+                                            record_details(record)))
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_details()

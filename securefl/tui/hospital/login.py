@@ -39,6 +39,11 @@ class LoginScreen(Screen):
     """Asks for the settings file and hospital name; posts ``LoggedIn`` when they agree."""
 
     CSS_PATH = HERE / "login.tcss"
+    TITLE = "Sign in"
+    HELP = ("Type the path of your hospital's settings file (hospital.toml, from the kit the "
+            "federation operator gave you) and your hospital's name as on its certificate, "
+            "then press Enter or Sign in.  The app checks the name against the certificate "
+            "before it connects.")
     BINDINGS = [("ctrl+q", "app.quit", "Quit")]
 
     class LoggedIn(Message):
@@ -46,14 +51,16 @@ class LoginScreen(Screen):
             super().__init__()
             self.hospital, self.config = hospital, config
 
-    def __init__(self, config: Path | None = None, name: str | None = None) -> None:
+    def __init__(self, config: Path | None = None, name: str | None = None, *,
+                 auto: bool = True) -> None:
+        """``auto``: sign in at once when both are given (not after logging out)."""
         super().__init__()
-        self.config, self.hospital_name = config, name
+        self.config, self.hospital_name, self.auto = config, name, auto
 
     def compose(self) -> ComposeResult:
         yield Header()
         with Vertical(id="login"):
-            yield Static("securefl — sign in to your hospital", id="title")
+            yield Static("Sign in to your hospital", id="title")
             yield Label("Settings file (hospital.toml from your kit)")
             yield Input(str(self.config or ""), placeholder="path/to/hospital.toml",
                         id="config")
@@ -65,13 +72,19 @@ class LoginScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        if self.config and self.hospital_name:
+        if self.config and self.hospital_name and self.auto:
             self.sign_in()
         else:
             self.query_one("#config" if not self.config else "#name", Input).focus()
 
     @on(Input.Submitted, "#config")
-    def _next(self) -> None:
+    def _next(self, event: Input.Submitted) -> None:
+        """Enter on an empty field stays there, so the next path typed lands in it."""
+        if not event.value.strip():
+            self.query_one("#problem", Static).update(
+                "Type the path of your hospital.toml settings file first.")
+            return
+        self.query_one("#problem", Static).update("")
         self.query_one("#name", Input).focus()
 
     @on(Input.Submitted, "#name")

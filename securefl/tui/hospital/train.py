@@ -16,15 +16,16 @@ from pathlib import Path
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, Sparkline, Static
+from textual.widgets import Button, Footer, Header, Input, Label, Sparkline, Static
 
 from securefl.client.hospital import Hospital
 from securefl.errors import SecureFLError
 from securefl.ml.data import describe_skipped
 from securefl.ml.train import Progress, TrainResult
+from securefl.tui.common import Progress as ProgressBar
 from securefl.tui.common import notify_error
 from securefl.tui.hospital.trainer import train_in_child
 
@@ -34,7 +35,15 @@ CURVE_POINTS = 200
 
 class TrainScreen(Screen):
     CSS_PATH = HERE / "train.tcss"
+    TITLE = "Train the local model"
+    HELP = ("Trains this hospital's model on its own scans (they never leave this "
+            "machine), starting from the global version it last got.  Set the epochs (passes "
+            "over the scans) and the batch size, then press Enter or Start.  The bars show "
+            "the epoch and the batch; the curves show the loss (lower is better) and the "
+            "accuracy on the training scans.  Cancel (ctrl+x) stops after the current batch "
+            "and leaves the model as it was.  Next, once trained: Escape, then s to send.")
     BINDINGS = [("escape", "back", "Back"), ("enter", "start", "Start"),
+                Binding("escape", "busy_back", show=False),
                 # priority: the focused number field would otherwise take ctrl+x as "cut"
                 Binding("ctrl+x", "cancel", "Cancel training", priority=True)]
 
@@ -66,14 +75,17 @@ class TrainScreen(Screen):
     def compose(self) -> ComposeResult:
         ml = self.hospital.ml
         yield Header()
-        with Vertical(id="train"):
+        with VerticalScroll(id="train"):
             with Horizontal(id="settings"):
                 yield Label("Epochs")
                 yield Input(str(ml.epochs), id="epochs", type="integer")
                 yield Label("Batch size")
                 yield Input(str(ml.batch_size), id="batch", type="integer")
+            with Horizontal(id="buttons"):
                 yield Button("Start", variant="primary", id="start")
-                yield Button("Cancel", variant="error", id="cancel", disabled=True)
+                yield Button("Cancel (ctrl+x)", variant="error", id="cancel", disabled=True)
+            yield Static("Press Start (or Enter) to train on this hospital's scans.",
+                         id="state")
             yield Label("Epoch", id="epoch-label")
             # Determinate from the start: an idle indeterminate bar animates for nothing.
             yield ProgressBar(total=ml.epochs, id="epoch-bar", show_eta=False)
@@ -81,12 +93,25 @@ class TrainScreen(Screen):
             yield ProgressBar(total=1, id="batch-bar", show_eta=False)
             yield Static("Loss: -", id="loss-label")
             yield Sparkline([], id="loss")
-            yield Static("Accuracy: -", id="acc-label")
+            yield Static("Accuracy on the training scans: -", id="acc-label")
             yield Sparkline([], id="accuracy")
-            yield Static("Press Start (or Enter) to train on this hospital's scans.",
-                         id="state")
             yield Static("", id="skipped")  # files the last run did not use
         yield Footer()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """The footer offers only what works now: Start and Back while idle, Cancel while
+        training (Escape then explains why it cannot leave)."""
+        if action in ("start", "back"):
+            return not self.running
+        if action in ("cancel", "busy_back"):
+            return self.running
+        return True
+
+    def _set_running(self, running: bool) -> None:
+        self.running = running
+        self.query_one("#start", Button).disabled = running
+        self.query_one("#cancel", Button).disabled = not running
+        self.refresh_bindings()
 
     def _settings(self) -> tuple[int, int]:
         try:
@@ -110,12 +135,11 @@ class TrainScreen(Screen):
             return
         self.hospital.ml = self.hospital.ml.model_copy(
             update={"epochs": epochs, "batch_size": batch})
-        self.running = True
+        self._set_running(True)
         self.cancel_event.clear()
         self.losses.clear()
         self.accuracies.clear()
-        self.query_one("#start", Button).disabled = True
-        self.query_one("#cancel", Button).disabled = False
+        self.query_one("#cancel", Button).focus()
         self.query_one("#epoch-bar", ProgressBar).update(total=epochs, progress=0)
         self.query_one("#batch-bar", ProgressBar).update(total=None, progress=0)
         self.query_one("#state", Static).update("Loading scans and the model…")
@@ -132,10 +156,11 @@ class TrainScreen(Screen):
         self.cancel_event.set()  # the app is closing: stop the thread after this batch
 
     def action_back(self) -> None:
-        if self.running:
-            self.notify("Training is running: cancel it first (ctrl+x).", severity="warning")
-            return
-        self.dismiss()
+        if not self.running:
+            self.dismiss()
+
+    def action_busy_back(self) -> None:
+        self.notify("Training is running: cancel it first (ctrl+x).", severity="warning")
 
     @work(thread=True, exclusive=True, group="train")
     def run_training(self) -> None:
@@ -171,14 +196,13 @@ class TrainScreen(Screen):
         self.query_one("#loss", Sparkline).data = list(self.losses)
         self.query_one("#accuracy", Sparkline).data = list(self.accuracies)
         self.query_one("#loss-label", Static).update(f"Loss: {p.loss:.4f}")
-        self.query_one("#acc-label", Static).update(f"Accuracy: {p.accuracy:.1%}")
+        self.query_one("#acc-label", Static).update(
+            f"Accuracy on the training scans: {p.accuracy:.1%}")
         self.query_one("#state", Static).update("Training… (ctrl+x or Cancel to stop)")
 
     @on(Finished)
     def _finished(self, message: Finished) -> None:
-        self.running = False
-        self.query_one("#start", Button).disabled = False
-        self.query_one("#cancel", Button).disabled = True
+        self._set_running(False)
         state = self.query_one("#state", Static)
         if message.error is not None:
             state.update("Training failed.")
@@ -188,7 +212,7 @@ class TrainScreen(Screen):
         elif message.result is not None:
             r = message.result
             skipped = describe_skipped(r.skipped, self.hospital.ml.scans_dir)
-            state.update(f"Trained on {r.num_samples} scans in {r.seconds:.0f} s; "
+            state.update(f"Trained on {r.num_samples} scans in {r.seconds:.0f} s. Next: "
                          "press Escape, then s to send the update.")
             self.query_one("#skipped", Static).update(skipped or "")
             self.query_one("#skipped", Static).display = bool(skipped)
