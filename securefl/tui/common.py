@@ -120,15 +120,17 @@ class ConfirmScreen(ModalScreen[bool]):
     """
 
     CSS_PATH = HERE / "common.tcss"
-    BINDINGS = [("escape", "dismiss(False)", "Cancel"), ("y", "dismiss(True)", "Yes"),
-                ("n", "dismiss(False)", "No"),
+    # Distinct actions: the footer shows one key per action.  F1 here because a modal
+    # screen's footer shows only its own keys.
+    BINDINGS = [("y", "answer(True)", "Yes"), ("n", "answer(False)", "No"),
+                ("escape", "cancel", "Cancel"), ("f1", "app.help", "Help"),
                 Binding("left,right", "app.focus_next", "Move between Yes and No", show=False)]
 
     def __init__(self, question: str, *, title: str = "Please confirm",
                  default_no: bool = True, kind: str = "") -> None:
         super().__init__()
         self.question, self.default_no, self.kind = question, default_no, kind
-        self.dialog_title = title
+        self.dialog_title = self.title = title
 
     def on_mount(self) -> None:
         self.query_one("#no" if self.default_no else "#yes", Button).focus()
@@ -143,6 +145,12 @@ class ConfirmScreen(ModalScreen[bool]):
                          id="no")
         yield Footer()
 
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+    def action_cancel(self) -> None:
+        self.dismiss(False)
+
     @on(Button.Pressed, "#yes")
     def _yes(self) -> None:
         self.dismiss(True)
@@ -156,11 +164,13 @@ class TextScreen(ModalScreen[None]):
     """A titled, scrollable text with a footer: the help screen and every details view."""
 
     CSS_PATH = HERE / "common.tcss"
-    BINDINGS = [("escape", "dismiss", "Close"), Binding("q", "dismiss", "Close", show=False)]
+    BINDINGS = [("escape", "dismiss", "Close"), Binding("q", "dismiss", "Close", show=False),
+                ("f1", "app.help", "Help")]
 
     def __init__(self, title: str, body: str, *, kind: str = "detail") -> None:
         super().__init__()
         self.dialog_title, self.body, self.kind = title, body, kind
+        self.title = title
 
     def compose(self) -> ComposeResult:
         with Vertical(id="text-dialog") as box:
@@ -177,12 +187,18 @@ class TextScreen(ModalScreen[None]):
 class HelpScreen(TextScreen):
     """Every key of the screen it was opened on, with what the screen is for."""
 
-    BINDINGS = [Binding("question_mark,f1", "dismiss", "Close help", priority=True)]
+    BINDINGS = [Binding("question_mark,f1", "close_help", "Close help", priority=True)]
+
+    def action_close_help(self) -> None:
+        self.dismiss()
 
     def __init__(self, title: str, body: str) -> None:
         super().__init__(title, body, kind="help")
 
 
+#: Textual's own bindings, told once under "Everywhere" instead of per screen.
+GENERIC_ACTIONS = {"focus_next", "focus_previous", "copy_text", "maximize", "minimize",
+                   "command_palette", "help_quit"}
 #: Words for keys whose binding carries no description.
 KEY_WORDS = {"help": "This help", "quit": "Quit (asks first during training or a round)",
              "command_palette": "Commands: search every action of this screen"}
@@ -196,15 +212,17 @@ def screen_keys(app: App, screen: Screen) -> list[tuple[str, str]]:
     for node in (screen, app):
         for key, binding in node._bindings:
             action = binding.action
-            if app._check_action_state(action, node) is False:
-                continue  # hidden on this screen (e.g. a button that is not there)
             name = action.split("(")[0].split(".")[-1]
+            if name in GENERIC_ACTIONS:
+                continue
             words = binding.description or KEY_WORDS.get(name)
             if not words:
                 continue
+            if app._check_action_state(action, node) is False:
+                words += " (not now)"  # e.g. Cancel while nothing runs
             display = app.get_key_display(Binding(key, action))
             if any(display in keys for keys in rows.values()):
-                continue  # the screen's binding wins over the app's
+                continue  # the first binding of a key wins (priority ones are the app's)
             rows.setdefault(words, []).append(display)
     return [(", ".join(keys), words) for words, keys in rows.items()]
 
@@ -220,8 +238,7 @@ def help_text(app: App, screen: Screen) -> str:
               f"  {'Tab':<{width}}  Next field or button (Shift+Tab: previous)",
               f"  {'Enter':<{width}}  Press the focused button",
               f"  {'mouse':<{width}}  Click any button, row or field",
-              f"  {'ctrl+p':<{width}}  Commands: search every action by name",
-              f"  {'?, f1':<{width}}  This help"]
+              f"  {'ctrl+p':<{width}}  Commands: search every action by name"]
     return "\n".join(lines)
 
 
@@ -235,8 +252,9 @@ class SecureFLApp(App[int]):
 
     ENABLE_COMMAND_PALETTE = True  # see docs/DECISIONS.md, "Terminal apps (issue 16)"
     BINDINGS = [
-        Binding("question_mark", "help", "Help", priority=True),
-        Binding("f1", "help", "Help", show=False),
+        # "?" types into a focused text field; F1 works everywhere, so the footer shows F1.
+        Binding("question_mark", "help", "Help", priority=True, show=False),
+        Binding("f1", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", show=False, priority=True),
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
     ]

@@ -44,7 +44,6 @@ class LoginScreen(Screen):
             "federation operator gave you) and your hospital's name as on its certificate, "
             "then press Enter or Sign in.  The app checks the name against the certificate "
             "before it connects.")
-    BINDINGS = [("ctrl+q", "app.quit", "Quit")]
 
     class LoggedIn(Message):
         def __init__(self, hospital: Hospital, config: Path) -> None:
@@ -60,7 +59,7 @@ class LoginScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         with Vertical(id="login"):
-            yield Static("Sign in to your hospital", id="title")
+            yield Static("Sign in to your hospital  (f1: help, ctrl+q: quit)", id="title")
             yield Label("Settings file (hospital.toml from your kit)")
             yield Input(str(self.config or ""), placeholder="path/to/hospital.toml",
                         id="config")
