@@ -5,11 +5,17 @@ Why tmux: pilot tests run the apps headless inside pytest; this one proves the c
 people type start apps that work in a terminal, end to end: get -> train -> send ->
 aggregate -> get, with the new version number read off the captured panes.  Every wait is
 bounded and the tmux server is killed in ``finally``.
+
+The terminal is plain tmux as people have it: ``TERM=screen-256color`` and no
+``COLORTERM``, so the apps draw in 256 colours.  The panes are read with ``capture-pane
+-e`` (colours included): Textual's SVG snapshots are always truecolor and cannot show
+whether a progress bar survives the reduction to 256 colours (issue 16, item 2).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +52,10 @@ class Tmux:
     def screen(self, target: str) -> str:
         return self("capture-pane", "-p", "-t", target)
 
+    def colours(self, target: str) -> str:
+        """The pane with its colour escapes (``capture-pane -e``)."""
+        return self("capture-pane", "-e", "-p", "-t", target)
+
     def wait(self, target: str, text: str, timeout: float = 90.0) -> str:
         deadline = time.monotonic() + timeout
         while True:
@@ -57,10 +67,32 @@ class Tmux:
             time.sleep(0.3)
 
 
+ESCAPE = re.compile(r"\x1b\[[0-9;:]*m")
+
+
+def bar_line(coloured: str, label: str, below: bool = False) -> str:
+    """The captured line of the bar after ``label`` (``below``: on the next line), colour
+    escapes kept."""
+    lines = coloured.splitlines()
+    for i, line in enumerate(lines):
+        if ESCAPE.sub("", line).lstrip().startswith(label):
+            return lines[i + 1] if below else line
+    raise AssertionError(f"no {label!r} line in:\n{ESCAPE.sub('', coloured)}")
+
+
+def assert_bar_draws(coloured: str, label: str, below: bool = False) -> None:
+    """The bar is drawn (blocks, in a 256-colour escape), not only a floating "100%"."""
+    line = bar_line(coloured, label, below)
+    plain = ESCAPE.sub("", line)
+    assert plain.count("█") >= 20 and "100%" in plain, plain
+    assert "38;5;" in line, f"the bar has no 256-colour escape: {line!r}"
+    assert "38;2;" not in coloured, "truecolor escapes in a 256-colour terminal"
+
+
 def test_train_send_aggregate_get_in_tmux(fed: Fed, tmp_path: Path) -> None:
     tmux = Tmux(tmp_path / "tmux.sock")
     python = [sys.executable, "-m", "securefl"]
-    env_line = "env TERM=xterm-256color PYTHONUNBUFFERED=1 "
+    env_line = "env -u COLORTERM TERM=screen-256color PYTHONUNBUFFERED=1 "
     root = Path(__file__).resolve().parents[2]
     tmux("-f", os.devnull, "new-session", "-d", "-s", "fed", "-x", "100", "-y", "30",
          "-c", str(root), env_line + "sh")
@@ -83,20 +115,32 @@ def test_train_send_aggregate_get_in_tmux(fed: Fed, tmp_path: Path) -> None:
         for h in hospitals:  # get version 0 and evaluate it
             tmux.keys(h, "g", "Enter")
         for h in hospitals:
-            tmux.wait(h, "accuracy", 120)
+            got = tmux.wait(h, "accuracy", 120)
+            assert "Sensitivity" in got and "Next: press Escape" in got, got
+            assert_bar_draws(tmux.colours(h), "Download")
+            assert_bar_draws(tmux.colours(h), "Steps")
             tmux.keys(h, "Escape", "t", "Enter")  # Enter in the epochs field starts
         for h in hospitals:
-            tmux.wait(h, "Trained on 40 scans", 120)
+            trained = tmux.wait(h, "Trained on 40 scans", 120)
+            assert "Next: press Escape" in trained, trained
+            assert_bar_draws(tmux.colours(h), "Epoch 1 of 1", below=True)
             tmux.keys(h, "Escape", "s", "Enter")
+        for h in hospitals:  # each waits for the administrator, and says so
+            sent = tmux.wait(h, "Update sent. Waiting for the administrator", 60)
+            assert "✔ Masked update sent" in sent, sent
         states = [config.load(t, config.ClientSettings).state_dir for t in fed.hospital_tomls]
         v0 = np.load(states[0] / "global.npy")
         tmux.wait("fed:admin", "updates received: 2 of 2", 60)
-        tmux.keys("fed:admin", "a")
-        tmux.wait("fed:admin", "Yes", 10)
+        tmux.keys("fed:admin", "F1")  # help, then back
+        tmux.wait("fed:admin", "Keys on this screen", 10)
+        tmux.keys("fed:admin", "Escape", "a")
+        asked = tmux.wait("fed:admin", "Yes (y)", 10)
+        assert "Combine the 2 update(s) received in round 1" in asked, asked
         tmux.keys("fed:admin", "y")
         tmux.wait("fed:admin", "Published version 1", 60)
         for h in hospitals:
-            tmux.wait(h, "published global version 1", 60)
+            done = tmux.wait(h, "published global version 1", 60)
+            assert "Next: press Escape" in done, done
             tmux.keys(h, "Escape", "g", "Enter")
         for h in hospitals:
             screen = tmux.wait(h, "Global version 1 · accuracy", 120)
@@ -110,11 +154,13 @@ def test_train_send_aggregate_get_in_tmux(fed: Fed, tmp_path: Path) -> None:
         expected, _ = fedavgm_step(v0, weighted_mean(parts), None)
         for s in states:
             assert_published(np.load(s / "global.npy"), expected, tolerance(parts), v0)
-        # Log out of everything cleanly.
+        # Log out of everything cleanly: the hospitals come back to sign-in.
         for target in [*hospitals, "fed:admin"]:
             tmux.keys(target, "q")
-            tmux.wait(target, "Yes", 10)
+            tmux.wait(target, "Yes (y)", 10)
             tmux.keys(target, "y")
+        for h in hospitals:
+            tmux.wait(h, "Sign in to your hospital", 10)
     finally:
         subprocess.run([TMUX or "tmux", "-S", str(tmp_path / "tmux.sock"), "kill-server"],
                        capture_output=True, timeout=20)

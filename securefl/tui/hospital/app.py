@@ -251,7 +251,8 @@ class HospitalApp(SecureFLApp):
 
     @on(SendScreen.Sent)
     def _sent(self, message: SendScreen.Sent) -> None:
-        if message.outcome is not None:
+        if message.outcome is not None and not isinstance(self.screen, SendScreen):
+            # (On the send screen its own message line says so; a toast would cover it.)
             self.notify(f"Global version {message.outcome.version} published. Next: get it "
                         "(g) to see how the shared model does on your scans.",
                         title="Round finished")

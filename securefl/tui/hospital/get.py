@@ -287,9 +287,8 @@ class GetScreen(Screen):
         warning = one_class_warning(r)
         self.query_one("#warning", Static).update(warning)
         self.query_one("#warning", Static).display = bool(warning)
-        if warning:
-            self.notify(warning, title="This model is not usable yet", severity="warning",
-                        timeout=15)
+        # (No toast for the warning: it is on the screen, and a toast would cover the
+        # results it is about.)
         if skipped:
             self.notify(skipped, title="Some test files were not used", severity="warning",
                         timeout=30)
