@@ -308,8 +308,8 @@ def test_hospital_get_one_class_warning(snap_compare, fed: Fed) -> None:
 
     all_glioma = EvalReport(
         accuracy=0.25, macro_f1=0.1,
-        per_class={c: ClassMetrics(1.0 if c == "glioma" else 0.0,
-                                   0.25 if c == "glioma" else 0.0, 0.4 if c == "glioma"
+        per_class={c: ClassMetrics(0.25 if c == "glioma" else 0.0,  # precision, recall
+                                   1.0 if c == "glioma" else 0.0, 0.4 if c == "glioma"
                                    else 0.0, 4)
                    for c in ("glioma", "meningioma", "notumor", "pituitary")},
         confusion=[[4, 0, 0, 0]] * 4, num_samples=16)
