@@ -221,7 +221,8 @@ class Connection:
 
     # -- reading -----------------------------------------------------------------------------
     async def _read_loop(self) -> None:
-        parser = frames.FrameParser(max_payload=frames.DEFAULT_MAX_PAYLOAD)
+        parser = frames.FrameParser(max_header=frames.CLIENT_MAX_HEADER,
+                                    max_payload=frames.DEFAULT_MAX_PAYLOAD)
         failure: SecureFLError = TransportError(
             "the server closed the connection; if an update was being sent, send it again "
             "once the server is back")

@@ -111,6 +111,26 @@ def test_roster_round_trips_through_the_wire() -> None:
     assert mapping.roster_from_wire(msg) == roster
 
 
+def test_the_largest_roster_reaches_a_hospital() -> None:
+    """1000 hospitals with 64-character names and real-sized certificates: past the 1 MiB a
+    server takes from a client, within what the hospital's parser accepts."""
+    from securefl.crypto import pki
+    from securefl.protocol import frames
+
+    ca = pki.make_ca("big")
+    cert = pki.cert_der(pki.issue(ca, pki.Role.HOSPITAL, "h" * 64).cert)
+    one = wm.Participant(name="h" * 64, c_pk=bytes(32), s_pk=bytes(32), cert_der=cert,
+                         signature=bytes(72), base_sha256=bytes(32), graph_commit=bytes(32))
+    msg = wm.RosterMsg(round_id=1, base_version=0, vector_len=10, threshold=600,
+                       neighbours=999, ring_bits=32, clip=1.0, scale=1024.0, max_clients=1000,
+                       max_weight=10_000, min_contributors=2, participants=[one] * 1000)
+    wire = frames.encode_frame(wm.encode_header(msg))
+    assert len(wire) > frames.DEFAULT_MAX_HEADER
+    parser = frames.FrameParser(max_header=frames.CLIENT_MAX_HEADER)
+    parser.receive_data(wire)
+    assert isinstance(wm.decode(parser.next_frame())[0], wm.RosterMsg)
+
+
 def test_round_messages_round_trip() -> None:
     sk = cm.ShareKeys(round_id=1, sender=2, envelopes={1: b"x", 3: b"y"},
                       digests={1: b"d" * 64, 2: b"e" * 64, 3: b"f" * 64}, b_commit=b"c" * 32)
