@@ -254,6 +254,8 @@ class Coordinator(AdminActions):
         try:
             peer.conversation.receive(msg)
         except RemoteProtocolError as exc:
+            if exc.code == "not-joined" and isinstance(msg, wm.Advertise):
+                self._member_round(peer, msg.round_id)  # enrolment-closed when it is that
             if exc.code == "forbidden" and isinstance(msg, wm.AdminCommand):
                 self.audit.record("refused", name=peer.name, action=msg.action,
                                   reason="admin action without the admin role")
@@ -422,6 +424,7 @@ class Coordinator(AdminActions):
     def _member_round(self, peer: Peer, round_id: int) -> ActiveRound:
         rnd = self.round
         if rnd is not None and round_id == rnd.round_id and rnd.late.get(peer.name) is peer:
+            # The join race: its `joined` crossed the closing of enrolment (issue 14).
             raise RemoteProtocolError(
                 f"round {rnd.round_id} closed its enrolment before this hospital's keys "
                 "arrived, so nothing of its update was used; it can join the next round: "
