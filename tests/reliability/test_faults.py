@@ -7,8 +7,8 @@ Hospitals and the admin run as the ``securefl`` command where what a user reads 
 point (a resumed ``send``, ``admin aggregate``'s stderr), and as sessions in this process
 elsewhere.  Storage faults are injected through the server's own write path by the test
 hook (``SECUREFL_TEST_FAIL_WRITE``, ``securefl/server/testhook.py``), because CI runs as
-root, where ``chmod 555`` stops nothing; the ``chmod`` case runs where the suite is not
-root.
+root, where ``chmod 555`` stops nothing; the ``chmod`` case runs the server without root's
+power to ignore file permissions (``setpriv``) when the suite is root.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,13 +74,25 @@ def _wait_log(log: Path, offset: int, text: str, proc: subprocess.Popen,
     raise AssertionError(f"the server never logged {text!r}:\n{log.read_text()}")
 
 
-def _start_with(toml: Path, log: Path, monkeypatch: pytest.MonkeyPatch,
-                **env: str) -> tuple[subprocess.Popen, int]:
+def _start_with(toml: Path, log: Path, monkeypatch: pytest.MonkeyPatch, *,
+                unprivileged: bool = False, **env: str) -> tuple[subprocess.Popen, int]:
+    """The server with ``env`` set; ``unprivileged``: as root, without the capabilities that
+    let root write where file permissions say no (so ``chmod 555`` stops it, as it stops a
+    server that is not root)."""
     offset = log.stat().st_size if log.exists() else 0
     with monkeypatch.context() as m:
         for key, value in env.items():
             m.setenv(key, value)
-        return start(toml, log), offset
+        if not unprivileged or os.geteuid() != 0:
+            return start(toml, log), offset
+        out = log.open("ab")
+        proc = subprocess.Popen(
+            ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--",
+             sys.executable, "-m", "securefl", "server", "--config", str(toml)],
+            stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        _wait_log(log, offset, "listening on", proc, timeout=60)
+        return proc, offset
 
 
 async def _count(site: Site, n: int, timeout: float = 60) -> None:
@@ -210,15 +223,17 @@ def test_a_store_that_cannot_be_written_holds_the_result_and_publishes_it_later(
     refused with a clear code (never "internal"), and once the store is writable the held
     result is published -- by the timer (EROFS, chmod) or the next ``aggregate`` (ENOSPC)
     -- as the right model, audited ``publish-deferred`` then ``aggregated``."""
-    if fault == "chmod" and os.geteuid() == 0:
-        pytest.skip("root writes a chmod 555 folder anyway; the injected faults cover it")
+    if fault == "chmod" and os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("root writes a chmod 555 folder anyway, and setpriv (util-linux), which "
+                    "would run the server without that power, is missing")
     flag = site.root / "fault-on"
     by_timer = fault != "ENOSPC"
     toml = site.server_toml(params=PARAMS, hospitals=HOSPITALS,
                             publish_retry=1.0 if by_timer else 600.0)
     store = site.root / "store"
     env = {} if fault == "chmod" else {FAIL_ENV: f"store:{fault}:{flag}"}
-    proc, _ = _start_with(toml, site.root / "server.log", monkeypatch, **env)
+    proc, _ = _start_with(toml, site.root / "server.log", monkeypatch,
+                          unprivileged=fault == "chmod", **env)
 
     def break_store() -> None:
         if fault == "chmod":
