@@ -91,6 +91,9 @@ class RoundSettings(_Settings):
     #: A round that cannot be unmasked is retried at once with the hospitals still online,
     #: at most this many times in a row (0: report and stop).
     max_retries: int = Field(2, ge=0, le=10)
+    #: Seconds between attempts to publish a round's result that the store could not take
+    #: (read-only, not permitted, disk full); every admin action also tries at once.
+    publish_retry: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _fractions_feasible(self) -> RoundSettings:

@@ -53,7 +53,22 @@ async def hospital(args: argparse.Namespace) -> int:
             print(f"note: round {session.resend_round} ended without publishing anything (it "
                   "failed, was aborted, or the server restarted) while this hospital was away; "
                   "send your update again (`send` says if this version no longer allows it)")
+        out = session.published_round
+        if out is not None and not hospital.note_published(*out):
+            out = None  # a round this hospital's update did not go into
         action = args.client_action
+        if out is not None and action == "send":
+            # The send this one resumes has already done its job: the version is out.
+            print(f"version {out[1]} is out: round {out[0]} published it with this "
+                  "hospital's update in it while this hospital was not connected, so there "
+                  "is nothing to send again; downloading it")
+            model = await hospital.get(session)
+            print(f"global version {model.version} downloaded: evaluate it, then train on "
+                  "it for the next round")
+            return 0
+        if out is not None:
+            print(f"note: version {out[1]} is out: round {out[0]} published it with this "
+                  "hospital's update in it while this hospital was not connected; get it")
         if action == "status":
             st = await session.status()
             print(f"version {st.version}; round {st.round_id or '-'} {st.phase}; online "
@@ -102,6 +117,10 @@ async def hospital(args: argparse.Namespace) -> int:
         outcome = await hospital.send_update(session, update, samples, base,
                                              on_step=_print_step)
         assert outcome is not None
+        if outcome.pending:
+            print(f"round {outcome.round_id} is complete: {outcome.message}; `status` shows "
+                  f"when version {outcome.version} is out, then get it")
+            return 0
         print(f"round {outcome.round_id} published global version {outcome.version} with "
               "this hospital's update in it: get it to evaluate the shared model")
         return 0

@@ -145,6 +145,14 @@ class Hospital:
         self.outbox.note_abandoned(round_id)
         self.log.round_ended(round_id)
 
+    def note_published(self, round_id: int, version: int) -> bool:
+        """The server says ``round_id`` published ``version`` while this hospital was away;
+        True when this hospital's update is in it (recorded as published, never resent)."""
+        mine = self.outbox.note_published(round_id, version)
+        if mine:
+            self.log.round_published(round_id, version)
+        return mine
+
     def sent_update(self, base_version: int) -> np.ndarray | None:
         return self.outbox.sent_update(base_version)
 

@@ -50,6 +50,8 @@ _ERRORS: dict[str, type[SecureFLError]] = {
     "too-few-hospitals": NotEnoughSurvivorsError,
     "data": DataError,
     "crypto": CryptoError,
+    # The round is complete; the server could not store its version yet and holds it.
+    "publish-deferred": DataError,
 }
 
 

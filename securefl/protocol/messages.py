@@ -250,6 +250,11 @@ class Welcome(_Wire):
     protocol: int = PROTOCOL_VERSION
     #: Set when a server restart abandoned a round this hospital was in: send again.
     resend_round: int | None = None
+    #: Set when a round of this hospital published while it was not there to hear it (the
+    #: server stopped just after writing the version, or it published a held result
+    #: later): that round and the version it published, said once.  Not to be sent again.
+    published_round: int | None = None
+    published_version: int | None = None
     #: The CA's current revocation list (DER, CA-signed), for hospitals to check round keys.
     crl: Bytes | None = None
     #: The operator's signed member list (``members.json``, CA-signed and numbered), for
@@ -451,6 +456,10 @@ class RoundDone(_Wire):
     #: With ``resend``: the round the server opened at once for the members still online
     #: (no-halt retry); they rejoin it with the same update.  0: no automatic retry.
     retry_round: int = 0
+    #: The round is complete but its version could not be stored yet (``code``
+    #: ``publish-deferred``): the server holds the result and publishes ``version`` once its
+    #: store is writable.  Nothing to resend; ``welcome.published_round`` says when it is out.
+    pending: bool = False
     code: str = ""
     message: str = ""
 

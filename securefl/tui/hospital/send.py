@@ -147,7 +147,11 @@ class SendScreen(Screen):
             assert outcome is not None
             self.done = len(ROWS)
             self.notes[len(ROWS) - 1] = f"version {outcome.version}"
-            message.update(f"Round {outcome.round_id} published global version "
-                           f"{outcome.version}. Press Escape, then g to get it.")
+            message.update(
+                f"Round {outcome.round_id} is complete, but the server has not stored "
+                f"version {outcome.version} yet; nothing to send again: get it once it is "
+                "out." if outcome.pending else
+                f"Round {outcome.round_id} published global version "
+                f"{outcome.version}. Press Escape, then g to get it.")
         self._draw_steps()
         self.post_message(self.Sent(outcome, error))
