@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import errno
 import logging
 import socket
 import ssl
+import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,7 @@ from securefl.errors import (
 from securefl.protocol import frames
 from securefl.protocol import messages as wm
 from securefl.protocol.conversation import Conversation, Side
+from securefl.server.admission import Admission, RefusalSummary, Ticket, source_of
 from securefl.server.audit import AuditLog
 from securefl.server.coordinator import Coordinator
 from securefl.server.initial import initial_model, model_layout, save_layers
@@ -44,6 +48,7 @@ from securefl.server.tls import (
     check_expiry,
     limit_tls_buffers,
     read_members,
+    revoked_serials,
     server_context,
 )
 
@@ -100,7 +105,14 @@ class Server:
         self.max_payload = min(self.limits.max_payload_bytes, (length + 1) * 8)
         self._ctx: ssl.SSLContext | None = None
         self._crl_mtime = -1.0
+        #: Serial numbers the current CRL revokes (read with it, for the live re-check).
+        self._revoked: frozenset[int] = frozenset()
         self._tasks: set[asyncio.Task] = set()
+        self.admission = Admission(self.limits)
+        self.refusals = RefusalSummary()
+        #: Authenticated connections being served, and how to close each.
+        self.live: dict[Peer, asyncio.StreamWriter] = {}
+        self._chores: list[asyncio.Task] = []
         self._big_in = asyncio.Semaphore(BIG_SLOTS)
         self._big_out = asyncio.Semaphore(BIG_SLOTS)
         self.port = 0
@@ -115,6 +127,7 @@ class Server:
             for warning in check_expiry(s.cert, s.crl):
                 log.warning(warning)
             self._ctx = server_context(s.cert, s.key, s.ca, s.crl)
+            self._revoked = revoked_serials(s.crl)
             self._crl_mtime = mtime
         return self._ctx
 
@@ -131,6 +144,10 @@ class Server:
         self._sock.setblocking(False)
         self.port = self._sock.getsockname()[1]
         self._acceptor = asyncio.create_task(self._accept_loop(loop))
+        self._chores = [asyncio.create_task(self._every(self.limits.refusal_summary_interval,
+                                                        self._summarise_refusals)),
+                        asyncio.create_task(self._every(self.limits.recheck_interval,
+                                                        self.recheck_connections))]
         info = self.store.latest()[0]
         self.audit.record("server-start", port=self.port, version=info.version, durable=True)
         log.info("listening on %s:%d at version %d", self.settings.host, self.port, info.version)
@@ -139,16 +156,69 @@ class Server:
     async def close(self) -> None:
         """Stop accepting, close every connection, close the audit log (safe if never
         started)."""
-        if self._acceptor is not None:
-            self._acceptor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._acceptor
+        for chore in [self._acceptor, *self._chores]:
+            if chore is not None:
+                chore.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await chore
         if self._sock is not None:
             self._sock.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._summarise_refusals()
         self.audit.close()
+
+    async def _every(self, interval: float, chore: Callable[[], Awaitable[None]]) -> None:
+        """Run ``chore`` every ``interval`` seconds until cancelled; a failure is logged and
+        the next run happens as planned (a chore must never stop the server)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await chore()
+            except Exception:
+                log.exception("periodic %s failed", getattr(chore, "__name__", "task"))
+
+    async def _summarise_refusals(self) -> None:
+        """One audit line for the unauthenticated refusals since the last one (if any)."""
+        fields = self.refusals.take()
+        if fields is not None:
+            self.audit.record("connections-refused", **fields)
+
+    async def recheck_connections(self) -> None:
+        """Close every live connection whose certificate has expired or that the current CRL
+        revokes, saying why first.
+
+        Why: the certificate is checked in the handshake only, and a hospital's agent may
+        hold one connection for days; without this a revoked hospital kept being served
+        until it reconnected.  The CRL is the one the handshakes use, reloaded when its file
+        changes (``context``).
+        """
+        self.context()
+        now = dt.datetime.now(dt.UTC)
+        closing = []
+        for peer, writer in list(self.live.items()):
+            cert = x509.load_der_x509_certificate(peer.cert_der)
+            until = cert.not_valid_after_utc
+            if until <= now:
+                why = f"its certificate expired on {until:%Y-%m-%d %H:%M:%S} UTC"
+            elif cert.serial_number in self._revoked:
+                why = "its certificate has been revoked"
+            else:
+                continue
+            closing.append(self._cut(peer, writer, why))
+        await asyncio.gather(*closing, return_exceptions=True)
+
+    async def _cut(self, peer: Peer, writer: asyncio.StreamWriter, why: str) -> None:
+        self.live.pop(peer, None)
+        self.audit.record("closed", name=peer.name, role=peer.role.value,
+                          reason=f"certificate re-check: {why}")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(peer.push(wm.ErrorMsg(
+                code="certificate-rejected",
+                message=f"connection closed: {why}; ask the federation operator for a "
+                        "new certificate"), None), 2.0)
+        writer.close()
 
     async def _accept_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Accept forever; running out of file descriptors is logged and retried, not fatal."""
@@ -161,25 +231,27 @@ class Server:
                     await asyncio.sleep(0.1)
                     continue
                 raise
+            source = source_of(addr[0])
+            ticket = self.admission.open(source)
+            if isinstance(ticket, str):  # refused here, before any task or buffer exists
+                self.refusals.add(source, ticket)
+                _reset(sock)
+                continue
             # asyncio turns Nagle's algorithm off only for sockets whose ``proto`` is TCP, and
             # an accepted socket reports 0: without this, each small push that follows a
             # reply (roster, share envelopes, survivor list) waited for the hospital's delayed
             # ACK, 20-40 ms per protocol step.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.create_task(self._connection(sock, f"{addr[0]}:{addr[1]}"))
+            task = asyncio.create_task(self._connection(sock, f"{addr[0]}:{addr[1]}", ticket))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _connection(self, sock: socket.socket, address: str) -> None:
+    async def _connection(self, sock: socket.socket, address: str, ticket: Ticket) -> None:
         """One connection from accept to close; nothing it does can reach another."""
         writer: asyncio.StreamWriter | None = None
         try:
-            if len(self._tasks) > self.limits.max_connections:
-                self.audit.record("refused", address=address, reason="too many connections")
-                sock.close()
-                return
-            tls = await self._handshake(sock, address)
+            tls = await self._handshake(sock, address, ticket)
             if tls is None:
                 return  # no transport was made: the socket is still ours to close
             peer, reader, writer = tls  # from here the transport owns the socket
@@ -191,6 +263,7 @@ class Server:
         except Exception:  # a bug must close this connection only, never the server
             log.exception("connection %s failed", address)
         finally:
+            self.admission.release(ticket)
             if writer is not None:
                 writer.close()
                 with contextlib.suppress(Exception):
@@ -199,14 +272,16 @@ class Server:
                 sock.close()
 
     async def _handshake(
-        self, sock: socket.socket, address: str
+        self, sock: socket.socket, address: str, ticket: Ticket
     ) -> tuple[Peer | None, asyncio.StreamReader, asyncio.StreamWriter] | None:
         """TLS on an accepted socket, so that every refused handshake is logged with why.
 
         None: the handshake failed and no transport holds the socket.  ``(None, ...)``: the
         certificate was refused after the handshake; the caller closes the writer, never the
         socket itself, or the freed descriptor, reused by the next client, would be cut
-        by this transport's late teardown.
+        by this transport's late teardown.  Refusals before a certificate identifies the peer
+        are counted for the periodic summary (``RefusalSummary``); later ones, with a name,
+        are audited one by one.
         """
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=READ_CHUNK)
@@ -219,17 +294,17 @@ class Server:
                                              ssl_handshake_timeout=timeout),
                 timeout + 1)
         except TimeoutError:
-            self.audit.record("refused", address=address, reason="handshake timeout")
+            self.refusals.add(ticket.source, "handshake timeout")
             return None
         except ssl.SSLError as exc:
             why = getattr(exc, "verify_message", None) or exc.reason or "handshake failed"
-            self.audit.record("refused", address=address, reason=f"tls: {why}")
+            self.refusals.add(ticket.source, f"tls: {why}")
             return None
         except (ConnectionError, OSError):
             # asyncio's own handshake deadline aborts the connection (ConnectionAbortedError)
             late = loop.time() - started >= timeout
-            self.audit.record("refused", address=address,
-                              reason="handshake timeout" if late else "closed during handshake")
+            self.refusals.add(ticket.source,
+                              "handshake timeout" if late else "closed during handshake")
             return None
         limit_tls_buffers(transport, TLS_READ_BUFFER)
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
@@ -237,14 +312,22 @@ class Server:
         try:
             role, name = pki.identity_of(x509.load_der_x509_certificate(der))
         except (CryptoError, ValueError):
-            self.audit.record("refused", address=address, reason="certificate has no identity")
+            self.admission.release(ticket)
+            self.refusals.add(ticket.source, "certificate has no identity")
             return None, reader, writer
         registered = self.settings.hospitals
         if role not in (pki.Role.HOSPITAL, pki.Role.ADMIN) or (
             role is pki.Role.HOSPITAL and registered and name not in registered
         ):
+            self.admission.release(ticket)
             self.audit.record("refused", address=address, name=name, role=role.value,
                               reason="role or name not allowed")
+            return None, reader, writer
+        crowded = self.admission.authenticate(ticket, role.value, name)
+        if crowded is not None:
+            self.admission.release(ticket)
+            self.audit.record("refused", address=address, name=name, role=role.value,
+                              reason=crowded)
             return None, reader, writer
         self.audit.record("connected", address=address, name=name, role=role.value)
         lock = asyncio.Lock()
@@ -296,6 +379,7 @@ class Server:
         slot = _Slot()
         coord = self.coordinator
         coord.connected(peer)
+        self.live[peer] = writer
         try:
             while True:
                 if parser.in_frame:
@@ -349,6 +433,7 @@ class Server:
                     if parser.in_frame:
                         frame_deadline = loop.time() + lim.frame_timeout
         finally:
+            self.live.pop(peer, None)
             if slot.granted:
                 slot.release(self._big_in)
             coord.disconnected(peer)
@@ -409,6 +494,14 @@ class Server:
                               version=version)
         with contextlib.suppress(ConnectionError, OSError, TimeoutError):
             await peer.push(msg, None)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close a refused socket at once with a reset: no FIN handshake to wait for and no
+    TIME_WAIT left behind for each of a flood's connections."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 async def serve(settings: ServerSettings, *, ready: asyncio.Event | None = None) -> None:

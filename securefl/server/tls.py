@@ -123,3 +123,13 @@ def limit_tls_buffers(transport: asyncio.BaseTransport, size: int) -> bool:
     proto._ssl_buffer = bytearray(size)
     proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
     return True
+
+
+def revoked_serials(crl: Path) -> frozenset[int]:
+    """Serial numbers the CRL file revokes (the server re-checks live connections with it)."""
+    try:
+        return frozenset(r.serial_number
+                         for r in x509.load_pem_x509_crl(Path(crl).read_bytes()))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the revocation list {crl}: copy crl.pem from the "
+                          "operator's certificate folder") from exc

@@ -42,8 +42,17 @@ async def _rejected(ctx: ssl.SSLContext, port: int) -> bool:
 
 
 def _refusals(fed: Federation) -> list[str]:
-    log = fed.certs.root / "audit.jsonl"
-    return [e["reason"] for e in read_entries(log) if e["event"] == "refused"]
+    """Every refusal's reason: authenticated ones have a line each, those before a
+    certificate identified the peer are counted in ``connections-refused`` summaries."""
+    reasons = []
+    for e in read_entries(fed.certs.root / "audit.jsonl"):
+        if e["event"] == "refused":
+            reasons.append(e["reason"])
+        elif e["event"] == "connections-refused":
+            for item in e["reasons"]:
+                count, why = item.split(" ", 1)
+                reasons += [why] * int(count)
+    return reasons
 
 
 def test_plain_tcp_to_the_tls_port_gets_nothing(fed: Federation) -> None:
