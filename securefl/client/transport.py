@@ -50,6 +50,7 @@ _ERRORS: dict[str, type[SecureFLError]] = {
     "too-few-hospitals": NotEnoughSurvivorsError,
     "data": DataError,
     "crypto": CryptoError,
+    "certificate-rejected": CertificateRejectedError,
 }
 
 
