@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from securefl.config import Limits
@@ -56,29 +57,75 @@ class Ticket:
     """One admitted connection's place in the counts."""
 
     source: str
-    handshaking: bool = True  # counts against its source until the handshake ends
+    handshaking: bool = False  # counts against its source until the handshake ends
+    waiting: bool = False      # queued for a handshake slot (see ``Admission.open``)
     identity: tuple[str, str] | None = None  # (role, name) once authenticated
     released: bool = False
 
 
 class Admission:
+    """The counts.  A connection over a handshake limit first waits for a slot (up to
+    ``max_handshakes`` per address, ``max_connections`` in all), within its handshake
+    deadline: twenty hospitals behind one NAT that connect in the same second are served
+    one handshake batch after another instead of being reset; only beyond that queue is a
+    connection reset at once."""
+
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.handshakes: Counter[str] = Counter()
+        self.queued: Counter[str] = Counter()
         self.identities: Counter[tuple[str, str]] = Counter()
         self.in_handshake = 0
+        self.in_queue = 0
         self.authenticated = 0
+        #: Called whenever a handshake slot frees (the server wakes waiting connections).
+        self.freed: Callable[[], None] | None = None
+
+    def _room(self, source: str) -> bool:
+        lim = self.limits
+        return (self.handshakes[source] < lim.max_handshakes_per_source
+                and self.in_handshake < lim.max_handshakes)
 
     def open(self, source: str) -> Ticket | str:
-        """A connection accepted from ``source``: its ticket, or why it is closed at once."""
+        """A connection accepted from ``source``: its ticket (handshaking, or waiting for
+        ``start``), or why it is closed at once."""
         lim = self.limits
-        if self.handshakes[source] >= lim.max_handshakes_per_source:
+        ticket = Ticket(source)
+        if self._room(source):
+            self._begin(ticket)
+            return ticket
+        if self.queued[source] >= lim.max_handshakes:
             return TOO_MANY_FROM_SOURCE
-        if self.in_handshake >= lim.max_handshakes:
+        if self.in_queue >= lim.max_connections:
             return TOO_MANY_HANDSHAKES
-        self.handshakes[source] += 1
+        ticket.waiting = True
+        self.queued[source] += 1
+        self.in_queue += 1
+        return ticket
+
+    def start(self, ticket: Ticket) -> bool:
+        """Whether a waiting connection may begin its handshake now (it then counts as
+        handshaking); True at once for one that is not waiting."""
+        if not ticket.waiting:
+            return True
+        if not self._room(ticket.source):
+            return False
+        self._unqueue(ticket)
+        self._begin(ticket)
+        return True
+
+    def _begin(self, ticket: Ticket) -> None:
+        ticket.handshaking = True
+        self.handshakes[ticket.source] += 1
         self.in_handshake += 1
-        return Ticket(source)
+
+    def _unqueue(self, ticket: Ticket) -> None:
+        if ticket.waiting:
+            ticket.waiting = False
+            self.queued[ticket.source] -= 1
+            if self.queued[ticket.source] <= 0:
+                del self.queued[ticket.source]
+            self.in_queue -= 1
 
     def authenticate(self, ticket: Ticket, role: str, name: str) -> str | None:
         """The handshake gave this identity; None if it may stay, else why it is closed.
@@ -102,6 +149,7 @@ class Admission:
         if ticket.released:
             return
         ticket.released = True
+        self._unqueue(ticket)
         self._end_handshake(ticket)
         if ticket.identity is not None:
             self.identities[ticket.identity] -= 1
@@ -116,12 +164,14 @@ class Admission:
             if self.handshakes[ticket.source] <= 0:
                 del self.handshakes[ticket.source]
             self.in_handshake -= 1
+            if self.freed is not None:
+                self.freed()
 
     @property
     def empty(self) -> bool:
         """Nothing is counted (every connection released)."""
-        return (not self.handshakes and not self.identities and self.in_handshake == 0
-                and self.authenticated == 0)
+        return (not self.handshakes and not self.identities and not self.queued
+                and self.in_handshake == self.in_queue == self.authenticated == 0)
 
 
 class RefusalSummary:

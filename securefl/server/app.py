@@ -112,6 +112,8 @@ class Server:
         self._revoked: frozenset[int] = frozenset()
         self._tasks: set[asyncio.Task] = set()
         self.admission = Admission(self.limits)
+        self._slot_freed = asyncio.Event()
+        self.admission.freed = self._wake_waiting
         self.refusals = RefusalSummary()
         #: Authenticated connections being served, and how to close each.
         self.live: dict[Peer, asyncio.StreamWriter] = {}
@@ -264,10 +266,29 @@ class Server:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _wake_waiting(self) -> None:
+        self._slot_freed.set()
+        self._slot_freed = asyncio.Event()
+
+    async def _wait_for_handshake_slot(self, ticket: Ticket) -> bool:
+        """A connection over a handshake limit waits here, within its handshake deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.handshake_timeout
+        while not self.admission.start(ticket):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_freed.wait(), remaining)
+        return True
+
     async def _connection(self, sock: socket.socket, address: str, ticket: Ticket) -> None:
         """One connection from accept to close; nothing it does can reach another."""
         writer: asyncio.StreamWriter | None = None
         try:
+            if not await self._wait_for_handshake_slot(ticket):
+                self.refusals.add(ticket.source, "handshake timeout (waiting for a slot)")
+                return
             tls = await self._handshake(sock, address, ticket)
             if tls is None:
                 return  # no transport was made: the socket is still ours to close

@@ -241,7 +241,8 @@ async def _others_are_served(site: Site, tries: int = 8) -> None:
 def test_raw_connections_from_one_address_lock_nobody_out(site: Site) -> None:
     """256 connections that never start TLS, from 127.0.0.2, kept open and reopened: on the
     old global cap the hospital was served 0 of 27 times; now the address gets only its
-    share of handshakes, the rest are closed at once, and everyone else is served."""
+    share of handshakes, a bounded queue waits for them and the rest are reset at once, and
+    everyone else is served."""
     async def scenario() -> None:
         flood = _RawFlood(site.port, "127.0.0.2")
         keeper = asyncio.create_task(flood.run())

@@ -28,15 +28,28 @@ def test_a_source_is_an_address_or_an_ipv6_64(host: str, source: str) -> None:
 
 
 def test_one_source_gets_only_its_share_of_handshakes() -> None:
-    a = adm.Admission(_limits(max_handshakes=10, max_handshakes_per_source=3))
+    a = adm.Admission(_limits(max_handshakes=10, max_handshakes_per_source=3,
+                              max_connections=30, reserved_connections=0,
+                              max_connections_per_identity=5))
+    freed = []
+    a.freed = lambda: freed.append(1)
     held = [a.open("10.0.0.1") for _ in range(3)]
-    assert all(isinstance(t, adm.Ticket) for t in held)
-    assert a.open("10.0.0.1") == adm.TOO_MANY_FROM_SOURCE
-    others = [a.open(f"10.0.1.{i}") for i in range(7)]
-    assert all(isinstance(t, adm.Ticket) for t in others)
-    assert a.open("10.0.2.1") == adm.TOO_MANY_HANDSHAKES  # the pool is full
-    a.release(held[0])
-    assert isinstance(a.open("10.0.0.1"), adm.Ticket)
+    assert all(isinstance(t, adm.Ticket) and t.handshaking for t in held)
+    # over its share: it waits for a slot (a burst from one NAT), up to max_handshakes
+    queued = [a.open("10.0.0.1") for _ in range(10)]
+    assert all(isinstance(t, adm.Ticket) and t.waiting for t in queued)
+    assert a.open("10.0.0.1") == adm.TOO_MANY_FROM_SOURCE  # beyond the queue: reset
+    assert not a.start(queued[0])  # type: ignore[arg-type]
+    a.release(held[0])  # type: ignore[arg-type]
+    assert freed == [1]
+    assert a.start(queued[0]) and queued[0].handshaking  # type: ignore[union-attr]
+    assert not a.start(queued[1])  # type: ignore[arg-type]
+    others = [a.open(f"10.0.1.{i}") for i in range(7)]  # other addresses are not held up
+    assert all(isinstance(t, adm.Ticket) and t.handshaking for t in others)
+    assert a.open("10.0.2.1").waiting  # type: ignore[union-attr]  # the pool is full
+    for _ in range(30 - 10):
+        a.open("10.0.3.1" if a.queued["10.0.3.1"] < 10 else "10.0.4.1")
+    assert a.open("10.0.5.1") == adm.TOO_MANY_HANDSHAKES  # every queue together is full
 
 
 def test_hospitals_behind_one_address_are_limited_per_certificate_not_per_address() -> None:
