@@ -52,6 +52,7 @@ _ERRORS: dict[str, type[SecureFLError]] = {
     "crypto": CryptoError,
     # The round is complete; the server could not store its version yet and holds it.
     "publish-deferred": DataError,
+    "certificate-rejected": CertificateRejectedError,
 }
 
 

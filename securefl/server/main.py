@@ -46,7 +46,10 @@ def run(config_path: Path, argv: list[str]) -> int:
         os.execv(sys.executable, [sys.executable, "-m", "securefl", *argv])
     fix_mmap_threshold()
     from securefl import config
-    from securefl.server.app import serve
+    from securefl.server.app import TLS_READ_BUFFER, serve
+    from securefl.server.tls import limit_handshake_buffers
+
+    limit_handshake_buffers(TLS_READ_BUFFER)
 
     settings = config.load(config_path, config.ServerSettings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -123,3 +123,33 @@ def limit_tls_buffers(transport: asyncio.BaseTransport, size: int) -> bool:
     proto._ssl_buffer = bytearray(size)
     proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
     return True
+
+
+def revoked_serials(crl: Path) -> frozenset[int]:
+    """Serial numbers the CRL file revokes (the server re-checks live connections with it)."""
+    try:
+        return frozenset(r.serial_number
+                         for r in x509.load_pem_x509_crl(Path(crl).read_bytes()))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the revocation list {crl}: copy crl.pem from the "
+                          "operator's certificate folder") from exc
+
+
+def limit_handshake_buffers(size: int) -> bool:
+    """Start every TLS connection of this process with a ``size`` read buffer instead of
+    asyncio's 256 KiB; False where asyncio keeps it elsewhere.
+
+    Why: asyncio allocates that buffer for each accepted connection before its handshake,
+    so connections that never authenticate cost 256 KiB each, and their churn left the
+    server's heap fragmented (``bench/conn_churn_bench.py``).  ``limit_tls_buffers`` already
+    cut authenticated connections to ``size`` after the handshake; this does it from the
+    start.  It changes a class attribute (CPython 3.11-3.13 ``sslproto.SSLProtocol.max_size``,
+    the most one read may take), so only the server process applies it (``main.run``).
+    """
+    from asyncio import sslproto
+
+    proto = getattr(sslproto, "SSLProtocol", None)
+    if proto is None or not isinstance(getattr(proto, "max_size", None), int):
+        return False
+    proto.max_size = size
+    return True
