@@ -193,6 +193,8 @@ def identity_of(cert: x509.Certificate) -> tuple[Role, str]:
         name = str(cn[0].value)
     except (IndexError, ValueError) as exc:
         raise CryptoError("certificate does not name a securefl role and identity") from exc
+    if role is Role.CA:  # the CA's own name is the federation's, free text
+        return role, name
     try:
         # Names become file names and log fields everywhere; the CA only ever issues plain
         # ones, and a certificate from elsewhere with another shape is not ours.
