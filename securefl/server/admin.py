@@ -192,6 +192,13 @@ class AdminActions:
             listed = eng.close_inputs()
             if isinstance(eng, ServerRound):
                 assert listed is not None
+                # Recorded before the list leaves: if the server stops from here on, its
+                # next start binds exactly these hospitals (raises, sending nothing, when
+                # the record cannot be written).
+                self.listed = {"round_id": rnd.round_id, "base_version": rnd.base_version,
+                               "names": sorted(eng.name_of(u) for u in listed.survivors)}
+                self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)},
+                                 required=True)
                 # Round 3: every survivor signs the one survivor list ...
                 wire: wm._Wire = mapping.survivor_list_to_wire(listed)
                 for name in rnd.submitted():
@@ -308,6 +315,7 @@ class AdminActions:
             else:
                 self._push(peer, done)
         self.publishing = None
+        self.listed = None
         self._save_state(None)
         return info
 

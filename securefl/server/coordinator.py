@@ -91,6 +91,12 @@ class Coordinator(AdminActions):
         #: While a version is being written: its round, number and contributors, so a
         #: server stopped right after the rename knows at its next start whose it was.
         self.publishing: dict | None = None
+        #: The survivor list of the round in flight, once it went out to be signed:
+        #: {round_id, base_version, names}.  Saved before the list leaves, so a server
+        #: stopped after that still binds those hospitals at its next start (their sum may
+        #: have been unmasked in memory: a round of a subset would expose the difference).
+        self.listed: dict | None = None
+        listed = state.get("listed")
         publishing = state.get("publishing")
         if self._reconcile(publishing):
             abandoned = None  # the round in flight is the one that published
@@ -99,6 +105,13 @@ class Coordinator(AdminActions):
                 self.resend[name] = abandoned["round_id"]
             audit.record("round-abandoned", round_id=abandoned["round_id"],
                          reason="server restarted", members=abandoned["members"], durable=True)
+            if listed and listed["round_id"] == abandoned["round_id"] \
+                    and listed["base_version"] == self.store.latest()[0].version:
+                self.binding = {"base_version": listed["base_version"],
+                                "names": sorted(listed["names"])}
+                audit.record("round-bound", round_id=listed["round_id"],
+                             names=self.binding["names"], base_version=listed["base_version"],
+                             durable=True)
         if abandoned or publishing:
             self._save_state(None)
 
@@ -188,7 +201,8 @@ class Coordinator(AdminActions):
                 f.write(json.dumps({
                     "next_round": self.next_round_id, "in_flight": in_flight,
                     "resend": self.resend, "binding": self.binding, "withheld": self.withheld,
-                    "published": self.published, "publishing": self.publishing}))
+                    "published": self.published, "publishing": self.publishing,
+                    "listed": self.listed}))
                 testhook.fail_write("store", tmp, "write")
                 if durable:
                     f.flush()
@@ -688,6 +702,7 @@ class Coordinator(AdminActions):
         rnd.engine.fail()
         rnd.step_done.set()
         self.round = None
+        self.listed = None  # the binding below takes over from it
         self._save_state(None)
         self.audit.record("round-failed" if retry else "round-abandoned",
                           round_id=rnd.round_id, reason=code, durable=True)

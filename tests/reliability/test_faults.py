@@ -28,8 +28,9 @@ import pytest
 
 from securefl import config
 from securefl.client.session import AdminSession, HospitalSession
-from securefl.errors import DataError, ProtocolError
+from securefl.errors import DataError, ProtocolError, SecureFLError
 from securefl.server.audit import read_entries, verify
+from securefl.server.store import ModelStore
 from securefl.server.testhook import ENV, FAIL_ENV
 
 from .conftest import Site, start
@@ -354,3 +355,47 @@ def test_an_unwritable_audit_log_stops_new_rounds_until_it_is_writable(
                and e.get("code") == "audit-unwritable"]
     assert len(refused) == 1  # held while the log was unwritable, written afterwards
     assert refused[0]["seq"] < next(e for e in entries if e["event"] == "aggregated")["seq"]
+
+
+def test_a_server_killed_once_the_survivor_list_went_out_binds_those_hospitals_at_restart(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed while writing version 1 -- the three hospitals' sum was already unmasked in
+    memory.  At the next start the server binds exactly them to base version 0 (audited
+    ``round-bound``): a round of two of them, from a client that keeps no send record of
+    its own, could be published and differenced against that sum (found by an external
+    probe: the binding was lost and a subset's version was published)."""
+    toml = site.server_toml(params=PARAMS, hospitals=HOSPITALS)
+    _cli_round_killed_at(site, toml, monkeypatch, "version",
+                         "securefl test hook: paused writing")
+    assert not (site.root / "store" / "v00000001.sflm").exists()
+
+    async def two_of_them() -> str:
+        async def hospital(name: str) -> object:
+            async with HospitalSession(site.settings(name)) as h:
+                await h.get_global()
+                return await h.send(np.full(PARAMS, DELTA, np.float32), SAMPLES)
+
+        tasks = [asyncio.create_task(hospital(n)) for n in HOSPITALS[:2]]
+        try:
+            async with AdminSession(site.settings("admin")) as admin:
+                async with asyncio.timeout(60):
+                    while len((st := await admin.status()).joined) < 2:
+                        await asyncio.sleep(0.05)
+                assert st.waiting_for == ("h02",) and st.collected == 0  # held at the door
+                with pytest.raises(SecureFLError) as refused:
+                    await admin.aggregate()
+                assert refused.value.code == "round-not-ready"
+                assert await admin.version() == 0
+            return refused.value.message
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    with site.server(toml):
+        bound = [e for e in _audit(site) if e["event"] == "round-bound"]
+        assert [(e["names"], e["base_version"]) for e in bound] == [(HOSPITALS, 0)]
+        message = asyncio.run(two_of_them())
+        assert "may only combine exactly h00, h01, h02" in message
+        assert "still missing: h02" in message
+    assert ModelStore(site.root / "store").versions() == [0]
