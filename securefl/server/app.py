@@ -108,6 +108,8 @@ class Server:
         self.max_payload = min(self.limits.max_payload_bytes, (length + 1) * 8)
         self._ctx: ssl.SSLContext | None = None
         self._crl_mtime = -1.0
+        #: Certificates refused for crowding since the last refusal summary (named once).
+        self._crowded_told: set[str] = set()
         #: Serial numbers the current CRL revokes (read with it, for the live re-check).
         self._revoked: frozenset[int] = frozenset()
         self._tasks: set[asyncio.Task] = set()
@@ -127,14 +129,29 @@ class Server:
 
     def context(self) -> ssl.SSLContext:
         """The TLS context, rebuilt when the CRL file changes (revocation without restart)."""
-        mtime = Path(self.settings.crl).stat().st_mtime
+        s = self.settings
+        try:
+            mtime = Path(s.crl).stat().st_mtime
+        except OSError:
+            mtime = -2.0  # missing (mid-replacement?): one attempt, then the last good list
         if self._ctx is None or mtime != self._crl_mtime:
-            s = self.settings
-            for warning in check_expiry(s.cert, s.crl):
-                log.warning(warning)
-            self._ctx = server_context(s.cert, s.key, s.ca, s.crl)
-            self._revoked = revoked_serials(s.crl)
-            self._crl_mtime = mtime
+            try:
+                for warning in check_expiry(s.cert, s.crl):
+                    log.warning(warning)
+                ctx, revoked = server_context(s.cert, s.key, s.ca, s.crl), revoked_serials(s.crl)
+            except ConfigError as exc:
+                if self._ctx is None:
+                    raise  # at start: refuse to serve without a revocation list
+                # A CRL being copied in place (truncated first) or replaced by a wrong file
+                # must not stop every handshake nor the re-check of live connections: the
+                # last good list stays in force until the file reads again.
+                self._crl_mtime = mtime
+                log.warning("%s; still using the revocation list read before: replace the "
+                            "file atomically (copy, then rename) with the CA's crl.pem",
+                            exc.message)
+                self.audit.record("crl-unreadable", reason=exc.message[:200], durable=True)
+                return self._ctx
+            self._ctx, self._revoked, self._crl_mtime = ctx, revoked, mtime
         return self._ctx
 
     async def start(self) -> int:
@@ -189,6 +206,7 @@ class Server:
     async def _summarise_refusals(self) -> None:
         """One audit line for the unauthenticated refusals since the last one (if any)."""
         fields = self.refusals.take()
+        self._crowded_told.clear()
         if fields is not None:
             self.audit.record("connections-refused", **fields)
 
@@ -368,8 +386,15 @@ class Server:
         crowded = self.admission.authenticate(ticket, role.value, name)
         if crowded is not None:
             self.admission.release(ticket)
-            self.audit.record("refused", address=address, name=name, role=role.value,
-                              reason=crowded)
+            # Named once per summary interval, then counted: a certificate holder that
+            # keeps reconnecting past its share must not fill the audit log either.
+            who = f"{role.value} {name}"
+            if who in self._crowded_told:
+                self.refusals.add(ticket.source, f"{crowded} ({who})")
+            else:
+                self._crowded_told.add(who)
+                self.audit.record("refused", address=address, name=name, role=role.value,
+                                  reason=crowded)
             return None, reader, writer
         self.audit.record("connected", address=address, name=name, role=role.value)
         lock = asyncio.Lock()

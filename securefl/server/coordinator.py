@@ -153,12 +153,22 @@ class Coordinator(AdminActions):
         return True
 
     def _crl_der(self) -> bytes:
-        """The CA's revocation list as the server holds it (read again when it changes)."""
+        """The CA's revocation list as the server holds it (read again when it changes; a
+        file that went bad since start-up is not handed out, the last good one is -- the
+        same list the handshakes still use, see ``Server.context``)."""
         path = Path(self.settings.crl)
-        mtime = path.stat().st_mtime
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            mtime = -2.0
         if getattr(self, "_crl_cache", (None, b""))[0] != mtime:
-            der = x509.load_pem_x509_crl(path.read_bytes()).public_bytes(
-                serialization.Encoding.DER)
+            try:
+                der = x509.load_pem_x509_crl(path.read_bytes()).public_bytes(
+                    serialization.Encoding.DER)
+            except (OSError, ValueError):
+                if not getattr(self, "_crl_cache", (None, b""))[1]:
+                    raise
+                der = self._crl_cache[1]
             self._crl_cache = (mtime, der)
         return self._crl_cache[1]
 
@@ -465,6 +475,11 @@ class Coordinator(AdminActions):
                 "its roster step (a SecAgg+ graph needs every hospital's value), so it takes "
                 "part again from the next version: get that version once it is published, "
                 "then train and send")
+        if not self.audit.writable:  # also into a round already open (e.g. a retry)
+            raise RoundBusyError(
+                f"the server cannot write its audit log ({self.audit.fault}), so it takes "
+                "no hospital into a round until the operator makes it writable: send again "
+                "later", code="audit-unwritable")
         if self.held is not None:
             h = self.held
             raise RoundBusyError(

@@ -48,9 +48,14 @@ def check_expiry(cert: Path, crl: Path, *, now: dt.datetime | None = None) -> li
     now = now or dt.datetime.now(dt.UTC)
     try:
         crl_obj = x509.load_pem_x509_crl(Path(crl).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the revocation list {crl} (not a PEM CRL or not "
+                          "readable)") from exc
+    try:
         cert_obj = x509.load_pem_x509_certificate(Path(cert).read_bytes())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the server certificate or CRL ({cert}, {crl})") from exc
+        raise ConfigError(f"cannot read the server certificate {cert} (not a PEM "
+                          "certificate or not readable)") from exc
     warnings = []
     for what, until in (("revocation list", crl_obj.next_update_utc),
                         ("server certificate", cert_obj.not_valid_after_utc)):

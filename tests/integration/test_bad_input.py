@@ -99,6 +99,7 @@ def _plain(fed: Federation, **limits: object) -> config.ServerSettings:
     ({"kind": "share_keys", "rid": 1, "round_id": 1, "envelopes": {},
       "digests": {}, "b_commit": "AAAA"}, b"", "not-joined"),
     ({"kind": "join", "rid": 1, "base_version": 7}, b"", "stale-version"),
+    ({"kind": "join", "rid": 1, "base_version": 2**64}, b"", "bad-message"),  # not a u64
     # A strict wire (issue 14, item 7): nothing is coerced.
     ({"kind": "status", "rid": "2"}, b"", "bad-message"),
     ({"kind": "status", "rid": 2.0}, b"", "bad-message"),

@@ -405,3 +405,38 @@ def test_a_hospital_revoked_while_connected_is_cut_off(fed: Federation) -> None:
     closed = [e for e in read_entries(fed.certs.root / "audit.jsonl")
               if e["event"] == "closed" and e.get("name") == "c"]
     assert len(closed) == 1 and "revoked" in closed[0]["reason"]
+
+
+def test_an_unreadable_revocation_list_keeps_the_last_good_one_in_force(
+        fed: Federation) -> None:
+    """Found by an external probe: garbage written over crl.pem (a non-atomic copy, a DER
+    file by mistake) made every handshake fail with a traceback and stopped the re-check,
+    so an expired hospital stayed connected.  The last good list stays in force, the
+    operator is told once, new hospitals still get in, the expired one is cut off."""
+    until = _short_lived(fed, 4)
+    settings = fed.server_settings(limits=config.Limits(recheck_interval=0.5))
+    crl = fed.certs.root / "crl.pem"
+    good = crl.read_bytes()
+
+    async def scenario() -> None:
+        from .test_bad_input import Raw
+
+        async with running(settings) as srv:
+            a = await Raw.open(fed, "a", srv.port)
+            assert (await a.request({"kind": "status", "rid": 1}))["kind"] == "status_reply"
+            crl.write_bytes(b"garbage\n")
+            await asyncio.sleep(1.0)
+            async with HospitalSession(fed.client_settings("b", srv.port)) as b:
+                assert (await b.status()).version == 0  # a handshake after the garbage
+            await asyncio.sleep((until - dt.datetime.now(dt.UTC)).total_seconds() + 1.5)
+            notice = await a.reply()
+            assert notice.get("code") == "certificate-rejected", notice
+            a.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        crl.write_bytes(good)
+    told = [e for e in read_entries(fed.certs.root / "audit.jsonl")
+            if e["event"] == "crl-unreadable"]
+    assert len(told) == 1 and "revocation list" in told[0]["reason"]

@@ -205,13 +205,13 @@ def test_the_admin_sees_one_sentence_when_the_server_dies_during_aggregate(
     assert "lost during aggregate" in agg.stderr
 
 
-async def _send_all(site: Site) -> list[asyncio.Task]:
+async def _send_all(site: Site, names: list[str] = HOSPITALS) -> list[asyncio.Task]:
     async def one(name: str) -> object:
         async with HospitalSession(site.settings(name)) as h:
             await h.get_global()
             return await h.send(np.full(PARAMS, DELTA, np.float32), SAMPLES)
 
-    return [asyncio.create_task(one(n)) for n in HOSPITALS]
+    return [asyncio.create_task(one(n)) for n in names]
 
 
 @pytest.mark.parametrize("fault", ["EROFS", "ENOSPC", "chmod"])
@@ -328,6 +328,13 @@ def test_an_unwritable_audit_log_stops_new_rounds_until_it_is_writable(
     proc, offset = _start_with(toml, log, monkeypatch, **{FAIL_ENV: f"audit:ENOSPC:{flag}"})
 
     async def scenario() -> None:
+        # h02 opens a round before the fault: no one joins even a round already open
+        # (an external probe got 'joined' into an enrolling retry round).
+        early = await _send_all(site, ["h02"])
+        async with AdminSession(site.settings("admin")) as admin:
+            async with asyncio.timeout(60):
+                while "h02" not in (await admin.status()).joined:
+                    await asyncio.sleep(0.05)
         flag.touch()
         async with HospitalSession(site.settings("h00")) as h:
             assert (await h.get_global()).version == 0
@@ -336,7 +343,7 @@ def test_an_unwritable_audit_log_stops_new_rounds_until_it_is_writable(
             assert refused.value.code == "audit-unwritable"
             assert "audit log" in refused.value.message
         flag.unlink()
-        tasks = await _send_all(site)
+        tasks = early + await _send_all(site, ["h00", "h01"])
         await _count(site, len(HOSPITALS))
         async with AdminSession(site.settings("admin")) as admin:
             assert (await admin.aggregate()).version == 1

@@ -47,6 +47,7 @@ def test_arrays_are_raw_little_endian_with_dtype_and_shape() -> None:
     b'{"kind":"masked_input","rid":1,"round_id":1,"array":{"dtype":"<f4","shape":[]}}',
     b'{"kind":"advertise","rid":1,"round_id":1,"c_pk":"%%%","s_pk":"","signature":""}',
     b"\xff\xfe",
+    b'{"kind":"status","rid":1,"x":' + b"[" * 3000 + b"]" * 3000 + b"}",  # RecursionError
 ])
 def test_malformed_headers_are_refused_without_echoing_them(header: bytes) -> None:
     with pytest.raises(RemoteProtocolError) as err:
@@ -68,6 +69,15 @@ def test_participant_keys_have_one_spelling_and_appear_once(keys: str) -> None:
     assert err.value.code == "bad-message"
     msg, _ = wm.decode(Frame((_UNMASK % '{"1":"AAAA","10":"AAAA"}').encode(), b""))
     assert set(msg.signatures) == {1, 10}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("header", "rid"), [
+    (b'{"kind":"nope","rid":5}', 5), (b'{"rid":5,"rid":6}', 0), (b'{"rid":5,"x":{"rid":7}}', 5),
+    (b'{"rid":"5"}', 0), (b'{"rid":4294967296}', 0), (b"[" * 3000, 0),
+])
+def test_an_error_reply_answers_the_rid_of_the_request_when_it_has_exactly_one(
+        header: bytes, rid: int) -> None:
+    assert wm.request_id(header) == rid
 
 
 def test_models_are_frozen() -> None:
