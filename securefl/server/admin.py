@@ -193,12 +193,16 @@ class AdminActions:
             if isinstance(eng, ServerRound):
                 assert listed is not None
                 # Recorded before the list leaves: if the server stops from here on, its
-                # next start binds exactly these hospitals (raises, sending nothing, when
-                # the record cannot be written).
+                # next start binds exactly these hospitals.  A store that cannot be written
+                # does not stop the round (its result is held, see ``_hold``): the binding
+                # then lives in memory and in each hospital's own send record only.
                 self.listed = {"round_id": rnd.round_id, "base_version": rnd.base_version,
                                "names": sorted(eng.name_of(u) for u in listed.survivors)}
-                self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)},
-                                 required=True)
+                if not self._save_state({"round_id": rnd.round_id,
+                                         "members": sorted(rnd.members)}):
+                    log.warning("round %d: the survivor list could not be recorded in the "
+                                "store; a restart before the store is writable would forget "
+                                "which hospitals it binds", rnd.round_id)
                 # Round 3: every survivor signs the one survivor list ...
                 wire: wm._Wire = mapping.survivor_list_to_wire(listed)
                 for name in rnd.submitted():
