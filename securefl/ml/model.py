@@ -118,7 +118,7 @@ def make_model(
     input_shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE,
     num_classes: int = 4,
     *,
-    kind: Literal["seed", "small"] = "seed",
+    kind: Literal["seed", "small"] = "small",
     seed: int = 0,
     augment: bool = True,
     learning_rate: float = DEFAULT_LEARNING_RATE,
@@ -137,12 +137,16 @@ def make_model(
 
     if len(input_shape) != 3 or input_shape[2] not in (1, 3):
         raise DataError(f"input shape must be (height, width, 1 or 3), got {input_shape}")
+    from securefl.ml.preprocess import layer_classes
+
+    custom = layer_classes()
     inputs = k.Input(shape=input_shape, name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    x = custom["IntensityWindow"](name="intensity_window")(inputs)
     if augment:  # active only in training; identity at inference
         x = layers.RandomFlip("horizontal", seed=seed + 1, name="aug_flip")(x)
         x = layers.RandomRotation(AUGMENT_ROTATION, seed=seed + 2, name="aug_rotate")(x)
         x = layers.RandomZoom(AUGMENT_ZOOM, seed=seed + 3, name="aug_zoom")(x)
+        x = custom["IntensityAugment"](seed=seed + 5, name="aug_intensity")(x)
     if kind == "seed":
         x = layers.Conv2D(32, 3, activation="relu", kernel_initializer=init(), name="conv1")(x)
         x = layers.Conv2D(64, 3, activation="relu", kernel_initializer=init(), name="conv2")(x)
@@ -225,9 +229,11 @@ def load_model(path: str | Path) -> keras.Model:
             f"no model at {path}: train first (securefl client --config ... train) "
             "or download the global model"
         )
+    from securefl.ml.preprocess import layer_classes
     from securefl.ml.prior import loss_class
 
     loss_class()  # registered, so a model trained with the prior-corrected loss loads too
+    layer_classes()  # and the preprocessing layers
     try:
         with warnings.catch_warnings():
             # A model saved before its first training step has an optimiser with no slots

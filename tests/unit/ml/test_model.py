@@ -33,7 +33,7 @@ def test_seed_model_is_the_original_design(seed_model):
     assert seed_model.layers[-1].activation.__name__ == "softmax"
     assert seed_model.loss == "sparse_categorical_crossentropy"
     assert type(seed_model.optimizer).__name__ == "Adam"
-    assert "Rescaling" in kinds  # preprocessing inside the model
+    assert "IntensityWindow" in kinds  # preprocessing inside the model
 
 
 def test_small_model_is_about_100k_parameters_at_any_size():
