@@ -1,9 +1,13 @@
 """The hospital's CNN, and its weights as one flat float32 vector plus a layer spec.
 
 Two architectures, one builder (:func:`make_model`), following keras-io's
-"image classification from scratch": preprocessing (rescaling, and augmentation that is only
-active while training) lives inside the model, so a saved ``.keras`` file classifies a raw
-8-bit image exactly the way it was trained.
+"image classification from scratch": preprocessing (the intensity window, and augmentation that
+is only active while training) lives inside the model, so a saved ``.keras`` file classifies a
+raw 8-bit image exactly the way it was trained.
+
+Preprocessing (``securefl.ml.preprocess``): a per-image percentile window maps every image to
+[0, 1] (unchanged by a global brightness scale); in training only, geometric augmentation
+(flip, rotation, zoom) and intensity augmentation (gamma, contrast, blur, noise).
 
 * ``seed``  — the original design: Conv2D(32, 3, relu) -> Conv2D(64, 3, relu) ->
   MaxPooling2D(2) -> Flatten -> Dense(classes, softmax).  ~1.0 M parameters at 128x128
@@ -101,7 +105,9 @@ def from_vector(model: keras.Model, vec: np.ndarray) -> None:
         raise DataError(
             f"the weight vector has {vec.size} values in shape {vec.shape} but this model needs "
             f"a flat vector of {expected}: the model on the server was built with a different "
-            "image size, class list or model kind — use the same settings as the server"
+            "image size, class list or model kind — use the same settings as the server "
+            "(its [model.ml]); a federation whose model settings changed must start a new "
+            "version 0 (docs/QUICKSTART.md, 'Changing the model')"
         )
     if vec.dtype != np.float32:
         raise DataError(f"weight vectors are float32, got {vec.dtype}")

@@ -54,7 +54,7 @@ class MLSettings(BaseModel):
     channels: Literal[1, 3] = Field(1, description="1 = grayscale (default), 3 = colour")
     model_kind: ModelKind = Field("small", description="'small' (4 conv blocks, the default) "
                                                        "or 'seed' (the original CNN)")
-    epochs: int = Field(8, ge=1, le=1000, description="the most epochs per training run: "
+    epochs: int = Field(15, ge=1, le=1000, description="the most epochs per training run: "
                         "training stops earlier when the validation loss stops improving")
     patience: int = Field(2, ge=1, le=1000, description="epochs without a lower validation "
                           "loss before training stops (the best epoch's weights are kept)")

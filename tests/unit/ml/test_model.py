@@ -60,7 +60,7 @@ def test_vector_round_trip_is_exact(seed_model):
     vec = to_vector(seed_model)
     assert vec.dtype == np.float32 and vec.ndim == 1 and vec.size == spec.size
     assert spec.size == seed_model.count_params()
-    target = make_model(SHAPE, 4, seed=99)
+    target = make_model(SHAPE, 4, kind="seed", seed=99)
     new = np.random.default_rng(0).standard_normal(vec.size).astype(np.float32)
     from_vector(target, new)
     assert np.array_equal(to_vector(target), new)
