@@ -71,8 +71,9 @@ class ImageSet:
         return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
 
     def subset(self, indices: Sequence[int] | np.ndarray, *, skipped: bool = True) -> ImageSet:
-        """The images at ``indices`` (in that order); ``skipped`` keeps the list of files that
-        were not used (one part of a split carries it, so it is reported once)."""
+        """The images at ``indices`` (in that order); ``skipped`` keeps the list of files of
+        the folder that were not used (both parts of a train/validation split keep it: either
+        may be what a user looks at)."""
         idx = np.asarray(indices, dtype=np.int64)
         return ImageSet(
             images=self.images[idx], labels=self.labels[idx], classes=self.classes,
@@ -347,7 +348,7 @@ def split_validation(
         members.sort(key=lambda i: (_split_key(data, i, root_path, seed), i))
         val_idx += members[:k]
         train_idx += members[k:]
-    return data.subset(sorted(train_idx)), data.subset(sorted(val_idx), skipped=False)
+    return data.subset(sorted(train_idx)), data.subset(sorted(val_idx))
 
 
 SkippedFiles = Iterable[tuple[str | Path, str]]

@@ -45,8 +45,7 @@ def test_split_is_stratified_disjoint_and_independent_of_listing_order(train_set
     _, other = split_validation(train_set, fraction=0.15, min_per_class=5, seed=1,
                                 root=synth_root / "Training")
     assert set(other.paths) != set(val.paths)  # the seed decides, not the listing
-    # only the training part reports the skipped files (once)
-    assert val.skipped == ()
+    assert val.skipped == tr.skipped == train_set.skipped  # the folder's unused files
 
 
 def test_a_class_with_too_few_scans_is_named(train_set, tmp_path):
