@@ -152,7 +152,7 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
         assert [line.split()[3] for line in north] == [
             "downloaded", "trained", "REFUSED", "sending", "joined", "masked-input",
             "signed", "published", "downloaded", "REFUSED"], story["north"].stdout
-        assert "trained from global version 0 on 48 scans" in north[1]
+        assert "trained from global version 0 on 59 scans" in north[1]
         assert "[data, by this hospital]" in north[2] and "send it first" in north[2]
         assert "list of 3 hospitals" in north[6]
         assert "published global version 1" in north[7] and "train first" in north[9]
