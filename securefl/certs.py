@@ -39,7 +39,7 @@ from securefl.ml.settings import DEFAULT_CLASSES
 from securefl.protocol.messages import MAX_BYTES_FIELD
 
 # The model every party builds; the server's [model.ml] and each kit's [ml] repeat it.
-_MODEL_SPEC: dict[str, object] = {"image_size": 128, "model_kind": "seed",
+_MODEL_SPEC: dict[str, object] = {"image_size": 128, "model_kind": "small",
                                   "classes": list(DEFAULT_CLASSES)}
 _HOSPITAL_COMMENT = """\
 state_dir   where this hospital keeps the downloaded global model and its round state.

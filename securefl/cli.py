@@ -335,11 +335,16 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
     """The hospital's local ML actions under ``securefl client --config FILE``."""
     t = actions.add_parser("train", help="train the local model on scans_dir/Training")
     t.add_argument("--epochs", type=int, help="override the settings' epochs")
-    e = actions.add_parser("evaluate", help="score the local model on scans_dir/Testing")
+    e = actions.add_parser(
+        "evaluate", help="score the local model on its validation scans (or --split testing)")
+    e.add_argument("--split", choices=("validation", "testing"), default="validation",
+                   help="validation: the scans held out of scans_dir/Training (default, what "
+                   "to look at every round); testing: scans_dir/Testing (figures to report, "
+                   "never for choosing settings)")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
-    c = actions.add_parser("classify", help="class probabilities for one scan")
+    c = actions.add_parser("classify", help="calibrated class probabilities for one scan")
     c.add_argument("image", type=Path, help="a JPEG or PNG scan")
-    c.add_argument("--json", action="store_true", help="print the probabilities as JSON")
+    c.add_argument("--json", action="store_true", help="print the answer as JSON")
 
     def hospital(args: argparse.Namespace) -> Any:
         """The one owner of the hospital's state (``securefl.client.hospital``): the app and
@@ -370,6 +375,13 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
             f"final loss {result.history['loss'][-1]:.4f}, accuracy "
             f"{result.history['accuracy'][-1]:.3f}; model saved to {h.ml.model_path}"
         )
+        if result.best_epoch:
+            why = ("stopped early: the validation loss had stopped improving"
+                   if result.stopped_early else f"at most {h.ml.epochs} epochs")
+            print(f"kept epoch {result.best_epoch} of {result.epochs_run} ({why}): validation "
+                  f"loss {result.history['val_loss'][result.best_epoch - 1]:.4f} on "
+                  f"{result.validation_samples} validation scans; probabilities calibrated "
+                  f"with temperature {result.temperature:.2f}")
         _warn_skipped(result.skipped, h.ml.scans_dir)
         if base is not None:
             print("next: `send` this update to the round")
@@ -377,18 +389,25 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
 
     def run_evaluate(args: argparse.Namespace) -> int:
         h = hospital(args)
-        report = h.evaluate()
-        print(json.dumps(report.to_dict()) if args.json else report.format())
+        report = h.evaluate(args.split)
+        print(json.dumps(report.to_dict()) if args.json else
+              f"{h.model_label()}, on this hospital's {report.format()}")
         _warn_skipped(report.skipped, h.ml.scans_dir)
         return 0
 
     def run_classify(args: argparse.Namespace) -> int:
-        probs = hospital(args).classify(args.image)
+        answer = hospital(args).classify(args.image)
         if args.json:
-            print(json.dumps(probs))
-        else:
-            for name, p in sorted(probs.items(), key=lambda kv: -kv[1]):
-                print(f"{name:<12} {p:6.1%}")
+            print(json.dumps(answer.to_dict()))
+            return 0
+        for name, p in sorted(answer.probabilities.items(), key=lambda kv: -kv[1]):
+            print(f"{name:<12} {p:6.1%}")
+        how = (f"calibrated, temperature {answer.temperature:.2f}" if answer.calibrated
+               else "not calibrated")
+        print(f"model: {answer.model} ({how})")
+        for line in answer.notices():
+            print(line)
+        print("Decision support only: a clinician makes the diagnosis.")
         return 0
 
     t.set_defaults(func=run_train)

@@ -41,7 +41,13 @@ from securefl.protocol.conversation import Conversation, Side
 from securefl.server.admission import Admission, RefusalSummary, Ticket, source_of
 from securefl.server.audit import AuditLog
 from securefl.server.coordinator import Coordinator
-from securefl.server.initial import initial_model, model_layout, save_layers
+from securefl.server.initial import (
+    check_spec,
+    initial_model,
+    model_layout,
+    save_layers,
+    save_spec,
+)
 from securefl.server.rounds import Peer
 from securefl.server.store import ModelStore
 from securefl.server.tls import (
@@ -96,7 +102,9 @@ class Server:
             weights, layers = initial_model(settings.model)
             if layers is not None:
                 save_layers(self.store.root, layers)
+            save_spec(self.store.root, settings.model)
             self.store.write(weights, contributors=0, total_samples=0)
+        check_spec(self.store.root, settings.model)
         self.audit = AuditLog(settings.audit_log)
         self.ca_cert = pki.load_cert(Path(settings.ca).read_bytes())
         if settings.members is not None:

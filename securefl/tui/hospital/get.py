@@ -1,8 +1,10 @@
 """Get weights: download the global model (sha256 checked), then evaluate it locally.
 
 Steps: download -> sha256 verified (``HospitalSession.get_global`` refuses a mismatch) ->
-loaded into the local model -> evaluated on this hospital's test scans.  The download is
-one exclusive async worker; the evaluation is TensorFlow work in a thread worker.
+loaded into the local model -> evaluated on this hospital's validation scans (the Testing
+scans are kept for reported figures: ``securefl client ... evaluate --split testing``).
+The download is one exclusive async worker; the evaluation is TensorFlow work in a thread
+worker.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ class GetScreen(Screen):
                         "total_samples": model.total_samples})
         self.version = model.version
         self._step(3, f"Global version {model.version}, sha256 {model.sha256[:16]}…; "
-                   "evaluating on this hospital's test scans…")
+                   "evaluating on this hospital's validation scans…")
         self.post_message(self.Downloaded(model.version))
         self.evaluate()
 
@@ -172,8 +174,11 @@ class GetScreen(Screen):
         self._step(4)
         skipped = describe_skipped(r.skipped, self.hospital.ml.scans_dir)
         self.query_one("#summary", Static).update(
-            f"Global version {self.version} · accuracy {r.accuracy:.1%} · macro F1 "
-            f"{r.macro_f1:.3f} · {r.num_samples} test scans"
+            f"Global version {self.version} on {r.num_samples} validation scans (held out of "
+            f"Training) · balanced accuracy {r.balanced_accuracy:.1%} · accuracy "
+            f"{r.accuracy:.1%} · macro F1 {r.macro_f1:.3f}"
+            + (f" · calibration error {r.ece_before:.3f} -> {r.ece_after:.3f}"
+               if r.ece_before is not None and r.ece_after is not None else "")
             + (f"\n{skipped}" if skipped else ""))
         if skipped:
             self.notify(skipped, title="Some test files were not used", severity="warning",

@@ -188,15 +188,22 @@ class TrainScreen(Screen):
         elif message.result is not None:
             r = message.result
             skipped = describe_skipped(r.skipped, self.hospital.ml.scans_dir)
-            state.update(f"Trained on {r.num_samples} scans in {r.seconds:.0f} s; "
-                         "press Escape, then s to send the update.")
+            kept = (f" Kept epoch {r.best_epoch} of {r.epochs_run}, the lowest validation "
+                    f"loss on {r.validation_samples} held-out scans"
+                    + (" (stopped early)." if r.stopped_early else ".")
+                    if r.best_epoch else "")
+            state.update(f"Trained on {r.num_samples} scans in {r.seconds:.0f} s.{kept} "
+                         "Press Escape, then s to send the update.")
             self.query_one("#skipped", Static).update(skipped or "")
             self.query_one("#skipped", Static).display = bool(skipped)
             if skipped:
                 self.notify(skipped, title="Some files were not used", severity="warning",
                             timeout=30)
-            self.query_one("#epoch-bar", ProgressBar).update(progress=self.hospital.ml.epochs)
             # Progress from the training process may be coalesced when the screen is busy:
-            # the finished state must not show an earlier epoch.
-            epochs = self.hospital.ml.epochs
-            self.query_one("#epoch-label", Label).update(f"Epoch {epochs} of {epochs}")
+            # the finished state must not show an earlier epoch.  Early stopping may have
+            # ended before the most epochs allowed: the bar ends full either way.
+            epochs = r.epochs_run or self.hospital.ml.epochs
+            self.query_one("#epoch-bar", ProgressBar).update(total=epochs, progress=epochs)
+            self.query_one("#epoch-label", Label).update(
+                f"Epoch {epochs} of {epochs}" if epochs == self.hospital.ml.epochs else
+                f"Epoch {epochs} (stopped early, at most {self.hospital.ml.epochs})")
