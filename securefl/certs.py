@@ -27,8 +27,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
 from securefl.config import toml_text
@@ -89,15 +91,77 @@ def _save(folder: Path, stem: str, cred: pki.Credential) -> None:
 
 
 def load_credential(cert_path: Path, key_path: Path) -> pki.Credential:
-    """Read a certificate and its key, with one clear error when either is missing."""
-    try:
-        cert = pki.load_cert(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"certificate file missing: {exc.filename}") from exc
-    except ValueError as exc:
-        raise ConfigError(f"{key_path} is not a readable private key") from exc
+    """Read a certificate and its key, with one sentence naming the file at fault when
+    either is missing, unreadable, not PEM, or when the key belongs to another
+    certificate."""
+    cert, key = _load_pair(cert_path, key_path)
     return pki.Credential(cert, key)  # type: ignore[arg-type]
+
+
+def _read(path: Path, what: str, fix: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"the {what} {path} does not exist: {fix}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"the {what} {path} is a folder, not a file: {fix}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path} ({exc.strerror}): check its "
+                          "permissions for the user running securefl") from None
+
+
+def _load_pair(cert: Path, key: Path) -> tuple[x509.Certificate, Any]:
+    fix = "check the path in the settings file, or copy the file from the kit"
+    cert_data = _read(cert, "certificate", fix)
+    key_data = _read(key, "private key", fix)
+    try:
+        cert_obj = x509.load_pem_x509_certificate(cert_data)
+    except ValueError:
+        raise ConfigError(f"{cert} is not a PEM certificate (it should start with "
+                          "'-----BEGIN CERTIFICATE-----'): copy the .pem file from the kit "
+                          "again") from None
+    try:
+        key_obj = serialization.load_pem_private_key(key_data, password=None)
+    except TypeError:
+        raise ConfigError(f"the private key {key} is protected by a passphrase, which "
+                          "securefl cannot use: copy the key from the kit again") from None
+    except ValueError:
+        raise ConfigError(f"{key} is not a PEM private key (it should start with "
+                          "'-----BEGIN PRIVATE KEY-----'): copy the .key file from the kit "
+                          "again") from None
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (key_obj.public_key().public_bytes(serialization.Encoding.DER, pub)
+            != cert_obj.public_key().public_bytes(serialization.Encoding.DER, pub)):
+        raise ConfigError(f"the private key {key} does not belong to the certificate {cert}: "
+                          "copy the key that was issued with this certificate (both come "
+                          "from the same kit, or `certs renew` wrote them together)")
+    return cert_obj, key_obj
+
+
+def check_tls_files(cert: Path, key: Path, ca: Path) -> None:
+    """Raise one ``ConfigError`` naming the file at fault when a certificate, its key and the
+    CA file cannot work together: missing, unreadable, not PEM, a key of another
+    certificate, a certificate of another CA.
+
+    Why before TLS loads them: OpenSSL says only "key values mismatch" or nothing at all (a
+    certificate of another CA loads fine and is refused by the peer later, which looks like
+    a revocation), and the old message named ca.pem for a wrong key.
+    """
+    cert_obj, _ = _load_pair(cert, key)
+    ca_data = _read(ca, "CA certificate", "check the path in the settings file, or copy "
+                    "ca.pem from the kit")
+    try:
+        ca_obj = x509.load_pem_x509_certificate(ca_data)
+    except ValueError:
+        raise ConfigError(f"{ca} is not a PEM certificate: copy ca.pem from the kit "
+                          "again") from None
+    try:
+        cert_obj.verify_directly_issued_by(ca_obj)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ConfigError(f"the certificate {cert} was not issued by the CA in {ca} (it "
+                          "belongs to another federation, or ca.pem is another "
+                          "federation's): copy both from the same certificate folder or "
+                          "kit") from None
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -396,7 +460,10 @@ class CertDir:
             if not path.exists():
                 continue
             cert = pki.load_cert(path.read_bytes())
-            role, name = pki.identity_of(cert)
+            if path == self.ca_cert:  # "securefl CA" is no member name: not identity_of's
+                role, name = pki.Role.CA, "ca"
+            else:
+                role, name = pki.identity_of(cert)
             rows.append(
                 {
                     "role": role.value,
