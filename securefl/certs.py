@@ -461,7 +461,8 @@ class CertDir:
                 continue
             cert = pki.load_cert(path.read_bytes())
             if path == self.ca_cert:  # "securefl CA" is no member name: not identity_of's
-                role, name = pki.Role.CA, "ca"
+                cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+                role, name = pki.Role.CA, str(cn[0].value) if cn else "CA"
             else:
                 role, name = pki.identity_of(cert)
             rows.append(
