@@ -44,3 +44,35 @@ def test_client_and_admin_without_an_action_open_the_apps():
     out = subprocess.run([sys.executable, "-m", "securefl", "client", "status"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "needs --config" in out.stderr
+
+
+def test_apps_without_a_terminal_say_so_and_exit_2():
+    """Issue 16 item 12: ``admin`` with no ACTION on a pipe started the full-screen app and
+    hung; now it says what to give instead (the client the same)."""
+    for command in (["admin", "--config", "a.toml"], ["client", "--config", "h.toml"]):
+        try:
+            out = subprocess.run([sys.executable, "-m", "securefl", *command],
+                                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"securefl {command[0]} hung without a terminal") from None
+        assert out.returncode == 2, out
+        err = out.stderr.strip()
+        assert "\n" not in err and "this is not a terminal" in err and "give an ACTION" in err
+        assert ("status" in err) and (command[0] != "admin" or "aggregate" in err)
+
+
+def test_admin_tables_align_numbers_right_and_text_left():
+    from securefl.client import admin_text
+    from securefl.client.session import AuditEntry, VersionEntry
+
+    lines = admin_text.history_lines([
+        VersionEntry(9, "2025-03-01T14:05:09+00:00", 3, 1200, "ab" * 32),
+        VersionEntry(10, "2025-03-08T14:05:09+00:00", 12, 48000, "cd" * 32)])
+    assert lines == [
+        "version  published (UTC)      hospitals  scans  sha256 (first 16)",
+        "      9  2025-03-01 14:05:09          3   1200  abababababababab",
+        "     10  2025-03-08 14:05:09         12  48000  cdcdcdcdcdcdcdcd"]
+    audit = admin_text.audit_lines([AuditEntry(7, "2025-03-01T14:05:09.120+00:00", "join",
+                                               "north", "round_id=3")])
+    assert audit[1] == "  7  2025-03-01 14:05:09  join   north  round_id=3"
