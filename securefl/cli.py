@@ -56,20 +56,26 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hospitals", type=int, default=3, help="hospitals (default 3)")
     p.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
     p.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (64)")
-    p.add_argument("--train-images", type=int, default=480, help="training scans per hospital")
-    p.add_argument("--test-images", type=int, default=120, help="test scans per hospital")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="image side in pixels (default 64)")
+    p.add_argument("--train-images", type=int, default=480,
+                   help="training scans per hospital (default 480)")
+    p.add_argument("--test-images", type=int, default=120,
+                   help="test scans per hospital (default 120)")
     p.add_argument("--keep", type=Path, help="build the federation in this folder")
     p.add_argument("--tui", action="store_true",
                    help="also open the administrator's app, watching the demo live")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the scans, the models and the masks: the same seed gives the "
+                   "same accuracies (default 0)")
     p.add_argument("--secagg-only", action="store_true",
                    help="instead: one in-memory secure-aggregation round with simulated "
                    "hospitals (no network, no training)")
     p.add_argument("--params", type=int, default=1_000_000,
-                   help="with --secagg-only: model size in parameters")
+                   help="with --secagg-only: model size in parameters (default 1000000)")
     p.add_argument("--dropout", type=float, default=0.3,
-                   help="with --secagg-only: share of hospitals that vanish mid-round")
+                   help="with --secagg-only: share of hospitals that vanish mid-round "
+                   "(default 0.3)")
 
     def run(args: argparse.Namespace) -> int:
         if args.secagg_only:
@@ -95,24 +101,51 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+#: The server's port when ``certs init`` is not given one (``securefl.certs.DEFAULT_PORT``;
+#: repeated here so ``--help`` imports no cryptography).
+DEFAULT_PORT = 9095
+
+
+def _port(text: str) -> int:
+    """``--port``: a TCP port number, refused in one sentence otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, not {text!r}")
+    return value
+
+
 def _add_certs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("certs", help="federation certificates: init, add-hospital, revoke, ...")
-    p.add_argument("--dir", type=Path, default=Path("certs"), help="certificate folder")
+    p.add_argument("--dir", type=Path, default=Path("certs"),
+                   help="the federation's certificate folder, on the operator's machine "
+                   "(default: certs)")
     acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     init = acts.add_parser("init", help="CA, server, admin and hospital certificates + kits")
     init.add_argument("--server-host", required=True,
                       help="host names/addresses of the server, comma-separated")
-    init.add_argument("--hospitals", default="", help="hospital names, comma-separated")
-    init.add_argument("--port", type=int, default=9095)
+    init.add_argument("--hospitals", default="",
+                      help="hospital names, comma-separated: one certificate and kit each "
+                      "(default: none; add them later with add-hospital)")
+    init.add_argument("--port", type=_port, default=DEFAULT_PORT,
+                      help="TCP port the server listens on and every kit connects to "
+                      f"(default {DEFAULT_PORT}; change it later with set-server)")
     add = acts.add_parser("add-hospital", help="certificate and kit for one more hospital")
-    add.add_argument("name")
+    add.add_argument("name", help="the new hospital's name: 1-64 characters from a-z, 0-9, "
+                     "'-', '_', '.' (it names its certificate and its kit folder)")
     rev = acts.add_parser("revoke", help="revoke a hospital's certificate (it leaves the member "
                           "list), the admin's, or the server's ('server': a new one is issued)")
-    rev.add_argument("name")
+    rev.add_argument("name", help="a hospital's name, 'admin' or 'server'")
     ren = acts.add_parser("renew", help="a fresh server certificate (90 days) and CRL, or "
                           "with a name a fresh admin or hospital certificate (1 year)")
     ren.add_argument("name", nargs="?", help="'admin' or a hospital (default: the server)")
-    acts.add_parser("show", help="every certificate with its expiry and fingerprint")
+    acts.add_parser("show", help="every certificate with its expiry and fingerprint",
+                    description="One line per certificate in the folder (CA, server, admin, "
+                    "every hospital ever issued): role, name, valid or revoked, expiry (UTC) "
+                    "and the SHA-256 fingerprint to compare over the phone when handing "
+                    "over a kit.")
     acts.add_parser("members", help="sign a fresh member list (every hospital not revoked) "
                     "and copy it into every kit")
 
@@ -196,7 +229,11 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
 
 def _add_client_net_actions(actions: argparse._SubParsersAction) -> None:
     """The hospital's network actions under ``securefl client --config FILE``."""
-    get = actions.add_parser("get", help="download the current global model into state_dir")
+    get = actions.add_parser(
+        "get", help="download the current global model into state_dir",
+        description="Downloads the federation's current global model (its sha256 checked), "
+        "keeps it in state_dir and, with an [ml] table, loads it into the local model, "
+        "ready to evaluate or to train for the next round.")
     get.add_argument("--replace-trained", action="store_true",
                      help="replace a local model that was trained on the current version but "
                      "not sent yet (without it, get refuses rather than lose that training)")
@@ -211,7 +248,11 @@ def _add_client_net_actions(actions: argparse._SubParsersAction) -> None:
                       help="global version trained on; must be the version of the last "
                            "`get` (its model's sha256 is signed into the round), which is "
                            "also the default")
-    status = actions.add_parser("status", help="round phase and who is online")
+    status = actions.add_parser(
+        "status", help="round phase and who is online",
+        description="Asks the server for the current version, the round and its phase, "
+        "which hospitals are online, how many joined and sent, and whom a retried round "
+        "waits for.")
 
     def run(args: argparse.Namespace) -> int:
         from securefl.client import commands
@@ -353,13 +394,19 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         description="Synthetic slices built on the MNI152 template with painted lesions. "
         "For demos and tests only: not real patients, no clinical value.",
     )
-    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--out", type=Path, required=True,
+                   help="output folder (no default): one hospital_N folder per hospital, "
+                   "hospital_1 to hospital_N, each with Training/<class>/ and "
+                   "Testing/<class>/")
     s.add_argument("--hospitals", type=int, default=3, help="number of hospitals (default 3)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
-    s.add_argument("--train", type=int, default=600, help="training images per hospital")
-    s.add_argument("--test", type=int, default=200, help="testing images per hospital")
+    s.add_argument("--train", type=int, default=600,
+                   help="training images per hospital (default 600)")
+    s.add_argument("--test", type=int, default=200,
+                   help="testing images per hospital (default 200)")
     s.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    s.add_argument("--format", choices=("jpg", "png"), default="jpg")
+    s.add_argument("--format", choices=("jpg", "png"), default="jpg",
+                   help="image file format: jpg (smaller) or png (lossless) (default jpg)")
 
     def run(args: argparse.Namespace) -> int:
         from securefl.ml.synth import synthesize

@@ -76,3 +76,49 @@ def test_admin_tables_align_numbers_right_and_text_left():
     audit = admin_text.audit_lines([AuditEntry(7, "2025-03-01T14:05:09.120+00:00", "join",
                                                "north", "round_id=3")])
     assert audit[1] == "  7  2025-03-01 14:05:09  join   north  round_id=3"
+
+
+def _walk(parser, path=("securefl",)):
+    """Every (command path, parser) under ``parser``, depth first."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                assert helps.get(name), f"{' '.join(path)} {name} has no help line"
+                yield from _walk(sub, (*path, name))
+
+
+def test_every_option_has_help_that_shows_its_default():
+    """Issue 16 item 14: every option and argument of every command says what it is, and
+    where it has a default, the help shows it (``--port`` had neither)."""
+    import argparse
+
+    from securefl.cli import build_parser
+
+    problems = []
+    for path, parser in _walk(build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            name = f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}"
+            if not action.help or action.help == argparse.SUPPRESS:
+                problems.append(f"{name}: no help")
+                continue
+            shown = formatter._expand_help(action)
+            default = action.default
+            if default is None or default is False or isinstance(action,
+                                                                 argparse._StoreTrueAction):
+                continue
+            if str(default) not in shown or "default" not in shown:
+                problems.append(f"{name}: default {default!r} not in help {shown!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_port_default_is_the_one_certs_uses():
+    from securefl import certs, cli
+
+    assert cli.DEFAULT_PORT == certs.DEFAULT_PORT
