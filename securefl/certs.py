@@ -450,6 +450,55 @@ class CertDir:
         self.write_members(ca, now=now)  # the member list pins the new certificate
         return kit
 
+    def set_server(self, hosts: list[str] | None = None, port: int | None = None, *,
+                   now: dt.datetime | None = None) -> str:
+        """Move the federation's server to other names/addresses or another port.
+
+        Reissues the server certificate for ``hosts`` (hospitals check the name they
+        connect to against it) and rewrites every file that names the server:
+        ``federation.json`` (future kits), ``server.toml``, ``admin.toml`` and each kit's
+        ``hospital.toml`` (only ``host`` and ``port``; whatever else the files say stays).
+        Needs ``ca.key``, so it runs on the operator's machine.  Returns the address
+        ``server.toml`` now listens on, as ``init`` does ("0.0.0.0": warn the caller).
+        The old server certificate is not revoked: it names only the old hosts, which the
+        hospitals no longer connect to (``revoke server`` if its key may have leaked)."""
+        meta = self._meta()
+        hosts = hosts or list(meta["server_hosts"])
+        port = meta["port"] if port is None else port
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"port {port} is not a TCP port (1 to 65535)")
+        if not (self.root / "ca.key").exists():
+            raise ConfigError(f"set-server needs the CA key {self.root / 'ca.key'} to issue "
+                              "the new server certificate: run it on the operator's machine, "
+                              "in the folder `certs init` made")
+        ca = self.ca()
+        _save(self.root, "server", pki.issue(ca, pki.Role.SERVER, "server", hosts=hosts,
+                                             now=now))
+        meta.update(server_hosts=hosts, port=port)
+        _write(self.root / "federation.json", json.dumps(meta, indent=2).encode())
+        listen = _local_address(hosts) or "0.0.0.0"
+        self._retarget(self.root / "server.toml", {"host": listen, "port": port},
+                       self._comment("server") + "\n" + _SERVER_COMMENT)
+        self._retarget(self.root / "admin.toml", {"host": hosts[0], "port": port},
+                       self._comment("admin"))
+        kits = self.root / "kits"
+        for kit in sorted(kits.iterdir()) if kits.is_dir() else []:
+            if (kit / "hospital.toml").is_file():
+                self._retarget(kit / "hospital.toml", {"host": hosts[0], "port": port},
+                               self._comment(kit.name) + "\n" + _HOSPITAL_COMMENT)
+        return listen
+
+    @staticmethod
+    def _retarget(path: Path, changes: dict[str, object], comment: str) -> None:
+        """``changes`` into a settings file, keeping every other key as it is."""
+        from securefl.config import read_toml
+
+        if not path.is_file():
+            return
+        data = read_toml(path)
+        data.update(changes)
+        _write(path, toml_text(data, comment).encode())
+
     def show(self) -> list[dict[str, str]]:
         """One row per certificate: role, name, expiry, fingerprint, revoked or not."""
         revoked = set(self._meta()["revoked"])

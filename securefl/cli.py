@@ -148,6 +148,19 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
                     "over a kit.")
     acts.add_parser("members", help="sign a fresh member list (every hospital not revoked) "
                     "and copy it into every kit")
+    move = acts.add_parser(
+        "set-server", help="move the server to other host names/addresses or another port "
+        "(needs ca.key)",
+        description="Reissues the server certificate for the new names and rewrites "
+        "server.toml, admin.toml, federation.json and every kit's hospital.toml (host and "
+        "port only).  Then copy server.pem, server.key and server.toml to the server and "
+        "restart it, and give each hospital its new hospital.toml (docs/QUICKSTART.md, "
+        "section 5).")
+    move.add_argument("--host", dest="server_host", default=None,
+                      help="the server's new host names/addresses, comma-separated; the "
+                      "first is the one kits connect to (default: keep the current ones)")
+    move.add_argument("--port", type=_port, default=None,
+                      help="the server's new TCP port (default: keep the current one)")
 
     def run(args: argparse.Namespace) -> int:
         from securefl.certs import CertDir
@@ -180,6 +193,28 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
                 print(f"'{args.name}' revoked and off the member list: copy crl.pem and "
                       f"{cd.members.name} to the server (the server refuses it from its next "
                       "connection on)")
+        elif args.action == "set-server":
+            if args.server_host is None and args.port is None:
+                raise errors.ConfigError("give --host, --port or both: the server's new "
+                                         "names or port")
+            hosts = ([h.strip() for h in args.server_host.split(",") if h.strip()]
+                     if args.server_host is not None else None)
+            if hosts == []:
+                raise errors.ConfigError("--host needs at least one name or address")
+            listen = cd.set_server(hosts, args.port)
+            meta = json.loads((cd.root / "federation.json").read_text())
+            kits = sorted(p.parent.name for p in (cd.root / "kits").glob("*/hospital.toml"))
+            print(f"server certificate reissued for {', '.join(meta['server_hosts'])}, port "
+                  f"{meta['port']}; rewrote server.toml, admin.toml, federation.json and the "
+                  f"kits of {', '.join(kits) or 'no hospital'}.  Next: copy server.pem, "
+                  "server.key and server.toml to the server (open the new port in its "
+                  "firewall) and restart it; give each hospital its new hospital.toml, or "
+                  "have it set host and port in its own")
+            if listen == "0.0.0.0":
+                print(f"warning: none of {', '.join(meta['server_hosts'])} is an address of "
+                      f"this machine, so {cd.root / 'server.toml'} listens on every interface "
+                      "(host = \"0.0.0.0\"): on the server, set host to the address "
+                      "hospitals connect to", file=sys.stderr)
         elif args.action == "members":
             listed = cd.write_members()
             print(f"member list number {listed.number} ({len(listed.members)} hospitals) in "
