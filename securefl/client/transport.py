@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from securefl.certs import check_tls_files
 from securefl.client import revocation
 from securefl.config import ClientSettings
 from securefl.crypto import pki
@@ -62,11 +63,13 @@ def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
+    check_tls_files(cert, key, ca)  # one sentence naming the file at fault
     try:
         ctx.load_cert_chain(cert, key)
         ctx.load_verify_locations(cafile=str(ca))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load this site's certificates ({cert}, {ca})") from exc
+        raise ConfigError(f"cannot load this site's certificates ({cert}, {key}, {ca}): "
+                          f"{getattr(exc, 'reason', None) or exc}") from exc
     return ctx
 
 

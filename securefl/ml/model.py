@@ -220,6 +220,12 @@ def save_model(model: keras.Model, path: str | Path) -> Path:
         raise DataError(f"model files end in .keras, got {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.keras")
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and not optimizer.built:
+        # A model saved before its first training step (``get`` writes one) would store an
+        # optimiser with no slots, and loading it made Keras warn "Skipping variable loading
+        # for optimizer" on the next ``train``: saved with its (zero) slots, it loads cleanly.
+        optimizer.build(model.trainable_variables)
     model.save(tmp)
     tmp.replace(path)
     return path
@@ -242,8 +248,9 @@ def load_model(path: str | Path) -> keras.Model:
     layer_classes()  # and the preprocessing layers
     try:
         with warnings.catch_warnings():
-            # A model saved before its first training step has an optimiser with no slots
-            # yet; Keras warns that it skips them, which is expected and tells a user nothing.
+            # Only for model files written before ``save_model`` built the optimiser: those
+            # have an optimiser with no slots, and Keras warns that it skips them, which is
+            # expected and tells a user nothing.
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             return _keras().models.load_model(path)
     except Exception as exc:  # a truncated or foreign file: say so plainly

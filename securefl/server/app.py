@@ -38,6 +38,7 @@ from securefl.errors import (
 from securefl.protocol import frames
 from securefl.protocol import messages as wm
 from securefl.protocol.conversation import Conversation, Side
+from securefl.server import console
 from securefl.server.admission import Admission, RefusalSummary, Ticket, source_of
 from securefl.server.audit import AuditLog
 from securefl.server.coordinator import Coordinator
@@ -106,6 +107,7 @@ class Server:
             self.store.write(weights, contributors=0, total_samples=0)
         check_spec(self.store.root, settings.model)
         self.audit = AuditLog(settings.audit_log)
+        self.audit.listener = console.on_audit
         self.ca_cert = pki.load_cert(Path(settings.ca).read_bytes())
         if settings.members is not None:
             read_members(settings.members, self.ca_cert)  # refuse to start on a bad list
@@ -182,7 +184,9 @@ class Server:
                         asyncio.create_task(self._every(TRIM_INTERVAL, self._trim))]
         info = self.store.latest()[0]
         self.audit.record("server-start", port=self.port, version=info.version, durable=True)
-        log.info("listening on %s:%d at version %d", self.settings.host, self.port, info.version)
+        log.info("listening on %s:%d at version %d; audit log %s, store %s",
+                 self.settings.host, self.port, info.version, self.audit.path,
+                 self.store.root)
         return self.port
 
     async def close(self) -> None:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from securefl.errors import DataError
@@ -57,6 +58,9 @@ class AuditLog:
         self._dropped = 0
         #: Why the log cannot be written now (None: it can).
         self.fault: str | None = None
+        #: Called with every entry as it is recorded (the server's console,
+        #: ``securefl.server.console.on_audit``); it must not raise.
+        self.listener: Callable[[dict], None] | None = None
 
     @property
     def writable(self) -> bool:
@@ -86,6 +90,11 @@ class AuditLog:
             self._dropped += 1
         self._backlog.append((entry, durable))
         self._flush()
+        if self.listener is not None:
+            try:
+                self.listener(entry)
+            except Exception:  # the console must never cost an audit entry or a round
+                log.exception("could not show audit entry %r on the console", event)
 
     def _flush(self) -> None:
         while self._backlog:

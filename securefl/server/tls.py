@@ -95,12 +95,16 @@ def server_context(cert: Path, key: Path, ca: Path, crl: Path) -> ssl.SSLContext
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
+    from securefl.certs import check_tls_files
+
+    check_tls_files(cert, key, ca)  # one sentence naming the file at fault
     try:
         ctx.load_cert_chain(cert, key)
         ctx.load_verify_locations(cafile=str(ca))
         ctx.load_verify_locations(cafile=str(crl))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the server's certificates ({cert}, {ca}, {crl})") from exc
+        raise ConfigError(f"cannot load the server's certificates ({cert}, {key}, {ca}, "
+                          f"{crl}): {getattr(exc, 'reason', None) or exc}") from exc
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
     # No TLS 1.3 session tickets: a resumed session skips the client certificate check, so
     # a ticket let a certificate keep working after it expired (chained tickets: for ever).

@@ -98,7 +98,8 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
                                 log=tmp_path / f"send-{name}.log")
         admin = certs / "admin.toml"
         wait_for("three masked updates", lambda: securefl(
-            "admin", "--config", admin, "count", cwd=tmp_path).stdout.strip() == "3")
+            "admin", "--config", admin, "count", "--json",
+            cwd=tmp_path).stdout.strip() == '{"collected": 3}')
         # What each hospital handed to the round, checked against its trained model before
         # anything overwrites the model: the update is (trained weights - version 0).
         import keras

@@ -124,10 +124,32 @@ def test_bad_certificates_get_nothing(fed: Federation, case: str, reason: str) -
     else:
         name = "d"  # issued by our CA, but not in the server's list of hospitals
 
+    async def foreign_client(port: int) -> None:
+        """Our client refuses a certificate of another CA before connecting (naming the
+        file, tests/integration/test_tls_files.py); someone else's client sends it anyway."""
+        kit = fed.certs.kit("a")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_cert_chain(kit / "hospital.pem", kit / "hospital.key")
+        ctx.load_verify_locations(cafile=str(kit / "ca.pem"))
+        ctx.check_hostname = False
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        except (ssl.SSLError, ConnectionError):
+            return
+        try:
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # gets nothing
+        except (ssl.SSLError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
     async def scenario() -> None:
         async with running(fed.server_settings()) as srv:
-            with pytest.raises(CertificateRejectedError):
-                await HospitalSession(fed.client_settings(name, srv.port)).connect()
+            if case == "other-ca":
+                await foreign_client(srv.port)
+            else:
+                with pytest.raises(CertificateRejectedError):
+                    await HospitalSession(fed.client_settings(name, srv.port)).connect()
             async with HospitalSession(fed.client_settings("b", srv.port)) as h:
                 assert (await h.get_global()).version == 0
         assert len(_refusals(fed)) == 1 and reason in _refusals(fed)[0]
@@ -150,9 +172,11 @@ def test_revocation_takes_effect_without_a_restart(fed: Federation) -> None:
 def test_server_with_a_foreign_certificate_is_not_trusted(fed: Federation) -> None:
     async def scenario() -> None:
         async with running(fed.server_settings()) as srv:
+            # A site whose kit came from another CA entirely (a consistent kit: our client
+            # refuses a certificate and ca.pem that do not belong together before connecting).
             evil = pki.make_ca("evil")
-            (fed.tmp / "evil.pem").write_bytes(evil.cert_pem())
-            s = fed.client_settings("a", srv.port, ca=fed.tmp / "evil.pem")
+            _kit_with(fed, pki.issue(evil, pki.Role.HOSPITAL, "a"), evil.cert_pem())
+            s = fed.client_settings("a", srv.port)
             with pytest.raises(CertificateRejectedError) as err:
                 await HospitalSession(s).connect()
             assert "did not issue" in err.value.message
