@@ -27,8 +27,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
 from securefl.config import toml_text
@@ -39,7 +41,7 @@ from securefl.ml.settings import DEFAULT_CLASSES
 from securefl.protocol.messages import MAX_BYTES_FIELD
 
 # The model every party builds; the server's [model.ml] and each kit's [ml] repeat it.
-_MODEL_SPEC: dict[str, object] = {"image_size": 128, "model_kind": "seed",
+_MODEL_SPEC: dict[str, object] = {"image_size": 128, "model_kind": "small",
                                   "classes": list(DEFAULT_CLASSES)}
 _HOSPITAL_COMMENT = """\
 state_dir   where this hospital keeps the downloaded global model and its round state.
@@ -89,15 +91,77 @@ def _save(folder: Path, stem: str, cred: pki.Credential) -> None:
 
 
 def load_credential(cert_path: Path, key_path: Path) -> pki.Credential:
-    """Read a certificate and its key, with one clear error when either is missing."""
-    try:
-        cert = pki.load_cert(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"certificate file missing: {exc.filename}") from exc
-    except ValueError as exc:
-        raise ConfigError(f"{key_path} is not a readable private key") from exc
+    """Read a certificate and its key, with one sentence naming the file at fault when
+    either is missing, unreadable, not PEM, or when the key belongs to another
+    certificate."""
+    cert, key = _load_pair(cert_path, key_path)
     return pki.Credential(cert, key)  # type: ignore[arg-type]
+
+
+def _read(path: Path, what: str, fix: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"the {what} {path} does not exist: {fix}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"the {what} {path} is a folder, not a file: {fix}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path} ({exc.strerror}): check its "
+                          "permissions for the user running securefl") from None
+
+
+def _load_pair(cert: Path, key: Path) -> tuple[x509.Certificate, Any]:
+    fix = "check the path in the settings file, or copy the file from the kit"
+    cert_data = _read(cert, "certificate", fix)
+    key_data = _read(key, "private key", fix)
+    try:
+        cert_obj = x509.load_pem_x509_certificate(cert_data)
+    except ValueError:
+        raise ConfigError(f"{cert} is not a PEM certificate (it should start with "
+                          "'-----BEGIN CERTIFICATE-----'): copy the .pem file from the kit "
+                          "again") from None
+    try:
+        key_obj = serialization.load_pem_private_key(key_data, password=None)
+    except TypeError:
+        raise ConfigError(f"the private key {key} is protected by a passphrase, which "
+                          "securefl cannot use: copy the key from the kit again") from None
+    except ValueError:
+        raise ConfigError(f"{key} is not a PEM private key (it should start with "
+                          "'-----BEGIN PRIVATE KEY-----'): copy the .key file from the kit "
+                          "again") from None
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (key_obj.public_key().public_bytes(serialization.Encoding.DER, pub)
+            != cert_obj.public_key().public_bytes(serialization.Encoding.DER, pub)):
+        raise ConfigError(f"the private key {key} does not belong to the certificate {cert}: "
+                          "copy the key that was issued with this certificate (both come "
+                          "from the same kit, or `certs renew` wrote them together)")
+    return cert_obj, key_obj
+
+
+def check_tls_files(cert: Path, key: Path, ca: Path) -> None:
+    """Raise one ``ConfigError`` naming the file at fault when a certificate, its key and the
+    CA file cannot work together: missing, unreadable, not PEM, a key of another
+    certificate, a certificate of another CA.
+
+    Why before TLS loads them: OpenSSL says only "key values mismatch" or nothing at all (a
+    certificate of another CA loads fine and is refused by the peer later, which looks like
+    a revocation), and the old message named ca.pem for a wrong key.
+    """
+    cert_obj, _ = _load_pair(cert, key)
+    ca_data = _read(ca, "CA certificate", "check the path in the settings file, or copy "
+                    "ca.pem from the kit")
+    try:
+        ca_obj = x509.load_pem_x509_certificate(ca_data)
+    except ValueError:
+        raise ConfigError(f"{ca} is not a PEM certificate: copy ca.pem from the kit "
+                          "again") from None
+    try:
+        cert_obj.verify_directly_issued_by(ca_obj)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ConfigError(f"the certificate {cert} was not issued by the CA in {ca} (it "
+                          "belongs to another federation, or ca.pem is another "
+                          "federation's): copy both from the same certificate folder or "
+                          "kit") from None
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -386,6 +450,55 @@ class CertDir:
         self.write_members(ca, now=now)  # the member list pins the new certificate
         return kit
 
+    def set_server(self, hosts: list[str] | None = None, port: int | None = None, *,
+                   now: dt.datetime | None = None) -> str:
+        """Move the federation's server to other names/addresses or another port.
+
+        Reissues the server certificate for ``hosts`` (hospitals check the name they
+        connect to against it) and rewrites every file that names the server:
+        ``federation.json`` (future kits), ``server.toml``, ``admin.toml`` and each kit's
+        ``hospital.toml`` (only ``host`` and ``port``; whatever else the files say stays).
+        Needs ``ca.key``, so it runs on the operator's machine.  Returns the address
+        ``server.toml`` now listens on, as ``init`` does ("0.0.0.0": warn the caller).
+        The old server certificate is not revoked: it names only the old hosts, which the
+        hospitals no longer connect to (``revoke server`` if its key may have leaked)."""
+        meta = self._meta()
+        hosts = hosts or list(meta["server_hosts"])
+        port = meta["port"] if port is None else port
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"port {port} is not a TCP port (1 to 65535)")
+        if not (self.root / "ca.key").exists():
+            raise ConfigError(f"set-server needs the CA key {self.root / 'ca.key'} to issue "
+                              "the new server certificate: run it on the operator's machine, "
+                              "in the folder `certs init` made")
+        ca = self.ca()
+        _save(self.root, "server", pki.issue(ca, pki.Role.SERVER, "server", hosts=hosts,
+                                             now=now))
+        meta.update(server_hosts=hosts, port=port)
+        _write(self.root / "federation.json", json.dumps(meta, indent=2).encode())
+        listen = _local_address(hosts) or "0.0.0.0"
+        self._retarget(self.root / "server.toml", {"host": listen, "port": port},
+                       self._comment("server") + "\n" + _SERVER_COMMENT)
+        self._retarget(self.root / "admin.toml", {"host": hosts[0], "port": port},
+                       self._comment("admin"))
+        kits = self.root / "kits"
+        for kit in sorted(kits.iterdir()) if kits.is_dir() else []:
+            if (kit / "hospital.toml").is_file():
+                self._retarget(kit / "hospital.toml", {"host": hosts[0], "port": port},
+                               self._comment(kit.name) + "\n" + _HOSPITAL_COMMENT)
+        return listen
+
+    @staticmethod
+    def _retarget(path: Path, changes: dict[str, object], comment: str) -> None:
+        """``changes`` into a settings file, keeping every other key as it is."""
+        from securefl.config import read_toml
+
+        if not path.is_file():
+            return
+        data = read_toml(path)
+        data.update(changes)
+        _write(path, toml_text(data, comment).encode())
+
     def show(self) -> list[dict[str, str]]:
         """One row per certificate: role, name, expiry, fingerprint, revoked or not."""
         revoked = set(self._meta()["revoked"])
@@ -396,7 +509,11 @@ class CertDir:
             if not path.exists():
                 continue
             cert = pki.load_cert(path.read_bytes())
-            role, name = pki.identity_of(cert)
+            if path == self.ca_cert:  # "securefl CA" is no member name: not identity_of's
+                cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+                role, name = pki.Role.CA, str(cn[0].value) if cn else "CA"
+            else:
+                role, name = pki.identity_of(cert)
             rows.append(
                 {
                     "role": role.value,

@@ -56,20 +56,26 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hospitals", type=int, default=3, help="hospitals (default 3)")
     p.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
     p.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (64)")
-    p.add_argument("--train-images", type=int, default=480, help="training scans per hospital")
-    p.add_argument("--test-images", type=int, default=120, help="test scans per hospital")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="image side in pixels (default 64)")
+    p.add_argument("--train-images", type=int, default=480,
+                   help="training scans per hospital (default 480)")
+    p.add_argument("--test-images", type=int, default=120,
+                   help="test scans per hospital (default 120)")
     p.add_argument("--keep", type=Path, help="build the federation in this folder")
     p.add_argument("--tui", action="store_true",
                    help="also open the administrator's app, watching the demo live")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the scans, the models and the masks: the same seed gives the "
+                   "same accuracies (default 0)")
     p.add_argument("--secagg-only", action="store_true",
                    help="instead: one in-memory secure-aggregation round with simulated "
                    "hospitals (no network, no training)")
     p.add_argument("--params", type=int, default=1_000_000,
-                   help="with --secagg-only: model size in parameters")
+                   help="with --secagg-only: model size in parameters (default 1000000)")
     p.add_argument("--dropout", type=float, default=0.3,
-                   help="with --secagg-only: share of hospitals that vanish mid-round")
+                   help="with --secagg-only: share of hospitals that vanish mid-round "
+                   "(default 0.3)")
 
     def run(args: argparse.Namespace) -> int:
         if args.secagg_only:
@@ -95,26 +101,66 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+#: The server's port when ``certs init`` is not given one (``securefl.certs.DEFAULT_PORT``;
+#: repeated here so ``--help`` imports no cryptography).
+DEFAULT_PORT = 9095
+
+
+def _port(text: str) -> int:
+    """``--port``: a TCP port number, refused in one sentence otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, not {text!r}")
+    return value
+
+
 def _add_certs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("certs", help="federation certificates: init, add-hospital, revoke, ...")
-    p.add_argument("--dir", type=Path, default=Path("certs"), help="certificate folder")
+    p.add_argument("--dir", type=Path, default=Path("certs"),
+                   help="the federation's certificate folder, on the operator's machine "
+                   "(default: certs)")
     acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     init = acts.add_parser("init", help="CA, server, admin and hospital certificates + kits")
     init.add_argument("--server-host", required=True,
                       help="host names/addresses of the server, comma-separated")
-    init.add_argument("--hospitals", default="", help="hospital names, comma-separated")
-    init.add_argument("--port", type=int, default=9095)
+    init.add_argument("--hospitals", default="",
+                      help="hospital names, comma-separated: one certificate and kit each "
+                      "(default: none; add them later with add-hospital)")
+    init.add_argument("--port", type=_port, default=DEFAULT_PORT,
+                      help="TCP port the server listens on and every kit connects to "
+                      f"(default {DEFAULT_PORT}; change it later with set-server)")
     add = acts.add_parser("add-hospital", help="certificate and kit for one more hospital")
-    add.add_argument("name")
+    add.add_argument("name", help="the new hospital's name: 1-64 characters from a-z, 0-9, "
+                     "'-', '_', '.' (it names its certificate and its kit folder)")
     rev = acts.add_parser("revoke", help="revoke a hospital's certificate (it leaves the member "
                           "list), the admin's, or the server's ('server': a new one is issued)")
-    rev.add_argument("name")
+    rev.add_argument("name", help="a hospital's name, 'admin' or 'server'")
     ren = acts.add_parser("renew", help="a fresh server certificate (90 days) and CRL, or "
                           "with a name a fresh admin or hospital certificate (1 year)")
     ren.add_argument("name", nargs="?", help="'admin' or a hospital (default: the server)")
-    acts.add_parser("show", help="every certificate with its expiry and fingerprint")
+    acts.add_parser("show", help="every certificate with its expiry and fingerprint",
+                    description="One line per certificate in the folder (CA, server, admin, "
+                    "every hospital ever issued): role, name, valid or revoked, expiry (UTC) "
+                    "and the SHA-256 fingerprint to compare over the phone when handing "
+                    "over a kit.")
     acts.add_parser("members", help="sign a fresh member list (every hospital not revoked) "
                     "and copy it into every kit")
+    move = acts.add_parser(
+        "set-server", help="move the server to other host names/addresses or another port "
+        "(needs ca.key)",
+        description="Reissues the server certificate for the new names and rewrites "
+        "server.toml, admin.toml, federation.json and every kit's hospital.toml (host and "
+        "port only).  Then copy server.pem, server.key and server.toml to the server and "
+        "restart it, and give each hospital its new hospital.toml (docs/QUICKSTART.md, "
+        "section 5).")
+    move.add_argument("--host", dest="server_host", default=None,
+                      help="the server's new host names/addresses, comma-separated; the "
+                      "first is the one kits connect to (default: keep the current ones)")
+    move.add_argument("--port", type=_port, default=None,
+                      help="the server's new TCP port (default: keep the current one)")
 
     def run(args: argparse.Namespace) -> int:
         from securefl.certs import CertDir
@@ -147,6 +193,28 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
                 print(f"'{args.name}' revoked and off the member list: copy crl.pem and "
                       f"{cd.members.name} to the server (the server refuses it from its next "
                       "connection on)")
+        elif args.action == "set-server":
+            if args.server_host is None and args.port is None:
+                raise errors.ConfigError("give --host, --port or both: the server's new "
+                                         "names or port")
+            hosts = ([h.strip() for h in args.server_host.split(",") if h.strip()]
+                     if args.server_host is not None else None)
+            if hosts == []:
+                raise errors.ConfigError("--host needs at least one name or address")
+            listen = cd.set_server(hosts, args.port)
+            meta = json.loads((cd.root / "federation.json").read_text())
+            kits = sorted(p.parent.name for p in (cd.root / "kits").glob("*/hospital.toml"))
+            print(f"server certificate reissued for {', '.join(meta['server_hosts'])}, port "
+                  f"{meta['port']}; rewrote server.toml, admin.toml, federation.json and the "
+                  f"kits of {', '.join(kits) or 'no hospital'}.  Next: copy server.pem, "
+                  "server.key and server.toml to the server (open the new port in its "
+                  "firewall) and restart it; give each hospital its new hospital.toml, or "
+                  "have it set host and port in its own")
+            if listen == "0.0.0.0":
+                print(f"warning: none of {', '.join(meta['server_hosts'])} is an address of "
+                      f"this machine, so {cd.root / 'server.toml'} listens on every interface "
+                      "(host = \"0.0.0.0\"): on the server, set host to the address "
+                      "hospitals connect to", file=sys.stderr)
         elif args.action == "members":
             listed = cd.write_members()
             print(f"member list number {listed.number} ({len(listed.members)} hospitals) in "
@@ -171,20 +239,36 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_server(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("server", help="run the federation server")
-    p.add_argument("--config", type=Path, required=True, help="server.toml")
+    p = sub.add_parser(
+        "server", help="run the federation server",
+        description="Serves until Ctrl-C or SIGTERM.  The console (stderr) says what an "
+        "operator needs: listening, rounds opened, closed, published or failed, refused "
+        "connections with the reason, certificate and revocation-list expiry warnings.  "
+        "Every event is also in the hash-chained audit log (audit_log in server.toml).")
+    p.add_argument("--config", type=Path, required=True,
+                   help="server.toml from the certificate folder (no default)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   default="info", help="least important console messages shown; debug "
+                   "adds every connection and round step (default info)")
+    p.add_argument("--json-logs", action="store_true",
+                   help="console messages as one JSON object per line, for a log collector")
 
     def run(args: argparse.Namespace) -> int:
         from securefl.server.main import run as run_server
 
-        return run_server(args.config, args.argv)
+        return run_server(args.config, args.argv, log_level=args.log_level,
+                          json_logs=args.json_logs)
 
     p.set_defaults(func=run)
 
 
 def _add_client_net_actions(actions: argparse._SubParsersAction) -> None:
     """The hospital's network actions under ``securefl client --config FILE``."""
-    get = actions.add_parser("get", help="download the current global model into state_dir")
+    get = actions.add_parser(
+        "get", help="download the current global model into state_dir",
+        description="Downloads the federation's current global model (its sha256 checked), "
+        "keeps it in state_dir and, with an [ml] table, loads it into the local model, "
+        "ready to evaluate or to train for the next round.")
     get.add_argument("--replace-trained", action="store_true",
                      help="replace a local model that was trained on the current version but "
                      "not sent yet (without it, get refuses rather than lose that training)")
@@ -199,7 +283,11 @@ def _add_client_net_actions(actions: argparse._SubParsersAction) -> None:
                       help="global version trained on; must be the version of the last "
                            "`get` (its model's sha256 is signed into the round), which is "
                            "also the default")
-    status = actions.add_parser("status", help="round phase and who is online")
+    status = actions.add_parser(
+        "status", help="round phase and who is online",
+        description="Asks the server for the current version, the round and its phase, "
+        "which hospitals are online, how many joined and sent, and whom a retried round "
+        "waits for.")
 
     def run(args: argparse.Namespace) -> int:
         from securefl.client import commands
@@ -254,6 +342,10 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     _add_client_log_action(actions)
 
     def run_app(args: argparse.Namespace) -> int:
+        refused = _needs_terminal("client", "train, evaluate, classify, get, send, status, "
+                                  "log")
+        if refused is not None:
+            return refused
         from securefl.tui.hospital.app import run_hospital_app
 
         return run_hospital_app(args.config, args.hospital)
@@ -261,16 +353,60 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_app)
 
 
+#: ``securefl admin ACTION``: what each does (the help lists them; QUICKSTART shows each
+#: one's output, generated by docs/generate_samples.py).
+ADMIN_ACTIONS = {
+    "status": "version, round and phase, who is online, joined and sent",
+    "count": "masked updates collected in the current round",
+    "hospitals": "every hospital: registered, online, in the round, sent, last seen, "
+                 "certificate expiry",
+    "close": "close the round's enrolment now (at least min_clients joined)",
+    "aggregate": "unmask the round's sum and publish the next version",
+    "abort": "give the round up; its hospitals send again",
+    "version": "the current global version",
+    "history": "the published versions, oldest first",
+    "audit": "the newest entries of the server's audit log",
+}
+
+
+def _needs_terminal(command: str, actions: str) -> int | None:
+    """Exit code 2 with a sentence when an app would start without a terminal.
+
+    Why: a full-screen app on a pipe or in a service waits for keys that never come; the
+    command hung instead of saying what to run."""
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        return None
+    print(f"securefl: `securefl {command}` without an ACTION opens the terminal app, and "
+          f"this is not a terminal (input or output is redirected): give an ACTION, one of "
+          f"{actions}", file=sys.stderr)
+    return 2
+
+
 def _add_admin(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("admin", help="operator actions (needs the admin certificate)")
-    p.add_argument("--config", type=Path, required=True, help="admin.toml")
-    p.add_argument("action", nargs="?", default=None,
-                   choices=["aggregate", "version", "count", "status", "close", "abort",
-                            "hospitals", "history", "audit"],
-                   help="with no ACTION: the administrator's terminal app")
+    listing = "\n".join(f"  {name:<10} {what}" for name, what in ADMIN_ACTIONS.items())
+    p = sub.add_parser(
+        "admin", help="operator actions (needs the admin certificate)",
+        description="The operator's view of the federation.  With no ACTION, in a terminal: "
+        "the administrator's app.  Actions print tables for people; --json prints JSON "
+        "(status: one object; hospitals, history, audit: one object per line) for "
+        "scripts.\n\nactions:\n" + listing,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, required=True,
+                   help="admin.toml from the certificate folder (no default)")
+    p.add_argument("action", nargs="?", default=None, choices=list(ADMIN_ACTIONS),
+                   metavar="ACTION",
+                   help="one of: " + ", ".join(ADMIN_ACTIONS) + " (default: none, which "
+                   "opens the administrator's terminal app)")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON for scripts instead of tables")
+    p.add_argument("--limit", type=_log_limit, default=50,
+                   help="history and audit: how many of the newest to show (default 50)")
 
     def run(args: argparse.Namespace) -> int:
         if args.action is None:
+            refused = _needs_terminal("admin", ", ".join(ADMIN_ACTIONS))
+            if refused is not None:
+                return refused
             from securefl.tui.admin.app import run_admin_app
 
             return run_admin_app(args.config)
@@ -293,13 +429,19 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         description="Synthetic slices built on the MNI152 template with painted lesions. "
         "For demos and tests only: not real patients, no clinical value.",
     )
-    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--out", type=Path, required=True,
+                   help="output folder (no default): one hospital_N folder per hospital, "
+                   "hospital_1 to hospital_N, each with Training/<class>/ and "
+                   "Testing/<class>/")
     s.add_argument("--hospitals", type=int, default=3, help="number of hospitals (default 3)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
-    s.add_argument("--train", type=int, default=600, help="training images per hospital")
-    s.add_argument("--test", type=int, default=200, help="testing images per hospital")
+    s.add_argument("--train", type=int, default=600,
+                   help="training images per hospital (default 600)")
+    s.add_argument("--test", type=int, default=200,
+                   help="testing images per hospital (default 200)")
     s.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    s.add_argument("--format", choices=("jpg", "png"), default="jpg")
+    s.add_argument("--format", choices=("jpg", "png"), default="jpg",
+                   help="image file format: jpg (smaller) or png (lossless) (default jpg)")
 
     def run(args: argparse.Namespace) -> int:
         from securefl.ml.synth import synthesize
@@ -335,11 +477,16 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
     """The hospital's local ML actions under ``securefl client --config FILE``."""
     t = actions.add_parser("train", help="train the local model on scans_dir/Training")
     t.add_argument("--epochs", type=int, help="override the settings' epochs")
-    e = actions.add_parser("evaluate", help="score the local model on scans_dir/Testing")
+    e = actions.add_parser(
+        "evaluate", help="score the local model on its validation scans (or --split testing)")
+    e.add_argument("--split", choices=("validation", "testing"), default="validation",
+                   help="validation: the scans held out of scans_dir/Training (default, what "
+                   "to look at every round); testing: scans_dir/Testing (figures to report, "
+                   "never for choosing settings)")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
-    c = actions.add_parser("classify", help="class probabilities for one scan")
+    c = actions.add_parser("classify", help="calibrated class probabilities for one scan")
     c.add_argument("image", type=Path, help="a JPEG or PNG scan")
-    c.add_argument("--json", action="store_true", help="print the probabilities as JSON")
+    c.add_argument("--json", action="store_true", help="print the answer as JSON")
 
     def hospital(args: argparse.Namespace) -> Any:
         """The one owner of the hospital's state (``securefl.client.hospital``): the app and
@@ -370,6 +517,13 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
             f"final loss {result.history['loss'][-1]:.4f}, accuracy "
             f"{result.history['accuracy'][-1]:.3f}; model saved to {h.ml.model_path}"
         )
+        if result.best_epoch:
+            why = ("stopped early: the validation loss had stopped improving"
+                   if result.stopped_early else f"at most {h.ml.epochs} epochs")
+            print(f"kept epoch {result.best_epoch} of {result.epochs_run} ({why}): validation "
+                  f"loss {result.history['val_loss'][result.best_epoch - 1]:.4f} on "
+                  f"{result.validation_samples} validation scans; probabilities calibrated "
+                  f"with temperature {result.temperature:.2f}")
         _warn_skipped(result.skipped, h.ml.scans_dir)
         if base is not None:
             print("next: `send` this update to the round")
@@ -377,18 +531,25 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
 
     def run_evaluate(args: argparse.Namespace) -> int:
         h = hospital(args)
-        report = h.evaluate()
-        print(json.dumps(report.to_dict()) if args.json else report.format())
+        report = h.evaluate(args.split)
+        print(json.dumps(report.to_dict()) if args.json else
+              f"{h.model_label()}, on this hospital's {report.format()}")
         _warn_skipped(report.skipped, h.ml.scans_dir)
         return 0
 
     def run_classify(args: argparse.Namespace) -> int:
-        probs = hospital(args).classify(args.image)
+        answer = hospital(args).classify(args.image)
         if args.json:
-            print(json.dumps(probs))
-        else:
-            for name, p in sorted(probs.items(), key=lambda kv: -kv[1]):
-                print(f"{name:<12} {p:6.1%}")
+            print(json.dumps(answer.to_dict()))
+            return 0
+        for name, p in sorted(answer.probabilities.items(), key=lambda kv: -kv[1]):
+            print(f"{name:<12} {p:6.1%}")
+        how = (f"calibrated, temperature {answer.temperature:.2f}" if answer.calibrated
+               else "not calibrated")
+        print(f"model: {answer.model} ({how})")
+        for line in answer.notices():
+            print(line)
+        print("Decision support only: a clinician makes the diagnosis.")
         return 0
 
     t.set_defaults(func=run_train)

@@ -44,10 +44,47 @@ class Limits(_Settings):
     frame_timeout: float = Field(120.0, gt=0)
     #: Longest a connection may stay silent between frames.
     idle_timeout: float = Field(600.0, gt=0)
+    #: Authenticated connections, all certificates together; more are closed after the
+    #: handshake.  Connections still in their handshake have their own pool (below), so
+    #: they can never take one of these.
     max_connections: int = Field(256, ge=1)
+    #: Authenticated connections one certificate (name and role) may hold at once.
+    max_connections_per_identity: int = Field(16, ge=1)
+    #: The last of ``max_connections`` go only to a certificate holding no other connection,
+    #: so a registered hospital or the administrator gets in however many others hold.
+    reserved_connections: int = Field(32, ge=0)
+    #: Connections still in their TLS handshake, all sources together; more are closed at
+    #: once.
+    max_handshakes: int = Field(64, ge=1)
+    #: Connections still in their TLS handshake from one address (one /64 for IPv6); once
+    #: authenticated a connection counts against its certificate instead, so hospitals
+    #: behind one NAT address are not limited by it.
+    max_handshakes_per_source: int = Field(8, ge=1)
+    #: Every so often live connections are checked again: one whose certificate expired or
+    #: is revoked by the current CRL is closed.
+    recheck_interval: float = Field(60.0, gt=0)
+    #: Refused connections that never authenticated are written to the audit log as one
+    #: summary per this many seconds (counts by reason, the busiest addresses).
+    refusal_summary_interval: float = Field(60.0, gt=0)
     max_header_bytes: int = Field(1 << 20, ge=1024)
     #: Extra room over the model's own size for a frame's payload.
     max_payload_bytes: int = Field(1 << 30, ge=1024)
+
+    @model_validator(mode="after")
+    def _admission_consistent(self) -> Limits:
+        if self.reserved_connections >= self.max_connections:
+            raise ValueError(
+                f"reserved_connections ({self.reserved_connections}) must be below "
+                f"max_connections ({self.max_connections}): lower it or raise max_connections")
+        if self.max_connections_per_identity > self.max_connections:
+            raise ValueError(
+                f"max_connections_per_identity ({self.max_connections_per_identity}) exceeds "
+                f"max_connections ({self.max_connections}): lower it")
+        if self.max_handshakes_per_source > self.max_handshakes:
+            raise ValueError(
+                f"max_handshakes_per_source ({self.max_handshakes_per_source}) exceeds "
+                f"max_handshakes ({self.max_handshakes}): lower it")
+        return self
 
 
 def _check_fractions(corrupt: float, dropout: float, where: str) -> None:
@@ -91,6 +128,9 @@ class RoundSettings(_Settings):
     #: A round that cannot be unmasked is retried at once with the hospitals still online,
     #: at most this many times in a row (0: report and stop).
     max_retries: int = Field(2, ge=0, le=10)
+    #: Seconds between attempts to publish a round's result that the store could not take
+    #: (read-only, not permitted, disk full); every admin action also tries at once.
+    publish_retry: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _fractions_feasible(self) -> RoundSettings:

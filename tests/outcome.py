@@ -87,6 +87,9 @@ def keras_weight_names(model_path: str) -> list[tuple[str, int]]:
     """``(path, size)`` of every weight of a saved model, in the vector's order."""
     import keras
 
+    from securefl.ml.preprocess import layer_classes
+
+    layer_classes()  # securefl's own preprocessing layers, registered for loading
     model = keras.saving.load_model(model_path, compile=False)
     return [(w.path, int(np.prod(w.shape))) for w in model.weights
             if str(w.dtype) == "float32"]

@@ -12,6 +12,7 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,20 @@ def _print_step(step: RoundStep) -> None:
     print(f"  - {step.detail}", flush=True)
 
 
-def _print_unmask(p: UnmaskProgress) -> None:
-    print(f"  - unmasking round {p.round_id}: {p.answered} of {p.asked} hospitals answered "
-          f"({p.needed} needed)", flush=True)
+def _unmask_printer(stream: object) -> Callable[[UnmaskProgress], None]:
+    """Print each new unmask count once (the server repeats the final one before the
+    result)."""
+    last: list[tuple[int, int, int]] = []
+
+    def show(p: UnmaskProgress) -> None:
+        key = (p.round_id, p.answered, p.asked)
+        if last and last[-1] == key:
+            return
+        last.append(key)
+        print(f"  - unmasking round {p.round_id}: {p.answered} of {p.asked} hospitals "
+              f"answered ({p.needed} needed)", file=stream, flush=True)  # type: ignore[arg-type]
+
+    return show
 
 
 async def hospital(args: argparse.Namespace) -> int:
@@ -53,7 +65,22 @@ async def hospital(args: argparse.Namespace) -> int:
             print(f"note: round {session.resend_round} ended without publishing anything (it "
                   "failed, was aborted, or the server restarted) while this hospital was away; "
                   "send your update again (`send` says if this version no longer allows it)")
+        out = session.published_round
+        if out is not None and not hospital.note_published(*out):
+            out = None  # a round this hospital's update did not go into
         action = args.client_action
+        if out is not None and action == "send":
+            # The send this one resumes has already done its job: the version is out.
+            print(f"version {out[1]} is out: round {out[0]} published it with this "
+                  "hospital's update in it while this hospital was not connected, so there "
+                  "is nothing to send again; downloading it")
+            model = await hospital.get(session)
+            print(f"global version {model.version} downloaded: evaluate it, then train on "
+                  "it for the next round")
+            return 0
+        if out is not None:
+            print(f"note: version {out[1]} is out: round {out[0]} published it with this "
+                  "hospital's update in it while this hospital was not connected; get it")
         if action == "status":
             st = await session.status()
             print(f"version {st.version}; round {st.round_id or '-'} {st.phase}; online "
@@ -102,6 +129,10 @@ async def hospital(args: argparse.Namespace) -> int:
         outcome = await hospital.send_update(session, update, samples, base,
                                              on_step=_print_step)
         assert outcome is not None
+        if outcome.pending:
+            print(f"round {outcome.round_id} is complete: {outcome.message}; `status` shows "
+                  f"when version {outcome.version} is out, then get it")
+            return 0
         print(f"round {outcome.round_id} published global version {outcome.version} with "
               "this hospital's update in it: get it to evaluate the shared model")
         return 0
@@ -145,41 +176,59 @@ def interrupted_send_note(config: Path) -> str:
 
 
 async def admin(args: argparse.Namespace) -> int:
+    """One admin action: a table or sentence for people, or ``--json`` for scripts
+    (``securefl.client.admin_text`` keeps the shapes)."""
+    from securefl.client import admin_text as text
+
+    as_json = getattr(args, "json", False)
+    limit = getattr(args, "limit", 50)
+
+    def out(lines: str | list[str]) -> None:
+        print(lines if isinstance(lines, str) else "\n".join(lines), flush=True)
+
     async with AdminSession(_settings(args)) as session:
         action = args.action
         if action == "status":
             st = await session.status()
-            print(json.dumps({
-                "version": st.version, "round": st.round_id, "phase": st.phase,
-                "online": list(st.online), "joined": list(st.joined),
-                "submitted": list(st.submitted), "collected": st.collected,
-                "waiting_for": list(st.waiting_for)}))
+            out(text.status_json(st) if as_json else text.status_lines(st))
             if st.waiting_for:
                 print(f"waiting for {', '.join(st.waiting_for)}: a round on version "
                       f"{st.version} failed after its survivor list went out, so the next "
                       "may combine only the hospitals on it; ask them to connect and send",
                       file=sys.stderr)
         elif action == "aggregate":
-            out = await session.aggregate(on_progress=_print_unmask)
-            print(f"published version {out.version} from {out.contributors} hospitals "
-                  f"({out.total_samples} samples), sha256 {out.sha256}")
+            # With --json stdout carries only the JSON result; progress goes to stderr.
+            progress = _unmask_printer(sys.stderr if as_json else sys.stdout)
+            result = await session.aggregate(on_progress=progress)
+            out(text.aggregate_json(result) if as_json else
+                f"published version {result.version} from {result.contributors} hospitals "
+                f"({result.total_samples} samples), sha256 {result.sha256}")
         elif action == "version":
-            print(await session.version())
+            version = await session.version()
+            out(json.dumps({"version": version}) if as_json else
+                f"current global version: {version}")
         elif action == "count":
-            print(await session.count())
+            count = await session.count()
+            out(json.dumps({"collected": count}) if as_json else
+                f"{count} masked update{'' if count == 1 else 's'} collected in the current "
+                "round")
         elif action == "close":
-            print(f"enrolment of round {await session.close_enrolment()} closed")
+            round_id = await session.close_enrolment()
+            out(json.dumps({"round": round_id, "closed": True}) if as_json else
+                f"enrolment of round {round_id} closed")
         elif action == "hospitals":
-            for h in await session.hospitals():
-                print(json.dumps(h.__dict__))
+            rows = await session.hospitals()
+            out(text.json_lines(rows) if as_json else text.hospitals_lines(rows))
         elif action == "history":
-            for v in await session.history():
-                print(json.dumps(v.__dict__))
+            versions = await session.history(limit)
+            out(text.json_lines(versions) if as_json else text.history_lines(versions))
         elif action == "audit":
-            for e in await session.audit():
-                print(json.dumps(e.__dict__))
+            entries = await session.audit(limit)
+            out(text.json_lines(entries) if as_json else text.audit_lines(entries))
         elif action == "abort":
-            print(f"round {await session.abort_round()} aborted; hospitals will send again")
+            round_id = await session.abort_round()
+            out(json.dumps({"round": round_id, "aborted": True}) if as_json else
+                f"round {round_id} aborted; hospitals will send again")
     return 0
 
 

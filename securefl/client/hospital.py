@@ -30,6 +30,7 @@ rounds); they are read again only when their files change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Callable
@@ -49,7 +50,7 @@ from securefl.ml.settings import MLSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from securefl.ml.data import ImageSet
-    from securefl.ml.train import EvalReport, ProgressFn, TrainResult
+    from securefl.ml.train import Classification, EvalReport, ProgressFn, TrainResult
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -82,6 +83,7 @@ class Hospital:
         self._model: Any = None  # a keras.Model; only securefl.ml names Keras
         self._model_ident: tuple[int, int, int] | None = None
         self._scans: dict[str, tuple[tuple[int, float], ImageSet]] = {}
+        self._validation: tuple[ImageSet, ImageSet] | None = None  # (Training folder, part)
 
     @classmethod
     def from_file(cls, path: str | Path, *, require_ml: bool = True) -> Hospital:
@@ -144,6 +146,14 @@ class Hospital:
     def note_abandoned(self, round_id: int) -> None:
         self.outbox.note_abandoned(round_id)
         self.log.round_ended(round_id)
+
+    def note_published(self, round_id: int, version: int) -> bool:
+        """The server says ``round_id`` published ``version`` while this hospital was away;
+        True when this hospital's update is in it (recorded as published, never resent)."""
+        mine = self.outbox.note_published(round_id, version)
+        if mine:
+            self.log.round_published(round_id, version)
+        return mine
 
     def sent_update(self, base_version: int) -> np.ndarray | None:
         return self.outbox.sent_update(base_version)
@@ -262,25 +272,65 @@ class Hospital:
                          cancelled=result.cancelled)
         return result
 
-    def evaluate(self) -> EvalReport:
+    def validation(self) -> ImageSet:
+        """The validation part of the Training folder (``securefl.ml.local.split_training``)."""
+        from securefl.ml.local import split_training
+
+        data = self.scans("Training")
+        if self._validation is None or self._validation[0] is not data:
+            self._validation = (data, split_training(self.ml, data)[1])
+        return self._validation[1]
+
+    def model_label(self) -> str:
+        """Which model evaluates and classifies, in words (the version it comes from)."""
+        state = self.local_state()
+        if state.trained:
+            start = (f"global version {state.base_version}" if state.base_version is not None
+                     else "a new model")
+            return f"the local model trained here from {start}"
+        if state.base_version is not None:
+            return f"global version {state.base_version}"
+        return "the local model"
+
+    def evaluate(self, split: str = "validation") -> EvalReport:
+        """Score the local model on this hospital's validation scans (what every round
+        shows) or, with ``split="testing"``, on its Testing scans (figures to report)."""
         from securefl.ml.local import run_evaluate
 
         self.check_classes()
         model = self._saved_model()
-        return run_evaluate(self.ml, model=model, data=self.scans("Testing"))
+        validation = self.validation()
+        data = validation if split == "validation" else (
+            self.scans("Testing") if split == "testing" else None)
+        return run_evaluate(self.ml, model=model, data=data, split=split,
+                            validation=validation)
 
-    def classify(self, image: str | Path) -> dict[str, float]:
-        from securefl.ml.local import run_classify
+    def classify(self, image: str | Path) -> Classification:
+        """Calibrated probabilities for one scan, with the model's version and a
+        low-confidence mark (``securefl.ml.local.run_classify``)."""
+        from securefl.ml.data import load_image
+        from securefl.ml.local import calibration_for, run_classify
 
         self.check_classes()
+        load_image(image, self.ml.image_size, self.ml.channels)  # missing or unreadable
         model = self._saved_model()
-        return run_classify(self.ml, image, model=model)
+        validation = None
+        if calibration_for(self.ml, model) is None:  # fitting one needs the scans
+            with contextlib.suppress(DataError):  # else answered uncalibrated, and it says so
+                validation = self.validation()
+        return run_classify(self.ml, image, model=model, validation=validation,
+                            model_label=self.model_label())
 
     def apply_global(self, weights: np.ndarray, version: int) -> None:
-        """Make the local model the global one (what ``get`` ends with)."""
+        """Make the local model the global one (what ``get`` ends with).  A saved model of
+        another architecture (an older securefl's) is replaced by the one the settings build."""
+        from securefl.ml.local import load_or_create_model
         from securefl.ml.model import from_vector, save_model
 
-        model = self.model()
+        try:
+            model = self.model()
+        except DataError:
+            model = self._model = load_or_create_model(self.ml, replace_other=True)
         from_vector(model, weights)
         save_model(model, self.ml.model_path)
         self._after_save()

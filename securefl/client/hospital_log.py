@@ -209,6 +209,12 @@ class HospitalLog:
                     "publishing anything, so an update sent into it may be sent again",
                     round=round_id, durable=True)
 
+    def round_published(self, round_id: int, version: int) -> None:
+        self.record("published", f"the server said round {round_id} published global "
+                    f"version {version} with this hospital's update in it while this "
+                    "hospital was not connected", round=round_id, version=version,
+                    action="send", durable=True)
+
     def follow(self, journal: Callable[..., None], base_version: int,
                samples: int) -> Callable[..., None]:
         """``journal`` (the send record's) that also writes each step of the round here.

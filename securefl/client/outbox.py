@@ -149,6 +149,17 @@ class Outbox:
                 and round_id not in rec.abandoned_rounds:
             self.save(replace(rec, abandoned_rounds=(*rec.abandoned_rounds, round_id)))
 
+    def note_published(self, round_id: int, version: int) -> bool:
+        """The server said ``round_id`` published ``version`` while this hospital was not
+        there to hear it; True when this update's masked input went to that round (it is
+        then in that version, and is never sent again)."""
+        rec = self.record()
+        if rec is None or round_id not in rec.masked_rounds or rec.stage == "published":
+            return False
+        self.save(replace(rec, stage="published", round_id=round_id,
+                          published_version=version))
+        return True
+
     def sent_update(self, base_version: int) -> np.ndarray | None:
         """The update this hospital handed to a round on ``base_version`` (None if none)."""
         path = self.state_dir / "sent" / f"v{base_version:08d}.npy"

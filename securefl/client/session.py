@@ -36,6 +36,7 @@ from securefl.errors import (
     ProtocolError,
     RemoteProtocolError,
     SecureFLError,
+    TransportError,
     UpdateAlreadySentError,
 )
 from securefl.protocol import mapping
@@ -60,6 +61,11 @@ class RoundOutcome:
     round_id: int
     version: int
     sha256: str
+    #: The round is complete but the server could not store ``version`` yet: it holds the
+    #: result (with this update in it) and publishes it once its storage works again.
+    pending: bool = False
+    #: The server's words for why (set with ``pending``).
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -263,6 +269,16 @@ class HospitalSession(_Session):
     def resend_round(self) -> int | None:
         """A round of ours that a server restart abandoned (send the update again)."""
         return self.conn.welcome.resend_round if self.conn.welcome else None
+
+    @property
+    def published_round(self) -> tuple[int, int] | None:
+        """``(round, version)``: a round of ours that published while we were not there to
+        hear it (the server stopped right after storing the version, or published a held
+        result later).  Its update is in that version: nothing to send again."""
+        w = self.conn.welcome
+        if w is None or w.published_round is None or w.published_version is None:
+            return None
+        return w.published_round, w.published_version
 
     async def get_global(
         self, on_progress: Callable[[int, int], None] | None = None
@@ -495,6 +511,11 @@ class HospitalSession(_Session):
             await self._in_round(joined.round_id, mapping.unmask_response_to_wire(answer))
             step("unmasked", "unmasking: shares for the survivors sent")
         done = await self._expect(wm.RoundDone, joined.round_id)
+        if done.pending:  # complete; its version waits for the server's storage
+            step("unmasked", f"round {done.round_id} is complete; the server will publish "
+                 f"version {done.version} once it can store it")
+            return RoundOutcome(done.round_id, done.version, "", pending=True,
+                                message=done.message)
         journal("published", joined.round_id, done.version)
         step("published", f"aggregated into global version {done.version}")
         return RoundOutcome(done.round_id, done.version, done.sha256)
@@ -571,6 +592,12 @@ class HospitalSession(_Session):
                                      f"{round_id}, and its wire order let '{msg.kind}' through")
 
 
+def _retrieved(task: asyncio.Future) -> None:
+    """Mark a task's outcome as seen (it is reported another way)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class AdminSession(_Session):
     ROLE = "admin"
 
@@ -593,18 +620,31 @@ class AdminSession(_Session):
 
         self.conn.take_pushes(wm.AggregateProgress)  # left over from an earlier call
         request = asyncio.ensure_future(self._admin("aggregate"))
+        push: asyncio.Future | None = None
         try:
             while not request.done():
                 push = asyncio.ensure_future(self.conn.next_push(self.settings.reply_timeout))
                 await asyncio.wait({request, push}, return_when=asyncio.FIRST_COMPLETED)
                 if not push.done():
-                    push.cancel()
                     break
                 with contextlib.suppress(SecureFLError):  # the request reports failures
                     report([push.result()[0]])
+                push = None
             r = await request
+        except TransportError as exc:
+            raise TransportError(
+                "the connection to the server was lost during aggregate: once the server is "
+                "back, `admin status` and `admin version` show whether the round published "
+                "(a restarted server records a version it stored), else aggregate again"
+            ) from exc
         finally:
-            request.cancel()
+            for task in (request, push):
+                # A push still waiting is cancelled; one whose wait had already ended
+                # finishes with the connection's failure instead, which is the request's
+                # too: retrieved here, never left to "Task exception was never retrieved".
+                if task is not None:
+                    task.cancel()
+                    task.add_done_callback(_retrieved)
         report(self.conn.take_pushes(wm.AggregateProgress))  # sent just before the reply
         return AggregateOutcome(r.value, r.sha256, r.contributors, r.total_samples)
 

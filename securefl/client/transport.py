@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from securefl.certs import check_tls_files
 from securefl.client import revocation
 from securefl.config import ClientSettings
 from securefl.crypto import pki
@@ -50,6 +51,9 @@ _ERRORS: dict[str, type[SecureFLError]] = {
     "too-few-hospitals": NotEnoughSurvivorsError,
     "data": DataError,
     "crypto": CryptoError,
+    # The round is complete; the server could not store its version yet and holds it.
+    "publish-deferred": DataError,
+    "certificate-rejected": CertificateRejectedError,
 }
 
 
@@ -59,11 +63,13 @@ def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
+    check_tls_files(cert, key, ca)  # one sentence naming the file at fault
     try:
         ctx.load_cert_chain(cert, key)
         ctx.load_verify_locations(cafile=str(ca))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load this site's certificates ({cert}, {ca})") from exc
+        raise ConfigError(f"cannot load this site's certificates ({cert}, {key}, {ca}): "
+                          f"{getattr(exc, 'reason', None) or exc}") from exc
     return ctx
 
 
@@ -221,7 +227,8 @@ class Connection:
 
     # -- reading -----------------------------------------------------------------------------
     async def _read_loop(self) -> None:
-        parser = frames.FrameParser(max_payload=frames.DEFAULT_MAX_PAYLOAD)
+        parser = frames.FrameParser(max_header=frames.CLIENT_MAX_HEADER,
+                                    max_payload=frames.DEFAULT_MAX_PAYLOAD)
         failure: SecureFLError = TransportError(
             "the server closed the connection; if an update was being sent, send it again "
             "once the server is back")

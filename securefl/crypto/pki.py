@@ -190,9 +190,18 @@ def identity_of(cert: x509.Certificate) -> tuple[Role, str]:
         ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
         cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         role = Role(str(ou[0].value))
-        return role, str(cn[0].value)
+        name = str(cn[0].value)
     except (IndexError, ValueError) as exc:
         raise CryptoError("certificate does not name a securefl role and identity") from exc
+    if role is Role.CA:  # the CA's own name is the federation's, free text
+        return role, name
+    try:
+        # Names become file names and log fields everywhere; the CA only ever issues plain
+        # ones, and a certificate from elsewhere with another shape is not ours.
+        return role, check_name(name)
+    except ConfigError:
+        raise CryptoError("certificate names an identity securefl never issues "
+                          "(1-64 characters from a-z, 0-9, '-', '_', '.')") from None
 
 
 def verify_issued_by(

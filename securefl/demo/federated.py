@@ -57,6 +57,9 @@ class DemoSettings:
     model_kind: str = "small"
     seed: int = 0
     keep: Path | None = None
+    #: Each hospital's [ml] min_validation_per_class; None: 5, or fewer when the rarest
+    #: tumour type has fewer than 10 training scans (:func:`validation_minimum`).
+    min_validation_per_class: int | None = None
 
 
 @dataclass
@@ -116,10 +119,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def validation_minimum(settings: DemoSettings) -> int:
+    """The demo hospitals' ``min_validation_per_class``: half the rarest class's training
+    scans, at most 5 (the product's default); too few scans for one validation and one
+    training scan of every class is refused before anything is built."""
+    from securefl.ml.synth import class_counts, make_sites
+
+    sites = make_sites(settings.hospitals, settings.seed)
+
+    def rarest_of(total: int) -> int:
+        return min(min(class_counts(total, site.class_weights)) for site in sites)
+
+    rarest = rarest_of(settings.train_images)
+    if rarest < 2:
+        enough = next(n for n in range(settings.train_images, 10_000) if rarest_of(n) >= 2)
+        raise ConfigError(f"--train-images {settings.train_images} gives the rarest tumour type "
+                          f"{rarest} training scan(s) at some hospital, but each class needs "
+                          f"one for validation and one to train on: use --train-images "
+                          f"{enough} or more")
+    if settings.min_validation_per_class is not None:
+        return settings.min_validation_per_class
+    return min(5, rarest // 2)
+
+
 def _ml_table(settings: DemoSettings, data_dir: Path, model_dir: Path) -> dict[str, object]:
     return {"scans_dir": data_dir, "model_dir": model_dir, "image_size": settings.image_size,
             "model_kind": settings.model_kind, "epochs": settings.epochs,
-            "seed": settings.seed}
+            "seed": settings.seed, "min_validation_per_class": validation_minimum(settings)}
 
 
 def build_federation(settings: DemoSettings, root: Path, say: Print) -> tuple[Path, list[Path],
@@ -129,6 +155,7 @@ def build_federation(settings: DemoSettings, root: Path, say: Print) -> tuple[Pa
     from securefl.ml.synth import synthesize
 
     names = [f"hospital_{i + 1}" for i in range(settings.hospitals)]
+    validation_minimum(settings)  # enough scans per class, or nothing is built
     port = _free_port()
     say(f"  certificates for the server, the administrator and {len(names)} hospitals")
     certs = CertDir(root / "certs")
@@ -222,8 +249,11 @@ async def _run_rounds(settings: DemoSettings, hospitals: list[Hospital],
             global_acc, local_acc = {}, {}
             for name, h, s in zip(names, hospitals, sessions, strict=True):
                 await h.get(s)
-                global_acc[name] = (await asyncio.to_thread(h.evaluate)).accuracy
-                local_acc[name] = (await asyncio.to_thread(alone[name].evaluate)).accuracy
+                # Testing scans: this table is the demo's reported figure (the hospitals'
+                # own per-round view, in the app and `evaluate`, is their validation scans).
+                global_acc[name] = (await asyncio.to_thread(h.evaluate, "testing")).accuracy
+                local_acc[name] = (await asyncio.to_thread(alone[name].evaluate,
+                                                           "testing")).accuracy
             pooled_local = {n: await asyncio.to_thread(_pooled, alone[n], tests) for n in names}
             pooled_global = await asyncio.to_thread(_pooled, hospitals[0], tests)
             row = RoundRow(r, outcome.version, time.perf_counter() - started, global_acc,

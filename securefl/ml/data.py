@@ -26,6 +26,7 @@ What is read from a class folder (docs/ML.md, "Data"):
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -69,6 +70,17 @@ class ImageSet:
         c = Counter(int(x) for x in self.labels)
         return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
 
+    def subset(self, indices: Sequence[int] | np.ndarray, *, skipped: bool = True) -> ImageSet:
+        """The images at ``indices`` (in that order); ``skipped`` keeps the list of files of
+        the folder that were not used (both parts of a train/validation split keep it: either
+        may be what a user looks at)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageSet(
+            images=self.images[idx], labels=self.labels[idx], classes=self.classes,
+            paths=tuple(self.paths[i] for i in idx) if self.paths else (),
+            skipped=self.skipped if skipped else (),
+        )
+
     @staticmethod
     def concat(parts: Sequence[ImageSet]) -> ImageSet:
         """Pool several sets with the same classes (e.g. every hospital's test split)."""
@@ -94,6 +106,18 @@ class _Unreadable(Exception):
         self.reason, self.detail = reason, detail
 
 
+def _window_to_8bit(arr: np.ndarray) -> np.ndarray:
+    """A 16-bit or float image onto 0-255 through the same percentile window the model
+    applies to every image (``securefl.ml.preprocess``), so a 16-bit file and its 8-bit
+    export reach the network alike and a few hot pixels cannot crush the rest into a handful
+    of grey levels (as stretching from the minimum to the maximum did)."""
+    from securefl.ml.preprocess import WINDOW_HIGH, WINDOW_LOW
+
+    lo, hi = np.quantile(arr, [WINDOW_LOW, WINDOW_HIGH])
+    span = float(hi - lo) or 1.0
+    return (np.clip((arr - lo) / span, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
 def _decode(path: Path, size: int, channels: int) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -101,10 +125,7 @@ def _decode(path: Path, size: int, channels: int) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float scans
-                arr = np.asarray(img, dtype=np.float32)
-                lo, hi = float(arr.min()), float(arr.max())
-                arr = (arr - lo) / (hi - lo or 1.0) * 255.0
-                img = Image.fromarray(arr.astype(np.uint8), "L")
+                img = Image.fromarray(_window_to_8bit(np.asarray(img, dtype=np.float32)), "L")
             img = img.convert("L" if channels == 1 else "RGB")
             img = ImageOps.pad(img, (size, size), method=Image.Resampling.BILINEAR, color=0)
             arr = np.asarray(img, dtype=np.uint8)
@@ -122,10 +143,12 @@ def _decode(path: Path, size: int, channels: int) -> np.ndarray:
 def load_image(path: str | Path, size: int, channels: int = 1) -> np.ndarray:
     """One image as uint8 (size, size, channels); :class:`DataError` if it cannot be read."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a scan: give the path of a JPEG or PNG file")
     try:
         return _decode(path, size, channels)
     except FileNotFoundError:
-        raise DataError(f"{path} not found: check the file name") from None
+        raise DataError(f"{path} does not exist: check the file name and its folder") from None
     except _Unreadable as exc:
         raise DataError(f"{path} is not a readable JPEG or PNG image ({exc.detail})") from None
 
@@ -270,6 +293,62 @@ def _refuse_unreadable_classes(
                      f"{len(bad)} image file(s) were skipped, e.g. {first.name}: {reason})")
     raise DataError("; ".join(parts) + ": replace them with readable JPEG or PNG scans (the "
                     "federation's model needs at least one of every class it knows)")
+
+
+def _split_key(data: ImageSet, i: int, root: Path | None, seed: int) -> bytes:
+    """Where image ``i`` falls in its class's shuffled order: a hash of the seed and its path
+    relative to ``root`` (or, for an in-memory set, of its pixels), so neither the order in
+    which files were listed nor where the scans folder lives changes the split."""
+    h = hashlib.sha256(f"securefl-validation/{seed}/".encode())
+    if data.paths:
+        path = data.paths[i]
+        if root is not None and path.is_relative_to(root):
+            path = path.relative_to(root)
+        h.update(path.as_posix().encode())
+    else:
+        h.update(np.ascontiguousarray(data.images[i]).tobytes())
+    return h.digest()
+
+
+def validation_count(n: int, fraction: float, minimum: int) -> int:
+    """How many of a class's ``n`` scans go to validation: ``fraction`` of them, rounded,
+    and at least ``minimum``."""
+    return max(minimum, round(n * fraction))
+
+
+def split_validation(
+    data: ImageSet, *, fraction: float = 0.15, min_per_class: int = 5, seed: int = 0,
+    root: str | Path | None = None, class_dirs: Sequence[str | Path] | None = None,
+) -> tuple[ImageSet, ImageSet]:
+    """``(train, validation)``: a stratified, deterministic split of a hospital's Training scans.
+
+    Why: early stopping, the temperature of the calibrated probabilities and every setting
+    are chosen on validation scans, so the Testing scans stay untouched for the figures
+    that are reported.  Each class's scans are ordered by a hash of the seed and their path
+    relative to ``root`` (:func:`_split_key`) and the first
+    ``max(min_per_class, round(fraction * n))`` go to validation: the same scans every run,
+    on every machine, whatever order the files were listed in; a scan added later moves at
+    most a few others.  A class with too few scans to leave ``min_per_class`` for validation
+    and one to train on is a :class:`DataError` naming it (and its folder, from ``class_dirs``).
+    """
+    root_path = Path(root) if root is not None else None
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for label, name in enumerate(data.classes):
+        members = [int(i) for i in np.flatnonzero(data.labels == label)]
+        n = len(members)
+        k = validation_count(n, fraction, min_per_class)
+        if n < k + 1:
+            where = f" in {class_dirs[label]}" if class_dirs is not None else ""
+            raise DataError(
+                f"class '{name}' has {n} training scan{'s' if n != 1 else ''}{where} but needs "
+                f"at least {min_per_class + 1} ({min_per_class} held out for validation, "
+                "[ml] min_validation_per_class, and one to train on): add scans of this class "
+                "or lower min_validation_per_class")
+        members.sort(key=lambda i: (_split_key(data, i, root_path, seed), i))
+        val_idx += members[:k]
+        train_idx += members[k:]
+    return data.subset(sorted(train_idx)), data.subset(sorted(val_idx))
 
 
 SkippedFiles = Iterable[tuple[str | Path, str]]

@@ -1,5 +1,9 @@
 """A hospital's local ML jobs from its settings: train, evaluate, classify.
 
+The Training folder is split once into train and validation scans (:func:`split_training`);
+training stops early on the validation loss, the calibration temperature is fitted on the
+validation scans, and ``evaluate`` scores them unless told to use Testing.
+
 This is the seam the CLI and the hospital TUI call.  It knows files (the data folder, the
 model file, the metrics history) but nothing of the network or the federation: the client
 layer moves weights in and out with :func:`securefl.ml.model.to_vector` /
@@ -18,8 +22,9 @@ from securefl.ml.settings import MLSettings
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
+    from securefl.ml.calibration import Calibration
     from securefl.ml.data import ImageSet
-    from securefl.ml.train import EvalReport, ProgressFn, TrainResult
+    from securefl.ml.train import Classification, EvalReport, ProgressFn, TrainResult
 
 
 def new_model(settings: MLSettings) -> keras.Model:
@@ -37,9 +42,32 @@ def new_model(settings: MLSettings) -> keras.Model:
     )
 
 
-def load_or_create_model(settings: MLSettings) -> keras.Model:
+def _architecture(model: keras.Model) -> tuple[tuple[str, str], ...]:
+    """The model's layers by name and kind, augmentation left out (it only acts in training)."""
+    return tuple((layer.name, type(layer).__name__) for layer in model.layers
+                 if not layer.name.startswith("aug_"))
+
+
+_ARCHITECTURES: dict[tuple, tuple[tuple[str, str], ...]] = {}
+
+
+def expected_architecture(settings: MLSettings) -> tuple[tuple[str, str], ...]:
+    """What ``new_model(settings)`` builds (computed once per process and model spec)."""
+    key = (settings.input_shape, len(settings.classes), settings.model_kind)
+    if key not in _ARCHITECTURES:
+        _ARCHITECTURES[key] = _architecture(new_model(settings))
+    return _ARCHITECTURES[key]
+
+
+def load_or_create_model(settings: MLSettings, *, replace_other: bool = False) -> keras.Model:
     """The hospital's current model file, or a fresh one if none was saved yet.  A saved
-    model compiled with the other loss than ``prior_correction`` asks is recompiled."""
+    model compiled with the other loss than ``prior_correction`` asks is recompiled.
+
+    A saved model whose layers are not what the settings build (an older securefl's model,
+    or one made with another ``model_kind``) is refused — training or sending it would mix
+    two models in one federation — unless ``replace_other``: ``get`` replaces every weight
+    anyway, so it starts from the model the settings build.
+    """
     from securefl.ml.model import compile_model, load_model, uses_prior_correction
 
     if not settings.model_path.is_file():
@@ -47,11 +75,22 @@ def load_or_create_model(settings: MLSettings) -> keras.Model:
     model = load_model(settings.model_path)
     shape = tuple(int(d) for d in model.input_shape[1:])
     if shape != settings.input_shape or int(model.output_shape[-1]) != len(settings.classes):
+        if replace_other:
+            return new_model(settings)
         raise DataError(
             f"{settings.model_path} takes {shape} images and {model.output_shape[-1]} classes "
             f"but the settings say {settings.input_shape} and {len(settings.classes)}: "
             "fix the settings or move the old model file away"
         )
+    if _architecture(model) != expected_architecture(settings):
+        if replace_other:
+            return new_model(settings)
+        raise DataError(
+            f"{settings.model_path} is not the model the [ml] settings build (model_kind "
+            f"'{settings.model_kind}'; it was made by an older securefl or with another "
+            "model_kind): a federation's model is fixed when its version 0 is made, so get "
+            "the global model of your federation (get --replace-trained), or move the old "
+            "model file away")
     if uses_prior_correction(model) != settings.prior_correction:
         compile_model(model, settings.learning_rate, prior_correction=settings.prior_correction)
     return model
@@ -66,6 +105,47 @@ def load_saved_model(settings: MLSettings) -> keras.Model:
     return load_or_create_model(settings)
 
 
+def split_training(settings: MLSettings, data: ImageSet) -> tuple[ImageSet, ImageSet]:
+    """``(train, validation)`` of the scans in ``scans_dir/Training``: stratified, the same
+    every run (``securefl.ml.data.split_validation``), sized by ``validation_fraction`` and
+    ``min_validation_per_class``."""
+    from securefl.ml.data import split_validation
+
+    root = settings.scans_dir / "Training"
+    return split_validation(
+        data, fraction=settings.validation_fraction,
+        min_per_class=settings.min_validation_per_class, seed=settings.seed, root=root,
+        class_dirs=[root / folder for folder in settings.folders])
+
+
+def fit_calibration(settings: MLSettings, model: keras.Model,
+                    validation: ImageSet) -> Calibration:
+    """Fit the temperature of ``model`` on the validation scans and keep it beside the model
+    file (``calibration.json``, tied to these exact weights).  Call it whenever the model's
+    weights change for good: after training, after loading a global or personalised model."""
+    from securefl.ml.calibration import calibrate, save_calibration, weights_sha256
+    from securefl.ml.model import to_vector
+    from securefl.ml.train import predict_proba
+
+    probs = predict_proba(model, validation.images)
+    cal = calibrate(probs, validation.labels, weights_sha256(to_vector(model)))
+    save_calibration(settings.calibration_path, cal)
+    return cal
+
+
+def calibration_for(settings: MLSettings, model: keras.Model,
+                    validation: ImageSet | None = None) -> Calibration | None:
+    """The temperature saved for exactly this model; if there is none and ``validation``
+    scans are given, it is fitted now (and saved).  ``None``: uncalibrated."""
+    from securefl.ml.calibration import load_calibration, weights_sha256
+    from securefl.ml.model import to_vector
+
+    cal = load_calibration(settings.calibration_path, weights_sha256(to_vector(model)))
+    if cal is None and validation is not None and len(validation):
+        cal = fit_calibration(settings, model, validation)
+    return cal
+
+
 def run_train(
     settings: MLSettings,
     *,
@@ -74,43 +154,59 @@ def run_train(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
 ) -> TrainResult:
-    """Train on ``scans_dir/Training``, save the model (unless cancelled), log the metrics.
+    """Train on the training part of ``scans_dir/Training`` with early stopping on its
+    validation part, save the model (unless cancelled) with its fitted temperature, and log
+    the metrics.
 
-    The result's ``skipped`` lists the files that were not used; callers show them with
-    :func:`securefl.ml.data.describe_skipped` (the history keeps the count and the first few).
+    ``data`` is the whole Training folder (:func:`load_data`); it is split here
+    (:func:`split_training`).  The result's ``skipped`` lists the files that were not used;
+    callers show them with :func:`securefl.ml.data.describe_skipped` (the history keeps the
+    count and the first few).
 
     ``model`` and ``data`` let a long-lived caller (the TUI, the demo) keep both in memory
     between rounds instead of reloading and re-decoding them every time.
     """
+    from dataclasses import asdict, replace
+
     from securefl.ml.data import skipped_record
     from securefl.ml.model import save_model
     from securefl.ml.train import append_history, train
 
     data = data if data is not None else load_data(settings, "Training")
+    train_set, validation = split_training(settings, data)
     model = model if model is not None else load_or_create_model(settings)
     result = train(
-        model, data, epochs=settings.epochs, batch_size=settings.batch_size,
+        model, train_set, validation=validation, epochs=settings.epochs,
+        patience=settings.patience, batch_size=settings.batch_size,
         learning_rate=settings.learning_rate, progress=progress, cancel=cancel,
         seed=settings.seed,
     )
+    cal = None
     if not result.cancelled:
         save_model(model, settings.model_path)
+        cal = fit_calibration(settings, model, validation)
+        result = replace(result, temperature=cal.temperature)
     append_history(
         settings.history_path,
         {
             "event": "train",
             "cancelled": result.cancelled,
             "num_samples": result.num_samples,
+            "validation_samples": result.validation_samples,
+            "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early,
             **skipped_record(data, settings.scans_dir),
             "seconds": round(result.seconds, 2),
             "history": result.history,
+            "calibration": asdict(cal) if cal is not None else None,
         },
     )
     return result
 
 
 def load_data(settings: MLSettings, split: str) -> ImageSet:
-    """One split of the hospital's scans, decoded and resized for this model."""
+    """One folder of the hospital's scans (``Training`` or ``Testing``), decoded and resized
+    for this model."""
     from securefl.ml.data import load_split
 
     return load_split(settings.scans_dir, split, classes=settings.classes,
@@ -119,18 +215,31 @@ def load_data(settings: MLSettings, split: str) -> ImageSet:
 
 
 def run_evaluate(settings: MLSettings, *, model: keras.Model | None = None,
-                 data: ImageSet | None = None) -> EvalReport:
-    """Score the model on ``scans_dir/Testing`` and log the metrics.
+                 data: ImageSet | None = None, split: str = "validation",
+                 validation: ImageSet | None = None) -> EvalReport:
+    """Score the model on its validation scans (``split="validation"``, the default: what a
+    hospital looks at every round) or on ``scans_dir/Testing`` (``"testing"``: figures to
+    report, never used to choose anything), and log the metrics.
 
-    The model is not saved: evaluating changes nothing in it, and a model file written here
-    would stand in for a trained or downloaded one that does not exist.
+    The calibration error is reported before and after the temperature saved for this
+    model; a model without one (just downloaded) gets it fitted on ``validation`` first.
+    The model itself is not saved: a model file written here would stand in for a trained
+    or downloaded one that does not exist.
     """
     from securefl.ml.data import skipped_record
     from securefl.ml.train import append_history, evaluate
 
+    if split not in ("validation", "testing"):
+        raise DataError(f"evaluate on 'validation' or 'testing' scans, not {split!r}")
     model = model if model is not None else load_saved_model(settings)
-    data = data if data is not None else load_data(settings, "Testing")
-    report = evaluate(model, data)
+    if data is None or (split == "validation" and validation is None):
+        folder = load_data(settings, "Training")
+        validation = split_training(settings, folder)[1]
+        if data is None:
+            data = validation if split == "validation" else load_data(settings, "Testing")
+    cal = calibration_for(settings, model, validation)
+    report = evaluate(model, data, split=split,
+                      temperature=cal.temperature if cal is not None else None)
     append_history(
         settings.history_path,
         {"event": "evaluate", **report.to_dict(), **skipped_record(data, settings.scans_dir)},
@@ -139,11 +248,21 @@ def run_evaluate(settings: MLSettings, *, model: keras.Model | None = None,
 
 
 def run_classify(
-    settings: MLSettings, image: str | Path, *, model: keras.Model | None = None
-) -> dict[str, float]:
-    """Class probabilities for one scan with the hospital's current model."""
-    from securefl.ml.train import classify
+    settings: MLSettings, image: str | Path, *, model: keras.Model | None = None,
+    validation: ImageSet | None = None, model_label: str = "the local model",
+) -> Classification:
+    """One scan's calibrated class probabilities with the hospital's current model, marked
+    low-confidence below ``confidence_threshold``; ``model_label`` says which model it is
+    (the client layer knows its version).  Without a temperature for this model, one is
+    fitted on ``validation`` if given, otherwise the answer says it is uncalibrated."""
+    from securefl.ml.data import load_image
+    from securefl.ml.train import Classification, classify
 
+    load_image(image, settings.image_size, settings.channels)  # a missing file: say so first
     if model is None:
         model = load_saved_model(settings)
-    return classify(model, image, settings.classes)
+    cal = calibration_for(settings, model, validation)
+    t = cal.temperature if cal is not None else 1.0
+    probs = classify(model, image, settings.classes, temperature=t)
+    return Classification(probs, cal is not None, t, settings.confidence_threshold,
+                          model_label)

@@ -1,9 +1,13 @@
 """The hospital's CNN, and its weights as one flat float32 vector plus a layer spec.
 
 Two architectures, one builder (:func:`make_model`), following keras-io's
-"image classification from scratch": preprocessing (rescaling, and augmentation that is only
-active while training) lives inside the model, so a saved ``.keras`` file classifies a raw
-8-bit image exactly the way it was trained.
+"image classification from scratch": preprocessing (the intensity window, and augmentation that
+is only active while training) lives inside the model, so a saved ``.keras`` file classifies a
+raw 8-bit image exactly the way it was trained.
+
+Preprocessing (``securefl.ml.preprocess``): a per-image percentile window maps every image to
+[0, 1] (unchanged by a global brightness scale); in training only, geometric augmentation
+(flip, rotation, zoom) and intensity augmentation (gamma, contrast, blur, noise).
 
 * ``seed``  — the original design: Conv2D(32, 3, relu) -> Conv2D(64, 3, relu) ->
   MaxPooling2D(2) -> Flatten -> Dense(classes, softmax).  ~1.0 M parameters at 128x128
@@ -101,7 +105,9 @@ def from_vector(model: keras.Model, vec: np.ndarray) -> None:
         raise DataError(
             f"the weight vector has {vec.size} values in shape {vec.shape} but this model needs "
             f"a flat vector of {expected}: the model on the server was built with a different "
-            "image size, class list or model kind — use the same settings as the server"
+            "image size, class list or model kind — use the same settings as the server "
+            "(its [model.ml]); a federation whose model settings changed must start a new "
+            "version 0 (docs/QUICKSTART.md, 'Changing the model')"
         )
     if vec.dtype != np.float32:
         raise DataError(f"weight vectors are float32, got {vec.dtype}")
@@ -118,7 +124,7 @@ def make_model(
     input_shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE,
     num_classes: int = 4,
     *,
-    kind: Literal["seed", "small"] = "seed",
+    kind: Literal["seed", "small"] = "small",
     seed: int = 0,
     augment: bool = True,
     learning_rate: float = DEFAULT_LEARNING_RATE,
@@ -137,12 +143,16 @@ def make_model(
 
     if len(input_shape) != 3 or input_shape[2] not in (1, 3):
         raise DataError(f"input shape must be (height, width, 1 or 3), got {input_shape}")
+    from securefl.ml.preprocess import layer_classes
+
+    custom = layer_classes()
     inputs = k.Input(shape=input_shape, name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    x = custom["IntensityWindow"](name="intensity_window")(inputs)
     if augment:  # active only in training; identity at inference
         x = layers.RandomFlip("horizontal", seed=seed + 1, name="aug_flip")(x)
         x = layers.RandomRotation(AUGMENT_ROTATION, seed=seed + 2, name="aug_rotate")(x)
         x = layers.RandomZoom(AUGMENT_ZOOM, seed=seed + 3, name="aug_zoom")(x)
+        x = custom["IntensityAugment"](seed=seed + 5, name="aug_intensity")(x)
     if kind == "seed":
         x = layers.Conv2D(32, 3, activation="relu", kernel_initializer=init(), name="conv1")(x)
         x = layers.Conv2D(64, 3, activation="relu", kernel_initializer=init(), name="conv2")(x)
@@ -210,6 +220,12 @@ def save_model(model: keras.Model, path: str | Path) -> Path:
         raise DataError(f"model files end in .keras, got {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.keras")
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and not optimizer.built:
+        # A model saved before its first training step (``get`` writes one) would store an
+        # optimiser with no slots, and loading it made Keras warn "Skipping variable loading
+        # for optimizer" on the next ``train``: saved with its (zero) slots, it loads cleanly.
+        optimizer.build(model.trainable_variables)
     model.save(tmp)
     tmp.replace(path)
     return path
@@ -225,13 +241,16 @@ def load_model(path: str | Path) -> keras.Model:
             f"no model at {path}: train first (securefl client --config ... train) "
             "or download the global model"
         )
+    from securefl.ml.preprocess import layer_classes
     from securefl.ml.prior import loss_class
 
     loss_class()  # registered, so a model trained with the prior-corrected loss loads too
+    layer_classes()  # and the preprocessing layers
     try:
         with warnings.catch_warnings():
-            # A model saved before its first training step has an optimiser with no slots
-            # yet; Keras warns that it skips them, which is expected and tells a user nothing.
+            # Only for model files written before ``save_model`` built the optimiser: those
+            # have an optimiser with no slots, and Keras warns that it skips them, which is
+            # expected and tells a user nothing.
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             return _keras().models.load_model(path)
     except Exception as exc:  # a truncated or foreign file: say so plainly

@@ -32,6 +32,15 @@ DEFAULT_CLASSES: tuple[str, ...] = ("glioma", "meningioma", "notumor", "pituitar
 
 ModelKind = Literal["seed", "small"]
 
+#: Revision of the model the ML layer builds from a spec (preprocessing and augmentation
+#: layers included).  Part of the federation's model identity: a store whose version 0 was
+#: built by another revision is refused (docs/QUICKSTART.md, "Changing the model").
+#: 2: per-image intensity window and intensity augmentation; "small" became the default.
+MODEL_FORMAT = 2
+
+#: Default of ``[ml] confidence_threshold``: below it an answer is marked low-confidence.
+DEFAULT_CONFIDENCE_THRESHOLD = 0.7
+
 
 class MLSettings(BaseModel):
     """Everything the local training, evaluation and classification need."""
@@ -43,8 +52,22 @@ class MLSettings(BaseModel):
     classes: tuple[str, ...] = DEFAULT_CLASSES
     image_size: int = Field(128, ge=16, le=1024, description="square input side in pixels")
     channels: Literal[1, 3] = Field(1, description="1 = grayscale (default), 3 = colour")
-    model_kind: ModelKind = Field("seed", description="'seed' (original CNN) or 'small'")
-    epochs: int = Field(1, ge=1, le=1000)
+    model_kind: ModelKind = Field("small", description="'small' (4 conv blocks, the default) "
+                                                       "or 'seed' (the original CNN)")
+    epochs: int = Field(15, ge=1, le=1000, description="the most epochs per training run: "
+                        "training stops earlier when the validation loss stops improving")
+    patience: int = Field(2, ge=1, le=1000, description="epochs without a lower validation "
+                          "loss before training stops (the best epoch's weights are kept)")
+    validation_fraction: float = Field(
+        0.15, gt=0, lt=1, description="share of each class's Training scans held out for "
+                                      "validation (early stopping, calibration, evaluation)")
+    min_validation_per_class: int = Field(
+        5, ge=1, le=1000, description="fewest validation scans of each class; a class with "
+                                      "too few Training scans for it is an error")
+    confidence_threshold: float = Field(
+        DEFAULT_CONFIDENCE_THRESHOLD, ge=0, le=1,
+        description="classify marks an answer below this calibrated probability as "
+                    "low-confidence")
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float = Field(1e-3, gt=0, le=1)
     augment: bool = Field(True, description="random flips/rotations/zoom while training")
@@ -89,6 +112,16 @@ class MLSettings(BaseModel):
     def history_path(self) -> Path:
         return self.model_dir / "history.jsonl"
 
+    @property
+    def calibration_path(self) -> Path:
+        """The temperature fitted for the model in ``model_path`` (``securefl.ml.calibration``)."""
+        return self.model_dir / "calibration.json"
+
+    def model_spec(self) -> ModelSpec:
+        """The part of these settings that must equal the federation's ``[model.ml]``."""
+        return ModelSpec(image_size=self.image_size, channels=self.channels,
+                         model_kind=self.model_kind, classes=self.classes, seed=self.seed)
+
 
 def _check_classes(v: tuple[str, ...]) -> tuple[str, ...]:
     if len(v) < 2:
@@ -110,7 +143,7 @@ class ModelSpec(BaseModel):
 
     image_size: int = Field(128, ge=16, le=1024)
     channels: Literal[1, 3] = 1
-    model_kind: ModelKind = "seed"
+    model_kind: ModelKind = "small"
     classes: tuple[str, ...] = DEFAULT_CLASSES
     #: Seeds the initial weights; unset: the ``[model]`` table's seed.
     seed: int | None = Field(None, ge=0)
@@ -119,6 +152,15 @@ class ModelSpec(BaseModel):
     @classmethod
     def _classes_ok(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return _check_classes(v)
+
+    def identity(self, default_seed: int = 0) -> dict[str, Any]:
+        """What version 0 is built from, with the ML layer's :data:`MODEL_FORMAT`: two specs
+        with the same identity build the same model and the same initial weights.  The server
+        keeps it beside version 0 and refuses to start with a spec whose identity differs."""
+        return {"format": MODEL_FORMAT, "image_size": self.image_size,
+                "channels": self.channels, "model_kind": self.model_kind,
+                "classes": list(self.classes),
+                "seed": default_seed if self.seed is None else self.seed}
 
 
 #: Keys of older kits, with the name that replaced each (a kit is not migrated silently:

@@ -265,6 +265,11 @@ def _top(flat: np.ndarray, k: int) -> float:
 # --------------------------------------------------------------------------- writing
 
 
+def class_counts(total: int, weights: Sequence[float]) -> list[int]:
+    """How many of ``total`` images each class gets (largest remainders)."""
+    return _counts(total, weights)
+
+
 def _counts(total: int, weights: Sequence[float]) -> list[int]:
     raw = np.asarray(weights, dtype=float) * total
     counts = np.floor(raw).astype(int)

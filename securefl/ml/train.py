@@ -1,9 +1,11 @@
 """Local training, evaluation and single-scan classification.
 
 Training is plain ``model.fit`` on the prefetching pipeline of :mod:`securefl.ml.data` with one
-light callback that reports progress per batch and honours cancellation — nothing else in the
-loop, so it runs as fast as Keras does (``bench/train_bench.py`` measures it).  Callers get
-the number of local samples back for sample-weighted FedAvg.
+light callback that reports progress per batch and honours cancellation, and — given
+validation scans — one that stops when the validation loss stops improving and puts back
+the best epoch's weights.  Nothing else is in the loop, so it runs as fast as Keras does
+(``bench/train_bench.py`` measures it).  Callers get the number of local samples back for
+sample-weighted FedAvg.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 
 from securefl.errors import DataError
 from securefl.ml.batchnorm import calibrate_batch_norm
+from securefl.ml.calibration import ECE_BINS, apply_temperature, expected_calibration_error
 from securefl.ml.data import ImageSet, load_image, make_dataset
 from securefl.ml.model import DEFAULT_LEARNING_RATE, compile_model, save_model
 from securefl.ml.prior import set_prior
@@ -28,6 +31,11 @@ if TYPE_CHECKING:  # pragma: no cover
     import keras
 
 EVAL_BATCH = 64
+#: Epochs without a lower validation loss before training stops (``[ml] patience``).
+DEFAULT_PATIENCE = 2
+#: Training scans the batch-norm statistics are measured on before each epoch's validation
+#: (all of them when there are fewer); the kept weights are then measured on every scan.
+REFERENCE_SAMPLE = 512
 
 
 @dataclass(frozen=True)
@@ -65,10 +73,21 @@ def _as_skipped(items: Iterable[Sequence[object]]) -> Skipped:
 @dataclass(frozen=True)
 class TrainResult:
     num_samples: int  # local examples: the FedAvg weight
-    history: dict[str, list[float]]  # per-epoch loss and accuracy
+    history: dict[str, list[float]]  # per-epoch loss and accuracy (val_loss, val_accuracy too)
     cancelled: bool
     seconds: float
     skipped: Skipped = ()
+    #: With validation scans: the epoch whose weights were kept (1-based; 0 = no validation),
+    #: and whether training stopped before the most epochs allowed.
+    best_epoch: int = 0
+    stopped_early: bool = False
+    validation_samples: int = 0
+    #: The temperature fitted on the validation scans afterwards (``securefl.ml.local``).
+    temperature: float | None = None
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history.get("loss", []))
 
     def __post_init__(self) -> None:  # lists after a JSON round trip
         object.__setattr__(self, "skipped", _as_skipped(self.skipped))
@@ -103,11 +122,82 @@ def _progress_callback(
     return ProgressCallback()
 
 
+def balanced_nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over the classes present of each class's mean negative log-likelihood: the
+    validation loss early stopping watches.  Class-balanced like the model's output (prior
+    correction) and like balanced accuracy, so a site's case mix does not decide the epoch."""
+    p = np.maximum(probs[np.arange(len(labels)), labels], 1e-12)
+    per_class = [float(-np.log(p[labels == c]).mean()) for c in np.unique(labels)]
+    return float(np.mean(per_class))
+
+
+def _balanced_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    hits = probs.argmax(axis=1) == labels
+    return float(np.mean([hits[labels == c].mean() for c in np.unique(labels)]))
+
+
+def _best_on_validation(validation: ImageSet, reference: ImageSet, patience: int,
+                        cancel: threading.Event | None) -> Any:
+    """Early stopping on the validation loss that always ends with the best epoch's weights.
+
+    Why not Keras' ``validation_data`` and ``EarlyStopping``: Keras scores validation with
+    the batch-norm moving averages (momentum 0.5, a few augmented batches), and measured on
+    the synthetic hospitals that loss rose while validation accuracy rose too, so it stopped
+    training after the first epochs at random.  Here every epoch ends by measuring the
+    batch-norm statistics exactly over ``reference`` (a fixed sample of the training scans,
+    ``securefl.ml.batchnorm``) and then scoring the validation scans as inference will —
+    :func:`balanced_nll`, kept in the history as ``val_loss`` beside ``val_accuracy``
+    (balanced).  A run that uses every epoch also ends on its best one.
+    """
+    from securefl.ml._tf import keras as _keras
+
+    k = _keras()
+
+    class BestOnValidation(k.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.best = float("inf")
+            self.best_epoch = 0
+            self.best_weights: list[np.ndarray] | None = None
+            self.wait = 0
+            self.last_epoch = 0
+            self.stopped = False
+            self.history: dict[str, list[float]] = {"val_loss": [], "val_accuracy": []}
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if cancel is not None and cancel.is_set():
+                return
+            self.last_epoch = epoch + 1
+            calibrate_batch_norm(self.model, reference)
+            probs = predict_proba(self.model, validation.images)
+            loss = balanced_nll(probs, validation.labels)
+            self.history["val_loss"].append(loss)
+            self.history["val_accuracy"].append(_balanced_accuracy(probs, validation.labels))
+            if np.isfinite(loss) and loss < self.best:
+                self.best, self.best_epoch, self.wait = loss, epoch + 1, 0
+                self.best_weights = self.model.get_weights()
+                return
+            self.wait += 1
+            if self.wait >= patience:
+                self.stopped = True
+                self.model.stop_training = True
+
+        def on_train_end(self, logs: dict | None = None) -> None:
+            if cancel is not None and cancel.is_set():
+                return
+            if self.best_weights is not None and self.best_epoch != self.last_epoch:
+                self.model.set_weights(self.best_weights)
+
+    return BestOnValidation()
+
+
 def train(
     model: keras.Model,
     data: ImageSet,
     *,
+    validation: ImageSet | None = None,
     epochs: int = 1,
+    patience: int = DEFAULT_PATIENCE,
     batch_size: int = 32,
     learning_rate: float = DEFAULT_LEARNING_RATE,
     progress: ProgressFn | None = None,
@@ -116,6 +206,11 @@ def train(
     calibrate: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place on ``data``.
+
+    With ``validation`` scans and more than one epoch, ``epochs`` is a maximum: after each
+    epoch the validation loss is measured (:func:`_best_on_validation`), training stops once
+    it has not improved for ``patience`` epochs, and the model ends with the weights of its
+    best epoch (``TrainResult.best_epoch``).
 
     As in Flower's Keras quickstart, a compiled model keeps its optimizer (and its compiled
     training step) from one call to the next — recompiling every round would retrace the
@@ -139,9 +234,15 @@ def train(
     set_prior(model, list(data.counts().values()))  # prior-corrected loss only
     batches = -(-len(data) // batch_size)
     ds = make_dataset(data, batch_size, shuffle=True, seed=seed)
-    callback = _progress_callback(epochs, batches, progress, cancel)
+    callbacks = [_progress_callback(epochs, batches, progress, cancel)]
+    best = None
+    if validation is not None and len(validation) and epochs > 1:  # one epoch: no choice
+        pick = np.random.default_rng(seed).permutation(len(data))[:REFERENCE_SAMPLE]
+        best = _best_on_validation(validation, data.subset(np.sort(pick), skipped=False),
+                                   patience, cancel)
+        callbacks.append(best)
     start = time.perf_counter()
-    hist = model.fit(ds, epochs=epochs, callbacks=[callback], verbose=0, shuffle=False)
+    hist = model.fit(ds, epochs=epochs, callbacks=callbacks, verbose=0, shuffle=False)
     cancelled = cancel is not None and cancel.is_set()
     if calibrate and not cancelled:
         last = {key: float(values[-1]) for key, values in hist.history.items() if values}
@@ -154,7 +255,12 @@ def train(
         calibrate_batch_norm(model, data, on_layer=calibrating)
     seconds = time.perf_counter() - start
     history = {key: [float(x) for x in values] for key, values in hist.history.items()}
-    return TrainResult(len(data), history, cancelled, seconds, _as_skipped(data.skipped))
+    if best is not None:
+        history.update(best.history)
+    return TrainResult(len(data), history, cancelled, seconds, _as_skipped(data.skipped),
+                       best_epoch=best.best_epoch if best is not None else 0,
+                       stopped_early=bool(best is not None and best.stopped),
+                       validation_samples=len(validation) if best is not None else 0)
 
 
 @dataclass(frozen=True)
@@ -173,6 +279,15 @@ class EvalReport:
     confusion: list[list[int]]  # rows: true class, columns: predicted class
     num_samples: int
     skipped: Skipped = ()  # test files that were not used
+    #: Mean per-class recall over the classes present: a site's case mix cannot flatter it.
+    balanced_accuracy: float = 0.0
+    #: Which scans were scored: "validation" (held out of Training) or "testing".
+    split: str = ""
+    #: Expected calibration error (:data:`ECE_BINS` bins) of the model's own probabilities
+    #: and, when a temperature was fitted for this model, of the calibrated ones.
+    ece_before: float | None = None
+    ece_after: float | None = None
+    temperature: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "skipped", _as_skipped(self.skipped))
@@ -184,9 +299,20 @@ class EvalReport:
         """A small table for people."""
         names = list(self.per_class)
         w = max(len(n) for n in names) + 2
+        where = {"validation": "validation scans (held out of Training)",
+                 "testing": "Testing scans"}.get(self.split, "scans")
         lines = [
-            f"accuracy {self.accuracy:.3f}   macro F1 {self.macro_f1:.3f}   "
+            f"{where}: accuracy {self.accuracy:.3f}   balanced accuracy "
+            f"{self.balanced_accuracy:.3f}   macro F1 {self.macro_f1:.3f}   "
             f"({self.num_samples} scans)",
+        ]
+        if self.ece_before is not None:
+            cal = (f"{self.ece_after:.3f} with temperature {self.temperature:.2f}"
+                   if self.ece_after is not None and self.temperature is not None else
+                   "no temperature fitted for this model yet")
+            lines.append(f"expected calibration error ({ECE_BINS} bins): "
+                         f"{self.ece_before:.3f} uncalibrated -> {cal}")
+        lines += [
             f"{'class':<{w}}precision  recall(sensitivity)  F1     n",
         ]
         for n, m in self.per_class.items():
@@ -217,12 +343,14 @@ def metrics_from_predictions(
         per_class[name] = ClassMetrics(precision, recall, f1, true)
         f1s.append(f1)
     total = int(confusion.sum())
+    recalls = [m.recall for m in per_class.values() if m.support]
     return EvalReport(
         accuracy=float(np.trace(confusion) / total) if total else 0.0,
         macro_f1=float(np.mean(f1s)),
         per_class=per_class,
         confusion=confusion.tolist(),
         num_samples=total,
+        balanced_accuracy=float(np.mean(recalls)) if recalls else 0.0,
     )
 
 
@@ -236,23 +364,78 @@ def predict_proba(model: keras.Model, images: np.ndarray) -> np.ndarray:
 
 
 def evaluate(
-    model: keras.Model, data: ImageSet, *, save_to: str | Path | None = None
+    model: keras.Model, data: ImageSet, *, save_to: str | Path | None = None,
+    temperature: float | None = None, split: str = "",
 ) -> EvalReport:
-    """Score ``model`` on ``data``; with ``save_to``, then save the model there (``testModel``)."""
+    """Score ``model`` on ``data``; with ``save_to``, then save the model there (``testModel``).
+
+    The report has the expected calibration error of the model's probabilities and, given
+    the ``temperature`` fitted for this model, of the calibrated ones (the predicted class,
+    and so every other figure, is the same with or without it).  ``split`` names the scans.
+    """
     if len(data) == 0:
         raise DataError("no test images: nothing to evaluate on")
-    predicted = predict_proba(model, data.images).argmax(axis=1)
-    report = replace(metrics_from_predictions(data.labels, predicted, data.classes),
-                     skipped=_as_skipped(data.skipped))
+    probs = predict_proba(model, data.images)
+    report = replace(metrics_from_predictions(data.labels, probs.argmax(axis=1), data.classes),
+                     skipped=_as_skipped(data.skipped), split=split,
+                     ece_before=expected_calibration_error(probs, data.labels))
+    if temperature is not None:
+        report = replace(report, temperature=float(temperature), ece_after=(
+            expected_calibration_error(apply_temperature(probs, temperature), data.labels)))
     if save_to is not None:
         save_model(model, save_to)
     return report
 
 
+@dataclass(frozen=True)
+class Classification:
+    """One scan's answer, as a clinician-facing front end shows it."""
+
+    probabilities: dict[str, float]  # calibrated when ``calibrated``, in class order
+    calibrated: bool
+    temperature: float
+    threshold: float  # below this top-class probability the answer is low-confidence
+    model: str  # which model answered, e.g. "global version 7"
+
+    @property
+    def predicted(self) -> str:
+        return max(self.probabilities, key=lambda c: self.probabilities[c])
+
+    @property
+    def confidence(self) -> float:
+        return self.probabilities[self.predicted]
+
+    @property
+    def low_confidence(self) -> bool:
+        return self.confidence < self.threshold
+
+    def notices(self) -> list[str]:
+        """Plain sentences for a clinician about how far to trust this answer."""
+        out = []
+        if self.low_confidence:
+            out.append(
+                f"LOW CONFIDENCE: the model's most likely class, {self.predicted}, has only "
+                f"{self.confidence:.0%} probability (below the {self.threshold:.0%} "
+                "threshold): treat this answer as inconclusive and rely on the radiologist's "
+                "reading.")
+        if not self.calibrated:
+            out.append(
+                "These probabilities are not calibrated for this model (no temperature was "
+                "fitted on validation scans yet: train, or evaluate with the scans in place) "
+                "and overstate how sure the model is.")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "predicted": self.predicted, "confidence": self.confidence,
+                "low_confidence": self.low_confidence}
+
+
 def classify(
-    model: keras.Model, image_path: str | Path, classes: tuple[str, ...]
+    model: keras.Model, image_path: str | Path, classes: tuple[str, ...], *,
+    temperature: float = 1.0,
 ) -> dict[str, float]:
-    """Probability of each class for one scan, read and fitted exactly as in training."""
+    """Probability of each class for one scan, read and fitted exactly as in training, with
+    the logits divided by ``temperature`` (``securefl.ml.calibration``)."""
     _, h, w, c = model.input_shape
     if h != w:
         raise DataError(f"the model expects {h}x{w} images; only square inputs are supported")
@@ -262,7 +445,7 @@ def classify(
             f"{len(classes)}: use the class list the model was trained with"
         )
     image = load_image(image_path, int(h), int(c))
-    probs = predict_proba(model, image[None])[0]
+    probs = apply_temperature(predict_proba(model, image[None]), temperature)[0]
     return {name: float(p) for name, p in zip(classes, probs, strict=True)}
 
 

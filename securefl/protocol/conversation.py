@@ -18,6 +18,9 @@ sent, and its ``error`` reply moves it back, so both ends stay in step whether a
 overtakes a reply or not.  Replies move the phase only where they decide it (``joined``, the
 end of an ``aggregate``).
 
+A connection starts with ``hello``: until a ``welcome`` has answered one, every other request
+is refused (``bad-message``), so a peer cannot skip the version check.
+
 Rounds: the phase is that of the round this connection is in (``round_id``).  A push for
 another round is refused, except ``round_done``, which is skipped (the end of a round this
 side already saw end or left); pushes for a round this side left on its own (``leave()``,
@@ -210,6 +213,8 @@ class Conversation:
         self.round_id: int | None = None
         self._left: set[int] = set()
         self._pending: dict[int, _Pending] = {}
+        #: A ``hello`` has been answered with ``welcome``: until then it is the only request.
+        self.greeted = False
 
     def __repr__(self) -> str:
         return (f"Conversation({self.role}, {self.side.value}, {self.phase.name}, "
@@ -282,6 +287,9 @@ class Conversation:
         if rid in self._pending:
             raise _Refusal(f"request id {rid} is still waiting for its reply: use another",
                            "bad-message")
+        if not self.greeted and kind != "hello":
+            raise _Refusal(f"'{kind}' before 'hello': a connection must start with 'hello' "
+                           "and wait for its 'welcome'", "bad-message")
         event = event_of(msg)
         if event not in REQUEST_EVENTS[self.role]:
             raise _Refusal(f"'{kind}' needs the administrator's certificate; this "
@@ -333,6 +341,8 @@ class Conversation:
         if isinstance(msg, wm.AdminResult) and pending.event != f"admin:{msg.action}":
             raise fault(f"'{pending.event}' (request id {rid}) was answered with the result "
                         f"of '{msg.action}'")
+        if isinstance(msg, wm.Welcome):
+            self.greeted = True
         event, nxt = event_of(msg), None
         if event in DECISIVE_REPLIES and self.phase is pending.after:
             nxt = self.table[self.phase].get(event)

@@ -28,6 +28,9 @@ PREFIX = struct.Struct(">IBI")
 PREFIX_LEN = PREFIX.size  # 9
 DEFAULT_MAX_HEADER = 1 << 20
 DEFAULT_MAX_PAYLOAD = 1 << 30
+#: What a client accepts from the server: a roster of 1000 hospitals with 64-character
+#: names is about 1.05 MB, past the 1 MiB a server takes from one client.
+CLIENT_MAX_HEADER = 4 << 20
 
 
 class _Sentinel(Enum):

@@ -39,6 +39,9 @@ from securefl.protocol.frames import Frame
 PROTOCOL_VERSION = 4
 MAX_DIMS = 4
 U32 = Field(ge=0, le=2**32 - 1)
+#: Round ids, versions and byte counts are unsigned 64-bit on the wire (signed bytes pack
+#: them as such): a larger number is a malformed request, not a stale or unknown one.
+U64_MAX = 2**64 - 1
 
 MAX_BYTES_FIELD = 16_384
 
@@ -121,7 +124,7 @@ class ArraySpec(BaseModel):
 class Hello(_Wire):
     kind: Literal["hello"] = "hello"
     #: Required: a peer that does not say which protocol it speaks is refused.
-    protocol: int
+    protocol: int = Field(ge=0, le=2**32 - 1)
 
 
 class GetGlobal(_Wire):
@@ -136,14 +139,14 @@ class Join(_Wire):
     """Ask to take part in the current round with an update trained on ``base_version``."""
 
     kind: Literal["join"] = "join"
-    base_version: int = Field(ge=0)
+    base_version: int = Field(ge=0, le=U64_MAX)
 
 
 class Advertise(_Wire):
     """Round 0: fresh X25519 public keys signed with the certificate's key."""
 
     kind: Literal["advertise"] = "advertise"
-    round_id: int = Field(ge=0)
+    round_id: int = Field(ge=0, le=U64_MAX)
     c_pk: Bytes
     s_pk: Bytes
     signature: Bytes
@@ -158,7 +161,7 @@ class AckRoster(_Wire):
     (``securefl.crypto.keys.roster_statement``)."""
 
     kind: Literal["ack_roster"] = "ack_roster"
-    round_id: int = Field(ge=0)
+    round_id: int = Field(ge=0, le=U64_MAX)
     signature: Bytes
 
 
@@ -166,7 +169,7 @@ class RevealSeed(_Wire):
     """Round 1: the 32-byte value this hospital's advertisement committed to."""
 
     kind: Literal["reveal_seed"] = "reveal_seed"
-    round_id: int = Field(ge=0)
+    round_id: int = Field(ge=0, le=U64_MAX)
     value: Bytes
 
 
@@ -176,7 +179,7 @@ class ShareKeysMsg(_Wire):
     what the server checks returned shares against (docs/PROTOCOL.md)."""
 
     kind: Literal["share_keys"] = "share_keys"
-    round_id: int = Field(ge=0)
+    round_id: int = Field(ge=0, le=U64_MAX)
     envelopes: dict[ParticipantNo, Bytes] = Field(max_length=1000)
     digests: dict[ParticipantNo, Bytes] = Field(max_length=1001)
     b_commit: Bytes
@@ -192,15 +195,15 @@ class UploadSlot(_Wire):
     """
 
     kind: Literal["upload_slot"] = "upload_slot"
-    round_id: int = Field(ge=0)
-    nbytes: int = Field(ge=0)
+    round_id: int = Field(ge=0, le=U64_MAX)
+    nbytes: int = Field(ge=0, le=U64_MAX)
 
 
 class MaskedInputMsg(_Wire):
     """Round 2: y_u in the payload (ring elements, length D + 1)."""
 
     kind: Literal["masked_input"] = "masked_input"
-    round_id: int = Field(ge=0)
+    round_id: int = Field(ge=0, le=U64_MAX)
     array: ArraySpec
 
 
@@ -209,13 +212,13 @@ class SignSurvivors(_Wire):
     ``securefl.crypto.keys.survivors_statement`` for the signed bytes)."""
 
     kind: Literal["sign_survivors"] = "sign_survivors"
-    round_id: int = Field(ge=0)
+    round_id: int = Field(ge=0, le=U64_MAX)
     signature: Bytes
 
 
 class UnmaskResponseMsg(_Wire):
     kind: Literal["unmask_response"] = "unmask_response"
-    round_id: int = Field(ge=0)
+    round_id: int = Field(ge=0, le=U64_MAX)
     b_shares: dict[ParticipantNo, Bytes] = Field(max_length=1000)
     s_shares: dict[ParticipantNo, Bytes] = Field(max_length=1000)
 
@@ -250,6 +253,11 @@ class Welcome(_Wire):
     protocol: int = PROTOCOL_VERSION
     #: Set when a server restart abandoned a round this hospital was in: send again.
     resend_round: int | None = None
+    #: Set when a round of this hospital published while it was not there to hear it (the
+    #: server stopped just after writing the version, or it published a held result
+    #: later): that round and the version it published, said once.  Not to be sent again.
+    published_round: int | None = None
+    published_version: int | None = None
     #: The CA's current revocation list (DER, CA-signed), for hospitals to check round keys.
     crl: Bytes | None = None
     #: The operator's signed member list (``members.json``, CA-signed and numbered), for
@@ -451,6 +459,10 @@ class RoundDone(_Wire):
     #: With ``resend``: the round the server opened at once for the members still online
     #: (no-halt retry); they rejoin it with the same update.  0: no automatic retry.
     retry_round: int = 0
+    #: The round is complete but its version could not be stored yet (``code``
+    #: ``publish-deferred``): the server holds the result and publishes ``version`` once its
+    #: store is writable.  Nothing to resend; ``welcome.published_round`` says when it is out.
+    pending: bool = False
     code: str = ""
     message: str = ""
 
@@ -484,11 +496,22 @@ def encode_header(msg: _Wire) -> bytes:
 def request_id(header: bytes) -> int:
     """The ``rid`` of a header that failed to decode, when it is itself a valid u32 (else
     0), so the error reply still answers the request a client is waiting on."""
+    objects: list[list[tuple[str, object]]] = []
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        objects.append(items)  # the top-level object comes last
+        return dict(items)
+
     try:
-        raw = json.loads(header)
-    except (ValueError, UnicodeDecodeError):
+        raw = json.loads(header, object_pairs_hook=pairs)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return 0
-    rid = raw.get("rid") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        return 0
+    rids = [v for k, v in objects[-1] if k == "rid"]
+    if len(rids) != 1:  # given twice, the request has no one rid to answer
+        return 0
+    rid = rids[0]
     if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= 2**32 - 1:
         return rid
     return 0
@@ -500,6 +523,8 @@ def decode(frame: Frame) -> tuple[Message, np.ndarray | None]:
         # A key given twice is refused, not silently overwritten: what the server
         # validates must be what every reader of the same bytes would see.
         json.loads(frame.header, object_pairs_hook=_refuse_duplicates)
+    except RecursionError:
+        raise RemoteProtocolError("header is nested too deeply", code="bad-message") from None
     except ValueError as exc:
         if "appears twice" in str(exc):
             raise RemoteProtocolError(f"malformed message header: {exc}",
@@ -507,6 +532,8 @@ def decode(frame: Frame) -> tuple[Message, np.ndarray | None]:
         raise RemoteProtocolError("header is not JSON", code="bad-message") from None
     try:
         msg = MESSAGE.validate_json(frame.header)
+    except RecursionError:
+        raise RemoteProtocolError("header is nested too deeply", code="bad-message") from None
     except ValidationError as exc:
         fields = sorted({".".join(str(p) for p in e["loc"]) or "header" for e in exc.errors()})
         raise RemoteProtocolError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,9 +23,31 @@ from securefl.protocol import messages as wm
 from securefl.server import views
 from securefl.server.plain import PlainRound
 from securefl.server.rounds import ActiveRound, Peer, RoundBusyError
-from securefl.server.store import VersionInfo
+from securefl.server.store import StorageError, VersionInfo
 
 log = logging.getLogger("securefl.server")
+
+
+@dataclass(eq=False)
+class HeldResult:
+    """A round's result the store could not take (read-only, not permitted, disk full).
+
+    Kept in memory and published once the store is writable again -- on a timer
+    (``[round] publish_retry``) and at the next admin action -- so its hospitals are never
+    asked to send the same update into another sum.  Lost if the server stops first: the
+    round is then abandoned at the next start as any round in flight is.
+    """
+
+    rnd: ActiveRound
+    #: The round's mean update, untouched (each attempt publishes from a copy, since the
+    #: optimiser step turns its input into the new weights in place).
+    mean_update: np.ndarray
+    contributors: tuple[str, ...]
+    total: int
+    #: The version it becomes.
+    version: int
+    reason: str
+    timer: asyncio.TimerHandle | None = None
 
 
 class AdminActions:
@@ -38,6 +61,10 @@ class AdminActions:
     settings: Any
     rs: Any
     binding: dict | None
+    held: HeldResult | None
+    publishing: dict | None
+    published: dict[str, list[int]]
+    _publishing: asyncio.Lock
     waiting_for: Any
     last_seen: dict[str, str]
     cert_expires: dict[str, str]
@@ -60,6 +87,14 @@ class AdminActions:
         action, rnd = msg.action, self.round
         if action in ("aggregate", "close", "abort"):  # queries are not actions
             self.audit.record("admin", name=peer.name, action=action, durable=True)
+            if self.held is not None:  # every admin action first tries to publish it
+                held = self.held
+                published = await self._retry_publish()
+                if published is not None and action == "aggregate":
+                    return self._aggregate_result(msg.rid, published, held)
+                if self.held is not None:
+                    raise self._deferred(self.held, action)
+                rnd = self.round
         if action == "version":
             return wm.AdminResult(rid=msg.rid, action=action, value=self.version)
         if action == "count":
@@ -157,6 +192,17 @@ class AdminActions:
             listed = eng.close_inputs()
             if isinstance(eng, ServerRound):
                 assert listed is not None
+                # Recorded before the list leaves: if the server stops from here on, its
+                # next start binds exactly these hospitals.  A store that cannot be written
+                # does not stop the round (its result is held, see ``_hold``): the binding
+                # then lives in memory and in each hospital's own send record only.
+                self.listed = {"round_id": rnd.round_id, "base_version": rnd.base_version,
+                               "names": sorted(eng.name_of(u) for u in listed.survivors)}
+                if not self._save_state({"round_id": rnd.round_id,
+                                         "members": sorted(rnd.members)}):
+                    log.warning("round %d: the survivor list could not be recorded in the "
+                                "store; a restart before the store is writable would forget "
+                                "which hospitals it binds", rnd.round_id)
                 # Round 3: every survivor signs the one survivor list ...
                 wire: wm._Wire = mapping.survivor_list_to_wire(listed)
                 for name in rnd.submitted():
@@ -218,27 +264,125 @@ class AdminActions:
                 f"round {rnd.round_id}'s combined update is all zeros (no hospital's model "
                 f"changed), so nothing was published and version {self.version} stays "
                 "current: ask the hospitals to train, then send again")
+        rnd.watcher = None
+        held = HeldResult(rnd, result.mean_update, tuple(result.contributors),
+                          result.total_weight, self.version + 1, "")
+        async with self._publishing:
+            try:
+                info = await self._publish_held(held)
+            except StorageError as exc:
+                self._hold(held, exc.reason)
+                raise self._deferred(held, "aggregate") from exc
+            except DataError as exc:  # not a storage fault: the round cannot publish
+                self._abandon(rnd, exc.code, "the server could not store the new version")
+                raise
+        return self._aggregate_result(rid, info, held)
+
+    # -- publishing, and a result the store could not take ------------------------------
+    async def _publish_held(self, held: HeldResult) -> VersionInfo:
+        """Store ``held`` as the next version and close its round as published; raises
+        ``StorageError`` with nothing changed when the store cannot take it."""
+        rnd = held.rnd
+        # Written first: a server stopped right after the version's rename knows at its
+        # next start which round published it, and tells that round's hospitals.
+        self.publishing = {"round_id": rnd.round_id, "version": held.version,
+                           "members": sorted(held.contributors)}
         try:
-            info, report = await asyncio.to_thread(self._publish, result.mean_update,
-                                                   len(result.contributors),
-                                                   result.total_weight)
-        except DataError as exc:
-            self._abandon(rnd, exc.code, "the server could not store the new version")
-            raise
+            self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)},
+                             required=True)
+            info, report = await asyncio.to_thread(self._publish, held.mean_update.copy(),
+                                                   len(held.contributors), held.total)
+        finally:
+            if self.store.latest()[0].version < held.version:
+                self.publishing = None  # not written: nothing to reconcile
         if report.restarted is not None:
             log.warning("server optimiser state restarted from zero: %s", report.restarted)
             self.audit.record("optimiser-restarted", version=info.version,
                               reason=report.restarted, durable=True)
-        rnd.watcher = None
-        self.round = None
+        deferred = self.held is held
+        if deferred:
+            if held.timer is not None:
+                held.timer.cancel()
+            self.held = None
+        if self.round is rnd:
+            self.round = None
         self.binding = None  # a new base version: no earlier list binds anyone
-        self._save_state(None)
         self.audit.record("aggregated", round_id=rnd.round_id, version=info.version,
-                          contributors=len(result.contributors), sha256=info.sha256,
-                          durable=True)
+                          contributors=len(held.contributors), sha256=info.sha256,
+                          **({"deferred": True} if deferred else {}), durable=True)
         done = wm.RoundDone(round_id=rnd.round_id, version=info.version, sha256=info.sha256)
+        for name, peer in rnd.members.items():
+            if deferred or not peer.open:
+                # Their round already ended on the wire (told it was pending), or they
+                # are gone: told when they next say hello.
+                self.published[name] = [rnd.round_id, info.version]
+            else:
+                self._push(peer, done)
+        self.publishing = None
+        self.listed = None
+        self._save_state(None)
+        return info
+
+    def _hold(self, held: HeldResult, reason: str) -> None:
+        """Keep a result the store refused, say so to everyone, and retry on a timer."""
+        held.reason = reason
+        self.held = held
+        rnd = held.rnd
+        if self.round is rnd:
+            self.round = None
+        log.error("could not store version %d (%s): round %d's result is held in memory and "
+                  "published as soon as %s is writable again", held.version, reason,
+                  rnd.round_id, self.store.root)
+        self.audit.record("publish-deferred", round_id=rnd.round_id, version=held.version,
+                          contributors=len(held.contributors), reason=reason, durable=True)
+        pending = wm.RoundDone(
+            round_id=rnd.round_id, version=held.version, pending=True,
+            code="publish-deferred",
+            message=f"the server could not store version {held.version} yet ({reason}); it "
+            "holds the round's result, with this hospital's update in it, and publishes it "
+            "once its storage is writable again: nothing to send again")
         for peer in rnd.members.values():
-            self._push(peer, done)
+            self._push(peer, pending)
+        self._arm_retry(held)
+
+    def _arm_retry(self, held: HeldResult) -> None:
+        def fire() -> None:
+            task = asyncio.ensure_future(self._retry_publish())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+        held.timer = asyncio.get_running_loop().call_later(self.rs.publish_retry, fire)
+
+    async def _retry_publish(self) -> VersionInfo | None:
+        """Try the held result again; the new version, or None (still held, or nothing)."""
+        async with self._publishing:
+            held = self.held
+            if held is None:
+                return None
+            try:
+                return await self._publish_held(held)
+            except StorageError as exc:
+                held.reason = exc.reason
+                if held.timer is not None:
+                    held.timer.cancel()
+                self._arm_retry(held)
+                return None
+
+    def _deferred(self, held: HeldResult, action: str) -> StorageError:
+        """One sentence for the admin: what happened, and what to do."""
+        what = {"aggregate": "",
+                "abort": "it cannot be aborted, since its hospitals' updates are in it and "
+                "must not go into another sum; ",
+                "close": "no new round starts before it is published; "}[action]
+        return StorageError(
+            f"the server could not write version {held.version} to its store "
+            f"{self.store.root} ({held.reason}); it holds round {held.rnd.round_id}'s result "
+            f"in memory and publishes it as soon as the store is writable again (it retries "
+            f"every {self.rs.publish_retry:g} s and at every admin action); {what}make the "
+            "store writable, then run aggregate to publish it now -- the hospitals need not "
+            "send again", reason=held.reason, code="publish-deferred")
+
+    def _aggregate_result(self, rid: int, info: VersionInfo,
+                          held: HeldResult) -> wm.AdminResult:
         return wm.AdminResult(rid=rid, action="aggregate", value=info.version,
-                              sha256=info.sha256, contributors=len(result.contributors),
-                              total_samples=result.total_weight)
+                              sha256=info.sha256, contributors=len(held.contributors),
+                              total_samples=held.total)

@@ -9,13 +9,20 @@ in: key material, shares, weights — callers pass only names, numbers and codes
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
+import errno
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from securefl.errors import DataError
+from securefl.server import testhook
+
+log = logging.getLogger("securefl.server")
 
 GENESIS = "0" * 64
 _ALLOWED = (str, int, float, bool, type(None))
@@ -23,6 +30,11 @@ _ALLOWED = (str, int, float, bool, type(None))
 
 def _line_hash(line: bytes) -> str:
     return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
+
+
+#: Entries kept in memory while the log cannot be written; beyond that the oldest are
+#: counted and replaced by one ``audit-gap`` entry when the log is writable again.
+BACKLOG_MAX = 100_000
 
 
 class AuditLog:
@@ -41,32 +53,98 @@ class AuditLog:
             if last:
                 self._prev = _line_hash(last)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        #: Entries not yet written (the log was unwritable), oldest first.
+        self._backlog: collections.deque[tuple[dict, bool]] = collections.deque()
+        self._dropped = 0
+        #: Why the log cannot be written now (None: it can).
+        self.fault: str | None = None
+        #: Called with every entry as it is recorded (the server's console,
+        #: ``securefl.server.console.on_audit``); it must not raise.
+        self.listener: Callable[[dict], None] | None = None
+
+    @property
+    def writable(self) -> bool:
+        """Whether every entry so far is in the file (tries the held ones again first)."""
+        if self._backlog:
+            self._flush()
+        return not self._backlog
 
     def record(self, event: str, *, durable: bool = False, **fields: object) -> None:
         """Append one entry.  Every line reaches the kernel at once (a killed server loses
         nothing); ``durable`` entries (versions, admin actions, abandoned rounds) are also
         fsynced, which costs milliseconds on the event loop and so is not done for every
-        connection."""
+        connection.
+
+        Never raises on a storage fault (read-only, permissions, full disk): the entry is
+        held in memory, in order, the console says so once, and every later call tries the
+        held ones first; the coordinator opens no round meanwhile (``writable``)."""
         for key, value in fields.items():
             if not (isinstance(value, _ALLOWED) or (
                 isinstance(value, list | tuple) and all(isinstance(v, _ALLOWED) for v in value)
             )):
                 raise TypeError(f"audit field {key!r} must be plain text or numbers")
-        entry = {
-            "seq": self._seq,
-            "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-            "event": event,
-            **fields,
-            "prev": self._prev,
-        }
+        entry = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+                 "event": event, **fields}
+        if len(self._backlog) >= BACKLOG_MAX:
+            self._backlog.popleft()
+            self._dropped += 1
+        self._backlog.append((entry, durable))
+        self._flush()
+        if self.listener is not None:
+            try:
+                self.listener(entry)
+            except Exception:  # the console must never cost an audit entry or a round
+                log.exception("could not show audit entry %r on the console", event)
+
+    def _flush(self) -> None:
+        while self._backlog:
+            if self._dropped:
+                gap = {"time": self._backlog[0][0]["time"], "event": "audit-gap",
+                       "lost": self._dropped, "reason": self.fault or ""}
+                if not self._write(gap, True):
+                    return
+                self._dropped = 0
+            entry, durable = self._backlog[0]
+            if not self._write(entry, durable):
+                return
+            self._backlog.popleft()
+        if self.fault is not None:
+            log.warning("the audit log %s is writable again; every held entry is in it",
+                        self.path)
+            self.fault = None
+
+    def _write(self, fields: dict, durable: bool) -> bool:
+        """One line with its place in the chain; False (and nothing half-written) when the
+        file cannot take it."""
+        entry = {"seq": self._seq, **fields, "prev": self._prev}
         line = json.dumps(entry, separators=(",", ":"), sort_keys=False).encode() + b"\n"
-        os.write(self._fd, line)
-        if durable:
-            os.fsync(self._fd)
+        try:
+            end = os.fstat(self._fd).st_size
+            testhook.fail_write("audit", self.path, "open")  # test-only; see its module
+            testhook.fail_write("audit", self.path, "write")
+            written = os.write(self._fd, line)
+            if written != len(line):
+                os.ftruncate(self._fd, end)  # a torn line would break the chain
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+            if durable:
+                os.fsync(self._fd)
+        except OSError as exc:
+            if self.fault is None:
+                log.error("cannot write the audit log %s (%s): its entries are held in "
+                          "memory and no new round opens until it is writable again",
+                          self.path, exc.strerror or exc)
+            self.fault = exc.strerror or str(exc)
+            return False
         self._prev = _line_hash(line)
         self._seq += 1
+        return True
 
     def close(self) -> None:
+        if self._backlog:
+            self._flush()
+        if self._backlog:
+            log.error("the audit log %s is still unwritable: %d entries were not written",
+                      self.path, len(self._backlog))
         os.close(self._fd)
 
 
@@ -91,6 +169,36 @@ def tail(path: Path, limit: int, chunk: int = 1 << 16) -> list[dict]:
     if start > 0:
         lines = lines[1:]  # the first line may be cut
     return [json.loads(line) for line in lines[-limit:]]
+
+
+def last_version(path: Path, chunk: int = 1 << 16) -> int | None:
+    """The newest model version the log accounts for: that of its last ``aggregated`` or
+    ``server-start`` entry (None: neither, e.g. a new log).  Read from the end, so a
+    long log costs only its last lines at start-up."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with path.open("rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        rest = b""
+        while end > 0:
+            start = max(0, end - chunk)
+            f.seek(start)
+            data = f.read(end - start) + rest
+            lines = data.split(b"\n")
+            rest = lines.pop(0) if start > 0 else b""  # may be cut: read with the next chunk
+            for line in reversed(lines):
+                if b'"aggregated"' not in line and b'"server-start"' not in line:
+                    continue
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("event") in ("aggregated", "server-start") and isinstance(
+                        entry.get("version"), int):
+                    return int(entry["version"])
+            end = start
+    return None
 
 
 def verify(path: Path) -> int:

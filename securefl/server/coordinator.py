@@ -12,6 +12,7 @@ Names come from the TLS certificate (``Peer.name``), never from a message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from securefl.crypto.pki import Role
 from securefl.crypto.quantize import Encoding
 from securefl.crypto.secagg import ServerRound, ServerState
 from securefl.errors import (
+    DataError,
     RemoteProtocolError,
     SecureFLError,
     StaleVersionError,
@@ -35,13 +37,14 @@ from securefl.errors import (
 from securefl.fedopt import NO_STATISTICS, StatisticsLayout
 from securefl.protocol import mapping
 from securefl.protocol import messages as wm
-from securefl.server import views
-from securefl.server.admin import AdminActions
+from securefl.server import testhook, views
+from securefl.server.admin import AdminActions, HeldResult
 from securefl.server.audit import AuditLog
+from securefl.server.audit import last_version as audit_last_version
 from securefl.server.optimiser import OptimiserState
 from securefl.server.plain import PlainRound
 from securefl.server.rounds import ActiveRound, Peer, RoundBusyError
-from securefl.server.store import ModelStore
+from securefl.server.store import ModelStore, StorageError, fault_reason
 
 log = logging.getLogger("securefl.server")
 
@@ -78,20 +81,94 @@ class Coordinator(AdminActions):
         #: every other hospital one of its max_attempts for that version, so one hostile
         #: hospital could otherwise halt the federation for good; they wait for the next.
         self.withheld: dict[str, list[str]] = state.get("withheld", {})
+        #: Names to tell, when they next say hello, that a round of theirs published while
+        #: they were not there to hear it: {name: [round id, version]}.
+        self.published: dict[str, list[int]] = {
+            k: [int(r), int(v)] for k, (r, v) in state.get("published", {}).items()}
+        #: A round's result the store could not take (``AdminActions._hold``).
+        self.held: HeldResult | None = None
+        self._publishing = asyncio.Lock()
+        #: While a version is being written: its round, number and contributors, so a
+        #: server stopped right after the rename knows at its next start whose it was.
+        self.publishing: dict | None = None
+        #: The survivor list of the round in flight, once it went out to be signed:
+        #: {round_id, base_version, names}.  Saved before the list leaves, so a server
+        #: stopped after that still binds those hospitals at its next start (their sum may
+        #: have been unmasked in memory: a round of a subset would expose the difference).
+        self.listed: dict | None = None
+        listed = state.get("listed")
+        publishing = state.get("publishing")
+        if self._reconcile(publishing):
+            abandoned = None  # the round in flight is the one that published
         if abandoned:
             for name in abandoned["members"]:
                 self.resend[name] = abandoned["round_id"]
             audit.record("round-abandoned", round_id=abandoned["round_id"],
                          reason="server restarted", members=abandoned["members"], durable=True)
+            if listed and listed["round_id"] == abandoned["round_id"] \
+                    and listed["base_version"] == self.store.latest()[0].version:
+                self.binding = {"base_version": listed["base_version"],
+                                "names": sorted(listed["names"])}
+                audit.record("round-bound", round_id=listed["round_id"],
+                             names=self.binding["names"], base_version=listed["base_version"],
+                             durable=True)
+        if abandoned or publishing:
             self._save_state(None)
 
+    def _reconcile(self, publishing: dict | None) -> bool:
+        """At start, make the audit log agree with the store; True when the round in
+        flight is one whose version the store holds (it is closed as published).
+
+        Why: the server may stop between renaming a version into place and recording it.
+        The store is the truth about what was published: a version the log does not
+        account for gets its ``aggregated`` entry now (marked ``reconciled``), and the
+        hospitals of that round hear, when they come back, that the version is out --
+        never "send again" for an update that is already in a published model.
+        """
+        info = self.store.latest()[0]
+        audited = audit_last_version(self.audit.path)
+        if audited is not None:
+            for version in range(audited + 1, info.version + 1):
+                try:
+                    v = self.store.info(version)
+                except DataError:
+                    continue  # a gap in the store (restored from a backup): nothing to say
+                own = publishing is not None and publishing.get("version") == version
+                self.audit.record(
+                    "aggregated", round_id=int(publishing["round_id"]) if own else 0,
+                    version=version, contributors=v.contributors, sha256=v.sha256,
+                    reconciled=True, reason="the server stopped after storing this version "
+                    "and before recording it; recorded at the next start", durable=True)
+                log.warning("version %d was stored but not recorded before the server "
+                            "stopped: recorded now (audit 'aggregated', reconciled)", version)
+        if publishing is None or publishing.get("version", -1) > info.version:
+            return False
+        # That round's version is in the store: closed as published, its hospitals told.
+        round_id, version = int(publishing["round_id"]), int(publishing["version"])
+        for name in publishing.get("members", ()):
+            self.published[name] = [round_id, version]
+            self.resend.pop(name, None)
+        if self.binding is not None and self.binding["base_version"] < version:
+            self.binding = None  # a new base version: no earlier list binds anyone
+        return True
+
     def _crl_der(self) -> bytes:
-        """The CA's revocation list as the server holds it (read again when it changes)."""
+        """The CA's revocation list as the server holds it (read again when it changes; a
+        file that went bad since start-up is not handed out, the last good one is -- the
+        same list the handshakes still use, see ``Server.context``)."""
         path = Path(self.settings.crl)
-        mtime = path.stat().st_mtime
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            mtime = -2.0
         if getattr(self, "_crl_cache", (None, b""))[0] != mtime:
-            der = x509.load_pem_x509_crl(path.read_bytes()).public_bytes(
-                serialization.Encoding.DER)
+            try:
+                der = x509.load_pem_x509_crl(path.read_bytes()).public_bytes(
+                    serialization.Encoding.DER)
+            except (OSError, ValueError):
+                if not getattr(self, "_crl_cache", (None, b""))[1]:
+                    raise
+                der = self._crl_cache[1]
             self._crl_cache = (mtime, der)
         return self._crl_cache[1]
 
@@ -117,17 +194,39 @@ class Coordinator(AdminActions):
         except (FileNotFoundError, ValueError):
             return {}
 
-    def _save_state(self, in_flight: dict | None, *, durable: bool = True) -> None:
+    def _save_state(self, in_flight: dict | None, *, durable: bool = True,
+                    required: bool = False) -> bool:
         """Round counter and the round in flight.  Fsynced when a round opens or ends (round
-        ids must never repeat); a member joining only needs to survive a killed process."""
+        ids must never repeat); a member joining only needs to survive a killed process.
+
+        On a storage fault (read-only, not permitted, full disk): ``required`` saves (a new
+        round id, a version about to be published) raise ``StorageError``; the others are
+        logged and skipped (False), so ending a round never fails for it -- a restart then
+        at worst abandons a round that had ended anyway.
+        """
         tmp = self._state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"next_round": self.next_round_id, "in_flight": in_flight,
-                                   "resend": self.resend, "binding": self.binding,
-                                   "withheld": self.withheld}))
-        if durable:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, self._state_path)
+        try:
+            testhook.fail_write("store", tmp, "open")  # test-only; see its module
+            with open(tmp, "w") as f:
+                f.write(json.dumps({
+                    "next_round": self.next_round_id, "in_flight": in_flight,
+                    "resend": self.resend, "binding": self.binding, "withheld": self.withheld,
+                    "published": self.published, "publishing": self.publishing,
+                    "listed": self.listed}))
+                testhook.fail_write("store", tmp, "write")
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, self._state_path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if required:
+                raise StorageError(f"could not write {self._state_path} "
+                                   f"({fault_reason(exc)})", reason=fault_reason(exc)) from exc
+            log.warning("could not save %s (%s)", self._state_path, fault_reason(exc))
+            return False
+        return True
 
     # -- connections -----------------------------------------------------------------------
     def connected(self, peer: Peer) -> None:
@@ -179,6 +278,8 @@ class Coordinator(AdminActions):
         try:
             peer.conversation.receive(msg)
         except RemoteProtocolError as exc:
+            if exc.code == "not-joined" and isinstance(msg, wm.Advertise):
+                self._member_round(peer, msg.round_id)  # enrolment-closed when it is that
             if exc.code == "forbidden" and isinstance(msg, wm.AdminCommand):
                 self.audit.record("refused", name=peer.name, action=msg.action,
                                   reason="admin action without the admin role")
@@ -203,12 +304,15 @@ class Coordinator(AdminActions):
                 f"this server speaks protocol {wm.PROTOCOL_VERSION}, not {msg.protocol}",
                 code="unsupported-protocol")
         resend = self.resend.pop(peer.name, None)
-        if resend is not None:
+        published = self.published.pop(peer.name, None)
+        if resend is not None or published is not None:
             rnd = self.round
             self._save_state({"round_id": rnd.round_id, "members": sorted(rnd.members)}
                              if rnd is not None else None, durable=False)
         return wm.Welcome(rid=msg.rid, name=peer.name, role=peer.role.value,
                           version=self.version, resend_round=resend,
+                          published_round=published[0] if published else None,
+                          published_version=published[1] if published else None,
                           crl=self._crl_der(), members=self._members()), None
 
     async def _on_status(self, peer: Peer, msg: wm.Status,
@@ -313,6 +417,13 @@ class Coordinator(AdminActions):
 
     def _status(self, rid: int) -> wm.StatusReply:
         rnd = self.round
+        if rnd is None and self.held is not None:
+            # Complete, its version waiting for the store: "publish-pending" until written.
+            h = self.held
+            return wm.StatusReply(
+                rid=rid, version=self.version, round_id=h.rnd.round_id,
+                phase="publish-pending", online=self.online(), joined=sorted(h.rnd.members),
+                submitted=list(h.contributors), collected=len(h.contributors))
         return wm.StatusReply(
             waiting_for=self.waiting_for(),
             rid=rid, version=self.version, round_id=rnd.round_id if rnd else 0,
@@ -336,6 +447,12 @@ class Coordinator(AdminActions):
 
     def _member_round(self, peer: Peer, round_id: int) -> ActiveRound:
         rnd = self.round
+        if rnd is not None and round_id == rnd.round_id and rnd.late.get(peer.name) is peer:
+            # The join race: its `joined` crossed the closing of enrolment (issue 14).
+            raise RemoteProtocolError(
+                f"round {rnd.round_id} closed its enrolment before this hospital's keys "
+                "arrived, so nothing of its update was used; it can join the next round: "
+                "send again once this one has ended", code="enrolment-closed")
         if rnd is None or rnd.members.get(peer.name) is not peer:
             raise RemoteProtocolError("this connection has not joined the current round",
                                       code="not-joined")
@@ -358,6 +475,17 @@ class Coordinator(AdminActions):
                 "its roster step (a SecAgg+ graph needs every hospital's value), so it takes "
                 "part again from the next version: get that version once it is published, "
                 "then train and send")
+        if not self.audit.writable:  # also into a round already open (e.g. a retry)
+            raise RoundBusyError(
+                f"the server cannot write its audit log ({self.audit.fault}), so it takes "
+                "no hospital into a round until the operator makes it writable: send again "
+                "later", code="audit-unwritable")
+        if self.held is not None:
+            h = self.held
+            raise RoundBusyError(
+                f"round {h.rnd.round_id} is complete and its version {h.version} waits for "
+                "the server's store to be writable again (the operator is told); join once "
+                f"version {h.version} is published", code="publish-deferred")
         rnd = self.round
         opened = rnd is None
         if rnd is None:
@@ -395,9 +523,25 @@ class Coordinator(AdminActions):
         )
 
     def _open_round(self) -> ActiveRound:
+        """A new round; refused (nothing changed) when the audit log or the store cannot be
+        written: a round nobody could account for, or whose id could repeat after a
+        restart, must not start."""
+        if not self.audit.writable:
+            raise RoundBusyError(
+                f"the server cannot write its audit log ({self.audit.fault}), so it opens no "
+                "round until the operator makes it writable: send again later",
+                code="audit-unwritable")
         info, weights = self.store.latest()
         round_id = self.next_round_id
         self.next_round_id += 1
+        try:
+            self._save_state(None, required=True)  # the id is spent before anyone hears it
+        except StorageError as exc:
+            self.next_round_id -= 1
+            raise StorageError(
+                f"the server cannot write its store ({exc.reason}), so it opens no round "
+                "until the operator makes it writable: send again later",
+                reason=exc.reason) from exc
         engine: ServerRound | PlainRound
         if self.rs.masking == "plain":
             engine = PlainRound(round_id=round_id, vector_len=int(weights.shape[0]),
@@ -479,10 +623,12 @@ class Coordinator(AdminActions):
         assert isinstance(rnd.engine, ServerRound)
         roster = rnd.engine.close_enrolment()
         for name in [n for n in rnd.members if n not in rnd.engine.joined]:
-            # joined but never advertised keys: not in this round (and not told so)
-            rnd.members.pop(name).conversation.leave()
+            # Joined but its keys had not arrived: not in this round.  Its advertise, when
+            # it comes, is answered ``enrolment-closed`` (the join race, issue 14).
+            rnd.late[name] = rnd.members.pop(name)
+            rnd.late[name].conversation.leave()
         self.audit.record("enrolment-closed", round_id=rnd.round_id,
-                          members=list(rnd.engine.joined))
+                          members=list(rnd.engine.joined), left_out=sorted(rnd.late))
         wire = mapping.roster_to_wire(roster)
         for peer in rnd.members.values():
             self._push(peer, wire)
@@ -571,6 +717,7 @@ class Coordinator(AdminActions):
         rnd.engine.fail()
         rnd.step_done.set()
         self.round = None
+        self.listed = None  # the binding below takes over from it
         self._save_state(None)
         self.audit.record("round-failed" if retry else "round-abandoned",
                           round_id=rnd.round_id, reason=code, durable=True)
@@ -591,11 +738,15 @@ class Coordinator(AdminActions):
         again: ActiveRound | None = None
         if (retry and invite is not None and rnd.attempt < self.rs.max_retries
                 and len(invite) >= self.rs.min_clients):
-            again = self._open_round()
-            again.invited, again.exact, again.attempt = invite, exact, rnd.attempt + 1
-            self.audit.record("round-retry", round_id=again.round_id,
-                              failed_round=rnd.round_id, attempt=again.attempt,
-                              invited=sorted(invite or ()), durable=True)
+            try:
+                again = self._open_round()
+            except SecureFLError as exc:  # storage or audit fault: no retry, said why
+                message += f"; no new round was opened ({exc.message})"
+            else:
+                again.invited, again.exact, again.attempt = invite, exact, rnd.attempt + 1
+                self.audit.record("round-retry", round_id=again.round_id,
+                                  failed_round=rnd.round_id, attempt=again.attempt,
+                                  invited=sorted(invite or ()), durable=True)
         if self.binding is not None and self.binding["base_version"] == rnd.base_version \
                 and again is None:
             message += (f"; the next round on this version may combine only "

@@ -79,6 +79,52 @@ def layout_for(layers: list[tuple[str, int]] | None, length: int) -> StatisticsL
     return statistics_layout(layers)
 
 
+SPEC_FILE = "model_spec.json"
+
+
+def save_spec(root: Path, spec: ModelSettings) -> None:
+    """Keep what version 0 was built from beside the store (written once, with version 0)."""
+    if spec.ml is None:
+        return
+    tmp = root / (SPEC_FILE + ".tmp")
+    tmp.write_text(json.dumps(spec.ml.identity(spec.seed), indent=1), encoding="utf-8")
+    os.replace(tmp, root / SPEC_FILE)
+
+
+def check_spec(root: Path, spec: ModelSettings) -> None:
+    """Refuse to serve a store whose version 0 was built from other model settings.
+
+    Why: ``[model.ml]`` is read again at every start, but version 0 is built only once.  A
+    changed spec (another model kind, image size, class list or seed, or a securefl whose
+    model is built differently) would otherwise go on serving the old model to hospitals
+    that build the new one: with the same number of weights nothing would notice, and the
+    weights would mean something else.
+    """
+    if spec.ml is None:
+        return
+    want = spec.ml.identity(spec.seed)
+    path = root / SPEC_FILE
+    try:
+        have = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        have = None
+    except ValueError as exc:
+        raise ConfigError(f"{path} is unreadable ({exc}): restore it from a backup") from exc
+    if have == want:
+        return
+    restart = (f"a federation's model is fixed when its version 0 is made, so to change it "
+               f"start a new federation: move {root} away (keep it as a record), restart the "
+               "server to build a new version 0, give every hospital the same [ml] settings "
+               "and have each run get; or put [model.ml] back as it was")
+    if have is None:
+        raise ConfigError(f"{root} was made by an older securefl whose model is built "
+                          f"differently (it has no {SPEC_FILE}): {restart}")
+    changed = ", ".join(f"{k} {have.get(k)!r} -> {want.get(k)!r}"
+                        for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k))
+    raise ConfigError(f"the server settings' [model.ml] differ from the model {root} holds "
+                      f"({changed}): {restart}")
+
+
 def initial_model(spec: ModelSettings) -> tuple[np.ndarray, list[tuple[str, int]] | None]:
     """Version 0: the ML model spec's seeded CNN (with its weight names), or a seeded
     vector of ``params``.  Called once, when the store is empty."""

@@ -41,24 +41,40 @@ def fix_mmap_threshold() -> bool:
         return False
 
 
-def run(config_path: Path, argv: list[str]) -> int:
+def run(config_path: Path, argv: list[str], *, log_level: str = "info",
+        json_logs: bool = False) -> int:
+    """Serve until SIGINT (Ctrl-C) or SIGTERM, then say so in one line and return 0."""
     if not apply_openssl_conf():
         os.execv(sys.executable, [sys.executable, "-m", "securefl", *argv])
     fix_mmap_threshold()
     from securefl import config
-    from securefl.server.app import serve
+    from securefl.server import console
+    from securefl.server.app import TLS_READ_BUFFER, serve
+    from securefl.server.tls import limit_handshake_buffers
 
+    limit_handshake_buffers(TLS_READ_BUFFER)
+    console.configure(log_level, json_logs=json_logs)
     settings = config.load(config_path, config.ServerSettings)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stopped_by: list[str] = []
 
     async def main() -> None:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            def stop(sig: signal.Signals = sig) -> None:
+                stopped_by.append("Ctrl-C" if sig is signal.SIGINT else "SIGTERM")
+                task.cancel()
+
+            loop.add_signal_handler(sig, stop)
         with contextlib.suppress(asyncio.CancelledError):
             await serve(settings)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:  # Ctrl-C before the handlers were installed
+        stopped_by.append("Ctrl-C")
+    logging.getLogger("securefl.server").info(
+        "server stopped (%s); every connection closed", stopped_by[0] if stopped_by else
+        "stopped")
     return 0

@@ -25,12 +25,12 @@ log says why.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from securefl.errors import DataError
 from securefl.fedopt import (
     NO_STATISTICS,
     ServerOptSettings,
@@ -39,6 +39,9 @@ from securefl.fedopt import (
     step_file,
 )
 from securefl.server import testhook
+from securefl.server.store import StorageError, fault_reason
+
+log = logging.getLogger("securefl.server")
 
 STATE_FILE = "server_opt.state"
 
@@ -59,21 +62,23 @@ class OptimiserState:
                 previous = None
                 with contextlib.suppress(FileNotFoundError):
                     previous = stack.enter_context(open(self.path, "rb"))
+                testhook.fail_write("store", self.tmp, "open")  # test-only; see its module
                 target = stack.enter_context(open(self.tmp, "wb"))
                 if testhook.armed("optimiser"):  # test-only; see its module
                     target = testhook.PauseHalfway(  # type: ignore[assignment]
                         target, "optimiser", weights.nbytes // 2, self.tmp)
                 report = step_file(self.settings, self.statistics, weights, mean_update,
                                    previous=previous, version=version, target=target)
+                testhook.fail_write("store", self.tmp, "write")
                 target.flush()
                 os.fsync(target.fileno())
             return report
-        except OSError as exc:  # e.g. a full disk
+        except OSError as exc:  # e.g. a full disk, a read-only store
             self.discard()
-            raise DataError(
+            raise StorageError(
                 f"could not write the server optimiser state {self.tmp} "
-                f"({exc.strerror or exc}); nothing was published and the previous version is "
-                "intact") from exc
+                f"({fault_reason(exc)}); nothing was published and the previous version is "
+                "intact", reason=fault_reason(exc)) from exc
         except BaseException:
             self.discard()
             raise
@@ -88,7 +93,15 @@ class OptimiserState:
             os.close(fd)
 
     def discard(self) -> None:
-        """Drop the temporary state (the new version could not be stored)."""
-        with contextlib.suppress(FileNotFoundError):
-            self.tmp.unlink()
+        """Drop the temporary state (the new version could not be stored).
+
+        Never raises: it runs while another error is on its way out, and on a read-only
+        store the removal fails too -- raising here once hid that error behind "internal
+        server error" (issue 14).  A stray file is deleted at the next start."""
+        try:
+            testhook.fail_write("store", self.tmp, "open")
+            self.tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove %s (%s); it is removed at the next start",
+                        self.tmp, fault_reason(exc))
 

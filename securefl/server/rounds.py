@@ -48,6 +48,8 @@ class ActiveRound:
     members: dict[str, Peer] = field(default_factory=dict)
     shared: set[str] = field(default_factory=set)
     answered: set[str] = field(default_factory=set)
+    #: Joined, but enrolment closed before their keys arrived: answered ``enrolment-closed``.
+    late: dict[str, Peer] = field(default_factory=dict)
     deadline_passed: bool = False
     #: A retry round waits only for the members of the failed round still online.
     invited: frozenset[str] = frozenset()

@@ -17,6 +17,7 @@ only go up.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -31,6 +32,25 @@ from securefl.errors import DataError
 from securefl.server import testhook
 
 MAGIC = b"SFLM1\n"
+
+
+class StorageError(DataError):
+    """The server could not write to its store folder (read-only, not permitted, disk full).
+
+    A ``DataError`` for everything that already handles those; the coordinator tells it
+    apart because a storage fault may pass: it then holds the round's result and publishes
+    it once the store is writable again instead of giving the round up.
+    """
+
+    def __init__(self, message: str, *, reason: str, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        #: The system's words for the fault ("Read-only file system", "No space left ...").
+        self.reason = reason
+
+
+def fault_reason(exc: OSError) -> str:
+    """The system's short description of a storage fault, for messages and the audit."""
+    return exc.strerror or str(exc)
 _LEN = struct.Struct(">I")
 
 
@@ -145,6 +165,7 @@ class ModelStore:
         final = self._path(version)
         tmp = final.with_name(final.name + ".tmp")
         try:
+            testhook.fail_write("store", tmp, "open")  # test-only; see its module
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 with os.fdopen(fd, "wb", closefd=False) as f:
@@ -154,6 +175,7 @@ class ModelStore:
                     half = weights.shape[0] // 2
                     f.write(weights[:half].data)
                     testhook.pause("version", f, tmp)  # test-only; see its module
+                    testhook.fail_write("store", tmp, "write")
                     f.write(weights[half:].data)
                     f.flush()
                 os.fsync(fd)
@@ -161,15 +183,20 @@ class ModelStore:
                 os.close(fd)
             os.replace(tmp, final)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise DataError(
-                f"could not write model version {version} ({exc.strerror}); the previous "
-                "version is intact"
+            # The clean-up may fail for the same reason (a read-only mount): the error that
+            # matters is the write's, and a stray .tmp is deleted at the next start.
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise StorageError(
+                f"could not write model version {version} ({fault_reason(exc)}); the previous "
+                "version is intact", reason=fault_reason(exc)
             ) from exc
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        self._latest = (info, weights)
+        self._latest = (info, weights)  # renamed into place: it is the latest, come what may
+        with contextlib.suppress(OSError):  # the rename is done; at worst it is not yet durable
+            dir_fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        testhook.stop("renamed", final)  # test-only: a kill here must not lose the record
         return info

@@ -8,13 +8,15 @@ sleeps :data:`PAUSE_S` seconds before finishing normally.  Why a hook: polling f
 file and killing on sight is racy (a fast machine finishes the write first, and another
 ``.tmp`` may appear earlier); with the pause the kill lands inside the write every time.
 
-Used by ``tests/reliability/test_crash.py`` only.  Never set it on a real server: a pausing
-server publishes every version minutes late.  Unset (always, outside that test), each check
-is one environment lookup.
+Used by ``tests/reliability/test_crash.py`` and ``test_faults.py`` only (``renamed``: stop
+right after a version file's rename; ``SECUREFL_TEST_FAIL_WRITE``: injected storage
+faults).  Never set them on a real server: a pausing server publishes every version minutes
+late.  Unset (always, outside those tests), each check is one environment lookup.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -65,3 +67,37 @@ class PauseHalfway:
 
     def __getattr__(self, name: str) -> object:  # flush, fileno, tell: the real file's
         return getattr(self.file, name)
+
+
+def stop(kind: str, path: object) -> None:
+    """If armed for ``kind`` (``renamed``: right after a new version file was renamed into
+    place and its folder fsynced, before anything else records it): say so and sleep."""
+    if not armed(kind):
+        return
+    print(f"securefl test hook: stopped after {kind} {path}", file=sys.stderr, flush=True)
+    time.sleep(PAUSE_S)
+
+
+#: ``SECUREFL_TEST_FAIL_WRITE=<target>:<ERRNO>:<flag file>``: while the flag file exists,
+#: writes of ``target`` ("store": everything the server writes in its store folder —
+#: version files, the optimiser state, state.json; "audit": the audit log) fail with
+#: ``OSError(ERRNO)``, as on a read-only mount (EROFS), a folder the server may not write
+#: (EACCES) or a full disk (ENOSPC).  EROFS and EACCES fail where a file is opened or
+#: removed; ENOSPC where bytes are written (after the first half of a version file).
+#: Why a hook: the test suite runs as root in CI, where ``chmod 555`` stops nothing.
+FAIL_ENV = "SECUREFL_TEST_FAIL_WRITE"
+
+
+def fail_write(target: str, path: object, stage: str) -> None:
+    """Raise the injected ``OSError`` if armed for ``target`` at this ``stage``
+    ("open" or "write") and the flag file exists; otherwise do nothing."""
+    spec = os.environ.get(FAIL_ENV)
+    if not spec:
+        return
+    want, name, flag = spec.split(":", 2)
+    if want != target or not os.path.exists(flag):
+        return
+    code = getattr(errno, name)
+    if (stage == "write") != (code == errno.ENOSPC):
+        return
+    raise OSError(code, os.strerror(code), str(path))

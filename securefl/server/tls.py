@@ -48,9 +48,14 @@ def check_expiry(cert: Path, crl: Path, *, now: dt.datetime | None = None) -> li
     now = now or dt.datetime.now(dt.UTC)
     try:
         crl_obj = x509.load_pem_x509_crl(Path(crl).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the revocation list {crl} (not a PEM CRL or not "
+                          "readable)") from exc
+    try:
         cert_obj = x509.load_pem_x509_certificate(Path(cert).read_bytes())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the server certificate or CRL ({cert}, {crl})") from exc
+        raise ConfigError(f"cannot read the server certificate {cert} (not a PEM "
+                          "certificate or not readable)") from exc
     warnings = []
     for what, until in (("revocation list", crl_obj.next_update_utc),
                         ("server certificate", cert_obj.not_valid_after_utc)):
@@ -90,12 +95,16 @@ def server_context(cert: Path, key: Path, ca: Path, crl: Path) -> ssl.SSLContext
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
+    from securefl.certs import check_tls_files
+
+    check_tls_files(cert, key, ca)  # one sentence naming the file at fault
     try:
         ctx.load_cert_chain(cert, key)
         ctx.load_verify_locations(cafile=str(ca))
         ctx.load_verify_locations(cafile=str(crl))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the server's certificates ({cert}, {ca}, {crl})") from exc
+        raise ConfigError(f"cannot load the server's certificates ({cert}, {key}, {ca}, "
+                          f"{crl}): {getattr(exc, 'reason', None) or exc}") from exc
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
     # No TLS 1.3 session tickets: a resumed session skips the client certificate check, so
     # a ticket let a certificate keep working after it expired (chained tickets: for ever).
@@ -122,4 +131,34 @@ def limit_tls_buffers(transport: asyncio.BaseTransport, size: int) -> bool:
     proto.max_size = size
     proto._ssl_buffer = bytearray(size)
     proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
+    return True
+
+
+def revoked_serials(crl: Path) -> frozenset[int]:
+    """Serial numbers the CRL file revokes (the server re-checks live connections with it)."""
+    try:
+        return frozenset(r.serial_number
+                         for r in x509.load_pem_x509_crl(Path(crl).read_bytes()))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the revocation list {crl}: copy crl.pem from the "
+                          "operator's certificate folder") from exc
+
+
+def limit_handshake_buffers(size: int) -> bool:
+    """Start every TLS connection of this process with a ``size`` read buffer instead of
+    asyncio's 256 KiB; False where asyncio keeps it elsewhere.
+
+    Why: asyncio allocates that buffer for each accepted connection before its handshake,
+    so connections that never authenticate cost 256 KiB each, and their churn left the
+    server's heap fragmented (``bench/conn_churn_bench.py``).  ``limit_tls_buffers`` already
+    cut authenticated connections to ``size`` after the handshake; this does it from the
+    start.  It changes a class attribute (CPython 3.11-3.13 ``sslproto.SSLProtocol.max_size``,
+    the most one read may take), so only the server process applies it (``main.run``).
+    """
+    from asyncio import sslproto
+
+    proto = getattr(sslproto, "SSLProtocol", None)
+    if proto is None or not isinstance(getattr(proto, "max_size", None), int):
+        return False
+    proto.max_size = size
     return True

@@ -16,11 +16,13 @@ import struct
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 
 from tests.conformance import client as sfl
 from tests.conformance import vectors
@@ -29,21 +31,12 @@ ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["alpha", "bravo", "charlie"]  # alpha, bravo: the real CLI; charlie: our client
 PARAMS = 64
 
-SERVER_TOML_TAIL = f"""
-[model]
-seed = 0
-params = {PARAMS}
-
-[round]
-min_clients = 3
-enrolment_timeout = 30.0
-step_timeout = 20.0
-colluders = 1
-
-[server_opt]
-kind = "fedavg"
-server_lr = 1.0
-"""
+SERVER_TABLES = {
+    "model": {"seed": 0, "params": PARAMS},
+    "round": {"min_clients": 3, "enrolment_timeout": 30.0, "step_timeout": 20.0,
+              "colluders": 1},
+    "server_opt": {"kind": "fedavg", "server_lr": 1.0},
+}
 
 
 def securefl_cmd() -> list[str]:
@@ -77,10 +70,13 @@ class Federation:
         return self.certs / "admin.toml"
 
 
-def cut_from(path: Path, marker: str, tail: str = "") -> None:
-    text = path.read_text()
-    assert marker in text, f"{path} has no {marker.strip()} table: `certs init` changed its output"
-    path.write_text(text[: text.index(marker)] + tail)
+def cut_from(path: Path, table: str, tail: dict | None = None) -> None:
+    """Drop ``table`` and every table after it (in file order), then add ``tail``."""
+    data = tomllib.loads(path.read_text())
+    assert table in data, f"{path} has no [{table}] table: `certs init` changed its output"
+    keys = list(data)
+    kept = {k: data[k] for k in keys[: keys.index(table)]}
+    path.write_text(tomli_w.dumps({**kept, **(tail or {})}))
 
 
 async def wait_until_serving(kit: sfl.Kit, proc: subprocess.Popen, deadline: float) -> None:
@@ -107,9 +103,9 @@ def federation(tmp_path_factory):
     )
     # QUICKSTART: `[model] params = N` makes version 0 a seeded random vector (no
     # TensorFlow); kits without an [ml] table send with `--update`; fedavg: w += mean.
-    cut_from(certs / "server.toml", "\n[model]\n", SERVER_TOML_TAIL)
+    cut_from(certs / "server.toml", "model", SERVER_TABLES)
     for name in NAMES:
-        cut_from(certs / "kits" / name / "hospital.toml", "\n[ml]\n")
+        cut_from(certs / "kits" / name / "hospital.toml", "ml")
     fed = Federation(root, certs, port)
     log = (root / "server.log").open("w")
     proc = subprocess.Popen([*securefl_cmd(), "server", "--config", str(certs / "server.toml")],

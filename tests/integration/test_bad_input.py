@@ -30,11 +30,17 @@ class Raw:
         self.parser = frames.FrameParser()
 
     @classmethod
-    async def open(cls, fed: Federation, name: str, port: int) -> Raw:
+    async def open(cls, fed: Federation, name: str, port: int, *, hello: bool = True) -> Raw:
+        """Connected, and past ``hello`` unless told not to (a connection must start with
+        it).  The hello's rid is 1000, out of the way of the tests' own."""
         s = fed.client_settings(name, port)
         ctx = client_context(s.cert, s.key, s.ca)
-        return cls(*await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
-                                                  server_hostname="127.0.0.1"))
+        raw = cls(*await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                                 server_hostname="127.0.0.1"))
+        if hello:
+            welcome = await raw.request({"kind": "hello", "rid": 1000, "protocol": 4})
+            assert welcome["kind"] == "welcome", welcome
+        return raw
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
@@ -93,6 +99,7 @@ def _plain(fed: Federation, **limits: object) -> config.ServerSettings:
     ({"kind": "share_keys", "rid": 1, "round_id": 1, "envelopes": {},
       "digests": {}, "b_commit": "AAAA"}, b"", "not-joined"),
     ({"kind": "join", "rid": 1, "base_version": 7}, b"", "stale-version"),
+    ({"kind": "join", "rid": 1, "base_version": 2**64}, b"", "bad-message"),  # not a u64
     # A strict wire (issue 14, item 7): nothing is coerced.
     ({"kind": "status", "rid": "2"}, b"", "bad-message"),
     ({"kind": "status", "rid": 2.0}, b"", "bad-message"),
@@ -132,6 +139,39 @@ def test_malformed_requests_get_a_typed_error_and_the_connection_lives(
     refused = [e for e in read_entries(fed.certs.root / "audit.jsonl")
                if e["event"] == "request-refused"]
     assert [(e["name"], e["code"]) for e in refused] == [("a", code)]
+
+
+def test_a_connection_must_start_with_hello(fed: Federation) -> None:
+    """Before a welcome, every other request is bad-message with its rid (issue 14, item 7:
+    hello was not required at all); the connection lives, and a hello then works."""
+    async def scenario() -> None:
+        async with running(_plain(fed)) as srv:
+            raw = await Raw.open(fed, "a", srv.port, hello=False)
+            for header in ({"kind": "status", "rid": 3}, {"kind": "get_global", "rid": 4},
+                           {"kind": "join", "rid": 5, "base_version": 0}):
+                reply = await raw.request(header)
+                assert (reply["kind"], reply["code"], reply["rid"]) == (
+                    "error", "bad-message", header["rid"]), reply
+                assert "hello" in reply["message"]
+            # A refused hello (another protocol) does not count as one.
+            assert (await raw.request({"kind": "hello", "rid": 6, "protocol": 1}))["code"] == (
+                "unsupported-protocol")
+            assert (await raw.request({"kind": "status", "rid": 7}))["code"] == "bad-message"
+            assert (await raw.request({"kind": "hello", "rid": 8, "protocol": 4}))["kind"] == (
+                "welcome")
+            assert (await raw.request({"kind": "status", "rid": 9}))["kind"] == "status_reply"
+            raw.close()
+            admin = await Raw.open(fed, "admin", srv.port, hello=False)
+            reply = await admin.request({"kind": "admin", "rid": 2, "action": "version"})
+            assert (reply["code"], reply["rid"]) == ("bad-message", 2), reply
+            admin.close()
+
+    asyncio.run(scenario())
+    refused = [(e["name"], e["code"]) for e in read_entries(fed.certs.root / "audit.jsonl")
+               if e["event"] == "request-refused"]
+    assert refused == [("a", "bad-message")] * 3 + [("a", "unsupported-protocol"),
+                                                    ("a", "bad-message"),
+                                                    ("admin", "bad-message")]
 
 
 @pytest.mark.parametrize("update", [

@@ -72,3 +72,15 @@ def test_secagg_bench_sizes_secagg_plus_by_the_analysis_and_compares_it_with_the
     assert full_15["dropped"] == 3 and "refused" not in full_15
     assert refused["graph"] == "sparse"
     assert "more than the 2 this sparse round was sized for" in refused["refused"]
+
+
+def test_conn_churn_bench_prints_the_server_memory_before_and_after() -> None:
+    lines = _run("bench/conn_churn_bench.py", "--connections", "300", "--settle", "0.5")
+    row = json.loads(lines[-1])
+    assert row["connections"] == 300 and row["idle_rss_bytes"] > 0
+    assert row["after_over_idle"] == pytest.approx(
+        row["after_rss_bytes"] / row["idle_rss_bytes"], abs=0.001)
+    assert lines[-2].startswith("300 unauthenticated connections in ")
+    assert "target within x1.20" in lines[-2]
+    # refusals before a certificate are summarised: a few lines, not one per connection
+    assert row["audit_log_bytes"] < 300 * 50

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -57,7 +58,8 @@ def test_headless_round_and_exit_codes(fed: Federation) -> None:
             [sys.executable, "-m", "securefl", "client", "--config", str(cfg[n]), "send",
              "--update", str(fed.tmp / f"{n}.npy"), "--samples", "5"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in "abc"]
-        while _cli("admin", "--config", cfg["admin"], "count").stdout.strip() != "3":
+        while _cli("admin", "--config", cfg["admin"], "count").stdout.strip() != \
+                "3 masked updates collected in the current round":
             time.sleep(0.1)
         agg = _cli("admin", "--config", cfg["admin"], "aggregate")
         assert agg.returncode == 0 and "published version 1 from 3 hospitals" in agg.stdout
@@ -65,7 +67,22 @@ def test_headless_round_and_exit_codes(fed: Federation) -> None:
         for p in sends:
             out, err = p.communicate(timeout=60)
             assert p.returncode == 0 and "published global version 1" in out, err
-        assert _cli("admin", "--config", cfg["admin"], "version").stdout.strip() == "1"
+        assert _cli("admin", "--config", cfg["admin"], "version", "--json").stdout.strip() \
+            == '{"version": 1}'
+        # People get tables, scripts the JSON lines they always had (issue 16 item 12).
+        table = _cli("admin", "--config", cfg["admin"], "hospitals").stdout.splitlines()
+        assert table[0].split() == ["hospital", "registered", "online", "in", "round", "sent",
+                                    "last", "seen", "(UTC)", "certificate", "expires"]
+        assert [row.split()[:5] for row in table[1:]] == [[n, "yes", "no", "no", "no"]
+                                                         for n in "abc"]
+        rows = [json.loads(line) for line in _cli("admin", "--config", cfg["admin"],
+                                                  "hospitals", "--json").stdout.splitlines()]
+        assert [sorted(r) for r in rows] == [sorted(["name", "registered", "online", "joined",
+                                                     "submitted", "last_seen",
+                                                     "cert_expires"])] * 3
+        history = _cli("admin", "--config", cfg["admin"], "history").stdout.splitlines()
+        assert history[0].split()[:3] == ["version", "published", "(UTC)"]
+        assert [line.split()[0] for line in history[1:]] == ["0", "1"]
 
         again = _cli("client", "--config", cfg["a"], "send", "--update", fed.tmp / "a.npy",
                      "--samples", "5")
@@ -84,7 +101,8 @@ def test_headless_round_and_exit_codes(fed: Federation) -> None:
              "--update", str(fed.tmp / "b.npy"), "--samples", "5"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
-        while '"joined": ["b"]' not in _cli("admin", "--config", cfg["admin"], "status").stdout:
+        while '"joined": ["b"]' not in _cli("admin", "--config", cfg["admin"], "status",
+                                            "--json").stdout:
             assert lone.poll() is None, lone.communicate()
             assert time.monotonic() < deadline, "b never joined"
             time.sleep(0.1)

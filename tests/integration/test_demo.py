@@ -24,8 +24,8 @@ from tests.outcome import (
 
 def test_demo_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     lines: list[str] = []
-    settings = DemoSettings(hospitals=2, rounds=2, epochs=1, image_size=32, train_images=48,
-                            test_images=16, keep=tmp_path / "fed")
+    settings = DemoSettings(hospitals=2, rounds=2, epochs=1, image_size=32, train_images=70,
+                            test_images=16, keep=tmp_path / "fed", min_validation_per_class=1)
     result = run(settings, say=lines.append)
     assert [r.version for r in result.rows] == [1, 2]
     row = result.rows[-1]

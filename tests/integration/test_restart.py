@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from securefl.client.session import AdminSession, HospitalSession
-from securefl.errors import DataError, ProtocolError, TransportError
+from securefl.errors import DataError, TransportError
 from securefl.server.store import ModelStore
 
 from .conftest import Federation
@@ -161,8 +161,10 @@ def _limit_file_size() -> None:
 
 
 def test_server_that_cannot_store_a_version_publishes_nothing(fed: Federation) -> None:
-    """The aggregate is refused with a clear error, the hospitals are told to resend, the
-    previous version stays byte-identical, and the server keeps serving."""
+    """A store that cannot take the version (here: file size limit, as on a full disk): the
+    admin hears in one sentence that the result is held, the hospitals' sends end with the
+    round pending (never a hang, never "send again"), the previous version stays
+    byte-identical, and the server keeps serving."""
     params = 12_000  # a 48 KB version file: over the limit; the audit log stays under it
     store_dir = fed.certs.root / "store"
     ModelStore(store_dir).write(np.zeros(params, np.float32), contributors=0, total_samples=0)
@@ -189,12 +191,17 @@ def test_server_that_cannot_store_a_version_publishes_nothing(fed: Federation) -
         async with AdminSession(fed.client_settings("admin", port)) as admin:
             with pytest.raises(DataError) as err:
                 await admin.aggregate()
-            assert "previous version is intact" in err.value.message
+            assert err.value.code == "publish-deferred"
+            assert "could not write version 1" in err.value.message
+            assert "need not send again" in err.value.message
             assert await admin.version() == 0
-        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-            assert isinstance(outcome, ProtocolError) and outcome.code == "data"
+        for outcome in await asyncio.wait_for(asyncio.gather(*tasks), 30):
+            assert outcome.pending and outcome.version == 1  # type: ignore[attr-defined]
         async with HospitalSession(fed.client_settings("a", port)) as h:
             assert (await h.get_global()).version == 0
+            with pytest.raises(DataError) as busy:  # no second sum on version 0
+                await h.send(np.full(params, 0.01, np.float32), 10)
+            assert busy.value.code == "publish-deferred"
 
     try:
         asyncio.run(scenario())

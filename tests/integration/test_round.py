@@ -269,7 +269,8 @@ def test_admin_closes_enrolment(fed: Federation) -> None:
 def test_connection_cap_refuses_extra_connections_only(fed: Federation) -> None:
     from securefl.errors import TransportError
 
-    settings = fed.server_settings(limits=config.Limits(max_connections=2))
+    settings = fed.server_settings(limits=config.Limits(
+        max_connections=2, reserved_connections=0, max_connections_per_identity=2))
 
     async def scenario() -> None:
         async with running(settings) as srv:

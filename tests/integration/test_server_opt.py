@@ -15,7 +15,7 @@ from securefl.errors import ConfigError
 from securefl.fedopt import ServerOptimizer, ServerOptSettings
 from securefl.server.app import Server
 from securefl.server.audit import read_entries
-from securefl.server.initial import LAYERS_FILE
+from securefl.server.initial import LAYERS_FILE, save_spec
 from securefl.server.optimiser import STATE_FILE
 from securefl.server.store import ModelStore
 
@@ -90,6 +90,7 @@ def _ml_settings(fed: Federation, layers: list[tuple[str, int]]) -> config.Serve
     store = ModelStore(settings.store_dir)
     store.write(np.zeros(10, np.float32), contributors=0, total_samples=0)
     (settings.store_dir / LAYERS_FILE).write_text(json.dumps(layers))
+    save_spec(settings.store_dir, settings.model)  # as a server that made version 0 does
     return settings
 
 

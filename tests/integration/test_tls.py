@@ -42,8 +42,17 @@ async def _rejected(ctx: ssl.SSLContext, port: int) -> bool:
 
 
 def _refusals(fed: Federation) -> list[str]:
-    log = fed.certs.root / "audit.jsonl"
-    return [e["reason"] for e in read_entries(log) if e["event"] == "refused"]
+    """Every refusal's reason: authenticated ones have a line each, those before a
+    certificate identified the peer are counted in ``connections-refused`` summaries."""
+    reasons = []
+    for e in read_entries(fed.certs.root / "audit.jsonl"):
+        if e["event"] == "refused":
+            reasons.append(e["reason"])
+        elif e["event"] == "connections-refused":
+            for item in e["reasons"]:
+                count, why = item.split(" ", 1)
+                reasons += [why] * int(count)
+    return reasons
 
 
 def test_plain_tcp_to_the_tls_port_gets_nothing(fed: Federation) -> None:
@@ -115,10 +124,32 @@ def test_bad_certificates_get_nothing(fed: Federation, case: str, reason: str) -
     else:
         name = "d"  # issued by our CA, but not in the server's list of hospitals
 
+    async def foreign_client(port: int) -> None:
+        """Our client refuses a certificate of another CA before connecting (naming the
+        file, tests/integration/test_tls_files.py); someone else's client sends it anyway."""
+        kit = fed.certs.kit("a")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_cert_chain(kit / "hospital.pem", kit / "hospital.key")
+        ctx.load_verify_locations(cafile=str(kit / "ca.pem"))
+        ctx.check_hostname = False
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        except (ssl.SSLError, ConnectionError):
+            return
+        try:
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # gets nothing
+        except (ssl.SSLError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
     async def scenario() -> None:
         async with running(fed.server_settings()) as srv:
-            with pytest.raises(CertificateRejectedError):
-                await HospitalSession(fed.client_settings(name, srv.port)).connect()
+            if case == "other-ca":
+                await foreign_client(srv.port)
+            else:
+                with pytest.raises(CertificateRejectedError):
+                    await HospitalSession(fed.client_settings(name, srv.port)).connect()
             async with HospitalSession(fed.client_settings("b", srv.port)) as h:
                 assert (await h.get_global()).version == 0
         assert len(_refusals(fed)) == 1 and reason in _refusals(fed)[0]
@@ -141,9 +172,11 @@ def test_revocation_takes_effect_without_a_restart(fed: Federation) -> None:
 def test_server_with_a_foreign_certificate_is_not_trusted(fed: Federation) -> None:
     async def scenario() -> None:
         async with running(fed.server_settings()) as srv:
+            # A site whose kit came from another CA entirely (a consistent kit: our client
+            # refuses a certificate and ca.pem that do not belong together before connecting).
             evil = pki.make_ca("evil")
-            (fed.tmp / "evil.pem").write_bytes(evil.cert_pem())
-            s = fed.client_settings("a", srv.port, ca=fed.tmp / "evil.pem")
+            _kit_with(fed, pki.issue(evil, pki.Role.HOSPITAL, "a"), evil.cert_pem())
+            s = fed.client_settings("a", srv.port)
             with pytest.raises(CertificateRejectedError) as err:
                 await HospitalSession(s).connect()
             assert "did not issue" in err.value.message
@@ -303,3 +336,131 @@ def test_an_expired_certificate_cannot_resume_a_session(fed: Federation) -> None
         assert any("certificate has expired" in r for r in _refusals(fed))
 
     asyncio.run(scenario())
+
+
+def test_refusals_before_a_certificate_are_summarised_not_written_one_by_one(
+    fed: Federation,
+) -> None:
+    """Anyone who reaches the port could add one audit line per connection (~200 bytes,
+    3.5 MB after ~18,000): now each interval's refusals of connections that never showed
+    a certificate of ours are one summary line, and authenticated refusals keep theirs."""
+    settings = fed.server_settings(limits=config.Limits(refusal_summary_interval=0.5))
+
+    async def scenario() -> None:
+        async with running(settings) as srv:
+            no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            no_cert.load_verify_locations(cafile=str(fed.certs.ca_cert))
+            for _ in range(20):
+                assert await _rejected(no_cert, srv.port)
+            for _ in range(5):  # plain TCP, gone at once
+                _, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+                writer.close()
+            with pytest.raises(CertificateRejectedError):  # issued by our CA, unregistered
+                await HospitalSession(fed.client_settings("d", srv.port)).connect()
+            await asyncio.sleep(1.5)  # a summary is due while the server runs
+            summaries = [e for e in read_entries(fed.certs.root / "audit.jsonl")
+                         if e["event"] == "connections-refused"]
+            assert summaries and sum(e["count"] for e in summaries) == 25
+            assert summaries[0]["sources"][0] == "25 127.0.0.1"
+            assert summaries[0]["addresses"] == 1
+
+    asyncio.run(scenario())
+    entries = read_entries(fed.certs.root / "audit.jsonl")
+    assert [(e["name"], e["reason"]) for e in entries if e["event"] == "refused"] == [
+        ("d", "role or name not allowed")]
+    assert len(_refusals(fed)) == 26
+    verify(fed.certs.root / "audit.jsonl")
+
+
+def _short_lived(fed: Federation, seconds: float) -> dt.datetime:
+    """Give hospital 'a' a certificate that expires ``seconds`` from now; its expiry."""
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=2)
+    lifetime = dt.timedelta(seconds=2 + seconds)
+    _kit_with(fed, pki.issue(fed.certs.ca(), pki.Role.HOSPITAL, "a", now=start,
+                             lifetime=lifetime))
+    return start + lifetime
+
+
+def test_a_live_connection_is_closed_once_its_certificate_expires(fed: Federation) -> None:
+    """The certificate was checked only in the handshake, and an agent may hold a
+    connection for days: the server re-checks live connections and closes an expired one,
+    telling it why; the others go on."""
+    until = _short_lived(fed, 4)
+    settings = fed.server_settings(limits=config.Limits(recheck_interval=0.5))
+
+    async def scenario() -> None:
+        from .test_bad_input import Raw  # 'a''s kit no longer matches the member list
+
+        async with running(settings) as srv:
+            a = await Raw.open(fed, "a", srv.port)
+            async with HospitalSession(fed.client_settings("b", srv.port)) as b:
+                assert (await a.request({"kind": "status", "rid": 1}))["kind"] == "status_reply"
+                await asyncio.sleep((until - dt.datetime.now(dt.UTC)).total_seconds() + 1.5)
+                notice = await a.reply()  # pushed before the server closed the connection
+                assert (notice["kind"], notice["rid"], notice["code"]) == (
+                    "error", 0, "certificate-rejected"), notice
+                assert "expired" in notice["message"]
+                assert await a.reply() == {"eof": True}
+                assert (await b.status()).online == ("b",)
+            a.close()
+
+    asyncio.run(scenario())
+    closed = [e for e in read_entries(fed.certs.root / "audit.jsonl")
+              if e["event"] == "closed" and e.get("name") == "a"]
+    assert len(closed) == 1 and "expired" in closed[0]["reason"]
+
+
+def test_a_hospital_revoked_while_connected_is_cut_off(fed: Federation) -> None:
+    settings = fed.server_settings(limits=config.Limits(recheck_interval=0.5))
+
+    async def scenario() -> None:
+        async with running(settings) as srv:
+            c = await HospitalSession(fed.client_settings("c", srv.port)).connect()
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                await c.status()
+                CertDir(fed.certs.root).revoke("c")
+                await asyncio.sleep(1.5)
+                with pytest.raises(CertificateRejectedError, match="revoked"):
+                    await c.status()
+                assert await admin.version() == 0
+            await c.close()
+
+    asyncio.run(scenario())
+    closed = [e for e in read_entries(fed.certs.root / "audit.jsonl")
+              if e["event"] == "closed" and e.get("name") == "c"]
+    assert len(closed) == 1 and "revoked" in closed[0]["reason"]
+
+
+def test_an_unreadable_revocation_list_keeps_the_last_good_one_in_force(
+        fed: Federation) -> None:
+    """Found by an external probe: garbage written over crl.pem (a non-atomic copy, a DER
+    file by mistake) made every handshake fail with a traceback and stopped the re-check,
+    so an expired hospital stayed connected.  The last good list stays in force, the
+    operator is told once, new hospitals still get in, the expired one is cut off."""
+    until = _short_lived(fed, 4)
+    settings = fed.server_settings(limits=config.Limits(recheck_interval=0.5))
+    crl = fed.certs.root / "crl.pem"
+    good = crl.read_bytes()
+
+    async def scenario() -> None:
+        from .test_bad_input import Raw
+
+        async with running(settings) as srv:
+            a = await Raw.open(fed, "a", srv.port)
+            assert (await a.request({"kind": "status", "rid": 1}))["kind"] == "status_reply"
+            crl.write_bytes(b"garbage\n")
+            await asyncio.sleep(1.0)
+            async with HospitalSession(fed.client_settings("b", srv.port)) as b:
+                assert (await b.status()).version == 0  # a handshake after the garbage
+            await asyncio.sleep((until - dt.datetime.now(dt.UTC)).total_seconds() + 1.5)
+            notice = await a.reply()
+            assert notice.get("code") == "certificate-rejected", notice
+            a.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        crl.write_bytes(good)
+    told = [e for e in read_entries(fed.certs.root / "audit.jsonl")
+            if e["event"] == "crl-unreadable"]
+    assert len(told) == 1 and "revocation list" in told[0]["reason"]

@@ -26,8 +26,9 @@ from securefl.client.session import AdminSession, HospitalSession
 from securefl.demo.federated import DemoSettings, build_federation
 from securefl.server.app import Server
 
-TINY = DemoSettings(hospitals=2, rounds=1, epochs=1, image_size=32, train_images=40,
-                    test_images=16, seed=0)
+#: 70 training scans: the rarest class gets 2, enough for one validation scan of each class.
+TINY = DemoSettings(hospitals=2, rounds=1, epochs=1, image_size=32, train_images=70,
+                    test_images=16, seed=0, min_validation_per_class=1)
 
 
 @dataclass

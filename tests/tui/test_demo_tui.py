@@ -18,7 +18,7 @@ def test_demo_with_the_admin_app(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     fed = tmp_path / "fed"
     demo = (f"env TERM=xterm-256color {sys.executable} -m securefl demo --tui --hospitals 2 "
-            f"--rounds 1 --image-size 32 --train-images 48 --test-images 16 --keep {fed}; "
+            f"--rounds 1 --image-size 32 --train-images 70 --test-images 16 --keep {fed}; "
             "echo DEMO-EXIT=$?; sleep 120")
     tmux("-f", os.devnull, "new-session", "-d", "-s", "demo", "-x", "120", "-y", "40",
          "-c", str(root), demo)

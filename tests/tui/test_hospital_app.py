@@ -61,7 +61,7 @@ def test_sign_in_checks_the_name_against_the_certificate(fed: Fed) -> None:
                 table = app.screen.query_one("#data", DataTable)
                 assert table.row_count == 5  # four classes and the total
                 total = table.get_row_at(4)
-                assert total[0] == "total" and int(total[1]) == 40 and int(total[2]) == 16
+                assert total[0] == "total" and int(total[1]) == 70 and int(total[2]) == 16
 
     asyncio.run(scenario())
 
@@ -91,7 +91,7 @@ def test_get_train_send_history_and_logout(fed: Fed) -> None:
                 await pilot.press("enter")
                 await until(pilot, lambda: "accuracy" in text(app, "#summary"), 120)
                 assert "Global version 0" in text(app, "#summary")
-                assert "16 test scans" in text(app, "#summary")
+                assert "on 11 validation scans" in text(app, "#summary")  # not Testing
                 assert app.screen.query_one("#confusion", DataTable).row_count == 4
                 assert app.screen.query_one("#per-class", DataTable).row_count == 4
                 bar = app.screen.query_one("#download", ProgressBar)  # bytes, not just steps
@@ -104,10 +104,10 @@ def test_get_train_send_history_and_logout(fed: Fed) -> None:
                 assert isinstance(app.screen, TrainScreen)
                 app.screen.query_one("#batch", Input).value = "8"
                 await pilot.click("#start")
-                await until(pilot, lambda: "Trained on 40 scans" in text(app, "#state"), 120)
+                await until(pilot, lambda: "Trained on 59 scans" in text(app, "#state"), 120)
                 assert app.screen.losses and app.screen.accuracies
                 await pilot.press("escape")
-                assert "trained on 40 scans" in text(app, "#local")
+                assert "trained on 59 scans" in text(app, "#local")
                 # Get now would overwrite the unsent training: asked first, No by default.
                 await pilot.press("g")
                 await pilot.press("enter")
@@ -116,7 +116,7 @@ def test_get_train_send_history_and_logout(fed: Fed) -> None:
                 await pilot.press("enter")  # the focused button is No
                 await until(pilot, lambda: "Kept the trained model" in text(app, "#state"))
                 await pilot.press("escape")
-                assert "trained on 40 scans" in text(app, "#local")
+                assert "trained on 59 scans" in text(app, "#local")
                 # Send: the stepper follows the round; hospital_2 and the admin take part.
                 await pilot.press("s")
                 assert isinstance(app.screen, SendScreen)
@@ -135,7 +135,7 @@ def test_get_train_send_history_and_logout(fed: Fed) -> None:
                 v0 = np.load(app.hospital.state_dir / "global.npy")
                 mine = np.load(app.hospital.state_dir / "sent" / "v00000000.npy")
                 theirs = np.full(mine.shape, HEADLESS_UPDATE, np.float32)
-                parts = [(mine, 40), (theirs, HEADLESS_SAMPLES)]
+                parts = [(mine, 59), (theirs, HEADLESS_SAMPLES)]
                 async with HospitalSession(fed.client(1)) as s:
                     v1 = (await s.get_global()).weights
                 expected, _ = fedavgm_step(v0, weighted_mean(parts), None)

@@ -57,15 +57,28 @@ def test_classify_a_scan_picked_by_path(fed: Fed) -> None:
                 await pilot.press("enter")
                 await until(pilot, lambda: "%" in text(app, "#probs"), 120)
                 probs = text(app, "#probs").splitlines()
-                assert probs[0] == scan.name and len(probs) == 6
+                assert probs[0] == scan.name
                 assert {line.split()[0] for line in probs[1:5]} == {
                     "glioma", "meningioma", "notumor", "pituitary"}
+                # which model answered, and whether its probabilities are calibrated
+                assert probs[5].startswith("Model: global version 0 (calibrated, temperature")
+                top = max(float(line.split()[-1].rstrip("%")) for line in probs[1:5])
+                assert ("LOW CONFIDENCE" in text(app, "#probs")) == (top < 70.0)
+                assert probs[-1].startswith("Decision support only")
                 assert app.screen.query_one("#scan", Image).image == scan
-                # Not an image: refused with advice, nothing classified.
+                # Not an image: refused with advice, nothing classified, the last answer gone.
                 app.screen.query_one("#path", Input).value = str(fed.server_toml)
                 await pilot.press("enter")
                 await pilot.pause()
                 assert any("not a JPEG or PNG" in str(n.message) for n in app._notifications)
+                assert "%" not in text(app, "#probs")
+                assert app.screen.query_one("#scan", Image).image is None
+                # A file that is not there is said not to exist.
+                app.screen.query_one("#path", Input).value = str(scan.parent / "gone.jpg")
+                await pilot.press("enter")
+                await pilot.pause()
+                assert any("gone.jpg does not exist" in str(n.message)
+                           for n in app._notifications)
 
     asyncio.run(scenario())
 
@@ -94,7 +107,7 @@ def test_training_keeps_the_event_loop_responsive_and_can_be_cancelled(fed: Fed)
                 busted.activate()
                 try:
                     await pilot.click("#start")
-                    await until(pilot, lambda: "Trained on 40 scans" in text(app, "#state"),
+                    await until(pilot, lambda: "Trained on 59 scans" in text(app, "#state"),
                                 180)
                 finally:
                     busted.deactivate()
@@ -115,8 +128,8 @@ def test_training_keeps_the_event_loop_responsive_and_can_be_cancelled(fed: Fed)
 
 def test_skipped_files_are_shown_after_training_and_after_evaluation(fed: Fed) -> None:
     """Scans in a patient subfolder count (dashboard and training); files that could not be
-    used are named in the train screen and in the get screen's evaluation, not dropped
-    silently."""
+    used are named in the train screen and in the get screen's evaluation (on validation
+    scans, from the same folder), not dropped silently."""
     hospital_toml = fed.hospital_tomls[0]
     scans = Hospital.from_file(hospital_toml).ml.scans_dir
     glioma = scans / "Training" / "glioma"
@@ -126,7 +139,6 @@ def test_skipped_files_are_shown_after_training_and_after_evaluation(fed: Fed) -
         (glioma / "patient_1" / f"copy_{f.name}").write_bytes(f.read_bytes())
     (glioma / "broken.jpg").write_bytes(b"not a scan")
     (glioma / "export.log").write_text("done")
-    (scans / "Testing" / "notumor" / "half.png").write_bytes(b"\x89PNG\r\n\x1a\n")
 
     async def scenario() -> None:
         async with running(fed):
@@ -140,7 +152,7 @@ def test_skipped_files_are_shown_after_training_and_after_evaluation(fed: Fed) -
                 assert isinstance(screen, TrainScreen)
                 screen.query_one("#epochs", Input).value = "1"
                 await pilot.click("#start")
-                await until(pilot, lambda: "Trained on 42 scans" in text(app, "#state"), 180)
+                await until(pilot, lambda: "Trained on 60 scans" in text(app, "#state"), 180)
                 skipped = text(app, "#skipped")
                 assert skipped.startswith("2 files were skipped and not used: "
                                           "Training/glioma/broken.jpg (not a readable JPEG or "
@@ -151,7 +163,9 @@ def test_skipped_files_are_shown_after_training_and_after_evaluation(fed: Fed) -
                                                for n in app._notifications), 10)
                 await pilot.press("escape", "g", "enter")
                 await until(pilot, lambda: "accuracy" in text(app, "#summary"), 120)
-                assert "1 file was skipped and not used: Testing/notumor/half.png" in text(
+                # evaluated on the validation scans, from the same Training folder
+                assert "on 12 validation scans" in text(app, "#summary")
+                assert "2 files were skipped and not used: Training/glioma/broken.jpg" in text(
                     app, "#summary")
 
     asyncio.run(scenario())

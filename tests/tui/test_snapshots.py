@@ -18,7 +18,7 @@ from securefl.client.session import (
     ServerStatus,
     VersionEntry,
 )
-from securefl.ml.train import ClassMetrics, EvalReport
+from securefl.ml.train import Classification, ClassMetrics, EvalReport
 from securefl.tui.admin.app import AdminApp
 from securefl.tui.admin.audit import AuditScreen
 from securefl.tui.admin.versions import VersionsScreen
@@ -144,7 +144,9 @@ REPORT = EvalReport(
                "meningioma": ClassMetrics(0.667, 1.0, 0.8, 4),
                "notumor": ClassMetrics(1.0, 0.75, 0.857, 4),
                "pituitary": ClassMetrics(0.8, 0.75, 0.774, 4)},
-    confusion=[[3, 1, 0, 0], [0, 4, 0, 0], [0, 0, 3, 1], [1, 0, 0, 3]], num_samples=16)
+    confusion=[[3, 1, 0, 0], [0, 4, 0, 0], [0, 0, 3, 1], [1, 0, 0, 3]], num_samples=16,
+    balanced_accuracy=0.8125, split="validation", ece_before=0.142, ece_after=0.051,
+    temperature=1.8)
 
 
 def test_hospital_get_evaluated(snap_compare, fed: Fed) -> None:
@@ -175,9 +177,9 @@ def test_hospital_classified(snap_compare, fed: Fed) -> None:
         screen = pilot.app.screen
         scan = sorted((screen.hospital.ml.scans_dir / "Testing" / "glioma").iterdir())[0]
         screen.query_one("#scan").image = scan
-        screen.post_message(ClassifyScreen.Classified(
-            scan, {"glioma": 0.71, "meningioma": 0.17, "notumor": 0.04, "pituitary": 0.08},
-            None))
+        screen.post_message(ClassifyScreen.Classified(scan, Classification(
+            {"glioma": 0.61, "meningioma": 0.27, "notumor": 0.04, "pituitary": 0.08},
+            True, 1.8, 0.7, "global version 4"), None))
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=(120, 40), run_before=classified)
@@ -312,7 +314,8 @@ def test_hospital_get_one_class_warning(snap_compare, fed: Fed) -> None:
                                    1.0 if c == "glioma" else 0.0, 0.4 if c == "glioma"
                                    else 0.0, 4)
                    for c in ("glioma", "meningioma", "notumor", "pituitary")},
-        confusion=[[4, 0, 0, 0]] * 4, num_samples=16)
+        confusion=[[4, 0, 0, 0]] * 4, num_samples=16, balanced_accuracy=0.25,
+        split="validation")
     app = HospitalApp(fed.hospital_tomls[0], "hospital_1", connect=False)
 
     async def got(pilot) -> None:

@@ -121,7 +121,7 @@ def test_train_send_aggregate_get_in_tmux(fed: Fed, tmp_path: Path) -> None:
             assert_bar_draws(tmux.colours(h), "Steps")
             tmux.keys(h, "Escape", "t", "Enter")  # Enter in the epochs field starts
         for h in hospitals:
-            trained = tmux.wait(h, "Trained on 40 scans", 120)
+            trained = tmux.wait(h, "Trained on 59 scans", 120)
             assert "Next: press Escape" in trained, trained
             assert_bar_draws(tmux.colours(h), "Epoch 1 of 1", below=True)
             tmux.keys(h, "Escape", "s", "Enter")
@@ -143,14 +143,14 @@ def test_train_send_aggregate_get_in_tmux(fed: Fed, tmp_path: Path) -> None:
             assert "Next: press Escape" in done, done
             tmux.keys(h, "Escape", "g", "Enter")
         for h in hospitals:
-            screen = tmux.wait(h, "Global version 1 · accuracy", 120)
+            screen = tmux.wait(h, "Global version 1 on", 120)
             tmux.keys(h, "Escape", "r")
             dashboard = tmux.wait(h, "Global version on server: 1", 30)
             assert "based on global version 1" in dashboard, screen
         assert "Global version: 1" in tmux.wait("fed:admin", "Global version: 1", 30)
         # The outcome: version 1 is the weighted mean of the two apps' trained updates, as
-        # each hospital kept them when it sent (40 scans each).
-        parts = [(np.load(s / "sent" / "v00000000.npy"), 40) for s in states]
+        # each hospital kept them when it sent (59 scans each).
+        parts = [(np.load(s / "sent" / "v00000000.npy"), 59) for s in states]
         expected, _ = fedavgm_step(v0, weighted_mean(parts), None)
         for s in states:
             assert_published(np.load(s / "global.npy"), expected, tolerance(parts), v0)

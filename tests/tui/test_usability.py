@@ -73,13 +73,16 @@ REPORT = EvalReport(
                "meningioma": ClassMetrics(0.667, 1.0, 0.8, 4),
                "notumor": ClassMetrics(1.0, 0.75, 0.857, 4),
                "pituitary": ClassMetrics(0.8, 0.75, 0.774, 4)},
-    confusion=[[3, 1, 0, 0], [0, 4, 0, 0], [0, 0, 3, 1], [1, 0, 0, 3]], num_samples=16)
+    confusion=[[3, 1, 0, 0], [0, 4, 0, 0], [0, 0, 3, 1], [1, 0, 0, 3]], num_samples=16,
+    balanced_accuracy=0.8125, split="validation", ece_before=0.142, ece_after=0.051,
+    temperature=1.8)
 ALL_GLIOMA = EvalReport(
     accuracy=0.25, macro_f1=0.1,
     per_class={c: ClassMetrics(0.25 if c == "glioma" else 0.0, 1.0 if c == "glioma" else 0.0,
                                0.4 if c == "glioma" else 0.0, 4)
                for c in ("glioma", "meningioma", "notumor", "pituitary")},
-    confusion=[[4, 0, 0, 0], [4, 0, 0, 0], [4, 0, 0, 0], [4, 0, 0, 0]], num_samples=16)
+    confusion=[[4, 0, 0, 0], [4, 0, 0, 0], [4, 0, 0, 0], [4, 0, 0, 0]], num_samples=16,
+    balanced_accuracy=0.25, split="validation")
 SIZES = [(60, 20), (80, 24), (120, 40), (200, 50)]
 
 
@@ -498,7 +501,7 @@ def test_get_speaks_sensitivity_and_full_class_names_and_says_what_next(fed: Fed
 
 def test_a_model_that_calls_every_scan_one_class_is_flagged(fed: Fed) -> None:
     assert one_class_warning(REPORT) == ""
-    assert "calls every test scan \"glioma\"" in one_class_warning(ALL_GLIOMA)
+    assert "calls every validation scan \"glioma\"" in one_class_warning(ALL_GLIOMA)
 
     async def scenario() -> None:
         app = HospitalApp(fed.hospital_tomls[0], "hospital_1", connect=False)
@@ -508,7 +511,7 @@ def test_a_model_that_calls_every_scan_one_class_is_flagged(fed: Fed) -> None:
             await pilot.pause()
             app.screen.post_message(GetScreen.Evaluated(ALL_GLIOMA, None))
             await pilot.pause()
-            assert "calls every test scan" in str(app.screen.query_one("#warning").render())
+            assert "calls every validation scan" in str(app.screen.query_one("#warning").render())
             assert app.screen.query_one("#warning").display
 
     asyncio.run(scenario())

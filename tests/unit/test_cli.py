@@ -44,3 +44,81 @@ def test_client_and_admin_without_an_action_open_the_apps():
     out = subprocess.run([sys.executable, "-m", "securefl", "client", "status"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "needs --config" in out.stderr
+
+
+def test_apps_without_a_terminal_say_so_and_exit_2():
+    """Issue 16 item 12: ``admin`` with no ACTION on a pipe started the full-screen app and
+    hung; now it says what to give instead (the client the same)."""
+    for command in (["admin", "--config", "a.toml"], ["client", "--config", "h.toml"]):
+        try:
+            out = subprocess.run([sys.executable, "-m", "securefl", *command],
+                                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"securefl {command[0]} hung without a terminal") from None
+        assert out.returncode == 2, out
+        err = out.stderr.strip()
+        assert "\n" not in err and "this is not a terminal" in err and "give an ACTION" in err
+        assert ("status" in err) and (command[0] != "admin" or "aggregate" in err)
+
+
+def test_admin_tables_align_numbers_right_and_text_left():
+    from securefl.client import admin_text
+    from securefl.client.session import AuditEntry, VersionEntry
+
+    lines = admin_text.history_lines([
+        VersionEntry(9, "2025-03-01T14:05:09+00:00", 3, 1200, "ab" * 32),
+        VersionEntry(10, "2025-03-08T14:05:09+00:00", 12, 48000, "cd" * 32)])
+    assert lines == [
+        "version  published (UTC)      hospitals  scans  sha256 (first 16)",
+        "      9  2025-03-01 14:05:09          3   1200  abababababababab",
+        "     10  2025-03-08 14:05:09         12  48000  cdcdcdcdcdcdcdcd"]
+    audit = admin_text.audit_lines([AuditEntry(7, "2025-03-01T14:05:09.120+00:00", "join",
+                                               "north", "round_id=3")])
+    assert audit[1] == "  7  2025-03-01 14:05:09  join   north  round_id=3"
+
+
+def _walk(parser, path=("securefl",)):
+    """Every (command path, parser) under ``parser``, depth first."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                assert helps.get(name), f"{' '.join(path)} {name} has no help line"
+                yield from _walk(sub, (*path, name))
+
+
+def test_every_option_has_help_that_shows_its_default():
+    """Issue 16 item 14: every option and argument of every command says what it is, and
+    where it has a default, the help shows it (``--port`` had neither)."""
+    import argparse
+
+    from securefl.cli import build_parser
+
+    problems = []
+    for path, parser in _walk(build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            name = f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}"
+            if not action.help or action.help == argparse.SUPPRESS:
+                problems.append(f"{name}: no help")
+                continue
+            shown = formatter._expand_help(action)
+            default = action.default
+            if default is None or default is False or isinstance(action,
+                                                                 argparse._StoreTrueAction):
+                continue
+            if str(default) not in shown or "default" not in shown:
+                problems.append(f"{name}: default {default!r} not in help {shown!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_port_default_is_the_one_certs_uses():
+    from securefl import certs, cli
+
+    assert cli.DEFAULT_PORT == certs.DEFAULT_PORT

@@ -128,10 +128,12 @@ def push(event: str, round_id: int = ROUND, **fields: object) -> wm._Wire:
 class Link:
     """A client end and the server's end of one connection, joined by a simulated wire."""
 
-    def __init__(self, role: str) -> None:
+    def __init__(self, role: str, *, greeted: bool = True) -> None:
         self.role = role
         self.client = Conversation(role, Side.CLIENT)
         self.server = Conversation(role, Side.SERVER)
+        # Most tests start after hello/welcome (which any phase allows again).
+        self.client.greeted = self.server.greeted = greeted
         self.rid = 0
 
     def ask(self, req: wm._Wire) -> int:
@@ -577,3 +579,23 @@ def test_the_coordinator_handles_every_request_the_tables_admit() -> None:
     from securefl.server.coordinator import _HANDLERS
 
     assert set(_HANDLERS) | {"upload_slot"} == set(REPLY_TO)
+
+
+@pytest.mark.parametrize("role", ["hospital", "admin"])
+def test_hello_comes_first_on_both_ends(role: str) -> None:
+    """Until a hello is answered with welcome, nothing else is a request (issue 14, item 7):
+    the server refuses it with bad-message, and our own client cannot send it."""
+    link = Link(role, greeted=False)
+    with pytest.raises(LocalProtocolError, match="before 'hello'"):
+        link.client.send(request("status", 1))
+    for kind in ("status", "get_global", "join" if role == "hospital" else "admin_query"):
+        with pytest.raises(RemoteProtocolError, match="before 'hello'") as refused:
+            link.server.receive(wire(request(kind, 7)))
+        assert refused.value.code == "bad-message"
+        link.server.send(wm.ErrorMsg(rid=7, code="bad-message", message="hello first"))
+    # A hello refused (another protocol) greets nobody; one answered with welcome does.
+    link.refuse("hello", "unsupported-protocol")
+    assert not link.client.greeted and not link.server.greeted
+    link.exchange("hello")
+    assert link.client.greeted and link.server.greeted
+    link.exchange("status")

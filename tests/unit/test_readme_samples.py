@@ -9,6 +9,7 @@ fails here until the script is re-run.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 from types import ModuleType
@@ -78,3 +79,40 @@ def test_the_script_rewrites_only_its_block() -> None:
         gen.replace_block("no markers here\n", sample)
     with pytest.raises(gen.SampleError):
         gen.demo_sample("the demo crashed\n")
+
+
+QUICKSTART = ROOT / "docs" / "QUICKSTART.md"
+
+
+def _columns(line: str) -> list[str]:
+    return re.split(r"\s{2,}", line.strip())
+
+
+def test_quickstart_shows_every_admin_action_as_the_commands_print_it() -> None:
+    """Issue 16 item 12: each ``admin`` action has a generated sample in QUICKSTART, headed
+    by its command, whose table columns are the ones the command prints today."""
+    from securefl.cli import ADMIN_ACTIONS
+    from securefl.client import admin_text
+
+    gen = _script()
+    doc = QUICKSTART.read_text()
+    for action in ADMIN_ACTIONS:
+        lines = gen.block_lines(doc, f"admin {action}")
+        assert lines[0].startswith(f"$ securefl admin --config certs/admin.toml {action}")
+        assert len(lines) > 1, action
+    header = {"hospitals": admin_text.HOSPITALS_HEADER, "history": admin_text.HISTORY_HEADER,
+              "audit": admin_text.AUDIT_HEADER}
+    for action, columns in header.items():
+        assert _columns(gen.block_lines(doc, f"admin {action}")[1]) == list(columns)
+    status = gen.block_lines(doc, "admin status")[1:]
+    assert [line.split()[0] for line in status] == ["version", "round", "online", "joined",
+                                                    "sent"]
+    assert gen.block_lines(doc, "admin version")[1].startswith("current global version: ")
+    assert re.fullmatch(r"\d+ masked updates? collected in the current round",
+                        gen.block_lines(doc, "admin count")[1])
+    assert json.loads(gen.block_lines(doc, "admin status --json")[1]).keys() == {
+        "version", "round", "phase", "online", "joined", "submitted", "collected",
+        "waiting_for"}
+    console = gen.block_lines(doc, "server console")
+    assert any("listening on" in line for line in console)
+    assert console[-1].endswith("server stopped (Ctrl-C); every connection closed")

@@ -114,7 +114,7 @@ def test_server_model_spec_is_typed_and_carries_the_classes(tmp_path):
     })
     model = config.load(path, config.ServerSettings).model
     assert isinstance(model.ml, ModelSpec) and model.classes == ("b", "a")
-    assert model.ml_spec() == {"image_size": 32, "channels": 1, "model_kind": "seed",
+    assert model.ml_spec() == {"image_size": 32, "channels": 1, "model_kind": "small",
                                "classes": ["b", "a"], "seed": 3}
 
 

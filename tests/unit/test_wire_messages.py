@@ -47,6 +47,7 @@ def test_arrays_are_raw_little_endian_with_dtype_and_shape() -> None:
     b'{"kind":"masked_input","rid":1,"round_id":1,"array":{"dtype":"<f4","shape":[]}}',
     b'{"kind":"advertise","rid":1,"round_id":1,"c_pk":"%%%","s_pk":"","signature":""}',
     b"\xff\xfe",
+    b'{"kind":"status","rid":1,"x":' + b"[" * 3000 + b"]" * 3000 + b"}",  # RecursionError
 ])
 def test_malformed_headers_are_refused_without_echoing_them(header: bytes) -> None:
     with pytest.raises(RemoteProtocolError) as err:
@@ -68,6 +69,15 @@ def test_participant_keys_have_one_spelling_and_appear_once(keys: str) -> None:
     assert err.value.code == "bad-message"
     msg, _ = wm.decode(Frame((_UNMASK % '{"1":"AAAA","10":"AAAA"}').encode(), b""))
     assert set(msg.signatures) == {1, 10}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("header", "rid"), [
+    (b'{"kind":"nope","rid":5}', 5), (b'{"rid":5,"rid":6}', 0), (b'{"rid":5,"x":{"rid":7}}', 5),
+    (b'{"rid":"5"}', 0), (b'{"rid":4294967296}', 0), (b"[" * 3000, 0),
+])
+def test_an_error_reply_answers_the_rid_of_the_request_when_it_has_exactly_one(
+        header: bytes, rid: int) -> None:
+    assert wm.request_id(header) == rid
 
 
 def test_models_are_frozen() -> None:
@@ -109,6 +119,26 @@ def test_roster_round_trips_through_the_wire() -> None:
     msg, _ = wm.decode(frame)
     assert isinstance(msg, wm.RosterMsg)
     assert mapping.roster_from_wire(msg) == roster
+
+
+def test_the_largest_roster_reaches_a_hospital() -> None:
+    """1000 hospitals with 64-character names and real-sized certificates: past the 1 MiB a
+    server takes from a client, within what the hospital's parser accepts."""
+    from securefl.crypto import pki
+    from securefl.protocol import frames
+
+    ca = pki.make_ca("big")
+    cert = pki.cert_der(pki.issue(ca, pki.Role.HOSPITAL, "h" * 64).cert)
+    one = wm.Participant(name="h" * 64, c_pk=bytes(32), s_pk=bytes(32), cert_der=cert,
+                         signature=bytes(72), base_sha256=bytes(32), graph_commit=bytes(32))
+    msg = wm.RosterMsg(round_id=1, base_version=0, vector_len=10, threshold=600,
+                       neighbours=999, ring_bits=32, clip=1.0, scale=1024.0, max_clients=1000,
+                       max_weight=10_000, min_contributors=2, participants=[one] * 1000)
+    wire = frames.encode_frame(wm.encode_header(msg))
+    assert len(wire) > frames.DEFAULT_MAX_HEADER
+    parser = frames.FrameParser(max_header=frames.CLIENT_MAX_HEADER)
+    parser.receive_data(wire)
+    assert isinstance(wm.decode(parser.next_frame())[0], wm.RosterMsg)
 
 
 def test_round_messages_round_trip() -> None:

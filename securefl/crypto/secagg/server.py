@@ -363,11 +363,22 @@ class ServerRound:
                                       "the survivor list")
         if v in self._responses or self.name_of(v) in self.bad_sharers:
             raise RemoteProtocolError(f"'{self.name_of(v)}' already answered the unmask step")
+        # An honest holder holds a share of every hospital in its neighbourhood that
+        # shared keys (the server routed all their envelopes to it), and returns each one:
+        # b for survivors, s for the dropped.  A share left out would stall the round with
+        # the blame on the dealer whose secret lacks it, so a gap, like a share not asked
+        # for, discards the whole answer and names the one who gave it.
         mine = (self._graph[v] | {v}) & self.u1
-        b_ok = set(msg.b_shares) <= (mine & self.survivors)
-        s_ok = set(msg.s_shares) <= (mine - self.survivors)
-        if not (b_ok and s_ok):
-            raise RemoteProtocolError("unmask response holds shares that were not asked for")
+        for got, want, kind in ((set(msg.b_shares), mine & self.survivors, "self-mask"),
+                                (set(msg.s_shares), mine - self.survivors, "key")):
+            if got != want:
+                n = len(self.roster.participants) if self.roster else 0
+                who = ", ".join(f"'{self.name_of(u)}'" if 1 <= u <= n else f"number {u}"
+                                for u in sorted(want ^ got)[:3])
+                self.bad_sharers[self.name_of(v)] = (
+                    f"left out its {kind} share of {who}" if got < want else
+                    f"returned {kind} shares it was not asked for ({who})")
+                return
         assert self.roster is not None
         cfg = self.roster.config
         for kind, shares, half in ((b"b", msg.b_shares, slice(0, 32)),

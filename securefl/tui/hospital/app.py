@@ -137,6 +137,10 @@ class HospitalApp(SecureFLApp):
             self.notify(f"Round {session.resend_round} ended without publishing anything "
                         "(it failed, was aborted, or the server restarted): send your update "
                         "again (s).", severity="warning")
+        out = session.published_round
+        if out is not None and self.hospital.note_published(*out):
+            self.notify(f"Version {out[1]} is out: round {out[0]} published it with this "
+                        "hospital's update in it while it was not connected (g to get it).")
         await self._status_once()
         for screen in self.screen_stack:
             if isinstance(screen, SendScreen | GetScreen):

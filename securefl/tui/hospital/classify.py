@@ -1,5 +1,9 @@
 """Classify a scan: pick an image file, see it, see each class's probability as a bar.
 
+The probabilities are calibrated (``securefl.ml.calibration``); the pane names the model
+version that answered and marks an answer below ``[ml] confidence_threshold`` as
+low-confidence.  A failed classification clears the previous answer.
+
 The image is drawn by ``textual-image``: a graphics protocol where the terminal has one
 (Kitty, Sixel), unicode half blocks elsewhere.  The prediction is TensorFlow work, so it
 runs in a thread worker.
@@ -18,6 +22,7 @@ from textual.widgets import DirectoryTree, Footer, Header, Input, Static
 from textual_image.widget import Image
 
 from securefl.client.hospital import IMAGE_SUFFIXES, Hospital
+from securefl.ml.train import Classification
 from securefl.tui.common import notify_error
 
 HERE = Path(__file__).parent
@@ -33,6 +38,17 @@ def probability_bars(probs: dict[str, float], width: int = BAR_WIDTH) -> str:
     return "\n".join(lines)
 
 
+def describe_answer(name: str, answer: Classification) -> str:
+    """What the result pane shows: the bars, which model answered (its version and whether
+    its probabilities are calibrated), and the low-confidence and decision-support notes."""
+    how = (f"calibrated, temperature {answer.temperature:.2f}" if answer.calibrated
+           else "not calibrated")
+    lines = [name, probability_bars(answer.probabilities),
+             f"Model: {answer.model} ({how}).", *answer.notices(),
+             "Decision support only: a clinician makes the diagnosis."]
+    return "\n".join(lines)
+
+
 class ScanTree(DirectoryTree):
     """Folders and image files only."""
 
@@ -44,15 +60,17 @@ class ClassifyScreen(Screen):
     CSS_PATH = HERE / "classify.tcss"
     TITLE = "Classify a scan"
     HELP = ("Pick a scan in the tree (Enter on a file) or type its path and press Enter. "
-            "The model's answer is shown as a bar per class, most likely first.  Decision "
-            "support only: a clinician makes the diagnosis.")
+            "The model's answer is shown as a bar per class, most likely first, with the "
+            "model version that answered.  The probabilities are calibrated on validation "
+            "scans; an answer whose most likely class is below the confidence threshold is "
+            "marked LOW CONFIDENCE.  Decision support only: a clinician makes the diagnosis.")
     BINDINGS = [("escape", "back", "Back")]
 
     class Classified(Message):
-        def __init__(self, path: Path, probs: dict[str, float] | None,
+        def __init__(self, path: Path, answer: Classification | None,
                      error: BaseException | None) -> None:
             super().__init__()
-            self.path, self.probs, self.error = path, probs, error
+            self.path, self.answer, self.error = path, answer, error
 
     def __init__(self, hospital: Hospital) -> None:
         super().__init__()
@@ -82,8 +100,19 @@ class ClassifyScreen(Screen):
     def _typed(self, event: Input.Submitted) -> None:
         self.classify_path(Path(event.value.strip()).expanduser())
 
+    def _clear(self, text: str) -> None:
+        """Forget the previous answer: it must never stand beside another scan's name."""
+        self.query_one("#scan", Image).image = None
+        self.query_one("#probs", Static).update(text)
+
     def classify_path(self, path: Path) -> None:
+        if not path.exists():
+            self._clear("Pick a scan (Enter on a file).")
+            self.notify(f"{path} does not exist: check the name and folder, or pick a scan "
+                        "below.", severity="error")
+            return
         if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            self._clear("Pick a scan (Enter on a file).")
             self.notify(f"{path.name or path} is not a JPEG or PNG file: pick a scan image.",
                         severity="error")
             return
@@ -94,19 +123,18 @@ class ClassifyScreen(Screen):
     @work(thread=True, exclusive=True, group="classify")
     def run_classify(self, path: Path) -> None:
         try:
-            probs = self.hospital.classify(path)
+            answer = self.hospital.classify(path)
         except Exception as exc:  # shown as a notification
             self.post_message(self.Classified(path, None, exc))
             return
-        self.post_message(self.Classified(path, probs, None))
+        self.post_message(self.Classified(path, answer, None))
 
     @on(Classified)
     def _classified(self, message: Classified) -> None:
-        probs = self.query_one("#probs", Static)
-        if message.error is not None or message.probs is None:
-            probs.update(f"Could not classify {message.path.name}.")
+        if message.error is not None or message.answer is None:
+            self._clear(f"Could not classify {message.path.name}.")
             notify_error(self.app, message.error or RuntimeError("no result"),
                          "Classification failed")
             return
-        probs.update(f"{message.path.name}\n{probability_bars(message.probs)}\n"
-                     "Decision support only: a clinician makes the diagnosis.")
+        self.query_one("#probs", Static).update(describe_answer(message.path.name,
+                                                                message.answer))

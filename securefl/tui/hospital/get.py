@@ -1,11 +1,13 @@
 """Get weights: download the global model (checked against its fingerprint), then evaluate
-it on this hospital's test scans.
+it on this hospital's validation scans.
 
 Steps: download -> checked intact (``HospitalSession.get_global`` refuses a mismatch) ->
-loaded into the local model -> evaluated on this hospital's test scans.  The download is
-one exclusive async worker; the evaluation is TensorFlow work in a thread worker.  Results
-are told in clinical terms (sensitivity, specificity, full class names); the rest (macro
-F1, precision, the fingerprint) is in the details view (d).
+loaded into the local model -> evaluated on this hospital's validation scans (held out of
+training; the Testing scans are kept for reported figures: ``securefl client ... evaluate
+--split testing``).  The download is one exclusive async worker; the evaluation is
+TensorFlow work in a thread worker.  Results are told in clinical terms (balanced accuracy,
+sensitivity, specificity, full class names); the rest (macro F1, precision, calibration
+error, the fingerprint) is in the details view (d).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from textual.widgets import Button, DataTable, Footer, Header, Label, Static
 
 from securefl.client.hospital import Hospital
 from securefl.client.session import HospitalSession
+from securefl.ml.calibration import ECE_BINS
 from securefl.ml.data import describe_skipped
 from securefl.ml.train import EvalReport, append_history
 from securefl.tui.common import ConfirmScreen, TextScreen, notify_error, pairs
@@ -30,7 +33,7 @@ from securefl.tui.common import Progress as ProgressBar
 
 HERE = Path(__file__).parent
 STEPS = ["Download", "Checked intact", "Loaded into the local model",
-         "Evaluated on your test scans"]
+         "Evaluated on your validation scans"]
 #: How the usual class folder names read in a clinic.
 CLASS_NAMES = {"glioma": "glioma", "meningioma": "meningioma", "notumor": "no tumour",
                "no_tumor": "no tumour", "pituitary": "pituitary tumour"}
@@ -48,16 +51,31 @@ def specificity(confusion: list[list[int]], i: int) -> float | None:
     return None if negatives == 0 else (negatives - false_pos) / negatives
 
 
+def scans_word(r: EvalReport) -> str:
+    """Which scans the report scored, in the words the screen uses for them."""
+    return {"validation": "validation scan", "testing": "Testing scan"}.get(r.split,
+                                                                           "test scan")
+
+
 def one_class_warning(r: EvalReport) -> str:
-    """A warning when the model gives every test scan the same answer, else ''."""
+    """A warning when the model gives every scored scan the same answer, else ''."""
     names = list(r.per_class)
     called = [sum(row[j] for row in r.confusion) for j in range(len(names))]
     if sum(called) and sum(1 for c in called if c) == 1 and len(names) > 1:
         only = class_name(names[called.index(max(called))])
-        return (f"Warning: this model calls every test scan \"{only}\": it cannot tell the "
-                "classes apart yet, so do not use it to classify scans. Train it (t) and "
+        return (f"Warning: this model calls every {scans_word(r)} \"{only}\": it cannot "
+                "tell the classes apart yet, so do not use it to classify scans. Train it (t) and "
                 "send the update (s); later versions should do better.")
     return ""
+
+
+def calibration(r: EvalReport) -> str:
+    """How far the probabilities Classify shows can be taken at face value."""
+    if r.ece_before is None:
+        return "-"
+    if r.ece_after is None or r.temperature is None:
+        return f"{r.ece_before:.3f} (no temperature fitted for this model yet)"
+    return f"{r.ece_before:.3f} raw -> {r.ece_after:.3f} with temperature {r.temperature:.2f}"
 
 
 def report_details(r: EvalReport, version: int | None, sha256: str) -> str:
@@ -65,9 +83,12 @@ def report_details(r: EvalReport, version: int | None, sha256: str) -> str:
     names = list(r.per_class)
     lines = list(pairs([("Global version", str(version)),
                         ("Fingerprint (sha256)", sha256 or "-"),
-                        ("Test scans", str(r.num_samples)),
+                        ("Scored on", f"{r.num_samples} {scans_word(r)}s"
+                         + (" (held out of training)" if r.split == "validation" else "")),
+                        ("Balanced accuracy", f"{r.balanced_accuracy:.1%}"),
                         ("Accuracy", f"{r.accuracy:.1%}"),
-                        ("Macro F1", f"{r.macro_f1:.3f}")]))
+                        ("Macro F1", f"{r.macro_f1:.3f}"),
+                        (f"Calibration (ECE, {ECE_BINS} bins)", calibration(r))]))
     lines += ["", "Per class: sensitivity (recall), specificity, precision, F1, scans"]
     for i, (name, m) in enumerate(r.per_class.items()):
         spec = specificity(r.confusion, i)
@@ -85,12 +106,13 @@ class GetScreen(Screen):
     CSS_PATH = HERE / "get.tcss"
     TITLE = "Get the global weights"
     HELP = ("Downloads the federation's current global model, checks that it arrived "
-            "intact, loads it into this hospital's model and tests it on this hospital's "
-            "test scans.  Sensitivity: of the scans of a class, the share the model found.  "
-            "Specificity: of the other scans, the share it did not wrongly call that "
-            "class.  The table below shows, for each actual class, what the model answered.  "
-            "d shows the full technical report.  If the local model was trained and its "
-            "update not sent, you are asked first (No keeps the training).")
+            "intact, loads it into this hospital's model and tests it on its validation "
+            "scans (a share of its Training scans held out of training).  Balanced accuracy: "
+            "the mean sensitivity over the classes.  Sensitivity: of the scans of a class, "
+            "the share the model found.  Specificity: of the other scans, the share it did "
+            "not wrongly call that class.  d shows the full technical report.  If the local "
+            "model was trained and its update not sent, you are asked first (No keeps the "
+            "training).")
     BINDINGS = [("escape", "back", "Back"), ("enter", "start", "Get weights"),
                 Binding("escape", "busy_back", show=False), ("d", "details", "Details")]
 
@@ -258,7 +280,7 @@ class GetScreen(Screen):
                         "total_samples": model.total_samples})
         self.version, self.sha256 = model.version, model.sha256
         self._step(3, f"Global version {model.version} (from {model.contributors} "
-                   "hospitals); testing it on this hospital's test scans…")
+                   "hospitals); testing it on this hospital's validation scans…")
         self.post_message(self.Downloaded(model.version))
         self.evaluate()
 
@@ -282,8 +304,8 @@ class GetScreen(Screen):
                    "(d: full report).")
         skipped = describe_skipped(r.skipped, self.hospital.ml.scans_dir)
         self.query_one("#summary", Static).update(
-            f"Global version {self.version} · accuracy {r.accuracy:.1%} · {r.num_samples} "
-            "test scans" + (f"\n{skipped}" if skipped else ""))
+            f"Global version {self.version} on {r.num_samples} {scans_word(r)}s · balanced "
+            f"accuracy {r.balanced_accuracy:.1%}" + (f"\n{skipped}" if skipped else ""))
         warning = one_class_warning(r)
         self.query_one("#warning", Static).update(warning)
         self.query_one("#warning", Static).display = bool(warning)

@@ -241,7 +241,11 @@ class SendScreen(Screen):
             assert outcome is not None
             self.done = len(ROWS)
             self.notes[len(ROWS) - 1] = f"version {outcome.version}"
-            self._say(f"Round {outcome.round_id} published global version "
-                      f"{outcome.version}. Next: press Escape, then g to get it.")
+            self._say(
+                f"Round {outcome.round_id} is complete, but the server has not stored "
+                f"version {outcome.version} yet; nothing to send again. Next: get it (g) "
+                "once it is out." if outcome.pending else
+                f"Round {outcome.round_id} published global version "
+                f"{outcome.version}. Next: press Escape, then g to get it.")
         self._draw_steps()
         self.post_message(self.Sent(outcome, error))

@@ -37,11 +37,12 @@ class TrainScreen(Screen):
     CSS_PATH = HERE / "train.tcss"
     TITLE = "Train the local model"
     HELP = ("Trains this hospital's model on its own scans (they never leave this "
-            "machine), starting from the global version it last got.  Set the epochs (passes "
-            "over the scans) and the batch size, then press Enter or Start.  The bars show "
-            "the epoch and the batch; the curves show the loss (lower is better) and the "
-            "accuracy on the training scans.  Cancel (ctrl+x) stops after the current batch "
-            "and leaves the model as it was.  Next, once trained: Escape, then s to send.")
+            "machine), starting from the global version it last got.  Set the most epochs "
+            "(passes over the scans) and the batch size, then Enter or Start; it stops early "
+            "once the loss on the held-out validation scans stops improving, keeping the "
+            "best epoch.  The bars show the epoch and the batch; the curves, the loss (lower "
+            "is better) and the accuracy on the training scans.  Cancel (ctrl+x) stops after "
+            "the current batch and leaves the model as it was.  Next: Escape, then s to send.")
     BINDINGS = [("escape", "back", "Back"), ("enter", "start", "Start"),
                 Binding("escape", "busy_back", show=False),
                 # priority: the focused number field would otherwise take ctrl+x as "cut"
@@ -77,7 +78,7 @@ class TrainScreen(Screen):
         yield Header()
         with VerticalScroll(id="train"):
             with Horizontal(id="settings"):
-                yield Label("Epochs")
+                yield Label("Max epochs")
                 yield Input(str(ml.epochs), id="epochs", type="integer")
                 yield Label("Batch size")
                 yield Input(str(ml.batch_size), id="batch", type="integer")
@@ -212,15 +213,21 @@ class TrainScreen(Screen):
         elif message.result is not None:
             r = message.result
             skipped = describe_skipped(r.skipped, self.hospital.ml.scans_dir)
-            state.update(f"Trained on {r.num_samples} scans in {r.seconds:.0f} s. Next: "
-                         "press Escape, then s to send the update.")
+            kept = (f", kept epoch {r.best_epoch} of {r.epochs_run} (lowest loss on "
+                    f"{r.validation_samples} validation scans)" if r.best_epoch else "")
+            state.update(f"Trained on {r.num_samples} scans in {r.seconds:.0f} s{kept}. "
+                         "Next: press Escape, then s to send the update.")
             self.query_one("#skipped", Static).update(skipped or "")
             self.query_one("#skipped", Static).display = bool(skipped)
             if skipped:
                 self.notify(skipped, title="Some files were not used", severity="warning",
                             timeout=30)
-            self.query_one("#epoch-bar", ProgressBar).update(progress=self.hospital.ml.epochs)
             # Progress from the training process may be coalesced when the screen is busy:
-            # the finished state must not show an earlier epoch.
-            epochs = self.hospital.ml.epochs
-            self.query_one("#epoch-label", Label).update(f"Epoch {epochs} of {epochs}")
+            # the finished state must not show an earlier epoch.  Early stopping may have
+            # ended before the most epochs allowed: the bar ends full either way.
+            epochs = r.epochs_run or self.hospital.ml.epochs
+            self.query_one("#epoch-bar", ProgressBar).update(total=epochs, progress=epochs)
+            self.query_one("#epoch-label", Label).update(
+                f"Epoch {epochs} of {epochs}" if epochs == self.hospital.ml.epochs else
+                f"Epoch {epochs} of at most {self.hospital.ml.epochs}: stopped early (validation "
+                "loss no longer improving)")

@@ -162,3 +162,36 @@ def test_a_dealer_whose_shares_lie_on_no_polynomial_is_named_and_nothing_publish
                                           "self-mask seed that do not fit together"):
         r.server.finish()
     assert r.server.state is ServerState.FAILED
+
+
+@pytest.mark.parametrize("how", ["one left out", "empty", "one not asked for",
+                                 "a self-mask share sent as a key share"])
+def test_an_answer_that_leaves_out_or_adds_a_share_is_named_not_the_dealer(fed5, how):
+    """Found by an external probe: two hospitals leaving out their share of an honest
+    hospital's seed stalled the round with the blame on the honest one ("too few
+    neighbours of 'h3' answered"), no one named, and each retry cost every honest hospital
+    one of its attempts.  Every holder must return exactly the shares it holds."""
+    r = Round(fed5)
+    r.mask()
+    r.check()
+    victim = r.clients[4].me
+    for i, (cred, client) in enumerate(zip(r.creds, r.clients, strict=True)):
+        resp = client.receive(r.requests[client.me])
+        if i in (0, 1):
+            b = dict(resp.b_shares)
+            s = dict(resp.s_shares)
+            if how == "one left out":
+                del b[victim]
+            elif how == "empty":
+                b = {}
+            elif how == "one not asked for":
+                b[99] = b[victim]
+            else:
+                s[victim] = b.pop(victim)
+            resp = UnmaskResponse(resp.round_id, resp.sender, b, s)
+        r.server.receive(resp, from_name=cred.name)
+    with pytest.raises(NotEnoughSurvivorsError) as failed:
+        r.server.finish()
+    cheats = sorted(c.name for c in r.creds[:2])
+    assert sorted(r.server.bad_sharers) == cheats
+    assert all(f"'{name}'" in failed.value.message for name in cheats)

@@ -118,3 +118,30 @@ def test_garbage_certificate_is_refused(fed5):
     ca, creds = fed5
     with pytest.raises(CryptoError, match="certificate"):
         verify_advertisement(replace(_advert(creds[0]), cert_der=b"\x30\x03junk"), ca.cert)
+
+
+@pytest.mark.parametrize("name", ["Hospital A", "../etc", "a/b", "-lead", "été"])
+def test_a_ca_signed_certificate_with_a_name_we_never_issue_is_not_an_identity(name):
+    """Names become file names and log fields: one the CA's own tools would refuse is not
+    taken from a certificate either (say, one made by hand with the CA key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca = pki.make_ca("fed")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                                     x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME,
+                                                        "hospital")]))
+            .issuer_name(ca.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .sign(ca.key, hashes.SHA256()))
+    with pytest.raises(CryptoError, match="never issues"):
+        pki.identity_of(cert)
+    good = pki.issue(ca, pki.Role.HOSPITAL, "hospital-a")
+    assert pki.identity_of(good.cert) == (pki.Role.HOSPITAL, "hospital-a")

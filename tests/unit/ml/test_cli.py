@@ -14,11 +14,12 @@ TLS = {"cert": "hospital.pem", "key": "hospital.key", "ca": "ca.pem"}
 
 def test_synth_train_evaluate_classify(tmp_path, capsys):
     data = tmp_path / "data"
-    assert main(["data", "synth", "--out", str(data), "--hospitals", "2", "--train", "48",
+    assert main(["data", "synth", "--out", str(data), "--hospitals", "1", "--train", "48",
                  "--test", "16", "--size", "32", "--seed", "2"]) == 0
-    assert (data / "hospital_2" / "Testing" / "pituitary").is_dir()
+    assert (data / "hospital_1" / "Testing" / "pituitary").is_dir()
     ml = {"scans_dir": "data/hospital_1", "model_dir": "runs/h1", "image_size": 32,
-          "model_kind": "small", "epochs": 1, "batch_size": 16}
+          "model_kind": "small", "epochs": 1, "batch_size": 16,
+          "min_validation_per_class": 2}
     cfg = write_toml(tmp_path / "hospital.toml", {**TLS, "ml": ml})
     capsys.readouterr()
     scan = next((data / "hospital_1" / "Testing" / "meningioma").iterdir())
@@ -31,19 +32,44 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
 
     assert main(["client", "--config", str(cfg), "train", "--epochs", "2"]) == 0
     out = capsys.readouterr()
-    assert "on 48 scans" in out.out and "epoch 2/2" in out.err
+    # 12 scans of each class: 2 held out for validation (min_validation_per_class)
+    assert "on 40 scans" in out.out and "epoch 2/2" in out.err
+    assert "on 8 validation scans; probabilities calibrated with temperature" in out.out
     assert (tmp_path / "runs" / "h1" / "model.keras").is_file()
+    assert (tmp_path / "runs" / "h1" / "calibration.json").is_file()
 
     assert main(["client", "--config", str(cfg), "evaluate", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["num_samples"] == 16 and len(report["confusion"]) == 4
+    assert report["split"] == "validation" and report["num_samples"] == 8
+    assert len(report["confusion"]) == 4 and report["temperature"] > 0
+    assert 0 <= report["balanced_accuracy"] <= 1 and report["ece_after"] is not None
+    assert main(["client", "--config", str(cfg), "evaluate", "--split", "testing"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("the local model trained here from a new model, on this "
+                          "hospital's Testing scans: accuracy")
+    assert "balanced accuracy" in out and "expected calibration error (15 bins)" in out
 
     assert main(["client", "--config", str(cfg), "classify", str(scan), "--json"]) == 0
-    probs = json.loads(capsys.readouterr().out)
-    assert set(probs) == {"glioma", "meningioma", "notumor", "pituitary"}
+    answer = json.loads(capsys.readouterr().out)
+    assert set(answer["probabilities"]) == {"glioma", "meningioma", "notumor", "pituitary"}
+    assert answer["calibrated"] and answer["model"].startswith("the local model trained here")
+
+    # Below the threshold: marked low-confidence, in words a clinician can act on; the
+    # version that answered is named (here: a downloaded global version, not trained since).
+    write_toml(cfg, {**TLS, "state_dir": "state", "ml": {**ml, "confidence_threshold": 1.0}})
+    (tmp_path / "state").mkdir(exist_ok=True)
+    (tmp_path / "state" / "local.json").write_text(json.dumps(
+        {"base_version": 3, "trained": False, "num_samples": 0}))
+    assert main(["client", "--config", str(cfg), "classify", str(scan)]) == 0
+    out = capsys.readouterr().out
+    assert "model: global version 3 (calibrated, temperature " in out
+    assert "LOW CONFIDENCE: the model's most likely class" in out
+    assert "below the 100% threshold): treat this answer as inconclusive" in out
+    assert main(["client", "--config", str(cfg), "classify", str(tmp_path / "nope.jpg")]) == 4
+    assert "nope.jpg does not exist: check the file name" in capsys.readouterr().err
 
     events = [h["event"] for h in read_history(tmp_path / "runs" / "h1" / "history.jsonl")]
-    assert events == ["train", "evaluate"]
+    assert events == ["train", "evaluate", "evaluate"]
 
     # settings that no longer match the saved model are refused, not silently retrained
     write_toml(cfg, {**TLS, "ml": {**ml, "image_size": 40}})
@@ -77,19 +103,20 @@ def test_train_and_evaluate_say_which_files_were_skipped(tmp_path, capsys):
     (scans / "Training" / "notumor" / "README.txt").write_text("exported 2024-03-01")
     (scans / "Testing" / "pituitary" / "e.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     ml = {"scans_dir": "data/hospital_1", "model_dir": "runs", "image_size": 32,
-          "model_kind": "small", "epochs": 1, "batch_size": 8}
+          "model_kind": "small", "epochs": 1, "batch_size": 8, "min_validation_per_class": 2}
     cfg = write_toml(tmp_path / "hospital.toml", {**TLS, "ml": ml})
     capsys.readouterr()
     assert main(["client", "--config", str(cfg), "train"]) == 0
     out = capsys.readouterr()
-    assert "on 24 scans" in out.out
+    assert "on 16 scans" in out.out  # 6 of each class, 2 of them held out for validation
     assert ("securefl: warning: 5 files were skipped and not used: "
             "Training/glioma/a.jpg (not a readable JPEG or PNG image), "
             "Training/glioma/b.png (not a readable JPEG or PNG image), "
             "Training/glioma/c.jpg (not a readable JPEG or PNG image) and 2 more; "
             "replace them with readable JPEG or PNG scans, or remove them") in out.err
 
-    assert main(["client", "--config", str(cfg), "evaluate", "--json"]) == 0
+    assert main(["client", "--config", str(cfg), "evaluate", "--split", "testing",
+                 "--json"]) == 0
     out = capsys.readouterr()
     report = json.loads(out.out)  # the warning does not spoil the JSON
     assert report["num_samples"] == 8
@@ -109,7 +136,7 @@ def test_train_and_evaluate_say_which_files_were_skipped(tmp_path, capsys):
     # Every pituitary test scan unreadable: refused with the class and folder named.
     for f in (scans / "Testing" / "pituitary").iterdir():
         f.write_bytes(b"zeroed by a failed copy")
-    assert main(["client", "--config", str(cfg), "evaluate"]) == 4
+    assert main(["client", "--config", str(cfg), "evaluate", "--split", "testing"]) == 4
     err = capsys.readouterr().err
     assert (f"class 'pituitary' has no readable scans in {scans / 'Testing' / 'pituitary'}"
             in err and "needs at least one of every class" in err)

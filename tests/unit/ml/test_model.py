@@ -33,7 +33,7 @@ def test_seed_model_is_the_original_design(seed_model):
     assert seed_model.layers[-1].activation.__name__ == "softmax"
     assert seed_model.loss == "sparse_categorical_crossentropy"
     assert type(seed_model.optimizer).__name__ == "Adam"
-    assert "Rescaling" in kinds  # preprocessing inside the model
+    assert "IntensityWindow" in kinds  # preprocessing inside the model
 
 
 def test_small_model_is_about_100k_parameters_at_any_size():
@@ -60,7 +60,7 @@ def test_vector_round_trip_is_exact(seed_model):
     vec = to_vector(seed_model)
     assert vec.dtype == np.float32 and vec.ndim == 1 and vec.size == spec.size
     assert spec.size == seed_model.count_params()
-    target = make_model(SHAPE, 4, seed=99)
+    target = make_model(SHAPE, 4, kind="seed", seed=99)
     new = np.random.default_rng(0).standard_normal(vec.size).astype(np.float32)
     from_vector(target, new)
     assert np.array_equal(to_vector(target), new)
