@@ -60,8 +60,16 @@ _SERVER_COMMENT = """\
 
 
 def _hospital_ml() -> dict[str, object]:
-    return {"scans_dir": "scans", "model_dir": "model", **_MODEL_SPEC, "seed": 0,
-            "epochs": 1, "batch_size": 32}
+    """The kit's [ml] table: the training settings are MLSettings' own defaults (chosen on
+    validation, docs/ML.md), written out so a hospital sees what it may change."""
+    from securefl.ml.settings import MLSettings
+
+    fields = MLSettings.model_fields
+    trained = {k: fields[k].default for k in ("epochs", "patience", "batch_size",
+                                              "validation_fraction",
+                                              "min_validation_per_class",
+                                              "confidence_threshold") if k in fields}
+    return {"scans_dir": "scans", "model_dir": "model", **_MODEL_SPEC, "seed": 0, **trained}
 
 
 CRL_LIFETIME = dt.timedelta(days=30)
