@@ -79,7 +79,7 @@ class DashboardScreen(Screen):
     HELP = ("The hospital's home screen: the connection to the federation's server, the "
             "global model on the server and this hospital's local model, the round in "
             "progress and the scans per class.  A week's routine: g (get the global "
-            "weights and see how they do on your test scans), t (train on your scans), "
+            "weights and see how they do on your validation scans), t (train on your scans), "
             "s (send the masked update), then g again once the round is published.\n"
             "Greyed lines marked 'stale' are the last known values while the server cannot "
             "be reached; the app reconnects by itself.")
