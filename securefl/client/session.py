@@ -477,7 +477,8 @@ class HospitalSession(_Session):
             shares = await self._run(rnd.receive, mapping.seed_reveals_from_wire(reveals))
             await self._in_round(joined.round_id, mapping.share_keys_to_wire(shares))
             journal("keys-shared", joined.round_id)
-            step("keys-shared", "key shares sent; waiting for the others' shares")
+            step("keys-shared", "protective keys shared with the other hospitals; waiting for "
+                 "theirs")
             if leave_after == "share_keys":
                 return None
             bundle = await self._expect(wm.EnvelopesMsg, joined.round_id)
@@ -503,13 +504,14 @@ class HospitalSession(_Session):
             sent.unlisted_round = None
             await self._in_round(joined.round_id, mapping.signature_to_wire(signature))
             step("signed", f"{len(rnd.signed_survivors)} hospitals' updates are in the sum; "
-                 "list signed, waiting for the others' signatures")
+                 "confirmed, waiting for the others to confirm")
             if leave_after == "signed":
                 return None
             request = await self._expect(wm.UnmaskRequestMsg, joined.round_id)
             answer = await self._run(rnd.receive, mapping.unmask_request_from_wire(request))
             await self._in_round(joined.round_id, mapping.unmask_response_to_wire(answer))
-            step("unmasked", "unmasking: shares for the survivors sent")
+            step("unmasked", "this hospital's part in removing the protective masks was sent; "
+                 "waiting for the new version")
         done = await self._expect(wm.RoundDone, joined.round_id)
         if done.pending:  # complete; its version waits for the server's storage
             step("unmasked", f"round {done.round_id} is complete; the server will publish "
