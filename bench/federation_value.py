@@ -390,7 +390,7 @@ def main() -> int:
         if local_curves:
             print(f"  {'local only: ' + n:<44} {tail(local_curves[h]):11.3f} "
                   f"{tail(own_local_curves[h]):12.3f} {tail(own_local_val_curves[h]):15.3f}")
-    for arm, (curve, _, _, summary, _) in results.items():
+    for arm, (_, _, _, summary, _) in results.items():
         for c in CANDIDATES:
             for h, n in enumerate(names):
                 print(f"  {f'{arm} {fed}, {c}: {n}':<44} {summary[c]['pooled'][h]:11.3f} "

@@ -13,6 +13,7 @@ layer moves weights in and out with :func:`securefl.ml.model.to_vector` /
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -144,6 +145,69 @@ def calibration_for(settings: MLSettings, model: keras.Model,
     if cal is None and validation is not None and len(validation):
         cal = fit_calibration(settings, model, validation)
     return cal
+
+
+#: How each personalisation is named to people (``client get``, ``evaluate``, ``classify``,
+#: the app): "global version 7, recalibrated on this hospital's scans".
+PERSONALISATION_LABELS = {"recalibrate": "recalibrated on this hospital's scans"}
+
+
+@dataclass(frozen=True)
+class Personalised:
+    """What :func:`personalise` made of a downloaded global model."""
+
+    #: The personalisation applied ("recalibrate"), or "none" (the global model as is).
+    kind: str
+    #: Training scans it was measured on (0 for "none").
+    scans: int = 0
+    #: The temperature fitted on the validation scans for the personalised model.
+    temperature: float | None = None
+    #: Why the asked-for personalisation was not applied ("" when it was, or not asked).
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return PERSONALISATION_LABELS.get(self.kind, "")
+
+
+def personalise(settings: MLSettings, model: keras.Model,
+                data: ImageSet | None = None) -> Personalised:
+    """Make the global weights just loaded into ``model`` this hospital's own model, and
+    save it as the hospital's model file (``settings.model_path``).
+
+    Why: the global model's batch-norm statistics are an average over every hospital's
+    scanner; the weights carry what the federation learned.  With ``[ml] personalise =
+    "recalibrate"`` (the default, chosen on validation scans: docs/RESULTS.md) each
+    batch-norm layer's mean and variance are measured exactly over this hospital's
+    training scans (``securefl.ml.batchnorm``), then the temperature is fitted on its
+    validation scans.  The trained weights are untouched, so the update a hospital sends
+    later (trained minus downloaded global) does not depend on this step: training in
+    batch-norm layers uses each batch's own statistics and ends by re-measuring them.
+
+    ``data`` is the whole Training folder (:func:`load_data` when not given).  A data problem
+    (no scans, a class with too few) is a ``DataError``; the caller keeps the global model.
+    """
+    from dataclasses import asdict
+
+    from securefl.ml.batchnorm import calibrate_batch_norm
+    from securefl.ml.model import save_model
+    from securefl.ml.train import append_history
+
+    if settings.personalise == "none":
+        save_model(model, settings.model_path)
+        return Personalised("none")
+    data = data if data is not None else load_data(settings, "Training")
+    train_set, validation = split_training(settings, data)
+    if calibrate_batch_norm(model, train_set) == 0:
+        save_model(model, settings.model_path)
+        return Personalised("none", note=f"the '{settings.model_kind}' model has no batch-norm "
+                                         "statistics to recalibrate")
+    save_model(model, settings.model_path)
+    cal = fit_calibration(settings, model, validation)
+    append_history(settings.history_path, {
+        "event": "personalise", "kind": settings.personalise, "num_samples": len(train_set),
+        "calibration": asdict(cal)})
+    return Personalised(settings.personalise, len(train_set), cal.temperature)
 
 
 def run_train(

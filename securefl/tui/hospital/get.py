@@ -175,8 +175,8 @@ class GetScreen(Screen):
         skipped = describe_skipped(r.skipped, self.hospital.ml.scans_dir)
         self.query_one("#summary", Static).update(
             f"Global version {self.version} on {r.num_samples} validation scans (held out of "
-            f"Training) · balanced accuracy {r.balanced_accuracy:.1%} · accuracy "
-            f"{r.accuracy:.1%} · macro F1 {r.macro_f1:.3f}"
+            f"Training){_personalised(self.hospital)} · balanced accuracy "
+            f"{r.balanced_accuracy:.1%} · accuracy {r.accuracy:.1%} · macro F1 {r.macro_f1:.3f}"
             + (f" · calibration error {r.ece_before:.3f} -> {r.ece_after:.3f}"
                if r.ece_before is not None and r.ece_after is not None else "")
             + (f"\n{skipped}" if skipped else ""))
@@ -185,6 +185,14 @@ class GetScreen(Screen):
                         timeout=30)
         show_report(self.query_one("#per-class", DataTable),
                     self.query_one("#confusion", DataTable), r)
+
+
+def _personalised(hospital: Hospital) -> str:
+    """", recalibrated on this hospital's scans": how ``get`` made the model its own."""
+    from securefl.ml.local import PERSONALISATION_LABELS
+
+    how = PERSONALISATION_LABELS.get(hospital.local_state().personalisation)
+    return f", {how}" if how else ", as downloaded (not personalised)"
 
 
 def show_report(per_class: DataTable, confusion: DataTable, r: EvalReport) -> None:
