@@ -187,11 +187,8 @@ def personalise(settings: MLSettings, model: keras.Model,
     ``data`` is the whole Training folder (:func:`load_data` when not given).  A data problem
     (no scans, a class with too few) is a ``DataError``; the caller keeps the global model.
     """
-    from dataclasses import asdict
-
     from securefl.ml.batchnorm import calibrate_batch_norm
     from securefl.ml.model import save_model
-    from securefl.ml.train import append_history
 
     if settings.personalise == "none":
         save_model(model, settings.model_path)
@@ -204,9 +201,6 @@ def personalise(settings: MLSettings, model: keras.Model,
                                          "statistics to recalibrate")
     save_model(model, settings.model_path)
     cal = fit_calibration(settings, model, validation)
-    append_history(settings.history_path, {
-        "event": "personalise", "kind": settings.personalise, "num_samples": len(train_set),
-        "calibration": asdict(cal)})
     return Personalised(settings.personalise, len(train_set), cal.temperature)
 
 

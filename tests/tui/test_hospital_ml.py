@@ -61,7 +61,8 @@ def test_classify_a_scan_picked_by_path(fed: Fed) -> None:
                 assert {line.split()[0] for line in probs[1:5]} == {
                     "glioma", "meningioma", "notumor", "pituitary"}
                 # which model answered, and whether its probabilities are calibrated
-                assert probs[5].startswith("Model: global version 0 (calibrated, temperature")
+                assert probs[5].startswith("Model: global version 0, recalibrated on this "
+                                           "hospital's scans (calibrated, temperature")
                 top = max(float(line.split()[-1].rstrip("%")) for line in probs[1:5])
                 assert ("LOW CONFIDENCE" in text(app, "#probs")) == (top < 70.0)
                 assert probs[-1].startswith("Decision support only")
