@@ -266,17 +266,28 @@ class Hospital:
     @logged("train")
     def train(self, progress: ProgressFn | None = None,
               cancel: threading.Event | None = None) -> TrainResult:
-        """Train the local model on this hospital's scans, starting from what it holds now,
-        and record what was trained (base version, scans, the weights' sha256)."""
+        """Train the local model on this hospital's scans and record what was trained (base
+        version, scans, the weights' sha256).  The first training after ``get`` starts from
+        the global weights as downloaded (``global.npy``), not from the personalised model;
+        a second one continues from the trained model."""
         from securefl.ml.local import run_train
         from securefl.ml.model import to_vector
 
         self.check_classes()
         meta = self.global_meta()
         model = self.model()
+        state = self.local_state()
+        if meta is not None and not state.trained and state.base_version == meta["version"]:
+            # Train from the global weights as downloaded, not from this hospital's
+            # personalised copy: the update is trained minus downloaded.
+            from securefl.ml.model import from_vector
+
+            from_vector(model, np.load(self.state_dir / "global.npy").astype(np.float32))
         result = run_train(self.ml, model=model, data=self.scans("Training"),
                            progress=progress, cancel=cancel)
-        if not result.cancelled:
+        if result.cancelled:
+            self._model = None  # the file still holds the model; memory holds half a run
+        else:
             self._after_save()
             base = meta["version"] if meta else None
             self._set_local_state(LocalState(base, True, result.num_samples,
@@ -359,7 +370,7 @@ class Hospital:
         from_vector(model, weights)
         kind, scans, note = "", 0, ""
         try:
-            made = personalise(self.ml, model, data=self.scans("Training"))
+            made = personalise(self.ml, model, data=self.scans("Training"), seed=version)
             kind = "" if made.kind == "none" else made.kind
             scans, note = made.scans, made.note
         except DataError as exc:

@@ -33,7 +33,7 @@ DEFAULT_CLASSES: tuple[str, ...] = ("glioma", "meningioma", "notumor", "pituitar
 ModelKind = Literal["seed", "small"]
 #: What a hospital's own model adds to the downloaded global one (``securefl.ml.local.
 #: personalise``); chosen on validation scans (docs/RESULTS.md, "Personalisation").
-Personalisation = Literal["recalibrate", "none"]
+Personalisation = Literal["finetune", "recalibrate", "none"]
 
 #: Revision of the model the ML layer builds from a spec (preprocessing and augmentation
 #: layers included).  Part of the federation's model identity: a store whose version 0 was
@@ -82,7 +82,9 @@ class MLSettings(BaseModel):
         "recalibrate", description="what `get` does to the global model before this hospital "
                                    "evaluates and classifies with it: 'recalibrate' re-measures "
                                    "the batch-norm statistics on this hospital's training "
-                                   "scans (docs/ML.md); 'none' uses the global model as is")
+                                   "scans; 'finetune' also trains one gentle epoch on them, "
+                                   "kept if the validation loss drops (docs/ML.md); 'none' "
+                                   "uses the global model as is")
     #: The folder name of a class in Training/ and Testing/ where it is not the class name
     #: (a site with the older ``glioma_tumor``, ``no_tumor`` folders maps them once here).
     class_folders: dict[str, str] = Field(default_factory=dict)

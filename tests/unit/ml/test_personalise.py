@@ -17,7 +17,13 @@ from securefl.client.hospital import Hospital
 from securefl.fedopt import statistics_layout
 from securefl.ml.batchnorm import calibrate_batch_norm
 from securefl.ml.data import ImageSet
-from securefl.ml.local import calibration_for, load_saved_model, new_model, split_training
+from securefl.ml.local import (
+    calibration_for,
+    load_saved_model,
+    new_model,
+    personalise,
+    split_training,
+)
 from securefl.ml.model import from_vector, load_model, to_vector, weight_spec
 from securefl.ml.settings import MLSettings
 from securefl.ml.train import evaluate, train
@@ -142,3 +148,38 @@ def test_without_usable_scans_or_when_switched_off_the_global_model_is_kept_as_i
     assert off.local_state().personalisation_note == ""
     np.testing.assert_array_equal(to_vector(load_saved_model(off.ml)), g)
     assert off.model_label() == "global version 3"
+
+
+def test_finetune_is_kept_only_if_validation_improves_and_training_starts_from_the_global(
+        tmp_path: Path, synth_root: Path) -> None:
+    ml = _ml(tmp_path, synth_root, personalise="finetune")
+    h = _hospital(tmp_path, ml)
+    g = to_vector(new_model(ml))
+    _downloaded(h, g, 0)
+    state = h.local_state()
+    mine = to_vector(load_saved_model(ml))
+    stats = _statistics_mask(new_model(ml))
+    if state.personalisation == "finetune":  # the epoch lowered the validation loss
+        assert h.model_label() == "global version 0, fine-tuned on this hospital's scans"
+        assert np.abs(mine[~stats] - g[~stats]).max() > 0
+    else:
+        assert state.personalisation == "recalibrate" and "not kept" in \
+            state.personalisation_note
+        np.testing.assert_array_equal(mine[~stats], g[~stats])
+
+    # Training starts from the downloaded weights.  The reference goes through the same
+    # personalisation first (its fine-tuning epoch moves the augmentation's random streams),
+    # then trains from the downloaded weights.
+    h.train()
+    trained = to_vector(load_model(ml.model_path))
+    reference = new_model(ml)
+    from_vector(reference, g)
+    personalise(ml.model_copy(update={"model_dir": tmp_path / "ref"}), reference,
+                h.scans("Training"), seed=0)
+    from_vector(reference, g)
+    train_part, validation = split_training(ml, h.scans("Training"))
+    train(reference, train_part, validation=validation, epochs=1, batch_size=ml.batch_size,
+          learning_rate=ml.learning_rate, seed=ml.seed)
+    np.testing.assert_allclose(trained, to_vector(reference), rtol=1e-4, atol=1e-5)
+    update, _, _ = h.local_update()
+    np.testing.assert_array_equal(update, trained - g)
