@@ -323,10 +323,11 @@ def run(settings: DemoSettings, say: Print = print,
                                     / "alone"})) for h in hospitals}
         say(f"  {settings.rounds} rounds: every hospital trains {settings.epochs} epoch(s) on "
             "its own scans, then the server combines the updates by secure aggregation;")
+        from securefl.ml.local import PERSONALISATION_LABELS
+
+        how = PERSONALISATION_LABELS.get(hospitals[0].ml.personalise, "as downloaded")
         say("  each cell: balanced accuracy on that hospital's test scans of a model trained "
-            "alone for the same epochs -> of the shared model, " + (
-                "recalibrated on that hospital's training scans"
-                if hospitals[0].ml.personalise == "recalibrate" else "as downloaded"))
+            f"alone for the same epochs -> of the shared model, {how.replace('this', 'that')}")
         asyncio.run(_run_rounds(settings, hospitals, alone, admin_toml, say, result))
         if before_stop is not None:
             before_stop()

@@ -79,12 +79,12 @@ class MLSettings(BaseModel):
                           "loss, so the model learns what tells the classes apart")
     seed: int = Field(0, ge=0, description="same seed everywhere = same initial weights")
     personalise: Personalisation = Field(
-        "recalibrate", description="what `get` does to the global model before this hospital "
-                                   "evaluates and classifies with it: 'recalibrate' re-measures "
+        "finetune", description="what `get` does to the global model before this hospital "
+                                   "evaluates and classifies with it: 'finetune' re-measures "
                                    "the batch-norm statistics on this hospital's training "
-                                   "scans; 'finetune' also trains one gentle epoch on them, "
-                                   "kept if the validation loss drops (docs/ML.md); 'none' "
-                                   "uses the global model as is")
+                                   "scans and trains one gentle epoch on them, kept if the "
+                                   "validation loss drops; 'recalibrate' only the former "
+                                   "(docs/ML.md); 'none' uses the global model as is")
     #: The folder name of a class in Training/ and Testing/ where it is not the class name
     #: (a site with the older ``glioma_tumor``, ``no_tumor`` folders maps them once here).
     class_folders: dict[str, str] = Field(default_factory=dict)
