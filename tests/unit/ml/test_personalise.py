@@ -61,7 +61,7 @@ def _statistics_mask(model) -> np.ndarray:
 
 def test_get_personalises_the_model_evaluate_and_classify_use_and_send_uses_the_global(
         tmp_path: Path, synth_root: Path) -> None:
-    ml = _ml(tmp_path, synth_root)
+    ml = _ml(tmp_path, synth_root, personalise="recalibrate")
     h = _hospital(tmp_path, ml)
     g = to_vector(new_model(ml))  # version 0 as the server makes it
     _downloaded(h, g, 0)
