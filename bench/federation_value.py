@@ -24,8 +24,10 @@ for the same total number of epochs:
 * central — one model on the union of the training data, ``rounds x local_epochs`` epochs.
 
 **Personalisation.**  After a federated round each hospital derives its own model from the
-global weights; the candidates (``--personalise`` picks the headline one, all are measured
-at the last ``--average`` checkpoints):
+global weights; the candidates (``--personalise`` picks the headline one, by default
+``finetune``, the product's ``[ml] personalise`` default, chosen on the validation scans of
+seeds 0-2 with ``bench/personalisation_table.py``; all are measured at the last
+``--average`` checkpoints):
 
 * ``global``   — the global model as the server holds it (no personalisation);
 * ``recal``    — the global weights with the batch-norm statistics re-measured over the
@@ -61,7 +63,7 @@ mean over its last ``--average`` (3) checkpoints.  Keys of the JSON line printed
 The data are synthetic: the numbers compare training set-ups, they say nothing about real
 scans.
 
-    .venv/bin/python bench/federation_value.py            # about 8 minutes on 2 cores
+    .venv/bin/python bench/federation_value.py            # about 7 minutes on 2 cores
     .venv/bin/python bench/federation_value.py --seed 1   # other data, other initial weights
     .venv/bin/python bench/federation_value.py --arms local,secure --rounds 6  # screening
 """
@@ -120,7 +122,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--data", type=Path, help="reuse/keep generated data here")
     p.add_argument("--average", type=int, default=3,
                    help="report the mean of the last N checkpoints (rounds)")
-    p.add_argument("--personalise", choices=CANDIDATES, default="recal",
+    p.add_argument("--personalise", choices=CANDIDATES, default="finetune",
                    help="the personalisation the headline keys use (chosen on validation, "
                         "docs/RESULTS.md)")
     p.add_argument("--finetune-lr", type=float, default=1e-4,
