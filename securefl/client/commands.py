@@ -59,10 +59,15 @@ def personalisation_summary(hospital: Hospital) -> str:
     local = hospital.local_state()
     where = hospital.ml.model_path
     if local.personalisation:
-        return (f"this hospital's model is now {hospital.model_label()} (batch-norm "
-                f"statistics measured on its {local.personalised_scans} training scans), "
-                f"saved to {where}; evaluate and classify use it, and send computes the next "
-                "update against the global model as downloaded")
+        how = ("batch-norm statistics measured on its {n} training scans, then one "
+               "fine-tuning epoch on them that lowered the validation loss"
+               if local.personalisation == "finetune" else
+               "batch-norm statistics measured on its {n} training scans")
+        note = f" ({local.personalisation_note})" if local.personalisation_note else ""
+        return (f"this hospital's model is now {hospital.model_label()} "
+                f"({how.format(n=local.personalised_scans)}){note}, saved to {where}; "
+                "evaluate and classify use it, and the next update is trained from and "
+                "computed against the global model as downloaded")
     if local.personalisation_note:
         return (f"this hospital's model is now global version {local.base_version} as "
                 f"downloaded, NOT personalised: {local.personalisation_note}; saved to {where}")

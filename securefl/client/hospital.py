@@ -12,21 +12,23 @@ path reads and writes the same files through the same methods.
 Files in the hospital's ``state_dir`` (network state) and ``[ml] model_dir``:
   global.npy / global.json   the last downloaded global model and its version, sha256
   model.keras                the hospital's model: after ``get`` the global weights made its
-                             own (``[ml] personalise``: batch-norm statistics recalibrated on
-                             its training scans), after ``train`` the trained model; what
-                             evaluate and classify use.  Reloaded whenever the file changes
+                             own (``[ml] personalise``: batch-norm statistics measured on its
+                             training scans, then a fine-tuning epoch kept if the validation
+                             loss drops), after ``train`` the trained model; what evaluate and
+                             classify use.  Reloaded whenever the file changes
   local.json                 which global version the local model is based on, how it was
                              personalised, whether it was trained since, on how many scans,
                              and the sha256 of the trained weights (``send`` refuses a model
                              that is not that one)
-
-``send`` computes the update against global.npy, the model as downloaded, never against the
-personalised one: the personalisation is the hospital's own and stays here.
   send.json, sent/           the durable record of the last send and the updates handed to
                              rounds (``securefl.client.outbox``)
   history.jsonl              training and evaluation metrics over time (securefl.ml)
   log.jsonl                  the hospital's own log: every get, train and send step, and why
                              one stopped (``securefl.client.hospital_log``)
+
+The first ``train`` after ``get`` starts from global.npy, and ``send`` computes the update
+against it (the model as downloaded), never against the personalised copy: the
+personalisation is the hospital's own and stays here.
 
 TensorFlow work is blocking: async callers get it through ``asyncio.to_thread``.  The Keras
 model and the decoded scans stay in memory between steps (the app and the demo run for many
@@ -72,8 +74,9 @@ class LocalState:
     weights_sha256: str | None = None
     #: The class order the model was trained with (its output units, in order).
     classes: tuple[str, ...] = ()
-    #: How the downloaded global model was made this hospital's own (``"recalibrate"``), ""
-    #: for the global model as is; on how many training scans; why not, when it failed.
+    #: How the downloaded global model was made this hospital's own (``"finetune"``,
+    #: ``"recalibrate"``), "" for the global model as is; on how many training scans; why
+    #: not (or not all of it), when it failed.
     personalisation: str = ""
     personalised_scans: int = 0
     personalisation_note: str = ""
@@ -354,11 +357,12 @@ class Hospital:
 
         The global weights are loaded and made this hospital's own as ``[ml] personalise``
         says (``securefl.ml.local.personalise``: batch-norm statistics re-measured on its
-        training scans); that model is what evaluate and classify use.  global.npy keeps the
-        model as downloaded, which ``send`` computes the update against.  When the scans
-        cannot be used (none yet, a class with too few) the global model is kept as is and
-        the reason is recorded (``LocalState.personalisation_note``).  A saved model of
-        another architecture (an older securefl's) is replaced by the one the settings build.
+        training scans, a fine-tuning epoch); that model is what evaluate and classify use.
+        global.npy keeps the model as downloaded, which ``send`` computes the update
+        against.  When the scans cannot be used (none yet, a class with too few) the global
+        model is kept as is and the reason is recorded (``LocalState.personalisation_note``).
+        A saved model of another architecture (an older securefl's) is replaced by the one
+        the settings build.
         """
         from securefl.ml.local import load_or_create_model, personalise
         from securefl.ml.model import from_vector, save_model
