@@ -2,9 +2,12 @@
 
     python bench/demo_bench.py [--hospitals 3 --rounds 4 ...]   (same options as the demo)
 
-Prints the demo's own output, then, last, one JSON line with wall_s, rounds,
-final_global_acc (mean over the hospitals' test splits), best_local_acc (best hospital
-trained alone for the same epochs) and mean_local_acc.
+Prints the demo's own output, then, last, one JSON line with wall_s, rounds, and balanced
+accuracy on Testing scans after the last round: final_global_acc (all hospitals' test scans,
+mean over the hospitals' models from the shared one), best_local_acc and mean_local_acc (the
+hospitals trained alone for the same epochs, same scans), own_local_acc and own_shared_acc
+(per hospital, on its own test scans: trained alone, and its model from the shared one,
+personalised as its [ml] personalise says).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def main() -> None:
         "final_global_acc": round(result.final_global_acc, 4),
         "best_local_acc": round(result.best_local_acc, 4),
         "mean_local_acc": round(result.mean_local_acc, 4),
+        "own_local_acc": {n: round(a, 4) for n, a in result.own_local_acc.items()},
+        "own_shared_acc": {n: round(a, 4) for n, a in result.own_shared_acc.items()},
     }))
 
 

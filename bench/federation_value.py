@@ -1,42 +1,71 @@
-"""Does federation help?  Local-only vs FedAvg vs secure FedAvg vs centralised training.
+"""Does federation help each hospital?  Local-only vs personalised (secure) FedAvg vs central.
 
 Three synthetic non-IID hospitals (``securefl.ml.synth``: each is short of one class and has
-its own scanner contrast, noise and blur).  Every arm trains the same model from the same
-seeded initial weights for the same total number of epochs and is scored on the pooled test
-set (every hospital's balanced Testing split):
+its own scanner contrast, noise and blur).  Each hospital's Training folder is split into
+train and validation scans exactly as the product splits it (``securefl.ml.data.
+split_validation``: stratified, deterministic, ``[ml] validation_fraction`` and
+``min_validation_per_class`` defaults); every arm trains on the train part only, the
+validation part is what personalisation choices are made on, and the Testing scans only give
+the reported figures.  Every arm trains the same model from the same seeded initial weights
+for the same total number of epochs:
 
 * local   — each hospital alone, ``rounds x local_epochs`` epochs on its own data;
 * fedavg  — ``rounds`` rounds of federated training: each hospital trains ``local_epochs``
             epochs from the global weights, and the server applies the sample-weighted mean
             of the deltas through its optimiser (``securefl.fedopt``; the default is FedAvgM,
-            server momentum 0.3 with the batch-norm statistics following the weights;
-            ``--server-opt fedavg`` is plain ``w += mean``);
+            server momentum 0.3 with the batch-norm statistics following the weights);
 * secure  — the same, but the weighted mean comes out of a full in-memory secure-aggregation
-            round (``securefl.crypto.simulate.secure_weighted_mean``: real key agreement,
-            Shamir shares, masks, fixed-point encoding, unmasking);
+            round (``securefl.crypto.simulate.run_round``: real key agreement, Shamir shares,
+            masks, unmasking) in **the product's encoding**: the server's default
+            ``[round] clip``, ``max_clients`` and ``max_weight`` (``securefl.config.
+            RoundSettings``) give the clip and the fixed-point scale, as the server's
+            ``Encoding.auto`` does.  The share of update values beyond the clip (sent
+            clipped) is reported, split into batch-norm statistics and trained weights;
 * central — one model on the union of the training data, ``rounds x local_epochs`` epochs.
 
-Every training call (every arm) ends by recalibrating the batch-norm statistics over the data
-it trained on, as ``securefl.ml.train.train`` does for the hospitals (``--no-calibrate``:
-keep Keras' running averages, the behaviour before), and trains with the prior-corrected
-cross-entropy hospitals use by default (``securefl.ml.prior``; ``--no-prior-correction``:
-plain cross-entropy).
+**Personalisation.**  After a federated round each hospital derives its own model from the
+global weights; the candidates (``--personalise`` picks the headline one, by default
+``finetune``, the product's ``[ml] personalise`` default, chosen on the validation scans of
+seeds 0-2 with ``bench/personalisation_table.py``; all are measured at the last
+``--average`` checkpoints):
 
-Every arm is scored on the pooled test set after each round (local and central arms: after
-the same number of epochs), and the accuracies reported are the mean of the last ``--average``
-checkpoints (3): with batch norm and non-IID sites a single snapshot moves by several points
-from one round to the next.  The final snapshots are printed too.
+* ``global``   — the global model as the server holds it (no personalisation);
+* ``recal``    — the global weights with the batch-norm statistics re-measured over the
+                 hospital's own training scans (``securefl.ml.batchnorm``; what ``client
+                 get`` does);
+* ``prior``    — ``recal``, and the hospital's class mix re-applied to the probabilities at
+                 inference (``p * prior``, renormalised) where the prior-corrected loss
+                 factored it out;
+* ``finetune`` — ``recal``, then one epoch on the hospital's training scans at
+                 ``--finetune-lr`` (fresh Adam state), kept only if the validation loss
+                 (class-balanced NLL) went down: early-stopped on validation.
+
+FedBN-style statistics kept local are ``recal`` exactly in this set-up: a batch-norm layer
+trains on batch statistics, and every training call ends by re-measuring them, so the
+averaged statistics only ever reach the unpersonalised ``global`` model.
+
+Metric: **balanced accuracy** (mean per-class recall) everywhere.  Headline of each arm: the
+mean over its last ``--average`` (3) checkpoints.  Keys of the JSON line printed last:
+
+* ``local_acc``      each hospital's local model on all hospitals' Testing scans;
+* ``own_local_acc``  each hospital's local model on its own Testing scans;
+* ``own_fed_acc``    each hospital's personalised model after secure federation on its own
+                     Testing scans (``own_fedavg_acc``: after plain FedAvg);
+* ``secure_acc`` / ``fedavg_acc``  the mean over hospitals of each personalised model on all
+                     hospitals' Testing scans;
+* ``central_acc``    the centrally trained model on them;
+* ``candidates``     per arm and candidate: validation (``val``), own Testing (``own``) and
+                     all-Testing (``pooled``) balanced accuracy per hospital;
+  ``own_local_val``  the local models on their own validation scans;
+* ``clipped``        the largest per-round share of sent values beyond the clip (all,
+                     statistics, weights); plus the settings, ``final`` and ``curves``.
 
 The data are synthetic: the numbers compare training set-ups, they say nothing about real
-scans.  Prints a table, then (last) one JSON line:
-``{"local_acc": [...], "fedavg_acc": ..., "secure_acc": ..., "central_acc": ..., "rounds": R,
-"averaged_checkpoints": 3, "seed": S, "server_opt": {...}, "norm": ..., "calibrate": ...,
-"final": {...same keys, last snapshot...}, "curves": {...every checkpoint of every arm...}}``
-(arms left out with ``--arms`` are ``null``).
+scans.
 
-    .venv/bin/python bench/federation_value.py            # about 6-7 minutes on 2 cores
+    .venv/bin/python bench/federation_value.py            # about 7 minutes on 2 cores
     .venv/bin/python bench/federation_value.py --seed 1   # other data, other initial weights
-    .venv/bin/python bench/federation_value.py --arms fedavg --server-lr 1.5  # scouting
+    .venv/bin/python bench/federation_value.py --arms local,secure --rounds 6  # screening
 """
 
 from __future__ import annotations
@@ -51,12 +80,19 @@ from pathlib import Path
 
 import numpy as np
 
+from securefl.config import RoundSettings
+from securefl.crypto.quantize import Encoding
 from securefl.fedopt import ServerOptimizer, ServerOptSettings, statistics_layout
 from securefl.ml import model as model_mod
-from securefl.ml.data import ImageSet, load_split
+from securefl.ml.batchnorm import calibrate_batch_norm
+from securefl.ml.data import ImageSet, load_split, split_validation
 from securefl.ml.model import compile_model, from_vector, make_model, to_vector, weight_spec
+from securefl.ml.prior import class_prior
+from securefl.ml.settings import MLSettings
 from securefl.ml.synth import synthesize
-from securefl.ml.train import evaluate, train
+from securefl.ml.train import balanced_nll, predict_proba, train
+
+CANDIDATES = ("global", "recal", "prior", "finetune")
 
 
 def parse() -> argparse.Namespace:
@@ -64,7 +100,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--hospitals", type=int, default=3)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--train", type=int, default=600, help="training images per hospital")
+    p.add_argument("--train", type=int, default=600, help="Training images per hospital "
+                   "(train and validation scans)")
     p.add_argument("--test", type=int, default=200, help="testing images per hospital")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--kind", choices=("seed", "small"), default="small")
@@ -79,10 +116,17 @@ def parse() -> argparse.Namespace:
                         "training set's class mix factored out of the loss, as hospitals "
                         "train by default")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clip", type=float, default=4.0, help="secure-aggregation clip bound")
+    rs = RoundSettings()
+    p.add_argument("--clip", type=float, default=rs.clip,
+                   help="secure-aggregation clip bound (default: the server's [round] clip)")
     p.add_argument("--data", type=Path, help="reuse/keep generated data here")
     p.add_argument("--average", type=int, default=3,
-                   help="report the mean accuracy of the last N checkpoints (rounds)")
+                   help="report the mean of the last N checkpoints (rounds)")
+    p.add_argument("--personalise", choices=CANDIDATES, default="finetune",
+                   help="the personalisation the headline keys use (chosen on validation, "
+                        "docs/RESULTS.md)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4,
+                   help="learning rate of the finetune candidate's one epoch")
     d = ServerOptSettings()
     p.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default=d.kind,
                    help="server optimiser of both FedAvg arms (securefl.fedopt)")
@@ -108,6 +152,12 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def balanced_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean per-class recall over the classes present (the issue's metric)."""
+    hits = probs.argmax(axis=1) == labels
+    return float(np.mean([hits[labels == c].mean() for c in np.unique(labels)]))
+
+
 def main() -> int:
     args = parse()
     model_mod.SMALL_NORM = args.norm  # read by make_model: the same model for every arm
@@ -117,13 +167,28 @@ def main() -> int:
         synthesize(root, hospitals=args.hospitals, seed=args.seed,
                    train_per_hospital=args.train, test_per_hospital=args.test, size=args.size)
     names = [f"hospital_{h + 1}" for h in range(args.hospitals)]
-    trains = [load_split(root / n, "Training", size=args.size) for n in names]
-    pooled_test = ImageSet.concat([load_split(root / n, "Testing", size=args.size) for n in names])
+    ml = MLSettings(scans_dir=root, model_dir=root)  # only for the split's defaults
+    trains, vals = [], []
+    for n in names:
+        folder = load_split(root / n, "Training", size=args.size)
+        tr, va = split_validation(folder, fraction=ml.validation_fraction,
+                                  min_per_class=ml.min_validation_per_class, seed=args.seed,
+                                  root=root / n / "Training")
+        trains.append(tr)
+        vals.append(va)
+    tests = [load_split(root / n, "Testing", size=args.size) for n in names]
+    pooled_test = ImageSet.concat(tests)
+    bounds = np.cumsum([0] + [len(t) for t in tests])
+    own = [slice(int(bounds[h]), int(bounds[h + 1])) for h in range(len(names))]
     pooled_train = ImageSet.concat(trains)
     log(f"data ready in {time.perf_counter() - t0:.0f} s: "
-        + "; ".join(f"{n} {t.counts()}" for n, t in zip(names, trains, strict=True)))
+        + "; ".join(f"{n} train {t.counts()} validation {len(v)}"
+                    for n, t, v in zip(names, trains, vals, strict=True)))
     shape = (args.size, args.size, 1)
     total_epochs = args.rounds * args.local_epochs
+    rs = RoundSettings()
+    encoding = Encoding.auto(clip=args.clip, max_clients=rs.max_clients,
+                             max_weight=rs.max_weight)
 
     def fresh():
         model = make_model(shape, 4, kind=args.kind, seed=args.seed)
@@ -137,26 +202,25 @@ def main() -> int:
         cos = 0.5 * (1 + math.cos(math.pi * r / (args.rounds - 1)))
         return args.lr * (args.lr_floor + (1 - args.lr_floor) * cos)
 
-    def fit(model, data, epochs, seed, r):
-        train(model, data, epochs=epochs, batch_size=args.batch, learning_rate=lr_at(r),
-              seed=seed, calibrate=not args.no_calibrate)
+    def fit(model, data, epochs, seed, r, lr=None):
+        train(model, data, epochs=epochs, batch_size=args.batch,
+              learning_rate=lr_at(r) if lr is None else lr, seed=seed,
+              calibrate=not args.no_calibrate)
 
-    def acc(model) -> float:
-        return evaluate(model, pooled_test).accuracy
+    def pooled_probs(model) -> np.ndarray:
+        return predict_proba(model, pooled_test.images)
+
+    def bal_pooled(probs) -> float:
+        return balanced_accuracy(probs, pooled_test.labels)
+
+    def bal_own(probs, h) -> float:
+        return balanced_accuracy(probs[own[h]], tests[h].labels)
 
     # Each arm gets freshly built models: same initial weights *and* same augmentation and
     # dropout random streams, so plain and secure FedAvg differ only by the secure round.
     workers = [fresh() for _ in names]
     w0 = to_vector(workers[0])
-
-    def solo(model, data, label, seed):
-        """Train alone for the same epochs, scored at the same checkpoints as the rounds."""
-        curve = []
-        for r in range(args.rounds):
-            fit(model, data, args.local_epochs, seed=1000 * r + seed, r=r)
-            curve.append(acc(model))
-        log(f"{label}: " + " ".join(f"{a:.3f}" for a in curve))
-        return curve
+    keep_from = args.rounds - args.average  # the checkpoints the headline averages
 
     arms = {a.strip() for a in args.arms.split(",") if a.strip()}
     unknown = arms - {"local", "fedavg", "secure", "central"}
@@ -167,19 +231,82 @@ def main() -> int:
         beta2=args.server_beta2, eps=args.server_eps, statistics=args.server_stats)
     layout = statistics_layout((layer.name, layer.size)
                                for layer in weight_spec(workers[0]).layers)
+    is_stat = np.zeros(w0.size, dtype=bool)
+    for start, stop in layout.ranges:
+        is_stat[start:stop] = True
 
-    local_curves = []
+    # -- local arm: pooled and own Testing every checkpoint, own validation at the end ----
+    local_curves: list[list[float]] = []
+    own_local_curves: list[list[float]] = []
+    own_local_val_curves: list[list[float]] = []
     if "local" in arms:
         for h, (name, data) in enumerate(zip(names, trains, strict=True)):
             from_vector(workers[h], w0)
-            local_curves.append(solo(workers[h], data, f"local {name}", seed=h))
+            curve, own_curve, val_curve = [], [], []
+            for r in range(args.rounds):
+                fit(workers[h], data, args.local_epochs, seed=1000 * r + h, r=r)
+                probs = pooled_probs(workers[h])
+                curve.append(bal_pooled(probs))
+                own_curve.append(bal_own(probs, h))
+                val_curve.append(balanced_accuracy(predict_proba(workers[h], vals[h].images),
+                                                   vals[h].labels))
+            local_curves.append(curve)
+            own_local_curves.append(own_curve)
+            own_local_val_curves.append(val_curve)
+            log(f"local {name}: pooled " + " ".join(f"{a:.3f}" for a in curve)
+                + " | own " + " ".join(f"{a:.3f}" for a in own_curve))
+
+    # -- personalisation candidates ----------------------------------------------------------
+    def reset_optimizer(model) -> None:
+        opt = getattr(model, "optimizer", None)
+        for v in getattr(opt, "variables", []) or []:
+            v.assign(np.zeros(tuple(v.shape), dtype=str(v.dtype)))
+
+    def personalise(pers, g: np.ndarray, r: int) -> dict[str, dict[str, list[float]]]:
+        """Every candidate for every hospital from global weights ``g``: validation, own
+        Testing and all-Testing balanced accuracy."""
+        out = {c: {"val": [], "own": [], "pooled": []} for c in CANDIDATES}
+
+        def score(c, h, model=None, val_probs=None, test_probs=None):
+            if val_probs is None:
+                val_probs = predict_proba(model, vals[h].images)
+                test_probs = pooled_probs(model)
+            out[c]["val"].append(balanced_accuracy(val_probs, vals[h].labels))
+            out[c]["own"].append(bal_own(test_probs, h))
+            out[c]["pooled"].append(bal_pooled(test_probs))
+            return val_probs, test_probs
+
+        for h in range(len(names)):
+            m = pers[h]
+            from_vector(m, g)
+            score("global", h, m)
+            calibrate_batch_norm(m, trains[h])
+            val_p, test_p = score("recal", h, m)
+            prior = class_prior(list(trains[h].counts().values())).astype(np.float64)
+
+            def tilt(p, prior=prior):
+                q = p * prior
+                return q / q.sum(axis=1, keepdims=True)
+
+            score("prior", h, val_probs=tilt(val_p), test_probs=tilt(test_p))
+            recal_loss = balanced_nll(val_p, vals[h].labels)
+            reset_optimizer(m)
+            fit(m, trains[h], 1, seed=7000 + 100 * r + h, r=r, lr=args.finetune_lr)
+            ft_val = predict_proba(m, vals[h].images)
+            if balanced_nll(ft_val, vals[h].labels) < recal_loss:
+                score("finetune", h, val_probs=ft_val, test_probs=pooled_probs(m))
+            else:  # early-stopped: the epoch made validation worse, keep recal
+                score("finetune", h, val_probs=val_p, test_probs=test_p)
+        return out
 
     def federate(label, mean_fn):
         workers[:] = [fresh() for _ in names]
+        pers = [fresh() for _ in names]
         opt = ServerOptimizer(opt_settings, w0.size, statistics=layout)
         g = w0.copy()
-        clipped = 0.0
-        curve: list[float] = []
+        clipped = {"all": 0.0, "statistics": 0.0, "weights": 0.0, "max_abs": 0.0}
+        curve: list[float] = []  # the unpersonalised global model, every round
+        checkpoints = []
         for r in range(args.rounds):
             deltas, weights = [], []
             for h, data in enumerate(trains):
@@ -187,65 +314,126 @@ def main() -> int:
                 fit(workers[h], data, args.local_epochs, seed=1000 * r + h, r=r)
                 deltas.append(to_vector(workers[h]) - g)
                 weights.append(len(data))
-            clipped = max(clipped, float(np.mean(np.abs(np.stack(deltas)) > args.clip)))
+            stack = np.abs(np.stack(deltas))
+            beyond = stack > encoding.clip
+            clipped["all"] = max(clipped["all"], float(beyond.mean()))
+            clipped["statistics"] = max(clipped["statistics"],
+                                        float(beyond[:, is_stat].mean()) if is_stat.any()
+                                        else 0.0)
+            clipped["weights"] = max(clipped["weights"], float(beyond[:, ~is_stat].mean()))
+            clipped["max_abs"] = max(clipped["max_abs"], float(stack.max()))
             g = opt.step(g, np.asarray(mean_fn(deltas, weights), dtype=np.float32))
             from_vector(workers[0], g)
-            curve.append(acc(workers[0]))
-            log(f"{label} round {r + 1}/{args.rounds}: {curve[-1]:.3f}")
-        return curve, g, clipped
+            curve.append(bal_pooled(pooled_probs(workers[0])))
+            msg = f"{label} round {r + 1}/{args.rounds}: global {curve[-1]:.3f}"
+            if r >= keep_from:
+                checkpoints.append(personalise(pers, g, r))
+                c = checkpoints[-1]
+                msg += " | " + "  ".join(
+                    f"{k}: own {' '.join(f'{a:.3f}' for a in c[k]['own'])} "
+                    f"val {np.mean(c[k]['val']):.3f}" for k in CANDIDATES)
+            log(msg)
+        # mean over the kept checkpoints, per candidate, per measure, per hospital
+        summary = {c: {m: [float(np.mean([ck[c][m][h] for ck in checkpoints]))
+                           for h in range(len(names))] for m in ("val", "own", "pooled")}
+                   for c in CANDIDATES}
+        final = checkpoints[-1]
+        return curve, g, clipped, summary, final
 
     def plain_mean(deltas, weights):
         w = np.asarray(weights, dtype=np.float64)
         return (np.tensordot(w, np.stack(deltas).astype(np.float64), axes=1) / w.sum()) \
             .astype(np.float32)
 
-    fedavg_curve = secure_curve = g_plain = g_secure = None
+    results: dict[str, tuple] = {}
     if "fedavg" in arms:
-        fedavg_curve, g_plain, _ = federate("fedavg", plain_mean)
+        results["fedavg"] = federate("fedavg", plain_mean)
 
     if "secure" in arms:
-        from securefl.crypto.simulate import secure_weighted_mean  # the real secure round
+        from securefl.crypto.simulate import run_round  # the real secure round
 
         def secure_mean(deltas, weights):
-            return secure_weighted_mean(deltas, weights, clip=args.clip)
+            result, _ = run_round([np.ascontiguousarray(d, dtype=np.float32) for d in deltas],
+                                  [int(w) for w in weights], encoding=encoding, colluders=0)
+            return result.mean_update
 
-        secure_curve, g_secure, clipped = federate("secure", secure_mean)
+        results["secure"] = federate("secure", secure_mean)
 
-    central_curve = solo(fresh(), pooled_train, "central", seed=7) if "central" in arms else None
+    central_curve = None
+    if "central" in arms:
+        central = fresh()
+        central_curve = []
+        for r in range(args.rounds):
+            fit(central, pooled_train, args.local_epochs, seed=1000 * r + 7, r=r)
+            central_curve.append(bal_pooled(pooled_probs(central)))
+        log("central: " + " ".join(f"{a:.3f}" for a in central_curve))
 
     def tail(curve):  # mean of the last checkpoints: one snapshot is noisy (see RESULTS.md)
         return float(np.mean(curve[-args.average:]))
 
     def r4(x):
-        return None if x is None else round(x, 4)
+        if x is None:
+            return None
+        if isinstance(x, (list, tuple)):
+            return [r4(v) for v in x]
+        if isinstance(x, dict):
+            return {k: r4(v) for k, v in x.items()}
+        return round(float(x), 4)
 
+    pick = args.personalise
     fed = f"{args.rounds} rounds x {args.local_epochs} epoch(s)"
-    rows = [(f"local only: {n}", c) for n, c in zip(names, local_curves, strict=False)]
-    rows += [(label, c) for label, c in ((f"FedAvg, {fed}", fedavg_curve),
-                                          (f"secure FedAvg, {fed}", secure_curve),
-                                          ("centralised (union of the data)", central_curve))
-             if c is not None]
-    print(f"pooled test set: {len(pooled_test)} synthetic scans {pooled_test.counts()}; "
-          f"model {args.kind} {args.size}x{args.size}; {total_epochs} epochs per arm; "
-          f"norm {args.norm}; batch-norm calibration {not args.no_calibrate}; "
-          f"server optimiser {opt_settings.model_dump()}")
-    print(f"  {'arm':<48} {'mean last ' + str(args.average):>12} {'final':>7}")
-    for label, c in rows:
-        print(f"  {label:<48} {tail(c):12.3f} {c[-1]:7.3f}")
-    if g_plain is not None and g_secure is not None:
+    print(f"balanced accuracy; Testing: {len(pooled_test)} synthetic scans "
+          f"{pooled_test.counts()}; model {args.kind} {args.size}x{args.size}; {total_epochs} "
+          f"epochs per arm; encoding clip {encoding.clip:g} scale {encoding.scale:g}; "
+          f"server optimiser {opt_settings.model_dump()}; personalisation '{pick}'")
+    print(f"  mean of the last {args.average} checkpoints")
+    print(f"  {'arm':<44} {'all Testing':>11} {'own Testing':>12} {'own validation':>15}")
+    for h, n in enumerate(names):
+        if local_curves:
+            print(f"  {'local only: ' + n:<44} {tail(local_curves[h]):11.3f} "
+                  f"{tail(own_local_curves[h]):12.3f} {tail(own_local_val_curves[h]):15.3f}")
+    for arm, (_, _, _, summary, _) in results.items():
+        for c in CANDIDATES:
+            for h, n in enumerate(names):
+                print(f"  {f'{arm} {fed}, {c}: {n}':<44} {summary[c]['pooled'][h]:11.3f} "
+                      f"{summary[c]['own'][h]:12.3f} {summary[c]['val'][h]:15.3f}")
+    if central_curve:
+        print(f"  {'centralised (union of the data)':<44} {tail(central_curve):11.3f}")
+    for arm, (_, _, clipped, _, _) in results.items():
+        print(f"  {arm}: values beyond the clip {encoding.clip:g} (largest share in a round): "
+              f"{clipped['all']:.2%} (batch-norm statistics {clipped['statistics']:.2%}, "
+              f"trained weights {clipped['weights']:.2%}); largest |delta| "
+              f"{clipped['max_abs']:.2f}")
+    if "fedavg" in results and "secure" in results:
         print(f"  secure vs plain final weights: max |diff| "
-              f"{float(np.max(np.abs(g_secure - g_plain))):.2e}; deltas beyond clip "
-              f"{clipped:.2%}")
+              f"{float(np.max(np.abs(results['secure'][1] - results['fedavg'][1]))):.2e}")
     print(f"  total {time.perf_counter() - t0:.0f} s")
 
-    def summary(pick):
-        return {"local_acc": [r4(pick(c)) for c in local_curves],
-                "fedavg_acc": r4(pick(fedavg_curve)) if fedavg_curve else None,
-                "secure_acc": r4(pick(secure_curve)) if secure_curve else None,
-                "central_acc": r4(pick(central_curve)) if central_curve else None}
+    def arm_pick(arm, final=False):
+        if arm not in results:
+            return None, None
+        summary = results[arm][4] if final else results[arm][3]
+        return float(np.mean(summary[pick]["pooled"])), summary[pick]["own"]
 
+    secure_acc, own_fed = arm_pick("secure")
+    fedavg_acc, own_fedavg = arm_pick("fedavg")
+    f_secure, f_own_fed = arm_pick("secure", final=True)
+    f_fedavg, f_own_fedavg = arm_pick("fedavg", final=True)
     print(json.dumps({
-        **summary(tail),
+        "local_acc": r4([tail(c) for c in local_curves]),
+        "own_local_acc": r4([tail(c) for c in own_local_curves]),
+        "own_fed_acc": r4(own_fed),
+        "own_fedavg_acc": r4(own_fedavg),
+        "fedavg_acc": r4(fedavg_acc),
+        "secure_acc": r4(secure_acc),
+        "central_acc": r4(tail(central_curve)) if central_curve else None,
+        "metric": "balanced accuracy",
+        "personalise": pick,
+        "own_local_val": r4([tail(c) for c in own_local_val_curves]),
+        "candidates": {arm: r4(res[3]) for arm, res in results.items()},
+        "clipped": {arm: r4(res[2]) for arm, res in results.items()},
+        "encoding": {"clip": encoding.clip, "scale": encoding.scale,
+                     "ring_bits": encoding.ring_bits},
         "rounds": args.rounds,
         "averaged_checkpoints": args.average,
         "seed": args.seed,
@@ -253,13 +441,17 @@ def main() -> int:
         "norm": args.norm,
         "calibrate": not args.no_calibrate,
         "prior_correction": args.prior_correction,
+        "finetune_lr": args.finetune_lr,
         "schedule": args.schedule if args.schedule == "constant"
         else f"{args.schedule} {args.lr:g} -> {args.lr * args.lr_floor:g}",
-        "final": summary(lambda c: c[-1]),
-        "curves": {"local": [[r4(a) for a in c] for c in local_curves],
-                   **{k: [r4(a) for a in c] for k, c in (("fedavg", fedavg_curve),
-                                                        ("secure", secure_curve),
-                                                        ("central", central_curve)) if c}},
+        "final": {"local_acc": r4([c[-1] for c in local_curves]),
+                  "own_local_acc": r4([c[-1] for c in own_local_curves]),
+                  "own_fed_acc": r4(f_own_fed), "own_fedavg_acc": r4(f_own_fedavg),
+                  "secure_acc": r4(f_secure), "fedavg_acc": r4(f_fedavg),
+                  "central_acc": r4(central_curve[-1]) if central_curve else None},
+        "curves": {"local": r4(local_curves), "own_local": r4(own_local_curves),
+                   **{f"{arm}_global": r4(res[0]) for arm, res in results.items()},
+                   **({"central": r4(central_curve)} if central_curve else {})},
     }))
     return 0
 

@@ -58,7 +58,7 @@ class SampleError(Exception):
 
 def demo_sample(output: str) -> list[str]:
     """The README's excerpt of the demo's ``output``: header, first row, ``...``, last row,
-    summary."""
+    summary (with each hospital's own-scan result)."""
     lines = output.splitlines()
     header = next((i for i, line in enumerate(lines) if line.lstrip().startswith("round ")),
                   None)
@@ -74,8 +74,10 @@ def demo_sample(output: str) -> list[str]:
         raise SampleError("the demo printed no round rows or no summary")
     middle = ["  ..."] if len(rows) > 2 else []
     tail = rows[-1:] if len(rows) > 1 else []
+    own = [line for line in lines[summary + 2:summary + 3]
+           if line.startswith("  on each hospital's own test scans")]
     return [lines[header - 1], lines[header], rows[0], *middle, *tail,
-            lines[summary], lines[summary + 1]]
+            lines[summary], lines[summary + 1], *own]
 
 
 def replace_block(readme: str, sample: list[str], name: str = "demo") -> str:

@@ -54,6 +54,27 @@ def _unmask_printer(stream: object) -> Callable[[UnmaskProgress], None]:
     return show
 
 
+def personalisation_summary(hospital: Hospital) -> str:
+    """What ``get`` made of the download for this hospital, in one or two sentences."""
+    local = hospital.local_state()
+    where = hospital.ml.model_path
+    if local.personalisation:
+        how = ("batch-norm statistics measured on its {n} training scans, then one "
+               "fine-tuning epoch on them that lowered the validation loss"
+               if local.personalisation == "finetune" else
+               "batch-norm statistics measured on its {n} training scans")
+        note = f" ({local.personalisation_note})" if local.personalisation_note else ""
+        return (f"this hospital's model is now {hospital.model_label()} "
+                f"({how.format(n=local.personalised_scans)}){note}, saved to {where}; "
+                "evaluate and classify use it, and the next update is trained from and "
+                "computed against the global model as downloaded")
+    if local.personalisation_note:
+        return (f"this hospital's model is now global version {local.base_version} as "
+                f"downloaded, NOT personalised: {local.personalisation_note}; saved to {where}")
+    return (f"this hospital's model is now global version {local.base_version} as downloaded "
+            f"([ml] personalise = \"none\"), saved to {where}")
+
+
 async def hospital(args: argparse.Namespace) -> int:
     hospital = Hospital.from_file(args.config, require_ml=False)
     state = hospital.state_dir
@@ -77,6 +98,8 @@ async def hospital(args: argparse.Namespace) -> int:
             model = await hospital.get(session)
             print(f"global version {model.version} downloaded: evaluate it, then train on "
                   "it for the next round")
+            if hospital.has_ml:
+                print(personalisation_summary(hospital))
             return 0
         if out is not None:
             print(f"note: version {out[1]} is out: round {out[0]} published it with this "
@@ -90,12 +113,12 @@ async def hospital(args: argparse.Namespace) -> int:
             return 0
         if action == "get":
             model = await hospital.get(session, replace_trained=args.replace_trained)
-            where = (f"loaded into the local model {hospital.ml.model_path}"
-                     if hospital.has_ml else f"saved to {state / 'global.npy'}")
             made = ("the starting model" if model.version == 0 else
                     f"from {model.contributors} hospitals, {model.total_samples} scans")
             print(f"global version {model.version} downloaded ({made}, "
-                  f"{model.weights.size} parameters) and {where}")
+                  f"{model.weights.size} parameters) and saved to {state / 'global.npy'}")
+            if hospital.has_ml:
+                print(personalisation_summary(hospital))
             return 0
         # send
         if args.update is None and args.weights is None:

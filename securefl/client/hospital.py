@@ -11,16 +11,24 @@ path reads and writes the same files through the same methods.
 
 Files in the hospital's ``state_dir`` (network state) and ``[ml] model_dir``:
   global.npy / global.json   the last downloaded global model and its version, sha256
-  model.keras                the local model (the global weights after ``get``, trained after
-                             ``train``); reloaded whenever the file changes, whoever wrote it
-  local.json                 which global version the local model is based on, whether it
-                             was trained since, on how many scans, and the sha256 of the
-                             trained weights (``send`` refuses a model that is not that one)
+  model.keras                the hospital's model: after ``get`` the global weights made its
+                             own (``[ml] personalise``: batch-norm statistics measured on its
+                             training scans, then a fine-tuning epoch kept if the validation
+                             loss drops), after ``train`` the trained model; what evaluate and
+                             classify use.  Reloaded whenever the file changes
+  local.json                 which global version the local model is based on, how it was
+                             personalised, whether it was trained since, on how many scans,
+                             and the sha256 of the trained weights (``send`` refuses a model
+                             that is not that one)
   send.json, sent/           the durable record of the last send and the updates handed to
                              rounds (``securefl.client.outbox``)
   history.jsonl              training and evaluation metrics over time (securefl.ml)
   log.jsonl                  the hospital's own log: every get, train and send step, and why
                              one stopped (``securefl.client.hospital_log``)
+
+The first ``train`` after ``get`` starts from global.npy, and ``send`` computes the update
+against it (the model as downloaded), never against the personalised copy: the
+personalisation is the hospital's own and stays here.
 
 TensorFlow work is blocking: async callers get it through ``asyncio.to_thread``.  The Keras
 model and the decoded scans stay in memory between steps (the app and the demo run for many
@@ -66,6 +74,12 @@ class LocalState:
     weights_sha256: str | None = None
     #: The class order the model was trained with (its output units, in order).
     classes: tuple[str, ...] = ()
+    #: How the downloaded global model was made this hospital's own (``"finetune"``,
+    #: ``"recalibrate"``), "" for the global model as is; on how many training scans; why
+    #: not (or not all of it), when it failed.
+    personalisation: str = ""
+    personalised_scans: int = 0
+    personalisation_note: str = ""
 
 
 class Hospital:
@@ -134,7 +148,10 @@ class Hospital:
             return LocalState(None, False, 0)
         return LocalState(raw.get("base_version"), bool(raw.get("trained")),
                           int(raw.get("num_samples", 0)), raw.get("weights_sha256"),
-                          tuple(raw.get("classes") or ()))
+                          tuple(raw.get("classes") or ()),
+                          str(raw.get("personalisation") or ""),
+                          int(raw.get("personalised_scans", 0)),
+                          str(raw.get("personalisation_note") or ""))
 
     def _set_local_state(self, state: LocalState) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -252,17 +269,28 @@ class Hospital:
     @logged("train")
     def train(self, progress: ProgressFn | None = None,
               cancel: threading.Event | None = None) -> TrainResult:
-        """Train the local model on this hospital's scans, starting from what it holds now,
-        and record what was trained (base version, scans, the weights' sha256)."""
+        """Train the local model on this hospital's scans and record what was trained (base
+        version, scans, the weights' sha256).  The first training after ``get`` starts from
+        the global weights as downloaded (``global.npy``), not from the personalised model;
+        a second one continues from the trained model."""
         from securefl.ml.local import run_train
         from securefl.ml.model import to_vector
 
         self.check_classes()
         meta = self.global_meta()
         model = self.model()
+        state = self.local_state()
+        if meta is not None and not state.trained and state.base_version == meta["version"]:
+            # Train from the global weights as downloaded, not from this hospital's
+            # personalised copy: the update is trained minus downloaded.
+            from securefl.ml.model import from_vector
+
+            from_vector(model, np.load(self.state_dir / "global.npy").astype(np.float32))
         result = run_train(self.ml, model=model, data=self.scans("Training"),
                            progress=progress, cancel=cancel)
-        if not result.cancelled:
+        if result.cancelled:
+            self._model = None  # the file still holds the model; memory holds half a run
+        else:
             self._after_save()
             base = meta["version"] if meta else None
             self._set_local_state(LocalState(base, True, result.num_samples,
@@ -283,13 +311,16 @@ class Hospital:
 
     def model_label(self) -> str:
         """Which model evaluates and classifies, in words (the version it comes from)."""
+        from securefl.ml.local import PERSONALISATION_LABELS
+
         state = self.local_state()
         if state.trained:
             start = (f"global version {state.base_version}" if state.base_version is not None
                      else "a new model")
             return f"the local model trained here from {start}"
         if state.base_version is not None:
-            return f"global version {state.base_version}"
+            how = PERSONALISATION_LABELS.get(state.personalisation)
+            return f"global version {state.base_version}" + (f", {how}" if how else "")
         return "the local model"
 
     def evaluate(self, split: str = "validation") -> EvalReport:
@@ -321,10 +352,19 @@ class Hospital:
         return run_classify(self.ml, image, model=model, validation=validation,
                             model_label=self.model_label())
 
-    def apply_global(self, weights: np.ndarray, version: int) -> None:
-        """Make the local model the global one (what ``get`` ends with).  A saved model of
-        another architecture (an older securefl's) is replaced by the one the settings build."""
-        from securefl.ml.local import load_or_create_model
+    def apply_global(self, weights: np.ndarray, version: int) -> LocalState:
+        """Make the hospital's model the global one, personalised (what ``get`` ends with).
+
+        The global weights are loaded and made this hospital's own as ``[ml] personalise``
+        says (``securefl.ml.local.personalise``: batch-norm statistics re-measured on its
+        training scans, a fine-tuning epoch); that model is what evaluate and classify use.
+        global.npy keeps the model as downloaded, which ``send`` computes the update
+        against.  When the scans cannot be used (none yet, a class with too few) the global
+        model is kept as is and the reason is recorded (``LocalState.personalisation_note``).
+        A saved model of another architecture (an older securefl's) is replaced by the one
+        the settings build.
+        """
+        from securefl.ml.local import load_or_create_model, personalise
         from securefl.ml.model import from_vector, save_model
 
         try:
@@ -332,9 +372,20 @@ class Hospital:
         except DataError:
             model = self._model = load_or_create_model(self.ml, replace_other=True)
         from_vector(model, weights)
-        save_model(model, self.ml.model_path)
+        kind, scans, note = "", 0, ""
+        try:
+            made = personalise(self.ml, model, data=self.scans("Training"), seed=version)
+            kind = "" if made.kind == "none" else made.kind
+            scans, note = made.scans, made.note
+        except DataError as exc:
+            note = exc.message
+            from_vector(model, weights)  # nothing half-done: the global model as is
+            save_model(model, self.ml.model_path)
         self._after_save()
-        self._set_local_state(LocalState(version, False, 0))
+        state = LocalState(version, False, 0, personalisation=kind, personalised_scans=scans,
+                           personalisation_note=note)
+        self._set_local_state(state)
+        return state
 
     @logged("send")
     def local_update(self) -> tuple[np.ndarray, int, int]:

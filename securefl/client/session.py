@@ -425,6 +425,14 @@ class HospitalSession(_Session):
                 f"every change in this update is below the federation's precision "
                 f"(1/{least:g} per scan): it would add nothing to the model; train "
                 "longer or with a higher learning rate, then send")
+        beyond = int(np.count_nonzero(np.abs(update) > enc.clip))
+        if beyond:
+            # Never clipped silently: the sum gets these values at +-clip.
+            step("joined", f"{beyond} of {update.size} values of this update "
+                 f"({beyond / update.size:.2%}; largest {float(np.abs(update).max()):.3g}) are "
+                 f"beyond the round's clip of {enc.clip:g} and go into the sum clipped to it "
+                 "(typically batch-norm statistics, which every hospital re-measures on its "
+                 "own scans after get)")
         try:
             return await self._steps(joined, enc, update, samples, base, leave_after, step,
                                      journal, digest, sent)

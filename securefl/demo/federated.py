@@ -64,12 +64,17 @@ class DemoSettings:
 
 @dataclass
 class RoundRow:
+    """One round's figures, balanced accuracy (mean per-class recall) on Testing scans."""
+
     round: int
     version: int
     seconds: float
+    #: On each hospital's own test scans: its model from the shared one (personalised as
+    #: its ``[ml] personalise`` says), and its model trained alone.
     global_acc: dict[str, float]
     local_acc: dict[str, float]
-    #: On every hospital's test scans pooled: the shared model, and each model trained alone.
+    #: On every hospital's test scans pooled: the mean over hospitals of each one's model
+    #: from the shared one, and each model trained alone.
     pooled_global: float = 0.0
     pooled_local: dict[str, float] = field(default_factory=dict)
 
@@ -94,6 +99,16 @@ class DemoResult:
     def mean_local_acc(self) -> float:
         last = self.rows[-1].pooled_local
         return sum(last.values()) / len(last)
+
+    @property
+    def own_local_acc(self) -> dict[str, float]:
+        """Each hospital's model trained alone, on its own test scans, after the last round."""
+        return dict(self.rows[-1].local_acc)
+
+    @property
+    def own_shared_acc(self) -> dict[str, float]:
+        """Each hospital's model from the shared one, on its own test scans, last round."""
+        return dict(self.rows[-1].global_acc)
 
 
 def table_header(names: list[str]) -> list[str]:
@@ -213,7 +228,7 @@ async def _wait_for_server(admin_toml: Path, process: subprocess.Popen, timeout:
 def _pooled(hospital: Hospital, tests: ImageSet) -> float:
     from securefl.ml.train import evaluate
 
-    return evaluate(hospital.model(), tests).accuracy
+    return evaluate(hospital.model(), tests).balanced_accuracy
 
 
 async def _run_rounds(settings: DemoSettings, hospitals: list[Hospital],
@@ -251,11 +266,13 @@ async def _run_rounds(settings: DemoSettings, hospitals: list[Hospital],
                 await h.get(s)
                 # Testing scans: this table is the demo's reported figure (the hospitals'
                 # own per-round view, in the app and `evaluate`, is their validation scans).
-                global_acc[name] = (await asyncio.to_thread(h.evaluate, "testing")).accuracy
-                local_acc[name] = (await asyncio.to_thread(alone[name].evaluate,
-                                                           "testing")).accuracy
+                global_acc[name] = (await asyncio.to_thread(
+                    h.evaluate, "testing")).balanced_accuracy
+                local_acc[name] = (await asyncio.to_thread(
+                    alone[name].evaluate, "testing")).balanced_accuracy
             pooled_local = {n: await asyncio.to_thread(_pooled, alone[n], tests) for n in names}
-            pooled_global = await asyncio.to_thread(_pooled, hospitals[0], tests)
+            pooled_global = sum([await asyncio.to_thread(_pooled, h, tests)
+                                 for h in hospitals]) / len(hospitals)
             row = RoundRow(r, outcome.version, time.perf_counter() - started, global_acc,
                            local_acc, pooled_global, pooled_local)
             result.rows.append(row)
@@ -306,8 +323,11 @@ def run(settings: DemoSettings, say: Print = print,
                                     / "alone"})) for h in hospitals}
         say(f"  {settings.rounds} rounds: every hospital trains {settings.epochs} epoch(s) on "
             "its own scans, then the server combines the updates by secure aggregation;")
-        say("  each cell: accuracy on that hospital's test scans of a model trained alone for "
-            "the same epochs -> of the shared model")
+        from securefl.ml.local import PERSONALISATION_LABELS
+
+        how = PERSONALISATION_LABELS.get(hospitals[0].ml.personalise, "as downloaded")
+        say("  each cell: balanced accuracy on that hospital's test scans of a model trained "
+            f"alone for the same epochs -> of the shared model, {how.replace('this', 'that')}")
         asyncio.run(_run_rounds(settings, hospitals, alone, admin_toml, say, result))
         if before_stop is not None:
             before_stop()
@@ -322,10 +342,15 @@ def run(settings: DemoSettings, say: Print = print,
     ahead = (result.final_global_acc - result.best_local_acc) * 100
     say("")
     say(f"summary: after {settings.rounds} rounds, on all {settings.hospitals} hospitals' test "
-        f"scans, the shared model scores {result.final_global_acc:.1%}; the best hospital "
+        f"scans, the shared model (mean of the hospitals' copies) scores "
+        f"{result.final_global_acc:.1%} balanced accuracy; the best hospital "
         f"training alone {result.best_local_acc:.1%} (mean {result.mean_local_acc:.1%}).")
     say(f"  federation is {'ahead' if ahead > 0 else 'BEHIND'} by {abs(ahead):.1f} points"
         + ("" if ahead > 0 else ": more rounds (--rounds) usually help") + ".")
+    say("  on each hospital's own test scans, alone -> shared: " + "; ".join(
+        f"{n} {result.own_local_acc[n]:.1%} -> {result.own_shared_acc[n]:.1%} "
+        f"({'better' if result.own_shared_acc[n] > result.own_local_acc[n] else 'NOT better'})"
+        for n in result.own_local_acc) + ".")
     say(f"  took {result.wall_s:.0f} s.  Everything is in {root}:")
     say("    certs/ (CA, server, admin, hospital kits)  data/ (synthetic scans)  "
         "server/ (model versions, audit log)")

@@ -13,8 +13,11 @@ layer moves weights in and out with :func:`securefl.ml.model.to_vector` /
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from securefl.errors import DataError
 from securefl.ml.settings import MLSettings
@@ -144,6 +147,111 @@ def calibration_for(settings: MLSettings, model: keras.Model,
     if cal is None and validation is not None and len(validation):
         cal = fit_calibration(settings, model, validation)
     return cal
+
+
+#: How each personalisation is named to people (``client get``, ``evaluate``, ``classify``,
+#: the app): "global version 7, fine-tuned on this hospital's scans".
+PERSONALISATION_LABELS = {
+    "recalibrate": "recalibrated on this hospital's scans",
+    "finetune": "fine-tuned on this hospital's scans",
+}
+#: The fine-tuning epoch's learning rate, as a share of ``[ml] learning_rate``: a short,
+#: gentle step (the value measured in docs/RESULTS.md, 1e-4 at the default 1e-3).
+FINETUNE_LR_FACTOR = 0.1
+
+
+@dataclass(frozen=True)
+class Personalised:
+    """What :func:`personalise` made of a downloaded global model."""
+
+    #: The personalisation applied ("recalibrate", "finetune"), or "none" (as downloaded).
+    kind: str
+    #: Training scans it was measured on (0 for "none").
+    scans: int = 0
+    #: The temperature fitted on the validation scans for the personalised model.
+    temperature: float | None = None
+    #: Why the asked-for personalisation was not (fully) applied; "" when it was.
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return PERSONALISATION_LABELS.get(self.kind, "")
+
+
+def personalise(settings: MLSettings, model: keras.Model,
+                data: ImageSet | None = None, *, seed: int = 0) -> Personalised:
+    """Make the global weights just loaded into ``model`` this hospital's own model, and
+    save it as the hospital's model file (``settings.model_path``).
+
+    Why: the global model's batch-norm statistics are an average over every hospital's
+    scanner, and its weights a compromise between every hospital's case mix and scanner;
+    what the federation learned is in the weights.  ``[ml] personalise``:
+
+    * ``"recalibrate"``: each batch-norm layer's mean and variance are measured exactly over
+      this hospital's training scans (``securefl.ml.batchnorm``);
+    * ``"finetune"`` (the default, chosen on validation scans: docs/RESULTS.md): that, then
+      one epoch on the training scans at ``FINETUNE_LR_FACTOR`` x ``learning_rate`` with a
+      fresh optimiser state, kept only if the validation loss went down (early stopping on
+      validation; otherwise the recalibrated model is kept and ``note`` says so).
+
+    Then the temperature is fitted on the validation scans.  The optimiser state the model
+    carries from round to round is put back afterwards, so federated training is the same
+    with or without this step; the caller trains from the downloaded global weights, and
+    the update it sends is computed against them.
+
+    ``data`` is the whole Training folder (:func:`load_data` when not given); ``seed`` varies
+    the fine-tuning epoch's shuffling (the caller passes the version).  A data problem (no
+    scans, a class with too few) is a ``DataError``; the caller keeps the global model.
+    """
+    from securefl.ml.batchnorm import calibrate_batch_norm
+    from securefl.ml.model import save_model
+
+    if settings.personalise == "none":
+        save_model(model, settings.model_path)
+        return Personalised("none")
+    data = data if data is not None else load_data(settings, "Training")
+    train_set, validation = split_training(settings, data)
+    if calibrate_batch_norm(model, train_set) == 0:
+        save_model(model, settings.model_path)
+        return Personalised("none", note=f"the '{settings.model_kind}' model has no batch-norm "
+                                         "statistics to recalibrate")
+    kind, note = "recalibrate", ""
+    if settings.personalise == "finetune":
+        if _finetune(settings, model, train_set, validation, seed):
+            kind = "finetune"
+        else:
+            note = ("the fine-tuning epoch was not kept: it did not lower the validation loss, "
+                    "so the recalibrated model is used")
+    save_model(model, settings.model_path)
+    cal = fit_calibration(settings, model, validation)
+    return Personalised(kind, len(train_set), cal.temperature, note)
+
+
+def _finetune(settings: MLSettings, model: keras.Model, train_set: ImageSet,
+              validation: ImageSet, seed: int) -> bool:
+    """One gentle epoch on this hospital's scans, kept only if the class-balanced
+    validation loss went down; the optimiser state is restored either way."""
+    from securefl.ml.train import balanced_nll, predict_proba, train
+
+    before = balanced_nll(predict_proba(model, validation.images), validation.labels)
+    weights = model.get_weights()
+    opt = getattr(model, "optimizer", None)
+    state = [np.array(v) for v in opt.variables] if opt is not None else []
+    if opt is not None:
+        for v in opt.variables:
+            v.assign(np.zeros_like(np.array(v)))
+    lr = float(np.array(opt.learning_rate)) if opt is not None else settings.learning_rate
+    train(model, train_set, epochs=1, batch_size=settings.batch_size,
+          learning_rate=settings.learning_rate * FINETUNE_LR_FACTOR, seed=seed)
+    after = balanced_nll(predict_proba(model, validation.images), validation.labels)
+    kept = bool(np.isfinite(after) and after < before)
+    if not kept:
+        model.set_weights(weights)
+    if opt is not None:
+        for i, v in enumerate(opt.variables):  # built by this epoch: back to fresh
+            v.assign(state[i] if i < len(state) else np.zeros_like(np.array(v)))
+        opt.learning_rate = lr
+    return kept
 
 
 def run_train(

@@ -12,6 +12,7 @@ A test of version numbers alone let an all-zero update through before.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,9 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
             cfg = kit / "hospital.toml"
             got = securefl("client", "--config", cfg, "get", cwd=tmp_path)
             assert got.returncode == 0 and "global version 0 downloaded" in got.stdout, got.stderr
+            # What this hospital evaluates with is its own: recalibrated on its scans.
+            assert re.search(r"model is now global version 0, (fine-tuned|recalibrated) on "
+                             r"this hospital's scans", got.stdout), got.stdout
             v0[name] = np.load(kit / "state" / "global.npy")
             trained = securefl("client", "--config", cfg, "train", cwd=tmp_path)
             assert trained.returncode == 0, trained.stderr
@@ -115,6 +119,8 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
         for name, kit in kits.items():
             sent = np.load(kit / "state" / "sent" / "v00000000.npy")
             model = keras.saving.load_model(kit / "model" / "model.keras", compile=False)
+            # global.npy is the model as downloaded (the same at every hospital, checked
+            # below), not this hospital's personalised copy of it.
             np.testing.assert_array_equal(sent, to_vector(model) - v0[name])
             record = json.loads((kit / "state" / "send.json").read_text())
             assert record["stage"] == "masked-input" and record["base_version"] == 0

@@ -412,3 +412,39 @@ def test_wrong_unmask_shares_publish_nothing_and_the_retry_publishes_the_right_m
     expected = sum(u * n for u, n in zip(ups, samples, strict=True)) / sum(samples)
     np.testing.assert_allclose(store.read(1)[1] - store.read(0)[1], expected, atol=1e-3)
     assert result.contributors == 3  # type: ignore[attr-defined]
+
+
+def test_values_beyond_the_clip_are_reported_by_the_hospital_not_clipped_silently(
+        fed: Federation) -> None:
+    """Issue 15: what a hospital sends beyond the round's clip goes into the sum clipped, and
+    the hospital is told how many values that was (here 5 batch-norm-like values of 2.5)."""
+    settings = fed.server_settings()
+    names = settings.hospitals
+    ups = _updates(len(names), settings.model.params or D)
+    ups[0][:5] = 2.5
+    said: dict[str, list[str]] = {n: [] for n in names}
+
+    async def scenario() -> object:
+        async with running(settings) as srv:
+            async def hospital(i: int, name: str) -> object:
+                async with HospitalSession(fed.client_settings(name, srv.port)) as h:
+                    await h.get_global()
+                    return await h.send(ups[i], 10, on_step=lambda s: said[name].append(
+                        s.detail))
+
+            tasks = [asyncio.create_task(hospital(i, n)) for i, n in enumerate(names)]
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                await _wait_count(admin, len(names))
+                result = await admin.aggregate()
+            await asyncio.gather(*tasks)
+            return result
+
+    asyncio.run(scenario())
+    clip = settings.round.clip
+    told = [d for d in said[names[0]] if "beyond the round's clip" in d]
+    assert len(told) == 1 and f"5 of {ups[0].size} values" in told[0] \
+        and f"clip of {clip:g}" in told[0] and "largest 2.5" in told[0], said[names[0]]
+    assert not any("beyond" in d for n in names[1:] for d in said[n])
+    store = ModelStore(settings.store_dir)
+    expected = sum(np.clip(u, -clip, clip) for u in ups) / len(ups)
+    np.testing.assert_allclose(store.read(1)[1] - store.read(0)[1], expected, atol=1e-3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from securefl.client.hospital import LocalState
 from securefl.client.session import (
     AuditEntry,
     HospitalInfo,
@@ -160,6 +161,9 @@ def test_hospital_get_evaluated(snap_compare, fed: Fed) -> None:
         screen = pilot.app.screen
         screen._downloaded(4_000_000, 4_000_000)  # what the download worker reports
         screen.version = 4
+        # what get's personalisation records (securefl.client.hospital.apply_global)
+        screen.hospital._set_local_state(LocalState(4, False, 0, personalisation="recalibrate",
+                                                    personalised_scans=59))
         screen.post_message(GetScreen.Evaluated(REPORT, None))
         await pilot.pause()
 

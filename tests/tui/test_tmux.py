@@ -47,7 +47,10 @@ class Tmux:
     def keys(self, target: str, *keys: str) -> None:
         for key in keys:
             self("send-keys", "-t", target, key)
-            time.sleep(0.15)  # one key at a time, as a person types
+            # One key at a time, as a person types.  After Escape a pause longer than the
+            # terminal's escape delay: a key that follows it at once reads as Alt+key (a
+            # loaded machine delivered Escape and 's' together and the app stayed put).
+            time.sleep(0.6 if key == "Escape" else 0.15)
 
     def screen(self, target: str) -> str:
         return self("capture-pane", "-p", "-t", target)
@@ -143,7 +146,7 @@ def test_train_send_aggregate_get_in_tmux(fed: Fed, tmp_path: Path) -> None:
             assert "Next: press Escape" in done, done
             tmux.keys(h, "Escape", "g", "Enter")
         for h in hospitals:
-            screen = tmux.wait(h, "Global version 1 on", 120)
+            screen = tmux.wait(h, "Global version 1,", 120)
             tmux.keys(h, "Escape", "r")
             dashboard = tmux.wait(h, "Global version on server: 1", 30)
             assert "based on global version 1" in dashboard, screen

@@ -56,8 +56,9 @@ def test_readme_demo_sample_has_the_demo_s_current_layout() -> None:
     assert rows[-1].split()[0] == str(DemoSettings().rounds)
     for row in rows:
         assert _layout(row) == _layout(table_row(_fake_row(1, 0.5), NAMES))
-    assert lines[-2].startswith(f"summary: after {DemoSettings().rounds} rounds")
-    assert re.fullmatch(r"  federation is (ahead|BEHIND) by \d+\.\d points.*\.", lines[-1])
+    assert lines[-3].startswith(f"summary: after {DemoSettings().rounds} rounds")
+    assert re.fullmatch(r"  federation is (ahead|BEHIND) by \d+\.\d points.*\.", lines[-2])
+    assert lines[-1].startswith("  on each hospital's own test scans, alone -> shared: ")
 
 
 def test_the_script_rewrites_only_its_block() -> None:

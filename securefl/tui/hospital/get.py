@@ -304,8 +304,9 @@ class GetScreen(Screen):
                    "(d: full report).")
         skipped = describe_skipped(r.skipped, self.hospital.ml.scans_dir)
         self.query_one("#summary", Static).update(
-            f"Global version {self.version} on {r.num_samples} {scans_word(r)}s · balanced "
-            f"accuracy {r.balanced_accuracy:.1%}" + (f"\n{skipped}" if skipped else ""))
+            f"Global version {self.version}{_personalised(self.hospital)}: tested on "
+            f"{r.num_samples} {scans_word(r)}s · balanced accuracy {r.balanced_accuracy:.1%}"
+            + (f"\n{skipped}" if skipped else ""))
         warning = one_class_warning(r)
         self.query_one("#warning", Static).update(warning)
         self.query_one("#warning", Static).display = bool(warning)
@@ -316,6 +317,14 @@ class GetScreen(Screen):
                         timeout=30)
         show_report(self.query_one("#per-class", DataTable),
                     self.query_one("#confusion", DataTable), r)
+
+
+def _personalised(hospital: Hospital) -> str:
+    """", recalibrated on this hospital's scans": how ``get`` made the model its own."""
+    from securefl.ml.local import PERSONALISATION_LABELS
+
+    how = PERSONALISATION_LABELS.get(hospital.local_state().personalisation)
+    return f", {how}" if how else ", as downloaded (not personalised)"
 
 
 def show_report(per_class: DataTable, confusion: DataTable, r: EvalReport) -> None:
