@@ -68,7 +68,8 @@ def _hospital_ml() -> dict[str, object]:
     trained = {k: fields[k].default for k in ("epochs", "patience", "batch_size",
                                               "validation_fraction",
                                               "min_validation_per_class",
-                                              "confidence_threshold") if k in fields}
+                                              "confidence_threshold", "personalise")
+               if k in fields}
     return {"scans_dir": "scans", "model_dir": "model", **_MODEL_SPEC, "seed": 0, **trained}
 
 
