@@ -29,6 +29,8 @@ from securefl.tui.hospital.dashboard import DashboardScreen
 from securefl.tui.hospital.get import GetScreen
 from tests.tui.conftest import Fed
 
+from .samples import REPORT
+
 SIZES = [(80, 24), (120, 40)]
 STATUS = ServerStatus(version=3, round_id=4, phase="collecting",
                       online=("hospital_1", "hospital_2"),
@@ -139,15 +141,6 @@ def test_admin_history_screens(snap_compare, which: str) -> None:
     assert snap_compare(app, terminal_size=(80, 24), run_before=show)
 
 
-REPORT = EvalReport(
-    accuracy=0.8125, macro_f1=0.8011,
-    per_class={"glioma": ClassMetrics(0.75, 0.75, 0.75, 4),
-               "meningioma": ClassMetrics(0.667, 1.0, 0.8, 4),
-               "notumor": ClassMetrics(1.0, 0.75, 0.857, 4),
-               "pituitary": ClassMetrics(0.8, 0.75, 0.774, 4)},
-    confusion=[[3, 1, 0, 0], [0, 4, 0, 0], [0, 0, 3, 1], [1, 0, 0, 3]], num_samples=16,
-    balanced_accuracy=0.8125, split="validation", ece_before=0.142, ece_after=0.051,
-    temperature=1.8)
 
 
 def test_hospital_get_evaluated(snap_compare, fed: Fed) -> None:
@@ -310,7 +303,6 @@ def test_hospital_train_in_progress(snap_compare, fed: Fed) -> None:
 
 def test_hospital_get_one_class_warning(snap_compare, fed: Fed) -> None:
     """A model that calls every scan glioma is flagged, in words."""
-    from securefl.ml.train import ClassMetrics, EvalReport
 
     all_glioma = EvalReport(
         accuracy=0.25, macro_f1=0.1,

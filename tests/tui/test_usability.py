@@ -55,6 +55,8 @@ from securefl.tui.hospital.send import SendScreen
 from securefl.tui.hospital.train import TrainScreen
 from tests.tui.conftest import Fed, running, until
 
+from .samples import REPORT
+
 STATUS = ServerStatus(3, 4, "collecting masked updates", ("hospital_1", "hospital_2"),
                       ("hospital_1", "hospital_2"), ("hospital_1",), 1)
 HOSPITALS = (
@@ -67,15 +69,6 @@ VERSIONS = [VersionEntry(v, f"2026-11-2{v}T09:00:00+00:00", 2, 80, f"{v:x}" * 64
             for v in range(3)]
 AUDIT = [AuditEntry(1, "2026-11-28T10:00:00+00:00", "refused", "",
                     "address=10.0.0.9:40100 reason=tls: certificate revoked by the CA")]
-REPORT = EvalReport(
-    accuracy=0.8125, macro_f1=0.8011,
-    per_class={"glioma": ClassMetrics(0.75, 0.75, 0.75, 4),
-               "meningioma": ClassMetrics(0.667, 1.0, 0.8, 4),
-               "notumor": ClassMetrics(1.0, 0.75, 0.857, 4),
-               "pituitary": ClassMetrics(0.8, 0.75, 0.774, 4)},
-    confusion=[[3, 1, 0, 0], [0, 4, 0, 0], [0, 0, 3, 1], [1, 0, 0, 3]], num_samples=16,
-    balanced_accuracy=0.8125, split="validation", ece_before=0.142, ece_after=0.051,
-    temperature=1.8)
 ALL_GLIOMA = EvalReport(
     accuracy=0.25, macro_f1=0.1,
     per_class={c: ClassMetrics(0.25 if c == "glioma" else 0.0, 1.0 if c == "glioma" else 0.0,
