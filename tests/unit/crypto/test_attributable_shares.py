@@ -195,3 +195,28 @@ def test_an_answer_that_leaves_out_or_adds_a_share_is_named_not_the_dealer(fed5,
     cheats = sorted(c.name for c in r.creds[:2])
     assert sorted(r.server.bad_sharers) == cheats
     assert all(f"'{name}'" in failed.value.message for name in cheats)
+
+
+@pytest.mark.parametrize("where", ["sample count", "a value"])
+def test_a_masked_input_whose_sum_is_impossible_is_never_published(fed5, where):
+    """The last defence, behind the share checks: a hospital that masks an absurd sample
+    count or a value far beyond the clip (every share it returns is honest) makes a sum
+    these hospitals' updates cannot add up to; nothing is published."""
+    r = Round(fed5, n=3)
+    r.share()
+    for i, (cred, client) in enumerate(zip(r.creds, r.clients, strict=True)):
+        msg = client.receive(r.bundles[client.me])
+        if i == 0:
+            y = msg.y.copy()
+            if where == "sample count":
+                y[-1] += np.asarray(1_000_000, y.dtype)
+            else:
+                y[0] += np.asarray(10**9, y.dtype)
+            msg = replace(msg, y=y)
+        r.server.receive(msg, from_name=cred.name)
+    r.listed = r.server.close_inputs()
+    r.check()
+    _unmask(r, cheater=-1, how="none")
+    with pytest.raises(CryptoError, match=r"unmasked sum is impossible.*nothing was published"):
+        r.server.finish()
+    assert r.server.state is ServerState.FAILED
