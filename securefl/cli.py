@@ -499,16 +499,11 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
         return h
 
     def run_train(args: argparse.Namespace) -> int:
-        def progress(p: Any) -> None:
-            line = (f"recalibrating batch-norm statistics: layer {p.batch}/{p.batches}"
-                    if p.stage == "calibrating" else
-                    f"epoch {p.epoch}/{p.epochs}  batch {p.batch}/{p.batches}  "
-                    f"loss {p.loss:.4f}  accuracy {p.accuracy:.3f}")
-            print(f"\r{line:<72}", end="", file=sys.stderr, flush=True)
+        from securefl.client.commands import training_printer
 
         h = hospital(args)
         base = h.local_state().base_version
-        result = h.train(progress=progress)
+        result = h.train(progress=training_printer())
         print(file=sys.stderr)
         start = (f"from global version {base}" if base is not None
                  else "from a new model (no global model downloaded yet)")

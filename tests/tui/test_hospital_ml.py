@@ -187,3 +187,26 @@ def test_control_a_blocking_call_on_the_event_loop_is_caught(tmp_path: Path) -> 
 
     with pytest.raises(BlockingError):
         asyncio.run(on_the_loop())
+
+
+def test_get_shows_the_fine_tuning_epoch_on_its_own_bar(fed: Fed) -> None:
+    """The fine-tuning epoch after a download takes a minute or more on a real Training
+    folder: the Get screen's second bar follows it batch by batch."""
+    from securefl.tui.common import Progress as ProgressBar
+
+    async def scenario() -> None:
+        async with running(fed):
+            app = HospitalApp(fed.hospital_tomls[0], "hospital_1")
+            async with app.run_test(size=(80, 24)) as pilot:
+                await until(pilot, lambda: app.session is not None)
+                assert app.hospital.ml.personalise == "finetune"  # the kits' default
+                await pilot.press("g", "enter")
+                await until(pilot, lambda: "accuracy" in text(app, "#summary"), 120)
+                screen = app.screen
+                label = str(screen.query_one("#download-label").render())
+                bar = screen.query_one("#download", ProgressBar)
+                assert label == "Fine-tune"
+                # It ends full: the epoch's batches, then the batch-norm layers measured.
+                assert bar.total is not None and bar.progress == bar.total > 0
+
+    asyncio.run(scenario())

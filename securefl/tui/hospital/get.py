@@ -28,6 +28,7 @@ from securefl.client.session import HospitalSession
 from securefl.ml.calibration import ECE_BINS
 from securefl.ml.data import describe_skipped
 from securefl.ml.train import EvalReport, append_history
+from securefl.ml.train import Progress as TrainProgress
 from securefl.tui.common import ConfirmScreen, TextScreen, notify_error, pairs
 from securefl.tui.common import Progress as ProgressBar
 
@@ -151,7 +152,7 @@ class GetScreen(Screen):
                 yield Label("Steps", classes="bar-label")
                 yield ProgressBar(total=len(STEPS), show_eta=False, id="bar")
             with Horizontal(classes="bar-row"):
-                yield Label("Download", classes="bar-label")
+                yield Label("Download", classes="bar-label", id="download-label")
                 yield ProgressBar(total=100, show_eta=False, id="download")
             yield Static("Press Enter (or Get weights) to start.", id="state")
             yield Static("", id="summary")
@@ -226,6 +227,7 @@ class GetScreen(Screen):
 
     def _begin(self, replace_trained: bool) -> None:
         self._step(0)
+        self.query_one("#download-label", Label).update("Download")
         self.download(replace_trained)
 
     def action_back(self) -> None:
@@ -257,6 +259,20 @@ class GetScreen(Screen):
             self.query_one("#state", Static).update(
                 f"Downloading the global model: {received / 1e6:.1f} of {total / 1e6:.1f} MB")
 
+    def _personalising(self, p: TrainProgress) -> None:
+        """The fine-tuning epoch after the download (a minute or more on a real Training
+        folder): the second bar follows it, so the screen never looks stuck."""
+        bar = self.query_one("#download", ProgressBar)
+        if bar.total != p.batches:
+            self.query_one("#download-label", Label).update("Fine-tune")
+            bar.update(total=p.batches, progress=0)
+        bar.update(progress=p.batch)
+        what = ("measuring the batch-norm statistics" if p.stage == "calibrating" else
+                "fine-tuning on this hospital's training scans")
+        self.query_one("#state", Static).update(
+            f"Making the global model this hospital's own: {what}, batch {p.batch} of "
+            f"{p.batches}")
+
     def _fail(self, exc: BaseException) -> None:
         self._set_running(False)
         notify_error(self.app, exc, "Get weights failed")
@@ -269,8 +285,9 @@ class GetScreen(Screen):
             self._fail(ConnectionError("not connected to the server"))
             return
         try:
-            model = await self.hospital.get(session, on_progress=self._downloaded,
-                                            replace_trained=replace_trained)
+            model = await self.hospital.get(
+                session, on_progress=self._downloaded, replace_trained=replace_trained,
+                on_personalise=lambda p: self.app.call_from_thread(self._personalising, p))
         except Exception as exc:  # shown as a notification
             self._fail(exc)
             return
