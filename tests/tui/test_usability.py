@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from blockbuster import BlockBuster
 from rich.console import Console
 from textual.command import CommandPalette
 from textual.geometry import Region
@@ -423,6 +428,68 @@ def test_hospital_reconnects_after_a_server_restart_and_can_send(
                 await server.close()
 
     asyncio.run(scenario())
+
+
+def server_process(fed: Fed, log: Path) -> subprocess.Popen:
+    """The federation's server as its own process (``securefl server``), listening.
+
+    Why a process: the detector below sees every blocking call of securefl code on the
+    loop it watches, and an in-process server writes its store and audit log there."""
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "securefl", "server", "--config",
+                                 str(fed.server_toml)], stdout=subprocess.DEVNULL, stderr=out)
+    deadline = time.monotonic() + 60
+    while "listening on" not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("which", ["hospital", "admin"])
+def test_reconnecting_makes_no_blocking_call_on_the_event_loop(
+        fed: Fed, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, which: str) -> None:
+    """Server gone, the app retrying with backoff, server back, the app connected again:
+    BlockBuster (sleeps, file and socket I/O, locks in securefl code on the app's loop)
+    stays silent throughout, so the screen never freezes while the app waits for a server
+    that may be gone for minutes.  A blocking call would raise in the connect or status
+    worker, end the app with that error, and the app would never reconnect."""
+    monkeypatch.setattr(hospital_app_module, "STATUS_EVERY", 0.3)
+    monkeypatch.setattr(admin_app_module, "REFRESH_EVERY", 0.3)
+    log = tmp_path / "server.txt"
+    server = server_process(fed, log)
+
+    async def scenario() -> None:
+        nonlocal server
+        app = (HospitalApp(fed.hospital_tomls[0], "hospital_1") if which == "hospital"
+               else AdminApp(fed.admin()))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: app.session is not None and app.dashboard is not None)
+            dash = app.dashboard
+            busted = BlockBuster(scanned_modules=["securefl"])
+            busted.activate()
+            try:
+                await asyncio.to_thread(stop, server)
+                await until(pilot, lambda: dash.stale, 20)
+                await pilot.pause(3.5)  # retries after 1 and 2 s, both refused
+                assert app.session is None and app._exception is None
+                server = await asyncio.to_thread(server_process, fed, log)
+                await until(pilot, lambda: app.session is not None and not dash.stale, 30)
+                await pilot.pause(1)  # a few status refreshes on the new connection
+            finally:
+                busted.deactivate()
+            assert app._exception is None, app._exception
+            assert app.return_code is None
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        stop(server)
 
 
 def test_admin_greys_the_table_while_disconnected_and_keeps_what_it_knew(
