@@ -524,6 +524,13 @@ def test_after_a_restart_hospitals_seen_before_keep_their_last_seen() -> None:
     assert not merged[0].online  # what is known now wins
 
 
+def test_last_seen_reads_in_full_in_its_column() -> None:
+    """"not since restart" was cut to "not since restar" (found walking at 60x20)."""
+    from securefl.tui.admin.dashboard import COLUMNS, short_time
+    width = dict(COLUMNS)["Last seen (UTC)"]
+    assert max(len(short_time("")), len(short_time(HOSPITALS[0].last_seen))) <= width
+
+
 def test_a_status_line_about_a_round_goes_when_the_round_moves_on() -> None:
     async def scenario() -> None:
         app = AdminApp(None, connect=False)
