@@ -533,12 +533,14 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
         return 0
 
     def run_classify(args: argparse.Namespace) -> int:
+        from securefl.ml.settings import clinical_name
+
         answer = hospital(args).classify(args.image)
         if args.json:
             print(json.dumps(answer.to_dict()))
             return 0
         for name, p in sorted(answer.probabilities.items(), key=lambda kv: -kv[1]):
-            print(f"{name:<12} {p:6.1%}")
+            print(f"{clinical_name(name):<17} {p:6.1%}")
         how = (f"calibrated, temperature {answer.temperature:.2f}" if answer.calibrated
                else "not calibrated")
         print(f"model: {answer.model} ({how})")

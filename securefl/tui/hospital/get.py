@@ -27,6 +27,7 @@ from securefl.client.hospital import Hospital
 from securefl.client.session import HospitalSession
 from securefl.ml.calibration import ECE_BINS
 from securefl.ml.data import describe_skipped
+from securefl.ml.settings import clinical_name
 from securefl.ml.train import EvalReport, append_history
 from securefl.ml.train import Progress as TrainProgress
 from securefl.tui.common import ConfirmScreen, TextScreen, notify_error, pairs
@@ -35,13 +36,6 @@ from securefl.tui.common import Progress as ProgressBar
 HERE = Path(__file__).parent
 STEPS = ["Download", "Checked intact", "Loaded into the local model",
          "Evaluated on your validation scans"]
-#: How the usual class folder names read in a clinic.
-CLASS_NAMES = {"glioma": "glioma", "meningioma": "meningioma", "notumor": "no tumour",
-               "no_tumor": "no tumour", "pituitary": "pituitary tumour"}
-
-
-def class_name(name: str) -> str:
-    return CLASS_NAMES.get(name, name.replace("_", " "))
 
 
 def specificity(confusion: list[list[int]], i: int) -> float | None:
@@ -63,7 +57,7 @@ def one_class_warning(r: EvalReport) -> str:
     names = list(r.per_class)
     called = [sum(row[j] for row in r.confusion) for j in range(len(names))]
     if sum(called) and sum(1 for c in called if c) == 1 and len(names) > 1:
-        only = class_name(names[called.index(max(called))])
+        only = clinical_name(names[called.index(max(called))])
         return (f"Warning: this model calls every {scans_word(r)} \"{only}\": it cannot "
                 "tell the classes apart yet, so do not use it to classify scans. Train it (t) and "
                 "send the update (s); later versions should do better.")
@@ -93,13 +87,13 @@ def report_details(r: EvalReport, version: int | None, sha256: str) -> str:
     lines += ["", "Per class: sensitivity (recall), specificity, precision, F1, scans"]
     for i, (name, m) in enumerate(r.per_class.items()):
         spec = specificity(r.confusion, i)
-        lines.append(f"  {class_name(name):<18} {m.recall:6.1%} "
+        lines.append(f"  {clinical_name(name):<18} {m.recall:6.1%} "
                      f"{'-' if spec is None else f'{spec:6.1%}'} {m.precision:6.1%} "
                      f"{m.f1:.3f} {m.support:5d}")
     lines += ["", "Confusion matrix (rows: actual class, columns: the model's answer)"]
-    lines.append(" " * 20 + "".join(f"{class_name(n)[:10]:>11}" for n in names))
+    lines.append(" " * 20 + "".join(f"{clinical_name(n)[:10]:>11}" for n in names))
     for name, row in zip(names, r.confusion, strict=True):
-        lines.append(f"  {class_name(name):<18}" + "".join(f"{v:>11}" for v in row))
+        lines.append(f"  {clinical_name(name):<18}" + "".join(f"{v:>11}" for v in row))
     return "\n".join(lines)
 
 
@@ -351,10 +345,10 @@ def show_report(per_class: DataTable, confusion: DataTable, r: EvalReport) -> No
     per_class.add_columns("Class", "Sensitivity", "Specificity", "Scans")
     for i, (name, m) in enumerate(r.per_class.items()):
         spec = specificity(r.confusion, i)
-        per_class.add_row(class_name(name), f"{m.recall:.0%}",
+        per_class.add_row(clinical_name(name), f"{m.recall:.0%}",
                           "-" if spec is None else f"{spec:.0%}", str(m.support))
     names = list(r.per_class)
     confusion.clear(columns=True)
-    confusion.add_columns("Actual ↓ / answer →", *[class_name(n) for n in names])
+    confusion.add_columns("Actual ↓ / answer →", *[clinical_name(n) for n in names])
     for name, row in zip(names, r.confusion, strict=True):
-        confusion.add_row(class_name(name), *[str(v) for v in row])
+        confusion.add_row(clinical_name(name), *[str(v) for v in row])
