@@ -192,3 +192,25 @@ def test_send_with_a_stale_model_says_what_to_do(fed: Fed) -> None:
                 assert "✘" in text(app, "#steps")
 
     asyncio.run(scenario())
+
+
+def test_history_names_the_figure_and_the_scans_and_draws_validation_only() -> None:
+    """History speaks like Get: balanced accuracy, on which scans; the curve is one kind
+    of figure (validation), not validation and Testing mixed."""
+    from securefl.tui.hospital.history import history_rows, validation_curve
+
+    records = [
+        {"time": "2026-12-01T10:00:00Z", "event": "evaluate", "accuracy": 0.9,
+         "balanced_accuracy": 0.6, "num_samples": 11, "split": "validation"},
+        {"time": "2026-12-01T10:01:00Z", "event": "evaluate", "accuracy": 0.8,
+         "balanced_accuracy": 0.5, "num_samples": 16, "split": "testing"},
+        {"time": "2026-12-01T10:02:00Z", "event": "evaluate", "accuracy": 0.7},  # an old line
+        {"time": "2026-12-01T10:03:00Z", "event": "train", "num_samples": 59,
+         "history": {"loss": [1.0, 0.5], "accuracy": [0.4, 0.475]}},
+    ]
+    metrics = [row[3] for row in history_rows(records)]
+    assert metrics[0] == "balanced accuracy 60.0% on 11 validation scans"
+    assert metrics[1] == "balanced accuracy 50.0% on 16 Testing scans"
+    assert metrics[2] == "accuracy 70.0%"
+    assert metrics[3] == "accuracy 47.5% on its 59 training scans"
+    assert validation_curve(records) == [0.6, 0.7]

@@ -195,7 +195,7 @@ def test_control_a_blocking_call_on_the_event_loop_is_caught(tmp_path: Path) -> 
 
 def test_get_shows_the_fine_tuning_epoch_on_its_own_bar(fed: Fed) -> None:
     """The fine-tuning epoch after a download takes a minute or more on a real Training
-    folder: the Get screen's second bar follows it batch by batch."""
+    folder: a Fine-tune bar appears on the Get screen and follows it batch by batch."""
     from securefl.tui.common import Progress as ProgressBar
 
     async def scenario() -> None:
@@ -207,9 +207,8 @@ def test_get_shows_the_fine_tuning_epoch_on_its_own_bar(fed: Fed) -> None:
                 await pilot.press("g", "enter")
                 await until(pilot, lambda: "accuracy" in text(app, "#summary"), 120)
                 screen = app.screen
-                label = str(screen.query_one("#download-label").render())
-                bar = screen.query_one("#download", ProgressBar)
-                assert label == "Fine-tune"
+                assert screen.query_one("#finetune-row").display
+                bar = screen.query_one("#finetune", ProgressBar)
                 # It ends full: the epoch's batches, then the batch-norm layers measured.
                 assert bar.total is not None and bar.progress == bar.total > 0
 

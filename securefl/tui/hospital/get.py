@@ -146,8 +146,11 @@ class GetScreen(Screen):
                 yield Label("Steps", classes="bar-label")
                 yield ProgressBar(total=len(STEPS), show_eta=False, id="bar")
             with Horizontal(classes="bar-row"):
-                yield Label("Download", classes="bar-label", id="download-label")
+                yield Label("Download", classes="bar-label")
                 yield ProgressBar(total=100, show_eta=False, id="download")
+            with Horizontal(classes="bar-row", id="finetune-row"):
+                yield Label("Fine-tune", classes="bar-label")
+                yield ProgressBar(total=100, show_eta=False, id="finetune")
             yield Static("Press Enter (or Get weights) to start.", id="state")
             yield Static("", id="summary")
             yield Static("", id="warning")
@@ -221,7 +224,7 @@ class GetScreen(Screen):
 
     def _begin(self, replace_trained: bool) -> None:
         self._step(0)
-        self.query_one("#download-label", Label).update("Download")
+        self.query_one("#finetune-row").display = False  # shown once fine-tuning starts
         self.download(replace_trained)
 
     def action_back(self) -> None:
@@ -255,10 +258,10 @@ class GetScreen(Screen):
 
     def _personalising(self, p: TrainProgress) -> None:
         """The fine-tuning epoch after the download (a minute or more on a real Training
-        folder): the second bar follows it, so the screen never looks stuck."""
-        bar = self.query_one("#download", ProgressBar)
+        folder): a third bar appears and follows it, so the screen never looks stuck."""
+        self.query_one("#finetune-row").display = True
+        bar = self.query_one("#finetune", ProgressBar)
         if bar.total != p.batches:
-            self.query_one("#download-label", Label).update("Fine-tune")
             bar.update(total=p.batches, progress=0)
         bar.update(progress=p.batch)
         what = ("measuring the batch-norm statistics" if p.stage == "calibrating" else

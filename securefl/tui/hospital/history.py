@@ -31,17 +31,35 @@ def history_rows(records: list[dict]) -> list[tuple[str, str, str, str]]:
             version = str(r.get("version", "-"))
             metrics = f"{r.get('contributors', 0)} hospitals, {r.get('total_samples', 0)} scans"
         elif event == "train":
-            hist = r.get("history", {})
-            loss = (hist.get("loss") or [float("nan")])[-1]
-            acc = (hist.get("accuracy") or [float("nan")])[-1]
-            metrics = (f"accuracy {acc:.1%} on {r.get('num_samples', 0)} scans, loss {loss:.3f}"
+            # The loss is in the row's details: the column keeps to what fits at 80 columns.
+            acc = (r.get("history", {}).get("accuracy") or [float("nan")])[-1]
+            metrics = (f"accuracy {acc:.1%} on its {r.get('num_samples', 0)} training scans"
                        + (" (cancelled)" if r.get("cancelled") else ""))
         elif event == "evaluate":
-            metrics = f"test accuracy {r.get('accuracy', 0):.1%}"
+            metrics = evaluation_words(r)
         else:
             metrics = ""
         rows.append((str(r.get("time", "")).replace("T", " ")[:16], event, version, metrics))
     return rows
+
+
+def evaluation_words(record: dict) -> str:
+    """An evaluation in the words the Get screen uses: balanced accuracy, and on which scans
+    (records written before securefl kept the split or the balanced figure say less)."""
+    split = {"validation": "validation", "testing": "Testing"}.get(str(record.get("split")))
+    n = record.get("num_samples")
+    scans = f" on {n} {split} scans" if split and n is not None else (
+        f" on {split} scans" if split else "")
+    if "balanced_accuracy" in record:
+        return f"balanced accuracy {float(record['balanced_accuracy']):.1%}{scans}"
+    return f"accuracy {float(record.get('accuracy', 0)):.1%}{scans}"
+
+
+def validation_curve(records: list[dict]) -> list[float]:
+    """Balanced accuracy of the evaluations on validation scans, oldest first: one curve
+    of one kind of figure (Testing figures are for reporting, and would mix in)."""
+    return [float(r.get("balanced_accuracy", r.get("accuracy", 0.0))) for r in records
+            if r.get("event") == "evaluate" and r.get("split", "validation") == "validation"]
 
 
 def record_details(record: dict) -> str:
@@ -64,8 +82,10 @@ class HistoryScreen(Screen):
     CSS_PATH = HERE / "history.tcss"
     TITLE = "History"
     HELP = ("Every global version this hospital downloaded, every training and every "
-            "evaluation on its test scans, oldest first; the curve is the test accuracy "
-            "over time.  Enter (or a click) on a row shows everything that line recorded.")
+            "evaluation, oldest first; the curve is the balanced accuracy on this "
+            "hospital's validation scans over time (evaluations on the Testing scans are "
+            "listed, not drawn).  Enter (or a click) on a row shows everything that line "
+            "recorded.")
     BINDINGS = [("escape", "back", "Back"), ("enter", "details", "Details")]
 
     def __init__(self, hospital: Hospital) -> None:
@@ -75,7 +95,7 @@ class HistoryScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         with Vertical(id="history"):
-            yield Static("Test accuracy over time", id="curve-label")
+            yield Static("Balanced accuracy on validation scans over time", id="curve-label")
             yield Sparkline([], id="curve")
             yield DataTable(id="table", zebra_stripes=True, cursor_type="row")
         yield Footer()
@@ -89,8 +109,7 @@ class HistoryScreen(Screen):
         if not records:
             self.query_one("#curve-label", Static).update(
                 "No history yet: train (t) or get weights (g) first.")
-        accs = [float(r["accuracy"]) for r in records if r.get("event") == "evaluate"]
-        self.query_one("#curve", Sparkline).data = accs
+        self.query_one("#curve", Sparkline).data = validation_curve(records)
 
     def action_back(self) -> None:
         self.dismiss()
