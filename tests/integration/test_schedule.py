@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
 from securefl import config
-from securefl.client.session import HospitalSession, RoundOutcome
+from securefl.client.session import AdminSession, HospitalSession, RoundOutcome
+from securefl.errors import ProtocolError, SecureFLError
 from securefl.protocol import messages as wm
 from securefl.server.audit import read_entries
 from securefl.server.store import ModelStore
@@ -120,3 +122,214 @@ def test_auto_schedule_publishes_without_any_admin_action(fed: Federation) -> No
     assert [(e["schedule_round"], e["outcome"], e["version"])
             for e in events(settings, "schedule-closed")[:2]] == [(1, "published", 1),
                                                                   (2, "published", 2)]
+
+
+def test_at_the_deadline_the_round_runs_with_those_who_joined(fed: Federation) -> None:
+    """(b) four registered, three take part, one never connects: at the training deadline
+    the round runs with the three and publishes their mean."""
+    settings = auto(fed, deadline="3s", hospitals=("a", "b", "c", "d"))
+    samples = [20, 20, 40]
+    ups = updates(3, seed=3)
+
+    async def main() -> list[tuple[int, RoundOutcome | None]]:
+        async with running(settings) as srv:
+            async def one(name: str, u: np.ndarray, n: int) -> tuple[int, RoundOutcome | None]:
+                async with HospitalSession(fed.client_settings(name, srv.port)) as h:
+                    return await take_part(h, u, n)
+
+            start = asyncio.get_running_loop().time()
+            out = await asyncio.gather(*(one(n, u, k) for n, u, k in
+                                         zip("abc", ups, samples, strict=True)))
+            assert asyncio.get_running_loop().time() - start >= 2.5  # waited for d
+            return out
+
+    results = asyncio.run(main())
+    assert [o.version if o else None for _, o in results] == [1, 1, 1]
+    store = ModelStore(settings.store_dir)
+    w0, w1 = store.read(0)[1], store.read(1)[1]
+    pairs = list(zip(ups, samples, strict=True))
+    expected, _ = outcome.fedavgm_step(w0, outcome.weighted_mean(pairs), None)
+    outcome.assert_published(w1, expected, outcome.tolerance(pairs), w0)
+    assert store.info(1).contributors == 3
+    closed = events(settings, "enrolment-closed")
+    assert sorted(closed[0]["members"]) == ["a", "b", "c"]
+
+
+def test_at_the_deadline_too_few_joined_the_round_expires_and_nothing_is_published(
+        fed: Federation) -> None:
+    """(b) four registered, two join (three are needed): ``expired``, no version."""
+    settings = auto(fed, deadline="2s", hospitals=("a", "b", "c", "d"))
+    ups = updates(2, seed=4)
+
+    async def main() -> list[object]:
+        async with running(settings) as srv:
+            sessions = [HospitalSession(fed.client_settings(n, srv.port)) for n in "ab"]
+            for h in sessions:
+                await h.connect()
+            try:
+                sends = await asyncio.gather(*(take_part(h, u, 10) for h, u in
+                                               zip(sessions, ups, strict=True)),
+                                             return_exceptions=True)
+                closed = await asyncio.gather(*(next_closed(h, 1) for h in sessions))
+                async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                    view = await admin.schedule()
+                    version = await admin.version()
+            finally:
+                for h in sessions:
+                    await h.close()
+            return [sends, closed, view, version]
+
+    sends, closed, view, version = asyncio.run(main())
+    for s in sends:  # each send was told its round ended without a version
+        assert isinstance(s, ProtocolError) and s.code == "expired", s
+    assert {(c.outcome, c.version) for c in closed} == {("expired", None)}
+    assert "fewer than 3" in closed[0].message or "only 2 of the 3" in closed[0].message
+    assert version == 0 and ModelStore(settings.store_dir).versions() == [0]
+    assert view.round is None or view.round.schedule_round > 1
+    assert [e["outcome"] for e in events(settings, "schedule-closed")][:1] == ["expired"]
+
+
+def test_pause_resume_open_and_abort_from_the_admin(fed: Federation) -> None:
+    """(d) A paused schedule opens nothing; ``open`` opens a round now, ``abort`` ends it
+    (hospitals told ``aborted``), ``resume`` lets the schedule open the next, ``pause``
+    keeps an open round running but opens no further one."""
+    settings = auto(fed, start="paused")
+    ups, samples = updates(3, seed=5), [10, 20, 30]
+
+    async def main() -> None:
+        async with running(settings) as srv:
+            admin = await AdminSession(fed.client_settings("admin", srv.port)).connect()
+            sessions = [HospitalSession(fed.client_settings(n, srv.port)) for n in "abc"]
+            for h in sessions:
+                await h.connect()
+            try:
+                assert sessions[0].schedule is not None and sessions[0].schedule.paused
+                assert sessions[0].schedule.open_round is None
+                await asyncio.sleep(0.6)
+                view = await admin.schedule()
+                assert view.paused and view.round is None and view.next_open is None
+                assert sessions[0].pending_schedule_events() == []
+                with pytest.raises(ProtocolError) as refused:  # no round to join
+                    await sessions[0].get_global()
+                    await sessions[0].send(ups[0], 10)
+                assert refused.value.code == "round-busy"
+
+                assert await admin.open_round() == 1
+                opened = await asyncio.gather(*(next_open(h) for h in sessions))
+                assert {o.schedule_round for o in opened} == {1}
+                await sessions[0].get_global()  # "training"
+                view = await admin.schedule()
+                assert view.round is not None and view.round.phase == "enrolling"
+                assert view.round.hospitals == {"a": "training", "b": "waiting",
+                                                "c": "waiting"}
+                assert await admin.abort_round() == 1
+                closed = await asyncio.gather(*(next_closed(h, 1) for h in sessions))
+                assert {c.outcome for c in closed} == {"aborted"}
+                assert (await admin.schedule()).round is None
+
+                await admin.resume()
+                results = await asyncio.gather(*(take_part(h, u, n, after=1) for h, u, n in
+                                                 zip(sessions, ups, samples, strict=True)))
+                assert [(r, o.version if o else None) for r, o in results] == [(2, 1)] * 3
+                await admin.pause()  # round 2 is over; with after-publish round 3 may be
+                await asyncio.sleep(0.6)  # open already, and nothing opens after it
+                view = await admin.schedule()
+                assert view.paused and view.next_open is None
+                number = view.round.schedule_round if view.round else 2
+                if view.round is not None:
+                    await admin.abort_round()
+                await asyncio.sleep(0.6)
+                view = await admin.schedule()
+                assert view.round is None
+                assert (await admin.schedule()).round is None
+                assert number <= 3
+            finally:
+                for h in sessions:
+                    await h.close()
+                await admin.close()
+
+    asyncio.run(main())
+    actions = [e["action"] for e in events(settings, "admin")]
+    assert actions[:4] == ["open", "abort", "resume", "pause"]
+    assert [e["outcome"] for e in events(settings, "schedule-closed")][:2] == ["aborted",
+                                                                               "published"]
+    assert ModelStore(settings.store_dir).versions() == [0, 1]
+
+
+def test_schedule_actions_are_refused_in_manual_mode(fed: Federation) -> None:
+    settings = fed.server_settings()
+
+    async def main() -> None:
+        async with running(settings) as srv:
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                for action in (admin.pause, admin.resume, admin.open_round):
+                    with pytest.raises(ProtocolError) as refused:
+                        await action()
+                    assert refused.value.code == "no-schedule"
+                    assert "mode = \"auto\"" in refused.value.message
+                view = await admin.schedule()
+                assert view.mode == "manual" and view.round is None
+            async with HospitalSession(fed.client_settings("a", srv.port)) as h:
+                assert h.schedule is None
+
+    asyncio.run(main())
+
+
+def test_a_failed_training_is_shown_per_hospital_and_does_not_stall_the_others(
+        fed: Federation) -> None:
+    """(e) d reports ``already-sent``: the admin sees it per hospital with the stalled
+    reason, the audit has the coarse code only, and the round closes as soon as a, b, c
+    are in -- long before its 60 s deadline."""
+    settings = auto(fed, deadline="60s", hospitals=("a", "b", "c", "d"))
+    ups, samples = updates(3, seed=6), [10, 10, 10]
+
+    async def main() -> tuple[wm.ScheduleView, list, float]:
+        async with running(settings) as srv:
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin, \
+                    HospitalSession(fed.client_settings("d", srv.port)) as d:
+                opened = await next_open(d)
+                await d.training_failed(opened.schedule_round, "already-sent")
+                view = await admin.schedule()
+                start = asyncio.get_running_loop().time()
+
+                async def one(name: str, u: np.ndarray, n: int) -> object:
+                    async with HospitalSession(fed.client_settings(name, srv.port)) as h:
+                        return await take_part(h, u, n)
+
+                results = await asyncio.gather(*(one(n, u, k) for n, u, k in
+                                                 zip("abc", ups, samples, strict=True)))
+                took = asyncio.get_running_loop().time() - start
+                closed = await next_closed(d, opened.schedule_round)
+                assert (closed.outcome, closed.version) == ("published", 1)
+            return view, results, took
+
+    view, results, took = asyncio.run(main())
+    assert view.round is not None
+    assert view.round.hospitals["d"] == "failed:already-sent"
+    assert set(view.round.hospitals) == {"a", "b", "c", "d"}
+    assert view.stalled is not None and view.stalled.base_version == 0
+    assert "d already sent" in view.stalled.reason
+    assert [o.version for _, o in results] == [1, 1, 1]
+    assert took < 30
+    failed = events(settings, "training-failed")
+    assert [(e["name"], e["reason"], e["schedule_round"]) for e in failed] == [
+        ("d", "already-sent", 1)]
+    assert set(failed[0]) <= {"time", "event", "name", "reason", "schedule_round", "seq",
+                              "prev"}
+
+
+def test_keepalive_keeps_an_idle_connection_open(fed: Federation) -> None:
+    settings = fed.server_settings(limits=config.Limits(idle_timeout=1.0))
+
+    async def main() -> None:
+        async with running(settings) as srv, \
+                HospitalSession(fed.client_settings("a", srv.port)) as kept, \
+                HospitalSession(fed.client_settings("b", srv.port)) as idle:
+            for _ in range(6):
+                await asyncio.sleep(0.4)
+                await kept.keepalive()
+            assert (await kept.status()).version == 0
+            with pytest.raises(SecureFLError):
+                await idle.status()
+
+    asyncio.run(main())
