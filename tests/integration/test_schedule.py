@@ -9,6 +9,10 @@ checked against what the hospitals' own updates imply (``tests/outcome.py``).
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +26,7 @@ from securefl.server.store import ModelStore
 from tests import outcome
 
 from .conftest import Federation, running
+from .test_restart import free_port, start_server
 
 D = 1000
 
@@ -333,3 +338,110 @@ def test_keepalive_keeps_an_idle_connection_open(fed: Federation) -> None:
                 await idle.status()
 
     asyncio.run(main())
+
+
+def _auto_toml(fed: Federation, port: int) -> Path:
+    data = config.read_toml(fed.certs.root / "server.toml")
+    data.update(host="127.0.0.1", port=port, hospitals=["a", "b", "c"],
+                model={"params": D, "seed": 0}, round={"step_timeout": 10.0},
+                schedule={"mode": "auto", "every": "1h", "training_deadline": "60s"})
+    return config.write_toml(fed.certs.root / "server-auto.toml", data)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
+def test_a_restarted_server_resumes_the_schedule(fed: Federation) -> None:
+    """(c) kill -9 between two rounds: the schedule keeps its next opening and its round
+    numbers; kill -9 during an open round (one hospital in its masked round): after the
+    restart the round is still open with the same deadline, the hospitals take part again
+    and the version published equals their updates' mean."""
+    port = free_port()
+    toml = _auto_toml(fed, port)
+    first, second = updates(3, seed=8), updates(3, seed=9)
+    samples = [10, 20, 30]
+    seen: dict[str, object] = {}
+
+    def hospital(name: str) -> HospitalSession:
+        return HospitalSession(fed.client_settings(name, port))
+
+    async def round_one() -> None:
+        async def one(name: str, u: np.ndarray, n: int) -> object:
+            async with hospital(name) as h:
+                return await take_part(h, u, n)
+
+        results = await asyncio.gather(*(one(n, u, k) for n, u, k in
+                                         zip("abc", first, samples, strict=True)))
+        assert [(r, o.version) for r, o in results] == [(1, 1)] * 3  # type: ignore[union-attr]
+        async with AdminSession(fed.client_settings("admin", port)) as admin:
+            for _ in range(50):
+                view = await admin.schedule()
+                if view.round is None:
+                    break
+                await asyncio.sleep(0.1)
+            assert view.round is None and view.next_open is not None
+            seen["next_open"] = view.next_open
+
+    async def between_then_during(proc: subprocess.Popen) -> None:
+        async with AdminSession(fed.client_settings("admin", port)) as admin:
+            view = await admin.schedule()
+            assert view.round is None and view.next_open == seen["next_open"]
+            assert await admin.open_round() == 2  # numbers never repeat
+            async with hospital("a") as a:
+                opened = await next_open(a, after=1)
+                assert opened.base_version == 1
+                seen["deadline"] = opened.deadline
+                await a.get_global()
+                sending = asyncio.create_task(a.send(second[0], samples[0]))
+                for _ in range(100):
+                    view = await admin.schedule()
+                    if view.round is not None and view.round.hospitals.get("a") == "joined":
+                        break
+                    await asyncio.sleep(0.05)
+                assert view.round is not None and view.round.hospitals["a"] == "joined"
+                _stop(proc)
+                with pytest.raises(SecureFLError):
+                    await sending
+
+    async def after_restart() -> None:
+        sessions = [hospital(n) for n in "abc"]
+        for h in sessions:
+            await h.connect()
+        try:
+            assert sessions[0].resend_round is not None  # its masked round was abandoned
+            for h in sessions:
+                assert h.schedule is not None and h.schedule.open_round is not None
+                assert h.schedule.open_round.schedule_round == 2
+                assert h.schedule.open_round.deadline == seen["deadline"]
+            results = await asyncio.gather(*(take_part(h, u, n, after=1) for h, u, n in
+                                             zip(sessions, second, samples, strict=True)))
+            assert [(r, o.version) for r, o in results] == [(2, 2)] * 3  # type: ignore[union-attr]
+        finally:
+            for h in sessions:
+                await h.close()
+
+    proc = start_server(toml)
+    try:
+        asyncio.run(round_one())
+        _stop(proc)
+        proc = start_server(toml)  # between rounds
+        asyncio.run(between_then_during(proc))
+        proc = start_server(toml)  # during round 2
+        asyncio.run(after_restart())
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+    store = ModelStore(fed.certs.root / "store")
+    w0, w1, w2 = (store.read(v)[1] for v in (0, 1, 2))
+    p1, p2 = list(zip(first, samples, strict=True)), list(zip(second, samples, strict=True))
+    e1, momentum = outcome.fedavgm_step(w0, outcome.weighted_mean(p1), None)
+    outcome.assert_published(w1, e1, outcome.tolerance(p1), w0)
+    e2, _ = outcome.fedavgm_step(w1, outcome.weighted_mean(p2), momentum)
+    outcome.assert_published(w2, e2, 2 * outcome.tolerance(p2), w1)
+    audit = fed.certs.root / "audit.jsonl"
+    opened = [e["schedule_round"] for e in read_entries(audit) if e["event"] == "schedule-open"]
+    assert opened == [1, 2]
