@@ -78,6 +78,9 @@ def request(event: str, rid: int, round_id: int = ROUND) -> wm._Wire:
                                                         b_shares={1: B}, s_shares={}),
         "admin": lambda: wm.AdminCommand(rid=rid, action=action),  # type: ignore[arg-type]
         "admin_query": lambda: wm.AdminQuery(rid=rid, what="audit"),
+        "keepalive": lambda: wm.Keepalive(rid=rid),
+        "training_failed": lambda: wm.TrainingFailed(rid=rid, schedule_round=1,
+                                                     reason="no-scans"),
     }
     return make[kind]()
 
@@ -120,6 +123,11 @@ def push(event: str, round_id: int = ROUND, **fields: object) -> wm._Wire:
         "round_done": lambda: wm.RoundDone(round_id=round_id, version=1),
         "aggregate_progress": lambda: wm.AggregateProgress(round_id=round_id, asked=2,
                                                            answered=1, needed=2),
+        "round_open": lambda: wm.RoundOpen(schedule_round=3, base_version=0,
+                                           opened="2025-01-01T00:00:00Z",
+                                           deadline="2025-01-01T02:00:00Z"),
+        "round_closed": lambda: wm.RoundClosed(schedule_round=3, outcome="published",
+                                               version=1),
     }
     return make[event]().model_copy(update=fields)
 
@@ -599,3 +607,29 @@ def test_hello_comes_first_on_both_ends(role: str) -> None:
     link.exchange("hello")
     assert link.client.greeted and link.server.greeted
     link.exchange("status")
+
+
+@pytest.mark.parametrize("phase", list(HospitalPhase), ids=lambda p: p.name)
+def test_schedule_pushes_and_requests_are_taken_in_every_hospital_phase(phase: Enum) -> None:
+    """Issue 17: ``round_open``/``round_closed`` come whenever the server's schedule moves,
+    whatever round the connection is in; ``keepalive`` and ``training_failed`` may be asked
+    in every phase; none of them moves the phase or the round."""
+    link = _replay("hospital", paths("hospital")[phase])
+    round_id = link.client.round_id
+    for event in ("round_open", "round_closed"):
+        assert link.push(event) is True
+        assert link.phase is phase and link.client.round_id == round_id
+    for event in ("keepalive", "training_failed"):
+        link.rid += 1
+        link.ask(request(event, link.rid))
+        link.answer(reply(event, link.rid))
+        assert link.phase is phase and link.client.round_id == round_id
+
+
+def test_keepalive_for_the_admin_even_while_aggregating() -> None:
+    link = Link("admin")
+    link.rid += 1
+    link.ask(request("admin:aggregate", link.rid))
+    link.exchange("keepalive")
+    link.exchange("admin:pause", "admin_result:pause")
+    assert link.phase is AdminPhase.AGGREGATING
