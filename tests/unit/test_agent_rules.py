@@ -122,7 +122,7 @@ def test_the_record_is_replaced_whole_and_a_damaged_one_is_refused(tmp_path: Pat
     (tmp_path / "agent.json").write_text('{"rounds": [{"schedule_')
     from securefl.errors import DataError
 
-    with pytest.raises(DataError, match="agent.json is damaged"):
+    with pytest.raises(DataError, match=r"agent\.json is damaged"):
         AgentRecord.load(tmp_path)
 
 
