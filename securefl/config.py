@@ -146,6 +146,61 @@ class RoundSettings(_Settings):
         return self
 
 
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d)")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, field: str = "duration") -> float:
+    """``"30s"``, ``"15m"``, ``"24h"``, ``"2d"`` (or ``"1.5h"``) as seconds; ValueError with
+    one sentence otherwise."""
+    m = _DURATION.fullmatch(text.strip()) if isinstance(text, str) else None
+    seconds = float(m.group(1)) * _UNIT[m.group(2)] if m else 0.0
+    if not m or seconds <= 0:
+        raise ValueError(f"{field} = {text!r} is not a duration: write a positive number "
+                         'and a unit, like "30s", "15m", "24h" or "2d"')
+    return seconds
+
+
+AFTER_PUBLISH = "after-publish"
+
+
+class ScheduleSettings(_Settings):
+    """``[schedule]``: rounds the server opens by itself (issue 17).
+
+    ``mode = "manual"`` (the default) changes nothing: a round opens when a hospital
+    joins and publishes when the administrator aggregates.  ``"auto"``: the server opens a
+    round ``every`` so often (or right after each round ends: ``"after-publish"``), tells the
+    connected hospitals (``round_open``), waits ``training_deadline`` for them to train and
+    join, runs the masked round and publishes without an administrator.
+    """
+
+    mode: Literal["manual", "auto"] = "manual"
+    every: str = "24h"
+    training_deadline: str = "2h"
+    #: ``"paused"``: the server starts with its schedule paused (``admin resume`` starts it).
+    start: Literal["running", "paused"] = "running"
+
+    @model_validator(mode="after")
+    def _durations(self) -> ScheduleSettings:
+        if self.every != AFTER_PUBLISH:
+            try:
+                parse_duration(self.every, "every")
+            except ValueError as exc:
+                raise ValueError(str(exc).replace('or "2d"', 'or "2d", or "after-publish"')
+                                 ) from None
+        parse_duration(self.training_deadline, "training_deadline")
+        return self
+
+    @property
+    def interval(self) -> float | None:
+        """Seconds between round openings; None for ``"after-publish"``."""
+        return None if self.every == AFTER_PUBLISH else parse_duration(self.every)
+
+    @property
+    def deadline(self) -> float:
+        return parse_duration(self.training_deadline)
+
+
 class ModelSettings(_Settings):
     """The initial global model: a seeded vector (``params``) or the ML spec (``ml``)."""
 
@@ -191,6 +246,8 @@ class ServerSettings(TLSFiles):
     model: ModelSettings = ModelSettings()
     #: How a round's mean update is applied (securefl.fedopt; FedAvgM by default).
     server_opt: ServerOptSettings = ServerOptSettings()
+    #: Rounds by hand (the default) or on the server's own schedule.
+    schedule: ScheduleSettings = ScheduleSettings()
 
 
 class HospitalPolicy(_Settings):

@@ -223,6 +223,10 @@ class _Session:
         assert self.conn.welcome is not None
         return self.conn.welcome.name
 
+    async def keepalive(self) -> None:
+        """Tell the server this connection is alive (its idle timer starts again)."""
+        await self.conn.request(wm.Keepalive())
+
     async def status(self) -> ServerStatus:
         reply, _ = await self.conn.request(wm.Status())
         assert isinstance(reply, wm.StatusReply)
@@ -269,6 +273,35 @@ class HospitalSession(_Session):
     def resend_round(self) -> int | None:
         """A round of ours that a server restart abandoned (send the update again)."""
         return self.conn.welcome.resend_round if self.conn.welcome else None
+
+    @property
+    def schedule(self) -> wm.WelcomeSchedule | None:
+        """The server's schedule as the welcome said it (None: rounds run by hand)."""
+        return self.conn.welcome.schedule if self.conn.welcome else None
+
+    async def next_schedule_event(self, timeout: float | None = None
+                                  ) -> wm.RoundOpen | wm.RoundClosed:
+        """The next ``round_open`` or ``round_closed`` the server pushed (they queue while a
+        ``send`` runs, and are never lost to it); ``TimeoutError`` after ``timeout``."""
+        return await self.conn.next_schedule_push(timeout)
+
+    def pending_schedule_events(self) -> list[wm.RoundOpen | wm.RoundClosed]:
+        """Every queued ``round_open`` / ``round_closed``, oldest first, without waiting."""
+        out = []
+        q = self.conn.schedule_pushes
+        while not q.empty():
+            item = q.get_nowait()
+            if isinstance(item, SecureFLError):
+                q.put_nowait(item)
+                break
+            out.append(item)
+        return out
+
+    async def training_failed(self, schedule_round: int, reason: str) -> None:
+        """Tell the server this hospital will not join scheduled round ``schedule_round``
+        (a coarse reason code of ``wm.TrainingFailedReason``; never counts of its data)."""
+        await self.conn.request(wm.TrainingFailed(schedule_round=schedule_round,
+                                                  reason=reason))  # type: ignore[arg-type]
 
     @property
     def published_round(self) -> tuple[int, int] | None:
@@ -670,6 +703,24 @@ class AdminSession(_Session):
 
     async def abort_round(self) -> int:
         return (await self._admin("abort")).value
+
+    async def pause(self) -> int:
+        """Stop the schedule opening rounds (an open one runs on); the last round number."""
+        return (await self._admin("pause")).value
+
+    async def resume(self) -> int:
+        return (await self._admin("resume")).value
+
+    async def open_round(self) -> int:
+        """Open a scheduled round now; its ``schedule_round``."""
+        return (await self._admin("open")).value
+
+    async def schedule(self) -> wm.ScheduleView:
+        """The server's schedule, the open scheduled round with each hospital's status, and
+        a base version the cross-round rule holds up (``wm.ScheduleView``)."""
+        view = (await self._query("schedule")).schedule
+        assert view is not None
+        return view
 
     async def _query(self, what: str, limit: int = 50) -> wm.AdminQueryReply:
         reply, _ = await self.conn.request(

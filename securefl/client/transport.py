@@ -91,6 +91,10 @@ class Connection:
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._pushes: asyncio.Queue = asyncio.Queue()
+        #: ``round_open`` / ``round_closed`` (the server's schedule): kept apart from the
+        #: round's steps, so a ``send`` in progress never sees them and they wait here for
+        #: whoever follows the schedule (the hospital agent).
+        self.schedule_pushes: asyncio.Queue = asyncio.Queue()
         self._lock = asyncio.Lock()
         self._closed: SecureFLError | None = None
         self._got_reply = False
@@ -225,6 +229,15 @@ class Connection:
             raise item
         return item
 
+    async def next_schedule_push(self, timeout: float | None) -> wm.RoundOpen | wm.RoundClosed:
+        """The next ``round_open`` / ``round_closed``; the connection's failure is raised
+        (to this and every later wait); ``TimeoutError`` after ``timeout`` seconds."""
+        item = await asyncio.wait_for(self.schedule_pushes.get(), timeout)
+        if isinstance(item, SecureFLError):
+            self.schedule_pushes.put_nowait(item)
+            raise item
+        return item
+
     # -- reading -----------------------------------------------------------------------------
     async def _read_loop(self) -> None:
         parser = frames.FrameParser(max_header=frames.CLIENT_MAX_HEADER,
@@ -250,6 +263,8 @@ class Connection:
                         fut.set_result((msg, array))
                     elif isinstance(msg, wm.ErrorMsg):
                         failure = error_from_wire(msg)
+                    elif deliver and isinstance(msg, wm.RoundOpen | wm.RoundClosed):
+                        self.schedule_pushes.put_nowait(msg)
                     elif deliver and not msg.rid:  # not a late reply nobody waits for
                         self._pushes.put_nowait((msg, array))
                 if self.payload_progress is not None and parser.payload_len:
@@ -264,3 +279,4 @@ class Connection:
                 if not fut.done():
                     fut.set_exception(failure)
             self._pushes.put_nowait(failure)
+            self.schedule_pushes.put_nowait(failure)

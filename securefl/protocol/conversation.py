@@ -26,6 +26,11 @@ another round is refused, except ``round_done``, which is skipped (the end of a 
 side already saw end or left); pushes for a round this side left on its own (``leave()``,
 e.g. a hospital that stops after sending its masked input and stays connected) are skipped
 too, since the peer cannot know.
+
+The schedule (issue 17): ``round_open`` and ``round_closed`` are about the server's scheduled
+rounds, not the secure-aggregation round a connection is in, so a hospital's end takes them
+in every phase and they move nothing; ``keepalive`` (any role) and ``training_failed`` (a
+hospital's) may be asked in every phase after ``hello`` and move nothing either.
 """
 
 from __future__ import annotations
@@ -81,23 +86,29 @@ class AdminPhase(Enum):
 
 # -- the vocabulary --------------------------------------------------------------------------
 #: Requests any certificate may make, in any phase; they change nothing.
-ANYTIME = ("hello", "status", "get_global")
+ANYTIME = ("hello", "status", "get_global", "keepalive")
+#: A hospital's requests about the schedule, in any phase (they change no phase).
+HOSPITAL_ANYTIME = ("training_failed",)
+#: Pushes about the server's schedule: taken in every phase, they change no phase and name
+#: no secure-aggregation round.
+SCHEDULE_PUSHES = ("round_open", "round_closed")
 #: A hospital's requests inside a round: each names the round (``round_id``).
 ROUND_REQUESTS = ("advertise", "ack_roster", "reveal_seed", "share_keys", "upload_slot",
                   "masked_input", "sign_survivors", "unmask_response")
-ADMIN_ACTIONS = ("aggregate", "version", "count", "close", "abort")
+ADMIN_ACTIONS = ("aggregate", "version", "count", "close", "abort", "pause", "resume", "open")
 #: Request kind -> the kind of its (successful) reply.
 REPLY_TO: Mapping[str, str] = {
     "hello": "welcome", "status": "status_reply", "get_global": "global_model",
     "join": "joined", **dict.fromkeys(ROUND_REQUESTS, "ack"), "admin": "admin_result",
-    "admin_query": "admin_query_reply",
+    "admin_query": "admin_query_reply", "keepalive": "ack", "training_failed": "ack",
 }
 #: Every request kind of the protocol (whoever may send it).
 REQUEST_KINDS = frozenset(REPLY_TO)
 #: What the server sends each role unprompted (``rid`` 0), besides ``error``.
 PUSHES: Mapping[str, frozenset[str]] = {
     "hospital": frozenset({"roster", "roster_acks", "seed_reveals", "envelopes",
-                           "survivor_list", "unmask_request", "round_done"}),
+                           "survivor_list", "unmask_request", "round_done",
+                           *SCHEDULE_PUSHES}),
     "admin": frozenset({"aggregate_progress"}),
 }
 
@@ -137,7 +148,7 @@ SENT = frozenset({H.SUBMITTED, H.LISTED, H.SIGNED, H.UNMASKING, H.ANSWERED, H.PL
 #: The hospital's table: the round's order, plus the requests allowed in every phase and
 #: the round's end from every phase inside a round.
 HOSPITAL_TABLE: Mapping[Enum, Mapping[str, Enum]] = {
-    phase: {**dict.fromkeys(ANYTIME, phase), **steps,
+    phase: {**dict.fromkeys((*ANYTIME, *HOSPITAL_ANYTIME, *SCHEDULE_PUSHES), phase), **steps,
             **({"round_done": H.IDLE} if phase in IN_ROUND else {})}
     for phase, steps in _ROUND_ORDER.items()
 }
@@ -372,7 +383,7 @@ class Conversation:
             raise fault(f"'{kind}' is a reply and must carry the request id it answers")
         if kind not in PUSHES[self.role]:
             raise refuse(f"'{kind}'", f", and it never sends that to a {_WHO[self.role]}")
-        if self.role == "hospital":
+        if self.role == "hospital" and kind not in SCHEDULE_PUSHES:
             round_id = getattr(msg, "round_id", None)
             if not ours and round_id in self._left:
                 return False  # a round this hospital left: the server could not know
@@ -383,7 +394,8 @@ class Conversation:
         nxt = self.table[self.phase].get(kind)
         if nxt is None:
             raise refuse(f"'{kind}'", ", which is out of the protocol's order")
-        self.phase = nxt
-        if nxt is H.IDLE:
-            self.round_id = None
+        if nxt is not self.phase:
+            self.phase = nxt
+            if nxt is H.IDLE:
+                self.round_id = None
         return True

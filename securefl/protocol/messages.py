@@ -223,11 +223,40 @@ class UnmaskResponseMsg(_Wire):
     s_shares: dict[ParticipantNo, Bytes] = Field(max_length=1000)
 
 
+class Keepalive(_Wire):
+    """Nothing to say, but still here: resets the server's idle timer (issue 17).
+
+    Why a request and not a silent frame: its ``ack`` tells the sender the connection still
+    carries replies, so a long-running agent notices a dead link within one interval."""
+
+    kind: Literal["keepalive"] = "keepalive"
+
+
+#: Coarse reasons a hospital gives for not taking part in a scheduled round: never counts or
+#: names of its data (the server and the administrator learn only which kind of trouble).
+TrainingFailedReason = Literal[
+    "no-scans", "too-few-scans", "training-error", "out-of-memory", "declined", "cancelled",
+    "window", "daily-limit", "attempt-limit", "already-sent"]
+
+
+class TrainingFailed(_Wire):
+    """A hospital will not join scheduled round ``schedule_round``: the server stops
+    waiting for it (the others are not stalled) and shows the reason to the administrator."""
+
+    kind: Literal["training_failed"] = "training_failed"
+    schedule_round: int = Field(ge=1, le=U64_MAX)
+    reason: TrainingFailedReason
+
+
 class AdminCommand(_Wire):
-    """Admin actions; the server checks the certificate's role, not this message."""
+    """Admin actions; the server checks the certificate's role, not this message.
+
+    ``pause`` / ``resume`` / ``open`` act on the server's ``[schedule]`` (auto mode only);
+    ``abort`` also ends an open scheduled round."""
 
     kind: Literal["admin"] = "admin"
-    action: Literal["aggregate", "version", "count", "close", "abort"]
+    action: Literal["aggregate", "version", "count", "close", "abort", "pause", "resume",
+                    "open"]
 
 
 class AdminQuery(_Wire):
@@ -236,15 +265,72 @@ class AdminQuery(_Wire):
     ``hospitals``: registered and connected hospitals with last-seen time and certificate
     expiry; ``history``: the newest ``limit`` global versions' metadata; ``audit``: the last
     ``limit`` audit-log entries (names, events and numbers only: the log holds no keys or
-    weights).
+    weights); ``schedule``: the server's ``[schedule]`` and the scheduled round's phase.
     """
 
     kind: Literal["admin_query"] = "admin_query"
-    what: Literal["hospitals", "history", "audit"]
+    what: Literal["hospitals", "history", "audit", "schedule"]
     limit: int = Field(50, ge=1, le=1000)
 
 
 # -- replies and pushes: server -> peer ----------------------------------------------------
+_Iso = Annotated[str, Field(min_length=1, max_length=40)]
+
+
+class OpenRound(BaseModel):
+    """A scheduled round as hospitals hear of it (``round_open``, ``welcome.schedule``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    #: Numbers the server's scheduled rounds (from 1, never repeated, survives restarts);
+    #: not the secure-aggregation ``round_id``, which counts attempts.
+    schedule_round: int = Field(ge=1, le=U64_MAX)
+    #: The global version to train on (and to ``join`` with).
+    base_version: int = Field(ge=0, le=U64_MAX)
+    #: UTC ISO 8601 times: when it opened, and after when joins are refused (``round-busy``).
+    opened: _Iso
+    deadline: _Iso
+
+
+class RoundOpen(_Wire):
+    """Push (rid 0): a scheduled round opened; download ``base_version``, train, ``join``.
+    The fields are ``OpenRound``'s."""
+
+    kind: Literal["round_open"] = "round_open"
+    schedule_round: int = Field(ge=1, le=U64_MAX)
+    base_version: int = Field(ge=0, le=U64_MAX)
+    opened: _Iso
+    deadline: _Iso
+
+    @classmethod
+    def of(cls, info: OpenRound) -> RoundOpen:
+        return cls(**info.model_dump())
+
+    def info(self) -> OpenRound:
+        return OpenRound(**self.model_dump(exclude={"kind", "rid"}))
+
+
+class RoundClosed(_Wire):
+    """Push (rid 0): a scheduled round ended, to every connected hospital (participants also
+    get ``round_done``)."""
+
+    kind: Literal["round_closed"] = "round_closed"
+    schedule_round: int = Field(ge=1, le=U64_MAX)
+    outcome: Literal["published", "abandoned", "aborted", "expired"]
+    version: int | None = Field(None, ge=0, le=U64_MAX)
+    message: str = Field("", max_length=1000)
+
+
+class WelcomeSchedule(BaseModel):
+    """``welcome.schedule`` in auto mode: whether rounds open, and the one open now."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    mode: Literal["auto"] = "auto"
+    paused: bool
+    open_round: OpenRound | None = None
+
+
 class Welcome(_Wire):
     kind: Literal["welcome"] = "welcome"
     name: str
@@ -263,6 +349,8 @@ class Welcome(_Wire):
     #: The operator's signed member list (``members.json``, CA-signed and numbered), for
     #: hospitals to check every roster against (protocol 4).
     members: Bytes | None = None
+    #: The server's schedule (issue 17); None: rounds run by hand (``mode = "manual"``).
+    schedule: WelcomeSchedule | None = None
 
 
 class GlobalModel(_Wire):
@@ -354,12 +442,63 @@ class AuditRow(BaseModel):
     detail: str = Field("", max_length=500)
 
 
+#: A hospital's part in the scheduled round, for the administrator: ``waiting`` (not yet
+#: started), ``training`` (downloaded the base version after the round opened), ``joined``,
+#: ``submitted`` (its masked input is in), ``failed:<reason>``, ``declined``, ``offline``.
+HOSPITAL_STATUS = re.compile(r"waiting|training|joined|submitted|declined|offline"
+                             r"|failed:[a-z-]{1,40}")
+
+
+def _hospital_status(value: object) -> object:
+    if isinstance(value, str) and not HOSPITAL_STATUS.fullmatch(value):
+        raise ValueError(f"'{value[:40]}' is not a hospital status of the schedule")
+    return value
+
+
+class ScheduledRound(OpenRound):
+    """The open scheduled round in the ``schedule`` query."""
+
+    #: ``enrolling`` (hospitals train and join), then the secure-aggregation round's own
+    #: phases (``confirming`` ... ``unmasking``), ``publishing``.
+    phase: str = Field(max_length=40)
+    hospitals: dict[Annotated[str, Field(max_length=200)],
+                    Annotated[str, BeforeValidator(_hospital_status)]] = Field(
+        default_factory=dict, max_length=10_000)
+
+
+class Stalled(BaseModel):
+    """A base version the cross-round rule holds up, and why (for people)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    base_version: int = Field(ge=0, le=U64_MAX)
+    reason: str = Field(max_length=1000)
+
+
+class ScheduleView(BaseModel):
+    """The ``schedule`` query's answer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    mode: Literal["manual", "auto"]
+    paused: bool
+    #: As written in server.toml ("24h", "after-publish").
+    every: str = Field(max_length=40)
+    training_deadline: str = Field(max_length=40)
+    #: When the next scheduled round opens (UTC ISO); None: none planned (manual mode,
+    #: paused, "after-publish" with a round open).
+    next_open: str | None = Field(None, max_length=40)
+    round: ScheduledRound | None = None
+    stalled: Stalled | None = None
+
+
 class AdminQueryReply(_Wire):
     kind: Literal["admin_query_reply"] = "admin_query_reply"
     what: str
     hospitals: list[HospitalRow] = Field(default_factory=list, max_length=10_000)
     versions: list[VersionRow] = Field(default_factory=list, max_length=1000)
     audit: list[AuditRow] = Field(default_factory=list, max_length=1000)
+    schedule: ScheduleView | None = None
 
 
 class Participant(BaseModel):
@@ -481,7 +620,8 @@ Message = Annotated[
     | UnmaskResponseMsg | AdminCommand | Welcome | GlobalModel | StatusReply | Joined | Ack
     | AdminResult | RosterMsg | EnvelopesMsg | UnmaskRequestMsg | RoundDone | ErrorMsg
     | AdminQuery | AdminQueryReply | UploadSlot | AggregateProgress | SurvivorListMsg
-    | SignSurvivors | AckRoster | RevealSeed | RosterAcksMsg | SeedRevealsMsg,
+    | SignSurvivors | AckRoster | RevealSeed | RosterAcksMsg | SeedRevealsMsg | Keepalive
+    | TrainingFailed | RoundOpen | RoundClosed,
     Field(discriminator="kind"),
 ]
 MESSAGE: TypeAdapter[Message] = TypeAdapter(Message)

@@ -20,7 +20,7 @@ from securefl.errors import CryptoError, DataError, NotEnoughSurvivorsError
 from securefl.fedopt import StepReport
 from securefl.protocol import mapping
 from securefl.protocol import messages as wm
-from securefl.server import views
+from securefl.server import schedule, views
 from securefl.server.plain import PlainRound
 from securefl.server.rounds import ActiveRound, Peer, RoundBusyError
 from securefl.server.store import StorageError, VersionInfo
@@ -68,6 +68,7 @@ class AdminActions:
     waiting_for: Any
     last_seen: dict[str, str]
     cert_expires: dict[str, str]
+    schedule: Any
 
     # -- admin -------------------------------------------------------------------------------
     def _query(self, msg: wm.AdminQuery) -> wm.AdminQueryReply:
@@ -78,6 +79,10 @@ class AdminActions:
                 self.settings.hospitals, self.online(), sorted(rnd.members) if rnd else [],
                 rnd.submitted() if rnd else [], self.last_seen, self.cert_expires)
             return reply.model_copy(update={"hospitals": rows})
+        if msg.what == "schedule":
+            view = (self.schedule.view() if self.schedule is not None
+                    else schedule.manual_view(self.settings.schedule, self))  # type: ignore[arg-type]
+            return reply.model_copy(update={"schedule": view})
         if msg.what == "history":
             return reply.model_copy(update={"versions": views.version_rows(self.store,
                                                                            msg.limit)})
@@ -85,6 +90,8 @@ class AdminActions:
 
     async def _admin(self, peer: Peer, msg: wm.AdminCommand) -> wm.AdminResult:
         action, rnd = msg.action, self.round
+        if action in ("pause", "resume", "open"):
+            return self._schedule_action(peer, msg)
         if action in ("aggregate", "close", "abort"):  # queries are not actions
             self.audit.record("admin", name=peer.name, action=action, durable=True)
             if self.held is not None:  # every admin action first tries to publish it
@@ -100,6 +107,12 @@ class AdminActions:
         if action == "count":
             return wm.AdminResult(rid=msg.rid, action=action,
                                   value=rnd.engine.collected if rnd else 0)
+        if action == "abort" and self.schedule is not None and self.schedule.open is not None:
+            # A scheduled round ends whether or not its masked round has started.
+            if rnd is not None:
+                self._abandon(rnd, "round-aborted", "the administrator aborted the round")
+            number = self.schedule.abort()
+            return wm.AdminResult(rid=msg.rid, action=action, value=number or 0)
         if rnd is None:
             raise RoundBusyError("no round is in progress", code="no-round")
         if action == "abort":
@@ -119,6 +132,22 @@ class AdminActions:
                 self._close_enrolment(rnd)
             return wm.AdminResult(rid=msg.rid, action=action, value=rnd.round_id)
         return await self._aggregate(rnd, msg.rid, peer)
+
+    def _schedule_action(self, peer: Peer, msg: wm.AdminCommand) -> wm.AdminResult:
+        """``pause``, ``resume``, ``open``: the schedule's, refused in manual mode."""
+        sched = self.schedule
+        if sched is None:
+            raise schedule.NoScheduleError(
+                f"'{msg.action}' acts on the server's schedule, and this server runs rounds "
+                "by hand: set [schedule] mode = \"auto\" in server.toml and restart it")
+        self.audit.record("admin", name=peer.name, action=msg.action, durable=True)
+        if msg.action == "pause":
+            value = sched.pause()
+        elif msg.action == "resume":
+            value = sched.resume()
+        else:
+            value = sched.open_round().schedule_round
+        return wm.AdminResult(rid=msg.rid, action=msg.action, value=value)
 
     def _publish(self, new: np.ndarray, contributors: int,
                  total: int) -> tuple[VersionInfo, StepReport]:
@@ -175,7 +204,10 @@ class AdminActions:
         if self.round is not rnd:
             raise NotEnoughSurvivorsError("the round was abandoned while unmasking")
 
-    async def _aggregate(self, rnd: ActiveRound, rid: int, admin: Peer) -> wm.AdminResult:
+    async def _aggregate(self, rnd: ActiveRound, rid: int,
+                         admin: Peer | None) -> wm.AdminResult:
+        """Survivor list, unmask, publish: for the administrator's ``aggregate``, or for the
+        schedule (``admin`` None: no one to tell of the unmask step's progress)."""
         eng = rnd.engine
         if isinstance(eng, PlainRound) and eng.state is ServerState.ENROLLING:
             eng.close_enrolment()
@@ -219,7 +251,7 @@ class AdminActions:
                 rnd.watcher = admin
                 self._report_unmask(rnd)
                 await self._wait_step(rnd)
-                if (last := self._unmask_progress(rnd)) is not None:
+                if (last := self._unmask_progress(rnd)) is not None and admin is not None:
                     # Awaited, so the final count reaches the admin before the result.
                     with contextlib.suppress(ConnectionError, OSError, TimeoutError):
                         await admin.push(last, None)

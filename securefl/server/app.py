@@ -182,6 +182,8 @@ class Server:
                         asyncio.create_task(self._every(self.limits.recheck_interval,
                                                         self.recheck_connections)),
                         asyncio.create_task(self._every(TRIM_INTERVAL, self._trim))]
+        if self.coordinator.schedule is not None:
+            self._chores.append(asyncio.create_task(self.coordinator.schedule.run()))
         info = self.store.latest()[0]
         self.audit.record("server-start", port=self.port, version=info.version, durable=True)
         log.info("listening on %s:%d at version %d; audit log %s, store %s",
@@ -537,6 +539,8 @@ class Server:
             await self._reply_error(peer, None, rid)
             return
         await peer.push(reply, payload)
+        if isinstance(reply, wm.Welcome):
+            self.coordinator.after_welcome(peer)
 
     async def _grant(self, peer: Peer, msg: wm.UploadSlot, slot: _Slot) -> wm.Ack:
         """Hold the reply until the upload slot is this connection's.

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from securefl.server.audit import last_version as audit_last_version
 from securefl.server.optimiser import OptimiserState
 from securefl.server.plain import PlainRound
 from securefl.server.rounds import ActiveRound, Peer, RoundBusyError
+from securefl.server.schedule import Scheduler
 from securefl.server.store import ModelStore, StorageError, fault_reason
 
 log = logging.getLogger("securefl.server")
@@ -114,6 +116,12 @@ class Coordinator(AdminActions):
                              durable=True)
         if abandoned or publishing:
             self._save_state(None)
+        #: Auto mode (``[schedule]``): hospitals that said they will not join the open
+        #: scheduled round, and when its enrolment closes (epoch seconds); set by it.
+        self.excused: set[str] = set()
+        self.enrolment_until: float | None = None
+        self.schedule: Scheduler | None = (
+            Scheduler(self, settings.schedule) if settings.schedule.mode == "auto" else None)
 
     def _reconcile(self, publishing: dict | None) -> bool:
         """At start, make the audit log agree with the store; True when the round in
@@ -313,7 +321,27 @@ class Coordinator(AdminActions):
                           version=self.version, resend_round=resend,
                           published_round=published[0] if published else None,
                           published_version=published[1] if published else None,
-                          crl=self._crl_der(), members=self._members()), None
+                          crl=self._crl_der(), members=self._members(),
+                          schedule=self.schedule.welcome() if self.schedule else None), None
+
+    def after_welcome(self, peer: Peer) -> None:
+        """Called once the welcome is out: a scheduled round open now is announced."""
+        if self.schedule is not None:
+            self.schedule.after_welcome(peer)
+
+    async def _on_keepalive(self, peer: Peer, msg: wm.Keepalive,
+                            array: None) -> tuple[wm._Wire, None]:
+        rnd = self.round
+        return wm.Ack(rid=msg.rid, collected=rnd.engine.collected if rnd else 0), None
+
+    async def _on_training_failed(self, peer: Peer, msg: wm.TrainingFailed,
+                                  array: None) -> tuple[wm._Wire, None]:
+        if self.schedule is not None:
+            self.schedule.training_failed(peer, msg)
+        else:  # rounds by hand: nothing waits for it, but the operator still sees it
+            self.audit.record("training-failed", name=peer.name,
+                              schedule_round=msg.schedule_round, reason=msg.reason)
+        return wm.Ack(rid=msg.rid), None
 
     async def _on_status(self, peer: Peer, msg: wm.Status,
                          array: None) -> tuple[wm._Wire, None]:
@@ -322,6 +350,8 @@ class Coordinator(AdminActions):
     async def _on_get_global(self, peer: Peer, msg: wm.GetGlobal,
                              array: None) -> tuple[wm._Wire, np.ndarray]:
         info, weights = self.store.latest()
+        if self.schedule is not None and peer.role is Role.HOSPITAL:
+            self.schedule.got_global(peer.name)
         return wm.GlobalModel(
             rid=msg.rid, version=info.version, sha256=info.sha256,
             contributors=info.contributors, total_samples=info.total_samples,
@@ -383,6 +413,8 @@ class Coordinator(AdminActions):
         rnd.engine.receive(MaskedInput(msg.round_id, sender, array), from_name=peer.name)
         self.audit.record("submission", round_id=rnd.round_id, name=peer.name,
                           collected=rnd.engine.collected)
+        if self.schedule is not None:
+            self.schedule.poke()
         return self._ack(msg, rnd), None
 
     async def _on_sign_survivors(self, peer: Peer, msg: wm.SignSurvivors,
@@ -486,6 +518,8 @@ class Coordinator(AdminActions):
                 f"round {h.rnd.round_id} is complete and its version {h.version} waits for "
                 "the server's store to be writable again (the operator is told); join once "
                 f"version {h.version} is published", code="publish-deferred")
+        if self.schedule is not None:
+            self.schedule.check_join(peer.name)
         rnd = self.round
         opened = rnd is None
         if rnd is None:
@@ -561,7 +595,10 @@ class Coordinator(AdminActions):
         self.round = rnd
         self.audit.record("round-open", round_id=round_id, base_version=info.version)
         loop = asyncio.get_running_loop()
-        rnd.timer = loop.call_later(self.rs.enrolment_timeout, self._enrolment_deadline, rnd)
+        delay = self.rs.enrolment_timeout
+        if self.enrolment_until is not None and self.enrolment_until > time.time():
+            delay = self.enrolment_until - time.time()  # a scheduled round's deadline
+        rnd.timer = loop.call_later(delay, self._enrolment_deadline, rnd)
         return rnd
 
     def _enrolment_deadline(self, rnd: ActiveRound) -> None:
@@ -578,9 +615,10 @@ class Coordinator(AdminActions):
             if eng.state is ServerState.ENROLLING and isinstance(eng, ServerRound):
                 joined = set(eng.joined)
                 expected = (rnd.invited or set(self.settings.hospitals)) - set(
-                    self.withheld.get(str(rnd.base_version), ()))
-                everyone = bool(expected) and expected <= joined
+                    self.withheld.get(str(rnd.base_version), ())) - self.excused
                 least = max(self.rs.min_clients, self.rs.colluders + 2)
+                everyone = bool(expected) and expected <= joined and (
+                    self.schedule is None or len(joined) >= least)
                 # A round bound to a signed list waits for all of it: a subset would be
                 # refused by every hospital on the list.
                 enough = len(joined) >= least and rnd.deadline_passed and not rnd.exact
@@ -772,6 +810,8 @@ _HANDLERS: dict[str, Callable[..., Awaitable[tuple[wm._Wire, np.ndarray | None]]
     "get_global": Coordinator._on_get_global,
     "admin": Coordinator._on_admin,
     "admin_query": Coordinator._on_admin_query,
+    "keepalive": Coordinator._on_keepalive,
+    "training_failed": Coordinator._on_training_failed,
     "join": Coordinator._on_join,
     "advertise": Coordinator._on_advertise,
     "ack_roster": Coordinator._on_ack_roster,

@@ -78,6 +78,9 @@ def request(event: str, rid: int, round_id: int = ROUND) -> wm._Wire:
                                                         b_shares={1: B}, s_shares={}),
         "admin": lambda: wm.AdminCommand(rid=rid, action=action),  # type: ignore[arg-type]
         "admin_query": lambda: wm.AdminQuery(rid=rid, what="audit"),
+        "keepalive": lambda: wm.Keepalive(rid=rid),
+        "training_failed": lambda: wm.TrainingFailed(rid=rid, schedule_round=1,
+                                                     reason="no-scans"),
     }
     return make[kind]()
 
@@ -120,6 +123,11 @@ def push(event: str, round_id: int = ROUND, **fields: object) -> wm._Wire:
         "round_done": lambda: wm.RoundDone(round_id=round_id, version=1),
         "aggregate_progress": lambda: wm.AggregateProgress(round_id=round_id, asked=2,
                                                            answered=1, needed=2),
+        "round_open": lambda: wm.RoundOpen(schedule_round=3, base_version=0,
+                                           opened="2025-01-01T00:00:00Z",
+                                           deadline="2025-01-01T02:00:00Z"),
+        "round_closed": lambda: wm.RoundClosed(schedule_round=3, outcome="published",
+                                               version=1),
     }
     return make[event]().model_copy(update=fields)
 
