@@ -113,6 +113,10 @@ class Agent:
         self._cancel_training = threading.Event()
         self._closed_rounds: dict[int, str] = {}
         self._closed_event = asyncio.Event()
+        #: While connected: the tasks whose end means the connection is gone (the keepalive
+        #: and the reader of the server's schedule pushes); every wait watches them.
+        self._watch: set[asyncio.Task] = set()
+        self._opens: asyncio.Queue = asyncio.Queue()
 
     # -- state, in one line each ---------------------------------------------------------------
     def set_state(self, state: str, detail: str, progress: float | None = None) -> None:
@@ -223,11 +227,13 @@ class Agent:
                 await session.close()
 
     async def _until_stopped(self, aw: Any) -> Any:
-        """``aw``'s result, or ``_Stopped`` (``aw`` cancelled) once the agent is stopped."""
+        """``aw``'s result; ``_Stopped`` once the agent is stopped, the connection's failure
+        once it is lost (``aw`` cancelled either way)."""
         task = asyncio.ensure_future(aw)
         stopper = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, stopper, *self._watch},
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopper.cancel()
         if task.done():
@@ -235,18 +241,31 @@ class Agent:
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
-        raise _Stopped()
+        if self._stop.is_set():
+            raise _Stopped()
+        for watched in self._watch:
+            if watched.done() and not watched.cancelled() and watched.exception():
+                raise watched.exception()  # type: ignore[misc]
+        raise TransportError("the connection to the server was lost")
+
+    async def _pump(self, session: HospitalSession) -> None:
+        """Sort the server's schedule pushes: a closed round is noted at once (an approval
+        waiting for it stops waiting), an opened one waits its turn."""
+        while True:
+            msg = await session.next_schedule_event()
+            if isinstance(msg, wm.RoundClosed):
+                self._closed(msg)
+            else:
+                self._opens.put_nowait(msg)
 
     async def _keepalive(self, session: HospitalSession) -> None:
         """Below the server's idle timeout whatever the agent does (training takes long)."""
         while True:
             await asyncio.sleep(self.settings.keepalive)
-            await session.conn.request(wm.Keepalive())
+            await session.keepalive()
 
     async def _serve(self, session: HospitalSession) -> None:
         h = self.hospital
-        welcome = session.conn.welcome
-        assert welcome is not None
         for warning in session.conn.warnings:
             self.say(f"agent: warning: {warning}")
         if session.resend_round is not None:
@@ -257,7 +276,7 @@ class Agent:
         if out is not None and h.note_published(*out):
             self.say(f"agent: round {out[0]} published version {out[1]} with this "
                      "hospital's update in it while the agent was away")
-        schedule = getattr(welcome, "schedule", None)
+        schedule = session.schedule
         self.paused = bool(schedule and schedule.paused)
         if schedule is None:
             self.set_state("waiting", "connected; the server opens no rounds on a schedule "
@@ -266,32 +285,20 @@ class Agent:
             self.set_state("paused", "connected; the server's schedule is paused")
         else:
             self.set_state("waiting", "connected; waiting for the server to open a round")
-        keepalive = asyncio.create_task(self._keepalive(session))
+        self._opens = asyncio.Queue()
+        self._watch = {asyncio.create_task(self._keepalive(session)),
+                       asyncio.create_task(self._pump(session))}
         try:
             if schedule is not None and schedule.open_round is not None:
                 await self._round(session, schedule.open_round)
             while True:
-                if keepalive.done():
-                    keepalive.result()  # the connection's failure, raised here
-                msg, _ = await self._until_stopped(self._next_push(session, keepalive))
-                if isinstance(msg, wm.RoundOpen):
-                    await self._round(session, msg)
-                elif isinstance(msg, wm.RoundClosed):
-                    self._closed(msg)
+                await self._round(session, await self._until_stopped(self._opens.get()))
         finally:
-            keepalive.cancel()
-            with contextlib.suppress(BaseException):
-                await keepalive
-
-    async def _next_push(self, session: HospitalSession,
-                         keepalive: asyncio.Task) -> tuple[wm.Message, Any]:
-        push = asyncio.ensure_future(session.conn.next_push(float("inf")))
-        await asyncio.wait({push, keepalive}, return_when=asyncio.FIRST_COMPLETED)
-        if push.done():
-            return push.result()
-        push.cancel()
-        keepalive.result()  # raises the connection's failure
-        raise TransportError("the keepalive stopped")
+            watched, self._watch = self._watch, set()
+            for task in watched:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     def _closed(self, msg: Any) -> None:
         n = msg.schedule_round
@@ -308,23 +315,32 @@ class Agent:
     # -- one scheduled round -------------------------------------------------------------------
     async def _decline(self, session: HospitalSession, n: int, base: int, reason: str,
                        why: str, outcome: str = "declined") -> None:
-        self.record.put(RoundEntry(n, base, outcome=outcome, reason=reason, detail=why))
+        earlier = self.record.entry(n)  # a resumed round keeps the day it counted on
+        self.record.put(replace(earlier, outcome=outcome, reason=reason, detail=why)
+                        if earlier is not None else
+                        RoundEntry(n, base, outcome=outcome, reason=reason, detail=why))
         self.set_state("waiting" if outcome == "declined" else "failed",
                        f"not taking part in round {n}: {why} [{reason}]")
         with contextlib.suppress(SecureFLError):
-            await session.conn.request(wm.TrainingFailed(schedule_round=n, reason=reason))
+            await session.training_failed(n, reason)
 
     async def _round(self, session: HospitalSession, msg: Any) -> None:
         fields = _round_fields(msg)
         n, base = int(fields["schedule_round"]), int(fields["base_version"])
-        if self.record.entry(n) is not None:
+        earlier = self.record.entry(n)
+        # A round the agent started and was cut off from (it was killed, or the connection
+        # dropped) and that is still open is taken up again: it was counted and approved.
+        resume = earlier is not None and earlier.outcome == "interrupted" \
+            and earlier.reason != "cancelled"
+        if earlier is not None and not resume:
             self.say(f"agent: round {n} already handled; waiting for the next one")
             return
         deadline = _parse_time(fields["deadline"] or "")
         self.say(f"agent: server opened round {n} on version {base}"
                  + (f", training deadline {deadline.astimezone():%Y-%m-%d %H:%M}"
-                    if deadline else ""))
-        ruled_out = rules.refusal(self.settings, self.record, base, self.now())
+                    if deadline else "") + ("; taking it up again" if resume else ""))
+        ruled_out = None if resume else rules.refusal(self.settings, self.record, base,
+                                                      self.now())
         if ruled_out is not None:
             await self._decline(session, n, base, *ruled_out)
             return
@@ -333,7 +349,7 @@ class Agent:
         except UpdateAlreadySentError as exc:
             await self._decline(session, n, base, "already-sent", exc.message)
             return
-        if self.settings.participation == "approve":
+        if self.settings.participation == "approve" and not resume:
             decision = await self._approval(fields, deadline)
             if decision == "skip":
                 await self._decline(session, n, base, "declined", "skipped by a person")
@@ -342,7 +358,9 @@ class Agent:
                 self.record.put(RoundEntry(n, base, outcome="missed", detail=decision))
                 self.set_state("waiting", f"round {n}: {decision}")
                 return
-        entry = self.record.put(RoundEntry(n, base, day=rules.local_day(self.now()),
+        entry = self.record.put(replace(earlier, outcome="started", detail="taken up again")
+                                if resume and earlier is not None else
+                                RoundEntry(n, base, day=rules.local_day(self.now()),
                                            detail="started"))
         try:
             await self._take_part(session, entry, resend)
@@ -350,8 +368,7 @@ class Agent:
             self.record.put(replace(self.record.entry(n) or entry, outcome="interrupted",
                                     reason="cancelled", detail="the agent was stopped"))
             with contextlib.suppress(SecureFLError, TimeoutError):
-                await asyncio.wait_for(session.conn.request(
-                    wm.TrainingFailed(schedule_round=n, reason="cancelled")), 2.0)
+                await asyncio.wait_for(session.training_failed(n, "cancelled"), 2.0)
             raise
         except TransportError:
             self.record.put(replace(self.record.entry(n) or entry, outcome="interrupted",
@@ -399,7 +416,12 @@ class Agent:
     async def _take_part(self, session: HospitalSession, entry: RoundEntry,
                          resend: rules.Resend | None) -> None:
         h, n, base = self.hospital, entry.schedule_round, entry.base_version
-        if resend is None:
+        if resend is None and h.unsent_training(base) == base and h.global_meta() is not None:
+            # Trained on this version before the agent was cut off, and nothing of it left:
+            # that model goes, hours of training are not thrown away.
+            self.set_state("in-round", f"round {n}: the model trained on version {base} "
+                           "earlier was not sent yet; sending it")
+        elif resend is None:
             self.set_state("training", f"round {n}: downloading global version {base}")
             model = await self._until_stopped(h.get(session, replace_trained=True))
             if model.version != base:
@@ -498,8 +520,7 @@ class Agent:
         self.set_state("failed", f"round {entry.schedule_round}: {why}")
         if tell:
             with contextlib.suppress(SecureFLError):
-                await session.conn.request(wm.TrainingFailed(
-                    schedule_round=entry.schedule_round, reason=reason))
+                await session.training_failed(entry.schedule_round, reason)
 
 
 def run_agent(hospital: Hospital) -> int:
