@@ -19,36 +19,35 @@ from securefl.client.agent.rules import AgentRecord, RoundEntry
 from securefl.client.outbox import Outbox
 from securefl.errors import ConfigError, UpdateAlreadySentError
 
-KIT = 'cert = "h.pem"\nkey = "h.key"\nca = "ca.pem"\n'
+KIT = {"cert": "h.pem", "key": "h.key", "ca": "ca.pem"}
 
 
-def load_agent(tmp_path: Path, table: str) -> config.AgentSettings:
-    path = tmp_path / "hospital.toml"
-    path.write_text(KIT + "[agent]\n" + table)
+def load_agent(tmp_path: Path, table: dict[str, object]) -> config.AgentSettings:
+    path = config.write_toml(tmp_path / "hospital.toml", {**KIT, "agent": table})
     return config.load(path, config.ClientSettings).agent
 
 
 def test_defaults_ask_a_person_and_allow_any_time(tmp_path: Path) -> None:
-    agent = load_agent(tmp_path, "")
+    agent = load_agent(tmp_path, {})
     assert agent.participation == "approve"
     assert agent.window is None and rules.in_window(agent, datetime(2024, 1, 1, 3, 0))
 
 
 @pytest.mark.parametrize(("table", "said"), [
-    ('participation = "always"', "agent.participation: Input should be 'approve' or 'auto'"),
-    ('window = "10pm-6am"', "window '10pm-6am' is not a local time range like"),
-    ('window = "22:00-24:00"', "is not a local time range"),
-    ('window = "06:00-06:00"', "starts and ends at the same time"),
-    ("max_rounds_per_day = 0", "agent.max_rounds_per_day: Input should be greater than or "
+    ({"participation": "always"}, "agent.participation: Input should be 'approve' or 'auto'"),
+    ({"window": "10pm-6am"}, "window '10pm-6am' is not a local time range like"),
+    ({"window": "22:00-24:00"}, "is not a local time range"),
+    ({"window": "06:00-06:00"}, "starts and ends at the same time"),
+    ({"max_rounds_per_day": 0}, "agent.max_rounds_per_day: Input should be greater than or "
      "equal to 1"),
-    ("max_attempts_per_version = -1", "agent.max_attempts_per_version"),
-    ("keepalive = 0", "agent.keepalive"),
-    ("participate = \"auto\"", "agent.participate: Extra inputs are not permitted"),
-])
+    ({"max_attempts_per_version": -1}, "agent.max_attempts_per_version"),
+    ({"keepalive": 0}, "agent.keepalive"),
+    ({"participate": "auto"}, "agent.participate: Extra inputs are not permitted"),
+], ids=lambda v: str(v)[:30])
 def test_bad_agent_settings_are_refused_in_one_sentence_naming_the_field(
-        tmp_path: Path, table: str, said: str) -> None:
+        tmp_path: Path, table: dict[str, object], said: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        load_agent(tmp_path, table + "\n")
+        load_agent(tmp_path, table)
     message = caught.value.message
     assert said in message and str(tmp_path / "hospital.toml") in message
     assert "\n" not in message
@@ -176,3 +175,31 @@ def test_pending_counts_split_as_training_does() -> None:
                                    "Testing": {"glioma": 5}}, 0.15, 5)
     assert counts == {"train": {"glioma": 34, "notumor": 1, "pituitary": 0},
                       "validation": {"glioma": 6, "notumor": 5, "pituitary": 0}}
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_service_unit_and_the_quickstart_say_what_the_code_does() -> None:
+    unit = (ROOT / "deploy" / "securefl-agent@.service").read_text()
+    lines = {line.split("=", 1)[0]: line.split("=", 1)[1]
+             for line in unit.splitlines() if "=" in line and not line.startswith("#")}
+    assert lines["User"] == "securefl" and lines["Restart"] == "on-failure"
+    assert lines["ExecStart"].endswith("securefl client --config "
+                                       "/var/lib/securefl/%i/hospital.toml agent")
+    assert lines["KillSignal"] == "SIGTERM"
+    quick = (ROOT / "docs" / "QUICKSTART.md").read_text()
+    assert "deploy/securefl-agent@.service" in quick
+    table = "[" + "agent]\n"  # (the docs' block, not a settings file built here)
+    block = quick.split(table, 1)[1].split("```", 1)[0]
+    keys = {line.split("=")[0].strip("# ").strip() for line in block.splitlines()
+            if "=" in line.split("#", 1)[0] or line.startswith("# window")}
+    assert keys == set(config.AgentSettings.model_fields), keys
+    for code in (14, 15):
+        assert f"\n| {code} |" in quick
+    from securefl.cli import EXIT_CODES
+    from securefl.errors import AgentRunningError, AgentUnavailableError
+
+    assert (EXIT_CODES[AgentRunningError], EXIT_CODES[AgentUnavailableError]) == (14, 15)
+    for reason in rules.REASONS:
+        assert f"`{reason}`" in quick
