@@ -7,6 +7,7 @@ Usage, from the repository root::
     .venv/bin/python docs/generate_samples.py demo     # README's demo table only
     .venv/bin/python docs/generate_samples.py admin    # QUICKSTART's admin and server samples
                                                        #   (about half a minute)
+    .venv/bin/python docs/generate_samples.py schedule # QUICKSTART's [schedule] samples
 
 ``demo`` runs ``python -m securefl demo`` with its defaults (deterministic: the same
 accuracies on every run; only the time column changes), and rewrites the README block between
@@ -234,6 +235,93 @@ def admin_samples(work: Path) -> dict[str, list[str]]:
     return samples
 
 
+def schedule_samples(work: Path) -> dict[str, list[str]]:
+    """The ``[schedule]`` actions on a throw-away federation in auto mode, started paused:
+    ``open`` a round, two hospitals download its base version and one joins, then
+    ``schedule``, ``pause`` and ``resume``."""
+    import numpy as np
+
+    from securefl import config
+
+    port = _free_port()
+    _securefl("certs", "--dir", "certs", "init", "--server-host", "127.0.0.1", "--hospitals",
+              ",".join(SAMPLE_HOSPITALS), "--port", port, cwd=work)
+    certs = work / "certs"
+    server_toml = certs / "server.toml"
+    settings = config.read_toml(server_toml)
+    settings.update(model={"params": 1000, "seed": 0}, round={"min_clients": 3},
+                    schedule={"mode": "auto", "every": "24h", "training_deadline": "2h",
+                              "start": "paused"})
+    config.write_toml(server_toml, settings)
+    for name in TAKING_PART:
+        kit = certs / "kits" / name / "hospital.toml"
+        kit_settings = config.read_toml(kit)
+        kit_settings.pop("ml")
+        config.write_toml(kit, kit_settings)
+    np.save(work / "update.npy", np.full(1000, 0.01, np.float32))
+    admin = ["admin", "--config", certs / "admin.toml"]
+    samples: dict[str, list[str]] = {}
+
+    def sample(block: str, *args: str) -> None:
+        run = _securefl(*admin, *args, cwd=work)
+        shown = f"$ securefl admin --config {SHOWN_DIR}/admin.toml {' '.join(args)}"
+        samples[block] = [shown, *run.stdout.rstrip("\n").splitlines()]
+
+    def hospital_status() -> dict[str, str]:
+        view = json.loads(_securefl(*admin, "schedule", "--json", cwd=work).stdout)
+        return (view.get("round") or {}).get("hospitals", {})
+
+    log = (work / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "securefl", "server", "--config",
+                               str(server_toml)], cwd=work, stdout=log,
+                              stderr=subprocess.STDOUT)
+    sending: subprocess.Popen | None = None
+    try:
+        _wait("the server", lambda: "listening on" in (work / "server.log").read_text())
+        sample("admin open", "open")
+        first, second = TAKING_PART[0], TAKING_PART[1]
+        for name in (first, second):
+            _securefl("client", "--config", certs / "kits" / name / "hospital.toml", "get",
+                      cwd=work)
+        sending = subprocess.Popen(
+            [sys.executable, "-m", "securefl", "client", "--config",
+             str(certs / "kits" / first / "hospital.toml"), "send", "--update",
+             str(work / "update.npy"), "--samples", "400"], cwd=work,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait(f"{first} to join", lambda: hospital_status().get(first) == "joined")
+        sample("admin schedule", "schedule")
+        sample("admin schedule --json", "schedule", "--json")
+        sample("admin pause", "pause")
+        sample("admin resume", "resume")
+    finally:
+        if sending is not None:
+            sending.kill()
+            sending.wait(timeout=30)
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+        log.close()
+    return samples
+
+
+def schedule_main() -> int:
+    import tempfile
+
+    print("running a throw-away federation for the schedule samples ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            samples = schedule_samples(Path(tmp))
+            doc = QUICKSTART.read_text()
+            for name, lines in samples.items():
+                doc = replace_block(doc, [line.replace(tmp + "/", "") for line in lines],
+                                    name)
+        except SampleError as exc:
+            print(f"{exc}; QUICKSTART.md is unchanged", file=sys.stderr)
+            return 1
+    QUICKSTART.write_text(doc)
+    print(f"QUICKSTART.md: {len(samples)} samples regenerated ({', '.join(samples)})")
+    return 0
+
+
 def admin_main() -> int:
     import tempfile
 
@@ -255,14 +343,14 @@ def admin_main() -> int:
 
 
 def main(argv: list[str]) -> int:
-    which = argv or ["admin", "demo"]
-    unknown = set(which) - {"admin", "demo"}
+    which = argv or ["admin", "schedule", "demo"]
+    unknown = set(which) - {"admin", "schedule", "demo"}
     if unknown:
-        print(f"unknown sample set {', '.join(sorted(unknown))}: give demo, admin or nothing "
-              "(both)", file=sys.stderr)
+        print(f"unknown sample set {', '.join(sorted(unknown))}: give demo, admin, schedule "
+              "or nothing (all)", file=sys.stderr)
         return 2
     for name in which:
-        code = admin_main() if name == "admin" else demo_main()
+        code = {"admin": admin_main, "schedule": schedule_main, "demo": demo_main}[name]()
         if code:
             return code
     return 0

@@ -422,6 +422,10 @@ ADMIN_ACTIONS = {
     "version": "the current global version",
     "history": "the published versions, oldest first",
     "audit": "the newest entries of the server's audit log",
+    "schedule": "the [schedule]: next round, the open round's phase and each hospital in it",
+    "pause": "auto schedule: open no further rounds (an open one runs on)",
+    "resume": "auto schedule: open rounds again as scheduled",
+    "open": "auto schedule: open a round now",
 }
 
 
@@ -444,7 +448,7 @@ def _add_admin(sub: argparse._SubParsersAction) -> None:
         "admin", help="operator actions (needs the admin certificate)",
         description="The operator's view of the federation.  With no ACTION, in a terminal: "
         "the administrator's app.  Actions print tables for people; --json prints JSON "
-        "(status: one object; hospitals, history, audit: one object per line) for "
+        "(status, schedule: one object; hospitals, history, audit: one object per line) for "
         "scripts.\n\nactions:\n" + listing,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, required=True,

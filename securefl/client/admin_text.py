@@ -3,8 +3,8 @@
 Why pure functions of the session's records: the same rows feed the command, its ``--json``
 form and ``docs/generate_samples.py`` (QUICKSTART's samples are the command's real output),
 and a test compares the documented headers with these.  The JSON shapes are a contract:
-``status`` one object, ``hospitals``/``history``/``audit`` one object per line, as they were
-before the tables existed; fields are only ever added.
+``status`` and ``schedule`` one object, ``hospitals``/``history``/``audit`` one object per
+line, as they were before the tables existed; fields are only ever added.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 from securefl.client.session import AggregateOutcome, AuditEntry, HospitalInfo, ServerStatus
 from securefl.client.session import VersionEntry as Version
+from securefl.protocol.messages import ScheduleView
 
 HOSPITALS_HEADER = ("hospital", "registered", "online", "in round", "sent", "last seen (UTC)",
                     "certificate expires")
@@ -99,3 +100,36 @@ def json_lines(rows: Sequence[HospitalInfo | Version | AuditEntry]) -> list[str]
 def aggregate_json(out: AggregateOutcome) -> str:
     return json.dumps({"version": out.version, "contributors": out.contributors,
                        "total_samples": out.total_samples, "sha256": out.sha256})
+
+
+def schedule_lines(view: ScheduleView) -> list[str]:
+    """The schedule as people read it: how rounds open, the next, the open one and each
+    hospital's part in it, and a version the cross-round rule holds up."""
+    if view.mode == "manual":
+        rows = [("mode", "manual: a round opens when a hospital sends, and publishes when "
+                 "you run aggregate ([schedule] mode = \"auto\" in server.toml to change)")]
+    else:
+        every = ("right after each round ends" if view.every == "after-publish"
+                 else f"every {view.every}")
+        rows = [("mode", f"auto, {'paused' if view.paused else 'running'}"),
+                ("rounds open", f"{every}; hospitals have {view.training_deadline} to join"),
+                ("next round", f"{when(view.next_open)} UTC" if view.next_open else
+                 "when you resume" if view.paused else
+                 "once the open round has ended" if view.round else "now")]
+    r = view.round
+    if r is not None:
+        rows += [("open round", f"{r.schedule_round} on version {r.base_version} "
+                  f"({r.phase}); opened {when(r.opened)}, deadline {when(r.deadline)} UTC")]
+        rows += [(f"  {name}", status) for name, status in sorted(r.hospitals.items())]
+    elif view.mode == "auto":
+        rows.append(("open round", "none"))
+    if view.stalled is not None:
+        rows.append(("stalled", f"version {view.stalled.base_version}: "
+                     f"{view.stalled.reason}"))
+    width = max(len(k) for k, _ in rows)
+    return [f"{k:<{width}}  {v}" for k, v in rows]
+
+
+def schedule_json(view: ScheduleView) -> str:
+    """The ``schedule`` query's fields as the wire has them (PROTOCOL.md)."""
+    return view.model_dump_json()

@@ -256,6 +256,26 @@ async def admin(args: argparse.Namespace) -> int:
             round_id = await session.abort_round()
             out(json.dumps({"round": round_id, "aborted": True}) if as_json else
                 f"round {round_id} aborted; hospitals will send again")
+        elif action == "schedule":
+            view = await session.schedule()
+            out(text.schedule_json(view) if as_json else text.schedule_lines(view))
+        elif action == "pause":
+            await session.pause()
+            out(json.dumps({"paused": True}) if as_json else
+                "schedule paused: no further round opens until `admin resume` (a round "
+                "already open runs on; `admin abort` ends it)")
+        elif action == "resume":
+            await session.resume()
+            view = await session.schedule()
+            out(json.dumps({"paused": False, "next_open": view.next_open}) if as_json else
+                "schedule resumed: " + (f"the next round opens at {text.when(view.next_open)} "
+                                        "UTC" if view.next_open else
+                                        "the next round opens once the open one has ended"
+                                        if view.round else "a round opens now"))
+        elif action == "open":
+            number = await session.open_round()
+            out(json.dumps({"schedule_round": number, "opened": True}) if as_json else
+                f"scheduled round {number} opened; the hospitals' agents train and join it")
     return 0
 
 

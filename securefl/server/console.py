@@ -49,6 +49,17 @@ def _closed(e: Mapping[str, Any]) -> str:
     return f"closed the connection of '{e.get('name', '?')}': {e.get('reason', '')}"
 
 
+def _schedule_closed(e: Mapping[str, Any]) -> str:
+    outcome = e.get("outcome", "?")
+    what = {"published": f"published version {e.get('version')}",
+            "expired": "expired: too few hospitals joined before the deadline, nothing "
+                       "published",
+            "aborted": "aborted by the administrator, nothing published",
+            "abandoned": "abandoned: the round could not be finished, nothing published",
+            }.get(str(outcome), str(outcome))
+    return f"scheduled round {e.get('schedule_round')} closed: {what}"
+
+
 #: Audit event -> (console level, sentence).  Events not listed go out at DEBUG as they are;
 #: those whose module already logs a sentence of its own (publish-deferred, bad-shares,
 #: optimiser-restarted) are DEBUG here so the console says it once.
@@ -83,6 +94,15 @@ MESSAGES: dict[str, tuple[int, Callable[[Mapping[str, Any]], str]]] = {
                         f"published ({e.get('reason', '')})"),
     "withheld": (logging.WARNING, lambda e: f"round {e['round_id']}: "
                  f"{_names(e.get('names'))} stopped answering and wait for the next round"),
+    "schedule-open": (logging.INFO, lambda e: f"scheduled round {e['schedule_round']} "
+                      f"opened on version {e['base_version']}: hospitals train and join "
+                      f"until {e['deadline']}"),
+    "schedule-closed": (logging.INFO, _schedule_closed),
+    "training-failed": (logging.WARNING, lambda e: f"scheduled round {e['schedule_round']}: "
+                        f"'{e['name']}' will not take part ({e['reason']})"),
+    "schedule-paused": (logging.INFO, lambda e: "the schedule is paused: no round opens "
+                        "until it is resumed"),
+    "schedule-resumed": (logging.INFO, lambda e: "the schedule is running again"),
     "connections-refused": (logging.WARNING, _refused_connections),
     "refused": (logging.WARNING, _refused),
     "request-refused": (logging.INFO, lambda e: f"refused a request of '{e.get('name')}' "

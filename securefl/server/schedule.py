@@ -83,8 +83,10 @@ class Scheduler:
         self.failed: dict[str, str] = dict(state.get("failed", {}))
         #: Hospitals that downloaded the base version after the round opened (training).
         self.downloaded: set[str] = set(state.get("downloaded", []))
-        #: Secure-aggregation rounds run for the open scheduled round.
-        self.rounds: list[int] = list(state.get("rounds", []))
+        #: Secure-aggregation rounds run for the open scheduled round.  Read back empty:
+        #: the one in flight when the server stopped was abandoned by the restart (its
+        #: hospitals are told to send again), and the scheduled round stays open for them.
+        self.rounds: list[int] = []
         self._collecting: tuple[int, float] | None = None
         self._aggregating: asyncio.Task | None = None
         self._wake = asyncio.Event()

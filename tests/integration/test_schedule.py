@@ -9,17 +9,24 @@ checked against what the hospitals' own updates imply (``tests/outcome.py``).
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from securefl import config
-from securefl.client.session import HospitalSession, RoundOutcome
+from securefl.client.session import AdminSession, HospitalSession, RoundOutcome
+from securefl.errors import ProtocolError, SecureFLError
 from securefl.protocol import messages as wm
 from securefl.server.audit import read_entries
 from securefl.server.store import ModelStore
 from tests import outcome
 
 from .conftest import Federation, running
+from .test_restart import free_port, start_server
 
 D = 1000
 
@@ -120,3 +127,321 @@ def test_auto_schedule_publishes_without_any_admin_action(fed: Federation) -> No
     assert [(e["schedule_round"], e["outcome"], e["version"])
             for e in events(settings, "schedule-closed")[:2]] == [(1, "published", 1),
                                                                   (2, "published", 2)]
+
+
+def test_at_the_deadline_the_round_runs_with_those_who_joined(fed: Federation) -> None:
+    """(b) four registered, three take part, one never connects: at the training deadline
+    the round runs with the three and publishes their mean."""
+    settings = auto(fed, deadline="3s", hospitals=("a", "b", "c", "d"))
+    samples = [20, 20, 40]
+    ups = updates(3, seed=3)
+
+    async def main() -> list[tuple[int, RoundOutcome | None]]:
+        async with running(settings) as srv:
+            async def one(name: str, u: np.ndarray, n: int) -> tuple[int, RoundOutcome | None]:
+                async with HospitalSession(fed.client_settings(name, srv.port)) as h:
+                    return await take_part(h, u, n)
+
+            start = asyncio.get_running_loop().time()
+            out = await asyncio.gather(*(one(n, u, k) for n, u, k in
+                                         zip("abc", ups, samples, strict=True)))
+            assert asyncio.get_running_loop().time() - start >= 2.5  # waited for d
+            return out
+
+    results = asyncio.run(main())
+    assert [o.version if o else None for _, o in results] == [1, 1, 1]
+    store = ModelStore(settings.store_dir)
+    w0, w1 = store.read(0)[1], store.read(1)[1]
+    pairs = list(zip(ups, samples, strict=True))
+    expected, _ = outcome.fedavgm_step(w0, outcome.weighted_mean(pairs), None)
+    outcome.assert_published(w1, expected, outcome.tolerance(pairs), w0)
+    assert store.info(1).contributors == 3
+    closed = events(settings, "enrolment-closed")
+    assert sorted(closed[0]["members"]) == ["a", "b", "c"]
+
+
+def test_at_the_deadline_too_few_joined_the_round_expires_and_nothing_is_published(
+        fed: Federation) -> None:
+    """(b) four registered, two join (three are needed): ``expired``, no version."""
+    settings = auto(fed, deadline="2s", hospitals=("a", "b", "c", "d"))
+    ups = updates(2, seed=4)
+
+    async def main() -> list[object]:
+        async with running(settings) as srv:
+            sessions = [HospitalSession(fed.client_settings(n, srv.port)) for n in "ab"]
+            for h in sessions:
+                await h.connect()
+            try:
+                sends = await asyncio.gather(*(take_part(h, u, 10) for h, u in
+                                               zip(sessions, ups, strict=True)),
+                                             return_exceptions=True)
+                closed = await asyncio.gather(*(next_closed(h, 1) for h in sessions))
+                async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                    view = await admin.schedule()
+                    version = await admin.version()
+            finally:
+                for h in sessions:
+                    await h.close()
+            return [sends, closed, view, version]
+
+    sends, closed, view, version = asyncio.run(main())
+    for s in sends:  # each send was told its round ended without a version
+        assert isinstance(s, ProtocolError) and s.code == "expired", s
+    assert {(c.outcome, c.version) for c in closed} == {("expired", None)}
+    assert "fewer than 3" in closed[0].message or "only 2 of the 3" in closed[0].message
+    assert version == 0 and ModelStore(settings.store_dir).versions() == [0]
+    assert view.round is None or view.round.schedule_round > 1
+    assert [e["outcome"] for e in events(settings, "schedule-closed")][:1] == ["expired"]
+
+
+def test_pause_resume_open_and_abort_from_the_admin(fed: Federation) -> None:
+    """(d) A paused schedule opens nothing; ``open`` opens a round now, ``abort`` ends it
+    (hospitals told ``aborted``), ``resume`` lets the schedule open the next, ``pause``
+    keeps an open round running but opens no further one."""
+    settings = auto(fed, start="paused")
+    ups, samples = updates(3, seed=5), [10, 20, 30]
+
+    async def main() -> None:
+        async with running(settings) as srv:
+            admin = await AdminSession(fed.client_settings("admin", srv.port)).connect()
+            sessions = [HospitalSession(fed.client_settings(n, srv.port)) for n in "abc"]
+            for h in sessions:
+                await h.connect()
+            try:
+                assert sessions[0].schedule is not None and sessions[0].schedule.paused
+                assert sessions[0].schedule.open_round is None
+                await asyncio.sleep(0.6)
+                view = await admin.schedule()
+                assert view.paused and view.round is None and view.next_open is None
+                assert sessions[0].pending_schedule_events() == []
+                with pytest.raises(ProtocolError) as refused:  # no round to join
+                    await sessions[0].get_global()
+                    await sessions[0].send(ups[0], 10)
+                assert refused.value.code == "round-busy"
+
+                assert await admin.open_round() == 1
+                opened = await asyncio.gather(*(next_open(h) for h in sessions))
+                assert {o.schedule_round for o in opened} == {1}
+                await sessions[0].get_global()  # "training"
+                view = await admin.schedule()
+                assert view.round is not None and view.round.phase == "enrolling"
+                assert view.round.hospitals == {"a": "training", "b": "waiting",
+                                                "c": "waiting"}
+                assert await admin.abort_round() == 1
+                closed = await asyncio.gather(*(next_closed(h, 1) for h in sessions))
+                assert {c.outcome for c in closed} == {"aborted"}
+                assert (await admin.schedule()).round is None
+
+                await admin.resume()
+                results = await asyncio.gather(*(take_part(h, u, n, after=1) for h, u, n in
+                                                 zip(sessions, ups, samples, strict=True)))
+                assert [(r, o.version if o else None) for r, o in results] == [(2, 1)] * 3
+                await admin.pause()  # round 2 is over; with after-publish round 3 may be
+                await asyncio.sleep(0.6)  # open already, and nothing opens after it
+                view = await admin.schedule()
+                assert view.paused and view.next_open is None
+                number = view.round.schedule_round if view.round else 2
+                if view.round is not None:
+                    await admin.abort_round()
+                await asyncio.sleep(0.6)
+                view = await admin.schedule()
+                assert view.round is None
+                assert (await admin.schedule()).round is None
+                assert number <= 3
+            finally:
+                for h in sessions:
+                    await h.close()
+                await admin.close()
+
+    asyncio.run(main())
+    actions = [e["action"] for e in events(settings, "admin")]
+    assert actions[:4] == ["open", "abort", "resume", "pause"]
+    assert [e["outcome"] for e in events(settings, "schedule-closed")][:2] == ["aborted",
+                                                                               "published"]
+    assert ModelStore(settings.store_dir).versions() == [0, 1]
+
+
+def test_schedule_actions_are_refused_in_manual_mode(fed: Federation) -> None:
+    settings = fed.server_settings()
+
+    async def main() -> None:
+        async with running(settings) as srv:
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                for action in (admin.pause, admin.resume, admin.open_round):
+                    with pytest.raises(ProtocolError) as refused:
+                        await action()
+                    assert refused.value.code == "no-schedule"
+                    assert "mode = \"auto\"" in refused.value.message
+                view = await admin.schedule()
+                assert view.mode == "manual" and view.round is None
+            async with HospitalSession(fed.client_settings("a", srv.port)) as h:
+                assert h.schedule is None
+
+    asyncio.run(main())
+
+
+def test_a_failed_training_is_shown_per_hospital_and_does_not_stall_the_others(
+        fed: Federation) -> None:
+    """(e) d reports ``already-sent``: the admin sees it per hospital with the stalled
+    reason, the audit has the coarse code only, and the round closes as soon as a, b, c
+    are in -- long before its 60 s deadline."""
+    settings = auto(fed, deadline="60s", hospitals=("a", "b", "c", "d"))
+    ups, samples = updates(3, seed=6), [10, 10, 10]
+
+    async def main() -> tuple[wm.ScheduleView, list, float]:
+        async with running(settings) as srv:
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin, \
+                    HospitalSession(fed.client_settings("d", srv.port)) as d:
+                opened = await next_open(d)
+                await d.training_failed(opened.schedule_round, "already-sent")
+                view = await admin.schedule()
+                start = asyncio.get_running_loop().time()
+
+                async def one(name: str, u: np.ndarray, n: int) -> object:
+                    async with HospitalSession(fed.client_settings(name, srv.port)) as h:
+                        return await take_part(h, u, n)
+
+                results = await asyncio.gather(*(one(n, u, k) for n, u, k in
+                                                 zip("abc", ups, samples, strict=True)))
+                took = asyncio.get_running_loop().time() - start
+                closed = await next_closed(d, opened.schedule_round)
+                assert (closed.outcome, closed.version) == ("published", 1)
+            return view, results, took
+
+    view, results, took = asyncio.run(main())
+    assert view.round is not None
+    assert view.round.hospitals["d"] == "failed:already-sent"
+    assert set(view.round.hospitals) == {"a", "b", "c", "d"}
+    assert view.stalled is not None and view.stalled.base_version == 0
+    assert "d already sent" in view.stalled.reason
+    assert [o.version for _, o in results] == [1, 1, 1]
+    assert took < 30
+    failed = events(settings, "training-failed")
+    assert [(e["name"], e["reason"], e["schedule_round"]) for e in failed] == [
+        ("d", "already-sent", 1)]
+    assert set(failed[0]) <= {"time", "event", "name", "reason", "schedule_round", "seq",
+                              "prev"}
+
+
+def test_keepalive_keeps_an_idle_connection_open(fed: Federation) -> None:
+    settings = fed.server_settings(limits=config.Limits(idle_timeout=1.0))
+
+    async def main() -> None:
+        async with running(settings) as srv, \
+                HospitalSession(fed.client_settings("a", srv.port)) as kept, \
+                HospitalSession(fed.client_settings("b", srv.port)) as idle:
+            for _ in range(6):
+                await asyncio.sleep(0.4)
+                await kept.keepalive()
+            assert (await kept.status()).version == 0
+            with pytest.raises(SecureFLError):
+                await idle.status()
+
+    asyncio.run(main())
+
+
+def _auto_toml(fed: Federation, port: int) -> Path:
+    data = config.read_toml(fed.certs.root / "server.toml")
+    data.update(host="127.0.0.1", port=port, hospitals=["a", "b", "c"],
+                model={"params": D, "seed": 0}, round={"step_timeout": 10.0},
+                schedule={"mode": "auto", "every": "1h", "training_deadline": "60s"})
+    return config.write_toml(fed.certs.root / "server-auto.toml", data)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
+def test_a_restarted_server_resumes_the_schedule(fed: Federation) -> None:
+    """(c) kill -9 between two rounds: the schedule keeps its next opening and its round
+    numbers; kill -9 during an open round (one hospital in its masked round): after the
+    restart the round is still open with the same deadline, the hospitals take part again
+    and the version published equals their updates' mean."""
+    port = free_port()
+    toml = _auto_toml(fed, port)
+    first, second = updates(3, seed=8), updates(3, seed=9)
+    samples = [10, 20, 30]
+    seen: dict[str, object] = {}
+
+    def hospital(name: str) -> HospitalSession:
+        return HospitalSession(fed.client_settings(name, port))
+
+    async def round_one() -> None:
+        async def one(name: str, u: np.ndarray, n: int) -> object:
+            async with hospital(name) as h:
+                return await take_part(h, u, n)
+
+        results = await asyncio.gather(*(one(n, u, k) for n, u, k in
+                                         zip("abc", first, samples, strict=True)))
+        assert [(r, o.version) for r, o in results] == [(1, 1)] * 3  # type: ignore[union-attr]
+        async with AdminSession(fed.client_settings("admin", port)) as admin:
+            for _ in range(50):
+                view = await admin.schedule()
+                if view.round is None:
+                    break
+                await asyncio.sleep(0.1)
+            assert view.round is None and view.next_open is not None
+            seen["next_open"] = view.next_open
+
+    async def between_then_during(proc: subprocess.Popen) -> None:
+        async with AdminSession(fed.client_settings("admin", port)) as admin:
+            view = await admin.schedule()
+            assert view.round is None and view.next_open == seen["next_open"]
+            assert await admin.open_round() == 2  # numbers never repeat
+            async with hospital("a") as a:
+                opened = await next_open(a, after=1)
+                assert opened.base_version == 1
+                seen["deadline"] = opened.deadline
+                await a.get_global()
+                sending = asyncio.create_task(a.send(second[0], samples[0]))
+                for _ in range(100):
+                    view = await admin.schedule()
+                    if view.round is not None and view.round.hospitals.get("a") == "joined":
+                        break
+                    await asyncio.sleep(0.05)
+                assert view.round is not None and view.round.hospitals["a"] == "joined"
+                _stop(proc)
+                with pytest.raises(SecureFLError):
+                    await sending
+
+    async def after_restart() -> None:
+        sessions = [hospital(n) for n in "abc"]
+        for h in sessions:
+            await h.connect()
+        try:
+            assert sessions[0].resend_round is not None  # its masked round was abandoned
+            for h in sessions:
+                assert h.schedule is not None and h.schedule.open_round is not None
+                assert h.schedule.open_round.schedule_round == 2
+                assert h.schedule.open_round.deadline == seen["deadline"]
+            results = await asyncio.gather(*(take_part(h, u, n, after=1) for h, u, n in
+                                             zip(sessions, second, samples, strict=True)))
+            assert [(r, o.version) for r, o in results] == [(2, 2)] * 3  # type: ignore[union-attr]
+        finally:
+            for h in sessions:
+                await h.close()
+
+    proc = start_server(toml)
+    try:
+        asyncio.run(round_one())
+        _stop(proc)
+        proc = start_server(toml)  # between rounds
+        asyncio.run(between_then_during(proc))
+        proc = start_server(toml)  # during round 2
+        asyncio.run(after_restart())
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+    store = ModelStore(fed.certs.root / "store")
+    w0, w1, w2 = (store.read(v)[1] for v in (0, 1, 2))
+    p1, p2 = list(zip(first, samples, strict=True)), list(zip(second, samples, strict=True))
+    e1, momentum = outcome.fedavgm_step(w0, outcome.weighted_mean(p1), None)
+    outcome.assert_published(w1, e1, outcome.tolerance(p1), w0)
+    e2, _ = outcome.fedavgm_step(w1, outcome.weighted_mean(p2), momentum)
+    outcome.assert_published(w2, e2, 2 * outcome.tolerance(p2), w1)
+    audit = fed.certs.root / "audit.jsonl"
+    opened = [e["schedule_round"] for e in read_entries(audit) if e["event"] == "schedule-open"]
+    assert opened == [1, 2]

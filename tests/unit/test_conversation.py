@@ -607,3 +607,29 @@ def test_hello_comes_first_on_both_ends(role: str) -> None:
     link.exchange("hello")
     assert link.client.greeted and link.server.greeted
     link.exchange("status")
+
+
+@pytest.mark.parametrize("phase", list(HospitalPhase), ids=lambda p: p.name)
+def test_schedule_pushes_and_requests_are_taken_in_every_hospital_phase(phase: Enum) -> None:
+    """Issue 17: ``round_open``/``round_closed`` come whenever the server's schedule moves,
+    whatever round the connection is in; ``keepalive`` and ``training_failed`` may be asked
+    in every phase; none of them moves the phase or the round."""
+    link = _replay("hospital", paths("hospital")[phase])
+    round_id = link.client.round_id
+    for event in ("round_open", "round_closed"):
+        assert link.push(event) is True
+        assert link.phase is phase and link.client.round_id == round_id
+    for event in ("keepalive", "training_failed"):
+        link.rid += 1
+        link.ask(request(event, link.rid))
+        link.answer(reply(event, link.rid))
+        assert link.phase is phase and link.client.round_id == round_id
+
+
+def test_keepalive_for_the_admin_even_while_aggregating() -> None:
+    link = Link("admin")
+    link.rid += 1
+    link.ask(request("admin:aggregate", link.rid))
+    link.exchange("keepalive")
+    link.exchange("admin:pause", "admin_result:pause")
+    assert link.phase is AdminPhase.AGGREGATING

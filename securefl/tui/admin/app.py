@@ -119,11 +119,13 @@ class AdminApp(SecureFLApp):
         try:
             status = await self.session.status()
             hospitals = await self.session.hospitals()
+            schedule = await self.session.schedule()
         except SecureFLError as exc:
             await self._close()
             self._lost(exc, "Connection lost")
             return
-        self.dashboard.show(status=status, hospitals=tuple(hospitals), stale=False)
+        self.dashboard.show(status=status, hospitals=tuple(hospitals), stale=False,
+                            schedule=schedule)
 
     @work(exclusive=True, group="poll")
     async def poll(self) -> None:
@@ -170,6 +172,13 @@ class AdminApp(SecureFLApp):
             self._lost(exc, "Connection lost")
             return
         self.dashboard.show(status=st)
+        sched = self.dashboard.schedule
+        if action == "abort" and sched is not None and sched.round is not None:
+            r = sched.round
+            self._confirm(f"Abort scheduled round {r.schedule_round}? Nothing is published; "
+                          "hospitals that sent must send again, and the schedule opens the "
+                          "next round as planned.", self.abort, "Abort the round")
+            return
         if (why := cannot(action, st)) is not None:
             self.dashboard.show(activity=why)
             self.notify(why, title="Not now", severity="warning", timeout=6)
@@ -248,6 +257,45 @@ class AdminApp(SecureFLApp):
         else:
             self.dashboard.show(activity=f"Round {round_id} aborted; hospitals will send "
                                 "again.", sticky=True)
+        await self._refresh_once()
+
+    # -- the schedule ([schedule] mode = "auto") -------------------------------------------
+    def action_pause(self) -> None:
+        self._schedule_action("pause")
+
+    def action_resume(self) -> None:
+        self._schedule_action("resume")
+
+    def action_open_round(self) -> None:
+        sched = self.dashboard.schedule
+        if sched is not None and sched.round is not None:
+            why = (f"Scheduled round {sched.round.schedule_round} is still open: abort it (x) "
+                   "first to open another now.")
+            self.dashboard.show(activity=why)
+            self.notify(why, title="Not now", severity="warning", timeout=6)
+            return
+        self._confirm("Open a scheduled round now? The hospitals' agents download the "
+                      "current version, train and join it.",
+                      lambda: self._schedule_action("open"), "Open a round")
+
+    @work(exclusive=True, group="admin")
+    async def _schedule_action(self, action: str) -> None:
+        if not self._connected():
+            return
+        assert self.session is not None
+        call = {"pause": self.session.pause, "resume": self.session.resume,
+                "open": self.session.open_round}[action]
+        try:
+            value = await call()
+        except SecureFLError as exc:
+            self.dashboard.show(activity=f"{action.capitalize()} failed: {explain(exc)}")
+            self.notify(explain(exc), title=f"{action.capitalize()} refused",
+                        severity="warning", timeout=6)
+        else:
+            done = {"pause": "Schedule paused: no further round opens until you resume (u).",
+                    "resume": "Schedule running again.",
+                    "open": f"Scheduled round {value} opened; the hospitals train and join."}
+            self.dashboard.show(activity=done[action], sticky=True)
         await self._refresh_once()
 
     @work(exclusive=True, group="views")

@@ -17,6 +17,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from securefl.client.session import HospitalInfo, ServerStatus
+from securefl.protocol.messages import ScheduleView
 from securefl.tui.common import Progress, TextScreen, clock, pairs
 
 HERE = Path(__file__).parent
@@ -48,6 +49,27 @@ def describe(status: ServerStatus | None) -> tuple[str, str]:
             round_text)
 
 
+def describe_schedule(view: ScheduleView | None) -> str:
+    """The schedule in two or three lines ("" in manual mode: nothing changes there)."""
+    if view is None or view.mode != "auto":
+        return ""
+    every = ("after each round" if view.every == "after-publish" else f"every {view.every}")
+    state = "paused" if view.paused else "running"
+    nxt = (f" · next {short_time(view.next_open)}" if view.next_open else "")
+    lines = [f"Schedule: {state}, {every}, {view.training_deadline} to join{nxt}"]
+    r = view.round
+    if r is None:
+        lines.append("Scheduled round: none open" + (" (paused: u resumes, o opens "
+                                                      "one now)" if view.paused else ""))
+    else:
+        lines.append(f"Scheduled round {r.schedule_round} on version {r.base_version}: "
+                     f"{r.phase}, deadline {short_time(r.deadline)[11:]} · "
+                     + ", ".join(f"{n} {st}" for n, st in sorted(r.hospitals.items())))
+    if view.stalled is not None:
+        lines.append(f"Stalled on version {view.stalled.base_version}: {view.stalled.reason}")
+    return "\n".join(lines)
+
+
 def yes(flag: bool) -> str:
     return "yes" if flag else "-"
 
@@ -77,11 +99,18 @@ class AdminDashboard(Screen):
             "joined (or close it with e); once their updates are in, a combines them and "
             "publishes the next version.  x aborts a round (the hospitals send again).  "
             "Greyed values marked 'stale' are the last known while the server cannot be "
-            "reached; the app reconnects by itself.")
+            "reached; the app reconnects by itself.\n"
+            "With [schedule] mode = \"auto\" the server opens and publishes rounds itself: "
+            "the schedule lines show the open round's phase, each hospital's part in it "
+            "and a version the cross-round rule holds up.  p pauses the schedule, u resumes "
+            "it, o opens a round now, x aborts the open round.")
     BINDINGS = [("a", "app.aggregate", "Aggregate"), ("e", "app.close_enrolment", "Close"),
                 ("x", "app.abort", "Abort"), ("v", "app.versions", "Versions"),
                 ("l", "app.audit", "Audit"),
                 Binding("r", "app.refresh", "Refresh", show=False),  # so "? Help" fits
+                Binding("p", "app.pause", "Pause schedule", show=False),
+                Binding("u", "app.resume", "Resume schedule", show=False),
+                Binding("o", "app.open_round", "Open a round now", show=False),
                 ("q", "app.logout", "Log out")]
 
     def __init__(self) -> None:
@@ -94,6 +123,8 @@ class AdminDashboard(Screen):
         self.progress: tuple[int, int] | None = None
         self.stale = False
         self.as_of = ""
+        #: The server's schedule (None until known; manual mode shows nothing of it).
+        self.schedule: ScheduleView | None = None
         #: The (round, phase, version) the activity line was written about.
         self._activity_state: tuple[int, str, int] | None = None
 
@@ -106,7 +137,8 @@ class AdminDashboard(Screen):
     def show(self, *, connection: str | None = None, status: object = _UNSET,
              hospitals: tuple[HospitalInfo, ...] | None = None,
              activity: str | None = None, progress: tuple[int, int] | None = None,
-             stale: bool | None = None, sticky: bool = False) -> None:
+             stale: bool | None = None, sticky: bool = False,
+             schedule: ScheduleView | None = None) -> None:
         """Set what the app learnt; redraw if mounted (else ``on_mount`` draws it).
 
         A new ``activity`` without ``progress`` makes the bar indeterminate again.  An
@@ -125,6 +157,8 @@ class AdminDashboard(Screen):
                 self._activity_state = new
         if stale is not None:
             self.stale = stale
+        if schedule is not None:
+            self.schedule = schedule
         if hospitals is not None:
             self.hospitals = merge_known(self.hospitals, hospitals)
             if self.is_mounted:
@@ -144,6 +178,7 @@ class AdminDashboard(Screen):
             with Vertical(id="known"):
                 yield Static("", id="version")
                 yield Static("", id="round")
+                yield Static("", id="schedule")
                 yield DataTable(id="hospitals", cursor_type="row", zebra_stripes=True)
             yield Static("", id="activity")
             yield Progress(total=None, show_eta=False, show_percentage=False, id="busy")
@@ -166,6 +201,9 @@ class AdminDashboard(Screen):
         self.query_one("#known").set_class(self.stale, "stale")
         self.query_one("#version", Static).update(version)
         self.query_one("#round", Static).update(round_text)
+        sched = describe_schedule(self.schedule)
+        self.query_one("#schedule", Static).update(sched)
+        self.query_one("#schedule").display = bool(sched)
         self.query_one("#activity", Static).update(self.activity)
         bar = self.query_one("#busy", Progress)
         bar.display = self.activity.endswith("…")
