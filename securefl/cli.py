@@ -32,6 +32,8 @@ EXIT_CODES: dict[type[errors.SecureFLError], int] = {
     errors.CertificateRejectedError: 11,
     errors.StaleVersionError: 12,
     errors.UpdateAlreadySentError: 13,
+    errors.AgentRunningError: 14,
+    errors.AgentUnavailableError: 15,
 }
 
 Handler = Callable[[argparse.Namespace], int]
@@ -329,9 +331,62 @@ def _add_client_log_action(actions: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _schedule_round(text: str) -> int:
+    """``approve``/``skip`` ROUND: a scheduled round's number, refused in one sentence."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a scheduled round's number (1 or more, `agent-status` shows the pending "
+            f"one), not {text!r}")
+    return value
+
+
+def _add_client_agent_actions(actions: argparse._SubParsersAction) -> None:
+    """The hospital agent and how people talk to it (``securefl.client.agent``)."""
+    agent = actions.add_parser(
+        "agent", help="run the hospital's agent: takes part in the rounds the server opens",
+        description="A long-running service (run it under systemd, docs/QUICKSTART.md): keeps "
+        "one connection to the server and, for each round the server opens on its schedule, "
+        "gets the global model, trains, takes part in the masked round, downloads and "
+        "evaluates the published version.  [agent] in hospital.toml decides: participation "
+        "= \"approve\" (default: a person approves each round, in the app or with `approve`) "
+        "or \"auto\", a time window, rounds per day, attempts per version.  While it runs, "
+        "train, get and send go through it.  Stops cleanly on SIGTERM or Ctrl-C.")
+    status = actions.add_parser("agent-status", help="what the running agent is doing, the "
+                                "round waiting for approval and its recent rounds")
+    status.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
+    approve = actions.add_parser("approve", help="let the running agent take part in the "
+                                 "round waiting for approval")
+    skip = actions.add_parser("skip", help="tell the running agent to sit out the round "
+                              "waiting for approval (the server hears 'declined')")
+    for p in (approve, skip):
+        p.add_argument("round", nargs="?", type=_schedule_round, default=None,
+                       help="the scheduled round's number (default: the pending one)")
+    stop = actions.add_parser("agent-stop", help="stop the running agent cleanly (as SIGTERM "
+                              "does; a service manager may start it again)")
+
+    def run_agent(args: argparse.Namespace) -> int:
+        from securefl.client.agent.service import run_agent
+        from securefl.client.hospital import Hospital
+
+        return run_agent(Hospital.from_file(args.config))
+
+    def talk(args: argparse.Namespace) -> int:
+        from securefl.client.agent import cli_text
+
+        return cli_text.run(args)
+
+    agent.set_defaults(func=run_agent)
+    for p in (status, approve, skip, stop):
+        p.set_defaults(func=talk)
+
+
 def _add_client(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("client", help="a hospital: the app, or train, evaluate, classify, "
-                       "get, send, status, log")
+                       "get, send, status, log, agent")
     p.add_argument("--config", type=Path, help="hospital.toml from the kit (with no ACTION "
                    "the app asks for it)")
     p.add_argument("--hospital", help="with no ACTION: the hospital name to check against the "
@@ -340,6 +395,7 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     _add_client_ml_actions(actions)
     _add_client_net_actions(actions)
     _add_client_log_action(actions)
+    _add_client_agent_actions(actions)
 
     def run_app(args: argparse.Namespace) -> int:
         refused = _needs_terminal("client", "train, evaluate, classify, get, send, status, "
@@ -506,6 +562,9 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
         from securefl.client.commands import training_printer
 
         h = hospital(args)
+        from securefl.client.agent.control import refuse_if_running
+
+        refuse_if_running(h.state_dir, "train")
         base = h.local_state().base_version
         result = h.train(progress=training_printer())
         print(file=sys.stderr)

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from securefl.errors import ConfigError
 from securefl.fedopt import ServerOptSettings
@@ -288,6 +295,62 @@ class HospitalPolicy(_Settings):
         return self
 
 
+_CLOCK = re.compile(r"([01]?[0-9]|2[0-3]):([0-5][0-9])")
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """``"22:00-06:00"`` as minutes after midnight ``(start, end)``; the end may be before
+    the start (a window across midnight).  One sentence for anything else."""
+    parts = text.split("-")
+    matches = [_CLOCK.fullmatch(p.strip()) for p in parts] if len(parts) == 2 else []
+    if len(matches) != 2 or not all(matches):
+        raise ValueError(f"window {text!r} is not a local time range like \"22:00-06:00\" "
+                         "(24-hour HH:MM-HH:MM): fix it or leave window out to allow any time")
+    start, end = (int(m.group(1)) * 60 + int(m.group(2)) for m in matches)  # type: ignore[union-attr]
+    if start == end:
+        raise ValueError(f"window {text!r} starts and ends at the same time: give a range, "
+                         "or leave window out to allow any time")
+    return start, end
+
+
+class AgentSettings(_Settings):
+    """What the hospital's agent (``securefl client ... agent``) may do on its own
+    (``[agent]`` in hospital.toml).
+
+    Why the hospital's: the server opens rounds on its schedule, but whether this hospital's
+    scans train a model tonight is the hospital's decision.  By default a person approves
+    each round (``participation = "approve"``); ``"auto"`` joins every round the limits
+    allow.
+    """
+
+    #: "approve": wait for a person's Approve or Skip (the app, or ``approve``/``skip``);
+    #: "auto": take part without asking.
+    participation: Literal["approve", "auto"] = "approve"
+    #: Local-time range in which the agent may train and send, e.g. "22:00-06:00" (across
+    #: midnight allowed); unset: any time.
+    window: str | None = None
+    #: Rounds the agent takes part in per local calendar day (a round counts once it starts
+    #: training for it).
+    max_rounds_per_day: int = Field(24, ge=1, le=1000)
+    #: Rounds the agent tries on one global (base) version (a round fails, the server opens
+    #: another on the same version); [policy] max_attempts still caps the sums one update
+    #: goes into.
+    max_attempts_per_version: int = Field(3, ge=1, le=100)
+    #: Seconds between the agent's keepalives: keep it below a third of the server's
+    #: ``[limits] idle_timeout`` (600 s by default), or the server closes the connection.
+    keepalive: float = Field(60.0, gt=0, le=3600)
+
+    @field_validator("window")
+    @classmethod
+    def _window_valid(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_window(value)
+        return value
+
+    def window_minutes(self) -> tuple[int, int] | None:
+        return parse_window(self.window) if self.window is not None else None
+
+
 class ClientSettings(TLSFiles):
     host: str = "127.0.0.1"
     port: int = Field(9095, ge=0, le=65535)
@@ -311,6 +374,8 @@ class ClientSettings(TLSFiles):
     ml: MLSettings | None = None
     #: Hospital only: what it accepts from a round, whatever the server says.
     policy: HospitalPolicy = HospitalPolicy()
+    #: Hospital only: what its agent may do unattended (``securefl client ... agent``).
+    agent: AgentSettings = AgentSettings()
 
     @model_validator(mode="after")
     def _host_given(self) -> ClientSettings:

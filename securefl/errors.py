@@ -97,3 +97,16 @@ class UpdateAlreadySentError(SecureFLError):
     sending another on the same base could let a server difference two sums."""
 
     code = "already-sent"
+
+
+class AgentRunningError(SecureFLError):
+    """The hospital's agent owns its state while it runs: train, send and get go through it
+    (``securefl.client.agent``), and a second agent for the same hospital is refused."""
+
+    code = "agent-running"
+
+
+class AgentUnavailableError(SecureFLError):
+    """No agent answers on this hospital's local socket."""
+
+    code = "no-agent"

@@ -94,6 +94,10 @@ def personalisation_summary(hospital: Hospital) -> str:
 async def hospital(args: argparse.Namespace) -> int:
     hospital = Hospital.from_file(args.config, require_ml=False)
     state = hospital.state_dir
+    if args.client_action in ("get", "send"):
+        from securefl.client.agent.control import refuse_if_running
+
+        await asyncio.to_thread(refuse_if_running, state, args.client_action)
     async with hospital.session() as session:
         for warning in session.conn.warnings:  # e.g. an expired revocation list
             print(f"securefl: warning: {warning}", file=sys.stderr)

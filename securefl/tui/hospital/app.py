@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from textual import on, work
 from textual.timer import Timer
 
+from securefl.client.agent import control as agent_control
 from securefl.client.hospital import Hospital
 from securefl.client.session import HospitalSession, ServerStatus
-from securefl.errors import SecureFLError
+from securefl.errors import AgentUnavailableError, SecureFLError
 from securefl.tui.common import HERE as COMMON
 from securefl.tui.common import ConfirmScreen, SecureFLApp, clock, explain
+from securefl.tui.hospital.agent import AgentScreen
 from securefl.tui.hospital.classify import ClassifyScreen
 from securefl.tui.hospital.dashboard import DashboardScreen, describe_local
 from securefl.tui.hospital.get import GetScreen
@@ -35,6 +39,8 @@ from securefl.tui.hospital.send import SendScreen
 from securefl.tui.hospital.train import TrainScreen
 
 STATUS_EVERY = 5.0
+#: How often the app asks the hospital's agent (its local socket) what it is doing.
+AGENT_EVERY = 2.0
 
 
 class HospitalApp(SecureFLApp):
@@ -50,6 +56,10 @@ class HospitalApp(SecureFLApp):
         self.session: HospitalSession | None = None
         self.dashboard: DashboardScreen | None = None
         self._status_timer: Timer | None = None
+        #: The running agent's last status (None: no agent answers on the local socket).
+        self.agent_status: dict[str, Any] | None = None
+        self._agent_timer: Timer | None = None
+        self._agent_told: tuple[bool, int | None] = (False, None)
 
     def on_mount(self) -> None:
         self.push_screen(LoginScreen(self.config_path, self.hospital_name))
@@ -63,6 +73,8 @@ class HospitalApp(SecureFLApp):
                                          if h.has_ml else None)
         self.switch_screen(self.dashboard)
         self.refresh_local()
+        self.refresh_agent()
+        self._agent_timer = self.set_interval(AGENT_EVERY, self.refresh_agent)
         if self.autoconnect:
             self.connect()
             self._status_timer = self.set_interval(STATUS_EVERY, self.refresh_status)
@@ -200,17 +212,100 @@ class HospitalApp(SecureFLApp):
         if self._can_act():
             assert self.hospital is not None
             assert self.config_path is not None
-            self.push_screen(TrainScreen(self.hospital, self.config_path))
+            self._unless_agent("train", lambda h=self.hospital, c=self.config_path:
+                               self.push_screen(TrainScreen(h, c)))
 
     def action_send(self) -> None:
         if self._can_act():
             assert self.hospital is not None
-            self.push_screen(SendScreen(self.hospital, self.current_session))
+            self._unless_agent("send", lambda h=self.hospital:
+                               self.push_screen(SendScreen(h, self.current_session)))
 
     def action_get(self) -> None:
         if self._can_act():
             assert self.hospital is not None
-            self.push_screen(GetScreen(self.hospital, self.current_session))
+            self._unless_agent("get the global model", lambda h=self.hospital:
+                               self.push_screen(GetScreen(h, self.current_session)))
+
+    # -- the hospital's agent (securefl.client.agent; its screen: tui.hospital.agent) ---------
+    def action_agent(self) -> None:
+        if self._can_act():
+            self.push_screen(AgentScreen(self.agent_status))
+
+    def _unless_agent(self, what: str, then: Callable[[], object]) -> None:
+        """Run ``then`` unless an agent owns the hospital's state; then say so and show it.
+
+        Without a socket file there is no agent (no socket I/O needed); with one, the
+        agent is asked off the event loop's time before anything starts."""
+        assert self.hospital is not None
+        if self.agent_status is None and \
+                not agent_control.socket_path(self.hospital.state_dir).exists():
+            then()
+            return
+        self._check_agent_then(what, then)
+
+    @work(exclusive=True, group="agent-check")
+    async def _check_agent_then(self, what: str, then: Callable[[], object]) -> None:
+        await self._poll_agent()
+        if self.agent_status is None:
+            then()
+            return
+        self.notify(f"The hospital's agent is running and owns its model and rounds, so the "
+                    f"app does not {what} itself: watch it, approve or skip rounds here, or "
+                    "stop its service to work by hand.", title="Agent running",
+                    severity="warning", timeout=8)
+        self.push_screen(AgentScreen(self.agent_status))
+
+    @work(exclusive=True, group="agent")
+    async def refresh_agent(self) -> None:
+        await self._poll_agent()
+
+    async def _poll_agent(self) -> None:
+        if self.hospital is None:
+            return
+        try:
+            status: dict[str, Any] | None = await agent_control.call(
+                self.hospital.state_dir, "status", timeout=3.0)
+        except AgentUnavailableError:
+            status = None
+        self.agent_status = status
+        for screen in self.screen_stack:
+            if isinstance(screen, AgentScreen):
+                screen.show(status)
+        pending = (status or {}).get("pending")
+        told = (status is not None, pending["schedule_round"] if pending else None)
+        if told != self._agent_told:
+            if status is not None and not self._agent_told[0]:
+                self.notify("The hospital's agent is running: it takes part in the "
+                            "server's rounds, and the app does not train or send itself "
+                            "(a: see the agent).", title="Agent running")
+            if told[1] is not None:
+                self.notify(f"Round {told[1]} waits for your approval (a: see what it would "
+                            "train on, then approve or skip).", title="Approval needed",
+                            severity="warning", timeout=10)
+            self._agent_told = told
+
+    @on(AgentScreen.Decided)
+    def _decided(self, message: AgentScreen.Decided) -> None:
+        self._tell_agent(message.decision, message.schedule_round)
+
+    @work(group="agent-decide")
+    async def _tell_agent(self, decision: str, schedule_round: int) -> None:
+        assert self.hospital is not None
+        try:
+            reply = await agent_control.call(self.hospital.state_dir, decision,
+                                             schedule_round=schedule_round)
+        except AgentUnavailableError as exc:
+            self.notify(exc.message[0].upper() + exc.message[1:] + ".", severity="error")
+            return
+        if reply.get("ok"):
+            self.notify(f"Round {schedule_round} approved: the agent trains and takes part."
+                        if decision == "approve" else
+                        f"Round {schedule_round} skipped: the agent sits it out.",
+                        title="Agent")
+        else:
+            self.notify(str(reply.get("error", "the agent refused")), severity="error")
+        await self._poll_agent()
 
     def action_classify(self) -> None:
         if self._can_act():
@@ -239,6 +334,10 @@ class HospitalApp(SecureFLApp):
         if self._status_timer is not None:
             self._status_timer.stop()
             self._status_timer = None
+        if self._agent_timer is not None:
+            self._agent_timer.stop()
+            self._agent_timer = None
+        self.agent_status, self._agent_told = None, (False, None)
         self.cancel_reconnect()
         await self._close_session()
         config = self.config_path
