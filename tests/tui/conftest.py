@@ -112,8 +112,11 @@ async def until(pilot: object, condition: Callable[[], bool], timeout: float = 6
         if time.monotonic() > deadline:
             app = pilot.app  # type: ignore[attr-defined]
             said = [str(n.message) for n in app._notifications]
-            raise AssertionError(f"condition not reached in time on {app.screen}; "
-                                 f"notifications: {said}")
+            code = getattr(condition, "__code__", None)
+            where = f" (the condition at line {code.co_firstlineno} of " \
+                f"{Path(code.co_filename).name})" if code else ""
+            raise AssertionError(f"condition not reached in {timeout:g} s on {app.screen}"
+                                 f"{where}; notifications: {said}")
         await pilot.pause(0.05)  # type: ignore[attr-defined]
 
 

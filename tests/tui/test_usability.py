@@ -344,7 +344,7 @@ def test_ctrl_c_during_a_real_training_asks_and_loses_nothing(fed: Fed) -> None:
                         120)
             assert unchanged()
             await pilot.press("ctrl+q")  # nothing to lose now: quits at once
-            await until(pilot, lambda: app.return_code == 0, 10)
+            await until(pilot, lambda: app.return_code == 0, 60)
         assert unchanged()
 
         app = HospitalApp(config, "hospital_1", connect=False)
@@ -356,7 +356,7 @@ def test_ctrl_c_during_a_real_training_asks_and_loses_nothing(fed: Fed) -> None:
             await pilot.pause()
             assert isinstance(app.screen, ConfirmScreen)
             await pilot.press("ctrl+c")  # again within two seconds: quit anyway
-            await until(pilot, lambda: app.return_code == 0, 10)
+            await until(pilot, lambda: app.return_code == 0, 60)
         deadline = asyncio.get_running_loop().time() + 60
         while training_children(config):  # the training process stops after its batch
             assert asyncio.get_running_loop().time() < deadline, "training still running"
