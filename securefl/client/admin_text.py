@@ -102,6 +102,15 @@ def aggregate_json(out: AggregateOutcome) -> str:
                        "total_samples": out.total_samples, "sha256": out.sha256})
 
 
+def hospital_part(status: str) -> str:
+    """A hospital's part in a scheduled round as people read it: the wire's
+    ``failed:<reason>`` codes become words (``failed:no-scans`` -> "training failed: no
+    scans")."""
+    if status.startswith("failed:"):
+        return "training failed: " + status.removeprefix("failed:").replace("-", " ")
+    return status
+
+
 def schedule_lines(view: ScheduleView) -> list[str]:
     """The schedule as people read it: how rounds open, the next, the open one and each
     hospital's part in it, and a version the cross-round rule holds up."""
@@ -120,7 +129,8 @@ def schedule_lines(view: ScheduleView) -> list[str]:
     if r is not None:
         rows += [("open round", f"{r.schedule_round} on version {r.base_version} "
                   f"({r.phase}); opened {when(r.opened)}, deadline {when(r.deadline)} UTC")]
-        rows += [(f"  {name}", status) for name, status in sorted(r.hospitals.items())]
+        rows += [(f"  {name}", hospital_part(status))
+                 for name, status in sorted(r.hospitals.items())]
     elif view.mode == "auto":
         rows.append(("open round", "none"))
     if view.stalled is not None:

@@ -539,8 +539,9 @@ class HospitalSession(_Session):
             if sent.required is None and others_can_sign:
                 sent.unlisted_round = joined.round_id
             await self._send_input(joined.round_id, masked.y)
-            step("masked-sent", "masked update sent; waiting for the administrator to "
-                 "aggregate")
+            step("masked-sent", "masked update sent; waiting for the server to combine the "
+                 "updates on its schedule" if self.schedule is not None else
+                 "masked update sent; waiting for the administrator to aggregate")
             if leave_after == "masked_input":
                 return None
             listed = await self._expect(wm.SurvivorListMsg, joined.round_id)

@@ -41,7 +41,7 @@ def test_open_pause_resume_and_abort_from_the_app(fed: Fed) -> None:
                 pushed = await h.next_schedule_event(10)
                 assert isinstance(pushed, wm.RoundOpen) and pushed.schedule_round == 1
                 await h.training_failed(1, "no-scans")
-                await until(pilot, lambda: "hospital_1 failed:no-scans"
+                await until(pilot, lambda: "hospital_1 training failed: no scans"
                             in text(app, "#schedule").replace("\n", " "))
                 await pilot.press("u")
                 await until(pilot, lambda: "Schedule: running" in text(app, "#schedule"))

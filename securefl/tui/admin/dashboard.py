@@ -16,6 +16,7 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from securefl.client.admin_text import hospital_part
 from securefl.client.session import HospitalInfo, ScheduleView, ServerStatus
 from securefl.tui.common import Progress, TextScreen, clock, pairs
 
@@ -63,7 +64,8 @@ def describe_schedule(view: ScheduleView | None) -> str:
     else:
         lines.append(f"Scheduled round {r.schedule_round} on version {r.base_version}: "
                      f"{r.phase}, deadline {short_time(r.deadline)[11:]} · "
-                     + ", ".join(f"{n} {st}" for n, st in sorted(r.hospitals.items())))
+                     + ", ".join(f"{n} {hospital_part(st)}"
+                                 for n, st in sorted(r.hospitals.items())))
     if view.stalled is not None:
         lines.append(f"Stalled on version {view.stalled.base_version}: {view.stalled.reason}")
     return "\n".join(lines)
