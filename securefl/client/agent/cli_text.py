@@ -9,6 +9,7 @@ from typing import Any
 from securefl import config
 from securefl.client.agent import control
 from securefl.errors import DataError
+from securefl.ml.settings import clinical_name
 
 
 def _progress(status: dict[str, Any]) -> str:
@@ -23,7 +24,8 @@ def scans_line(counts: dict[str, dict[str, int]]) -> str:
     for split in ("train", "validation"):
         table = counts.get(split) or {}
         if table:
-            parts.append(f"{split} " + ", ".join(f"{c} {n}" for c, n in table.items())
+            parts.append(f"{split} " + ", ".join(f"{clinical_name(c)} {n}"
+                                                 for c, n in table.items())
                          + f" ({sum(table.values())})")
     return "; ".join(parts) or "no scans counted"
 
@@ -36,7 +38,7 @@ def round_line(r: dict[str, Any]) -> str:
         what = f"published v{r['version']}"
     if acc is not None:
         what += f", balanced accuracy {acc:.3f}"
-    if r.get("reason"):
+    if r.get("reason") and r["reason"] != r.get("outcome"):
         what += f" [{r['reason']}]"
     when = (r.get("time") or "").replace("T", " ")[:16]
     return f"  round {r['schedule_round']:<5} base v{r['base_version']:<4} {when:<16}  {what}"

@@ -19,6 +19,8 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Header, ProgressBar, Static
 
+from securefl.ml.settings import clinical_name
+
 HERE = Path(__file__).parent
 
 STATE_WORDS = {
@@ -57,7 +59,7 @@ def recent_rows(recent: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]
         outcome = str(r.get("outcome", "?"))
         if outcome == "published" and r.get("version") is not None:
             outcome = f"published v{r['version']}"
-        if r.get("reason"):
+        if r.get("reason") and r["reason"] != r.get("outcome"):
             outcome += f" ({r['reason']})"
         acc = r.get("balanced_accuracy")
         rows.append((str(r.get("schedule_round", "?")), str(r.get("base_version", "?")),
@@ -138,7 +140,7 @@ class AgentScreen(Screen):
             scans = pending.get("scans") or {}
             train, val = scans.get("train") or {}, scans.get("validation") or {}
             for cls in train:
-                table.add_row(cls, str(train[cls]), str(val.get(cls, 0)))
+                table.add_row(clinical_name(cls), str(train[cls]), str(val.get(cls, 0)))
             table.add_row("total", str(sum(train.values())), str(sum(val.values())))
         recent = self.query_one("#recent", DataTable)
         recent.clear()
