@@ -143,6 +143,9 @@ def parse() -> argparse.Namespace:
                         "recomputing them over the training data after each training call")
     p.add_argument("--norm", choices=("batch", "group", "none"), default=model_mod.SMALL_NORM,
                    help="normalisation layers of the small CNN, for every arm (experiments)")
+    p.add_argument("--fresh-local-optimiser", action="store_true",
+                   help="federated arms: every round's local training starts with a fresh "
+                   "Adam state instead of the hospital's own from its last round")
     p.add_argument("--arms", default="local,fedavg,secure,central",
                    help="comma-separated subset of local,fedavg,secure,central (scouting)")
     return p.parse_args()
@@ -311,6 +314,8 @@ def main() -> int:
             deltas, weights = [], []
             for h, data in enumerate(trains):
                 from_vector(workers[h], g)
+                if args.fresh_local_optimiser:
+                    reset_optimizer(workers[h])
                 fit(workers[h], data, args.local_epochs, seed=1000 * r + h, r=r)
                 deltas.append(to_vector(workers[h]) - g)
                 weights.append(len(data))
