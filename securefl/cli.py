@@ -559,19 +559,14 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
         return h
 
     def run_train(args: argparse.Namespace) -> int:
-        def progress(p: Any) -> None:
-            line = (f"recalibrating batch-norm statistics: layer {p.batch}/{p.batches}"
-                    if p.stage == "calibrating" else
-                    f"epoch {p.epoch}/{p.epochs}  batch {p.batch}/{p.batches}  "
-                    f"loss {p.loss:.4f}  accuracy {p.accuracy:.3f}")
-            print(f"\r{line:<72}", end="", file=sys.stderr, flush=True)
+        from securefl.client.commands import training_printer
 
         h = hospital(args)
         from securefl.client.agent.control import refuse_if_running
 
         refuse_if_running(h.state_dir, "train")
         base = h.local_state().base_version
-        result = h.train(progress=progress)
+        result = h.train(progress=training_printer())
         print(file=sys.stderr)
         start = (f"from global version {base}" if base is not None
                  else "from a new model (no global model downloaded yet)")
@@ -601,12 +596,14 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
         return 0
 
     def run_classify(args: argparse.Namespace) -> int:
+        from securefl.ml.settings import clinical_name
+
         answer = hospital(args).classify(args.image)
         if args.json:
             print(json.dumps(answer.to_dict()))
             return 0
         for name, p in sorted(answer.probabilities.items(), key=lambda kv: -kv[1]):
-            print(f"{name:<12} {p:6.1%}")
+            print(f"{clinical_name(name):<17} {p:6.1%}")
         how = (f"calibrated, temperature {answer.temperature:.2f}" if answer.calibrated
                else "not calibrated")
         print(f"model: {answer.model} ({how})")

@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from securefl import config
 from securefl.client.hospital import Hospital
 from securefl.client.session import AdminSession, RoundStep, UnmaskProgress
 from securefl.errors import DataError, SecureFLError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from securefl.ml.train import Progress
 
 
 def _settings(args: argparse.Namespace) -> config.ClientSettings:
@@ -51,6 +55,18 @@ def _unmask_printer(stream: object) -> Callable[[UnmaskProgress], None]:
         print(f"  - unmasking round {p.round_id}: {p.answered} of {p.asked} hospitals "
               f"answered ({p.needed} needed)", file=stream, flush=True)  # type: ignore[arg-type]
 
+    return show
+
+
+def training_printer(doing: str = "") -> Callable[[Progress], None]:
+    """A progress callback that keeps one line on stderr up to date, so a long training (or
+    the fine-tuning epoch of ``get``) shows it is moving; ``doing`` names the work."""
+    def show(p: Progress) -> None:
+        line = (f"recalibrating batch-norm statistics: layer {p.batch}/{p.batches}"
+                if p.stage == "calibrating" else
+                f"{doing}epoch {p.epoch}/{p.epochs}  batch {p.batch}/{p.batches}  "
+                f"loss {p.loss:.4f}  accuracy {p.accuracy:.3f}")
+        print(f"\r{line:<78}", end="", file=sys.stderr, flush=True)
     return show
 
 
@@ -116,7 +132,13 @@ async def hospital(args: argparse.Namespace) -> int:
                   + (f"; waiting for {', '.join(st.waiting_for)}" if st.waiting_for else ""))
             return 0
         if action == "get":
-            model = await hospital.get(session, replace_trained=args.replace_trained)
+            finetune = hospital.has_ml and hospital.ml.personalise == "finetune"
+            model = await hospital.get(
+                session, replace_trained=args.replace_trained,
+                on_personalise=training_printer("fine-tuning on this hospital's scans: ")
+                if finetune else None)
+            if finetune:
+                print(file=sys.stderr)
             made = ("the starting model" if model.version == 0 else
                     f"from {model.contributors} hospitals, {model.total_samples} scans")
             print(f"global version {model.version} downloaded ({made}, "

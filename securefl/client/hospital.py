@@ -352,7 +352,8 @@ class Hospital:
         return run_classify(self.ml, image, model=model, validation=validation,
                             model_label=self.model_label())
 
-    def apply_global(self, weights: np.ndarray, version: int) -> LocalState:
+    def apply_global(self, weights: np.ndarray, version: int,
+                     progress: ProgressFn | None = None) -> LocalState:
         """Make the hospital's model the global one, personalised (what ``get`` ends with).
 
         The global weights are loaded and made this hospital's own as ``[ml] personalise``
@@ -374,7 +375,8 @@ class Hospital:
         from_vector(model, weights)
         kind, scans, note = "", 0, ""
         try:
-            made = personalise(self.ml, model, data=self.scans("Training"), seed=version)
+            made = personalise(self.ml, model, data=self.scans("Training"), seed=version,
+                               progress=progress)
             kind = "" if made.kind == "none" else made.kind
             scans, note = made.scans, made.note
         except DataError as exc:
@@ -429,8 +431,13 @@ class Hospital:
     @logged("get")
     async def get(self, session: HospitalSession,
                   on_progress: Callable[[int, int], None] | None = None, *,
-                  replace_trained: bool = False) -> GlobalModel:
+                  replace_trained: bool = False,
+                  on_personalise: ProgressFn | None = None) -> GlobalModel:
         """Download (sha256-checked), keep it, and load it into the local model.
+
+        ``on_progress`` hears the download's bytes; ``on_personalise`` every batch of the
+        fine-tuning epoch that makes the model this hospital's own (called from a worker
+        thread: the app hands it to its event loop).
 
         A local model trained on the version the server still has, and not sent, would be
         overwritten: that is refused unless ``replace_trained`` (training can take hours).
@@ -459,7 +466,8 @@ class Hospital:
                      "contributors": model.contributors, "total_samples": model.total_samples,
                      "created": model.created, "classes": list(model.classes)})
         if self._ml is not None:
-            await asyncio.to_thread(self.apply_global, model.weights, model.version)
+            await asyncio.to_thread(self.apply_global, model.weights, model.version,
+                                    on_personalise)
         self.log.downloaded(model.version, model.contributors, model.total_samples,
                             model.sha256)
         return model

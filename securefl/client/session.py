@@ -257,13 +257,17 @@ class HospitalSession(_Session):
         await super().connect()
         welcome, state = self.conn.welcome, self.settings.state_dir
         assert welcome is not None
-        try:
+
+        def accept() -> None:  # reads and keeps the lists in state_dir: off the event loop
             self.revoked = revocation.accept(self._ca, welcome.crl, kit=self.settings.crl,
                                              held=state / "crl.der",
                                              server_cert=self.conn.server_cert)
             self.members = membership.accept(self._ca, welcome.members,
                                              kit=self.settings.members,
                                              held=state / "members.json", me=self._cred.cert)
+
+        try:
+            await asyncio.to_thread(accept)
         except SecureFLError:
             await self.close()
             raise

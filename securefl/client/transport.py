@@ -113,7 +113,9 @@ class Connection:
                    conversation: Conversation | None = None) -> Connection:
         """Connect, check the server, say hello; ``conversation``: the wire order of this
         end (default: a hospital's)."""
-        ctx = client_context(settings.cert, settings.key, settings.ca)
+        # Reading the certificate files off the loop: an app retrying with backoff keeps
+        # drawing while a slow or network disk answers.
+        ctx = await asyncio.to_thread(client_context, settings.cert, settings.key, settings.ca)
         where = f"{settings.host}:{settings.port}"
         try:
             reader, writer = await asyncio.wait_for(
@@ -136,10 +138,14 @@ class Connection:
         # The CA vouched for the server's certificate; whether the operator has revoked it
         # since is in the revocation list this hospital holds (the kit's, or a newer one).
         server_cert = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        try:
-            warnings = revocation.check_server(
+
+        def check() -> list[str]:  # reads the CA and the lists: off the loop, as above
+            return revocation.check_server(
                 server_cert, pki.load_cert(settings.ca.read_bytes()), kit=settings.crl,
                 held=settings.state_dir / "crl.der", where=f"the server at {where}")
+
+        try:
+            warnings = await asyncio.to_thread(check)
         except SecureFLError:
             writer.close()
             raise

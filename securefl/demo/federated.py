@@ -3,8 +3,11 @@
 It makes what a real deployment has — a federation CA and certificates, a server process on
 loopback, hospitals with their own (synthetic) scans — and runs rounds of
 get -> train -> send (secure aggregation) -> aggregate -> get -> evaluate, printing after
-each round how the shared model does on each hospital's own test scans next to a model the
-hospital trained alone for the same number of epochs.
+each round how the shared model does on each hospital's own validation scans next to a model
+the hospital trained alone for the same number of epochs.  The Testing scans are scored once,
+after the last round, for the summary: choosing anything (such as how many rounds to run) by
+watching the Testing figures would make them flattering, so the per-round view is validation,
+as it is in the hospital app and in ``evaluate``.
 
 Why the server is a separate process and the hospitals are not: the server is what a
 hospital IT team would run as a service, so the demo starts it exactly so
@@ -64,17 +67,18 @@ class DemoSettings:
 
 @dataclass
 class RoundRow:
-    """One round's figures, balanced accuracy (mean per-class recall) on Testing scans."""
+    """One set of figures, balanced accuracy (mean per-class recall): after every round on
+    the hospitals' validation scans, and once after the last round on their Testing scans."""
 
     round: int
     version: int
     seconds: float
-    #: On each hospital's own test scans: its model from the shared one (personalised as
-    #: its ``[ml] personalise`` says), and its model trained alone.
+    #: On each hospital's own scans: its model from the shared one (personalised as its
+    #: ``[ml] personalise`` says), and its model trained alone.
     global_acc: dict[str, float]
     local_acc: dict[str, float]
-    #: On every hospital's test scans pooled: the mean over hospitals of each one's model
-    #: from the shared one, and each model trained alone.
+    #: On every hospital's scans pooled: the mean over hospitals of each one's model from
+    #: the shared one, and each model trained alone.
     pooled_global: float = 0.0
     pooled_local: dict[str, float] = field(default_factory=dict)
 
@@ -82,40 +86,48 @@ class RoundRow:
 @dataclass
 class DemoResult:
     folder: Path
+    #: Per round, on validation scans (what the table shows while the demo runs).
     rows: list[RoundRow] = field(default_factory=list)
+    #: After the last round, on Testing scans (the reported figures of the summary).
+    testing: RoundRow | None = None
     wall_s: float = 0.0
+
+    def _final(self) -> RoundRow:
+        if self.testing is None:
+            raise ValueError("the demo has not finished its last round yet")
+        return self.testing
 
     @property
     def final_global_acc(self) -> float:
         """The shared model on all hospitals' test scans, after the last round."""
-        return self.rows[-1].pooled_global
+        return self._final().pooled_global
 
     @property
     def best_local_acc(self) -> float:
         """The best model trained alone, on the same pooled test scans."""
-        return max(self.rows[-1].pooled_local.values())
+        return max(self._final().pooled_local.values())
 
     @property
     def mean_local_acc(self) -> float:
-        last = self.rows[-1].pooled_local
+        last = self._final().pooled_local
         return sum(last.values()) / len(last)
 
     @property
     def own_local_acc(self) -> dict[str, float]:
         """Each hospital's model trained alone, on its own test scans, after the last round."""
-        return dict(self.rows[-1].local_acc)
+        return dict(self._final().local_acc)
 
     @property
     def own_shared_acc(self) -> dict[str, float]:
         """Each hospital's model from the shared one, on its own test scans, last round."""
-        return dict(self.rows[-1].global_acc)
+        return dict(self._final().global_acc)
 
 
 def table_header(names: list[str]) -> list[str]:
     """The round table's two header lines.  A function so that docs/generate_samples.py's
     test can check README's sample still has the layout the demo prints."""
     return [" " * 18 + "  ".join(f"{'alone -> shared':>21}" for _ in names)
-            + f"  {'all test scans':>21}",
+            + f"  {'all validation scans':>21}",
             "  round  version  " + "  ".join(f"{n:>21}" for n in names)
             + f"  {'best alone -> shared':>21}   time"]
 
@@ -225,10 +237,25 @@ async def _wait_for_server(admin_toml: Path, process: subprocess.Popen, timeout:
             await asyncio.sleep(0.5)
 
 
-def _pooled(hospital: Hospital, tests: ImageSet) -> float:
+def _pooled(hospital: Hospital, scans: ImageSet) -> float:
     from securefl.ml.train import evaluate
 
-    return evaluate(hospital.model(), tests).balanced_accuracy
+    return evaluate(hospital.model(), scans).balanced_accuracy
+
+
+async def _figures(hospitals: list[Hospital], alone: dict[str, Hospital], split: str,
+                   pooled: ImageSet, r: int, version: int, seconds: float) -> RoundRow:
+    """Every hospital's shared-model copy and its model trained alone, on its own scans of
+    ``split`` and on everyone's (``pooled``)."""
+    names = [h.ml.scans_dir.name for h in hospitals]
+    global_acc, local_acc = {}, {}
+    for name, h in zip(names, hospitals, strict=True):
+        global_acc[name] = (await asyncio.to_thread(h.evaluate, split)).balanced_accuracy
+        local_acc[name] = (await asyncio.to_thread(alone[name].evaluate, split)).balanced_accuracy
+    pooled_local = {n: await asyncio.to_thread(_pooled, alone[n], pooled) for n in names}
+    pooled_global = sum([await asyncio.to_thread(_pooled, h, pooled)
+                         for h in hospitals]) / len(hospitals)
+    return RoundRow(r, version, seconds, global_acc, local_acc, pooled_global, pooled_local)
 
 
 async def _run_rounds(settings: DemoSettings, hospitals: list[Hospital],
@@ -242,11 +269,12 @@ async def _run_rounds(settings: DemoSettings, hospitals: list[Hospital],
     try:
         for h, s in zip(hospitals, sessions, strict=True):
             await h.get(s)
-        tests = await asyncio.to_thread(
-            lambda: ImageSet.concat([h.scans("Testing") for h in hospitals]))
+        validation = await asyncio.to_thread(
+            lambda: ImageSet.concat([h.validation() for h in hospitals]))
         say("")
         for line in table_header(names):
             say(line)
+        version = 0
         for r in range(1, settings.rounds + 1):
             started = time.perf_counter()
             for h in hospitals:
@@ -260,23 +288,19 @@ async def _run_rounds(settings: DemoSettings, hospitals: list[Hospital],
                     raise done[0].exception()  # type: ignore[misc]
                 await asyncio.sleep(0.1)
             outcome = await admin.aggregate()
+            version = outcome.version
             await asyncio.gather(*sends)
-            global_acc, local_acc = {}, {}
-            for name, h, s in zip(names, hospitals, sessions, strict=True):
+            for h, s in zip(hospitals, sessions, strict=True):
                 await h.get(s)
-                # Testing scans: this table is the demo's reported figure (the hospitals'
-                # own per-round view, in the app and `evaluate`, is their validation scans).
-                global_acc[name] = (await asyncio.to_thread(
-                    h.evaluate, "testing")).balanced_accuracy
-                local_acc[name] = (await asyncio.to_thread(
-                    alone[name].evaluate, "testing")).balanced_accuracy
-            pooled_local = {n: await asyncio.to_thread(_pooled, alone[n], tests) for n in names}
-            pooled_global = sum([await asyncio.to_thread(_pooled, h, tests)
-                                 for h in hospitals]) / len(hospitals)
-            row = RoundRow(r, outcome.version, time.perf_counter() - started, global_acc,
-                           local_acc, pooled_global, pooled_local)
+            row = await _figures(hospitals, alone, "validation", validation, r, version,
+                                 time.perf_counter() - started)
             result.rows.append(row)
             say(table_row(row, names))
+        say("  scoring the last round's models on the Testing scans (used for nothing else)")
+        tests = await asyncio.to_thread(
+            lambda: ImageSet.concat([h.scans("Testing") for h in hospitals]))
+        result.testing = await _figures(hospitals, alone, "testing", tests, settings.rounds,
+                                        version, 0.0)
     finally:
         for s in [*sessions, admin]:
             with contextlib.suppress(SecureFLError, OSError):
@@ -326,8 +350,9 @@ def run(settings: DemoSettings, say: Print = print,
         from securefl.ml.local import PERSONALISATION_LABELS
 
         how = PERSONALISATION_LABELS.get(hospitals[0].ml.personalise, "as downloaded")
-        say("  each cell: balanced accuracy on that hospital's test scans of a model trained "
-            f"alone for the same epochs -> of the shared model, {how.replace('this', 'that')}")
+        say("  each cell: balanced accuracy on that hospital's validation scans of a model "
+            f"trained alone for the same epochs -> of the shared model, "
+            f"{how.replace('this', 'that')}")
         asyncio.run(_run_rounds(settings, hospitals, alone, admin_toml, say, result))
         if before_stop is not None:
             before_stop()

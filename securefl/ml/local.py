@@ -179,7 +179,8 @@ class Personalised:
 
 
 def personalise(settings: MLSettings, model: keras.Model,
-                data: ImageSet | None = None, *, seed: int = 0) -> Personalised:
+                data: ImageSet | None = None, *, seed: int = 0,
+                progress: ProgressFn | None = None) -> Personalised:
     """Make the global weights just loaded into ``model`` this hospital's own model, and
     save it as the hospital's model file (``settings.model_path``).
 
@@ -202,6 +203,8 @@ def personalise(settings: MLSettings, model: keras.Model,
     ``data`` is the whole Training folder (:func:`load_data` when not given); ``seed`` varies
     the fine-tuning epoch's shuffling (the caller passes the version).  A data problem (no
     scans, a class with too few) is a ``DataError``; the caller keeps the global model.
+    ``progress`` hears every batch of the fine-tuning epoch: on a real Training folder it
+    takes a minute or more, and ``get`` should not look stuck meanwhile.
     """
     from securefl.ml.batchnorm import calibrate_batch_norm
     from securefl.ml.model import save_model
@@ -217,7 +220,7 @@ def personalise(settings: MLSettings, model: keras.Model,
                                          "statistics to recalibrate")
     kind, note = "recalibrate", ""
     if settings.personalise == "finetune":
-        if _finetune(settings, model, train_set, validation, seed):
+        if _finetune(settings, model, train_set, validation, seed, progress):
             kind = "finetune"
         else:
             note = ("the fine-tuning epoch was not kept: it did not lower the validation loss, "
@@ -228,7 +231,7 @@ def personalise(settings: MLSettings, model: keras.Model,
 
 
 def _finetune(settings: MLSettings, model: keras.Model, train_set: ImageSet,
-              validation: ImageSet, seed: int) -> bool:
+              validation: ImageSet, seed: int, progress: ProgressFn | None = None) -> bool:
     """One gentle epoch on this hospital's scans, kept only if the class-balanced
     validation loss went down; the optimiser state is restored either way."""
     from securefl.ml.train import balanced_nll, predict_proba, train
@@ -242,7 +245,8 @@ def _finetune(settings: MLSettings, model: keras.Model, train_set: ImageSet,
             v.assign(np.zeros_like(np.array(v)))
     lr = float(np.array(opt.learning_rate)) if opt is not None else settings.learning_rate
     train(model, train_set, epochs=1, batch_size=settings.batch_size,
-          learning_rate=settings.learning_rate * FINETUNE_LR_FACTOR, seed=seed)
+          learning_rate=settings.learning_rate * FINETUNE_LR_FACTOR, seed=seed,
+          progress=progress)
     after = balanced_nll(predict_proba(model, validation.images), validation.labels)
     kept = bool(np.isfinite(after) and after < before)
     if not kept:

@@ -231,6 +231,18 @@ def save_model(model: keras.Model, path: str | Path) -> Path:
     return path
 
 
+def register_keras_objects() -> None:
+    """Make securefl's own Keras objects (the intensity window, the intensity augmentation
+    and the prior-corrected loss) known to Keras, so that plain ``keras.saving.load_model``
+    reads a hospital's ``model.keras`` too: a hospital's IT team may want to use the model
+    in its own tools, and without this Keras stops at the first custom layer."""
+    from securefl.ml.preprocess import layer_classes
+    from securefl.ml.prior import loss_class
+
+    loss_class()
+    layer_classes()
+
+
 def load_model(path: str | Path) -> keras.Model:
     """Load a ``.keras`` file saved by :func:`save_model`."""
     from securefl.ml._tf import keras as _keras
@@ -241,11 +253,7 @@ def load_model(path: str | Path) -> keras.Model:
             f"no model at {path}: train first (securefl client --config ... train) "
             "or download the global model"
         )
-    from securefl.ml.preprocess import layer_classes
-    from securefl.ml.prior import loss_class
-
-    loss_class()  # registered, so a model trained with the prior-corrected loss loads too
-    layer_classes()  # and the preprocessing layers
+    register_keras_objects()  # the prior-corrected loss and the preprocessing layers
     try:
         with warnings.catch_warnings():
             # Only for model files written before ``save_model`` built the optimiser: those

@@ -30,6 +30,20 @@ from securefl.errors import ConfigError
 #: The four classes of the public brain-tumour MRI collections, in label order.
 DEFAULT_CLASSES: tuple[str, ...] = ("glioma", "meningioma", "notumor", "pituitary")
 
+#: How the usual class (and folder) names read in a clinic: every place a clinician reads a
+#: class (Get and Classify in the app, the CLI's evaluate and classify) uses these, so one
+#: answer never says "notumor" where another says "no tumour".  JSON output and settings
+#: keep the class names as the model knows them.
+CLINICAL_NAMES: dict[str, str] = {
+    "glioma": "glioma", "glioma_tumor": "glioma", "meningioma": "meningioma",
+    "meningioma_tumor": "meningioma", "notumor": "no tumour", "no_tumor": "no tumour",
+    "pituitary": "pituitary tumour", "pituitary_tumor": "pituitary tumour"}
+
+
+def clinical_name(name: str) -> str:
+    """The words a clinician reads for class ``name`` (another class: its name, spaced)."""
+    return CLINICAL_NAMES.get(name, name.replace("_", " "))
+
 ModelKind = Literal["seed", "small"]
 #: What a hospital's own model adds to the downloaded global one (``securefl.ml.local.
 #: personalise``); chosen on validation scans (docs/RESULTS.md, "Personalisation").

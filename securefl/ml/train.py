@@ -26,6 +26,7 @@ from securefl.ml.calibration import ECE_BINS, apply_temperature, expected_calibr
 from securefl.ml.data import ImageSet, load_image, make_dataset
 from securefl.ml.model import DEFAULT_LEARNING_RATE, compile_model, save_model
 from securefl.ml.prior import set_prior
+from securefl.ml.settings import clinical_name
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -297,7 +298,7 @@ class EvalReport:
 
     def format(self) -> str:
         """A small table for people."""
-        names = list(self.per_class)
+        names = [clinical_name(n) for n in self.per_class]
         w = max(len(n) for n in names) + 2
         where = {"validation": "validation scans (held out of Training)",
                  "testing": "Testing scans"}.get(self.split, "scans")
@@ -315,7 +316,7 @@ class EvalReport:
         lines += [
             f"{'class':<{w}}precision  recall(sensitivity)  F1     n",
         ]
-        for n, m in self.per_class.items():
+        for n, m in zip(names, self.per_class.values(), strict=True):
             lines.append(
                 f"{n:<{w}}{m.precision:9.3f}  {m.recall:19.3f}  {m.f1:.3f}  {m.support:4d}"
             )
@@ -414,7 +415,8 @@ class Classification:
         out = []
         if self.low_confidence:
             out.append(
-                f"LOW CONFIDENCE: the model's most likely class, {self.predicted}, has only "
+                f"LOW CONFIDENCE: the model's most likely class, {clinical_name(self.predicted)}"
+                f", has only "
                 f"{self.confidence:.0%} probability (below the {self.threshold:.0%} "
                 "threshold): treat this answer as inconclusive and rely on the radiologist's "
                 "reading.")

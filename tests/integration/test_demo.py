@@ -33,8 +33,17 @@ def test_demo_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     assert set(row.pooled_local) == {"hospital_1", "hospital_2"}
     assert all(0.0 <= acc <= 1.0 for acc in [*row.global_acc.values(), *row.local_acc.values(),
                                               *row.pooled_local.values(), row.pooled_global])
-    assert result.final_global_acc == row.pooled_global
-    assert result.best_local_acc == max(row.pooled_local.values())
+    # The per-round table is validation; the summary's figures are Testing, scored once.
+    final = result.testing
+    assert final is not None and final.version == row.version == 2
+    assert result.final_global_acc == final.pooled_global
+    assert result.best_local_acc == max(final.pooled_local.values())
+    from securefl.client.hospital import Hospital
+
+    for name in ("hospital_1", "hospital_2"):
+        h = Hospital.from_file(tmp_path / "fed" / "certs" / "kits" / name / "hospital.toml")
+        assert row.global_acc[name] == h.evaluate("validation").balanced_accuracy
+        assert final.global_acc[name] == h.evaluate("testing").balanced_accuracy
     text = "\n".join(lines)
     assert "SYNTHETIC" in text and "summary:" in text and "points" in text
     assert str(tmp_path / "fed") in text

@@ -91,6 +91,9 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
             # What this hospital evaluates with is its own: recalibrated on its scans.
             assert re.search(r"model is now global version 0, (fine-tuned|recalibrated) on "
                              r"this hospital's scans", got.stdout), got.stdout
+            # The fine-tuning epoch shows it is moving (a minute or more on real data).
+            assert re.search(r"fine-tuning on this hospital's scans: epoch 1/1  batch \d+/\d+",
+                             got.stderr), got.stderr
             v0[name] = np.load(kit / "state" / "global.npy")
             trained = securefl("client", "--config", cfg, "train", cwd=tmp_path)
             assert trained.returncode == 0, trained.stderr

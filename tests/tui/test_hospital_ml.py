@@ -29,8 +29,10 @@ def text(app: HospitalApp, selector: str) -> str:
 def test_probability_bars_put_the_likeliest_class_first() -> None:
     bars = probability_bars({"glioma": 0.1, "notumor": 0.75, "pituitary": 0.15}, width=20)
     lines = bars.splitlines()
-    assert lines[0].startswith("notumor") and "█" * 15 + "░" * 5 in lines[0]
+    assert lines[0].startswith("no tumour ") and "█" * 15 + "░" * 5 in lines[0]
     assert lines[0].endswith("75.0%") and lines[2].startswith("glioma")
+    assert lines[1].startswith("pituitary tumour ")  # the names Get's tables use
+    assert len({line.index("█") for line in lines if "█" in line}) == 1  # bars aligned
 
 
 def test_classify_a_scan_picked_by_path(fed: Fed) -> None:
@@ -59,8 +61,10 @@ def test_classify_a_scan_picked_by_path(fed: Fed) -> None:
                 await until(pilot, lambda: "%" in text(app, "#probs"), 120)
                 probs = text(app, "#probs").splitlines()
                 assert probs[0] == scan.name
-                assert {line.split()[0] for line in probs[1:5]} == {
-                    "glioma", "meningioma", "notumor", "pituitary"}
+                # the clinical names Get's tables use, not the folder names
+                assert {re.match(r"(.+?) +[█░]", line)[1] for line in probs[1:5]} == {
+                    "glioma", "meningioma", "no tumour", "pituitary tumour"}
+                assert "notumor" not in text(app, "#probs")
                 # which model answered, and whether its probabilities are calibrated
                 assert re.match(r"Model: global version 0, (fine-tuned|recalibrated) on "
                                 r"this hospital's scans \(calibrated, temperature", probs[5])
@@ -187,3 +191,26 @@ def test_control_a_blocking_call_on_the_event_loop_is_caught(tmp_path: Path) -> 
 
     with pytest.raises(BlockingError):
         asyncio.run(on_the_loop())
+
+
+def test_get_shows_the_fine_tuning_epoch_on_its_own_bar(fed: Fed) -> None:
+    """The fine-tuning epoch after a download takes a minute or more on a real Training
+    folder: the Get screen's second bar follows it batch by batch."""
+    from securefl.tui.common import Progress as ProgressBar
+
+    async def scenario() -> None:
+        async with running(fed):
+            app = HospitalApp(fed.hospital_tomls[0], "hospital_1")
+            async with app.run_test(size=(80, 24)) as pilot:
+                await until(pilot, lambda: app.session is not None)
+                assert app.hospital.ml.personalise == "finetune"  # the kits' default
+                await pilot.press("g", "enter")
+                await until(pilot, lambda: "accuracy" in text(app, "#summary"), 120)
+                screen = app.screen
+                label = str(screen.query_one("#download-label").render())
+                bar = screen.query_one("#download", ProgressBar)
+                assert label == "Fine-tune"
+                # It ends full: the epoch's batches, then the batch-norm layers measured.
+                assert bar.total is not None and bar.progress == bar.total > 0
+
+    asyncio.run(scenario())

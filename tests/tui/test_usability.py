@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+from blockbuster import BlockBuster
 from rich.console import Console
 from textual.command import CommandPalette
 from textual.geometry import Region
@@ -40,7 +46,6 @@ from securefl.tui.common import (
     ConfirmScreen,
     GlyphBar,
     HelpScreen,
-    Progress,
     TextScreen,
     explain,
 )
@@ -155,7 +160,7 @@ def test_train_and_get_bars_are_labelled_glyph_bars(fed: Fed) -> None:
             await signed_in(pilot)
             await pilot.press("t")
             await pilot.pause()
-            bar = app.screen.query_one("#epoch-bar", Progress)
+            bar = app.screen.query_one("#epoch-bar")  # any bar: what it draws is checked
             bar.update(total=3, progress=1)
             await pilot.pause()
             line = next(ln for ln in screen_text(app).splitlines() if "33%" in ln)
@@ -272,25 +277,91 @@ def test_command_palette_offers_the_screens_actions(fed: Fed) -> None:
 # -- 4: Ctrl+Q / Ctrl+C ask first while training or in a round --------------------------
 
 
-def test_ctrl_c_while_training_asks_first(fed: Fed) -> None:
+def training_children(config: Path) -> list[int]:
+    """Pids of training processes the app started for ``config`` (read from /proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"securefl.tui.hospital.trainer" in cmd and str(config).encode() in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_ctrl_c_during_a_real_training_asks_and_loses_nothing(fed: Fed) -> None:
+    """A real training (tiny synthetic scans, in the app's training process) is under way:
+    Ctrl+C asks first with No focused (it used to show only Textual's "press ctrl+q"
+    toast) and training goes on after No; Ctrl+X cancels cleanly, after which Ctrl+Q quits
+    at once; quitting a second training by Ctrl+C twice stops its process.  Throughout, the
+    model trained before stays byte for byte as it was."""
+    config = fed.hospital_tomls[0]
+    hospital = Hospital.from_file(config)
+    hospital.train()  # the model a clinician already has
+    kept = {p: p.read_bytes() for p in hospital.ml.model_dir.iterdir() if p.is_file()}
+    assert hospital.ml.model_path in kept
+
+    def unchanged() -> bool:
+        """The model and its calibration as they were; the history only appended to (a
+        cancelled training is recorded as cancelled)."""
+        history = hospital.ml.history_path
+        changed = [p.name for p, b in kept.items()
+                   if not (p.read_bytes().startswith(b) if p == history
+                           else p.read_bytes() == b)]
+        assert not changed, f"changed: {changed}"
+        return True
+
+    async def start_long_training(pilot) -> TrainScreen:
+        app = pilot.app
+        await pilot.press("t")
+        await pilot.pause()
+        train = app.screen
+        assert isinstance(train, TrainScreen)
+        train.query_one("#epochs", Input).value = "200"
+        train.query_one("#batch", Input).value = "4"
+        await pilot.click("#start")
+        await until(pilot, lambda: len(train.losses) >= 1, 180)  # batches are being trained
+        return train
+
     async def scenario() -> None:
-        app = HospitalApp(fed.hospital_tomls[0], "hospital_1", connect=False)
+        app = HospitalApp(config, "hospital_1", connect=False)
         async with app.run_test(size=(80, 24)) as pilot:
             await signed_in(pilot)
-            await pilot.press("t")
-            await pilot.pause()
-            train = app.screen
-            assert isinstance(train, TrainScreen)
-            train._set_running(True)  # what Start does before the training process runs
+            train = await start_long_training(pilot)
             await pilot.press("ctrl+c")
             await pilot.pause()
             assert isinstance(app.screen, ConfirmScreen)
             assert "Training is running" in str(app.screen.query_one("#question").render())
-            await pilot.press("n")
-            assert app.screen is train and app.return_code is None
-            train._set_running(False)
-            await pilot.press("ctrl+q")  # nothing to lose: quits at once
+            assert app.screen.focused is app.screen.query_one("#no")
+            await pilot.press("enter")  # No, by default: training goes on
+            await pilot.pause()
+            assert app.screen is train and train.running and app.return_code is None
+            batches = len(train.losses)
+            await until(pilot, lambda: len(train.losses) > batches, 60)
+            await pilot.press("ctrl+x")  # cancel cleanly
+            await until(pilot, lambda: "cancelled" in str(train.query_one("#state").render()),
+                        120)
+            assert unchanged()
+            await pilot.press("ctrl+q")  # nothing to lose now: quits at once
             await until(pilot, lambda: app.return_code == 0, 10)
+        assert unchanged()
+
+        app = HospitalApp(config, "hospital_1", connect=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await signed_in(pilot)
+            await start_long_training(pilot)
+            assert training_children(config)
+            await pilot.press("ctrl+c")
+            await pilot.pause()
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("ctrl+c")  # again within two seconds: quit anyway
+            await until(pilot, lambda: app.return_code == 0, 10)
+        deadline = asyncio.get_running_loop().time() + 60
+        while training_children(config):  # the training process stops after its batch
+            assert asyncio.get_running_loop().time() < deadline, "training still running"
+            await asyncio.sleep(0.2)
+        assert unchanged()
 
     asyncio.run(scenario())
 
@@ -359,6 +430,68 @@ def test_hospital_reconnects_after_a_server_restart_and_can_send(
     asyncio.run(scenario())
 
 
+def server_process(fed: Fed, log: Path) -> subprocess.Popen:
+    """The federation's server as its own process (``securefl server``), listening.
+
+    Why a process: the detector below sees every blocking call of securefl code on the
+    loop it watches, and an in-process server writes its store and audit log there."""
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "securefl", "server", "--config",
+                                 str(fed.server_toml)], stdout=subprocess.DEVNULL, stderr=out)
+    deadline = time.monotonic() + 60
+    while "listening on" not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("which", ["hospital", "admin"])
+def test_reconnecting_makes_no_blocking_call_on_the_event_loop(
+        fed: Fed, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, which: str) -> None:
+    """Server gone, the app retrying with backoff, server back, the app connected again:
+    BlockBuster (sleeps, file and socket I/O, locks in securefl code on the app's loop)
+    stays silent throughout, so the screen never freezes while the app waits for a server
+    that may be gone for minutes.  A blocking call would raise in the connect or status
+    worker, end the app with that error, and the app would never reconnect."""
+    monkeypatch.setattr(hospital_app_module, "STATUS_EVERY", 0.3)
+    monkeypatch.setattr(admin_app_module, "REFRESH_EVERY", 0.3)
+    log = tmp_path / "server.txt"
+    server = server_process(fed, log)
+
+    async def scenario() -> None:
+        nonlocal server
+        app = (HospitalApp(fed.hospital_tomls[0], "hospital_1") if which == "hospital"
+               else AdminApp(fed.admin()))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: app.session is not None and app.dashboard is not None)
+            dash = app.dashboard
+            busted = BlockBuster(scanned_modules=["securefl"])
+            busted.activate()
+            try:
+                await asyncio.to_thread(stop, server)
+                await until(pilot, lambda: dash.stale, 20)
+                await pilot.pause(3.5)  # retries after 1 and 2 s, both refused
+                assert app.session is None and app._exception is None
+                server = await asyncio.to_thread(server_process, fed, log)
+                await until(pilot, lambda: app.session is not None and not dash.stale, 30)
+                await pilot.pause(1)  # a few status refreshes on the new connection
+            finally:
+                busted.deactivate()
+            assert app._exception is None, app._exception
+            assert app.return_code is None
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        stop(server)
+
+
 def test_admin_greys_the_table_while_disconnected_and_keeps_what_it_knew(
         fed: Fed, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(admin_app_module, "REFRESH_EVERY", 0.3)
@@ -389,6 +522,13 @@ def test_after_a_restart_hospitals_seen_before_keep_their_last_seen() -> None:
     assert merged[0].last_seen == HOSPITALS[0].last_seen
     assert merged[0].cert_expires == HOSPITALS[0].cert_expires
     assert not merged[0].online  # what is known now wins
+
+
+def test_last_seen_reads_in_full_in_its_column() -> None:
+    """"not since restart" was cut to "not since restar" (found walking at 60x20)."""
+    from securefl.tui.admin.dashboard import COLUMNS, short_time
+    width = dict(COLUMNS)["Last seen (UTC)"]
+    assert max(len(short_time("")), len(short_time(HOSPITALS[0].last_seen))) <= width
 
 
 def test_a_status_line_about_a_round_goes_when_the_round_moves_on() -> None:
@@ -582,7 +722,12 @@ def test_every_hospital_widget_is_reachable(fed: Fed, size: tuple[int, int]) -> 
                 await pilot.press("escape")
                 await pilot.pause()
                 info, actions = app.screen.query_one("#info"), app.screen.query_one("#actions")
-                assert actions.region.x - (info.region.x + info.region.width) < 10
+                # What the eye measures: from the end of the longest line of text to the
+                # buttons (the text's container used to stretch, so its region touched
+                # the buttons while its text ended ~90 columns before them).
+                rows = screen_text(app).splitlines()[info.region.y:info.region.bottom]
+                text_end = max(len(r[:actions.region.x].rstrip()) for r in rows)
+                assert actions.region.x - text_end < 20, (text_end, actions.region.x)
 
     asyncio.run(scenario())
 

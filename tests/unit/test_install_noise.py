@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 import warnings
@@ -44,3 +45,38 @@ def test_textual_image_pillow_deprecation_is_filtered_only_there() -> None:
     with pytest.warns(DeprecationWarning, match="getdata"):
         warnings.warn_explicit("Image.Image.getdata is deprecated", DeprecationWarning,
                                "securefl/x.py", 1, module="securefl.x")
+
+
+def test_an_editable_install_prints_no_build_backend_warning(tmp_path: Path) -> None:
+    """``make test`` (``pip install -e '.[dev]'``) printed a ``BuildBackendWarning:
+    Editable installation`` block on every install: with the package at the project root
+    and no ``package-dir`` said, setuptools installs an import hook and warns that folders
+    named like the package may shadow it.  ``package-dir = {"" = "."}`` makes it a plain
+    ``.pth`` entry.  A real install into a fresh venv, of a copy of the project (the build
+    writes into the folder it builds); ``-v`` because older pips hide what the backend
+    says, while the recent one ``make`` upgrades to shows it."""
+    import shutil
+    import subprocess
+    import sys
+
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, project / name)
+    shutil.copytree(ROOT / "securefl", project / "securefl",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the venv's own view
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)
+    done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps",
+                           "--disable-pip-version-check", "-v", "-e", str(project)],
+                          capture_output=True, text=True, timeout=240, env=env)
+    if done.returncode and "Could not find a version that satisfies" in done.stderr:
+        pytest.skip("no package index reachable for the build backend (setuptools>=77)")
+    assert done.returncode == 0, done.stderr
+    said = done.stdout + done.stderr
+    assert "BuildBackendWarning" not in said and "Editable installation" not in said, said
+    check = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import securefl; print(securefl.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path, check=True, env=env)
+    assert check.stdout.strip() == str(project / "securefl" / "__init__.py")

@@ -13,6 +13,7 @@ and greys what it last knew.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
@@ -94,8 +95,10 @@ class AdminApp(SecureFLApp):
         await self._close()
         s = self.settings
         self.dashboard.show(connection=f"Connecting to {s.host}:{s.port}…")
-        session = AdminSession(s)
         try:
+            # The session reads the certificate, key and CA files: off the loop (a slow or
+            # network disk must not freeze the screen while retrying with backoff).
+            session = await asyncio.to_thread(AdminSession, s)
             await session.connect()
         except SecureFLError as exc:
             self._lost(exc, "Not connected")

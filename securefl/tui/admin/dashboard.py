@@ -25,7 +25,7 @@ HERE = Path(__file__).parent
 #: The server's phase name while masked updates come in (when aggregation can work).
 COLLECTING = "collecting masked updates"
 COLUMNS = [("Hospital", 14), ("Online", 6), ("Joined", 6), ("Sent", 4),
-           ("Last seen (UTC)", 16), ("Cert expires", 12)]
+           ("Last seen (UTC)", 17), ("Cert expires", 12)]
 
 
 def short_time(iso: str) -> str:

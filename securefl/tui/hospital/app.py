@@ -136,8 +136,10 @@ class HospitalApp(SecureFLApp):
         s = self.hospital.settings
         if self.dashboard is not None:
             self.dashboard.show(connection=f"Connecting to {s.host}:{s.port}…")
-        session = self.hospital.session()
         try:
+            # The session reads the certificate, key and CA files: off the loop (a slow or
+            # network disk must not freeze the screen while retrying with backoff).
+            session = await asyncio.to_thread(self.hospital.session)
             await session.connect()
         except SecureFLError as exc:
             self._lost(exc, "Not connected")

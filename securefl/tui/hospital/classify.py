@@ -22,6 +22,7 @@ from textual.widgets import DirectoryTree, Footer, Header, Input, Static
 from textual_image.widget import Image
 
 from securefl.client.hospital import IMAGE_SUFFIXES, Hospital
+from securefl.ml.settings import clinical_name
 from securefl.ml.train import Classification
 from securefl.tui.common import notify_error
 
@@ -30,11 +31,13 @@ BAR_WIDTH = 20
 
 
 def probability_bars(probs: dict[str, float], width: int = BAR_WIDTH) -> str:
-    """Most likely class first; one line per class: name, bar, percentage."""
+    """Most likely class first; one line per class: its clinical name, bar, percentage."""
+    names = {name: clinical_name(name) for name in probs}
+    w = max(map(len, names.values()), default=0)
     lines = []
     for name, p in sorted(probs.items(), key=lambda kv: -kv[1]):
         filled = round(p * width)
-        lines.append(f"{name:<11} {'█' * filled}{'░' * (width - filled)} {p:6.1%}")
+        lines.append(f"{names[name]:<{w}} {'█' * filled}{'░' * (width - filled)} {p:6.1%}")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from textual.widgets import Button, DataTable, Footer, Header, Static
 from securefl.client.hospital import LocalState
 from securefl.client.outbox import SendRecord
 from securefl.client.session import ServerStatus
+from securefl.ml.settings import clinical_name
 from securefl.tui.common import clock
 
 HERE = Path(__file__).parent
@@ -159,7 +160,7 @@ class DashboardScreen(Screen):
         table.clear()
         train, test = self.summary.get("Training", {}), self.summary.get("Testing", {})
         for cls in train:
-            table.add_row(cls, str(train[cls]), str(test.get(cls, 0)))
+            table.add_row(clinical_name(cls), str(train[cls]), str(test.get(cls, 0)))
         table.add_row("total", str(sum(train.values())), str(sum(test.values())))
         warning = no_scans_warning(self.summary, self.scans_dir)
         self.query_one("#no-scans", Static).update(warning)

@@ -27,20 +27,15 @@ from securefl.client.hospital import Hospital
 from securefl.client.session import HospitalSession
 from securefl.ml.calibration import ECE_BINS
 from securefl.ml.data import describe_skipped
+from securefl.ml.settings import clinical_name
 from securefl.ml.train import EvalReport, append_history
+from securefl.ml.train import Progress as TrainProgress
 from securefl.tui.common import ConfirmScreen, TextScreen, notify_error, pairs
 from securefl.tui.common import Progress as ProgressBar
 
 HERE = Path(__file__).parent
 STEPS = ["Download", "Checked intact", "Loaded into the local model",
          "Evaluated on your validation scans"]
-#: How the usual class folder names read in a clinic.
-CLASS_NAMES = {"glioma": "glioma", "meningioma": "meningioma", "notumor": "no tumour",
-               "no_tumor": "no tumour", "pituitary": "pituitary tumour"}
-
-
-def class_name(name: str) -> str:
-    return CLASS_NAMES.get(name, name.replace("_", " "))
 
 
 def specificity(confusion: list[list[int]], i: int) -> float | None:
@@ -62,7 +57,7 @@ def one_class_warning(r: EvalReport) -> str:
     names = list(r.per_class)
     called = [sum(row[j] for row in r.confusion) for j in range(len(names))]
     if sum(called) and sum(1 for c in called if c) == 1 and len(names) > 1:
-        only = class_name(names[called.index(max(called))])
+        only = clinical_name(names[called.index(max(called))])
         return (f"Warning: this model calls every {scans_word(r)} \"{only}\": it cannot "
                 "tell the classes apart yet, so do not use it to classify scans. Train it (t) and "
                 "send the update (s); later versions should do better.")
@@ -92,13 +87,13 @@ def report_details(r: EvalReport, version: int | None, sha256: str) -> str:
     lines += ["", "Per class: sensitivity (recall), specificity, precision, F1, scans"]
     for i, (name, m) in enumerate(r.per_class.items()):
         spec = specificity(r.confusion, i)
-        lines.append(f"  {class_name(name):<18} {m.recall:6.1%} "
+        lines.append(f"  {clinical_name(name):<18} {m.recall:6.1%} "
                      f"{'-' if spec is None else f'{spec:6.1%}'} {m.precision:6.1%} "
                      f"{m.f1:.3f} {m.support:5d}")
     lines += ["", "Confusion matrix (rows: actual class, columns: the model's answer)"]
-    lines.append(" " * 20 + "".join(f"{class_name(n)[:10]:>11}" for n in names))
+    lines.append(" " * 20 + "".join(f"{clinical_name(n)[:10]:>11}" for n in names))
     for name, row in zip(names, r.confusion, strict=True):
-        lines.append(f"  {class_name(name):<18}" + "".join(f"{v:>11}" for v in row))
+        lines.append(f"  {clinical_name(name):<18}" + "".join(f"{v:>11}" for v in row))
     return "\n".join(lines)
 
 
@@ -151,7 +146,7 @@ class GetScreen(Screen):
                 yield Label("Steps", classes="bar-label")
                 yield ProgressBar(total=len(STEPS), show_eta=False, id="bar")
             with Horizontal(classes="bar-row"):
-                yield Label("Download", classes="bar-label")
+                yield Label("Download", classes="bar-label", id="download-label")
                 yield ProgressBar(total=100, show_eta=False, id="download")
             yield Static("Press Enter (or Get weights) to start.", id="state")
             yield Static("", id="summary")
@@ -226,6 +221,7 @@ class GetScreen(Screen):
 
     def _begin(self, replace_trained: bool) -> None:
         self._step(0)
+        self.query_one("#download-label", Label).update("Download")
         self.download(replace_trained)
 
     def action_back(self) -> None:
@@ -257,6 +253,20 @@ class GetScreen(Screen):
             self.query_one("#state", Static).update(
                 f"Downloading the global model: {received / 1e6:.1f} of {total / 1e6:.1f} MB")
 
+    def _personalising(self, p: TrainProgress) -> None:
+        """The fine-tuning epoch after the download (a minute or more on a real Training
+        folder): the second bar follows it, so the screen never looks stuck."""
+        bar = self.query_one("#download", ProgressBar)
+        if bar.total != p.batches:
+            self.query_one("#download-label", Label).update("Fine-tune")
+            bar.update(total=p.batches, progress=0)
+        bar.update(progress=p.batch)
+        what = ("measuring the batch-norm statistics" if p.stage == "calibrating" else
+                "fine-tuning on this hospital's training scans")
+        self.query_one("#state", Static).update(
+            f"Making the global model this hospital's own: {what}, batch {p.batch} of "
+            f"{p.batches}")
+
     def _fail(self, exc: BaseException) -> None:
         self._set_running(False)
         notify_error(self.app, exc, "Get weights failed")
@@ -269,8 +279,9 @@ class GetScreen(Screen):
             self._fail(ConnectionError("not connected to the server"))
             return
         try:
-            model = await self.hospital.get(session, on_progress=self._downloaded,
-                                            replace_trained=replace_trained)
+            model = await self.hospital.get(
+                session, on_progress=self._downloaded, replace_trained=replace_trained,
+                on_personalise=lambda p: self.app.call_from_thread(self._personalising, p))
         except Exception as exc:  # shown as a notification
             self._fail(exc)
             return
@@ -334,10 +345,10 @@ def show_report(per_class: DataTable, confusion: DataTable, r: EvalReport) -> No
     per_class.add_columns("Class", "Sensitivity", "Specificity", "Scans")
     for i, (name, m) in enumerate(r.per_class.items()):
         spec = specificity(r.confusion, i)
-        per_class.add_row(class_name(name), f"{m.recall:.0%}",
+        per_class.add_row(clinical_name(name), f"{m.recall:.0%}",
                           "-" if spec is None else f"{spec:.0%}", str(m.support))
     names = list(r.per_class)
     confusion.clear(columns=True)
-    confusion.add_columns("Actual ↓ / answer →", *[class_name(n) for n in names])
+    confusion.add_columns("Actual ↓ / answer →", *[clinical_name(n) for n in names])
     for name, row in zip(names, r.confusion, strict=True):
-        confusion.add_row(class_name(name), *[str(v) for v in row])
+        confusion.add_row(clinical_name(name), *[str(v) for v in row])

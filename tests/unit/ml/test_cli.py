@@ -48,6 +48,8 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
     assert out.startswith("the local model trained here from a new model, on this "
                           "hospital's Testing scans: accuracy")
     assert "balanced accuracy" in out and "expected calibration error (15 bins)" in out
+    # the class names a clinician reads, as the app's Get shows them
+    assert "no tumour" in out and "pituitary tumour" in out and "notumor" not in out
 
     assert main(["client", "--config", str(cfg), "classify", str(scan), "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
@@ -63,6 +65,9 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
     assert main(["client", "--config", str(cfg), "classify", str(scan)]) == 0
     out = capsys.readouterr().out
     assert "model: global version 3 (calibrated, temperature " in out
+    shown = {line.rsplit(None, 1)[0].strip() for line in out.splitlines()[:4]}
+    assert shown == {"glioma", "meningioma", "no tumour", "pituitary tumour"}
+    assert "notumor" not in out
     assert "LOW CONFIDENCE: the model's most likely class" in out
     assert "below the 100% threshold): treat this answer as inconclusive" in out
     assert main(["client", "--config", str(cfg), "classify", str(tmp_path / "nope.jpg")]) == 4

@@ -183,3 +183,28 @@ def test_finetune_is_kept_only_if_validation_improves_and_training_starts_from_t
     np.testing.assert_allclose(trained, to_vector(reference), rtol=1e-4, atol=1e-5)
     update, _, _ = h.local_update()
     np.testing.assert_array_equal(update, trained - g)
+
+
+def test_finetuning_after_get_reports_every_batch_so_get_never_looks_stuck(
+        tmp_path: Path, synth_root: Path) -> None:
+    ml = _ml(tmp_path, synth_root, personalise="finetune")
+    h = _hospital(tmp_path, ml)
+    g = to_vector(new_model(ml))
+    h.state_dir.mkdir(parents=True, exist_ok=True)
+    np.save(h.state_dir / "global.npy", g)
+    (h.state_dir / "global.json").write_text(json.dumps(
+        {"version": 0, "sha256": "x", "classes": list(h.ml.classes)}))
+    seen = []
+    h.apply_global(g, 0, progress=seen.append)
+    train_part, _ = split_training(ml, h.scans("Training"))
+    batches = -(-len(train_part) // ml.batch_size)
+    steps = [p for p in seen if p.stage == "training"]
+    # One epoch, every batch in order, ending at the whole epoch.
+    assert [(p.epoch, p.epochs, p.batch) for p in steps] == [
+        (1, 1, b) for b in range(1, batches + 1)]
+    assert steps[-1].fraction == 1.0
+    # Without a fine-tuning epoch there is nothing long to report.
+    quiet = []
+    h.ml = ml.model_copy(update={"personalise": "recalibrate"})
+    h.apply_global(g, 0, progress=quiet.append)
+    assert [p for p in quiet if p.stage == "training"] == []
