@@ -42,6 +42,9 @@ from securefl.errors import (
 from securefl.protocol import mapping
 from securefl.protocol import messages as wm
 from securefl.protocol.conversation import Conversation, Side
+from securefl.protocol.messages import ScheduleView
+
+__all__ = ["ScheduleView"]  # what ``AdminSession.schedule`` returns, for the apps
 
 
 @dataclass(frozen=True)

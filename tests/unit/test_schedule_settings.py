@@ -32,33 +32,32 @@ def test_manual_is_the_default_and_after_publish_has_no_interval() -> None:
     assert config.ScheduleSettings(every="after-publish").interval is None
 
 
-def _server_toml(tmp_path: Path, schedule: str) -> Path:
-    path = tmp_path / "server.toml"
-    path.write_text('cert = "s.pem"\nkey = "s.key"\nca = "ca.pem"\ncrl = "crl.pem"\n\n'
-                    f"[schedule]\n{schedule}\n")
-    return path
+def _server_toml(tmp_path: Path, schedule: dict[str, str]) -> Path:
+    return config.write_toml(tmp_path / "server.toml", {
+        "cert": "s.pem", "key": "s.key", "ca": "ca.pem", "crl": "crl.pem",
+        **({"schedule": schedule} if schedule else {})})
 
 
 @pytest.mark.parametrize(("body", "words"), [
-    ('mode = "auto"\nevery = "daily"', "every = 'daily' is not a duration"),
-    ('mode = "auto"\ntraining_deadline = "0m"', "training_deadline = '0m' is not a duration"),
-    ('mode = "sometimes"', "schedule.mode"),
-    ('mode = "auto"\nstart = "later"', "schedule.start"),
-    ('mode = "auto"\nevry = "1h"', "schedule.evry"),
+    ({"mode": "auto", "every": "daily"}, "every = 'daily' is not a duration"),
+    ({"mode": "auto", "training_deadline": "0m"}, "training_deadline = '0m' is not a duration"),
+    ({"mode": "sometimes"}, "schedule.mode"),
+    ({"mode": "auto", "start": "later"}, "schedule.start"),
+    ({"mode": "auto", "evry": "1h"}, "schedule.evry"),
 ])
 def test_bad_schedule_settings_stop_the_server_with_one_sentence(
-        tmp_path: Path, body: str, words: str) -> None:
+        tmp_path: Path, body: dict[str, str], words: str) -> None:
     with pytest.raises(ConfigError) as refused:
         config.load(_server_toml(tmp_path, body), config.ServerSettings)
     assert words in refused.value.message and "\n" not in refused.value.message
 
 
 def test_a_good_schedule_loads(tmp_path: Path) -> None:
-    s = config.load(_server_toml(tmp_path, 'mode = "auto"\nevery = "after-publish"\n'
-                                 'training_deadline = "30m"\nstart = "paused"'),
+    s = config.load(_server_toml(tmp_path, {"mode": "auto", "every": "after-publish",
+                                            "training_deadline": "30m", "start": "paused"}),
                     config.ServerSettings)
     assert s.schedule.mode == "auto" and s.schedule.deadline == 1800
-    assert config.load(_server_toml(tmp_path, ""), config.ServerSettings).schedule.mode == \
+    assert config.load(_server_toml(tmp_path, {}), config.ServerSettings).schedule.mode == \
         "manual"
 
 

@@ -16,8 +16,7 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
-from securefl.client.session import HospitalInfo, ServerStatus
-from securefl.protocol.messages import ScheduleView
+from securefl.client.session import HospitalInfo, ScheduleView, ServerStatus
 from securefl.tui.common import Progress, TextScreen, clock, pairs
 
 HERE = Path(__file__).parent

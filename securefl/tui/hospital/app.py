@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from textual import on, work
-from textual.binding import Binding
 from textual.timer import Timer
 
 from securefl.client.agent import control as agent_control
@@ -47,7 +46,6 @@ AGENT_EVERY = 2.0
 class HospitalApp(SecureFLApp):
     TITLE = "securefl hospital"
     CSS_PATH = COMMON / "common.tcss"
-    BINDINGS = [Binding("a", "agent", "Agent", show=False)]
 
     def __init__(self, config: Path | None = None, hospital_name: str | None = None, *,
                  connect: bool = True) -> None:

@@ -86,7 +86,8 @@ class DashboardScreen(Screen):
             "be reached; the app reconnects by itself.")
     # Refresh is off the footer (the app reconnects by itself) so that "? Help" fits.
     BINDINGS = [(key, f"app.{action}", short) for action, _, key, short in ACTIONS] + [
-        Binding("r", "app.reconnect", "Refresh", show=False)]
+        Binding("r", "app.reconnect", "Refresh", show=False),
+        Binding("a", "app.agent", "Agent", show=False)]  # the hospital's agent, if it runs
 
     def __init__(self, hospital_name: str, summary: dict[str, dict[str, int]],
                  scans_dir: Path | None = None) -> None:
