@@ -1,30 +1,29 @@
 """The federated demo: a whole federation on this machine, in one command.
 
 It makes what a real deployment has — a federation CA and certificates, a server process on
-loopback, hospitals with their own (synthetic) scans — and runs rounds of
-get -> train -> send (secure aggregation) -> aggregate -> get -> evaluate, printing after
-each round how the shared model does on each hospital's own validation scans next to a model
-the hospital trained alone for the same number of epochs.  The Testing scans are scored once,
-after the last round, for the summary: choosing anything (such as how many rounds to run) by
-watching the Testing figures would make them flattering, so the per-round view is validation,
-as it is in the hospital app and in ``evaluate``.
+loopback, hospitals with their own (synthetic) scans — and lets it run the way a real
+federation does, with nobody at it: the server opens rounds on an automatic schedule
+(``[schedule] mode = "auto"``) and each hospital is its agent (``securefl client ...
+agent``, ``participation = "auto"``), which gets the global model, trains, takes part in
+the secure aggregation, gets the published version and evaluates it.  After each round the
+demo prints how the shared model does on each hospital's own validation scans next to a
+model the hospital trained alone for the same number of epochs.  The Testing scans are
+scored once, after the last round, for the summary: choosing anything (such as how many
+rounds to run) by watching the Testing figures would make them flattering, so the
+per-round view is validation, as it is in the hospital app and in ``evaluate``.
 
-Why the server is a separate process and the hospitals are not: the server is what a
-hospital IT team would run as a service, so the demo starts it exactly so
-(``securefl server --config``); the hospitals share one process so TensorFlow is imported
-once, and they train one after another because the machine has two cores.  Each hospital
-still has its own certificate and its own TLS connection.
+Why every party is its own process: the server and the agents are what a hospital IT team
+runs as services, so the demo starts them exactly so; this process only trains the
+"alone" comparison models and reads files (``securefl.demo.unattended``).  Each hospital
+has its own certificate and its own TLS connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,10 +32,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from securefl.certs import CertDir
+from securefl.client.agent.rules import RoundEntry
 from securefl.client.hospital import Hospital
 from securefl.client.session import AdminSession
-from securefl.config import ClientSettings, load, write_toml
-from securefl.errors import ConfigError, SecureFLError, TransportError
+from securefl.config import ClientSettings, ServerSettings, load, write_toml
+from securefl.demo import unattended
+from securefl.errors import ConfigError, SecureFLError
+from securefl.server.store import ModelStore
 
 if TYPE_CHECKING:  # pragma: no cover
     from securefl.ml.data import ImageSet
@@ -44,6 +46,11 @@ if TYPE_CHECKING:  # pragma: no cover
 Print = Callable[[str], None]
 #: Marks a folder as the demo's own, so a later run may replace it.
 MARKER = ".securefl-demo"
+#: The server's training deadline: every hospital joins long before it on this machine, so
+#: each round closes enrolment as soon as all have joined; generous for large --image-size.
+TRAINING_DEADLINE = "30m"
+#: How long the demo waits for one round's version and the agents' records of it.
+ROUND_TIMEOUT = 45 * 60.0
 
 
 @dataclass(frozen=True)
@@ -175,10 +182,12 @@ def _ml_table(settings: DemoSettings, data_dir: Path, model_dir: Path) -> dict[s
             "seed": settings.seed, "min_validation_per_class": validation_minimum(settings)}
 
 
-def build_federation(settings: DemoSettings, root: Path, say: Print) -> tuple[Path, list[Path],
-                                                                               Path]:
+def build_federation(settings: DemoSettings, root: Path, say: Print, *,
+                     schedule: dict[str, object] | None = None,
+                     agent: dict[str, object] | None = None) -> tuple[Path, list[Path], Path]:
     """Certificates, synthetic scans and settings files; returns server, hospital and admin
-    settings paths."""
+    settings paths.  ``schedule`` and ``agent``, when given, are server.toml's
+    ``[schedule]`` and every hospital.toml's ``[agent]`` (``securefl.demo.unattended``)."""
     from securefl.ml.synth import synthesize
 
     names = [f"hospital_{i + 1}" for i in range(settings.hospitals)]
@@ -209,6 +218,7 @@ def build_federation(settings: DemoSettings, root: Path, say: Print) -> tuple[Pa
         "round": {"min_clients": min(2, settings.hospitals), "colluders": colluders},
         "model": {"ml": {"image_size": settings.image_size, "model_kind": settings.model_kind,
                          "seed": settings.seed}},
+        **({"schedule": schedule} if schedule is not None else {}),
     })
     hospital_tomls = []
     for name in names:
@@ -218,103 +228,112 @@ def build_federation(settings: DemoSettings, root: Path, say: Print) -> tuple[Pa
             "state_dir": root / "hospitals" / name / "state",
             "ml": _ml_table(settings, root / "data" / name, root / "hospitals" / name / "model"),
             "policy": {"colluders": colluders},
+            **({"agent": agent} if agent is not None else {}),
         }, f"the demo's settings for '{name}'; paths are relative to this file."))
     return server_toml, hospital_tomls, certs.root / "admin.toml"
 
 
-async def _wait_for_server(admin_toml: Path, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    settings = load(admin_toml, ClientSettings)
-    while True:
-        if process.poll() is not None:
-            raise TransportError("the demo server stopped during start-up; see server.log")
-        try:
-            async with AdminSession(settings):
-                return
-        except TransportError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.5)
-
-
-def _pooled(hospital: Hospital, scans: ImageSet) -> float:
+def _pooled(model_of: Hospital, scans: ImageSet) -> float:
     from securefl.ml.train import evaluate
 
-    return evaluate(hospital.model(), scans).balanced_accuracy
+    return evaluate(model_of.model(), scans).balanced_accuracy
 
 
-async def _figures(hospitals: list[Hospital], alone: dict[str, Hospital], split: str,
-                   pooled: ImageSet, r: int, version: int, seconds: float) -> RoundRow:
+def _figures(hospitals: list[Hospital], alone: dict[str, Hospital], split: str,
+             pooled: ImageSet, r: int, version: int, seconds: float) -> RoundRow:
     """Every hospital's shared-model copy and its model trained alone, on its own scans of
     ``split`` and on everyone's (``pooled``)."""
     names = [h.ml.scans_dir.name for h in hospitals]
     global_acc, local_acc = {}, {}
     for name, h in zip(names, hospitals, strict=True):
-        global_acc[name] = (await asyncio.to_thread(h.evaluate, split)).balanced_accuracy
-        local_acc[name] = (await asyncio.to_thread(alone[name].evaluate, split)).balanced_accuracy
-    pooled_local = {n: await asyncio.to_thread(_pooled, alone[n], pooled) for n in names}
-    pooled_global = sum([await asyncio.to_thread(_pooled, h, pooled)
-                         for h in hospitals]) / len(hospitals)
+        global_acc[name] = h.evaluate(split).balanced_accuracy
+        local_acc[name] = alone[name].evaluate(split).balanced_accuracy
+    pooled_local = {n: _pooled(alone[n], pooled) for n in names}
+    pooled_global = sum(_pooled(h, pooled) for h in hospitals) / len(hospitals)
     return RoundRow(r, version, seconds, global_acc, local_acc, pooled_global, pooled_local)
 
 
-async def _run_rounds(settings: DemoSettings, hospitals: list[Hospital],
-                      alone: dict[str, Hospital], admin_toml: Path, say: Print,
-                      result: DemoResult) -> None:
+def _round_recorded(hospitals: list[Hospital], store: ModelStore, version: int
+                    ) -> dict[str, RoundEntry] | None:
+    """Every agent's record of the round that published ``version``, once all are written."""
+    if version not in store.versions():
+        return None
+    found = {h.ml.scans_dir.name: unattended.agent_entry(h.state_dir, version)
+             for h in hospitals}
+    return found if all(found.values()) else None  # type: ignore[return-value]
+
+
+def _watch_rounds(settings: DemoSettings, hospitals: list[Hospital],
+                  alone: dict[str, Hospital], procs: unattended.Processes, store: ModelStore,
+                  say: Print, result: DemoResult) -> None:
+    """Train the comparison models here while the agents take part in the server's rounds,
+    and print each published version's figures.  Only files are read: the store, and each
+    agent's record (the validation balanced accuracy it measured on the version it got)."""
     from securefl.ml.data import ImageSet
 
     names = [h.ml.scans_dir.name for h in hospitals]
-    sessions = [await h.session().connect() for h in hospitals]
-    admin = await AdminSession(load(admin_toml, ClientSettings)).connect()
-    try:
-        for h, s in zip(hospitals, sessions, strict=True):
-            await h.get(s)
-        validation = await asyncio.to_thread(
-            lambda: ImageSet.concat([h.validation() for h in hospitals]))
-        say("")
-        for line in table_header(names):
-            say(line)
-        version = 0
-        for r in range(1, settings.rounds + 1):
-            started = time.perf_counter()
-            for h in hospitals:
-                await asyncio.to_thread(h.train)
-                await asyncio.to_thread(alone[h.ml.scans_dir.name].train)
-            sends = [asyncio.create_task(h.send(s)) for h, s in zip(hospitals, sessions,
-                                                                    strict=True)]
-            while await admin.count() < len(hospitals):
-                done = [t for t in sends if t.done() and t.exception()]
-                if done:
-                    raise done[0].exception()  # type: ignore[misc]
-                await asyncio.sleep(0.1)
-            outcome = await admin.aggregate()
-            version = outcome.version
-            await asyncio.gather(*sends)
-            for h, s in zip(hospitals, sessions, strict=True):
-                await h.get(s)
-            row = await _figures(hospitals, alone, "validation", validation, r, version,
-                                 time.perf_counter() - started)
-            result.rows.append(row)
-            say(table_row(row, names))
-        say("  scoring the last round's models on the Testing scans (used for nothing else)")
-        tests = await asyncio.to_thread(
-            lambda: ImageSet.concat([h.scans("Testing") for h in hospitals]))
-        result.testing = await _figures(hospitals, alone, "testing", tests, settings.rounds,
-                                        version, 0.0)
-    finally:
-        for s in [*sessions, admin]:
-            with contextlib.suppress(SecureFLError, OSError):
-                await s.close()
+    validation = ImageSet.concat([h.validation() for h in hospitals])
+    say("")
+    for line in table_header(names):
+        say(line)
+    since = time.perf_counter()
+    for r in range(1, settings.rounds + 1):
+        for name in names:
+            alone[name].train()
+        entries = unattended.wait_for(
+            f"version {r} and every agent's record of it",
+            lambda r=r: _round_recorded(hospitals, store, r), procs, ROUND_TIMEOUT)
+        nan = float("nan")  # an agent that could not evaluate says why in its log
+        global_acc = {n: nan if entries[n].balanced_accuracy is None
+                      else float(entries[n].balanced_accuracy) for n in names}
+        local_acc = {n: alone[n].evaluate("validation").balanced_accuracy for n in names}
+        pooled_local = {n: _pooled(alone[n], validation) for n in names}
+        pooled_global = unattended.score_version(store.read(r)[1], hospitals[0].ml, validation)
+        now = time.perf_counter()
+        row = RoundRow(r, r, now - since, global_acc, local_acc, pooled_global, pooled_local)
+        since = now
+        result.rows.append(row)
+        say(table_row(row, names))
+
+
+def _final_models(hospitals: list[Hospital], store: ModelStore, version: int) -> None:
+    """Each hospital's model is its copy of ``version`` (what its agent made of it), also if
+    an agent began on a later round before it stopped (a run across midnight: the daily
+    limit starts again)."""
+    weights = None
+    for h in hospitals:
+        state = h.local_state()
+        if state.base_version != version or state.trained:
+            weights = store.read(version)[1] if weights is None else weights
+            h.apply_global(weights, version)
+
+
+def _pause_schedule(admin_toml: Path) -> None:
+    """After the last round, for the administrator's app: no further round opens."""
+
+    async def pause() -> None:
+        async with AdminSession(load(admin_toml, ClientSettings)) as admin:
+            await admin.pause()
+
+    with contextlib.suppress(SecureFLError, OSError):
+        asyncio.run(pause())
 
 
 def run(settings: DemoSettings, say: Print = print,
         on_ready: Callable[[Path], None] | None = None,
         before_stop: Callable[[], None] | None = None) -> DemoResult:
-    """Build the federation, run the rounds, stop the server; the folder is left behind.
+    """Build the federation, let it run its rounds unattended, stop it; the folder is left
+    behind.
+
+    The server runs with an automatic schedule (a round opens as soon as the previous one
+    published) and every hospital as its agent (``securefl client ... agent``,
+    ``participation = "auto"``, at most ``rounds`` rounds a day), each its own process; this
+    process only trains the comparison models and reads files.
 
     ``on_ready`` is called with the admin settings file once the server is up, and
     ``before_stop`` after the last round, before the server stops (``--tui`` opens the
-    administrator's app on the first and keeps the server up until the app is closed).
+    administrator's app on the first and keeps the server up until the app is closed; the
+    schedule is paused for it).
     """
     started = time.perf_counter()
     root = settings.keep or Path(tempfile.mkdtemp(prefix="securefl-demo-"))
@@ -328,41 +347,52 @@ def run(settings: DemoSettings, say: Print = print,
     result = DemoResult(root)
     say(f"securefl demo: a federation of {settings.hospitals} hospitals in {root}")
     say("  (built-in SYNTHETIC brain MRI slices: for trying securefl, not for clinical use)")
-    server_toml, hospital_tomls, admin_toml = build_federation(settings, root, say)
-    say("  starting the server (TLS 1.3, mutual certificates) and building model version 0")
-    log = (root / "server.log").open("wb")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    server = subprocess.Popen([sys.executable, "-m", "securefl", "server", "--config",
-                               str(server_toml)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    server_toml, hospital_tomls, admin_toml = build_federation(
+        settings, root, say, schedule=unattended.schedule_table(TRAINING_DEADLINE),
+        agent=unattended.agent_table(settings.rounds))
+    say("  starting the server (TLS 1.3, mutual certificates, rounds on an automatic "
+        "schedule) and building model version 0")
+    procs = unattended.Processes()
     try:
-        asyncio.run(_wait_for_server(admin_toml, server, timeout=120))
+        procs.server(server_toml, root / "server.log")
         if on_ready is not None:
             on_ready(admin_toml)
         hospitals = [Hospital.from_file(p) for p in hospital_tomls]
+        for h, kit in zip(hospitals, hospital_tomls, strict=True):
+            procs.agent(h.ml.scans_dir.name, kit,
+                        root / "hospitals" / h.ml.scans_dir.name / "agent.log")
         # The same hospitals training alone: same data, same seeded start, never connected.
         alone = {h.ml.scans_dir.name: Hospital(
             h.settings.model_copy(update={"state_dir": root / "hospitals" / h.ml.scans_dir.name
                                           / "alone-state"}),
             h.ml.model_copy(update={"model_dir": root / "hospitals" / h.ml.scans_dir.name
                                     / "alone"})) for h in hospitals}
-        say(f"  {settings.rounds} rounds: every hospital trains {settings.epochs} epoch(s) on "
-            "its own scans, then the server combines the updates by secure aggregation;")
+        say(f"  {settings.rounds} rounds with no one at the keyboard: each hospital's agent "
+            "takes part in every round the server opens (participation = \"auto\"),")
+        say(f"  trains {settings.epochs} epoch(s) on its own scans, and the server combines "
+            "the updates by secure aggregation and publishes by itself;")
         from securefl.ml.local import PERSONALISATION_LABELS
 
         how = PERSONALISATION_LABELS.get(hospitals[0].ml.personalise, "as downloaded")
         say("  each cell: balanced accuracy on that hospital's validation scans of a model "
             f"trained alone for the same epochs -> of the shared model, "
-            f"{how.replace('this', 'that')}")
-        asyncio.run(_run_rounds(settings, hospitals, alone, admin_toml, say, result))
+            f"{how.replace('this', 'that')}; last column: the shared model as published")
+        store = unattended.watch_store(load(server_toml, ServerSettings).store_dir)
+        _watch_rounds(settings, hospitals, alone, procs, store, say, result)
+        for name in alone:
+            procs.stop(name, timeout=60)
+        say("  scoring the last round's models on the Testing scans (used for nothing else)")
+        from securefl.ml.data import ImageSet
+
+        _final_models(hospitals, store, settings.rounds)
+        tests = ImageSet.concat([h.scans("Testing") for h in hospitals])
+        result.testing = _figures(hospitals, alone, "testing", tests, settings.rounds,
+                                  settings.rounds, 0.0)
         if before_stop is not None:
+            _pause_schedule(admin_toml)
             before_stop()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        procs.stop_all(timeout=10)
     result.wall_s = time.perf_counter() - started
     ahead = (result.final_global_acc - result.best_local_acc) * 100
     say("")
@@ -379,7 +409,7 @@ def run(settings: DemoSettings, say: Print = print,
     say(f"  took {result.wall_s:.0f} s.  Everything is in {root}:")
     say("    certs/ (CA, server, admin, hospital kits)  data/ (synthetic scans)  "
         "server/ (model versions, audit log)")
-    say("    hospitals/<name>/ (local models, metrics history)  server.log")
+    say("    hospitals/<name>/ (local models, metrics history, the agent's agent.log)  server.log")
     return result
 
 

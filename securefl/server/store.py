@@ -79,13 +79,17 @@ def initial_weights(params: int, seed: int, scale: float = 0.05) -> np.ndarray:
 class ModelStore:
     """Versions in one folder; the latest is kept in memory (it is what hospitals download)."""
 
-    def __init__(self, root: Path, classes: tuple[str, ...] = ()) -> None:
+    def __init__(self, root: Path, classes: tuple[str, ...] = (), *,
+                 tidy: bool = True) -> None:
+        """``tidy=False`` for a reader beside a running server (the demo and the unattended
+        bench watch its store): a ``.tmp`` there is a version being written, not a stray."""
         self.root = Path(root)
         #: What new versions record, and what older versions without them are taken to have.
         self.classes = tuple(classes)
-        self.root.mkdir(parents=True, exist_ok=True)
-        for stray in self.root.glob("*.tmp"):
-            stray.unlink()
+        if tidy:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stray in self.root.glob("*.tmp"):
+                stray.unlink()
         self._latest: tuple[VersionInfo, np.ndarray] | None = None
         versions = self.versions()
         if versions:

@@ -84,3 +84,31 @@ def test_conn_churn_bench_prints_the_server_memory_before_and_after() -> None:
     assert "target within x1.20" in lines[-2]
     # refusals before a certificate are summarised: a few lines, not one per connection
     assert row["audit_log_bytes"] < 300 * 50
+
+
+def test_unattended_bench_publishes_with_nobody_acting_and_counts_what_a_person_did(
+        tmp_path: Path) -> None:
+    lines = _run("bench/unattended_bench.py", "--hospitals", "2", "--rounds", "2",
+                 "--image-size", "32", "--train-images", "70", "--test-images", "8",
+                 "--keep", str(tmp_path / "fed"))
+    row = json.loads(lines[-1])
+    assert set(row) == {"rounds_published", "wall_s", "final_global_acc", "person_actions"}
+    assert row["rounds_published"] == 2 and row["person_actions"] == 0
+    assert row["wall_s"] > 0 and 0 <= row["final_global_acc"] <= 1
+    assert any("version 2 published" in line for line in lines)
+    # The count comes from the evidence, so a person's doing would show.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("unattended_bench",
+                                                  ROOT / "bench" / "unattended_bench.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    audit = tmp_path / "fed" / "server" / "audit.jsonl"
+    log = tmp_path / "fed" / "hospitals" / "hospital_1" / "agent.log"
+    assert bench.person_actions(audit, [log]) == 0
+    with audit.open("a") as fh:
+        fh.write(json.dumps({"event": "connected", "name": "admin", "role": "admin"}) + "\n")
+    with log.open("a") as fh:
+        fh.write("agent: round 3: approved over the local socket\n")
+    assert bench.person_actions(audit, [log]) == 2
