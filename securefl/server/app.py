@@ -98,6 +98,10 @@ class Server:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.limits = settings.limits
+        # The certificate files first: a wrong path must not leave a new store behind.
+        from securefl.certs import check_tls_files
+
+        check_tls_files(settings.cert, settings.key, settings.ca)
         self.store = ModelStore(settings.store_dir, settings.model.classes)
         if self.store.empty:
             weights, layers = initial_model(settings.model)

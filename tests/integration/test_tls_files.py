@@ -80,3 +80,26 @@ def test_the_server_names_its_own_mismatched_key(fed: Federation) -> None:
                                           r"the certificate .*server\.pem"):
         server_context(root / "server.pem", root / "admin.key", root / "ca.pem",
                        root / "crl.pem")
+
+
+def test_the_server_with_a_wrong_ca_path_says_so_and_makes_no_store(fed: Federation) -> None:
+    """A wrong path in server.toml is one sentence naming the file, and nothing is created
+    at the store's place: before, the server wrote a version 0 there and then crashed with
+    a traceback on the CA file."""
+    import subprocess
+    import sys
+
+    from securefl import config
+
+    toml = fed.server_toml(port=0)
+    data = config.read_toml(toml)
+    data.update(ca=str(fed.tmp / "nowhere" / "ca.pem"), store_dir=str(fed.tmp / "new-store"))
+    config.write_toml(toml, data)
+    run = subprocess.run([sys.executable, "-m", "securefl", "server", "--config", str(toml)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    err = run.stderr.strip()
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("securefl: ")
+    assert f"the CA certificate {fed.tmp / 'nowhere' / 'ca.pem'} does not exist" in err
+    assert not (fed.tmp / "new-store").exists()
