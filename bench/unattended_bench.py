@@ -61,7 +61,7 @@ def person_actions(audit_log: Path, agent_logs: list[Path]) -> int:
     for log in agent_logs:
         if log.exists():
             count += sum(1 for line in log.read_text().splitlines()
-                         if line.startswith("agent:") and any(a in line for a in SOCKET_ACTIONS))
+                         if "agent: " in line and any(a in line for a in SOCKET_ACTIONS))
     return count
 
 
@@ -79,7 +79,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds to wait for each version before giving up (default 1800)")
     a = p.parse_args()
-    root = a.keep or Path(tempfile.mkdtemp(prefix="securefl-unattended-"))
+    root = (a.keep or Path(tempfile.mkdtemp(prefix="securefl-unattended-"))).resolve()
     settings = DemoSettings(hospitals=a.hospitals, rounds=a.rounds, epochs=a.epochs,
                             image_size=a.image_size, train_images=a.train_images,
                             test_images=a.test_images, seed=a.seed, keep=root)

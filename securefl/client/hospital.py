@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import threading
 from collections.abc import Callable
@@ -353,7 +354,8 @@ class Hospital:
                             model_label=self.model_label())
 
     def apply_global(self, weights: np.ndarray, version: int,
-                     progress: ProgressFn | None = None) -> LocalState:
+                     progress: ProgressFn | None = None, *,
+                     personalise: bool = True) -> LocalState:
         """Make the hospital's model the global one, personalised (what ``get`` ends with).
 
         The global weights are loaded and made this hospital's own as ``[ml] personalise``
@@ -363,9 +365,12 @@ class Hospital:
         against.  When the scans cannot be used (none yet, a class with too few) the global
         model is kept as is and the reason is recorded (``LocalState.personalisation_note``).
         A saved model of another architecture (an older securefl's) is replaced by the one
-        the settings build.
+        the settings build.  ``personalise=False`` keeps the global model as downloaded: for
+        a caller that trains on it at once (the agent), since training starts from
+        global.npy and replaces the model file, so a fine-tuning epoch would be thrown away.
         """
-        from securefl.ml.local import load_or_create_model, personalise
+        from securefl.ml.local import load_or_create_model
+        from securefl.ml.local import personalise as personalise_model
         from securefl.ml.model import from_vector, save_model
 
         try:
@@ -375,10 +380,13 @@ class Hospital:
         from_vector(model, weights)
         kind, scans, note = "", 0, ""
         try:
-            made = personalise(self.ml, model, data=self.scans("Training"), seed=version,
-                               progress=progress)
-            kind = "" if made.kind == "none" else made.kind
-            scans, note = made.scans, made.note
+            if not personalise:
+                save_model(model, self.ml.model_path)
+            else:
+                made = personalise_model(self.ml, model, data=self.scans("Training"),
+                                         seed=version, progress=progress)
+                kind = "" if made.kind == "none" else made.kind
+                scans, note = made.scans, made.note
         except DataError as exc:
             note = exc.message
             from_vector(model, weights)  # nothing half-done: the global model as is
@@ -428,11 +436,25 @@ class Hospital:
             return None  # already went out: nothing to lose
         return server_version
 
+    def holds_untrained(self, version: int) -> bool:
+        """True when global ``version`` is already here, made this hospital's own, and not
+        trained on: a round on that version can start training at once.
+
+        Why: an agent downloads (and fine-tunes) every version it helped publish right
+        away, to evaluate it; the next round opens on that same version, and doing it all
+        again cost a fine-tuning epoch per round for nothing."""
+        if not self.has_ml or not (self.state_dir / "global.npy").is_file():
+            return False
+        meta, state = self.global_meta(), self.local_state()
+        return (meta is not None and int(meta["version"]) == version
+                and state.base_version == version and not state.trained)
+
     @logged("get")
     async def get(self, session: HospitalSession,
                   on_progress: Callable[[int, int], None] | None = None, *,
                   replace_trained: bool = False,
-                  on_personalise: ProgressFn | None = None) -> GlobalModel:
+                  on_personalise: ProgressFn | None = None,
+                  personalise: bool = True) -> GlobalModel:
         """Download (sha256-checked), keep it, and load it into the local model.
 
         ``on_progress`` hears the download's bytes; ``on_personalise`` every batch of the
@@ -441,6 +463,7 @@ class Hospital:
 
         A local model trained on the version the server still has, and not sent, would be
         overwritten: that is refused unless ``replace_trained`` (training can take hours).
+        ``personalise``: see :meth:`apply_global`.
         """
         if not replace_trained and self.has_ml:
             st = await session.status()
@@ -466,8 +489,9 @@ class Hospital:
                      "contributors": model.contributors, "total_samples": model.total_samples,
                      "created": model.created, "classes": list(model.classes)})
         if self._ml is not None:
-            await asyncio.to_thread(self.apply_global, model.weights, model.version,
-                                    on_personalise)
+            await asyncio.to_thread(functools.partial(
+                self.apply_global, model.weights, model.version, on_personalise,
+                personalise=personalise))
         self.log.downloaded(model.version, model.contributors, model.total_samples,
                             model.sha256)
         return model

@@ -184,6 +184,13 @@ def test_auto_agents_publish_with_no_person_and_a_killed_one_rejoins_without_res
             assert "agent: done: round 1: published version 1" in said
         log = fed.cli(0, "log", "--limit", "50").stdout
         assert "scheduled round 1: published version 1; balanced accuracy" in log
+        # Round 2 trains on the version 1 the agent got when it was published: not
+        # downloaded (and fine-tuned) a second time.
+        wait_for("hospital_1 training in round 2", lambda: "agent: training: round 2: "
+                 "training on version 1" in fed.log("agent0"), fed)
+        assert "agent: training: round 2: global version 1 is already here" in fed.log("agent0")
+        log = fed.cli(0, "log", "--limit", "50").stdout
+        assert log.count("downloaded global version 1 ") == 1, log
 
         wait_for("version 3", lambda: 3 in fed.versions(), fed, 360)
         # Whatever round 2 became, hospital_3 never trained or sent a new update on

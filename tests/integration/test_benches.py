@@ -110,5 +110,6 @@ def test_unattended_bench_publishes_with_nobody_acting_and_counts_what_a_person_
     with audit.open("a") as fh:
         fh.write(json.dumps({"event": "connected", "name": "admin", "role": "admin"}) + "\n")
     with log.open("a") as fh:
-        fh.write("agent: round 3: approved over the local socket\n")
+        # as an agent writes it outside systemd's journal: local time first
+        fh.write("2026-12-01 10:00:00 agent: round 3: approved over the local socket\n")
     assert bench.person_actions(audit, [log]) == 2

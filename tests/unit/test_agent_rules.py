@@ -203,3 +203,21 @@ def test_the_service_unit_and_the_quickstart_say_what_the_code_does() -> None:
     assert (EXIT_CODES[AgentRunningError], EXIT_CODES[AgentUnavailableError]) == (14, 15)
     for reason in rules.REASONS:
         assert f"`{reason}`" in quick
+
+
+def test_agent_lines_carry_the_time_outside_the_journal(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log file (``agent >> agent.log``, the demo's agent.log) is read after the fact: each
+    line says when; under systemd the journal stamps lines itself, so no second time."""
+    import re
+
+    from securefl.client.agent.service import _say_default
+
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    _say_default("agent: server opened round 4 on version 3")
+    line = capsys.readouterr().err
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d agent: server opened round 4 on "
+                        r"version 3\n", line), line
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    _say_default("agent: stopped")
+    assert capsys.readouterr().err == "agent: stopped\n"

@@ -60,7 +60,10 @@ class _Stopped(Exception):
 
 
 def _say_default(line: str) -> None:
-    if sys.stderr.isatty():
+    """Every line carries its local time, except under systemd's journal (``JOURNAL_STREAM``
+    is set there), which stamps lines itself: an agent's log is read after the fact, and
+    "when did round 4 start training" is the first question about it."""
+    if not os.environ.get("JOURNAL_STREAM"):
         line = f"{datetime.now():%Y-%m-%d %H:%M:%S} {line}"
     print(line, file=sys.stderr, flush=True)
 
@@ -422,13 +425,19 @@ class Agent:
             self.set_state("in-round", f"round {n}: the model trained on version {base} "
                            "earlier was not sent yet; sending it")
         elif resend is None:
-            self.set_state("training", f"round {n}: downloading global version {base}")
-            model = await self._until_stopped(h.get(session, replace_trained=True))
-            if model.version != base:
-                await self._fail(session, entry, "training-error",
-                                 f"the server holds version {model.version}, not the round's "
-                                 f"version {base}")
-                return
+            if await asyncio.to_thread(h.holds_untrained, base):
+                self.set_state("training", f"round {n}: global version {base} is already "
+                               "here (got when it was published)")
+            else:
+                self.set_state("training", f"round {n}: downloading global version {base}")
+                # Not fine-tuned: training starts from the download and replaces the model.
+                model = await self._until_stopped(h.get(session, replace_trained=True,
+                                                        personalise=False))
+                if model.version != base:
+                    await self._fail(session, entry, "training-error",
+                                     f"the server holds version {model.version}, not the "
+                                     f"round's version {base}")
+                    return
             self._cancel_training.clear()
             self.set_state("training", f"round {n}: training on version {base}", 0.0)
             try:

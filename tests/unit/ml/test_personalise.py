@@ -208,3 +208,29 @@ def test_finetuning_after_get_reports_every_batch_so_get_never_looks_stuck(
     h.ml = ml.model_copy(update={"personalise": "recalibrate"})
     h.apply_global(g, 0, progress=quiet.append)
     assert [p for p in quiet if p.stage == "training"] == []
+
+
+def test_a_download_trained_on_at_once_is_not_fine_tuned_and_training_starts_from_it(
+        tmp_path: Path, synth_root: Path) -> None:
+    """The agent downloads a round's version and trains on it straight away: the
+    fine-tuning epoch would be replaced by the training, so it is not run; the model on
+    file is the download as is, labelled so, and the update is trained minus downloaded."""
+    ml = _ml(tmp_path, synth_root)  # personalise = "finetune", the default
+    h = _hospital(tmp_path, ml)
+    g = to_vector(new_model(ml))
+    h.state_dir.mkdir(parents=True, exist_ok=True)
+    np.save(h.state_dir / "global.npy", g)
+    (h.state_dir / "global.json").write_text(json.dumps(
+        {"version": 0, "sha256": "x", "classes": list(h.ml.classes)}))
+    seen: list[object] = []
+    h.apply_global(g, 0, progress=seen.append, personalise=False)
+    assert seen == []  # no fine-tuning epoch ran
+    state = h.local_state()
+    assert state.personalisation == "" and state.base_version == 0 and not state.trained
+    np.testing.assert_array_equal(to_vector(load_saved_model(ml)), g)
+    assert h.holds_untrained(0) and not h.holds_untrained(1)
+    h.train()
+    update, _, base = h.local_update()
+    assert base == 0
+    np.testing.assert_allclose(update, to_vector(load_saved_model(ml)) - g, atol=1e-6)
+    assert not h.holds_untrained(0)  # trained on: a new round on 0 downloads afresh
