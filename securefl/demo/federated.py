@@ -37,6 +37,7 @@ from securefl.client.hospital import Hospital
 from securefl.client.session import AdminSession
 from securefl.config import ClientSettings, ServerSettings, load, write_toml
 from securefl.demo import unattended
+from securefl.demo.settings import DemoSettings
 from securefl.errors import ConfigError, SecureFLError
 from securefl.server.store import ModelStore
 
@@ -51,25 +52,6 @@ MARKER = ".securefl-demo"
 TRAINING_DEADLINE = "30m"
 #: How long the demo waits for one round's version and the agents' records of it.
 ROUND_TIMEOUT = 45 * 60.0
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """Defaults chosen so the run takes about two minutes on two cores and the benefit of
-    federation shows (docs/RESULTS.md has the longer experiment behind them)."""
-
-    hospitals: int = 3
-    rounds: int = 10
-    epochs: int = 1
-    image_size: int = 64
-    train_images: int = 480
-    test_images: int = 120
-    model_kind: str = "small"
-    seed: int = 0
-    keep: Path | None = None
-    #: Each hospital's [ml] min_validation_per_class; None: 5, or fewer when the rarest
-    #: tumour type has fewer than 10 training scans (:func:`validation_minimum`).
-    min_validation_per_class: int | None = None
 
 
 @dataclass
@@ -276,7 +258,6 @@ def _watch_rounds(settings: DemoSettings, hospitals: list[Hospital],
     say("")
     for line in table_header(names):
         say(line)
-    since = time.perf_counter()
     for r in range(1, settings.rounds + 1):
         for name in names:
             alone[name].train()
@@ -289,11 +270,20 @@ def _watch_rounds(settings: DemoSettings, hospitals: list[Hospital],
         local_acc = {n: alone[n].evaluate("validation").balanced_accuracy for n in names}
         pooled_local = {n: _pooled(alone[n], validation) for n in names}
         pooled_global = unattended.score_version(store.read(r)[1], hospitals[0].ml, validation)
-        now = time.perf_counter()
-        row = RoundRow(r, r, now - since, global_acc, local_acc, pooled_global, pooled_local)
-        since = now
+        # The round's time as the server saw it (previous publication to this one), not
+        # when this watcher got to it: the agents do not wait for the comparison models.
+        row = RoundRow(r, r, _between(store, r - 1, r), global_acc, local_acc, pooled_global,
+                       pooled_local)
         result.rows.append(row)
         say(table_row(row, names))
+
+
+def _between(store: ModelStore, earlier: int, later: int) -> float:
+    """Seconds between two versions' publications (their stored UTC times)."""
+    from datetime import datetime
+
+    times = [datetime.fromisoformat(store.info(v).created) for v in (earlier, later)]
+    return (times[1] - times[0]).total_seconds()
 
 
 def _final_models(hospitals: list[Hospital], store: ModelStore, version: int) -> None:
@@ -336,7 +326,7 @@ def run(settings: DemoSettings, say: Print = print,
     schedule is paused for it).
     """
     started = time.perf_counter()
-    root = settings.keep or Path(tempfile.mkdtemp(prefix="securefl-demo-"))
+    root = (settings.keep or Path(tempfile.mkdtemp(prefix="securefl-demo-"))).resolve()
     if root.exists() and any(root.iterdir()):
         if not (root / MARKER).is_file():
             raise ConfigError(f"{root} is not empty and was not made by the demo: give --keep "
@@ -376,7 +366,8 @@ def run(settings: DemoSettings, say: Print = print,
         how = PERSONALISATION_LABELS.get(hospitals[0].ml.personalise, "as downloaded")
         say("  each cell: balanced accuracy on that hospital's validation scans of a model "
             f"trained alone for the same epochs -> of the shared model, "
-            f"{how.replace('this', 'that')}; last column: the shared model as published")
+            f"{how.replace('this', 'that')}; all validation scans: the shared model as "
+            "published; time: from the previous version's publication to this one's")
         store = unattended.watch_store(load(server_toml, ServerSettings).store_dir)
         _watch_rounds(settings, hospitals, alone, procs, store, say, result)
         for name in alone:
@@ -424,7 +415,7 @@ def run_with_admin_app(settings: DemoSettings) -> DemoResult:
 
     from securefl.tui.admin.app import run_admin_app
 
-    root = settings.keep or Path(tempfile.mkdtemp(prefix="securefl-demo-"))
+    root = (settings.keep or Path(tempfile.mkdtemp(prefix="securefl-demo-"))).resolve()
     settings = DemoSettings(**{**settings.__dict__, "keep": root})
     log = root.parent / f"{root.name}-demo.log"
     ready, app_closed = threading.Event(), threading.Event()

@@ -156,6 +156,11 @@ def agent_entry(state_dir: Path, version: int) -> RoundEntry | None:
     return None
 
 
+#: One model per architecture for :func:`score_version`: building one (and tracing its
+#: prediction) each round cost the watcher seconds a round.
+_SCORERS: dict[object, object] = {}
+
+
 def score_version(weights: np.ndarray, ml: object, scans: object) -> float:
     """Balanced accuracy of a published version as downloaded (no hospital's personalisation)
     on ``scans``; ``ml`` is any hospital's ``MLSettings`` (they all build the same model)."""
@@ -163,6 +168,9 @@ def score_version(weights: np.ndarray, ml: object, scans: object) -> float:
     from securefl.ml.model import from_vector
     from securefl.ml.train import evaluate
 
-    model = new_model(ml)  # type: ignore[arg-type]
-    from_vector(model, np.asarray(weights, np.float32))
+    key = (ml.input_shape, len(ml.classes), ml.model_kind)  # type: ignore[attr-defined]
+    model = _SCORERS.get(key)
+    if model is None:
+        model = _SCORERS[key] = new_model(ml)  # type: ignore[arg-type]
+    from_vector(model, np.asarray(weights, np.float32))  # type: ignore[arg-type]
     return float(evaluate(model, scans).balanced_accuracy)  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from securefl.demo.federated import DemoSettings, run
 from securefl.errors import ConfigError
@@ -22,10 +23,14 @@ from tests.outcome import (
 )
 
 
-def test_demo_runs_a_federation_end_to_end(tmp_path: Path) -> None:
+def test_demo_runs_a_federation_end_to_end(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     lines: list[str] = []
+    # --keep as people type it, relative to where they stand (the server and the agents
+    # once looked for their certificates under fed/fed/)
+    monkeypatch.chdir(tmp_path)
     settings = DemoSettings(hospitals=2, rounds=2, epochs=1, image_size=32, train_images=70,
-                            test_images=16, keep=tmp_path / "fed", min_validation_per_class=1)
+                            test_images=16, keep=Path("fed"), min_validation_per_class=1)
     result = run(settings, say=lines.append)
     assert [r.version for r in result.rows] == [1, 2]
     row = result.rows[-1]
@@ -51,6 +56,11 @@ def test_demo_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     assert store.versions() == [0, 1, 2]
     info, _ = store.read(2)
     assert info.contributors == 2
+    # The time column is the server's: version 0 to the last version, round by round.
+    from datetime import datetime
+
+    made = [datetime.fromisoformat(store.info(v).created) for v in (0, 2)]
+    assert sum(r.seconds for r in result.rows) == (made[1] - made[0]).total_seconds()
     # The outcome of both rounds, from what each hospital kept of its own updates: round 1
     # is FedAvgM's first step (statistics plainly averaged), round 2 carries momentum.
     states = [tmp_path / "fed" / "hospitals" / n / "state" for n in ("hospital_1", "hospital_2")]
