@@ -105,23 +105,51 @@ def block_lines(readme: str, name: str = "demo") -> list[str]:
     return inner[1:-1]
 
 
+#: The agent's log lines QUICKSTART shows: one whole round (not the first, which starts
+#: the agent), as the demo's hospital_1 agent wrote them.
+AGENT_ROUND = 2
+
+
+def agent_sample(log: str, round_: int = AGENT_ROUND) -> list[str]:
+    """The lines of ``log`` (an agent.log) from the server opening ``round_`` to the agent's
+    "done" line of it, whole (what an IT person reads in the file)."""
+    lines = log.splitlines()
+    start = next((i for i, line in enumerate(lines)
+                  if f"agent: server opened round {round_} " in line), None)
+    end = next((i for i, line in enumerate(lines)
+                if f"agent: done: round {round_}:" in line), None)
+    if start is None or end is None or end < start:
+        raise SampleError(f"the agent's log has no whole round {round_} (from 'server opened "
+                          f"round {round_}' to 'done: round {round_}:')")
+    return lines[start:end + 1]
+
+
 def demo_main() -> int:
+    import tempfile
+
     print("running `python -m securefl demo` with its defaults (a few minutes) ...",
           flush=True)
-    run = subprocess.run([sys.executable, "-m", "securefl", "demo"], cwd=ROOT,
-                         capture_output=True, text=True)
-    if run.returncode != 0:
-        print(run.stdout + run.stderr, file=sys.stderr)
-        print(f"the demo failed (exit {run.returncode}); README.md is unchanged",
-              file=sys.stderr)
-        return 1
-    try:
-        sample = demo_sample(run.stdout)
-        README.write_text(replace_block(README.read_text(), sample))
-    except SampleError as exc:
-        print(f"{exc}; README.md is unchanged", file=sys.stderr)
-        return 1
+    with tempfile.TemporaryDirectory() as tmp:
+        fed = Path(tmp) / "fed"
+        run = subprocess.run([sys.executable, "-m", "securefl", "demo", "--keep", str(fed)],
+                             cwd=ROOT, capture_output=True, text=True)
+        if run.returncode != 0:
+            print(run.stdout + run.stderr, file=sys.stderr)
+            print(f"the demo failed (exit {run.returncode}); README.md is unchanged",
+                  file=sys.stderr)
+            return 1
+        try:
+            sample = demo_sample(run.stdout)
+            agent = agent_sample((fed / "hospitals" / "hospital_1" / "agent.log").read_text())
+            readme = replace_block(README.read_text(), sample)
+            quickstart = replace_block(QUICKSTART.read_text(), agent, "agent log")
+        except (SampleError, OSError) as exc:
+            print(f"{exc}; README.md and QUICKSTART.md are unchanged", file=sys.stderr)
+            return 1
+    README.write_text(readme)
+    QUICKSTART.write_text(quickstart)
     print("README.md's demo sample regenerated:\n" + "\n".join(sample))
+    print("QUICKSTART.md's agent log regenerated:\n" + "\n".join(agent))
     return 0
 
 

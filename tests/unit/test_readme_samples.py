@@ -117,3 +117,23 @@ def test_quickstart_shows_every_admin_action_as_the_commands_print_it() -> None:
     console = gen.block_lines(doc, "server console")
     assert any("listening on" in line for line in console)
     assert console[-1].endswith("server stopped (Ctrl-C); every connection closed")
+
+
+def test_quickstart_shows_a_whole_round_of_an_agent_s_log_as_the_agent_writes_it() -> None:
+    """The agent's lines in QUICKSTART come from the demo's agent.log (generated, not
+    typed): one whole round, each line stamped with the local time."""
+    gen = _script()
+    lines = gen.block_lines(QUICKSTART.read_text(), "agent log")
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d agent: "
+    assert all(re.match(stamp, line) for line in lines), lines
+    assert re.match(stamp + f"server opened round {gen.AGENT_ROUND} on version", lines[0])
+    assert re.match(stamp + f"done: round {gen.AGENT_ROUND}: published version", lines[-1])
+    assert any("joining the masked round" in line for line in lines)
+    log = "\n".join(["t agent: server opened round 1 on version 0", "t agent: done: round 1: x",
+                     "t agent: server opened round 2 on version 1", "t agent: " + "y" * 120,
+                     "t agent: done: round 2: published version 2", "t agent: later"])
+    assert gen.agent_sample(log, 2) == ["t agent: server opened round 2 on version 1",
+                                        "t agent: " + "y" * 120,
+                                        "t agent: done: round 2: published version 2"]
+    with pytest.raises(gen.SampleError):
+        gen.agent_sample("t agent: server opened round 2 on version 1\n", 2)
