@@ -182,6 +182,9 @@ def test_auto_agents_publish_with_no_person_and_a_killed_one_rejoins_without_res
             assert "agent: server opened round 1 on version 0" in said
             assert "agent: training: round 1: training on version 0" in said
             assert "agent: done: round 1: published version 1" in said
+            # The welcome named round 1 and the server pushed its opening too: one story.
+            assert said.count("agent: server opened round 1 ") == 1, said
+            assert "round 1 already handled" not in said, said
         log = fed.cli(0, "log", "--limit", "50").stdout
         assert "scheduled round 1: published version 1; balanced accuracy" in log
         # Round 2 trains on the version 1 the agent got when it was published: not

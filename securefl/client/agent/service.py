@@ -120,6 +120,9 @@ class Agent:
         #: and the reader of the server's schedule pushes); every wait watches them.
         self._watch: set[asyncio.Task] = set()
         self._opens: asyncio.Queue = asyncio.Queue()
+        #: Rounds handled on this connection: the welcome names the open round and the
+        #: server may push the same opening too; the second is not news to anyone.
+        self._seen_here: set[int] = set()
 
     # -- state, in one line each ---------------------------------------------------------------
     def set_state(self, state: str, detail: str, progress: float | None = None) -> None:
@@ -289,6 +292,7 @@ class Agent:
         else:
             self.set_state("waiting", "connected; waiting for the server to open a round")
         self._opens = asyncio.Queue()
+        self._seen_here = set()
         self._watch = {asyncio.create_task(self._keepalive(session)),
                        asyncio.create_task(self._pump(session))}
         try:
@@ -330,6 +334,9 @@ class Agent:
     async def _round(self, session: HospitalSession, msg: Any) -> None:
         fields = _round_fields(msg)
         n, base = int(fields["schedule_round"]), int(fields["base_version"])
+        if n in self._seen_here:
+            return
+        self._seen_here.add(n)
         earlier = self.record.entry(n)
         # A round the agent started and was cut off from (it was killed, or the connection
         # dropped) and that is still open is taken up again: it was counted and approved.
