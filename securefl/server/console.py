@@ -52,7 +52,9 @@ def _closed(e: Mapping[str, Any]) -> str:
 def _schedule_closed(e: Mapping[str, Any]) -> str:
     outcome = e.get("outcome", "?")
     what = {"published": f"published version {e.get('version')}",
-            "expired": "expired: too few hospitals joined before the deadline, nothing "
+            # the schedule's own sentence says why (deadline, or everyone else declined)
+            "expired": f"expired: {e['message']}" if e.get("message") else
+                       "expired: too few hospitals joined before the deadline, nothing "
                        "published",
             "aborted": "aborted by the administrator, nothing published",
             "abandoned": "abandoned: the round could not be finished, nothing published",

@@ -240,10 +240,15 @@ class Scheduler:
             else:  # the coordinator closes enrolment itself when it can (``_check_progress``)
                 expire = (rnd.deadline_passed and passed) or (accounted and len(joined) < least)
             if expire:
-                why = (f"only {len(joined)} of the {least} hospitals needed joined before "
-                       "the training deadline" if len(joined) < least else
-                       "the hospitals of the failed round's survivor list did not all "
-                       "join before the deadline")
+                if len(joined) >= least:
+                    why = ("the hospitals of the failed round's survivor list did not all "
+                           "join before the deadline")
+                elif passed:
+                    why = (f"only {len(joined)} of the {least} hospitals needed joined before "
+                           "the training deadline")
+                else:  # closed early: nobody else will come
+                    why = (f"only {len(joined)} of the {least} hospitals needed joined; every "
+                           "other registered hospital declined or failed to train")
                 c._abandon(rnd, "expired", f"{why}; nothing was published")
                 self.close("expired", None, f"{why}; nothing was published")
         elif eng.state is ServerState.COLLECTING:
@@ -293,7 +298,7 @@ class Scheduler:
         self._save()
         c.audit.record("schedule-closed", schedule_round=info.schedule_round,
                        outcome=outcome, version=version if version is not None else -1,
-                       durable=True)
+                       message=message[:200], durable=True)
         push = wm.RoundClosed(schedule_round=info.schedule_round, outcome=outcome,  # type: ignore[arg-type]
                               version=version, message=message[:1000])
         for peer in list(c.peers):

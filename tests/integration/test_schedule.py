@@ -323,6 +323,39 @@ def test_a_failed_training_is_shown_per_hospital_and_does_not_stall_the_others(
                               "prev"}
 
 
+def test_a_round_everyone_else_declined_closes_at_once_and_says_so(fed: Federation) -> None:
+    """a joins, b and c decline: the round cannot reach its minimum, so it closes long
+    before its 60 s deadline, and what the hospitals and the operator read says why (the
+    others declined), not that the deadline passed."""
+    settings = auto(fed, deadline="60s")
+
+    async def main() -> tuple[wm.RoundClosed, float]:
+        async with running(settings) as srv, \
+                HospitalSession(fed.client_settings("a", srv.port)) as a, \
+                HospitalSession(fed.client_settings("b", srv.port)) as b, \
+                HospitalSession(fed.client_settings("c", srv.port)) as c:
+            opened = await next_open(a)
+            start = asyncio.get_running_loop().time()
+            await a.get_global()
+            sending = asyncio.create_task(a.send(updates(1)[0], 10))
+            for h in (b, c):
+                await h.training_failed(opened.schedule_round, "declined")
+            closed = await next_closed(b, opened.schedule_round)
+            with pytest.raises(SecureFLError):
+                await sending
+            return closed, asyncio.get_running_loop().time() - start
+
+    closed, took = asyncio.run(main())
+    assert closed.outcome == "expired" and took < 30
+    assert "declined or failed to train" in closed.message, closed.message
+    assert "deadline" not in closed.message, closed.message
+    [entry] = events(settings, "schedule-closed")
+    from securefl.server import console
+
+    said = console._schedule_closed(entry)
+    assert "declined or failed to train" in said and "deadline" not in said, said
+
+
 def test_keepalive_keeps_an_idle_connection_open(fed: Federation) -> None:
     settings = fed.server_settings(limits=config.Limits(idle_timeout=1.0))
 
