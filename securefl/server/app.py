@@ -205,9 +205,14 @@ class Server:
                     await chore
         if self._sock is not None:
             self._sock.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        pending = set(self._tasks)
+        while pending:
+            # Cancelled again until done: Python 3.11's wait_for drops a cancellation that
+            # arrives as its read completes, and a connection busy with an admin app's
+            # status requests then kept being served, so close() never returned.
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=1.0)
         await self._summarise_refusals()
         self.audit.close()
 

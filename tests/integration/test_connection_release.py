@@ -10,6 +10,7 @@ holds is counted (memory itself is measured by ``bench/conn_churn_bench.py``, no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import ssl
 from asyncio import sslproto
@@ -91,3 +92,49 @@ def test_closed_connections_leave_nothing_behind(fed: Federation) -> None:
         asyncio.run(scenario())
     finally:
         gc.enable()
+
+
+def test_close_returns_while_an_admin_keeps_asking_and_a_cancellation_is_lost(
+        fed: Federation) -> None:
+    """Stopping the server while an administrator's app asks for the status every few
+    milliseconds: close() returns.  Python 3.11's wait_for can drop a cancellation that
+    arrives as its read completes, and close() used to cancel each connection once and
+    then wait for ever (a test of the admin app hung so).  The lost cancellation is played
+    here by a task that swallows its first one."""
+    from securefl.errors import SecureFLError
+
+    async def main() -> float:
+        server = app.Server(fed.server_settings())
+        await server.start()
+        admin = AdminSession(fed.client_settings("admin", server.port))
+        await admin.connect()
+
+        async def ask() -> None:
+            while True:
+                await admin.status()
+
+        asking = asyncio.create_task(ask())
+        await asyncio.sleep(0.3)
+        first_cancel_lost = asyncio.Event()
+
+        async def stubborn() -> None:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                first_cancel_lost.set()
+            await asyncio.sleep(60)
+
+        task = asyncio.create_task(stubborn())
+        server._tasks.add(task)
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.wait_for(server.close(), 30)
+        took = loop.time() - start
+        assert first_cancel_lost.is_set() and task.cancelled()
+        with contextlib.suppress(SecureFLError, OSError):  # the server went away, as it should
+            await asyncio.wait_for(asking, 30)
+        await admin.close()
+        return took
+
+    assert asyncio.run(main()) < 10
