@@ -859,3 +859,19 @@ def test_errors_read_as_sentences() -> None:
                                  "and are the host and port in the settings right?")
     assert "right?." not in explain(exc) and "right? " in explain(exc)
 
+
+
+def test_a_status_refresh_that_lands_while_the_admin_app_closes_is_dropped() -> None:
+    """The status poll can deliver after the app began closing and its widgets went: that
+    ended the app with NoMatches('#hospitals') instead of closing it (seen in a CI run)."""
+    async def scenario() -> None:
+        app = AdminApp(None, connect=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            d = app.dashboard
+            for selector in ("#hospitals", "#version"):
+                await d.query_one(selector).remove()
+            await pilot.pause()
+            d.show(hospitals=HOSPITALS, status=STATUS)  # must not raise
+            assert d.hospitals and d.status == STATUS
+
+    asyncio.run(scenario())

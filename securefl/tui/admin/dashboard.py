@@ -7,12 +7,14 @@ it was about has moved on, so the screen never shows advice for a state that is 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
@@ -163,14 +165,18 @@ class AdminDashboard(Screen):
         if hospitals is not None:
             self.hospitals = merge_known(self.hospitals, hospitals)
             if self.is_mounted:
-                self._fill_table()
+                with contextlib.suppress(NoMatches):  # the app is closing: its widgets go
+                    self._fill_table()
         if activity is not None:
             self.activity = activity
             self.progress = progress
             # Sticky advice outlives the refresh right after it (the round's end itself).
             self._activity_state = None if sticky else self._key(self.status)
         if self.is_mounted:
-            self._draw()
+            # A refresh that lands while the app exits finds its widgets removed (the
+            # status poll ended the app with NoMatches so): nothing is left to draw.
+            with contextlib.suppress(NoMatches):
+                self._draw()
 
     def compose(self) -> ComposeResult:
         yield Header()
