@@ -301,22 +301,35 @@ async def admin(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (a service stop) ends a command the way Ctrl-C does, with its note."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise _Terminated()
-
-
 def run(coro_fn: object, args: argparse.Namespace) -> int:
+    """Run a command; an interrupted ``send`` ends with its one-sentence note.
+
+    SIGTERM (a service stop) cancels the command's task on the event loop, as Ctrl-C does
+    (asyncio's runner).  It used to raise from a plain signal handler, at whatever point
+    the loop was: inside its TLS or transport bookkeeping that could leave the clean-up
+    waiting for ever (a CI run saw a terminated send that never exited)."""
     sending = getattr(args, "client_action", None) == "send"
-    if sending:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return asyncio.run(coro_fn(args))  # type: ignore[operator]
-    except KeyboardInterrupt as exc:
+    terminated = False
+
+    async def main() -> int:
+        nonlocal terminated
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_term() -> None:
+            nonlocal terminated
+            terminated = True
+            task.cancel()
+
         if sending:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
+        return await coro_fn(args)  # type: ignore[operator]
+
+    try:
+        return asyncio.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        if sending and (terminated or not isinstance(sys.exc_info()[1],
+                                                     asyncio.CancelledError)):
             print(f"securefl: {interrupted_send_note(args.config)}", file=sys.stderr)
-            return 143 if isinstance(exc, _Terminated) else 130
+            return 143 if terminated else 130
         raise
