@@ -331,13 +331,14 @@ def schedule_samples(work: Path) -> dict[str, list[str]]:
     return samples
 
 
-def schedule_main() -> int:
+def _quickstart_main(what: str, make: Callable[[Path], dict[str, list[str]]]) -> int:
+    """Run ``make`` on a throw-away federation and put its samples into QUICKSTART.md."""
     import tempfile
 
-    print("running a throw-away federation for the schedule samples ...", flush=True)
+    print(f"running a throw-away federation for the {what} samples ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            samples = schedule_samples(Path(tmp))
+            samples = make(Path(tmp))
             doc = QUICKSTART.read_text()
             for name, lines in samples.items():
                 doc = replace_block(doc, [line.replace(tmp + "/", "") for line in lines],
@@ -348,26 +349,14 @@ def schedule_main() -> int:
     QUICKSTART.write_text(doc)
     print(f"QUICKSTART.md: {len(samples)} samples regenerated ({', '.join(samples)})")
     return 0
+
+
+def schedule_main() -> int:
+    return _quickstart_main("schedule", schedule_samples)
 
 
 def admin_main() -> int:
-    import tempfile
-
-    print("running a throw-away federation for the admin samples (about half a minute) ...",
-          flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            samples = admin_samples(Path(tmp))
-            doc = QUICKSTART.read_text()
-            for name, lines in samples.items():
-                doc = replace_block(doc, [line.replace(tmp + "/", "") for line in lines],
-                                    name)
-        except SampleError as exc:
-            print(f"{exc}; QUICKSTART.md is unchanged", file=sys.stderr)
-            return 1
-    QUICKSTART.write_text(doc)
-    print(f"QUICKSTART.md: {len(samples)} samples regenerated ({', '.join(samples)})")
-    return 0
+    return _quickstart_main("admin", admin_samples)
 
 
 def main(argv: list[str]) -> int:

@@ -327,9 +327,9 @@ def run(coro_fn: object, args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(main())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        if sending and (terminated or not isinstance(sys.exc_info()[1],
-                                                     asyncio.CancelledError)):
+    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+        # Ctrl-C reaches here as KeyboardInterrupt, our SIGTERM as the cancellation.
+        if sending and (terminated or isinstance(exc, KeyboardInterrupt)):
             print(f"securefl: {interrupted_send_note(args.config)}", file=sys.stderr)
             return 143 if terminated else 130
         raise

@@ -42,13 +42,13 @@ def _hospital(tmp_path: Path, ml: MLSettings) -> Hospital:
     return Hospital(settings, ml)
 
 
-def _downloaded(h: Hospital, weights: np.ndarray, version: int) -> None:
+def _downloaded(h: Hospital, weights: np.ndarray, version: int, **apply: object) -> None:
     """What ``get`` does before ``apply_global``: keep the global model as downloaded."""
     h.state_dir.mkdir(parents=True, exist_ok=True)
     np.save(h.state_dir / "global.npy", weights)
     (h.state_dir / "global.json").write_text(json.dumps(
         {"version": version, "sha256": "x", "classes": list(h.ml.classes)}))
-    h.apply_global(weights, version)
+    h.apply_global(weights, version, **apply)  # type: ignore[arg-type]
 
 
 def _statistics_mask(model) -> np.ndarray:
@@ -218,12 +218,8 @@ def test_a_download_trained_on_at_once_is_not_fine_tuned_and_training_starts_fro
     ml = _ml(tmp_path, synth_root)  # personalise = "finetune", the default
     h = _hospital(tmp_path, ml)
     g = to_vector(new_model(ml))
-    h.state_dir.mkdir(parents=True, exist_ok=True)
-    np.save(h.state_dir / "global.npy", g)
-    (h.state_dir / "global.json").write_text(json.dumps(
-        {"version": 0, "sha256": "x", "classes": list(h.ml.classes)}))
     seen: list[object] = []
-    h.apply_global(g, 0, progress=seen.append, personalise=False)
+    _downloaded(h, g, 0, progress=seen.append, personalise=False)
     assert seen == []  # no fine-tuning epoch ran
     state = h.local_state()
     assert state.personalisation == "" and state.base_version == 0 and not state.trained
