@@ -370,6 +370,8 @@ def run(settings: DemoSettings, say: Print = print,
             "published; time: from the previous version's publication to this one's")
         store = unattended.watch_store(load(server_toml, ServerSettings).store_dir)
         _watch_rounds(settings, hospitals, alone, procs, store, say, result)
+        if before_stop is not None:  # the app watches on: no rounds nobody will join
+            _pause_schedule(admin_toml)
         for name in alone:
             procs.stop(name, timeout=60)
         say("  scoring the last round's models on the Testing scans (used for nothing else)")
@@ -380,7 +382,6 @@ def run(settings: DemoSettings, say: Print = print,
         result.testing = _figures(hospitals, alone, "testing", tests, settings.rounds,
                                   settings.rounds, 0.0)
         if before_stop is not None:
-            _pause_schedule(admin_toml)
             before_stop()
     finally:
         procs.stop_all(timeout=10)
