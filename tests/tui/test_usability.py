@@ -875,3 +875,32 @@ def test_a_status_refresh_that_lands_while_the_admin_app_closes_is_dropped() -> 
             assert d.hospitals and d.status == STATUS
 
     asyncio.run(scenario())
+
+
+def test_a_round_end_or_reconnection_that_lands_while_the_hospital_app_closes_is_dropped(
+        fed: Fed) -> None:
+    """A round's last step or the app's reconnection can reach Send or Get after the app
+    began closing and their widgets went: that ended the app with NoMatches('#message')
+    instead of closing it (seen in a CI run of test_send_with_a_stale_model_says_what_to_do)."""
+    async def scenario() -> None:
+        app = HospitalApp(fed.hospital_tomls[0], "hospital_1", connect=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await signed_in(pilot)
+            for key, kind in (("s", SendScreen), ("g", GetScreen)):
+                await pilot.press(key)
+                await pilot.pause()
+                screen = app.screen
+                assert isinstance(screen, kind)
+                for widget in list(screen.query("Static, Button")):
+                    await widget.remove()
+                await pilot.pause()
+                screen.connection_changed(False)  # must not raise
+                screen.connection_changed(True)
+                if isinstance(screen, SendScreen):
+                    screen.running = True
+                    screen._end(None, ServerUnreachableError("the server went away"))
+                    assert screen.failed and not screen.running
+                screen.dismiss()
+                await pilot.pause()
+
+    asyncio.run(scenario())

@@ -12,6 +12,7 @@ error, the fingerprint) is in the details view (d).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Header, Label, Static
@@ -173,10 +175,14 @@ class GetScreen(Screen):
         self.refresh_bindings()
 
     def connection_changed(self, connected: bool) -> None:
-        if not self.running:
-            self.query_one("#state", Static).update(
-                "Connected to the server again: press Enter to get the weights." if connected
-                else "Not connected to the server: the app is reconnecting by itself.")
+        # The app can lose its connection while it closes and this screen's widgets went:
+        # nothing is left to tell then (NoMatches ended the app so in a CI run of Send).
+        if not self.running and self.is_attached:
+            with contextlib.suppress(NoMatches):
+                self.query_one("#state", Static).update(
+                    "Connected to the server again: press Enter to get the weights."
+                    if connected else
+                    "Not connected to the server: the app is reconnecting by itself.")
 
     @on(Button.Pressed, "#start")
     def action_start(self) -> None:

@@ -9,6 +9,7 @@ wording for each step is kept for the details view (d).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Static
@@ -137,11 +139,16 @@ class SendScreen(Screen):
         return True
 
     def _draw_steps(self) -> None:
-        self.query_one("#steps", Static).update("\n".join(
-            render_rows(self.done, self.failed, self.notes, started=self.started)))
+        # A round's last step or a reconnection can land after the app began closing and
+        # this screen's widgets went (a CI run ended the app with NoMatches so): nothing is
+        # left to draw then.
+        with contextlib.suppress(NoMatches):
+            self.query_one("#steps", Static).update("\n".join(
+                render_rows(self.done, self.failed, self.notes, started=self.started)))
 
     def _say(self, text: str) -> None:
-        self.query_one("#message", Static).update(text)
+        with contextlib.suppress(NoMatches):  # the screen is closing (see _draw_steps)
+            self.query_one("#message", Static).update(text)
 
     def connection_changed(self, connected: bool) -> None:
         """The app lost or regained the server; say what that means here."""
@@ -232,7 +239,8 @@ class SendScreen(Screen):
         self.refresh_bindings()
         if self._poll is not None:
             self._poll.stop()  # type: ignore[attr-defined]
-        self.query_one("#start", Button).disabled = False
+        with contextlib.suppress(NoMatches):  # the screen is closing (see _draw_steps)
+            self.query_one("#start", Button).disabled = False
         if error is not None:
             self.failed = True
             self.steps_log.append(f"{clock()} failed: {error}")
