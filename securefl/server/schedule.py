@@ -61,6 +61,13 @@ def _iso(t: dt.datetime) -> str:
     return t.isoformat(timespec="seconds")
 
 
+def _iso_up(t: dt.datetime) -> str:
+    """A deadline is written in whole seconds: rounded up, so the hospitals never get less
+    time than the configured training deadline (truncating closed a "3s" round after 2.7 s)."""
+    return _iso(t + dt.timedelta(microseconds=-t.microsecond % 1_000_000) if t.microsecond
+                else t)
+
+
 def _parse(text: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(text) if text else None
 
@@ -175,7 +182,7 @@ class Scheduler:
         self.counter += 1
         info = wm.OpenRound(schedule_round=self.counter, base_version=c.version,
                             opened=_iso(now),
-                            deadline=_iso(now + dt.timedelta(seconds=self.cfg.deadline)))
+                            deadline=_iso_up(now + dt.timedelta(seconds=self.cfg.deadline)))
         self.open, self.failed, self.downloaded, self.rounds = info, {}, set(), []
         interval = self.cfg.interval
         self.next_open = now + dt.timedelta(seconds=interval) if interval else None
