@@ -355,7 +355,8 @@ class Hospital:
 
     def apply_global(self, weights: np.ndarray, version: int,
                      progress: ProgressFn | None = None, *,
-                     personalise: bool = True) -> LocalState:
+                     personalise: bool = True,
+                     cancel: threading.Event | None = None) -> LocalState:
         """Make the hospital's model the global one, personalised (what ``get`` ends with).
 
         The global weights are loaded and made this hospital's own as ``[ml] personalise``
@@ -368,6 +369,8 @@ class Hospital:
         the settings build.  ``personalise=False`` keeps the global model as downloaded: for
         a caller that trains on it at once (the agent), since training starts from
         global.npy and replaces the model file, so a fine-tuning epoch would be thrown away.
+        ``cancel`` set stops the fine-tuning epoch within a batch (the recalibrated model is
+        kept): a stopping agent must not wait minutes for it.
         """
         from securefl.ml.local import load_or_create_model
         from securefl.ml.local import personalise as personalise_model
@@ -384,7 +387,7 @@ class Hospital:
                 save_model(model, self.ml.model_path)
             else:
                 made = personalise_model(self.ml, model, data=self.scans("Training"),
-                                         seed=version, progress=progress)
+                                         seed=version, progress=progress, cancel=cancel)
                 kind = "" if made.kind == "none" else made.kind
                 scans, note = made.scans, made.note
         except DataError as exc:
@@ -454,7 +457,8 @@ class Hospital:
                   on_progress: Callable[[int, int], None] | None = None, *,
                   replace_trained: bool = False,
                   on_personalise: ProgressFn | None = None,
-                  personalise: bool = True) -> GlobalModel:
+                  personalise: bool = True,
+                  cancel: threading.Event | None = None) -> GlobalModel:
         """Download (sha256-checked), keep it, and load it into the local model.
 
         ``on_progress`` hears the download's bytes; ``on_personalise`` every batch of the
@@ -463,7 +467,7 @@ class Hospital:
 
         A local model trained on the version the server still has, and not sent, would be
         overwritten: that is refused unless ``replace_trained`` (training can take hours).
-        ``personalise``: see :meth:`apply_global`.
+        ``personalise``, ``cancel``: see :meth:`apply_global`.
         """
         if not replace_trained and self.has_ml:
             st = await session.status()
@@ -491,7 +495,7 @@ class Hospital:
         if self._ml is not None:
             await asyncio.to_thread(functools.partial(
                 self.apply_global, model.weights, model.version, on_personalise,
-                personalise=personalise))
+                personalise=personalise, cancel=cancel))
         self.log.downloaded(model.version, model.contributors, model.total_samples,
                             model.sha256)
         return model

@@ -180,7 +180,8 @@ class Personalised:
 
 def personalise(settings: MLSettings, model: keras.Model,
                 data: ImageSet | None = None, *, seed: int = 0,
-                progress: ProgressFn | None = None) -> Personalised:
+                progress: ProgressFn | None = None,
+                cancel: threading.Event | None = None) -> Personalised:
     """Make the global weights just loaded into ``model`` this hospital's own model, and
     save it as the hospital's model file (``settings.model_path``).
 
@@ -204,7 +205,10 @@ def personalise(settings: MLSettings, model: keras.Model,
     the fine-tuning epoch's shuffling (the caller passes the version).  A data problem (no
     scans, a class with too few) is a ``DataError``; the caller keeps the global model.
     ``progress`` hears every batch of the fine-tuning epoch: on a real Training folder it
-    takes a minute or more, and ``get`` should not look stuck meanwhile.
+    takes a minute or more, and ``get`` should not look stuck meanwhile.  ``cancel`` set (a
+    stopping agent: its service manager allows it seconds, not minutes) ends that epoch
+    within a batch and drops it: the recalibrated model is kept, as when the epoch did not
+    help.
     """
     from securefl.ml.batchnorm import calibrate_batch_norm
     from securefl.ml.model import save_model
@@ -220,8 +224,10 @@ def personalise(settings: MLSettings, model: keras.Model,
                                          "statistics to recalibrate")
     kind, note = "recalibrate", ""
     if settings.personalise == "finetune":
-        if _finetune(settings, model, train_set, validation, seed, progress):
+        if _finetune(settings, model, train_set, validation, seed, progress, cancel):
             kind = "finetune"
+        elif cancel is not None and cancel.is_set():
+            note = "the fine-tuning epoch was stopped, so the recalibrated model is used"
         else:
             note = ("the fine-tuning epoch was not kept: it did not lower the validation loss, "
                     "so the recalibrated model is used")
@@ -231,7 +237,8 @@ def personalise(settings: MLSettings, model: keras.Model,
 
 
 def _finetune(settings: MLSettings, model: keras.Model, train_set: ImageSet,
-              validation: ImageSet, seed: int, progress: ProgressFn | None = None) -> bool:
+              validation: ImageSet, seed: int, progress: ProgressFn | None = None,
+              cancel: threading.Event | None = None) -> bool:
     """One gentle epoch on this hospital's scans, kept only if the class-balanced
     validation loss went down; the optimiser state is restored either way."""
     from securefl.ml.train import balanced_nll, predict_proba, train
@@ -244,10 +251,11 @@ def _finetune(settings: MLSettings, model: keras.Model, train_set: ImageSet,
         for v in opt.variables:
             v.assign(np.zeros_like(np.array(v)))
     lr = float(np.array(opt.learning_rate)) if opt is not None else settings.learning_rate
-    train(model, train_set, epochs=1, batch_size=settings.batch_size,
-          learning_rate=settings.learning_rate * FINETUNE_LR_FACTOR, seed=seed,
-          progress=progress)
-    after = balanced_nll(predict_proba(model, validation.images), validation.labels)
+    stopped = train(model, train_set, epochs=1, batch_size=settings.batch_size,
+                    learning_rate=settings.learning_rate * FINETUNE_LR_FACTOR, seed=seed,
+                    progress=progress, cancel=cancel).cancelled
+    after = float("nan") if stopped else balanced_nll(predict_proba(model, validation.images),
+                                                        validation.labels)
     kept = bool(np.isfinite(after) and after < before)
     if not kept:
         model.set_weights(weights)

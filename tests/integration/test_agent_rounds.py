@@ -76,6 +76,15 @@ class AgentFed:
         path = self.root / f"{name}.log"
         return path.read_text() if path.exists() else ""
 
+    def stopped(self, name: str, timeout: float) -> int:
+        """The exit status of a process asked to stop; a failure that shows its log when
+        it overstays (a bare TimeoutExpired said nothing of where it was)."""
+        try:
+            return self.procs[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} did not stop within {timeout:.0f} s of SIGTERM; its log "
+                        f"ends:\n{self.log(name)[-3000:]}")
+
     def cli(self, i: int, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "securefl", "client", "--config",
                                str(self.kits[i]), *args], capture_output=True, text=True,
@@ -215,7 +224,7 @@ def test_auto_agents_publish_with_no_person_and_a_killed_one_rejoins_without_res
         for i in range(3):
             os.kill(fed.procs[f"agent{i}"].pid, signal.SIGTERM)
         for i in range(3):
-            assert fed.procs[f"agent{i}"].wait(timeout=60) == 0, fed.log(f"agent{i}")
+            assert fed.stopped(f"agent{i}", 60) == 0, fed.log(f"agent{i}")
             assert not (fed.state(i) / "agent.sock").exists()
 
 

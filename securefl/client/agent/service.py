@@ -500,7 +500,9 @@ class Agent:
         accuracy: float | None = None
         detail = f"published version {outcome.version}"
         try:
-            await self._until_stopped(h.get(session))
+            # Its fine-tuning epoch runs in a thread that a cancelled task does not stop:
+            # the event stops it, or SIGTERM would wait for the whole epoch.
+            await self._until_stopped(h.get(session, cancel=self._cancel_training))
             if h.has_ml:
                 report = await asyncio.to_thread(h.evaluate, "validation")
                 accuracy = float(report.balanced_accuracy)

@@ -7,6 +7,7 @@ ends with, given the weights ``get`` saved to ``global.npy``.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,32 @@ def test_a_download_trained_on_at_once_is_not_fine_tuned_and_training_starts_fro
     assert base == 0
     np.testing.assert_allclose(update, to_vector(load_saved_model(ml)) - g, atol=1e-6)
     assert not h.holds_untrained(0)  # trained on: a new round on 0 downloads afresh
+
+
+def test_a_stopping_agent_ends_the_fine_tuning_epoch_within_a_batch_and_keeps_the_recalibrated(
+        tmp_path: Path, synth_root: Path) -> None:
+    """The fine-tuning epoch runs in a thread that a cancelled task does not stop: a
+    stopping agent sets ``cancel`` and the epoch ends at the next batch (SIGTERM waited for
+    the whole epoch before, and a service manager kills what overstays)."""
+    ml = _ml(tmp_path, synth_root, personalise="finetune", batch_size=8)
+    h = _hospital(tmp_path, ml)
+    g = to_vector(new_model(ml))
+    train_part, _ = split_training(ml, h.scans("Training"))
+    batches = -(-len(train_part) // ml.batch_size)
+    assert batches >= 4
+    cancel = threading.Event()
+    seen: list[int] = []
+
+    def progress(p: object) -> None:
+        if p.stage == "training":  # type: ignore[attr-defined]
+            seen.append(p.batch)  # type: ignore[attr-defined]
+            cancel.set()  # asked to stop during the first batch
+
+    _downloaded(h, g, 0, progress=progress, cancel=cancel)
+    assert len(seen) <= 2 < batches, seen
+    state = h.local_state()
+    assert state.personalisation == "recalibrate"
+    assert "stopped" in state.personalisation_note
+    mine = to_vector(load_saved_model(ml))
+    stats = _statistics_mask(new_model(ml))
+    np.testing.assert_array_equal(mine[~stats], g[~stats])  # no half epoch kept
