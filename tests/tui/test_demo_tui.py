@@ -31,8 +31,14 @@ def test_demo_with_the_admin_app(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the demo never finished its rounds"
             time.sleep(0.5)
         tmux.keys("demo", "v")  # the version history still loads: the server is up
-        tmux.wait("demo", "Hospitals", 30)
-        tmux.keys("demo", "Escape", "q", "y")
+        tmux.wait("demo", "Fingerprint", 30)
+        # Each key once the one before showed on screen: on a loaded machine Escape, q and
+        # y sent on a timer were read together and the app stayed on the version history.
+        tmux.keys("demo", "Escape")
+        tmux.wait_gone("demo", "Fingerprint")
+        tmux.keys("demo", "q")  # log out, which asks first
+        tmux.wait("demo", "Yes (y)", 30)
+        tmux.keys("demo", "y")
         screen = tmux.wait("demo", "DEMO-EXIT=0", 60)
         assert "summary:" in screen and str(fed) in screen
     finally:

@@ -69,6 +69,18 @@ class Tmux:
                 raise AssertionError(f"{target!r} never showed {text!r}; it shows:\n{screen}")
             time.sleep(0.3)
 
+    def wait_gone(self, target: str, text: str, timeout: float = 60.0) -> str:
+        """Until ``text`` has left the screen: the key before took effect (a key sent on a
+        timer can reach an app still busy with the one before, and be read with it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen(target)
+            if text not in screen:
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{target!r} still shows {text!r}:\n{screen}")
+            time.sleep(0.3)
+
 
 ESCAPE = re.compile(r"\x1b\[[0-9;:]*m")
 
