@@ -28,7 +28,19 @@ def _agent(state: Path, lines: list[str]) -> Agent:
     return Agent(Hospital(settings, None), say=lines.append)
 
 
-def test_the_socket_is_the_service_users_only_and_removed_on_close(tmp_path: Path) -> None:
+@pytest.mark.parametrize("deep", [False, True], ids=["short-path", "deep-state-folder"])
+def test_the_socket_is_the_service_users_only_and_removed_on_close(tmp_path: Path,
+                                                                   deep: bool) -> None:
+    """Also in a state folder deeper than a Unix socket's address can name (about a
+    hundred bytes): the agent died at start with "AF_UNIX path too long" there."""
+    if deep:
+        tmp_path = tmp_path / ("hospital-state-folder-" * 6) / "state"
+        tmp_path.mkdir(parents=True)
+        assert len(str(tmp_path / "agent.sock")) > 110
+        # Its own address, as the kernel would take it, does not fit:
+        with socket.socket(socket.AF_UNIX) as s, pytest.raises(OSError):
+            s.bind(str(tmp_path / "agent.sock"))
+
     async def scenario() -> None:
         lock = control.AgentLock(tmp_path)
         lock.acquire()

@@ -24,11 +24,11 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from securefl.errors import AgentRunningError, AgentUnavailableError, SecureFLError
+from securefl.errors import AgentRunningError, AgentUnavailableError, ConfigError, SecureFLError
 
 try:  # POSIX
     import fcntl
@@ -44,8 +44,37 @@ TIMEOUT = 10.0
 OPS = ("status", "approve", "skip", "history", "stop")
 
 
+#: A Unix socket's address holds 108 bytes on Linux (104 on macOS), its final NUL included.
+ADDRESS_MAX = 100
+
+
 def socket_path(state_dir: Path) -> Path:
     return Path(state_dir) / SOCKET_NAME
+
+
+@contextlib.contextmanager
+def socket_address(path: Path) -> Iterator[str]:
+    """A name the kernel accepts for the socket file ``path``, valid inside the block.
+
+    Why: a Unix socket's address is limited to about a hundred bytes, and a hospital's state
+    folder can lie deeper than that (the agent then died at start with "AF_UNIX path too
+    long").  Such a path is reached through ``/proc/self/fd/N/agent.sock``, N an open
+    handle on the state folder: the same file, a short name.  Where there is no /proc the
+    sentence says what to change."""
+    text = str(path)
+    if len(os.fsencode(text)) <= ADDRESS_MAX:
+        yield text
+        return
+    if not Path("/proc/self/fd").is_dir():
+        raise ConfigError(
+            f"the hospital's state folder {path.parent} is too long a path for the agent's "
+            f"local socket ({len(os.fsencode(text))} bytes with the socket's name; at most "
+            f"{ADDRESS_MAX}): set state_dir in hospital.toml to a shorter path")
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 class AgentLock:
@@ -98,8 +127,9 @@ class ControlServer:
     async def start(self) -> None:
         old = os.umask(0o177)  # the socket is born 0600, never briefly world-reachable
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path),
-                                                           limit=MAX_LINE)
+            with socket_address(self.path) as address:
+                self._server = await asyncio.start_unix_server(self._serve, path=address,
+                                                               limit=MAX_LINE)
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
@@ -166,8 +196,9 @@ async def call(state_dir: Path, op: str, timeout: float = TIMEOUT,
     """Ask the running agent (async, for the app); ``AgentUnavailableError`` if none."""
     path = socket_path(state_dir)
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(str(path), limit=MAX_LINE), timeout)
+        with socket_address(path) as address:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(address, limit=MAX_LINE), timeout)
     except (OSError, TimeoutError):
         raise _not_there(path) from None
     try:
@@ -190,7 +221,8 @@ def call_sync(state_dir: Path, op: str, timeout: float = TIMEOUT,
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
-            s.connect(str(path))
+            with socket_address(path) as address:
+                s.connect(address)
             s.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n") and len(data) < MAX_LINE * 16:
