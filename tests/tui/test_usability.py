@@ -37,6 +37,7 @@ from securefl.client.session import (
 from securefl.errors import NotEnoughSurvivorsError, ServerUnreachableError
 from securefl.ml.train import ClassMetrics, EvalReport
 from securefl.server.app import Server
+from securefl.tui import common as common_module
 from securefl.tui.admin import app as admin_app_module
 from securefl.tui.admin.app import AdminApp, cannot
 from securefl.tui.admin.audit import AuditScreen
@@ -290,7 +291,8 @@ def training_children(config: Path) -> list[int]:
     return pids
 
 
-def test_ctrl_c_during_a_real_training_asks_and_loses_nothing(fed: Fed) -> None:
+def test_ctrl_c_during_a_real_training_asks_and_loses_nothing(
+        fed: Fed, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real training (tiny synthetic scans, in the app's training process) is under way:
     Ctrl+C asks first with No focused (it used to show only Textual's "press ctrl+q"
     toast) and training goes on after No; Ctrl+X cancels cleanly, after which Ctrl+Q quits
@@ -347,6 +349,10 @@ def test_ctrl_c_during_a_real_training_asks_and_loses_nothing(fed: Fed) -> None:
             await until(pilot, lambda: app.return_code == 0, 60)
         assert unchanged()
 
+        # "Again within two seconds" measures a person's double press; a loaded test machine
+        # can take longer than that between two pilot presses (a CI run did), so the window
+        # is widened here: what is tested is that a second press quits.
+        monkeypatch.setattr(common_module, "QUIT_AGAIN", 120.0)
         app = HospitalApp(config, "hospital_1", connect=False)
         async with app.run_test(size=(80, 24)) as pilot:
             await signed_in(pilot)
@@ -415,10 +421,19 @@ def test_hospital_reconnects_after_a_server_restart_and_can_send(
                 assert "drops it from the round" in str(app.screen.query_one("#question")
                                                         .render())
                 assert app.screen.focused is app.screen.query_one("#no")
+                # A second press more than two seconds later is not a double press: the
+                # question stays (the clock is moved rather than waited for).
+                app._quit_asked -= common_module.QUIT_AGAIN + 1
+                await pilot.press("ctrl+q")
+                await pilot.pause()
+                assert isinstance(app.screen, ConfirmScreen) and app.return_code is None
                 await pilot.press("enter")  # No, by default
                 await pilot.pause()
                 assert app.screen is send and send.running and app.return_code is None
-                await asyncio.sleep(2.1)  # (the next press is a new question, not a repeat)
+                # Later (the next press is a new question, not a repeat), and the double
+                # press is read as one however slow the machine runs between two presses.
+                app._quit_asked = -1e9
+                monkeypatch.setattr(common_module, "QUIT_AGAIN", 120.0)
                 await pilot.press("ctrl+c")  # Ctrl+C asks the same (no "press ctrl+q" toast)
                 await pilot.pause()
                 assert isinstance(app.screen, ConfirmScreen)
