@@ -28,8 +28,12 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Two workers by default (the two cores the suite is sized for); TEST_WORKERS=0 runs it in
+# one process, TEST_WORKERS=auto on every core (each worker starts TensorFlow processes).
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(SSLYZE_STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/secagg_bench.py
