@@ -195,10 +195,13 @@ async def call(state_dir: Path, op: str, timeout: float = TIMEOUT,
                **fields: Any) -> dict[str, Any]:
     """Ask the running agent (async, for the app); ``AgentUnavailableError`` if none."""
     path = socket_path(state_dir)
+    if len(os.fsencode(str(path))) > ADDRESS_MAX:
+        # Reaching it through /proc opens the folder, a blocking call: not on the app's
+        # event loop (the screen would freeze on a slow disk).
+        return await asyncio.to_thread(call_sync, state_dir, op, timeout, **fields)
     try:
-        with socket_address(path) as address:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(address, limit=MAX_LINE), timeout)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(path), limit=MAX_LINE), timeout)
     except (OSError, TimeoutError):
         raise _not_there(path) from None
     try:
