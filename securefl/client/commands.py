@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -301,6 +303,19 @@ async def admin(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Seconds a terminated ``send`` is given to close its connection and records before it
+#: ends without them (its durable send record is written whole or not at all either way).
+STOP_GRACE = 10.0
+
+
+def _stop_now(config: Path) -> None:
+    """A terminated send whose clean-up hung: say so, then end (a service stop must)."""
+    print(f"securefl: {interrupted_send_note(config)} (The clean-up did not finish within "
+          f"{STOP_GRACE:.0f} s, so the command stopped without it.)", file=sys.stderr,
+          flush=True)
+    os._exit(143)
+
+
 def run(coro_fn: object, args: argparse.Namespace) -> int:
     """Run a command; an interrupted ``send`` ends with its one-sentence note.
 
@@ -316,13 +331,24 @@ def run(coro_fn: object, args: argparse.Namespace) -> int:
         task = asyncio.current_task()
         assert task is not None
 
+        loop = asyncio.get_running_loop()
+
         def on_term() -> None:
             nonlocal terminated
+            if terminated:
+                return
             terminated = True
             task.cancel()
+            # Last resort, off the loop: Python 3.11's wait_for can drop a cancellation that
+            # lands as the awaited step completes, and a clean-up can hang in a thread; the
+            # command would then wait for a round for ever (a CI run saw a terminated send
+            # that never exited).  A service stop must end it.
+            watchdog = threading.Timer(STOP_GRACE, _stop_now, args=(args.config,))
+            watchdog.daemon = True
+            watchdog.start()
 
         if sending:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
+            loop.add_signal_handler(signal.SIGTERM, on_term)
         return await coro_fn(args)  # type: ignore[operator]
 
     try:

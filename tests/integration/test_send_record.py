@@ -189,7 +189,7 @@ def test_ctrl_c_during_enrolment_says_send_again_and_send_again_works(
             async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
                 await _wait(admin, "joined", 1)
                 proc.send_signal(signal.SIGINT)
-                _, err = await proc.communicate()
+                _, err = await asyncio.wait_for(proc.communicate(), 60)
                 assert proc.returncode == 130
                 assert "before the masked update left" in err.decode()
                 assert "run send again" in err.decode()
@@ -201,7 +201,7 @@ def test_ctrl_c_during_enrolment_says_send_again_and_send_again_works(
                 await _wait(admin, "joined", 1)
                 assert (await admin.status()).joined == ("a",)
                 proc.terminate()  # a service stop says the same, with its own exit code
-                _, err = await proc.communicate()
+                _, err = await asyncio.wait_for(proc.communicate(), 60)
                 assert proc.returncode == 143 and "run send again" in err.decode()
 
     asyncio.run(scenario())

@@ -6,6 +6,8 @@ record exactly as the round writes it at each stage (``Hospital``'s journal) and
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +153,47 @@ def test_a_resend_bound_to_a_signed_list_must_be_the_identical_update(tmp_path: 
         h.outbox.begin(3, 100, first * 1.01, max_attempts=3)  # retrained
     _, bound = h.outbox.begin(3, 100, first.copy(), max_attempts=3)
     assert bound is not None and bound.survivors == {"a", "b", "c"}
+
+
+HUNG_SEND = """
+import argparse, asyncio, sys
+from pathlib import Path
+from securefl.client import commands
+
+commands.STOP_GRACE = 2.0
+
+async def hung(args):
+    # A send whose clean-up never ends: the cancellation is lost and it waits on.
+    print("ready", flush=True)  # (the SIGTERM handler is in place by now)
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            print("cancel lost", flush=True)
+
+args = argparse.Namespace(client_action="send", config=Path(sys.argv[1]))
+sys.exit(commands.run(hung, args))
+"""
+
+
+def test_a_terminated_send_whose_clean_up_hangs_still_ends_with_143_and_the_note(
+        tmp_path: Path) -> None:
+    """SIGTERM cancels the send; should the cancellation be lost (Python 3.11's wait_for
+    can drop one) or the clean-up hang, the command still ends after STOP_GRACE seconds,
+    with exit 143 and the one-sentence note: a service stop must stop it (a CI run saw a
+    terminated send that never exited)."""
+    proc = subprocess.Popen([sys.executable, "-c", HUNG_SEND, str(tmp_path / "none.toml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        proc.terminate()
+        assert proc.stdout.readline().strip() == "cancel lost"
+        assert proc.wait(timeout=60) == 143
+        err = proc.stderr.read() if proc.stderr else ""
+        assert "send interrupted" in err and "run send again" in err, err
+        assert "did not finish within 2 s" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
