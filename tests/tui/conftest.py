@@ -141,3 +141,20 @@ async def wait_collected(fed: Fed, n: int, timeout: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise AssertionError(f"fewer than {n} updates collected")
             await asyncio.sleep(0.05)
+
+
+def notifications_kept(app: object) -> list[str]:
+    """Every notification ``app`` raises from now on, as it is raised.
+
+    Why not ``app._notifications``: a toast leaves it when it expires (5-10 s), and a loaded
+    machine can take longer than that to hand the test its next look (CI runs missed
+    notifications that had been shown)."""
+    told: list[str] = []
+    notify = app.notify  # type: ignore[attr-defined]
+
+    def keep(message: str, **kw: object) -> object:
+        told.append(str(message))
+        return notify(message, **kw)
+
+    app.notify = keep  # type: ignore[attr-defined]
+    return told

@@ -19,7 +19,7 @@ from securefl.tui.hospital.agent import AgentScreen
 from securefl.tui.hospital.app import HospitalApp
 from securefl.tui.hospital.dashboard import DashboardScreen
 from securefl.tui.hospital.train import TrainScreen
-from tests.tui.conftest import Fed, until
+from tests.tui.conftest import Fed, notifications_kept, until
 
 PENDING = {"schedule_round": 12, "base_version": 11, "opened": "2026-11-28T22:00:00+00:00",
            "deadline": "2026-11-29T00:00:00+00:00",
@@ -76,24 +76,22 @@ def test_with_an_agent_running_the_app_shows_it_refuses_to_train_and_approves(
              "deadline": deadline.isoformat()}, deadline))
         try:
             app = HospitalApp(fed.hospital_tomls[0], "hospital_1", connect=False)
+            said = notifications_kept(app)
             async with app.run_test(size=(80, 24)) as pilot:
                 await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
                 await until(pilot, lambda: app.agent_status is not None
                             and app.agent_status.get("pending") is not None)
-                said = [str(n.message) for n in app._notifications]
                 assert any("Round 3 waits for your approval" in m for m in said), said
                 await pilot.press("t")  # the app does not train while the agent runs
                 await until(pilot, lambda: isinstance(app.screen, AgentScreen))
                 assert not any(isinstance(s, TrainScreen) for s in app.screen_stack)
-                said = [str(n.message) for n in app._notifications]
                 assert any("so the app does not train itself" in m for m in said), said
                 table = app.screen.query_one("#scans")
                 total = table.get_row_at(table.row_count - 1)  # counted from the kit's scans
                 assert total[0] == "total" and int(total[1]) + int(total[2]) == 70
                 await pilot.press("a")
                 decision = await asyncio.wait_for(waiting, 20)
-                await until(pilot, lambda: any("Round 3 approved" in str(n.message)
-                                               for n in app._notifications))
+                await until(pilot, lambda: any("Round 3 approved" in m for m in said))
                 return decision
         finally:
             waiting.cancel()
@@ -112,5 +110,28 @@ def test_without_an_agent_the_app_trains_as_before(fed: Fed) -> None:
             await pilot.press("t")
             await until(pilot, lambda: isinstance(app.screen, TrainScreen))
             assert app.agent_status is None
+
+    asyncio.run(scenario())
+
+
+def test_the_agents_sentences_are_shown_as_written_brackets_included(fed: Fed) -> None:
+    """The agent quotes settings and reason codes in brackets; read as markup they vanished
+    ("today ( max_rounds_per_day)"), so a person could not tell which setting declined."""
+    said = ("not taking part in round 6: this agent already took part in 2 round(s) today "
+            "([agent] max_rounds_per_day) [daily-limit]")
+    status = {**STATUSES["training"], "state": "waiting", "progress": None, "detail": said}
+
+    async def scenario() -> None:
+        app = HospitalApp(fed.hospital_tomls[0], "hospital_1", connect=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+            await pilot.press("a")
+            await pilot.pause()
+            screen = app.screen
+            assert isinstance(screen, AgentScreen)
+            screen.show(status)
+            await pilot.pause()
+            shown = str(screen.query_one("#detail").render())
+            assert "([agent] max_rounds_per_day) [daily-limit]" in shown, shown
 
     asyncio.run(scenario())

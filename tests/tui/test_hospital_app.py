@@ -28,6 +28,7 @@ from tests.tui.conftest import (
     HEADLESS_UPDATE,
     Fed,
     headless_send,
+    notifications_kept,
     running,
     until,
     wait_collected,
@@ -69,16 +70,7 @@ def test_sign_in_checks_the_name_against_the_certificate(fed: Fed) -> None:
 def test_unreachable_server_is_said_plainly(fed: Fed) -> None:
     async def scenario() -> None:
         app = HospitalApp(fed.hospital_tomls[0], "hospital_1")
-        # Every notification as it is raised: a toast lasts 8 s, and a loaded machine can
-        # take longer than that to hand the test its next look (a CI run missed it so).
-        told: list[str] = []
-        notify = app.notify
-
-        def keep(message: str, **kw: object) -> None:
-            told.append(str(message))
-            notify(message, **kw)  # type: ignore[arg-type]
-
-        app.notify = keep  # type: ignore[method-assign]
+        told = notifications_kept(app)
         async with app.run_test(size=(80, 24)) as pilot:
             await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
             await until(pilot, lambda: "trying again in" in text(app, "#connection"))

@@ -9,12 +9,14 @@ the event loop's time) and calls ``show``; the buttons ask the app to send the d
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Header, ProgressBar, Static
@@ -93,11 +95,14 @@ class AgentScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         with VerticalScroll(id="agent"):
-            yield Static("", id="state")
-            yield Static("", id="detail")
+            # The agent's own sentences quote settings and reason codes in brackets
+            # ("([agent] max_rounds_per_day) [daily-limit]"): shown as written, not read
+            # as markup (which swallowed them).
+            yield Static("", id="state", markup=False)
+            yield Static("", id="detail", markup=False)
             yield ProgressBar(total=1.0, show_eta=False, id="progress")
             with Vertical(id="pending"):
-                yield Static("", id="pending-text")
+                yield Static("", id="pending-text", markup=False)
                 yield DataTable(id="scans", cursor_type="none", zebra_stripes=True)
                 with Horizontal(id="decide"):
                     yield Button("Approve (a)", id="approve", variant="success")
@@ -115,7 +120,10 @@ class AgentScreen(Screen):
     def show(self, status: dict[str, Any] | None) -> None:
         self.status = status
         if self.is_mounted:
-            self._draw()
+            # The app's agent poll can answer after the app began closing and this screen's
+            # widgets went: nothing is left to draw then (NoMatches ended the app so).
+            with contextlib.suppress(NoMatches):
+                self._draw()
 
     def _draw(self) -> None:
         status = self.status
