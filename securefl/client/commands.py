@@ -325,6 +325,7 @@ def run(coro_fn: object, args: argparse.Namespace) -> int:
     waiting for ever (a CI run saw a terminated send that never exited)."""
     sending = getattr(args, "client_action", None) == "send"
     terminated = False
+    watchdog: threading.Timer | None = None
 
     async def main() -> int:
         nonlocal terminated
@@ -334,7 +335,7 @@ def run(coro_fn: object, args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
 
         def on_term() -> None:
-            nonlocal terminated
+            nonlocal terminated, watchdog
             if terminated:
                 return
             terminated = True
@@ -356,6 +357,8 @@ def run(coro_fn: object, args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:
         # Ctrl-C reaches here as KeyboardInterrupt, our SIGTERM as the cancellation.
         if sending and (terminated or isinstance(exc, KeyboardInterrupt)):
+            if watchdog is not None:  # the clean-up finished in time: one note, not two
+                watchdog.cancel()
             print(f"securefl: {interrupted_send_note(args.config)}", file=sys.stderr)
             return 143 if terminated else 130
         raise
