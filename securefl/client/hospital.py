@@ -19,7 +19,10 @@ Files in the hospital's ``state_dir`` (network state) and ``[ml] model_dir``:
   local.json                 which global version the local model is based on, how it was
                              personalised, whether it was trained since, on how many scans,
                              and the sha256 of the trained weights (``send`` refuses a model
-                             that is not that one)
+                             that is not that one) and of the model file after training
+  trained.npy                the trained weights as one vector: ``send`` reads them without
+                             importing TensorFlow while model.keras is the file training
+                             wrote (otherwise it loads the model and checks its weights)
   send.json, sent/           the durable record of the last send and the updates handed to
                              rounds (``securefl.client.outbox``)
   history.jsonl              training and evaluation metrics over time (securefl.ml)
@@ -40,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import threading
 from collections.abc import Callable
@@ -81,6 +85,21 @@ class LocalState:
     personalisation: str = ""
     personalised_scans: int = 0
     personalisation_note: str = ""
+    #: sha256 of the model file's bytes right after training: while the file is unchanged,
+    #: ``send`` takes the trained weights from ``trained.npy`` without loading Keras.
+    model_file_sha256: str | None = None
+
+
+#: The trained weights as one float32 vector, written by ``train`` (see ``_keep_trained``).
+TRAINED_FILE = "trained.npy"
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
 
 
 class Hospital:
@@ -152,7 +171,8 @@ class Hospital:
                           tuple(raw.get("classes") or ()),
                           str(raw.get("personalisation") or ""),
                           int(raw.get("personalised_scans", 0)),
-                          str(raw.get("personalisation_note") or ""))
+                          str(raw.get("personalisation_note") or ""),
+                          raw.get("model_file_sha256"))
 
     def _set_local_state(self, state: LocalState) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -294,9 +314,11 @@ class Hospital:
         else:
             self._after_save()
             base = meta["version"] if meta else None
+            trained_w = to_vector(model)
+            self._keep_trained(trained_w)
             self._set_local_state(LocalState(base, True, result.num_samples,
-                                             vector_sha256(to_vector(model)),
-                                             tuple(self.ml.classes)))
+                                             vector_sha256(trained_w), tuple(self.ml.classes),
+                                             model_file_sha256=_file_sha256(self.ml.model_path)))
         self.log.trained(meta["version"] if meta else None, result.num_samples,
                          cancelled=result.cancelled)
         return result
@@ -417,7 +439,9 @@ class Hospital:
             raise DataError(f"the local model was trained from version {state.base_version} "
                             f"but version {meta['version']} was downloaded since: train again")
         global_w = np.load(self.state_dir / "global.npy").astype(np.float32)
-        local_w = to_vector(self.model())
+        local_w = self._kept_trained(state)
+        if local_w is None:  # an older state folder, or the model file changed since
+            local_w = to_vector(self.model())
         if local_w.shape != global_w.shape:
             raise DataError("the local model does not match the global model's shape: check "
                             "the [ml] settings against the server's model")
@@ -425,6 +449,35 @@ class Hospital:
             raise DataError(f"{self.ml.model_path} is not the model that was trained (it "
                             "changed since training): train again, then send")
         return local_w - global_w, state.num_samples, int(meta["version"])
+
+    def _keep_trained(self, weights: np.ndarray) -> None:
+        """Keep the trained weights beside the model file: ``send`` then needs no Keras.
+
+        Why: loading a Keras model means importing TensorFlow, 5-10 s before a send even
+        knows whether the server will take the update; the model file's bytes and the
+        weights' sha256 (both in local.json) say whether this copy is still the model.
+        """
+        path = self.state_dir / TRAINED_FILE
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(weights, dtype="<f4"))
+        tmp.replace(path)
+
+    def _kept_trained(self, state: LocalState) -> np.ndarray | None:
+        """The trained weights kept at training, if the model file is still that model."""
+        path = self.state_dir / TRAINED_FILE
+        if state.model_file_sha256 is None or state.weights_sha256 is None:
+            return None
+        try:
+            if _file_sha256(self.ml.model_path) != state.model_file_sha256:
+                return None
+            weights = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        if weights.ndim != 1 or vector_sha256(weights) != state.weights_sha256:
+            return None
+        return weights.astype(np.float32, copy=False)
 
     # -- federation (async) --------------------------------------------------------------------
     def unsent_training(self, server_version: int) -> int | None:

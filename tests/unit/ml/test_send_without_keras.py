@@ -1,0 +1,87 @@
+"""``send`` takes the trained weights without TensorFlow, and never other weights.
+
+``train`` keeps the trained weights in ``state/trained.npy`` with the model file's sha256;
+``send`` (``Hospital.local_update``) reads them in a process that never imports TensorFlow
+while the model file is the one training wrote, and otherwise loads the model and checks its
+weights as before.  Each test compares the update with the trained model minus the model as
+downloaded, computed here from the saved files.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from securefl.client.hospital import TRAINED_FILE, Hospital
+from securefl.errors import DataError
+from securefl.ml.local import new_model
+from securefl.ml.model import from_vector, load_model, save_model, to_vector
+
+from .test_personalise import _downloaded, _hospital, _ml
+
+
+def _trained(tmp_path: Path, synth_root: Path) -> tuple[Hospital, np.ndarray, np.ndarray]:
+    ml = _ml(tmp_path, synth_root, personalise="recalibrate")
+    h = _hospital(tmp_path, ml)
+    g = to_vector(new_model(ml))
+    _downloaded(h, g, 0)
+    h.train()
+    return h, g, to_vector(load_model(ml.model_path))
+
+
+def test_send_in_a_fresh_process_needs_no_tensorflow_and_sends_trained_minus_downloaded(
+        tmp_path: Path, synth_root: Path) -> None:
+    h, g, trained = _trained(tmp_path, synth_root)
+    out = tmp_path / "update.npy"
+    code = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        from securefl import config
+        from securefl.client.hospital import Hospital
+        from securefl.ml.settings import MLSettings
+        tmp = {str(tmp_path)!r}
+        settings = config.ClientSettings(cert=tmp + "/c.pem", key=tmp + "/k.pem",
+                                         ca=tmp + "/ca.pem", state_dir=tmp + "/state")
+        ml = MLSettings.model_validate_json({h.ml.model_dump_json()!r})
+        update, samples, base = Hospital(settings, ml).local_update()
+        np.save({str(out)!r}, update)
+        print(samples, base, "tensorflow" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    samples, base, tf_loaded = done.stdout.split()
+    assert (int(samples), int(base)) == (h.local_state().num_samples, 0)
+    assert tf_loaded == "False"
+    np.testing.assert_array_equal(np.load(out), trained - g)
+
+
+def test_a_model_file_changed_since_training_is_refused_whatever_the_kept_copy_says(
+        tmp_path: Path, synth_root: Path) -> None:
+    h, _, trained = _trained(tmp_path, synth_root)
+    other = load_model(h.ml.model_path)
+    from_vector(other, trained + np.float32(0.01))
+    save_model(other, h.ml.model_path)  # e.g. a model copied in from elsewhere
+    with pytest.raises(DataError, match="is not the model that was trained"):
+        h.local_update()
+
+
+def test_the_same_weights_saved_again_or_a_damaged_kept_copy_fall_back_to_the_model(
+        tmp_path: Path, synth_root: Path) -> None:
+    h, g, trained = _trained(tmp_path, synth_root)
+    kept = h.state_dir / TRAINED_FILE
+    np.save(kept, trained + np.float32(1.0))  # the copy no longer matches its sha256
+    update, _, _ = h.local_update()
+    np.testing.assert_array_equal(update, trained - g)
+    kept.write_bytes(b"not an array")
+    np.testing.assert_array_equal(h.local_update()[0], trained - g)
+    kept.unlink()
+    np.testing.assert_array_equal(h.local_update()[0], trained - g)
+    same = load_model(h.ml.model_path)
+    save_model(same, h.ml.model_path)  # other bytes, the trained weights
+    np.testing.assert_array_equal(h.local_update()[0], trained - g)
