@@ -146,6 +146,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--fresh-local-optimiser", action="store_true",
                    help="federated arms: every round's local training starts with a fresh "
                    "Adam state instead of the hospital's own from its last round")
+    p.add_argument("--patience", type=int, default=0,
+                   help="0: every training call runs --local-epochs epochs.  N > 0: as the "
+                        "product trains ([ml] epochs and patience), --local-epochs is a "
+                        "maximum and a call stops once the validation loss has not improved "
+                        "for N epochs, ending on its best epoch; hospitals (local and "
+                        "federated arms) stop on their own validation scans, the central "
+                        "arm on all hospitals' validation scans")
     p.add_argument("--arms", default="local,fedavg,secure,central",
                    help="comma-separated subset of local,fedavg,secure,central (scouting)")
     return p.parse_args()
@@ -184,6 +191,8 @@ def main() -> int:
     bounds = np.cumsum([0] + [len(t) for t in tests])
     own = [slice(int(bounds[h]), int(bounds[h + 1])) for h in range(len(names))]
     pooled_train = ImageSet.concat(trains)
+    pooled_val = ImageSet.concat(vals)
+    epochs_run = [0]  # training epochs actually run (early stopping), for the log
     log(f"data ready in {time.perf_counter() - t0:.0f} s: "
         + "; ".join(f"{n} train {t.counts()} validation {len(v)}"
                     for n, t, v in zip(names, trains, vals, strict=True)))
@@ -205,10 +214,14 @@ def main() -> int:
         cos = 0.5 * (1 + math.cos(math.pi * r / (args.rounds - 1)))
         return args.lr * (args.lr_floor + (1 - args.lr_floor) * cos)
 
-    def fit(model, data, epochs, seed, r, lr=None):
-        train(model, data, epochs=epochs, batch_size=args.batch,
-              learning_rate=lr_at(r) if lr is None else lr, seed=seed,
-              calibrate=not args.no_calibrate)
+    def fit(model, data, epochs, seed, r, lr=None, validation=None):
+        stop = args.patience > 0 and validation is not None
+        res = train(model, data, epochs=epochs, batch_size=args.batch,
+                    learning_rate=lr_at(r) if lr is None else lr, seed=seed,
+                    calibrate=not args.no_calibrate, validation=validation if stop else None,
+                    patience=max(args.patience, 1))
+        epochs_run[0] += res.epochs_run
+        return res
 
     def pooled_probs(model) -> np.ndarray:
         return predict_proba(model, pooled_test.images)
@@ -247,7 +260,8 @@ def main() -> int:
             from_vector(workers[h], w0)
             curve, own_curve, val_curve = [], [], []
             for r in range(args.rounds):
-                fit(workers[h], data, args.local_epochs, seed=1000 * r + h, r=r)
+                fit(workers[h], data, args.local_epochs, seed=1000 * r + h, r=r,
+                    validation=vals[h])
                 probs = pooled_probs(workers[h])
                 curve.append(bal_pooled(probs))
                 own_curve.append(bal_own(probs, h))
@@ -312,11 +326,13 @@ def main() -> int:
         checkpoints = []
         for r in range(args.rounds):
             deltas, weights = [], []
+            before = epochs_run[0]
             for h, data in enumerate(trains):
                 from_vector(workers[h], g)
                 if args.fresh_local_optimiser:
                     reset_optimizer(workers[h])
-                fit(workers[h], data, args.local_epochs, seed=1000 * r + h, r=r)
+                fit(workers[h], data, args.local_epochs, seed=1000 * r + h, r=r,
+                    validation=vals[h])
                 deltas.append(to_vector(workers[h]) - g)
                 weights.append(len(data))
             stack = np.abs(np.stack(deltas))
@@ -330,7 +346,8 @@ def main() -> int:
             g = opt.step(g, np.asarray(mean_fn(deltas, weights), dtype=np.float32))
             from_vector(workers[0], g)
             curve.append(bal_pooled(pooled_probs(workers[0])))
-            msg = f"{label} round {r + 1}/{args.rounds}: global {curve[-1]:.3f}"
+            msg = (f"{label} round {r + 1}/{args.rounds}: global {curve[-1]:.3f} "
+                   f"(local epochs {epochs_run[0] - before})")
             if r >= keep_from:
                 checkpoints.append(personalise(pers, g, r))
                 c = checkpoints[-1]
@@ -368,10 +385,15 @@ def main() -> int:
     if "central" in arms:
         central = fresh()
         central_curve = []
+        central_epochs: list[int] = []
         for r in range(args.rounds):
-            fit(central, pooled_train, args.local_epochs, seed=1000 * r + 7, r=r)
+            before = epochs_run[0]
+            fit(central, pooled_train, args.local_epochs, seed=1000 * r + 7, r=r,
+                validation=pooled_val)
+            central_epochs.append(epochs_run[0] - before)
             central_curve.append(bal_pooled(pooled_probs(central)))
-        log("central: " + " ".join(f"{a:.3f}" for a in central_curve))
+        log("central: " + " ".join(f"{a:.3f}" for a in central_curve)
+            + f" | epochs per block {central_epochs}")
 
     def tail(curve):  # mean of the last checkpoints: one snapshot is noisy (see RESULTS.md)
         return float(np.mean(curve[-args.average:]))
@@ -442,6 +464,8 @@ def main() -> int:
         "rounds": args.rounds,
         "averaged_checkpoints": args.average,
         "seed": args.seed,
+        "local_epochs": args.local_epochs,
+        "patience": args.patience,
         "server_opt": opt_settings.model_dump(),
         "norm": args.norm,
         "calibrate": not args.no_calibrate,
