@@ -308,57 +308,61 @@ async def admin(args: argparse.Namespace) -> int:
 STOP_GRACE = 10.0
 
 
-def _stop_now(config: Path) -> None:
-    """A terminated send whose clean-up hung: say so, then end (a service stop must)."""
-    print(f"securefl: {interrupted_send_note(config)} (The clean-up did not finish within "
-          f"{STOP_GRACE:.0f} s, so the command stopped without it.)", file=sys.stderr,
-          flush=True)
-    os._exit(143)
+def _stop_now(config: Path, code: int, why: str) -> None:
+    """A stopped send whose clean-up hung, or a second Ctrl-C: say so, then end."""
+    print(f"securefl: {interrupted_send_note(config)} ({why})", file=sys.stderr, flush=True)
+    os._exit(code)
 
 
 def run(coro_fn: object, args: argparse.Namespace) -> int:
     """Run a command; an interrupted ``send`` ends with its one-sentence note.
 
-    SIGTERM (a service stop) cancels the command's task on the event loop, as Ctrl-C does
-    (asyncio's runner).  It used to raise from a plain signal handler, at whatever point
-    the loop was: inside its TLS or transport bookkeeping that could leave the clean-up
-    waiting for ever (a CI run saw a terminated send that never exited)."""
+    For ``send``, Ctrl-C and SIGTERM (a service stop) cancel the command's task on the event
+    loop.  SIGTERM used to raise from a plain signal handler, at whatever point the loop was:
+    inside its TLS or transport bookkeeping that could leave the clean-up waiting for ever
+    (a CI run saw a terminated send that never exited).  Either signal also starts a
+    watchdog (:data:`STOP_GRACE`), and Ctrl-C pressed again stops at once: Python 3.11's
+    ``wait_for`` can drop a cancellation that lands as the awaited step completes, and a
+    send that ignored one Ctrl-C would wait for a whole round (a CI run saw that too)."""
     sending = getattr(args, "client_action", None) == "send"
-    terminated = False
+    stopped: int | None = None  # the exit status of the signal that stopped the send
     watchdog: threading.Timer | None = None
 
     async def main() -> int:
-        nonlocal terminated
         task = asyncio.current_task()
         assert task is not None
 
         loop = asyncio.get_running_loop()
 
-        def on_term() -> None:
-            nonlocal terminated, watchdog
-            if terminated:
+        def on_signal(code: int) -> None:
+            nonlocal stopped, watchdog
+            if stopped is not None:
+                if code == 130:  # Ctrl-C again: the person does not want to wait
+                    _stop_now(args.config, 130, "stopped at once on a second Ctrl-C")
                 return
-            terminated = True
+            stopped = code
             task.cancel()
-            # Last resort, off the loop: Python 3.11's wait_for can drop a cancellation that
-            # lands as the awaited step completes, and a clean-up can hang in a thread; the
-            # command would then wait for a round for ever (a CI run saw a terminated send
-            # that never exited).  A service stop must end it.
-            watchdog = threading.Timer(STOP_GRACE, _stop_now, args=(args.config,))
+            watchdog = threading.Timer(
+                STOP_GRACE, _stop_now,
+                args=(args.config, code, f"the clean-up did not finish within "
+                                         f"{STOP_GRACE:.0f} s, so the command stopped "
+                                         "without it"))
             watchdog.daemon = True
             watchdog.start()
 
         if sending:
-            loop.add_signal_handler(signal.SIGTERM, on_term)
+            loop.add_signal_handler(signal.SIGTERM, on_signal, 143)
+            loop.add_signal_handler(signal.SIGINT, on_signal, 130)
         return await coro_fn(args)  # type: ignore[operator]
 
     try:
         return asyncio.run(main())
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:
-        # Ctrl-C reaches here as KeyboardInterrupt, our SIGTERM as the cancellation.
-        if sending and (terminated or isinstance(exc, KeyboardInterrupt)):
+        # A send stopped by a signal ends in the cancellation; Ctrl-C in other commands
+        # (or before the loop ran) reaches here as KeyboardInterrupt.
+        if sending and (stopped is not None or isinstance(exc, KeyboardInterrupt)):
             if watchdog is not None:  # the clean-up finished in time: one note, not two
                 watchdog.cancel()
             print(f"securefl: {interrupted_send_note(args.config)}", file=sys.stderr)
-            return 143 if terminated else 130
+            return stopped or 130
         raise

@@ -6,6 +6,7 @@ record exactly as the round writes it at each stage (``Hospital``'s journal) and
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -176,23 +177,46 @@ sys.exit(commands.run(hung, args))
 """
 
 
-def test_a_terminated_send_whose_clean_up_hangs_still_ends_with_143_and_the_note(
-        tmp_path: Path) -> None:
-    """SIGTERM cancels the send; should the cancellation be lost (Python 3.11's wait_for
-    can drop one) or the clean-up hang, the command still ends after STOP_GRACE seconds,
-    with exit 143 and the one-sentence note: a service stop must stop it (a CI run saw a
-    terminated send that never exited)."""
+@pytest.mark.parametrize(("stop", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "Ctrl-C"])
+def test_a_stopped_send_whose_clean_up_hangs_still_ends_with_its_code_and_the_note(
+        tmp_path: Path, stop: signal.Signals, code: int) -> None:
+    """SIGTERM or Ctrl-C cancels the send; should the cancellation be lost (Python 3.11's
+    wait_for can drop one) or the clean-up hang, the command still ends after STOP_GRACE
+    seconds, with 143 or 130 and the one-sentence note: a service stop must stop it, and a
+    person's Ctrl-C too (CI runs saw a terminated and an interrupted send that never
+    exited)."""
     proc = subprocess.Popen([sys.executable, "-c", HUNG_SEND, str(tmp_path / "none.toml")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
-        proc.terminate()
+        proc.send_signal(stop)
         assert proc.stdout.readline().strip() == "cancel lost"
-        assert proc.wait(timeout=60) == 143
+        assert proc.wait(timeout=60) == code
         err = proc.stderr.read() if proc.stderr else ""
         assert "send interrupted" in err and "run send again" in err, err
         assert "did not finish within 2 s" in err, err
+        assert "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_ctrl_c_twice_stops_a_hung_send_at_once(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", HUNG_SEND.replace("2.0", "600.0"),
+                             str(tmp_path / "none.toml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        assert proc.stdout.readline().strip() == "cancel lost"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130  # not after the 600 s grace
+        err = proc.stderr.read() if proc.stderr else ""
+        assert "run send again" in err and "stopped at once on a second Ctrl-C" in err, err
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,23 @@ from securefl.ml.local import new_model
 from securefl.ml.model import from_vector, load_model, save_model, to_vector
 
 from .test_personalise import _downloaded, _hospital, _ml
+
+#: What ``client send`` does with a trained model, in a fresh process.
+SEND_ALONE = """
+import sys
+from pathlib import Path
+import numpy as np
+from securefl import config
+from securefl.client.hospital import Hospital
+from securefl.ml.settings import MLSettings
+tmp, out = Path(sys.argv[1]), sys.argv[2]
+files = {"cert": tmp / "c.pem", "key": tmp / "k.pem", "ca": tmp / "ca.pem"}
+settings = config.ClientSettings(**files, state_dir=tmp / "state")
+ml_settings = MLSettings.model_validate_json((tmp / "ml.json").read_text())
+update, samples, base = Hospital(settings, ml_settings).local_update()
+np.save(out, update)
+print(samples, base, "tensorflow" in sys.modules)
+"""
 
 
 def _trained(tmp_path: Path, synth_root: Path) -> tuple[Hospital, np.ndarray, np.ndarray]:
@@ -38,22 +54,9 @@ def test_send_in_a_fresh_process_needs_no_tensorflow_and_sends_trained_minus_dow
         tmp_path: Path, synth_root: Path) -> None:
     h, g, trained = _trained(tmp_path, synth_root)
     out = tmp_path / "update.npy"
-    code = textwrap.dedent(f"""
-        import sys
-        import numpy as np
-        from securefl import config
-        from securefl.client.hospital import Hospital
-        from securefl.ml.settings import MLSettings
-        tmp = {str(tmp_path)!r}
-        settings = config.ClientSettings(cert=tmp + "/c.pem", key=tmp + "/k.pem",
-                                         ca=tmp + "/ca.pem", state_dir=tmp + "/state")
-        ml = MLSettings.model_validate_json({h.ml.model_dump_json()!r})
-        update, samples, base = Hospital(settings, ml).local_update()
-        np.save({str(out)!r}, update)
-        print(samples, base, "tensorflow" in sys.modules)
-    """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    (tmp_path / "ml.json").write_text(h.ml.model_dump_json())
+    done = subprocess.run([sys.executable, "-c", SEND_ALONE, str(tmp_path), str(out)],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     samples, base, tf_loaded = done.stdout.split()
     assert (int(samples), int(base)) == (h.local_state().num_samples, 0)
