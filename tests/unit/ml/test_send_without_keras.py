@@ -9,6 +9,7 @@ downloaded, computed here from the saved files.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,18 +42,28 @@ print(samples, base, "tensorflow" in sys.modules)
 """
 
 
-def _trained(tmp_path: Path, synth_root: Path) -> tuple[Hospital, np.ndarray, np.ndarray]:
-    ml = _ml(tmp_path, synth_root, personalise="recalibrate")
-    h = _hospital(tmp_path, ml)
-    g = to_vector(new_model(ml))
-    _downloaded(h, g, 0)
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Path:
+    """One hospital that downloaded version 0 and trained (each test works on a copy)."""
+    root = tmp_path_factory.mktemp("trained")
+    h = _hospital(root, _ml(root, synth_root, personalise="recalibrate"))
+    _downloaded(h, to_vector(new_model(h.ml)), 0)
     h.train()
-    return h, g, to_vector(load_model(ml.model_path))
+    return root
+
+
+def _trained(tmp_path: Path, synth_root: Path, source: Path
+             ) -> tuple[Hospital, np.ndarray, np.ndarray]:
+    for part in ("state", "model"):
+        shutil.copytree(source / part, tmp_path / part)
+    h = _hospital(tmp_path, _ml(tmp_path, synth_root, personalise="recalibrate"))
+    g = np.load(h.state_dir / "global.npy")
+    return h, g, to_vector(load_model(h.ml.model_path))
 
 
 def test_send_in_a_fresh_process_needs_no_tensorflow_and_sends_trained_minus_downloaded(
-        tmp_path: Path, synth_root: Path) -> None:
-    h, g, trained = _trained(tmp_path, synth_root)
+        tmp_path: Path, synth_root: Path, trained_once: Path) -> None:
+    h, g, trained = _trained(tmp_path, synth_root, trained_once)
     out = tmp_path / "update.npy"
     (tmp_path / "ml.json").write_text(h.ml.model_dump_json())
     done = subprocess.run([sys.executable, "-c", SEND_ALONE, str(tmp_path), str(out)],
@@ -65,8 +76,8 @@ def test_send_in_a_fresh_process_needs_no_tensorflow_and_sends_trained_minus_dow
 
 
 def test_a_model_file_changed_since_training_is_refused_whatever_the_kept_copy_says(
-        tmp_path: Path, synth_root: Path) -> None:
-    h, _, trained = _trained(tmp_path, synth_root)
+        tmp_path: Path, synth_root: Path, trained_once: Path) -> None:
+    h, _, trained = _trained(tmp_path, synth_root, trained_once)
     other = load_model(h.ml.model_path)
     from_vector(other, trained + np.float32(0.01))
     save_model(other, h.ml.model_path)  # e.g. a model copied in from elsewhere
@@ -75,8 +86,8 @@ def test_a_model_file_changed_since_training_is_refused_whatever_the_kept_copy_s
 
 
 def test_the_same_weights_saved_again_or_a_damaged_kept_copy_fall_back_to_the_model(
-        tmp_path: Path, synth_root: Path) -> None:
-    h, g, trained = _trained(tmp_path, synth_root)
+        tmp_path: Path, synth_root: Path, trained_once: Path) -> None:
+    h, g, trained = _trained(tmp_path, synth_root, trained_once)
     kept = h.state_dir / TRAINED_FILE
     np.save(kept, trained + np.float32(1.0))  # the copy no longer matches its sha256
     update, _, _ = h.local_update()
