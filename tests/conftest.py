@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 
-from securefl.server.initial import CACHE_ENV
+from securefl.server.v0cache import CACHE_ENV
 
 _cache = tempfile.mkdtemp(prefix="securefl-test-cache-")
 os.environ[CACHE_ENV] = _cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -308,9 +309,17 @@ async def admin(args: argparse.Namespace) -> int:
 STOP_GRACE = 10.0
 
 
-def _stop_now(config: Path, code: int, why: str) -> None:
-    """A stopped send whose clean-up hung, or a second Ctrl-C: say so, then end."""
-    print(f"securefl: {interrupted_send_note(config)} ({why})", file=sys.stderr, flush=True)
+def _stop_now(config: Path, code: int, why: str, err_fd: int) -> None:
+    """A stopped send whose clean-up hung, or a second Ctrl-C: say so, then end.
+
+    The note goes to ``err_fd``, a copy of the terminal's stderr taken when the command
+    started: while TensorFlow is imported, fd 2 points at a temporary file (``ml._tf``),
+    and a note written there would vanish with the process."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    note = f"securefl: {interrupted_send_note(config)} ({why})\n"
+    with contextlib.suppress(OSError):
+        os.write(err_fd, note.encode("utf-8", "replace"))
     os._exit(code)
 
 
@@ -327,6 +336,10 @@ def run(coro_fn: object, args: argparse.Namespace) -> int:
     sending = getattr(args, "client_action", None) == "send"
     stopped: int | None = None  # the exit status of the signal that stopped the send
     watchdog: threading.Timer | None = None
+    err_fd = os.dup(2) if sending else 2
+    # A send started in the background by a shell script ignores Ctrl-C (the shell set
+    # SIGINT to "ignore" for it); that choice stays.
+    take_sigint = signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
     async def main() -> int:
         task = asyncio.current_task()
@@ -338,7 +351,7 @@ def run(coro_fn: object, args: argparse.Namespace) -> int:
             nonlocal stopped, watchdog
             if stopped is not None:
                 if code == 130:  # Ctrl-C again: the person does not want to wait
-                    _stop_now(args.config, 130, "stopped at once on a second Ctrl-C")
+                    _stop_now(args.config, 130, "stopped at once on a second Ctrl-C", err_fd)
                 return
             stopped = code
             task.cancel()
@@ -346,13 +359,14 @@ def run(coro_fn: object, args: argparse.Namespace) -> int:
                 STOP_GRACE, _stop_now,
                 args=(args.config, code, f"the clean-up did not finish within "
                                          f"{STOP_GRACE:.0f} s, so the command stopped "
-                                         "without it"))
+                                         "without it", err_fd))
             watchdog.daemon = True
             watchdog.start()
 
         if sending:
             loop.add_signal_handler(signal.SIGTERM, on_signal, 143)
-            loop.add_signal_handler(signal.SIGINT, on_signal, 130)
+            if take_sigint:
+                loop.add_signal_handler(signal.SIGINT, on_signal, 130)
         return await coro_fn(args)  # type: ignore[operator]
 
     try:
@@ -363,6 +377,12 @@ def run(coro_fn: object, args: argparse.Namespace) -> int:
         if sending and (stopped is not None or isinstance(exc, KeyboardInterrupt)):
             if watchdog is not None:  # the clean-up finished in time: one note, not two
                 watchdog.cancel()
-            print(f"securefl: {interrupted_send_note(args.config)}", file=sys.stderr)
+            with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C while it prints
+                print(f"securefl: {interrupted_send_note(args.config)}", file=sys.stderr)
             return stopped or 130
         raise
+    finally:
+        if watchdog is not None:  # a send that finished anyway is not "interrupted"
+            watchdog.cancel()
+        if err_fd != 2:
+            os.close(err_fd)

@@ -45,6 +45,8 @@ import contextlib
 import functools
 import hashlib
 import json
+import os
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -315,10 +317,11 @@ class Hospital:
             self._after_save()
             base = meta["version"] if meta else None
             trained_w = to_vector(model)
-            self._keep_trained(trained_w)
-            self._set_local_state(LocalState(base, True, result.num_samples,
-                                             vector_sha256(trained_w), tuple(self.ml.classes),
-                                             model_file_sha256=_file_sha256(self.ml.model_path)))
+            kept = self._keep_trained(trained_w)
+            self._set_local_state(LocalState(
+                base, True, result.num_samples, vector_sha256(trained_w),
+                tuple(self.ml.classes),
+                model_file_sha256=result.model_file_sha256 if kept else None))
         self.log.trained(meta["version"] if meta else None, result.num_samples,
                          cancelled=result.cancelled)
         return result
@@ -403,6 +406,8 @@ class Hospital:
         except DataError:
             model = self._model = load_or_create_model(self.ml, replace_other=True)
         from_vector(model, weights)
+        with contextlib.suppress(OSError):  # the last training's copy means nothing now
+            (self.state_dir / TRAINED_FILE).unlink(missing_ok=True)
         kind, scans, note = "", 0, ""
         try:
             if not personalise:
@@ -450,34 +455,49 @@ class Hospital:
                             "changed since training): train again, then send")
         return local_w - global_w, state.num_samples, int(meta["version"])
 
-    def _keep_trained(self, weights: np.ndarray) -> None:
+    def _keep_trained(self, weights: np.ndarray) -> bool:
         """Keep the trained weights beside the model file: ``send`` then needs no Keras.
 
         Why: loading a Keras model means importing TensorFlow, 5-10 s before a send even
         knows whether the server will take the update; the model file's bytes and the
         weights' sha256 (both in local.json) say whether this copy is still the model.
+        Best effort: a copy that cannot be written only means ``send`` loads the model.
         """
         path = self.state_dir / TRAINED_FILE
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(weights, dtype="<f4"))
-        tmp.replace(path)
+        tmp = None
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=TRAINED_FILE, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, np.ascontiguousarray(weights, dtype="<f4"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            return True
+        except OSError:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            return False
 
     def _kept_trained(self, state: LocalState) -> np.ndarray | None:
-        """The trained weights kept at training, if the model file is still that model."""
-        path = self.state_dir / TRAINED_FILE
+        """The trained weights kept at training, if the model file is still that model.
+
+        Anything unexpected (a file cut short by a power loss, another format) is a miss:
+        the caller then loads the model and checks it, as before there was a copy."""
         if state.model_file_sha256 is None or state.weights_sha256 is None:
             return None
         try:
             if _file_sha256(self.ml.model_path) != state.model_file_sha256:
                 return None
-            weights = np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
+            weights = np.load(self.state_dir / TRAINED_FILE, allow_pickle=False)
+            if not isinstance(weights, np.ndarray) or weights.ndim != 1 \
+                    or weights.dtype != np.dtype("<f4") \
+                    or vector_sha256(weights) != state.weights_sha256:
+                return None
+        except Exception:  # any damage means: use the model file instead
             return None
-        if weights.ndim != 1 or vector_sha256(weights) != state.weights_sha256:
-            return None
-        return weights.astype(np.float32, copy=False)
+        return weights
 
     # -- federation (async) --------------------------------------------------------------------
     def unsent_training(self, server_version: int) -> int | None:

@@ -289,7 +289,7 @@ def run_train(
     from dataclasses import asdict, replace
 
     from securefl.ml.data import skipped_record
-    from securefl.ml.model import save_model
+    from securefl.ml.model import save_model_digest
     from securefl.ml.train import append_history, train
 
     data = data if data is not None else load_data(settings, "Training")
@@ -303,9 +303,9 @@ def run_train(
     )
     cal = None
     if not result.cancelled:
-        save_model(model, settings.model_path)
+        digest = save_model_digest(model, settings.model_path)
         cal = fit_calibration(settings, model, validation)
-        result = replace(result, temperature=cal.temperature)
+        result = replace(result, temperature=cal.temperature, model_file_sha256=digest)
     append_history(
         settings.history_path,
         {

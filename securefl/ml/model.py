@@ -215,6 +215,18 @@ def compile_model(
 
 def save_model(model: keras.Model, path: str | Path) -> Path:
     """Save as a ``.keras`` file (written next to the target, then renamed into place)."""
+    save_model_digest(model, path)
+    return Path(path)
+
+
+def save_model_digest(model: keras.Model, path: str | Path) -> str:
+    """:func:`save_model`, returning the sha256 of the bytes it put in place.
+
+    Why the digest of what was written rather than of the file read back later: another
+    process may replace the file in between, and ``send`` must know the file training wrote.
+    """
+    import hashlib
+
     path = Path(path)
     if path.suffix != ".keras":
         raise DataError(f"model files end in .keras, got {path.name}")
@@ -227,8 +239,10 @@ def save_model(model: keras.Model, path: str | Path) -> Path:
         # for optimizer" on the next ``train``: saved with its (zero) slots, it loads cleanly.
         optimizer.build(model.trainable_variables)
     model.save(tmp)
+    with open(tmp, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
     tmp.replace(path)
-    return path
+    return digest
 
 
 def register_keras_objects() -> None:

@@ -85,6 +85,8 @@ class TrainResult:
     validation_samples: int = 0
     #: The temperature fitted on the validation scans afterwards (``securefl.ml.local``).
     temperature: float | None = None
+    #: sha256 of the model file this run saved (``securefl.ml.model.save_model_digest``).
+    model_file_sha256: str | None = None
 
     @property
     def epochs_run(self) -> int:

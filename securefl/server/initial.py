@@ -7,7 +7,6 @@ beside the store (``layers.json``) for the server optimiser.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -22,72 +21,8 @@ import numpy as np
 from securefl.config import ModelSettings
 from securefl.errors import ConfigError
 from securefl.fedopt import NO_STATISTICS, StatisticsLayout, statistics_layout
+from securefl.server import v0cache
 from securefl.server.store import initial_weights
-
-#: Where built version-0 models are kept for the next server with the same spec; ``""``
-#: turns the cache off.  Default: ``$XDG_CACHE_HOME/securefl/initial`` (``~/.cache/...``).
-CACHE_ENV = "SECUREFL_CACHE_DIR"
-
-
-def cache_dir() -> Path | None:
-    """The version-0 cache folder, or None when ``SECUREFL_CACHE_DIR`` is set empty."""
-    env = os.environ.get(CACHE_ENV)
-    if env is not None:
-        return Path(env) if env else None
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "securefl" / "initial"
-
-
-def _versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = []
-    for dist in ("tensorflow", "tensorflow-cpu", "keras", "numpy"):
-        try:
-            found.append(f"{dist}={version(dist)}")
-        except PackageNotFoundError:
-            continue
-    return ",".join(found)
-
-
-def cache_key(spec: Mapping[str, Any], sources: Path | None = None) -> str:
-    """Names what the child would build: the spec, the versions of TensorFlow, Keras and
-    NumPy, and every byte of securefl's ML code (``sources``), so a changed model, layer
-    or initialiser can never be answered from an older build."""
-    import securefl.ml
-
-    root = sources or Path(securefl.ml.__file__).parent
-    h = hashlib.sha256(json.dumps(dict(spec), sort_keys=True).encode())
-    h.update(_versions().encode())
-    for path in sorted(root.glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:40]
-
-
-def _cached(folder: Path, key: str) -> tuple[np.ndarray, list[tuple[str, int]]] | None:
-    try:
-        layers = [(str(name), int(size)) for name, size in
-                  json.loads((folder / f"{key}.json").read_text(encoding="utf-8"))]
-        vector = np.load(folder / f"{key}.npy", allow_pickle=False)
-    except (OSError, ValueError, TypeError):
-        return None
-    if vector.ndim != 1 or vector.dtype != np.dtype("<f4") \
-            or sum(size for _, size in layers) != vector.shape[0]:
-        return None  # half written or damaged: build again
-    return vector, layers
-
-
-def _keep(folder: Path, key: str, vector: np.ndarray, layers: list[tuple[str, int]]) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, write in ((f"{key}.npy", lambda f: np.save(f, vector)),
-                            (f"{key}.json", lambda f: f.write(json.dumps(layers).encode()))):
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=name, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.replace(tmp, folder / name)
-    except OSError:
-        return  # a cache that cannot be written (read-only home) only costs the next build
 
 
 def ml_initial_weights(
@@ -96,28 +31,35 @@ def ml_initial_weights(
     """Version 0 and the ``(name, size)`` of its weight tensors in vector order (the server's
     optimiser finds the batch-norm statistics by name).
 
-    Why a cache (:func:`cache_dir`): building it costs the child 5-20 s of importing
-    TensorFlow, paid again by every new federation on the machine (each ``make demo``, each
-    test server).  The same spec with the same code and libraries builds the same weights,
-    so a build is kept under :func:`cache_key` and checked for completeness when read.
+    A build made before for the same spec, code and libraries is taken from the server
+    user's private cache (``securefl.server.v0cache``): the child costs 5-20 s of importing
+    TensorFlow, paid again by every new federation on the machine.
     """
-    folder = cache_dir()
-    key = cache_key(spec) if folder is not None else ""
-    if folder is not None and (hit := _cached(folder, key)) is not None:
+    folder = v0cache.cache_dir()
+    key = v0cache.cache_key(spec) if folder is not None else ""
+    if folder is not None and (hit := v0cache.read(folder, key)) is not None:
         return hit
     vector, layers = _build(spec, timeout)
     if folder is not None:
-        _keep(folder, key, vector, layers)
+        v0cache.keep(folder, key, vector, layers)
     return vector, layers
 
 
 def _build(spec: Mapping[str, Any], timeout: float) -> tuple[np.ndarray, list[tuple[str, int]]]:
     with tempfile.TemporaryDirectory(prefix="securefl-init-") as tmp:
         out, layers_out = Path(tmp) / "initial.npy", Path(tmp) / "layers.json"
-        cmd = [sys.executable, "-m", "securefl.ml.initial", "--spec", json.dumps(dict(spec)),
+        # -P and PYTHONPATH: the child imports the server's own securefl (whose code the
+        # cache key names), never another copy that happens to sit in the current folder.
+        cmd = [sys.executable, "-P", "-m", "securefl.ml.initial", "--spec", json.dumps(dict(spec)),
                "--out", str(out), "--layers-out", str(layers_out)]
+        import securefl
+
+        here = str(Path(securefl.__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (here, os.environ.get("PYTHONPATH", "")) if p)}
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  env=env)
         except subprocess.TimeoutExpired as exc:
             raise ConfigError("building the initial model took too long") from exc
         if done.returncode != 0 or not out.is_file():

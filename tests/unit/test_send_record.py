@@ -6,6 +6,7 @@ record exactly as the round writes it at each stage (``Hospital``'s journal) and
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -157,7 +158,7 @@ def test_a_resend_bound_to_a_signed_list_must_be_the_identical_update(tmp_path: 
 
 
 HUNG_SEND = """
-import argparse, asyncio, sys
+import argparse, asyncio, os, sys
 from pathlib import Path
 from securefl.client import commands
 
@@ -165,6 +166,8 @@ commands.STOP_GRACE = 2.0
 
 async def hung(args):
     # A send whose clean-up never ends: the cancellation is lost and it waits on.
+    if os.environ.get("HIDE_STDERR"):  # as while TensorFlow is imported (securefl.ml._tf)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     print("ready", flush=True)  # (the SIGTERM handler is in place by now)
     while True:
         try:
@@ -198,6 +201,43 @@ def test_a_stopped_send_whose_clean_up_hangs_still_ends_with_its_code_and_the_no
         assert "send interrupted" in err and "run send again" in err, err
         assert "did not finish within 2 s" in err, err
         assert "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_note_reaches_the_terminal_while_stderr_is_redirected(tmp_path: Path) -> None:
+    """While TensorFlow is imported, fd 2 points at a temporary file: the watchdog's note
+    still reaches the person's terminal."""
+    proc = subprocess.Popen([sys.executable, "-c", HUNG_SEND, str(tmp_path / "none.toml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HIDE_STDERR": "1"})
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        proc.terminate()
+        assert proc.wait(timeout=60) == 143
+        err = proc.stderr.read() if proc.stderr else ""
+        assert "run send again" in err and "did not finish within 2 s" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_send_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path: Path) -> None:
+    """A shell script's background ``send &`` ignores Ctrl-C (the shell set SIGINT to
+    ignore); a Ctrl-C meant for the script must not stop it, a stop signal still does."""
+    proc = subprocess.Popen([sys.executable, "-c", HUNG_SEND, str(tmp_path / "none.toml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)  # taken, it would end the send with 130
+        proc.terminate()
+        assert proc.wait(timeout=60) == 143
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -92,10 +92,49 @@ def test_the_same_weights_saved_again_or_a_damaged_kept_copy_fall_back_to_the_mo
     np.save(kept, trained + np.float32(1.0))  # the copy no longer matches its sha256
     update, _, _ = h.local_update()
     np.testing.assert_array_equal(update, trained - g)
-    kept.write_bytes(b"not an array")
+    for damaged in (b"", b"not an array"):  # e.g. cut short by a power loss
+        kept.write_bytes(damaged)
+        np.testing.assert_array_equal(h.local_update()[0], trained - g)
+    np.savez(kept.with_suffix(".npz"), trained)  # an archive, not an array
+    kept.with_suffix(".npz").replace(kept)
+    np.testing.assert_array_equal(h.local_update()[0], trained - g)
+    np.save(kept, np.zeros(3, dtype=[("a", "<f4")]))  # another layout
     np.testing.assert_array_equal(h.local_update()[0], trained - g)
     kept.unlink()
     np.testing.assert_array_equal(h.local_update()[0], trained - g)
     same = load_model(h.ml.model_path)
     save_model(same, h.ml.model_path)  # other bytes, the trained weights
     np.testing.assert_array_equal(h.local_update()[0], trained - g)
+
+
+def test_a_model_file_replaced_while_training_finishes_is_not_taken_for_the_trained_one(
+        tmp_path: Path, synth_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process (a second terminal's ``get --replace-trained``) replaces model.keras
+    between training's save and its record: ``send`` must not send the kept weights as if
+    they were the file's."""
+    import securefl.ml.local as local
+
+    h = _hospital(tmp_path, _ml(tmp_path, synth_root, personalise="recalibrate"))
+    g = to_vector(new_model(h.ml))
+    _downloaded(h, g, 0)
+    fit = local.fit_calibration
+
+    def replaced_meanwhile(settings, model, validation):
+        cal = fit(settings, model, validation)
+        other = load_model(settings.model_path)
+        from_vector(other, g + np.float32(0.01))
+        save_model(other, settings.model_path)
+        return cal
+
+    monkeypatch.setattr(local, "fit_calibration", replaced_meanwhile)
+    h.train()
+    with pytest.raises(DataError, match="is not the model that was trained"):
+        _hospital(tmp_path, h.ml).local_update()  # as `client send` does, in a new process
+
+
+def test_get_drops_the_last_trainings_copy(tmp_path: Path, synth_root: Path,
+                                           trained_once: Path) -> None:
+    h, g, _ = _trained(tmp_path, synth_root, trained_once)
+    assert (h.state_dir / TRAINED_FILE).is_file()
+    _downloaded(h, g + np.float32(0.001), 1)
+    assert not (h.state_dir / TRAINED_FILE).exists()
