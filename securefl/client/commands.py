@@ -61,15 +61,34 @@ def _unmask_printer(stream: object) -> Callable[[UnmaskProgress], None]:
     return show
 
 
+def _fit(parts: list[str], width: int) -> str:
+    """The longest prefix of ``parts`` (joined) that fits ``width``, cut if even one does not.
+
+    Why: a line wider than the terminal wraps, and ``\r`` then rewrites only its last row,
+    so an 80-column terminal filled with a new pair of rows at every batch."""
+    line = parts[0]
+    for part in parts[1:]:
+        if len(line) + len(part) > width:
+            break
+        line += part
+    return line[:width]
+
+
 def training_printer(doing: str = "") -> Callable[[Progress], None]:
     """A progress callback that keeps one line on stderr up to date, so a long training (or
-    the fine-tuning epoch of ``get``) shows it is moving; ``doing`` names the work."""
+    the fine-tuning epoch of ``get``) shows it is moving; ``doing`` names the work.  On a
+    terminal the line fits its width (the accuracy goes first, then the loss)."""
     def show(p: Progress) -> None:
-        line = (f"recalibrating batch-norm statistics: layer {p.batch}/{p.batches}"
-                if p.stage == "calibrating" else
-                f"{doing}epoch {p.epoch}/{p.epochs}  batch {p.batch}/{p.batches}  "
-                f"loss {p.loss:.4f}  accuracy {p.accuracy:.3f}")
-        print(f"\r{line:<78}", end="", file=sys.stderr, flush=True)
+        parts = ([f"recalibrating batch-norm statistics: layer {p.batch}/{p.batches}"]
+                 if p.stage == "calibrating" else
+                 [f"{doing}epoch {p.epoch}/{p.epochs}  batch {p.batch}/{p.batches}",
+                  f"  loss {p.loss:.4f}", f"  accuracy {p.accuracy:.3f}"])
+        width, tty = 78, False
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if sys.stderr.isatty():
+                width, tty = os.get_terminal_size(sys.stderr.fileno()).columns - 1, True
+        line = _fit(parts, width) if tty else "".join(parts)
+        print(f"\r{line:<{width}}", end="", file=sys.stderr, flush=True)
     return show
 
 
