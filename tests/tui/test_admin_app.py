@@ -123,3 +123,21 @@ def test_the_round_line_names_the_hospitals_a_bound_version_waits_for() -> None:
     assert describe(bound)[1].endswith("waiting for a, c")
     free = ServerStatus(3, 0, "idle", ("b",), (), (), 0)
     assert "waiting" not in describe(free)[1]
+
+
+def test_the_round_line_does_not_contradict_an_open_scheduled_round() -> None:
+    """Walking a scheduled federation: "Round: none in progress" stood above "Scheduled round
+    7 ... enrolling" while the hospitals trained.  It now says what the round waits for."""
+    from securefl.client.session import ServerStatus
+    from securefl.tui.admin.dashboard import describe
+
+    from .test_schedule_snapshots import SCHEDULE
+
+    idle = ServerStatus(3, 0, "idle", ("hospital_1",), (), (), 0)
+    line = describe(idle, SCHEDULE)[1]
+    assert "none in progress" not in line
+    assert "starts once scheduled round 7's hospitals have joined" in line
+    assert describe(idle, None)[1] == "Round: none in progress"  # manual mode: unchanged
+    publishing = SCHEDULE.model_copy(update={"round": SCHEDULE.round.model_copy(
+        update={"phase": "publishing"})})
+    assert describe(idle, publishing)[1] == "Round: none in progress"

@@ -35,10 +35,18 @@ def short_time(iso: str) -> str:
     return iso.replace("T", " ")[:16] if iso else "not since restart"
 
 
-def describe(status: ServerStatus | None) -> tuple[str, str]:
+def describe(status: ServerStatus | None,
+             schedule: ScheduleView | None = None) -> tuple[str, str]:
+    """The version line and the masked round's line.  While a scheduled round is open but
+    its masked round has not started (hospitals still training), the round line says so:
+    "none in progress" above "Scheduled round 3 ... enrolling" read as a contradiction."""
     if status is None:
         return "Global version: unknown", "Round: unknown (not connected)"
-    if status.phase == "idle":
+    scheduled = schedule.round if schedule is not None and schedule.mode == "auto" else None
+    if status.phase == "idle" and scheduled is not None and scheduled.phase == "enrolling":
+        round_text = (f"Round: the masked round starts once scheduled round "
+                      f"{scheduled.schedule_round}'s hospitals have joined (below)")
+    elif status.phase == "idle":
         round_text = "Round: none in progress"
     else:
         round_text = (f"Round {status.round_id}: {status.phase} · {len(status.joined)} joined "
@@ -199,7 +207,7 @@ class AdminDashboard(Screen):
         self._draw()
 
     def _draw(self) -> None:
-        version, round_text = describe(self.status)
+        version, round_text = describe(self.status, self.schedule)
         if self.stale and self.status is not None:
             version += f" (stale: as of {self.as_of})"
             round_text += " (stale)"
