@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from securefl.config import toml_text
 from securefl.crypto import pki
 from securefl.crypto.membership import MemberList
 from securefl.errors import ConfigError
+from securefl.fsutil import replace_file
 from securefl.ml.settings import DEFAULT_CLASSES
 from securefl.protocol.messages import MAX_BYTES_FIELD
 
@@ -82,16 +82,7 @@ RESERVED = ("server", "admin")
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:
     """Write a file atomically; private keys are created 0600 so they are never readable."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    mode = 0o600 if private else 0o644
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    replace_file(path, data, mode=0o600 if private else 0o644)
 
 
 def _save(folder: Path, stem: str, cred: pki.Credential) -> None:

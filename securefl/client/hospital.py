@@ -43,10 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import json
-import os
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -61,6 +58,7 @@ from securefl.client.outbox import Outbox, SendRecord, vector_sha256, write_json
 from securefl.client.session import GlobalModel, HospitalSession, RoundOutcome, RoundStep
 from securefl.crypto.secagg.policy import SignedList
 from securefl.errors import ConfigError, CryptoError, DataError
+from securefl.fsutil import file_sha256, replace_file
 from securefl.ml.settings import MLSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -94,14 +92,6 @@ class LocalState:
 
 #: The trained weights as one float32 vector, written by ``train`` (see ``_keep_trained``).
 TRAINED_FILE = "trained.npy"
-
-
-def _file_sha256(path: Path) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError:
-        return None
 
 
 class Hospital:
@@ -463,21 +453,12 @@ class Hospital:
         weights' sha256 (both in local.json) say whether this copy is still the model.
         Best effort: a copy that cannot be written only means ``send`` loads the model.
         """
-        path = self.state_dir / TRAINED_FILE
-        tmp = None
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=TRAINED_FILE, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, np.ascontiguousarray(weights, dtype="<f4"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            replace_file(self.state_dir / TRAINED_FILE,
+                         lambda f: np.save(f, np.ascontiguousarray(weights, dtype="<f4")))
             return True
         except OSError:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
             return False
 
     def _kept_trained(self, state: LocalState) -> np.ndarray | None:
@@ -488,7 +469,7 @@ class Hospital:
         if state.model_file_sha256 is None or state.weights_sha256 is None:
             return None
         try:
-            if _file_sha256(self.ml.model_path) != state.model_file_sha256:
+            if file_sha256(self.ml.model_path) != state.model_file_sha256:
                 return None
             weights = np.load(self.state_dir / TRAINED_FILE, allow_pickle=False)
             if not isinstance(weights, np.ndarray) or weights.ndim != 1 \

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +27,7 @@ from securefl.client.session import Journal
 from securefl.crypto.quantize import Encoding
 from securefl.crypto.secagg.policy import SignedList
 from securefl.errors import DataError, UpdateAlreadySentError
+from securefl.fsutil import replace_file
 
 #: Sent updates kept in ``state_dir/sent`` (one model-sized file each).
 SENT_KEPT = 5
@@ -92,19 +92,7 @@ def _draws_reached(base_version: int, rounds: list[int], spare: int) -> str:
 
 def write_json(path: Path, data: dict[str, Any], *, durable: bool = False) -> None:
     """Replace ``path`` atomically; ``durable`` also fsyncs the file and its folder."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data))
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if durable:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    replace_file(path, json.dumps(data).encode(), durable=durable)
 
 
 def vector_sha256(vector: np.ndarray) -> str:
@@ -298,10 +286,7 @@ class Outbox:
     def _keep(self, base_version: int, update: np.ndarray) -> None:
         folder = self.state_dir / "sent"
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"v{base_version:08d}.npy"
-        tmp = folder / f".v{base_version:08d}.npy.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, update)
-        os.replace(tmp, path)
+        replace_file(folder / f"v{base_version:08d}.npy", lambda f: np.save(f, update),
+                     durable=False)
         for old in sorted(folder.glob("v*.npy"))[:-SENT_KEPT]:
             old.unlink(missing_ok=True)

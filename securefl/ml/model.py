@@ -225,7 +225,7 @@ def save_model_digest(model: keras.Model, path: str | Path) -> str:
     Why the digest of what was written rather than of the file read back later: another
     process may replace the file in between, and ``send`` must know the file training wrote.
     """
-    import hashlib
+    from securefl.fsutil import file_sha256
 
     path = Path(path)
     if path.suffix != ".keras":
@@ -239,8 +239,10 @@ def save_model_digest(model: keras.Model, path: str | Path) -> str:
         # for optimizer" on the next ``train``: saved with its (zero) slots, it loads cleanly.
         optimizer.build(model.trainable_variables)
     model.save(tmp)
-    with open(tmp, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = file_sha256(tmp)
+    if digest is None:
+        raise DataError(f"the model just saved to {tmp} cannot be read back: check the "
+                        "folder's permissions and free space, then train again")
     tmp.replace(path)
     return digest
 

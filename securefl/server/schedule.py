@@ -26,13 +26,13 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
 from typing import TYPE_CHECKING
 
 from securefl.config import ScheduleSettings
 from securefl.crypto.pki import Role
 from securefl.crypto.secagg import ServerRound, ServerState
 from securefl.errors import SecureFLError
+from securefl.fsutil import replace_file
 from securefl.protocol import messages as wm
 from securefl.server.plain import PlainRound
 from securefl.server.rounds import ActiveRound, Peer, RoundBusyError
@@ -114,21 +114,14 @@ class Scheduler:
         """Written and fsynced at every opening, end, pause and resume; a storage fault is
         logged and the schedule goes on in memory (a restart then forgets the last change,
         never an already published version)."""
-        tmp = self.path.with_suffix(".tmp")
         data = {"schedule_round": self.counter, "paused": self.paused,
                 "next_open": _iso(self.next_open) if self.next_open else None,
                 "open_round": self.open.model_dump() if self.open else None,
                 "failed": self.failed, "downloaded": sorted(self.downloaded),
                 "rounds": self.rounds}
         try:
-            with open(tmp, "w") as f:
-                f.write(json.dumps(data))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            replace_file(self.path, json.dumps(data).encode())
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             log.warning("could not save the schedule to %s (%s)", self.path, exc.strerror)
             return False
         return True

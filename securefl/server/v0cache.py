@@ -15,18 +15,18 @@ vector of finite float32 values, as long as its layer sizes say) or built again.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from securefl.fsutil import replace_file
 
 #: Where built version-0 models are kept; set empty to turn the cache off.  Default:
 #: ``$XDG_CACHE_HOME/securefl/initial`` (``~/.cache/securefl/initial``).
@@ -130,16 +130,6 @@ def keep(folder: Path, key: str, vector: np.ndarray, layers: Layers) -> None:
         parts = ((f"{key}.npy", lambda f: np.save(f, np.ascontiguousarray(vector, "<f4"))),
                  (f"{key}.json", lambda f: f.write(json.dumps(layers).encode())))
         for name, write in parts:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=name, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    write(f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, folder / name)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            replace_file(folder / name, write)
     except OSError:
         return

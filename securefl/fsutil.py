@@ -1,0 +1,71 @@
+"""Small file helpers shared by the client, the server and the certificate tool.
+
+Why one place: the hospital's state files, the server's schedule, the version-0 cache and
+the certificate files all need the same guarantee -- after a crash or a power loss a reader
+finds either the old file or the new one, never a torn mix -- and every copy of that code
+was one more place to forget the fsync or the clean-up of the temporary file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+Writer = Callable[[BinaryIO], object]
+
+
+def replace_file(path: Path, data: bytes | Writer, *, mode: int = 0o600,
+                 durable: bool = True) -> None:
+    """Replace ``path`` atomically with ``data`` (bytes, or a function writing to the file).
+
+    The new bytes go to a temporary file in the same folder (a unique name, so two writers
+    never share one), which is renamed over ``path``. ``durable`` fsyncs the file before the
+    rename and the folder after it, so a power loss cannot leave an empty or half file in
+    place. ``mode`` is the new file's permission (private unless a caller says otherwise).
+    Errors propagate (OSError) after the temporary file is removed.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(data, bytes | bytearray | memoryview):
+                f.write(data)
+            else:
+                data(f)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder so that a rename in it survives a power loss (best effort: some file
+    systems refuse to open or sync folders, and the rename itself has happened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def file_sha256(path: Path) -> str | None:
+    """sha256 of a file's bytes, or None when it cannot be read (missing, a folder, no
+    permission): callers treat an unreadable file as "not the file I expected"."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
