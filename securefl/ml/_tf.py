@@ -9,11 +9,13 @@ line that is not one of the known notices is written back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from types import ModuleType
 
 #: Substrings of the start-up lines that say nothing actionable to a hospital's operator.
@@ -30,6 +32,29 @@ _NOISE = (
 )
 
 _lock = threading.Lock()
+
+#: Optional packages Keras probes for at import, to offer scikit-learn wrappers and pandas
+#: inputs securefl never uses.  They are installed only as nilearn's dependencies (for its
+#: brain template, read as files), and importing them cost 2-3 s of CPU in every process
+#: that loads a model -- each CLI ``train``, ``get``, ``evaluate`` and ``classify``.
+_UNUSED_BY_KERAS = ("sklearn", "pandas")
+
+
+@contextlib.contextmanager
+def _without_unused_optionals() -> Iterator[None]:
+    """Make Keras' probes for :data:`_UNUSED_BY_KERAS` find nothing while it is imported.
+
+    A module already imported (a caller's own code uses it) is left as it is, and the
+    block is lifted afterwards, so importing them later works as usual."""
+    blocked = [name for name in _UNUSED_BY_KERAS if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # "import name" -> ImportError
+    try:
+        yield
+    finally:
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
 
 
 def _filtered(text: str) -> str:
@@ -51,7 +76,8 @@ def tensorflow() -> ModuleType:
         with tempfile.TemporaryFile(mode="w+b") as tmp:
             os.dup2(tmp.fileno(), 2)
             try:
-                import tensorflow as tf
+                with _without_unused_optionals():  # importing tensorflow imports keras
+                    import tensorflow as tf
 
                 tf.constant(0)  # the oneDNN notice is printed on first use, not import
             finally:
@@ -72,6 +98,7 @@ def keras() -> ModuleType:
     """Import and return ``keras`` (Keras 3), after TensorFlow so the backend is set."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     tensorflow()
-    import keras as k
+    with _without_unused_optionals():  # in case tensorflow did not import it already
+        import keras as k
 
     return k

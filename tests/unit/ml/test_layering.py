@@ -40,15 +40,23 @@ def test_ml_imports_none_of_the_federation_layers():
         == []
 
 
-def test_tensorflow_import_is_quiet():
-    """The oneDNN start-up notice is filtered, but oneDNN itself stays on."""
+def test_tensorflow_import_is_quiet_and_skips_what_keras_only_probes_for():
+    """The oneDNN start-up notice is filtered, but oneDNN itself stays on; scikit-learn and
+    pandas (nilearn's dependencies, which Keras probes for at import) are not loaded with
+    Keras, and can still be imported afterwards by whoever needs them."""
     code = (
-        "import os\n"
-        "from securefl.ml._tf import tensorflow\n"
-        "tf = tensorflow()\n"
+        "import os, sys\n"
+        "from securefl.ml._tf import keras\n"
+        "k = keras()\n"
         "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default'))\n"
+        "print(sorted(m for m in ('sklearn', 'pandas') if m in sys.modules))\n"
+        "import sklearn, pandas\n"
+        "print(k.layers.Dense.__name__, sklearn.__name__, pandas.__name__)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert "oneDNN" not in out.stderr
-    assert out.stdout.strip() != "0"
+    onednn, loaded, after = out.stdout.strip().splitlines()[-3:]
+    assert onednn != "0"
+    assert loaded == "[]"
+    assert after == "Dense sklearn pandas"
