@@ -70,21 +70,24 @@ def test_a_hospital_sitting_on_its_grant_is_cut_and_the_next_one_uploads(
             async with HospitalSession(fed.client_settings("b", srv.port)) as h, \
                     AdminSession(fed.client_settings("admin", srv.port)) as admin:
                 await h.get_global()
-                loop = asyncio.get_running_loop()
-                started = loop.time()
                 task = asyncio.create_task(h.send(np.full(BIG, 0.01, np.float32), 3))
                 await asyncio.sleep(0.5)
                 assert await admin.count() == 0  # "b" waits for the slot "a" holds
                 while await admin.count() < 1:
                     await asyncio.sleep(0.02)
-                assert loop.time() - started >= 0.9  # granted only once "a" was cut
                 status = await admin.status()
                 assert status.submitted == ("b",) and "a" not in status.online
                 task.cancel()
             cut = await raw.reply()
             assert cut.get("code") == "timeout" and "upload slot" in cut["message"], cut
-            closed = [e for e in read_entries(srv.settings.audit_log)
-                      if e["event"] == "closed" and e.get("name") == "a"]
-            assert closed and "upload slot" in closed[-1]["reason"]
+            entries = read_entries(srv.settings.audit_log)
+            closed = [i for i, e in enumerate(entries)
+                      if e["event"] == "closed" and e.get("name") == "a"
+                      and "upload slot" in e.get("reason", "")]
+            submitted = [i for i, e in enumerate(entries)
+                         if e["event"] == "submission" and e.get("name") == "b"]
+            # "b" had the slot only once "a" was cut: the order of the server's own record
+            # (a clock measured here started after "a" took the slot, so it proved nothing).
+            assert closed and submitted and closed[0] < submitted[0], entries
 
     asyncio.run(scenario())

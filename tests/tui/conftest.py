@@ -158,3 +158,29 @@ def notifications_kept(app: object) -> list[str]:
 
     app.notify = keep  # type: ignore[attr-defined]
     return told
+
+
+@pytest.fixture
+def snap_compare(snap_compare: Callable) -> Callable:
+    """pytest-textual-snapshot's ``snap_compare``, with every text cursor held still.
+
+    Why: a focused Input blinks its cursor every half second, so a snapshot taken on a
+    loaded machine caught it in either phase (test_hospital_classified failed so). After
+    ``run_before`` each widget's blinking is switched off, which leaves the cursor shown --
+    as the stored snapshots have it."""
+
+    def compare(app: object, *args: object, run_before: Callable | None = None,
+                **kwargs: object) -> bool:
+        async def still(pilot: object) -> None:
+            if run_before is not None:
+                result = run_before(pilot)
+                if asyncio.iscoroutine(result):
+                    await result
+            for widget in pilot.app.screen.query("*"):  # type: ignore[attr-defined]
+                if getattr(widget, "cursor_blink", False):
+                    widget.cursor_blink = False
+            await pilot.pause()  # type: ignore[attr-defined]
+
+        return snap_compare(app, *args, run_before=still, **kwargs)
+
+    return compare
