@@ -10,6 +10,7 @@ line that is not one of the known notices is written back.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -91,6 +92,12 @@ def tensorflow() -> ModuleType:
         # Retracing and similar notices are for TensorFlow developers, not for the people
         # training a hospital's model; real errors still get through.
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
+        # TensorFlow and Keras leave some 300 000 objects that live as long as the process;
+        # every full garbage collection walked them all again, a third of the time of
+        # allocation-heavy work after the import (bench/import_bench.py --gc).  Frozen, the
+        # collector skips them; objects made later are collected as before.
+        gc.collect()
+        gc.freeze()
         return tf
 
 

@@ -43,20 +43,25 @@ def test_ml_imports_none_of_the_federation_layers():
 def test_tensorflow_import_is_quiet_and_skips_what_keras_only_probes_for():
     """The oneDNN start-up notice is filtered, but oneDNN itself stays on; scikit-learn and
     pandas (nilearn's dependencies, which Keras probes for at import) are not loaded with
-    Keras, and can still be imported afterwards by whoever needs them."""
+    Keras, and can still be imported afterwards by whoever needs them; the import's objects
+    are frozen, so garbage collections no longer walk them."""
     code = (
         "import os, sys\n"
         "from securefl.ml._tf import keras\n"
         "k = keras()\n"
         "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default'))\n"
         "print(sorted(m for m in ('sklearn', 'pandas') if m in sys.modules))\n"
+        "import gc\n"
+        "print(gc.get_freeze_count())\n"
         "import sklearn, pandas\n"
         "print(k.layers.Dense.__name__, sklearn.__name__, pandas.__name__)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert "oneDNN" not in out.stderr
-    onednn, loaded, after = out.stdout.strip().splitlines()[-3:]
+    onednn, loaded, frozen, after = out.stdout.strip().splitlines()[-4:]
     assert onednn != "0"
     assert loaded == "[]"
+    # The import's objects are frozen out of the collector's way (about 300 000 here).
+    assert int(frozen) > 100_000
     assert after == "Dense sklearn pandas"
