@@ -53,12 +53,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from securefl import config
+from securefl.client import trained
 from securefl.client.hospital_log import HospitalLog, logged
 from securefl.client.outbox import Outbox, SendRecord, vector_sha256, write_json
 from securefl.client.session import GlobalModel, HospitalSession, RoundOutcome, RoundStep
 from securefl.crypto.secagg.policy import SignedList
 from securefl.errors import ConfigError, CryptoError, DataError
-from securefl.fsutil import file_sha256, replace_file
 from securefl.ml.settings import MLSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -88,10 +88,6 @@ class LocalState:
     #: sha256 of the model file's bytes right after training: while the file is unchanged,
     #: ``send`` takes the trained weights from ``trained.npy`` without loading Keras.
     model_file_sha256: str | None = None
-
-
-#: The trained weights as one float32 vector, written by ``train`` (see ``_keep_trained``).
-TRAINED_FILE = "trained.npy"
 
 
 class Hospital:
@@ -224,10 +220,10 @@ class Hospital:
                 f"hospital's [ml] classes are [{', '.join(ours)}]: set classes to the "
                 "federation's list in that order (map differently named folders in "
                 "[ml.class_folders]), then get the global model again")
-        trained = self.local_state()
-        if trained.trained and trained.classes and trained.classes != ours:
+        state = self.local_state()
+        if state.trained and state.classes and state.classes != ours:
             raise DataError(
-                f"the local model was trained with the classes [{', '.join(trained.classes)}] "
+                f"the local model was trained with the classes [{', '.join(state.classes)}] "
                 f"but this hospital's [ml] classes are now [{', '.join(ours)}]: get the "
                 "global model and train again")
 
@@ -307,7 +303,7 @@ class Hospital:
             self._after_save()
             base = meta["version"] if meta else None
             trained_w = to_vector(model)
-            kept = self._keep_trained(trained_w)
+            kept = trained.keep(self.state_dir, trained_w)
             self._set_local_state(LocalState(
                 base, True, result.num_samples, vector_sha256(trained_w),
                 tuple(self.ml.classes),
@@ -396,8 +392,7 @@ class Hospital:
         except DataError:
             model = self._model = load_or_create_model(self.ml, replace_other=True)
         from_vector(model, weights)
-        with contextlib.suppress(OSError):  # the last training's copy means nothing now
-            (self.state_dir / TRAINED_FILE).unlink(missing_ok=True)
+        trained.forget(self.state_dir)  # the last training's copy means nothing now
         kind, scans, note = "", 0, ""
         try:
             if not personalise:
@@ -434,7 +429,8 @@ class Hospital:
             raise DataError(f"the local model was trained from version {state.base_version} "
                             f"but version {meta['version']} was downloaded since: train again")
         global_w = np.load(self.state_dir / "global.npy").astype(np.float32)
-        local_w = self._kept_trained(state)
+        local_w = trained.kept(self.state_dir, self.ml.model_path, state.model_file_sha256,
+                               state.weights_sha256)
         if local_w is None:  # an older state folder, or the model file changed since
             local_w = to_vector(self.model())
         if local_w.shape != global_w.shape:
@@ -444,41 +440,6 @@ class Hospital:
             raise DataError(f"{self.ml.model_path} is not the model that was trained (it "
                             "changed since training): train again, then send")
         return local_w - global_w, state.num_samples, int(meta["version"])
-
-    def _keep_trained(self, weights: np.ndarray) -> bool:
-        """Keep the trained weights beside the model file: ``send`` then needs no Keras.
-
-        Why: loading a Keras model means importing TensorFlow, 5-10 s before a send even
-        knows whether the server will take the update; the model file's bytes and the
-        weights' sha256 (both in local.json) say whether this copy is still the model.
-        Best effort: a copy that cannot be written only means ``send`` loads the model.
-        """
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            replace_file(self.state_dir / TRAINED_FILE,
-                         lambda f: np.save(f, np.ascontiguousarray(weights, dtype="<f4")))
-            return True
-        except OSError:
-            return False
-
-    def _kept_trained(self, state: LocalState) -> np.ndarray | None:
-        """The trained weights kept at training, if the model file is still that model.
-
-        Anything unexpected (a file cut short by a power loss, another format) is a miss:
-        the caller then loads the model and checks it, as before there was a copy."""
-        if state.model_file_sha256 is None or state.weights_sha256 is None:
-            return None
-        try:
-            if file_sha256(self.ml.model_path) != state.model_file_sha256:
-                return None
-            weights = np.load(self.state_dir / TRAINED_FILE, allow_pickle=False)
-            if not isinstance(weights, np.ndarray) or weights.ndim != 1 \
-                    or weights.dtype != np.dtype("<f4") \
-                    or vector_sha256(weights) != state.weights_sha256:
-                return None
-        except Exception:  # any damage means: use the model file instead
-            return None
-        return weights
 
     # -- federation (async) --------------------------------------------------------------------
     def unsent_training(self, server_version: int) -> int | None:

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from securefl.client.hospital import TRAINED_FILE, Hospital
+from securefl.client.hospital import Hospital
+from securefl.client.trained import TRAINED_FILE
 from securefl.errors import DataError
 from securefl.ml.local import new_model
 from securefl.ml.model import from_vector, load_model, save_model, to_vector
