@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from securefl.errors import DataError
+from securefl.fsutil import sync_folder
 from securefl.server import testhook
 
 MAGIC = b"SFLM1\n"
@@ -196,11 +197,6 @@ class ModelStore:
                 "version is intact", reason=fault_reason(exc)
             ) from exc
         self._latest = (info, weights)  # renamed into place: it is the latest, come what may
-        with contextlib.suppress(OSError):  # the rename is done; at worst it is not yet durable
-            dir_fd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        sync_folder(self.root)  # the rename is done; at worst it is not yet durable
         testhook.stop("renamed", final)  # test-only: a kill here must not lose the record
         return info
