@@ -38,7 +38,11 @@ seeds 0-2 with ``bench/personalisation_table.py``; all are measured at the last
                  factored it out;
 * ``finetune`` — ``recal``, then one epoch on the hospital's training scans at
                  ``--finetune-lr`` (fresh Adam state), kept only if the validation loss
-                 (class-balanced NLL) went down: early-stopped on validation.
+                 (class-balanced NLL) went down: early-stopped on validation;
+* ``best``     — whichever of ``finetune``, ``recal`` and ``global`` has the highest
+                 balanced accuracy on the hospital's validation scans (the lower
+                 class-balanced NLL on a tie), chosen again at every checkpoint: the
+                 product's ``[ml] personalise = "best"``.
 
 FedBN-style statistics kept local are ``recal`` exactly in this set-up: a batch-norm layer
 trains on batch statistics, and every training call ends by re-measuring them, so the
@@ -90,9 +94,17 @@ from securefl.ml.model import compile_model, from_vector, make_model, to_vector,
 from securefl.ml.prior import class_prior
 from securefl.ml.settings import MLSettings
 from securefl.ml.synth import synthesize
-from securefl.ml.train import balanced_nll, predict_proba, train
+from securefl.ml.train import (
+    balanced_accuracy,
+    balanced_nll,
+    choose_on_validation,
+    predict_proba,
+    train,
+)
 
-CANDIDATES = ("global", "recal", "prior", "finetune")
+CANDIDATES = ("global", "recal", "prior", "finetune", "best")
+#: The candidates the product makes, in its order of preference on a tie.
+PRODUCT_CHOICES = ("finetune", "recal", "global")
 
 
 def parse() -> argparse.Namespace:
@@ -160,12 +172,6 @@ def parse() -> argparse.Namespace:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def balanced_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean per-class recall over the classes present (the issue's metric)."""
-    hits = probs.argmax(axis=1) == labels
-    return float(np.mean([hits[labels == c].mean() for c in np.unique(labels)]))
 
 
 def main() -> int:
@@ -284,6 +290,8 @@ def main() -> int:
         Testing and all-Testing balanced accuracy."""
         out = {c: {"val": [], "own": [], "pooled": []} for c in CANDIDATES}
 
+        seen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
         def score(c, h, model=None, val_probs=None, test_probs=None):
             if val_probs is None:
                 val_probs = predict_proba(model, vals[h].images)
@@ -291,9 +299,11 @@ def main() -> int:
             out[c]["val"].append(balanced_accuracy(val_probs, vals[h].labels))
             out[c]["own"].append(bal_own(test_probs, h))
             out[c]["pooled"].append(bal_pooled(test_probs))
+            seen[c] = val_probs, test_probs
             return val_probs, test_probs
 
         for h in range(len(names)):
+            seen.clear()
             m = pers[h]
             from_vector(m, g)
             score("global", h, m)
@@ -314,6 +324,11 @@ def main() -> int:
                 score("finetune", h, val_probs=ft_val, test_probs=pooled_probs(m))
             else:  # early-stopped: the epoch made validation worse, keep recal
                 score("finetune", h, val_probs=val_p, test_probs=test_p)
+            # what the product's [ml] personalise = "best" keeps (securefl.ml.local.
+            # choose_on_validation): the best of the three on the validation scans
+            choice = choose_on_validation({c: seen[c][0] for c in PRODUCT_CHOICES},
+                                          vals[h].labels)
+            score("best", h, val_probs=seen[choice][0], test_probs=seen[choice][1])
         return out
 
     def federate(label, mean_fn):

@@ -97,13 +97,15 @@ def personalisation_summary(hospital: Hospital) -> str:
     local = hospital.local_state()
     where = hospital.ml.model_path
     if local.personalisation:
-        how = ("batch-norm statistics measured on its {n} training scans, then one "
-               "fine-tuning epoch on them that lowered the validation loss"
-               if local.personalisation == "finetune" else
-               "batch-norm statistics measured on its {n} training scans")
-        note = f" ({local.personalisation_note})" if local.personalisation_note else ""
+        how = {"finetune": "batch-norm statistics measured on its {n} training scans, then "
+                           "one fine-tuning epoch on them that lowered the validation loss",
+               "downloaded": "the copies recalibrated and fine-tuned on its {n} training "
+                             "scans read them worse"}.get(local.personalisation,
+                                                          "batch-norm statistics measured on "
+                                                          "its {n} training scans")
+        note = f"; {local.personalisation_note}" if local.personalisation_note else ""
         return (f"this hospital's model is now {hospital.model_label()} "
-                f"({how.format(n=local.personalised_scans)}){note}, saved to {where}; "
+                f"({how.format(n=local.personalised_scans)}{note}), saved to {where}; "
                 "evaluate and classify use it, and the next update is trained from and "
                 "computed against the global model as downloaded")
     if local.personalisation_note:
@@ -154,7 +156,7 @@ async def hospital(args: argparse.Namespace) -> int:
                   + (f"; waiting for {', '.join(st.waiting_for)}" if st.waiting_for else ""))
             return 0
         if action == "get":
-            finetune = hospital.has_ml and hospital.ml.personalise == "finetune"
+            finetune = hospital.has_ml and hospital.ml.personalise in ("finetune", "best")
             model = await hospital.get(
                 session, replace_trained=args.replace_trained,
                 on_personalise=training_printer("fine-tuning on this hospital's scans: ")

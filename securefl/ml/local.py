@@ -154,7 +154,14 @@ def calibration_for(settings: MLSettings, model: keras.Model,
 PERSONALISATION_LABELS = {
     "recalibrate": "recalibrated on this hospital's scans",
     "finetune": "fine-tuned on this hospital's scans",
+    "downloaded": "as downloaded, chosen on this hospital's validation scans",
+    # the setting, not a result: what the demo's table says it shows
+    "best": "as downloaded, recalibrated or fine-tuned on this hospital's scans, whichever "
+            "read its validation scans best",
 }
+#: How the candidates of ``[ml] personalise = "best"`` are named in its note.
+_CANDIDATE_WORDS = {"downloaded": "as downloaded", "recalibrate": "recalibrated",
+                    "finetune": "fine-tuned"}
 #: The fine-tuning epoch's learning rate, as a share of ``[ml] learning_rate``: a short,
 #: gentle step (the value measured in docs/RESULTS.md, 1e-4 at the default 1e-3).
 FINETUNE_LR_FACTOR = 0.1
@@ -164,7 +171,9 @@ FINETUNE_LR_FACTOR = 0.1
 class Personalised:
     """What :func:`personalise` made of a downloaded global model."""
 
-    #: The personalisation applied ("recalibrate", "finetune"), or "none" (as downloaded).
+    #: The personalisation applied ("recalibrate", "finetune"), "downloaded" (the global
+    #: model as downloaded, chosen by ``"best"``), or "none" (as downloaded, not asked for
+    #: or not possible).
     kind: str
     #: Training scans it was measured on (0 for "none").
     scans: int = 0
@@ -191,10 +200,16 @@ def personalise(settings: MLSettings, model: keras.Model,
 
     * ``"recalibrate"``: each batch-norm layer's mean and variance are measured exactly over
       this hospital's training scans (``securefl.ml.batchnorm``);
-    * ``"finetune"`` (the default, chosen on validation scans: docs/RESULTS.md): that, then
-      one epoch on the training scans at ``FINETUNE_LR_FACTOR`` x ``learning_rate`` with a
-      fresh optimiser state, kept only if the validation loss went down (early stopping on
-      validation; otherwise the recalibrated model is kept and ``note`` says so).
+    * ``"finetune"``: that, then one epoch on the training scans at
+      ``FINETUNE_LR_FACTOR`` x ``learning_rate`` with a fresh optimiser state, kept only if
+      the validation loss went down (early stopping on validation; otherwise the
+      recalibrated model is kept and ``note`` says so);
+    * ``"best"`` (the default: docs/RESULTS.md, "Personalisation"): the global model as
+      downloaded, recalibrated and fine-tuned are all scored on the validation scans and
+      the best is kept (:func:`securefl.ml.train.choose_on_validation`); ``note`` gives the
+      three figures.  Re-measured statistics can read a hospital's own scans worse than the
+      averaged ones when its training scans are few or unlike its validation scans, and
+      which is better changes from version to version.
 
     Then the temperature is fitted on the validation scans.  The optimiser state the model
     carries from round to round is put back afterwards, so federated training is the same
@@ -212,28 +227,56 @@ def personalise(settings: MLSettings, model: keras.Model,
     """
     from securefl.ml.batchnorm import calibrate_batch_norm
     from securefl.ml.model import save_model
+    from securefl.ml.train import predict_proba
 
     if settings.personalise == "none":
         save_model(model, settings.model_path)
         return Personalised("none")
     data = data if data is not None else load_data(settings, "Training")
     train_set, validation = split_training(settings, data)
+    best = settings.personalise == "best"
+    kept: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}  # "best": weights, val probs
+
+    def keep(name: str) -> None:
+        if best:
+            kept[name] = model.get_weights(), predict_proba(model, validation.images)
+
+    keep("downloaded")
     if calibrate_batch_norm(model, train_set) == 0:
         save_model(model, settings.model_path)
         return Personalised("none", note=f"the '{settings.model_kind}' model has no batch-norm "
                                          "statistics to recalibrate")
-    kind, note = "recalibrate", ""
-    if settings.personalise == "finetune":
+    kind, note, why_not = "recalibrate", "", ""
+    keep("recalibrate")
+    if settings.personalise in ("finetune", "best"):
         if _finetune(settings, model, train_set, validation, seed, progress, cancel):
             kind = "finetune"
-        elif cancel is not None and cancel.is_set():
-            note = "the fine-tuning epoch was stopped, so the recalibrated model is used"
+            keep("finetune")
         else:
-            note = ("the fine-tuning epoch was not kept: it did not lower the validation loss, "
-                    "so the recalibrated model is used")
+            why_not = ("the fine-tuning epoch was stopped" if cancel is not None
+                       and cancel.is_set() else "the fine-tuning epoch was not kept: it did "
+                       "not lower the validation loss")
+            note = f"{why_not}, so the recalibrated model is used"
+    if best:
+        kind, note = _choose(kept, validation.labels, why_not)
+        model.set_weights(kept[kind][0])
     save_model(model, settings.model_path)
     cal = fit_calibration(settings, model, validation)
     return Personalised(kind, len(train_set), cal.temperature, note)
+
+
+def _choose(kept: dict[str, tuple[list[np.ndarray], np.ndarray]], labels: np.ndarray,
+            why_not: str) -> tuple[str, str]:
+    """``[ml] personalise = "best"``: the candidate that reads the validation scans best,
+    and a note with every candidate's figure, so the hospital sees why."""
+    from securefl.ml.train import balanced_accuracy, choose_on_validation
+
+    order = [k for k in ("finetune", "recalibrate", "downloaded") if k in kept]  # on a tie
+    choice = choose_on_validation({k: kept[k][1] for k in order}, labels)
+    figures = ", ".join(f"{_CANDIDATE_WORDS[k]} {balanced_accuracy(kept[k][1], labels):.1%}"
+                        for k in ("downloaded", "recalibrate", "finetune") if k in kept)
+    why = f"balanced accuracy on the validation scans: {figures}"
+    return choice, f"{why}; {why_not}" if why_not else why
 
 
 def _finetune(settings: MLSettings, model: keras.Model, train_set: ImageSet,

@@ -47,7 +47,7 @@ def clinical_name(name: str) -> str:
 ModelKind = Literal["seed", "small"]
 #: What a hospital's own model adds to the downloaded global one (``securefl.ml.local.
 #: personalise``); chosen on validation scans (docs/RESULTS.md, "Personalisation").
-Personalisation = Literal["finetune", "recalibrate", "none"]
+Personalisation = Literal["best", "finetune", "recalibrate", "none"]
 
 #: Revision of the model the ML layer builds from a spec (preprocessing and augmentation
 #: layers included).  Part of the federation's model identity: a store whose version 0 was
@@ -93,12 +93,14 @@ class MLSettings(BaseModel):
                           "loss, so the model learns what tells the classes apart")
     seed: int = Field(0, ge=0, description="same seed everywhere = same initial weights")
     personalise: Personalisation = Field(
-        "finetune", description="what `get` does to the global model before this hospital "
-                                   "evaluates and classifies with it: 'finetune' re-measures "
-                                   "the batch-norm statistics on this hospital's training "
-                                   "scans and trains one gentle epoch on them, kept if the "
-                                   "validation loss drops; 'recalibrate' only the former "
-                                   "(docs/ML.md); 'none' uses the global model as is")
+        "best", description="what `get` does to the global model before this hospital "
+                               "evaluates and classifies with it: 'finetune' re-measures "
+                               "the batch-norm statistics on this hospital's training "
+                               "scans and trains one gentle epoch on them, kept if the "
+                               "validation loss drops; 'recalibrate' only the former; "
+                               "'best' keeps whichever of those two and the model as "
+                               "downloaded reads the validation scans best (docs/ML.md); "
+                               "'none' uses the global model as is")
     #: The folder name of a class in Training/ and Testing/ where it is not the class name
     #: (a site with the older ``glioma_tumor``, ``no_tumor`` folders maps them once here).
     class_folders: dict[str, str] = Field(default_factory=dict)

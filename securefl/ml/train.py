@@ -134,9 +134,33 @@ def balanced_nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(per_class))
 
 
-def _balanced_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+def balanced_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean per-class recall over the classes present: a site's case mix cannot flatter a
+    model (the figure docs/RESULTS.md reports and personalisation is chosen on)."""
     hits = probs.argmax(axis=1) == labels
     return float(np.mean([hits[labels == c].mean() for c in np.unique(labels)]))
+
+
+def choose_on_validation(candidates: dict[str, np.ndarray], labels: np.ndarray) -> str:
+    """The name of the candidate model whose validation probabilities read ``labels`` best.
+
+    Highest balanced accuracy first, because that is what a hospital is told its model
+    scores; a tie (frequent on a few dozen validation scans) goes to the lower
+    class-balanced loss, and a tie on both to the earlier name, so the caller lists its
+    candidates in order of preference.  Why choose at all: after a round the global model
+    as downloaded can read a hospital's own scans better than the copy re-measured or
+    fine-tuned on them (docs/RESULTS.md, "Personalisation"), and which one is better changes
+    from version to version.
+    """
+    if not candidates:
+        raise ValueError("no candidate to choose from")
+    def key(item: tuple[int, tuple[str, np.ndarray]]) -> tuple[float, float, int]:
+        i, (_, p) = item
+        if not np.all(np.isfinite(p)):  # a diverged model is never the choice
+            return (np.inf, np.inf, i)
+        return (-balanced_accuracy(p, labels), balanced_nll(p, labels), i)
+
+    return min(enumerate(candidates.items()), key=key)[1][0]
 
 
 def _best_on_validation(validation: ImageSet, reference: ImageSet, patience: int,
@@ -175,7 +199,7 @@ def _best_on_validation(validation: ImageSet, reference: ImageSet, patience: int
             probs = predict_proba(self.model, validation.images)
             loss = balanced_nll(probs, validation.labels)
             self.history["val_loss"].append(loss)
-            self.history["val_accuracy"].append(_balanced_accuracy(probs, validation.labels))
+            self.history["val_accuracy"].append(balanced_accuracy(probs, validation.labels))
             if np.isfinite(loss) and loss < self.best:
                 self.best, self.best_epoch, self.wait = loss, epoch + 1, 0
                 self.best_weights = self.model.get_weights()

@@ -88,9 +88,14 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
             cfg = kit / "hospital.toml"
             got = securefl("client", "--config", cfg, "get", cwd=tmp_path)
             assert got.returncode == 0 and "global version 0 downloaded" in got.stdout, got.stderr
-            # What this hospital evaluates with is its own: recalibrated on its scans.
-            assert re.search(r"model is now global version 0, (fine-tuned|recalibrated) on "
-                             r"this hospital's scans", got.stdout), got.stdout
+            # What this hospital evaluates with is its own: the best on its validation
+            # scans of the download as is, recalibrated or fine-tuned, with the figures.
+            assert re.search(r"model is now global version 0, (fine-tuned on this hospital's "
+                             r"scans|recalibrated on this hospital's scans|as downloaded, "
+                             r"chosen on this hospital's validation scans)", got.stdout), \
+                got.stdout
+            assert re.search(r"balanced accuracy on the validation scans: as downloaded "
+                             r"[\d.]+%, recalibrated [\d.]+%", got.stdout), got.stdout
             # The fine-tuning epoch shows it is moving (a minute or more on real data).
             assert re.search(r"fine-tuning on this hospital's scans: epoch 1/1  batch \d+/\d+",
                              got.stderr), got.stderr

@@ -66,8 +66,10 @@ def test_classify_a_scan_picked_by_path(fed: Fed) -> None:
                     "glioma", "meningioma", "no tumour", "pituitary tumour"}
                 assert "notumor" not in text(app, "#probs")
                 # which model answered, and whether its probabilities are calibrated
-                assert re.match(r"Model: global version 0, (fine-tuned|recalibrated) on "
-                                r"this hospital's scans \(calibrated, temperature", probs[5])
+                assert re.match(r"Model: global version 0, (fine-tuned on this hospital's "
+                                r"scans|recalibrated on this hospital's scans|as downloaded, "
+                                r"chosen on this hospital's validation scans) \(calibrated, "
+                                r"temperature", probs[5])
                 top = max(float(line.split()[-1].rstrip("%")) for line in probs[1:5])
                 assert ("LOW CONFIDENCE" in text(app, "#probs")) == (top < 70.0)
                 assert probs[-1].startswith("Decision support only")
@@ -203,7 +205,7 @@ def test_get_shows_the_fine_tuning_epoch_on_its_own_bar(fed: Fed) -> None:
             app = HospitalApp(fed.hospital_tomls[0], "hospital_1")
             async with app.run_test(size=(80, 24)) as pilot:
                 await until(pilot, lambda: app.session is not None)
-                assert app.hospital.ml.personalise == "finetune"  # the kits' default
+                assert app.hospital.ml.personalise == "best"  # the kits' default
                 await pilot.press("g", "enter")
                 await until(pilot, lambda: "accuracy" in text(app, "#summary"), 120)
                 screen = app.screen
@@ -211,5 +213,8 @@ def test_get_shows_the_fine_tuning_epoch_on_its_own_bar(fed: Fed) -> None:
                 bar = screen.query_one("#finetune", ProgressBar)
                 # It ends full: the epoch's batches, then the batch-norm layers measured.
                 assert bar.total is not None and bar.progress == bar.total > 0
+                # Which model was kept, and the figures it was chosen on.
+                assert re.search(r"Balanced accuracy on the validation scans: as downloaded "
+                                 r"[\d.]+%, recalibrated [\d.]+%", text(app, "#summary"))
 
     asyncio.run(scenario())

@@ -323,9 +323,11 @@ class GetScreen(Screen):
         self._step(4, "Next: press Escape, then t to train this model on your scans "
                    "(d: full report).")
         skipped = describe_skipped(r.skipped, self.hospital.ml.scans_dir)
+        why = self.hospital.local_state().personalisation_note  # e.g. each candidate's figure
         self.query_one("#summary", Static).update(
             f"Global version {self.version}{_personalised(self.hospital)}: tested on "
             f"{r.num_samples} {scans_word(r)}s · balanced accuracy {r.balanced_accuracy:.1%}"
+            + (f"\n({why[0].upper()}{why[1:]})" if why else "")
             + (f"\n{skipped}" if skipped else ""))
         warning = one_class_warning(r)
         self.query_one("#warning", Static).update(warning)

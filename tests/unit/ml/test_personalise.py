@@ -7,7 +7,9 @@ ends with, given the weights ``get`` saved to ``global.npy``.
 from __future__ import annotations
 
 import json
+import re
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from securefl import config
 from securefl.client.hospital import Hospital
 from securefl.fedopt import statistics_layout
 from securefl.ml.batchnorm import calibrate_batch_norm
-from securefl.ml.data import ImageSet
+from securefl.ml.data import ImageSet, load_split
 from securefl.ml.local import (
     calibration_for,
     load_saved_model,
@@ -216,7 +218,7 @@ def test_a_download_trained_on_at_once_is_not_fine_tuned_and_training_starts_fro
     """The agent downloads a round's version and trains on it straight away: the
     fine-tuning epoch would be replaced by the training, so it is not run; the model on
     file is the download as is, labelled so, and the update is trained minus downloaded."""
-    ml = _ml(tmp_path, synth_root)  # personalise = "finetune", the default
+    ml = _ml(tmp_path, synth_root)  # personalise = "best", the default
     h = _hospital(tmp_path, ml)
     g = to_vector(new_model(ml))
     seen: list[object] = []
@@ -260,3 +262,104 @@ def test_a_stopping_agent_ends_the_fine_tuning_epoch_within_a_batch_and_keeps_th
     mine = to_vector(load_saved_model(ml))
     stats = _statistics_mask(new_model(ml))
     np.testing.assert_array_equal(mine[~stats], g[~stats])  # no half epoch kept
+
+
+def test_choose_on_validation_prefers_accuracy_then_loss_then_the_callers_order() -> None:
+    from securefl.ml.train import choose_on_validation
+
+    labels = np.array([0, 0, 1, 1])
+    right = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.2, 0.8]])
+    unsure = np.array([[0.6, 0.4], [0.6, 0.4], [0.4, 0.6], [0.4, 0.6]])  # right, less sure
+    one_wrong = np.array([[0.9, 0.1], [0.1, 0.9], [0.1, 0.9], [0.1, 0.9]])
+    # Accuracy first: a confident model with one miss loses to an unsure one with none.
+    assert choose_on_validation({"a": one_wrong, "b": unsure}, labels) == "b"
+    # Same accuracy: the lower class-balanced loss.
+    assert choose_on_validation({"a": unsure, "b": right}, labels) == "b"
+    # Same on both: the first named (the caller's preference).
+    assert choose_on_validation({"a": right, "b": right.copy()}, labels) == "a"
+    # Balanced: the rare class counts as much as the common one.
+    labels = np.array([0, 0, 0, 0, 1])
+    common = np.tile([0.9, 0.1], (5, 1))  # 80 % accuracy, 50 % balanced
+    both = np.array([[0.9, 0.1]] * 3 + [[0.1, 0.9], [0.1, 0.9]])  # 80 %, 87.5 % balanced
+    assert choose_on_validation({"a": common, "b": both}, labels) == "b"
+    # A diverged model is never the choice, whatever its argmax says.
+    broken = np.full((5, 2), np.nan)
+    assert choose_on_validation({"a": broken, "b": common}, labels) == "b"
+    with pytest.raises(ValueError):
+        choose_on_validation({}, labels)
+
+
+def _scanner(images: np.ndarray) -> np.ndarray:
+    """Another scanner than the training sites': blurred, another contrast curve."""
+    x = images.astype(np.float32)
+    x = (x + np.roll(x, 1, 1) + np.roll(x, -1, 1) + np.roll(x, 1, 2) + np.roll(x, -1, 2)) / 5
+    return np.clip(255.0 * (x / 255.0) ** 0.4, 0, 255).astype(np.uint8)
+
+
+def _candidates_on_validation(ml: MLSettings, g: np.ndarray, data: ImageSet
+                              ) -> dict[str, float]:
+    """What the test itself measures: the model as downloaded and recalibrated on the
+    hospital's training part, each on its validation part."""
+    train_part, validation = split_training(ml, data)
+    model = new_model(ml)
+    from_vector(model, g)
+    out = {"as downloaded": evaluate(model, validation).balanced_accuracy}
+    calibrate_batch_norm(model, train_part)
+    out["recalibrated"] = evaluate(model, validation).balanced_accuracy
+    return out
+
+
+def _global_trained_elsewhere(ml: MLSettings, train_set: ImageSet) -> np.ndarray:
+    model = new_model(ml)
+    train(model, train_set, epochs=3, batch_size=32, seed=1)
+    return to_vector(model)
+
+
+def test_best_keeps_the_model_as_downloaded_when_its_own_statistics_read_its_scans_worse(
+        tmp_path: Path, synth_root: Path, train_set: ImageSet) -> None:
+    """The case the choice is for: re-measured statistics can make a hospital's model
+    worse on its own scans (here its training scans come from another scanner than its
+    validation scans).  ``best`` then keeps the download as is, says so with the
+    figures, and the hospital evaluates with it."""
+    ml = _ml(tmp_path, synth_root, personalise="best")
+    g = _global_trained_elsewhere(ml, train_set)
+    data = load_split(synth_root, "Training", classes=ml.classes, size=SIZE)
+    held_out = set(split_training(ml, data)[1].paths)
+    shifted = np.array([img if p in held_out else _scanner(img[None])[0]
+                        for img, p in zip(data.images, data.paths, strict=True)])
+    data = replace(data, images=shifted)
+    measured = _candidates_on_validation(ml, g, data)
+    assert measured["as downloaded"] > measured["recalibrated"], measured
+
+    model = new_model(ml)
+    from_vector(model, g)
+    made = personalise(ml, model, data, seed=0)
+    assert made.kind == "downloaded", made
+    np.testing.assert_array_equal(to_vector(load_saved_model(ml)), g)
+    for name, acc in measured.items():
+        assert f"{name} {acc:.1%}" in made.note, (name, acc, made.note)
+    assert made.label == "as downloaded, chosen on this hospital's validation scans"
+
+
+def test_best_keeps_the_recalibrated_or_fine_tuned_model_when_it_reads_the_scans_better(
+        tmp_path: Path, synth_root: Path, train_set: ImageSet) -> None:
+    """A hospital on another scanner than the federation's: its own statistics help, so
+    ``best`` keeps a personalised model, and the one kept is the best of the figures it
+    reports."""
+    ml = _ml(tmp_path, synth_root, personalise="best")
+    g = _global_trained_elsewhere(ml, train_set)
+    data = load_split(synth_root, "Training", classes=ml.classes, size=SIZE)
+    data = replace(data, images=_scanner(data.images))
+    measured = _candidates_on_validation(ml, g, data)
+    assert measured["recalibrated"] > measured["as downloaded"], measured
+
+    model = new_model(ml)
+    from_vector(model, g)
+    made = personalise(ml, model, data, seed=0)
+    assert made.kind in ("recalibrate", "finetune"), made
+    figures = dict(re.findall(r"(as downloaded|recalibrated|fine-tuned) ([\d.]+)%", made.note))
+    assert set(figures) == ({"as downloaded", "recalibrated", "fine-tuned"}
+                            if made.kind == "finetune" else {"as downloaded", "recalibrated"})
+    kept = evaluate(load_saved_model(ml), split_training(ml, data)[1]).balanced_accuracy
+    assert f"{kept:.1%}" == f"{max(map(float, figures.values())):.1f}%", (kept, made.note)
+    assert not np.array_equal(to_vector(load_saved_model(ml)), g)
