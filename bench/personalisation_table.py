@@ -1,6 +1,6 @@
 """Compare the personalisation candidates of several ``federation_value.py`` runs.
 
-    python bench/personalisation_table.py --choose 0,1,2 run0.out run1.out ...
+    python bench/personalisation_table.py --choose 0,1,2 [--testing finetune] run0.out ...
 
 Each file is the stdout of one ``bench/federation_value.py`` run (its last line is the JSON
 line).  Prints, per candidate, the mean over hospitals of each hospital's personalised
@@ -35,6 +35,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--choose", default="0,1,2", help="seeds whose validation figures choose")
+    p.add_argument("--testing", default="",
+                   help="comma-separated candidates whose Testing figures are printed beside "
+                        "the pick's (reported, never chosen on)")
     a = p.parse_args()
     runs = sorted((load(f) for f in a.runs), key=lambda r: r["seed"])
     choose = {int(s) for s in a.choose.split(",")}
@@ -61,6 +64,16 @@ def main() -> int:
           + ", ".join(f"{c} {worst[c]:+.3f}" for c in cands))
     print(f"pick (best mean validation): {pick}")
 
+    if "best" in cands:
+        print("  ('best' is chosen per hospital and checkpoint on these same validation scans, "
+              "so its figure here is optimistic; Testing below is not)")
+    for name in [pick] + [c for c in a.testing.split(",") if c and c != pick]:
+        testing(runs, name)
+    return 0
+
+
+def testing(runs: list[dict], pick: str) -> None:
+    """The issue's targets on Testing for candidate ``pick``, every run."""
     print(f"\nTesting, personalisation '{pick}' (balanced accuracy, mean of the last 3 "
           "checkpoints):")
     print(f"  {'seed':>4}  {'own local -> own federated (per hospital)':<48} {'gain':>5}  "
@@ -86,7 +99,6 @@ def main() -> int:
           f"({'ok' if np.mean(gains) >= 0.03 else 'MISSED'}: >= 3); checks per seed: every "
           "hospital better, within 3 points of central, within 1 point of FedAvg, above "
           "every local model")
-    return 0
 
 
 if __name__ == "__main__":

@@ -99,10 +99,10 @@ def personalisation_summary(hospital: Hospital) -> str:
     if local.personalisation:
         how = {"finetune": "batch-norm statistics measured on its {n} training scans, then "
                            "one fine-tuning epoch on them that lowered the validation loss",
-               "downloaded": "the copies recalibrated and fine-tuned on its {n} training "
-                             "scans read them worse"}.get(local.personalisation,
-                                                          "batch-norm statistics measured on "
-                                                          "its {n} training scans")
+               "recalibrate": "batch-norm statistics measured on its {n} training scans",
+               "downloaded": "the copies personalised on its {n} training scans read them "
+                             "worse"}.get(local.personalisation,
+                                          "personalised on its {n} training scans")
         note = f"; {local.personalisation_note}" if local.personalisation_note else ""
         return (f"this hospital's model is now {hospital.model_label()} "
                 f"({how.format(n=local.personalised_scans)}{note}), saved to {where}; "
