@@ -25,9 +25,9 @@ for the same total number of epochs:
 
 **Personalisation.**  After a federated round each hospital derives its own model from the
 global weights; the candidates (``--personalise`` picks the headline one, by default
-``finetune``, the product's ``[ml] personalise`` default, chosen on the validation scans of
-seeds 0-2 with ``bench/personalisation_table.py``; all are measured at the last
-``--average`` checkpoints):
+``best``, the product's ``[ml] personalise`` default; the single personalisations are
+compared on the validation scans of seeds 0-2 with ``bench/personalisation_table.py``; all
+are measured at the last ``--average`` checkpoints):
 
 * ``global``   — the global model as the server holds it (no personalisation);
 * ``recal``    — the global weights with the batch-norm statistics re-measured over the
@@ -134,9 +134,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--data", type=Path, help="reuse/keep generated data here")
     p.add_argument("--average", type=int, default=3,
                    help="report the mean of the last N checkpoints (rounds)")
-    p.add_argument("--personalise", choices=CANDIDATES, default="finetune",
-                   help="the personalisation the headline keys use (chosen on validation, "
-                        "docs/RESULTS.md)")
+    p.add_argument("--personalise", choices=CANDIDATES, default="best",
+                   help="the personalisation the headline keys use (default: the product's "
+                        "[ml] personalise default; docs/RESULTS.md)")
     p.add_argument("--finetune-lr", type=float, default=1e-4,
                    help="learning rate of the finetune candidate's one epoch")
     d = ServerOptSettings()

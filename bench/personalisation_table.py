@@ -41,7 +41,12 @@ def main() -> int:
     a = p.parse_args()
     runs = sorted((load(f) for f in a.runs), key=lambda r: r["seed"])
     choose = {int(s) for s in a.choose.split(",")}
-    cands = list(runs[0]["candidates"]["secure"])
+    cands = [c for c in runs[0]["candidates"]["secure"]  # those every run measured
+             if all(c in r["candidates"]["secure"] for r in runs)]
+    unknown = [c for c in a.testing.split(",") if c and c not in cands]
+    if unknown:
+        raise SystemExit(f"--testing {','.join(unknown)}: not measured in every run (these "
+                         f"are: {', '.join(cands)})")
 
     print("validation (seeds " + ",".join(map(str, sorted(choose))) + "): mean over hospitals "
           "of balanced accuracy on each hospital's own validation scans, secure arm")

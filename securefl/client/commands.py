@@ -100,8 +100,8 @@ def personalisation_summary(hospital: Hospital) -> str:
         how = {"finetune": "batch-norm statistics measured on its {n} training scans, then "
                            "one fine-tuning epoch on them that lowered the validation loss",
                "recalibrate": "batch-norm statistics measured on its {n} training scans",
-               "downloaded": "the copies personalised on its {n} training scans read them "
-                             "worse"}.get(local.personalisation,
+               "downloaded": "the copies personalised on its {n} training scans read its "
+                             "validation scans no better"}.get(local.personalisation,
                                           "personalised on its {n} training scans")
         note = f"; {local.personalisation_note}" if local.personalisation_note else ""
         return (f"this hospital's model is now {hospital.model_label()} "

@@ -12,9 +12,10 @@ path reads and writes the same files through the same methods.
 Files in the hospital's ``state_dir`` (network state) and ``[ml] model_dir``:
   global.npy / global.json   the last downloaded global model and its version, sha256
   model.keras                the hospital's model: after ``get`` the global weights made its
-                             own (``[ml] personalise``: batch-norm statistics measured on its
-                             training scans, then a fine-tuning epoch kept if the validation
-                             loss drops), after ``train`` the trained model; what evaluate and
+                             own (``[ml] personalise``: by default whichever of the download
+                             as is, its batch-norm statistics measured on its training scans,
+                             and a fine-tuning epoch after that reads the validation scans
+                             best), after ``train`` the trained model; what evaluate and
                              classify use.  Reloaded whenever the file changes
   local.json                 which global version the local model is based on, how it was
                              personalised, whether it was trained since, on how many scans,
@@ -80,8 +81,9 @@ class LocalState:
     #: The class order the model was trained with (its output units, in order).
     classes: tuple[str, ...] = ()
     #: How the downloaded global model was made this hospital's own (``"finetune"``,
-    #: ``"recalibrate"``), "" for the global model as is; on how many training scans; why
-    #: not (or not all of it), when it failed.
+    #: ``"recalibrate"``, ``"downloaded"``: kept as is because it read the validation scans
+    #: best), "" for the global model as is without a choice; on how many training scans;
+    #: the note: why not (or not all of it), and each candidate's figure under ``"best"``.
     personalisation: str = ""
     personalised_scans: int = 0
     personalisation_note: str = ""
@@ -381,7 +383,8 @@ class Hospital:
         a caller that trains on it at once (the agent), since training starts from
         global.npy and replaces the model file, so a fine-tuning epoch would be thrown away.
         ``cancel`` set stops the fine-tuning epoch within a batch (the recalibrated model is
-        kept): a stopping agent must not wait minutes for it.
+        kept, or under ``"best"`` the better of it and the download): a stopping agent must
+        not wait minutes for it.
         """
         from securefl.ml.local import load_or_create_model
         from securefl.ml.local import personalise as personalise_model

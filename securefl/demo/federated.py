@@ -363,11 +363,15 @@ def run(settings: DemoSettings, say: Print = print,
             "the updates by secure aggregation and publishes by itself;")
         from securefl.ml.local import PERSONALISATION_LABELS
 
+        chosen = hospitals[0].ml.personalise == "best"
         how = PERSONALISATION_LABELS.get(hospitals[0].ml.personalise, "as downloaded")
         say("  each cell: balanced accuracy on that hospital's validation scans of a model "
             f"trained alone for the same epochs -> of the shared model, "
-            f"{how.replace('this', 'that')}; all validation scans: the shared model as "
-            "published; time: from the previous version's publication to this one's")
+            f"{how.replace('this', 'that').replace('its', 'those')}"
+            + (" (chosen on them, so a little flattered; the Testing summary is not)"
+               if chosen else "")
+            + "; all validation scans: the shared model as published; time: from the "
+            "previous version's publication to this one's")
         store = unattended.watch_store(load(server_toml, ServerSettings).store_dir)
         _watch_rounds(settings, hospitals, alone, procs, store, say, result)
         if before_stop is not None:  # the app watches on: no rounds nobody will join

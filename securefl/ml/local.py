@@ -179,7 +179,8 @@ class Personalised:
     scans: int = 0
     #: The temperature fitted on the validation scans for the personalised model.
     temperature: float | None = None
-    #: Why the asked-for personalisation was not (fully) applied; "" when it was.
+    #: Why the asked-for personalisation was not (fully) applied, and under ``"best"`` each
+    #: candidate's validation figure; "" when there is nothing to say.
     note: str = ""
 
     @property
@@ -206,10 +207,17 @@ def personalise(settings: MLSettings, model: keras.Model,
       recalibrated model is kept and ``note`` says so);
     * ``"best"`` (the default: docs/RESULTS.md, "Personalisation"): the global model as
       downloaded, recalibrated and fine-tuned are all scored on the validation scans and
-      the best is kept (:func:`securefl.ml.train.choose_on_validation`); ``note`` gives the
-      three figures.  Re-measured statistics can read a hospital's own scans worse than the
-      averaged ones when its training scans are few or unlike its validation scans, and
-      which is better changes from version to version.
+      the best is kept (:func:`securefl.ml.train.choose_on_validation`); ``note`` gives
+      each candidate's figure (two when the fine-tuning epoch was not kept or was stopped).
+      Why: re-measured statistics can read a hospital's own scans worse than the averaged
+      ones when its training scans are few or unlike its validation scans, and which is
+      better changes from version to version.  The kept model's validation figure is the
+      best of the candidates on those same scans, so it reads a little high; the Testing
+      scans give the unbiased one.
+
+    A model without batch-norm layers (``model_kind = "seed"``) is kept as downloaded
+    whatever ``personalise`` says, with a note: there are no statistics to re-measure, and
+    the fine-tuning epoch is defined on top of them.
 
     Then the temperature is fitted on the validation scans.  The optimiser state the model
     carries from round to round is put back afterwards, so federated training is the same
@@ -222,8 +230,8 @@ def personalise(settings: MLSettings, model: keras.Model,
     ``progress`` hears every batch of the fine-tuning epoch: on a real Training folder it
     takes a minute or more, and ``get`` should not look stuck meanwhile.  ``cancel`` set (a
     stopping agent: its service manager allows it seconds, not minutes) ends that epoch
-    within a batch and drops it: the recalibrated model is kept, as when the epoch did not
-    help.
+    within a batch and drops it, as when the epoch did not help: the recalibrated model is
+    kept (under ``"best"``: the better of it and the download).
     """
     from securefl.ml.batchnorm import calibrate_batch_norm
     from securefl.ml.model import save_model
@@ -241,11 +249,16 @@ def personalise(settings: MLSettings, model: keras.Model,
         if best:
             kept[name] = model.get_weights(), predict_proba(model, validation.images)
 
-    keep("downloaded")
+    downloaded = model.get_weights()
     if calibrate_batch_norm(model, train_set) == 0:
         save_model(model, settings.model_path)
         return Personalised("none", note=f"the '{settings.model_kind}' model has no batch-norm "
                                          "statistics to recalibrate")
+    if best:
+        recalibrated = model.get_weights()
+        model.set_weights(downloaded)
+        keep("downloaded")
+        model.set_weights(recalibrated)
     kind, note, why_not = "recalibrate", "", ""
     keep("recalibrate")
     if settings.personalise in ("finetune", "best"):
@@ -273,9 +286,18 @@ def _choose(kept: dict[str, tuple[list[np.ndarray], np.ndarray]], labels: np.nda
 
     order = [k for k in ("finetune", "recalibrate", "downloaded") if k in kept]  # on a tie
     choice = choose_on_validation({k: kept[k][1] for k in order}, labels)
-    figures = ", ".join(f"{_CANDIDATE_WORDS[k]} {balanced_accuracy(kept[k][1], labels):.1%}"
-                        for k in ("downloaded", "recalibrate", "finetune") if k in kept)
-    why = f"balanced accuracy on the validation scans: {figures}"
+
+    def figure(k: str) -> str:
+        probs = kept[k][1]
+        if not np.all(np.isfinite(probs)):
+            return "not finite"
+        return f"{balanced_accuracy(probs, labels):.1%}"
+
+    figures = {k: figure(k) for k in ("downloaded", "recalibrate", "finetune") if k in kept}
+    why = "balanced accuracy on the validation scans: " + ", ".join(
+        f"{_CANDIDATE_WORDS[k]} {v}" for k, v in figures.items())
+    if list(figures.values()).count(figures[choice]) > 1:
+        why += f" ({_CANDIDATE_WORDS[choice]} kept on the lower validation loss)"
     return choice, f"{why}; {why_not}" if why_not else why
 
 

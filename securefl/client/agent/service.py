@@ -16,8 +16,9 @@ the round does not wait for it.
 
 Every change of state is one plain line on stderr (journalctl shows it).  SIGTERM and
 Ctrl-C stop it between two durable writes: a training, or the fine-tuning epoch of the
-get after a publication, is stopped at the next batch (the model file stays as it was: the
-global one, recalibrated, after a stopped fine-tune), a round in progress is left (the
+get after a publication, is stopped at the next batch (after a stopped fine-tune the model
+file is the global one, recalibrated or as downloaded, whichever read the validation scans
+better), a round in progress is left (the
 send record says how far it got), and the record files are only ever replaced whole.  A
 killed agent, started again, reads its record: a round it was in counts as interrupted,
 and the send record decides what may go out on that version.

@@ -363,3 +363,26 @@ def test_best_keeps_the_recalibrated_or_fine_tuned_model_when_it_reads_the_scans
     kept = evaluate(load_saved_model(ml), split_training(ml, data)[1]).balanced_accuracy
     assert f"{kept:.1%}" == f"{max(map(float, figures.values())):.1f}%", (kept, made.note)
     assert not np.array_equal(to_vector(load_saved_model(ml)), g)
+
+
+def test_best_says_why_on_a_tie_and_never_prints_a_figure_for_a_diverged_model() -> None:
+    """What ``get`` prints under ``best``: equal figures say the loss decided; a model whose
+    probabilities are not finite is named so, not given the accuracy its argmax fakes."""
+    from securefl.ml.local import _choose
+
+    labels = np.array([0, 0, 1, 1])
+    sure = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.2, 0.8]])
+    unsure = np.array([[0.6, 0.4], [0.6, 0.4], [0.4, 0.6], [0.4, 0.6]])
+    kind, note = _choose({"downloaded": ([], sure), "recalibrate": ([], unsure)}, labels,
+                         "the fine-tuning epoch was stopped")
+    assert kind == "downloaded"
+    assert note == ("balanced accuracy on the validation scans: as downloaded 100.0%, "
+                    "recalibrated 100.0% (as downloaded kept on the lower validation loss); "
+                    "the fine-tuning epoch was stopped")
+    broken = np.full((4, 2), np.nan)
+    kind, note = _choose({"downloaded": ([], unsure), "recalibrate": ([], broken),
+                          "finetune": ([], sure)}, labels, "")
+    assert kind == "finetune"
+    assert note == ("balanced accuracy on the validation scans: as downloaded 100.0%, "
+                    "recalibrated not finite, fine-tuned 100.0% (fine-tuned kept on the "
+                    "lower validation loss)")
