@@ -186,7 +186,7 @@ def test_auto_agents_publish_with_no_person_and_a_killed_one_rejoins_without_res
         for i in range(3):
             r1 = fed.record(i)[1]
             assert r1["version"] == 1 and 0 <= r1["balanced_accuracy"] <= 1, r1
-            assert "published version 1; balanced accuracy" in r1["detail"]
+            assert "published version 1; global version 1: balanced accuracy" in r1["detail"]
             said = fed.log(f"agent{i}")
             assert "agent: server opened round 1 on version 0" in said
             assert "agent: training: round 1: training on version 0" in said
@@ -195,7 +195,7 @@ def test_auto_agents_publish_with_no_person_and_a_killed_one_rejoins_without_res
             assert said.count("agent: server opened round 1 ") == 1, said
             assert "round 1 already handled" not in said, said
         log = fed.cli(0, "log", "--limit", "50").stdout
-        assert "scheduled round 1: published version 1; balanced accuracy" in log
+        assert "scheduled round 1: published version 1; global version 1: balanced accuracy" in log
         # Round 2 trains on the version 1 the agent got when it was published: not
         # downloaded (and fine-tuned) a second time.
         wait_for("hospital_1 training in round 2", lambda: "agent: training: round 2: "

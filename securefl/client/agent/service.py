@@ -508,8 +508,8 @@ class Agent:
             if h.has_ml:
                 report = await asyncio.to_thread(h.evaluate, "validation")
                 accuracy = float(report.balanced_accuracy)
-                detail += (f"; balanced accuracy {accuracy:.3f} on {report.num_samples} "
-                           "validation scans")
+                detail += (f"; {h.model_label()}: balanced accuracy {accuracy:.3f} on "
+                           f"{report.num_samples} validation scans")
         except _Stopped:
             raise
         except (SecureFLError, ValueError) as exc:
