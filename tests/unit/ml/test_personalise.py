@@ -309,20 +309,24 @@ def _candidates_on_validation(ml: MLSettings, g: np.ndarray, data: ImageSet
     return out
 
 
-def _global_trained_elsewhere(ml: MLSettings, train_set: ImageSet) -> np.ndarray:
-    model = new_model(ml)
+@pytest.fixture(scope="module")
+def trained_elsewhere(tmp_path_factory: pytest.TempPathFactory, synth_root: Path,
+                      train_set: ImageSet) -> np.ndarray:
+    """"The federation's" model: trained on the home scanner's scans (once for the module:
+    three epochs are the slow part of the tests that use it)."""
+    model = new_model(_ml(tmp_path_factory.mktemp("elsewhere"), synth_root))
     train(model, train_set, epochs=3, batch_size=32, seed=1)
     return to_vector(model)
 
 
 def test_best_keeps_the_model_as_downloaded_when_its_own_statistics_read_its_scans_worse(
-        tmp_path: Path, synth_root: Path, train_set: ImageSet) -> None:
+        tmp_path: Path, synth_root: Path, trained_elsewhere: np.ndarray) -> None:
     """The case the choice is for: re-measured statistics can make a hospital's model
     worse on its own scans (here its training scans come from another scanner than its
     validation scans).  ``best`` then keeps the download as is, says so with the
     figures, and the hospital evaluates with it."""
     ml = _ml(tmp_path, synth_root, personalise="best")
-    g = _global_trained_elsewhere(ml, train_set)
+    g = trained_elsewhere
     data = load_split(synth_root, "Training", classes=ml.classes, size=SIZE)
     held_out = set(split_training(ml, data)[1].paths)
     shifted = np.array([img if p in held_out else _scanner(img[None])[0]
@@ -342,12 +346,12 @@ def test_best_keeps_the_model_as_downloaded_when_its_own_statistics_read_its_sca
 
 
 def test_best_keeps_the_recalibrated_or_fine_tuned_model_when_it_reads_the_scans_better(
-        tmp_path: Path, synth_root: Path, train_set: ImageSet) -> None:
+        tmp_path: Path, synth_root: Path, trained_elsewhere: np.ndarray) -> None:
     """A hospital on another scanner than the federation's: its own statistics help, so
     ``best`` keeps a personalised model, and the one kept is the best of the figures it
     reports."""
     ml = _ml(tmp_path, synth_root, personalise="best")
-    g = _global_trained_elsewhere(ml, train_set)
+    g = trained_elsewhere
     data = load_split(synth_root, "Training", classes=ml.classes, size=SIZE)
     data = replace(data, images=_scanner(data.images))
     measured = _candidates_on_validation(ml, g, data)
