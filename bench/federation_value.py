@@ -89,9 +89,9 @@ from securefl.crypto.quantize import Encoding
 from securefl.fedopt import ServerOptimizer, ServerOptSettings, statistics_layout
 from securefl.ml import model as model_mod
 from securefl.ml.batchnorm import calibrate_batch_norm
-from securefl.ml.data import ImageSet, load_split, split_validation
+from securefl.ml.data import ImageSet, load_split, make_dataset, split_validation
 from securefl.ml.model import compile_model, from_vector, make_model, to_vector, weight_spec
-from securefl.ml.prior import class_prior
+from securefl.ml.prior import class_prior, set_prior
 from securefl.ml.settings import MLSettings
 from securefl.ml.synth import synthesize
 from securefl.ml.train import (
@@ -165,9 +165,38 @@ def parse() -> argparse.Namespace:
                         "for N epochs, ending on its best epoch; hospitals (local and "
                         "federated arms) stop on their own validation scans, the central "
                         "arm on all hospitals' validation scans")
+    p.add_argument("--scaffold", action="store_true",
+                   help="federated arms (experiment): SCAFFOLD control variates.  Every round "
+                        "each hospital measures its mean gradient over its training scans at "
+                        "the global weights (c_i), the mean c goes through the arm's "
+                        "aggregation, and local training adds c - c_i to every gradient")
     p.add_argument("--arms", default="local,fedavg,secure,central",
                    help="comma-separated subset of local,fedavg,secure,central (scouting)")
     return p.parse_args()
+
+
+def _corrected_adam(model, lr: float):
+    """Adam that adds a fixed correction (SCAFFOLD's c - c_i) to every gradient it applies;
+    the correction lives in variables, so the compiled training step reads each round's."""
+    import keras
+
+    class CorrectedAdam(keras.optimizers.Adam):
+        def apply(self, grads, trainable_variables=None):
+            grads = [g + c for g, c in zip(grads, self._corr_vars, strict=True)]
+            return super().apply(grads, trainable_variables)
+
+        def set_correction(self, flat: np.ndarray) -> None:
+            at = 0
+            for v in self._corr_vars:
+                n = int(np.prod(v.shape))
+                v.assign(flat[at:at + n].reshape(tuple(v.shape)))
+                at += n
+
+    opt = CorrectedAdam(learning_rate=lr)
+    corr = [keras.Variable(np.zeros(tuple(v.shape), np.float32), trainable=False)
+            for v in model.trainable_variables]
+    object.__setattr__(opt, "_corr_vars", corr)  # kept out of the optimizer's variables
+    return opt
 
 
 def log(msg: str) -> None:
@@ -208,9 +237,12 @@ def main() -> int:
     encoding = Encoding.auto(clip=args.clip, max_clients=rs.max_clients,
                              max_weight=rs.max_weight)
 
-    def fresh():
+    def fresh(corrected: bool = False):
         model = make_model(shape, 4, kind=args.kind, seed=args.seed)
         compile_model(model, args.lr, prior_correction=args.prior_correction)
+        if corrected:  # SCAFFOLD: the same loss, Adam fed corrected gradients
+            model.compile(optimizer=_corrected_adam(model, args.lr), loss=model.loss,
+                          metrics=["accuracy"])
         return model
 
     def lr_at(r: int) -> float:
@@ -331,8 +363,26 @@ def main() -> int:
             score("best", h, val_probs=seen[choice][0], test_probs=seen[choice][1])
         return out
 
+    def mean_gradient(model, data, seed) -> np.ndarray:
+        """SCAFFOLD's c_i: the mean gradient of the training loss over ``data`` at the
+        model's current weights, flattened in trainable-variable order."""
+        import tensorflow as tf
+
+        set_prior(model, list(data.counts().values()))
+        tv = model.trainable_variables
+        acc = [np.zeros(tuple(v.shape), np.float64) for v in tv]
+        n = 0
+        for x, y in make_dataset(data, args.batch, shuffle=True, seed=seed):
+            with tf.GradientTape() as tape:
+                loss = model.loss(y, model(x, training=True))
+            b = int(x.shape[0])
+            for a, g in zip(acc, tape.gradient(loss, tv), strict=True):
+                a += np.asarray(g, np.float64) * b
+            n += b
+        return np.concatenate([a.ravel() / n for a in acc]).astype(np.float32)
+
     def federate(label, mean_fn):
-        workers[:] = [fresh() for _ in names]
+        workers[:] = [fresh(corrected=args.scaffold) for _ in names]
         pers = [fresh() for _ in names]
         opt = ServerOptimizer(opt_settings, w0.size, statistics=layout)
         g = w0.copy()
@@ -342,6 +392,14 @@ def main() -> int:
         for r in range(args.rounds):
             deltas, weights = [], []
             before = epochs_run[0]
+            if args.scaffold:
+                grads = []
+                for h, data in enumerate(trains):
+                    from_vector(workers[h], g)
+                    grads.append(mean_gradient(workers[h], data, seed=5000 + 100 * r + h))
+                c = np.asarray(mean_fn(grads, [len(d) for d in trains]), dtype=np.float32)
+                for h in range(len(trains)):
+                    workers[h].optimizer.set_correction(c - grads[h])
             for h, data in enumerate(trains):
                 from_vector(workers[h], g)
                 if args.fresh_local_optimiser:
@@ -486,6 +544,7 @@ def main() -> int:
         "calibrate": not args.no_calibrate,
         "prior_correction": args.prior_correction,
         "finetune_lr": args.finetune_lr,
+        "scaffold": args.scaffold,
         "schedule": args.schedule if args.schedule == "constant"
         else f"{args.schedule} {args.lr:g} -> {args.lr * args.lr_floor:g}",
         "final": {"local_acc": r4([c[-1] for c in local_curves]),
