@@ -30,8 +30,19 @@ def _drawn(columns: int, monkeypatch: pytest.MonkeyPatch) -> list[str]:
             show(Progress(1, 1, batch, 7, 1.3052, 0.4375))
         show(Progress(1, 1, 4, 4, 1.0, 0.5, stage="calibrating"))
         tty.flush()
-        out = os.read(master, 65536).decode()
+    # One read returns what the terminal has passed on so far, which on a loaded machine
+    # can be the first redraw only: read until the closed end says there is no more.
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other end is closed and everything was read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
     os.close(master)
+    out = b"".join(chunks).decode()
     return [line.rstrip() for line in out.split("\r") if line]
 
 
