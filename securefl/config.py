@@ -179,6 +179,10 @@ class ScheduleSettings(_Settings):
     training_deadline: str = "2h"
     #: ``"paused"``: the server starts with its schedule paused (``admin resume`` starts it).
     start: Literal["running", "paused"] = "running"
+    #: Once a scheduled round publishes this version (or a later one) the schedule pauses
+    #: itself, so a federation meant to run N rounds unattended stops opening rounds nobody
+    #: will join; ``admin resume`` lets it go on.  None: no end.
+    until_version: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _durations(self) -> ScheduleSettings:

@@ -20,8 +20,6 @@ has its own certificate and its own TLS connection.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import shutil
 import socket
 import tempfile
@@ -34,11 +32,10 @@ from typing import TYPE_CHECKING
 from securefl.certs import CertDir
 from securefl.client.agent.rules import RoundEntry
 from securefl.client.hospital import Hospital
-from securefl.client.session import AdminSession
-from securefl.config import ClientSettings, ServerSettings, load, write_toml
+from securefl.config import ServerSettings, load, write_toml
 from securefl.demo import unattended
 from securefl.demo.settings import DemoSettings
-from securefl.errors import ConfigError, SecureFLError
+from securefl.errors import ConfigError
 from securefl.server.store import ModelStore
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -298,17 +295,6 @@ def _final_models(hospitals: list[Hospital], store: ModelStore, version: int) ->
             h.apply_global(weights, version)
 
 
-def _pause_schedule(admin_toml: Path) -> None:
-    """After the last round, for the administrator's app: no further round opens."""
-
-    async def pause() -> None:
-        async with AdminSession(load(admin_toml, ClientSettings)) as admin:
-            await admin.pause()
-
-    with contextlib.suppress(SecureFLError, OSError):
-        asyncio.run(pause())
-
-
 def run(settings: DemoSettings, say: Print = print,
         on_ready: Callable[[Path], None] | None = None,
         before_stop: Callable[[], None] | None = None) -> DemoResult:
@@ -322,8 +308,9 @@ def run(settings: DemoSettings, say: Print = print,
 
     ``on_ready`` is called with the admin settings file once the server is up, and
     ``before_stop`` after the last round, before the server stops (``--tui`` opens the
-    administrator's app on the first and keeps the server up until the app is closed; the
-    schedule is paused for it).
+    administrator's app on the first and keeps the server up until the app is closed).
+    The server's ``[schedule] until_version`` is the last round's version, so no round
+    opens after it.
     """
     started = time.perf_counter()
     root = (settings.keep or Path(tempfile.mkdtemp(prefix="securefl-demo-"))).resolve()
@@ -338,7 +325,10 @@ def run(settings: DemoSettings, say: Print = print,
     say(f"securefl demo: a federation of {settings.hospitals} hospitals in {root}")
     say("  (built-in SYNTHETIC brain MRI slices: for trying securefl, not for clinical use)")
     server_toml, hospital_tomls, admin_toml = build_federation(
-        settings, root, say, schedule=unattended.schedule_table(TRAINING_DEADLINE),
+        settings, root, say,
+        # the server pauses its schedule once the last round published: no round opens
+        # after it that the agents would only decline
+        schedule=unattended.schedule_table(TRAINING_DEADLINE, until_version=settings.rounds),
         agent=unattended.agent_table(settings.rounds))
     say("  starting the server (TLS 1.3, mutual certificates, rounds on an automatic "
         "schedule) and building model version 0")
@@ -374,8 +364,6 @@ def run(settings: DemoSettings, say: Print = print,
             "previous version's publication to this one's")
         store = unattended.watch_store(load(server_toml, ServerSettings).store_dir)
         _watch_rounds(settings, hospitals, alone, procs, store, say, result)
-        if before_stop is not None:  # the app watches on: no rounds nobody will join
-            _pause_schedule(admin_toml)
         for name in alone:
             procs.stop(name, timeout=60)
         say("  scoring the last round's models on the Testing scans (used for nothing else)")

@@ -41,9 +41,15 @@ class UnattendedError(SecureFLError):
     code = "unattended"
 
 
-def schedule_table(training_deadline: str = "10m") -> dict[str, object]:
-    """server.toml's ``[schedule]``: a round opens as soon as the previous one published."""
-    return {"mode": "auto", "every": "after-publish", "training_deadline": training_deadline}
+def schedule_table(training_deadline: str = "10m", until_version: int | None = None
+                   ) -> dict[str, object]:
+    """server.toml's ``[schedule]``: a round opens as soon as the previous one published
+    (and none after ``until_version`` is published, when given)."""
+    table: dict[str, object] = {"mode": "auto", "every": "after-publish",
+                                "training_deadline": training_deadline}
+    if until_version is not None:
+        table["until_version"] = until_version
+    return table
 
 
 def agent_table(max_rounds_per_day: int | None = None) -> dict[str, object]:

@@ -295,10 +295,23 @@ class Scheduler:
         if self.cfg.interval is None:  # after-publish: the next one now (or after a pause)
             pause = 0.0 if outcome == "published" else RETRY_PAUSE
             self.next_open = _now() + dt.timedelta(seconds=pause)
+        until = self.cfg.until_version
+        # Only the round that reaches the target pauses: after `admin resume` the rounds
+        # go on unattended as before.
+        finished = (outcome == "published" and version is not None and until is not None
+                    and info.base_version < until <= version and not self.paused)
+        if finished:  # saved with the close: a restart does not open another round
+            self.paused = True
         self._save()
         c.audit.record("schedule-closed", schedule_round=info.schedule_round,
                        outcome=outcome, version=version if version is not None else -1,
                        message=message[:200], durable=True)
+        if finished:
+            c.audit.record("schedule-paused", reason="until-version", version=version,
+                           durable=True)
+            log.info("version %d reached [schedule] until_version = %d: the schedule is "
+                     "paused and opens no further round (`securefl admin resume` goes on)",
+                     version, until)
         push = wm.RoundClosed(schedule_round=info.schedule_round, outcome=outcome,  # type: ignore[arg-type]
                               version=version, message=message[:1000])
         for peer in list(c.peers):

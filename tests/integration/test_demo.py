@@ -78,9 +78,14 @@ def test_demo_runs_a_federation_end_to_end(tmp_path: Path,
         bound = tolerance(parts) + 0.3 * bound  # the last round's error rides the momentum
         assert_published(store.read(version)[1], expected, bound, previous)
     np.testing.assert_array_equal(np.load(states[0] / "global.npy"), store.read(2)[1])
-    events = [json.loads(x)["event"]
-              for x in (tmp_path / "fed" / "server" / "audit.jsonl").read_text().splitlines()]
+    audit = [json.loads(x)
+             for x in (tmp_path / "fed" / "server" / "audit.jsonl").read_text().splitlines()]
+    events = [e["event"] for e in audit]
     assert "aggregated" in events
+    # After the last round the server opened no other one for the agents to decline.
+    assert [e["schedule_round"] for e in audit if e["event"] == "schedule-open"] == [1, 2]
+    assert [(e.get("reason"), e.get("version")) for e in audit
+            if e["event"] == "schedule-paused"] == [("until-version", 2)]
     for name in ("hospital_1", "hospital_2"):  # each hospital kept its model and its history
         assert (tmp_path / "fed" / "hospitals" / name / "model" / "model.keras").is_file()
         assert (tmp_path / "fed" / "hospitals" / name / "model" / "history.jsonl").is_file()

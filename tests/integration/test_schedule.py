@@ -482,3 +482,48 @@ def test_a_restarted_server_resumes_the_schedule(fed: Federation) -> None:
     audit = fed.certs.root / "audit.jsonl"
     opened = [e["schedule_round"] for e in read_entries(audit) if e["event"] == "schedule-open"]
     assert opened == [1, 2]
+
+
+def test_until_version_pauses_the_schedule_once_that_version_is_published(
+        fed: Federation) -> None:
+    """``until_version = 1``: the round that publishes version 1 leaves the schedule paused
+    (no round 2 opens by itself, also not after "after-publish"), says why in the audit log;
+    ``resume`` goes on, and the next version does not pause it again."""
+    settings = auto(fed)
+    settings = settings.model_copy(update={"schedule": settings.schedule.model_copy(
+        update={"until_version": 1})})
+    samples = [10, 30, 60]
+    first, second = updates(3, seed=3), updates(3, seed=4)
+
+    async def main() -> None:
+        async with running(settings) as srv:
+            admin = await AdminSession(fed.client_settings("admin", srv.port)).connect()
+            sessions = [HospitalSession(fed.client_settings(n, srv.port)) for n in "abc"]
+            for h in sessions:
+                await h.connect()
+            try:
+                one = await asyncio.gather(*(take_part(h, u, n) for h, u, n in
+                                             zip(sessions, first, samples, strict=True)))
+                assert [(r, o.version if o else None) for r, o in one] == [(1, 1)] * 3
+                await asyncio.sleep(1.0)  # "after-publish" would have opened round 2 by now
+                view = await admin.schedule()
+                assert view.paused and view.round is None and view.next_open is None
+                assert not [e for h in sessions for e in h.pending_schedule_events()
+                            if isinstance(e, wm.RoundOpen) and e.schedule_round > 1]
+                await admin.resume()
+                two = await asyncio.gather(*(take_part(h, u, n, after=1) for h, u, n in
+                                             zip(sessions, second, samples, strict=True)))
+                assert [(r, o.version if o else None) for r, o in two] == [(2, 2)] * 3
+                await asyncio.sleep(1.0)
+                view = await admin.schedule()  # past the target: rounds go on by themselves
+                assert not view.paused and view.round is not None
+                assert view.round.base_version == 2
+            finally:
+                for h in sessions:
+                    await h.close()
+                await admin.close()
+
+    asyncio.run(main())
+    paused = events(settings, "schedule-paused")
+    assert [(e.get("reason"), e.get("version")) for e in paused] == [("until-version", 1)]
+    assert ModelStore(settings.store_dir).versions()[:3] == [0, 1, 2]
