@@ -81,6 +81,22 @@ def test_classify_a_scan_picked_by_path(fed: Fed) -> None:
                 assert any("not a JPEG or PNG" in str(n.message) for n in app._notifications)
                 assert "%" not in text(app, "#probs")
                 assert app.screen.query_one("#scan", Image).image is None
+                # A damaged scan (text named .jpg, a cut-off JPEG): refused with advice,
+                # and the app goes on (the preview's decoder used to end it).
+                broken = fed.root / "broken.jpg"
+                broken.write_text("not an image")
+                cut = fed.root / "cut.jpg"
+                cut.write_bytes(scan.read_bytes()[:200])
+                for bad in (broken, cut):
+                    app.screen.query_one("#path", Input).value = str(bad)
+                    await pilot.press("enter")
+                    await pilot.pause()
+                    assert any(f"{bad} is not a readable JPEG or PNG image" in str(n.message)
+                               and "pick another scan" in str(n.message)
+                               for n in app._notifications), bad
+                    assert isinstance(app.screen, ClassifyScreen) and app.is_running
+                    assert app.screen.query_one("#scan", Image).image is None
+                    assert "%" not in text(app, "#probs")
                 # A file that is not there is said not to exist.
                 app.screen.query_one("#path", Input).value = str(scan.parent / "gone.jpg")
                 await pilot.press("enter")

@@ -22,6 +22,8 @@ from textual.widgets import DirectoryTree, Footer, Header, Input, Static
 from textual_image.widget import Image
 
 from securefl.client.hospital import IMAGE_SUFFIXES, Hospital
+from securefl.errors import DataError
+from securefl.ml.data import load_image
 from securefl.ml.settings import clinical_name
 from securefl.ml.train import Classification
 from securefl.tui.common import notify_error
@@ -119,7 +121,14 @@ class ClassifyScreen(Screen):
             self.notify(f"{path.name or path} is not a JPEG or PNG file: pick a scan image.",
                         severity="error")
             return
-        self.query_one("#scan", Image).image = path
+        try:  # the preview decodes the file here: a damaged one must not end the app
+            load_image(path, 8)
+            self.query_one("#scan", Image).image = path
+        except (DataError, OSError, ValueError) as exc:
+            self._clear("Pick a scan (Enter on a file).")
+            detail = exc.message if isinstance(exc, DataError) else str(exc)
+            self.notify(f"{detail}: pick another scan.", severity="error")
+            return
         self.query_one("#probs", Static).update(f"Classifying {path.name}…")
         self.run_classify(path)
 
