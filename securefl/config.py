@@ -402,17 +402,52 @@ def read_toml(path: Path | str) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise ConfigError(f"settings file not found: {path}: check the path given with "
                           "--config") from exc
+    except IsADirectoryError as exc:  # a kit's folder instead of the file in it
+        inside = sorted(p.name for p in path.glob("*.toml"))
+        hint = (f"give the settings file inside it, e.g. {path / inside[0]}" if inside
+                else "give the path of a settings file (hospital.toml, admin.toml or "
+                "server.toml)")
+        raise ConfigError(f"{path} is a folder, not a settings file: {hint}") from exc
+    except PermissionError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror}): run as a user who may "
+                          "read it, or fix its permissions") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML ({exc}): fix the file and retry") from exc
     refuse_renamed_keys(path, raw)
     return raw
 
 
-def _problems(path: Path, exc: ValidationError, prefix: str = "") -> ConfigError:
-    problems = "; ".join(
-        f"{prefix}{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-    )
-    return ConfigError(f"{path}: {problems}")
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys a table accepts at ``loc`` (the settings model walked down the path)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        inner = getattr(field, "annotation", None) if field is not None else None
+        candidates = [a for a in (inner, *getattr(inner, "__args__", ()))
+                      if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(model.model_fields)
+
+
+def _problems(path: Path, exc: ValidationError, prefix: str = "",
+              model: type[BaseModel] | None = None) -> ConfigError:
+    """One message for every problem; a misspelt key gets the nearest one the table has
+    (the pydantic wording "Extra inputs are not permitted" told nobody what to do)."""
+    import difflib
+
+    parts = []
+    for err in exc.errors():
+        where = f"{prefix}{'.'.join(str(p) for p in err['loc'])}"
+        if err["type"] == "extra_forbidden" and model is not None:
+            known = _known_keys(model, tuple(err["loc"]))
+            near = difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.6)
+            parts.append(f"{where}: not a setting securefl knows"
+                         + (f" (did you mean {near[0]}?)" if near else
+                            ": remove it or check its spelling in docs/QUICKSTART.md"))
+        else:
+            parts.append(f"{where}: {err['msg']}")
+    return ConfigError(f"{path}: {'; '.join(parts)}")
 
 
 def _resolve(base: Path, value: Path) -> Path:
@@ -432,7 +467,7 @@ def load(path: Path | str, model: type[S]) -> S:
     try:
         result = model.model_validate(raw)
     except ValidationError as exc:
-        raise _problems(path, exc) from exc
+        raise _problems(path, exc, model=model) from exc
     base = path.resolve().parent
     updates: dict[str, Any] = {}
     for key in _PATH_FIELDS:
@@ -456,7 +491,7 @@ def load_ml_settings(path: Path | str) -> MLSettings:
     try:
         ml = MLSettings.model_validate(table)
     except ValidationError as exc:
-        raise _problems(path, exc, "ml.") from exc
+        raise _problems(path, exc, "ml.", model=MLSettings) from exc
     return _resolve_ml(path.resolve().parent, ml)
 
 

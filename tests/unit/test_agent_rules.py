@@ -42,7 +42,8 @@ def test_defaults_ask_a_person_and_allow_any_time(tmp_path: Path) -> None:
      "equal to 1"),
     ({"max_attempts_per_version": -1}, "agent.max_attempts_per_version"),
     ({"keepalive": 0}, "agent.keepalive"),
-    ({"participate": "auto"}, "agent.participate: Extra inputs are not permitted"),
+    ({"participate": "auto"}, "agent.participate: not a setting securefl knows (did you "
+     "mean participation?)"),
 ], ids=lambda v: str(v)[:30])
 def test_bad_agent_settings_are_refused_in_one_sentence_naming_the_field(
         tmp_path: Path, table: dict[str, object], said: str) -> None:
