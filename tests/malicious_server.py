@@ -98,7 +98,8 @@ class Peer:
         s = self.server
         if isinstance(msg, wm.Hello):
             await self.reply(msg, wm.Welcome(
-                name=self.name, role="hospital", version=s.version,
+                name=self.name, role="admin" if self.name == "admin" else "hospital",
+                version=s.version,
                 resend_round=s.resend.get(self.name), crl=s.crl_der, members=s.members))
             await s.arrived(self)
         elif isinstance(msg, wm.GetGlobal):

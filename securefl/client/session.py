@@ -30,6 +30,7 @@ from securefl.crypto.quantize import Encoding, check_update
 from securefl.crypto.secagg import ClientRound
 from securefl.crypto.secagg.policy import RoundPolicy, SignedList
 from securefl.errors import (
+    ConfigError,
     CryptoError,
     DataError,
     LocalProtocolError,
@@ -190,6 +191,11 @@ class RoundAbandonedError(ProtocolError):
         self.retry_round = retry_round
 
 
+def _a_role(role: str) -> str:
+    return {"hospital": "a hospital", "admin": "the federation's administrator"}.get(
+        role, f"a '{role}'")
+
+
 class _Session:
     #: Whose wire order this session keeps (``securefl.protocol.conversation``).
     ROLE = "hospital"
@@ -201,6 +207,14 @@ class _Session:
     async def connect(self) -> Self:
         self._conn = await Connection.open(self.settings,
                                            Conversation(self.ROLE, Side.CLIENT))
+        role = self._conn.welcome.role if self._conn.welcome is not None else self.ROLE
+        if role != self.ROLE:  # e.g. admin.toml given to `securefl client`
+            await self.close()
+            use = ("this hospital's hospital.toml with `securefl client --config`"
+                   if self.ROLE == "hospital" else
+                   "the administrator's admin.toml with `securefl admin --config`")
+            raise ConfigError(f"these settings hold the certificate of {_a_role(role)}, "
+                              f"not of {_a_role(self.ROLE)}: give {use}")
         return self
 
     async def close(self) -> None:

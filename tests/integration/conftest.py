@@ -15,6 +15,9 @@ import pytest
 
 from securefl import config
 from securefl.certs import CertDir
+from securefl.client.session import AdminSession
+from securefl.client.transport import Connection
+from securefl.protocol.conversation import Conversation, Side
 from securefl.server.app import Server
 
 HOSPITALS = ["a", "b", "c", "d"]
@@ -76,3 +79,16 @@ async def running(settings: config.ServerSettings) -> AsyncIterator[Server]:
         yield server
     finally:
         await server.close()
+
+
+@contextlib.asynccontextmanager
+async def forged_admin(settings: config.ClientSettings) -> AsyncIterator[AdminSession]:
+    """A hospital playing the administrator with a client of its own: our AdminSession
+    refuses a hospital's certificate before it asks anything, so this one skips that
+    check and sends the admin's requests as they are; the server must refuse them."""
+    fake = AdminSession(settings)
+    fake._conn = await Connection.open(settings, Conversation("admin", Side.CLIENT))
+    try:
+        yield fake
+    finally:
+        await fake.close()

@@ -11,7 +11,7 @@ from securefl.client.session import AdminSession, HospitalSession
 from securefl.errors import LocalProtocolError, SecureFLError
 from securefl.protocol import messages as wm
 from securefl.server import audit
-from tests.integration.conftest import Federation, running
+from tests.integration.conftest import Federation, forged_admin, running
 
 
 def test_hospitals_history_and_audit_tail(fed: Federation) -> None:
@@ -38,7 +38,7 @@ def test_hospitals_history_and_audit_tail(fed: Federation) -> None:
             # server refuses a hospital certificate that asks through the admin's client.
             with pytest.raises(LocalProtocolError, match="'admin_query' needs the admin"):
                 await h.conn.request(wm.AdminQuery(what="audit"))
-            async with AdminSession(fed.client_settings("a", srv.port)) as fake:
+            async with forged_admin(fed.client_settings("a", srv.port)) as fake:
                 with pytest.raises(SecureFLError) as err:
                     await fake.audit()
                 assert err.value.code == "forbidden"

@@ -23,7 +23,7 @@ from securefl.server.app import BIG_PAYLOAD
 from securefl.server.audit import read_entries
 from securefl.server.store import ModelStore
 
-from .conftest import Federation, running
+from .conftest import Federation, forged_admin, running
 
 D = 1000
 
@@ -193,7 +193,7 @@ def test_nan_update_never_leaves_the_hospital(fed: Federation) -> None:
 def test_hospital_certificate_cannot_act_as_admin(fed: Federation) -> None:
     async def scenario() -> None:
         async with running(fed.server_settings()) as srv:
-            async with AdminSession(fed.client_settings("a", srv.port)) as fake:
+            async with forged_admin(fed.client_settings("a", srv.port)) as fake:
                 for action in (fake.aggregate, fake.version, fake.abort_round):
                     with pytest.raises(ProtocolError) as err:
                         await action()

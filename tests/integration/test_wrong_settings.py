@@ -1,0 +1,64 @@
+"""The settings mix-ups a new user makes, each answered in one sentence that says what to
+give instead (found walking docs/QUICKSTART.md as a newcomer): a kit's folder given to
+``--config``, the administrator's file given to a hospital's command (and the other way
+round), a misspelt key."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from securefl import config
+from securefl.cli import EXIT_CODES, main
+from securefl.client.session import AdminSession, HospitalSession
+from securefl.errors import ConfigError
+
+from .conftest import Federation, running
+
+
+def test_a_kit_folder_given_as_config_names_the_file_inside(
+        fed: Federation, capsys: pytest.CaptureFixture[str]) -> None:
+    kit = fed.certs.kit("a")
+    assert main(["client", "--config", str(kit), "status"]) == EXIT_CODES[ConfigError] == 3
+    err = capsys.readouterr().err
+    assert f"{kit} is a folder, not a settings file: give the settings file inside it, " \
+           f"e.g. {kit / 'hospital.toml'}" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_misspelt_key_gets_the_nearest_one_the_table_has(
+        fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = config.read_toml(fed.certs.kit("a") / "hospital.toml")
+    data.setdefault("ml", {"scans_dir": "scans", "model_dir": "model"})["imagesize"] = 64
+    data["keepalive_seconds"] = 3
+    bad = tmp_path / "hospital.toml"
+    config.write_toml(bad, data)
+    assert main(["client", "--config", str(bad), "status"]) == 3
+    err = capsys.readouterr().err
+    assert "ml.imagesize: not a setting securefl knows (did you mean image_size?)" in err
+    assert ("keepalive_seconds: not a setting securefl knows: remove it or check its "
+            "spelling in docs/QUICKSTART.md") in err
+    assert "Extra inputs" not in err
+
+
+def test_the_administrators_file_given_to_a_hospital_command_and_the_other_way_round(
+        fed: Federation) -> None:
+    settings = fed.server_settings()
+
+    async def scenario() -> tuple[str, str]:
+        async with running(settings) as srv:
+            with pytest.raises(ConfigError) as as_hospital:
+                await HospitalSession(fed.client_settings("admin", srv.port)).connect()
+            with pytest.raises(ConfigError) as as_admin:
+                await AdminSession(fed.client_settings("a", srv.port)).connect()
+            return as_hospital.value.message, as_admin.value.message
+
+    hospital, admin = asyncio.run(scenario())
+    assert hospital == ("these settings hold the certificate of the federation's "
+                        "administrator, not of a hospital: give this hospital's hospital.toml "
+                        "with `securefl client --config`")
+    assert admin == ("these settings hold the certificate of a hospital, not of the "
+                     "federation's administrator: give the administrator's admin.toml with "
+                     "`securefl admin --config`")
