@@ -61,8 +61,8 @@ def explain(exc: BaseException) -> str:
         return (f"{sentence(exc.message)} Your model is out of date: press g to get the new "
                 "global weights, t to train, then s to send.")
     if isinstance(exc, NotEnoughSurvivorsError):
-        return (f"{sentence(exc.message)} Too few hospitals are online to finish the round: "
-                "ask the others to connect and send, then try again.")
+        return (f"{sentence(exc.message)} Too few hospitals have joined the round: ask the "
+                "others to send (or wait for them), then try again.")
     if isinstance(exc, SecureFLError):
         return sentence(exc.message)
     return (f"unexpected error ({type(exc).__name__}: {str(exc)[:200]}): please report it; the "

@@ -407,15 +407,12 @@ class ServerRound:
         """
         nxt = step(SERVER_TABLE, self.state, CLOSE_ENROLMENT, remote=False)
         n = len(self._adverts)
-        if n < max(2, self.min_contributors):
+        least = max(2, self.min_contributors, self.colluders + 2)
+        if n < least:  # one figure, the one every screen and message names
+            why = (f" (with {self.colluders} assumed colluder(s), [round] colluders)"
+                   if self.colluders + 2 > max(2, self.min_contributors) else "")
             raise NotEnoughSurvivorsError(
-                f"only {n} hospital(s) joined; a round needs at least "
-                f"{max(2, self.min_contributors)}"
-            )
-        if n < max(2, self.min_contributors, self.colluders + 2):
-            raise NotEnoughSurvivorsError(
-                f"only {n} hospital(s) joined; with {self.colluders} assumed colluder(s) a "
-                f"round needs at least {self.colluders + 2}")
+                f"only {n} hospital(s) joined; a round needs at least {least}{why}")
         if self._want_k is None and self.sparse:
             choice = choose_graph(n, corrupt_fraction=self.corrupt_fraction,
                                   dropout_fraction=self.dropout_fraction,

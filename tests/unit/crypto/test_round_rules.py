@@ -328,3 +328,25 @@ def test_certificate_of_unknown_ca_cannot_join(fed5, other_ca):
         server.receive(client.advertise())
     assert server.joined == []
     assert pki.identity_of(intruder.cert)[1] == "hospital-000"
+
+
+@pytest.mark.parametrize(("n", "server_kw", "said"), [
+    # the defaults: min_clients 2, one assumed colluder -> 3, and the message says 3
+    (1, {"min_contributors": 2, "colluders": 1},
+     "only 1 hospital(s) joined; a round needs at least 3 (with 1 assumed colluder(s), "
+     "[round] colluders)"),
+    (2, {"min_contributors": 2, "colluders": 1},
+     "only 2 hospital(s) joined; a round needs at least 3 (with 1 assumed colluder(s)"),
+    (3, {"min_contributors": 4, "colluders": 1},
+     "only 3 hospital(s) joined; a round needs at least 4"),
+], ids=["one-of-3", "two-of-3", "min-clients"])
+def test_too_few_at_enrolment_names_the_one_minimum_the_hospitals_see(fed5, n, server_kw,
+                                                                      said):
+    """A walk found 'needs at least 2' from the admin's close while the hospital's screen
+    said 3 (its colluders + 2): the close names the larger, and why."""
+    r = Round(fed5, n=n, **server_kw)
+    with pytest.raises(NotEnoughSurvivorsError) as err:
+        r.enrol()
+    assert said in err.value.message
+    if server_kw["min_contributors"] >= server_kw["colluders"] + 2:
+        assert "colluder" not in err.value.message
