@@ -191,6 +191,10 @@ def test_skipped_files_are_shown_after_training_and_after_evaluation(fed: Fed) -
                 assert "on 12 validation scans" in text(app, "#summary")
                 assert "2 files were skipped and not used: Training/glioma/broken.jpg" in text(
                     app, "#summary")
+                # the toast names them as what they are (Training files, not test files)
+                await until(pilot, lambda: any(n.title == "Some scan files were not used"
+                                               for n in app._notifications), 10)
+                assert not any("test files" in n.title for n in app._notifications)
 
     asyncio.run(scenario())
 

@@ -334,9 +334,10 @@ class GetScreen(Screen):
         self.query_one("#warning", Static).display = bool(warning)
         # (No toast for the warning: it is on the screen, and a toast would cover the
         # results it is about.)
-        if skipped:
-            self.notify(skipped, title="Some test files were not used", severity="warning",
-                        timeout=30)
+        if skipped:  # the files are listed in the summary too: a short toast, so it does
+            # not cover the results for long (the scans scored are Training's validation part)
+            self.notify(skipped, title="Some scan files were not used", severity="warning",
+                        timeout=10)
         show_report(self.query_one("#per-class", DataTable),
                     self.query_one("#confusion", DataTable), r)
 
