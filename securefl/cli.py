@@ -181,6 +181,12 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
             listen = cd.init(hosts, names, port=args.port)
             print(f"federation created in {cd.root}; kits: "
                   + ", ".join(str(cd.kit(n)) for n in names))
+            from securefl.config import read_toml
+
+            admin = read_toml(cd.root / "admin.toml")  # what every kit was written with
+            print(f"the kits and admin.toml connect to {admin['host']}:{admin['port']}: "
+                  f"start `securefl server --config {cd.root / 'server.toml'}` on the "
+                  "machine that name reaches (docs/QUICKSTART.md, section 2)")
             if listen == "0.0.0.0":
                 print(f"warning: none of {', '.join(hosts)} is an address of this machine, so "
                       f"{cd.root / 'server.toml'} listens on every interface (host = "

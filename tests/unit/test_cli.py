@@ -122,3 +122,20 @@ def test_the_port_default_is_the_one_certs_uses():
     from securefl import certs, cli
 
     assert cli.DEFAULT_PORT == certs.DEFAULT_PORT
+
+
+def test_certs_init_says_where_the_kits_connect_and_what_to_start(tmp_path, capsys):
+    """Walking the QuickStart with '--server-host fl.example.org,127.0.0.1' (the docs'
+    example) gave kits for a name that resolved nowhere and nothing said so: the output
+    now names the host and port every kit was written with."""
+    certs = tmp_path / "certs"
+    assert main(["certs", "--dir", str(certs), "init", "--server-host",
+                 "fl.example.org,127.0.0.1", "--hospitals", "north,south,east",
+                 "--port", "9444"]) == 0
+    out = capsys.readouterr().out
+    assert (f"the kits and admin.toml connect to fl.example.org:9444: start `securefl server "
+            f"--config {certs / 'server.toml'}` on the machine that name reaches") in out
+    from securefl.config import read_toml
+
+    kit = read_toml(certs / "kits" / "north" / "hospital.toml")
+    assert (kit["host"], kit["port"]) == ("fl.example.org", 9444)
