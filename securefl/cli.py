@@ -583,10 +583,15 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
         print(file=sys.stderr)
         start = (f"from global version {base}" if base is not None
                  else "from a new model (no global model downloaded yet)")
+        # The figures of the epoch whose weights were kept (the last epoch's described a
+        # model that early stopping had thrown away).
+        kept = result.best_epoch - 1 if result.best_epoch else -1
         print(
             f"trained {start} on {result.num_samples} scans in {result.seconds:.1f} s; "
-            f"final loss {result.history['loss'][-1]:.4f}, accuracy "
-            f"{result.history['accuracy'][-1]:.3f}; model saved to {h.ml.model_path}"
+            f"training loss {result.history['loss'][kept]:.4f}, accuracy "
+            f"{result.history['accuracy'][kept]:.3f}"
+            + (f" (epoch {result.best_epoch}, the one kept)" if result.best_epoch else "")
+            + f"; model saved to {h.ml.model_path}"
         )
         if result.best_epoch:
             why = ("stopped early: the validation loss had stopped improving"

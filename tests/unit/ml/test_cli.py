@@ -35,6 +35,18 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
     # 12 scans of each class: 2 held out for validation (min_validation_per_class)
     assert "on 40 scans" in out.out and "epoch 2/2" in out.err
     assert "on 8 validation scans; probabilities calibrated with temperature" in out.out
+    # The figures printed are the kept epoch's, not the last epoch's.
+    import re
+
+    from securefl.ml.train import read_history
+
+    record = read_history(tmp_path / "runs" / "h1" / "history.jsonl")[-1]
+    best = record["best_epoch"]
+    assert f"kept epoch {best} of 2" in out.out
+    assert (f"training loss {record['history']['loss'][best - 1]:.4f}, accuracy "
+            f"{record['history']['accuracy'][best - 1]:.3f} (epoch {best}, the one kept)"
+            ) in out.out, out.out
+    assert not re.search(r"final loss", out.out)
     assert (tmp_path / "runs" / "h1" / "model.keras").is_file()
     assert (tmp_path / "runs" / "h1" / "calibration.json").is_file()
 
