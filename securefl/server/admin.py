@@ -218,8 +218,10 @@ class AdminActions:
                     f"{', '.join(sorted(rnd.invited))} (the survivor list of a round that "
                     f"failed on this version); still missing: {', '.join(missing)} — ask "
                     "them to connect and send, then aggregate", code="round-not-ready")
+            nxt = ("; `close` ends enrolment with the hospitals that joined (or wait for "
+                   "the others)" if rnd.phase == "enrolling" else "")
             raise RoundBusyError(f"the round is {rnd.phase}; aggregate once updates are "
-                                 "being collected", code="round-not-ready")
+                                 f"being collected{nxt}", code="round-not-ready")
         try:
             listed = eng.close_inputs()
             if isinstance(eng, ServerRound):

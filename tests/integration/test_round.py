@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 import numpy as np
@@ -16,6 +17,7 @@ from securefl.errors import (
     DataError,
     NotEnoughSurvivorsError,
     ProtocolError,
+    SecureFLError,
     StaleVersionError,
 )
 from securefl.protocol import messages as wm
@@ -166,6 +168,28 @@ def test_too_few_updates_to_aggregate(fed: Federation) -> None:
             async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
                 with pytest.raises(NotEnoughSurvivorsError):
                     await admin.aggregate()
+                assert await admin.version() == 0
+
+    asyncio.run(scenario())
+
+
+def test_aggregate_while_enrolling_says_close_ends_enrolment(fed: Federation) -> None:
+    """The walk's admin ran ``aggregate`` while hospitals were still joining and was told
+    only "the round is enrolling": the refusal now names the command that moves on."""
+    async def scenario() -> None:
+        async with running(fed.server_settings()) as srv:
+            async with HospitalSession(fed.client_settings("a", srv.port)) as h:
+                await h.get_global()
+                with contextlib.suppress(SecureFLError):
+                    await h.send(_updates(1)[0], 5, leave_after="join")
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                with pytest.raises(ProtocolError) as refused:
+                    await admin.aggregate()
+                assert refused.value.code == "round-not-ready"
+                assert refused.value.message.endswith(
+                    "the round is enrolling; aggregate once updates are being collected; "
+                    "`close` ends enrolment with the hospitals that joined (or wait for the "
+                    "others)")
                 assert await admin.version() == 0
 
     asyncio.run(scenario())
