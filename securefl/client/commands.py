@@ -104,9 +104,10 @@ def personalisation_summary(hospital: Hospital) -> str:
                              "validation scans no better"}.get(local.personalisation,
                                           "personalised on its {n} training scans")
         note = f"; {local.personalisation_note}" if local.personalisation_note else ""
-        return (f"this hospital's model is now {hospital.model_label()} "
-                f"({how.format(n=local.personalised_scans)}{note}), saved to {where}; "
-                "evaluate and classify use it, and the next update is trained from and "
+        # Three short lines, not one of 500 characters (a walk's complaint).
+        return (f"this hospital's model is now {hospital.model_label()}, saved to {where}\n"
+                f"  how: {how.format(n=local.personalised_scans)}{note}\n"
+                "  evaluate and classify use it; the next update is trained from and "
                 "computed against the global model as downloaded")
     if local.personalisation_note:
         return (f"this hospital's model is now global version {local.base_version} as "

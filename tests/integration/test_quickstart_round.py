@@ -96,6 +96,9 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
                 got.stdout
             assert re.search(r"balanced accuracy on the validation scans: as downloaded "
                              r"[\d.]+%, recalibrated [\d.]+%", got.stdout), got.stdout
+            # in lines a terminal can show (it was one line of some 500 characters)
+            assert re.search(r"\n  how: ", got.stdout), got.stdout
+            assert max(map(len, got.stdout.splitlines())) < 300, got.stdout
             # The fine-tuning epoch shows it is moving (a minute or more on real data).
             assert re.search(r"fine-tuning on this hospital's scans: epoch 1/1  batch \d+/\d+",
                              got.stderr), got.stderr
