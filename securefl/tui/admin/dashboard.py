@@ -114,11 +114,14 @@ class AdminDashboard(Screen):
             "With [schedule] mode = \"auto\" the server opens and publishes rounds itself: "
             "the schedule lines show the open round's phase, each hospital's part in it "
             "and a version the cross-round rule holds up.  p pauses the schedule, u resumes "
-            "it, o opens a round now, x aborts the open round.")
+            "it, o opens a round now, x aborts the open round.\n"
+            "v lists the published versions, l shows the audit log, r refreshes now.")
     BINDINGS = [("a", "app.aggregate", "Aggregate"), ("e", "app.close_enrolment", "Close"),
                 ("x", "app.abort", "Abort"), ("v", "app.versions", "Versions"),
-                ("l", "app.audit", "Audit"),
-                Binding("r", "app.refresh", "Refresh", show=False),  # so "? Help" fits
+                # l, r, p, u, o: in the help and the command palette, not the footer, so
+                # "f1 Help" fits at 80 columns
+                Binding("l", "app.audit", "Audit", show=False),
+                Binding("r", "app.refresh", "Refresh", show=False),
                 Binding("p", "app.pause", "Pause schedule", show=False),
                 Binding("u", "app.resume", "Resume schedule", show=False),
                 Binding("o", "app.open_round", "Open a round now", show=False),
