@@ -167,7 +167,7 @@ def test_skipped_files_are_shown_after_training_and_after_evaluation(fed: Fed) -
     async def scenario() -> None:
         async with running(fed):
             app = HospitalApp(hospital_toml, "hospital_1")
-            async with app.run_test(size=(100, 30)) as pilot:
+            async with app.run_test(size=(80, 24)) as pilot:  # the smallest we support
                 await until(pilot, lambda: app.session is not None)
                 # counted by file name, as training reads them: the copies and broken.jpg
                 assert app.dashboard.summary["Training"]["glioma"] == len(flat) + 3
@@ -185,6 +185,14 @@ def test_skipped_files_are_shown_after_training_and_after_evaluation(fed: Fed) -
                 # A notification arrives as a message: wait for it rather than race it.
                 await until(pilot, lambda: any(str(n.message) == skipped
                                                for n in app._notifications), 10)
+                # and the list itself is scrolled into view at 80x24 (it was below the
+                # bottom of the screen)
+                area = screen.query_one("#train").region
+
+                def shown() -> bool:
+                    return area.contains_region(screen.query_one("#skipped").region)
+
+                await until(pilot, shown, 10)
                 await pilot.press("escape", "g", "enter")
                 await until(pilot, lambda: "accuracy" in text(app, "#summary"), 120)
                 # evaluated on the validation scans, from the same Training folder

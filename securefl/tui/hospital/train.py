@@ -221,7 +221,10 @@ class TrainScreen(Screen):
             self.query_one("#skipped", Static).display = bool(skipped)
             if skipped:
                 self.notify(skipped, title="Some files were not used", severity="warning",
-                            timeout=30)
+                            timeout=10)
+                # below the charts: at 80x24 it was off the bottom of the screen
+                self.set_timer(0.1, lambda: self.query_one("#train").scroll_end(
+                    animate=False))  # the list is the last thing on the screen
             # Progress from the training process may be coalesced when the screen is busy:
             # the finished state must not show an earlier epoch.  Early stopping may have
             # ended before the most epochs allowed: the bar ends full either way.
