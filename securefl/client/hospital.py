@@ -514,6 +514,14 @@ class Hospital:
             await asyncio.to_thread(functools.partial(
                 self.apply_global, model.weights, model.version, on_personalise,
                 personalise=personalise, cancel=cancel))
+            from securefl.ml.train import append_history
+
+            # every download, whichever way it was made (app, CLI, agent): the app's
+            # History lists versions from this file
+            await asyncio.to_thread(
+                append_history, self.ml.history_path,
+                {"event": "get", "version": model.version, "sha256": model.sha256,
+                 "contributors": model.contributors, "total_samples": model.total_samples})
         self.log.downloaded(model.version, model.contributors, model.total_samples,
                             model.sha256)
         return model

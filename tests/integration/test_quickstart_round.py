@@ -103,6 +103,12 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
             assert re.search(r"fine-tuning on this hospital's scans: epoch 1/1  batch \d+/\d+",
                              got.stderr), got.stderr
             v0[name] = np.load(kit / "state" / "global.npy")
+            # the download is in the history the app's History screen lists (it was only
+            # when the app made it)
+            from securefl.ml.train import read_history
+
+            got_record = read_history(kit / "model" / "history.jsonl")[-1]
+            assert (got_record["event"], got_record["version"]) == ("get", 0), got_record
             trained = securefl("client", "--config", cfg, "train", cwd=tmp_path)
             assert trained.returncode == 0, trained.stderr
             assert "from global version 0 on 59 scans" in trained.stdout  # 11 validate

@@ -30,7 +30,7 @@ from securefl.client.session import HospitalSession
 from securefl.ml.calibration import ECE_BINS
 from securefl.ml.data import describe_skipped
 from securefl.ml.settings import clinical_name
-from securefl.ml.train import EvalReport, append_history
+from securefl.ml.train import EvalReport
 from securefl.ml.train import Progress as TrainProgress
 from securefl.tui.common import ConfirmScreen, TextScreen, notify_error, pairs
 from securefl.tui.common import Progress as ProgressBar
@@ -294,10 +294,6 @@ class GetScreen(Screen):
         except Exception as exc:  # shown as a notification
             self._fail(exc)
             return
-        append_history(self.hospital.ml.history_path,
-                       {"event": "get", "version": model.version, "sha256": model.sha256,
-                        "contributors": model.contributors,
-                        "total_samples": model.total_samples})
         self.version, self.sha256 = model.version, model.sha256
         self._step(3, f"Global version {model.version} (from {model.contributors} "
                    "hospitals); testing it on this hospital's validation scans…")

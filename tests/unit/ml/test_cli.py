@@ -38,8 +38,6 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
     # The figures printed are the kept epoch's, not the last epoch's.
     import re
 
-    from securefl.ml.train import read_history
-
     record = read_history(tmp_path / "runs" / "h1" / "history.jsonl")[-1]
     best = record["best_epoch"]
     assert f"kept epoch {best} of 2" in out.out
