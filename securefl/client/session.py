@@ -191,6 +191,24 @@ class RoundAbandonedError(ProtocolError):
         self.retry_round = retry_round
 
 
+#: Below this share of clipped values the notice says there is nothing to do.
+CLIP_NOTICE_SHARE = 0.01
+
+
+def clip_notice(beyond: int, size: int, largest: float, clip: float) -> str:
+    """What a hospital is told when part of its update goes into the sum clipped: how much,
+    and whether anyone needs to act (a walk found the bare figures alarming)."""
+    share = beyond / size
+    head = (f"{beyond} of {size} values of this update ({share:.2%}; largest {largest:.3g}) "
+            f"are beyond the round's clip of {clip:g} and go into the sum clipped to it")
+    if share < CLIP_NOTICE_SHARE:
+        return (f"{head}: normal for a few values, nothing to do (typically batch-norm "
+                "statistics, which every hospital re-measures on its own scans after get)")
+    return (f"{head}: more than {CLIP_NOTICE_SHARE:.0%} of the update, so the sum loses part "
+            "of this hospital's training; tell the federation operator (the server's "
+            "[round] clip may be too small for this model)")
+
+
 def _a_role(role: str) -> str:
     return {"hospital": "a hospital", "admin": "the federation's administrator"}.get(
         role, f"a '{role}'")
@@ -482,11 +500,8 @@ class HospitalSession(_Session):
         beyond = int(np.count_nonzero(np.abs(update) > enc.clip))
         if beyond:
             # Never clipped silently: the sum gets these values at +-clip.
-            step("joined", f"{beyond} of {update.size} values of this update "
-                 f"({beyond / update.size:.2%}; largest {float(np.abs(update).max()):.3g}) are "
-                 f"beyond the round's clip of {enc.clip:g} and go into the sum clipped to it "
-                 "(typically batch-norm statistics, which every hospital re-measures on its "
-                 "own scans after get)")
+            step("joined", clip_notice(beyond, update.size, float(np.abs(update).max()),
+                                       enc.clip))
         try:
             return await self._steps(joined, enc, update, samples, base, leave_after, step,
                                      journal, digest, sent)

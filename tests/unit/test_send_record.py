@@ -261,3 +261,18 @@ def test_ctrl_c_twice_stops_a_hung_send_at_once(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_clip_notice_says_whether_anyone_needs_to_act() -> None:
+    """A few clipped values are normal (batch-norm statistics); a large share loses part of
+    the hospital's training and names who can change the clip."""
+    from securefl.client.session import clip_notice
+
+    few = clip_notice(30, 98388, 2.38, 1.0)
+    assert few.startswith("30 of 98388 values of this update (0.03%; largest 2.38) are "
+                          "beyond the round's clip of 1 and go into the sum clipped to it")
+    assert "nothing to do" in few and "operator" not in few
+    many = clip_notice(2000, 98388, 12.4, 1.0)
+    assert "(2.03%; largest 12.4)" in many
+    assert "nothing to do" not in many
+    assert "tell the federation operator (the server's [round] clip may be too small" in many
