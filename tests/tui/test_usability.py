@@ -892,6 +892,26 @@ def test_a_status_refresh_that_lands_while_the_admin_app_closes_is_dropped() -> 
     asyncio.run(scenario())
 
 
+def test_a_status_refresh_that_lands_while_the_hospital_app_closes_is_dropped(
+        fed: Fed) -> None:
+    """The same for the hospital's dashboard: a status refresh delivered after its widgets
+    went ended a CI run of the reconnection test with NoMatches('#connection')."""
+    async def scenario() -> None:
+        app = HospitalApp(fed.hospital_tomls[0], "hospital_1", connect=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await signed_in(pilot)
+            d = app.dashboard
+            assert d is not None
+            for widget in list(d.query("Static, DataTable")):
+                await widget.remove()
+            await pilot.pause()
+            app.show_status(None, "Connected to localhost:1 (mutual TLS)")  # must not raise
+            d.show(local="global version 0", summary={"Training": {"glioma": 1}})
+            assert d.connection.startswith("Connected") and d.local == "global version 0"
+
+    asyncio.run(scenario())
+
+
 def test_a_round_end_or_reconnection_that_lands_while_the_hospital_app_closes_is_dropped(
         fed: Fed) -> None:
     """A round's last step or the app's reconnection can reach Send or Get after the app
