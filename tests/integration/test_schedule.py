@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import signal
 import subprocess
@@ -508,6 +509,9 @@ def test_until_version_pauses_the_schedule_once_that_version_is_published(
                 await asyncio.sleep(1.0)  # "after-publish" would have opened round 2 by now
                 view = await admin.schedule()
                 assert view.paused and view.round is None and view.next_open is None
+                # what a restarted server reads back (Scheduler.__init__): still paused
+                assert json.loads((settings.store_dir / "schedule.json").read_text()
+                                  )["paused"] is True
                 assert not [e for h in sessions for e in h.pending_schedule_events()
                             if isinstance(e, wm.RoundOpen) and e.schedule_round > 1]
                 await admin.resume()
