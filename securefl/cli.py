@@ -519,16 +519,21 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from securefl.ml.synth import synthesize
 
+        tty = sys.stderr.isatty()
+
         def progress(done: int, total: int) -> None:
+            # Redrawn in place on a terminal; a line each in a log file (no carriage returns).
             if done == total or done % 200 == 0:
-                print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
+                print(f"\r{done}/{total} images" if tty else f"{done}/{total} images",
+                      end="" if tty else "\n", file=sys.stderr, flush=True)
 
         summary = synthesize(
             args.out, hospitals=args.hospitals, seed=args.seed,
             train_per_hospital=args.train, test_per_hospital=args.test,
             size=args.size, image_format=args.format, progress=progress,
         )
-        print(file=sys.stderr)
+        if tty:
+            print(file=sys.stderr)
         for name, info in summary["hospitals"].items():
             counts = ", ".join(f"{c} {n}" for c, n in sorted(info["Training"].items()))
             print(f"{args.out / name}: training {counts}")
@@ -579,8 +584,11 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
 
         refuse_if_running(h.state_dir, "train")
         base = h.local_state().base_version
-        result = h.train(progress=training_printer())
-        print(file=sys.stderr)
+        printer = training_printer()
+        try:
+            result = h.train(progress=printer)
+        finally:
+            printer.done()
         start = (f"from global version {base}" if base is not None
                  else "from a new model (no global model downloaded yet)")
         # The figures of the epoch whose weights were kept (the last epoch's described a

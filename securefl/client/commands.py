@@ -74,22 +74,44 @@ def _fit(parts: list[str], width: int) -> str:
     return line[:width]
 
 
-def training_printer(doing: str = "") -> Callable[[Progress], None]:
-    """A progress callback that keeps one line on stderr up to date, so a long training (or
-    the fine-tuning epoch of ``get``) shows it is moving; ``doing`` names the work.  On a
-    terminal the line fits its width (the accuracy goes first, then the loss)."""
-    def show(p: Progress) -> None:
+class TrainingPrinter:
+    """A progress callback for long training (or the fine-tuning epoch of ``get``) on stderr,
+    so it shows it is moving; ``doing`` names the work.
+
+    Why two behaviours: on a terminal one line is redrawn in place after every batch and fits
+    the terminal's width (the accuracy goes first, then the loss).  In a log file (a script's
+    ``2> train.log``) carriage returns made one line of thousands of redraws, so there each
+    finished epoch, and the recalibration once, gets a line of its own."""
+
+    def __init__(self, doing: str = "") -> None:
+        self.doing = doing
+        self.drawn = False  # a terminal line is open and needs its newline at the end
+
+    def __call__(self, p: Progress) -> None:
         parts = ([f"recalibrating batch-norm statistics: layer {p.batch}/{p.batches}"]
                  if p.stage == "calibrating" else
-                 [f"{doing}epoch {p.epoch}/{p.epochs}  batch {p.batch}/{p.batches}",
+                 [f"{self.doing}epoch {p.epoch}/{p.epochs}  batch {p.batch}/{p.batches}",
                   f"  loss {p.loss:.4f}", f"  accuracy {p.accuracy:.3f}"])
         width, tty = 78, False
         with contextlib.suppress(OSError, ValueError, AttributeError):
             if sys.stderr.isatty():
                 width, tty = os.get_terminal_size(sys.stderr.fileno()).columns - 1, True
-        line = _fit(parts, width) if tty else "".join(parts)
-        print(f"\r{line:<{width}}", end="", file=sys.stderr, flush=True)
-    return show
+        if tty:
+            self.drawn = True
+            print(f"\r{_fit(parts, width):<{width}}", end="", file=sys.stderr, flush=True)
+        elif p.batch == p.batches:
+            print("".join(parts), file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        """End the redrawn terminal line, so what is printed next starts on a line of its own."""
+        if self.drawn:
+            print(file=sys.stderr, flush=True)
+            self.drawn = False
+
+
+def training_printer(doing: str = "") -> TrainingPrinter:
+    """The progress callback of ``train`` and ``get`` (see :class:`TrainingPrinter`)."""
+    return TrainingPrinter(doing)
 
 
 def personalisation_summary(hospital: Hospital) -> str:
@@ -158,12 +180,13 @@ async def hospital(args: argparse.Namespace) -> int:
             return 0
         if action == "get":
             finetune = hospital.has_ml and hospital.ml.personalise in ("finetune", "best")
-            model = await hospital.get(
-                session, replace_trained=args.replace_trained,
-                on_personalise=training_printer("fine-tuning on this hospital's scans: ")
-                if finetune else None)
-            if finetune:
-                print(file=sys.stderr)
+            printer = training_printer("fine-tuning on this hospital's scans: ")
+            try:
+                model = await hospital.get(
+                    session, replace_trained=args.replace_trained,
+                    on_personalise=printer if finetune else None)
+            finally:
+                printer.done()
             made = ("the starting model" if model.version == 0 else
                     f"from {model.contributors} hospitals, {model.total_samples} scans")
             print(f"global version {model.version} downloaded ({made}, "

@@ -59,8 +59,21 @@ def test_each_redraw_fits_the_terminal_and_keeps_the_batch(
     assert lines[3].startswith("recalibrating batch-norm statistics: layer 4/4"[:columns - 1])
 
 
-def test_a_log_file_gets_the_whole_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_log_file_gets_a_whole_line_per_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A script's ``2> train.log`` holds one readable line per finished epoch: no carriage
+    returns, no per-batch redraws (before, every batch was appended after a ``\\r``)."""
     log = io.StringIO()
     monkeypatch.setattr(sys, "stderr", log)
-    training_printer("training: ")(Progress(2, 15, 3, 7, 0.5, 0.75))
-    assert "training: epoch 2/15  batch 3/7  loss 0.5000  accuracy 0.750" in log.getvalue()
+    show = training_printer("training: ")
+    for epoch in (1, 2):
+        for batch in range(1, 8):
+            show(Progress(epoch, 15, batch, 7, 0.5, 0.75))
+    for layer in (1, 2, 3):
+        show(Progress(2, 15, layer, 3, 0.5, 0.75, stage="calibrating"))
+    show.done()
+    assert "\r" not in log.getvalue()
+    assert log.getvalue().splitlines() == [
+        "training: epoch 1/15  batch 7/7  loss 0.5000  accuracy 0.750",
+        "training: epoch 2/15  batch 7/7  loss 0.5000  accuracy 0.750",
+        "recalibrating batch-norm statistics: layer 3/3",
+    ]

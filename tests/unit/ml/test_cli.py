@@ -21,7 +21,8 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
           "model_kind": "small", "epochs": 1, "batch_size": 16,
           "min_validation_per_class": 2}
     cfg = write_toml(tmp_path / "hospital.toml", {**TLS, "ml": ml})
-    capsys.readouterr()
+    # Not a terminal: whole lines, no carriage-return redraws in a log file.
+    assert capsys.readouterr().err == "64/64 images\n"
     scan = next((data / "hospital_1" / "Testing" / "meningioma").iterdir())
     # No model yet: no answer, and nothing saved that could pass for one.
     assert main(["client", "--config", str(cfg), "evaluate"]) == 4
@@ -33,7 +34,7 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
     assert main(["client", "--config", str(cfg), "train", "--epochs", "2"]) == 0
     out = capsys.readouterr()
     # 12 scans of each class: 2 held out for validation (min_validation_per_class)
-    assert "on 40 scans" in out.out and "epoch 2/2" in out.err
+    assert "on 40 scans" in out.out and "epoch 2/2" in out.err and "\r" not in out.err
     assert "on 8 validation scans; probabilities calibrated with temperature" in out.out
     # The figures printed are the kept epoch's, not the last epoch's.
     import re
