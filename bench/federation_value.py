@@ -170,32 +170,52 @@ def parse() -> argparse.Namespace:
                         "each hospital measures its mean gradient over its training scans at "
                         "the global weights (c_i), the mean c goes through the arm's "
                         "aggregation, and local training adds c - c_i to every gradient")
+    p.add_argument("--prox", type=float, default=0.0, metavar="MU",
+                   help="federated arms (experiment): FedProx proximal term.  Local training "
+                        "minimises the loss plus MU/2 ||w - w_global||^2 over the trainable "
+                        "weights (its gradient MU (w - w_global) is added to every gradient), "
+                        "which holds each hospital's skewed training near the global model")
     p.add_argument("--arms", default="local,fedavg,secure,central",
                    help="comma-separated subset of local,fedavg,secure,central (scouting)")
     return p.parse_args()
 
 
-def _corrected_adam(model, lr: float):
-    """Adam that adds a fixed correction (SCAFFOLD's c - c_i) to every gradient it applies;
-    the correction lives in variables, so the compiled training step reads each round's."""
+def _corrected_adam(model, lr: float, mu: float = 0.0):
+    """Adam that adds a correction to every gradient it applies: a fixed one (SCAFFOLD's
+    c - c_i) and FedProx's ``mu (w - anchor)``, the anchor being the round's global weights.
+    Both live in variables, so the compiled training step reads each round's."""
     import keras
 
     class CorrectedAdam(keras.optimizers.Adam):
         def apply(self, grads, trainable_variables=None):
-            grads = [g + c for g, c in zip(grads, self._corr_vars, strict=True)]
+            variables = (trainable_variables if trainable_variables is not None
+                         else model.trainable_variables)
+            grads = [g + c + mu * (v - a) for g, c, v, a in
+                     zip(grads, self._corr_vars, variables, self._anchor_vars, strict=True)]
             return super().apply(grads, trainable_variables)
 
-        def set_correction(self, flat: np.ndarray) -> None:
+        @staticmethod
+        def _assign(targets, flat: np.ndarray) -> None:
             at = 0
-            for v in self._corr_vars:
+            for v in targets:
                 n = int(np.prod(v.shape))
                 v.assign(flat[at:at + n].reshape(tuple(v.shape)))
                 at += n
 
+        def set_correction(self, flat: np.ndarray) -> None:
+            self._assign(self._corr_vars, flat)
+
+        def set_anchor(self) -> None:
+            """The model's trainable weights now (the round's global ones) become the anchor."""
+            for a, v in zip(self._anchor_vars, model.trainable_variables, strict=True):
+                a.assign(v)
+
     opt = CorrectedAdam(learning_rate=lr)
     corr = [keras.Variable(np.zeros(tuple(v.shape), np.float32), trainable=False)
             for v in model.trainable_variables]
+    anchor = [keras.Variable(np.asarray(v), trainable=False) for v in model.trainable_variables]
     object.__setattr__(opt, "_corr_vars", corr)  # kept out of the optimizer's variables
+    object.__setattr__(opt, "_anchor_vars", anchor)
     return opt
 
 
@@ -240,8 +260,8 @@ def main() -> int:
     def fresh(corrected: bool = False):
         model = make_model(shape, 4, kind=args.kind, seed=args.seed)
         compile_model(model, args.lr, prior_correction=args.prior_correction)
-        if corrected:  # SCAFFOLD: the same loss, Adam fed corrected gradients
-            model.compile(optimizer=_corrected_adam(model, args.lr), loss=model.loss,
+        if corrected:  # SCAFFOLD / FedProx: the same loss, Adam fed corrected gradients
+            model.compile(optimizer=_corrected_adam(model, args.lr, args.prox), loss=model.loss,
                           metrics=["accuracy"])
         return model
 
@@ -382,7 +402,7 @@ def main() -> int:
         return np.concatenate([a.ravel() / n for a in acc]).astype(np.float32)
 
     def federate(label, mean_fn):
-        workers[:] = [fresh(corrected=args.scaffold) for _ in names]
+        workers[:] = [fresh(corrected=args.scaffold or args.prox > 0) for _ in names]
         pers = [fresh() for _ in names]
         opt = ServerOptimizer(opt_settings, w0.size, statistics=layout)
         g = w0.copy()
@@ -404,6 +424,8 @@ def main() -> int:
                 from_vector(workers[h], g)
                 if args.fresh_local_optimiser:
                     reset_optimizer(workers[h])
+                if args.prox > 0:
+                    workers[h].optimizer.set_anchor()
                 fit(workers[h], data, args.local_epochs, seed=1000 * r + h, r=r,
                     validation=vals[h])
                 deltas.append(to_vector(workers[h]) - g)
@@ -545,6 +567,7 @@ def main() -> int:
         "prior_correction": args.prior_correction,
         "finetune_lr": args.finetune_lr,
         "scaffold": args.scaffold,
+        "prox": args.prox,
         "schedule": args.schedule if args.schedule == "constant"
         else f"{args.schedule} {args.lr:g} -> {args.lr * args.lr_floor:g}",
         "final": {"local_acc": r4([c[-1] for c in local_curves]),

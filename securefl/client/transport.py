@@ -262,7 +262,13 @@ class Connection:
                         self.payload_progress(len(frame.payload), len(frame.payload))
                     assert isinstance(frame, frames.Frame)
                     self._got_reply = True
-                    msg, array = wm.decode(frame)
+                    try:
+                        msg, array = wm.decode(frame)
+                    except RemoteProtocolError as exc:
+                        raise RemoteProtocolError(
+                            f"the server sent a message this program refuses ({exc.message}); "
+                            "the connection was closed and nothing more was sent to it: tell "
+                            "the federation's operator") from None
                     deliver = self.conversation.receive(msg)
                     fut = self._pending.get(msg.rid) if msg.rid else None
                     if fut is not None and not fut.done():

@@ -93,6 +93,31 @@ def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return out
 
 
+#: Characters no text field may hold: C0 controls (newline and tab included), DEL, C1
+#: controls, and the bidirectional overrides.  Why: every text a peer sends ends up on
+#: someone's terminal, console or log (an error's message, a reason, a name), and an escape
+#: sequence there can clear the screen, recolour a refusal as success or rewrite a line
+#: above it; an override reorders what is read.  Refused, not cleaned: no honest peer
+#: sends them, and a cleaned text would differ from what was signed or audited.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _refuse_control_characters(value: object) -> None:
+    """Raise ValueError when any key or string inside ``value`` holds a :data:`_CONTROL`
+    character (walked with a stack: the header's nesting was already bounded by json)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _CONTROL.search(item):
+                raise ValueError("a text field holds a terminal control character")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -662,11 +687,11 @@ def decode(frame: Frame) -> tuple[Message, np.ndarray | None]:
     try:
         # A key given twice is refused, not silently overwritten: what the server
         # validates must be what every reader of the same bytes would see.
-        json.loads(frame.header, object_pairs_hook=_refuse_duplicates)
+        _refuse_control_characters(json.loads(frame.header, object_pairs_hook=_refuse_duplicates))
     except RecursionError:
         raise RemoteProtocolError("header is nested too deeply", code="bad-message") from None
     except ValueError as exc:
-        if "appears twice" in str(exc):
+        if "appears twice" in str(exc) or "terminal control character" in str(exc):
             raise RemoteProtocolError(f"malformed message header: {exc}",
                                       code="bad-message") from None
         raise RemoteProtocolError("header is not JSON", code="bad-message") from None

@@ -254,6 +254,44 @@ def test_a_joined_reply_asking_for_the_update_in_the_clear_gets_nothing(
     assert "[crypto, by this hospital] the server asked" in shown[-1]
 
 
+@pytest.mark.parametrize("text", [
+    "\x1b[2J\x1b[1;32mupdate accepted, nothing to do\x1b[0m",  # clear screen, green
+    "refused\r\x1b[1Aupdate accepted",  # back over the line above
+    "round full\nsent: update accepted",  # a forged second line in the log
+    "\u202edetpecca",  # right-to-left override
+])
+def test_a_server_text_with_terminal_controls_never_reaches_the_screen_or_the_log(
+        fed: Federation, text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A server's ``error.message`` was printed and logged as sent (an adversary review):
+    escape sequences could clear the hospital's terminal, recolour a refusal as a success,
+    or rewrite a line of its own record as ``client log`` shows it.  Now the whole message
+    is refused as malformed, and nothing of it is shown or kept."""
+    async def script(server: ScriptedServer) -> None:
+        peer = await server.peer("a")
+        item = await peer.next()
+        assert item is not None and isinstance(item[0], wm.Join)
+        await peer.reply(item[0], wm.ErrorMsg(code="round-busy", message=text))
+
+    async def scenario() -> tuple[dict, Hospital]:
+        async with ScriptedServer(fed.certs, _weights()) as server:
+            site = _site(fed, "a", server.port)
+            outcomes, _ = await _run(server, [site], _updates(["a"]), script)
+        return outcomes, site
+
+    outcomes, site = asyncio.run(scenario())
+    outcome = outcomes["a"]
+    assert isinstance(outcome, RemoteProtocolError), outcome
+    assert "control character" in outcome.message
+    payload = text.strip("\x1b[0m\r\n\u202e").split("\x1b")[-1][-8:]
+    kit_toml = fed.certs.kit("a") / "hospital.toml"
+    assert main(["client", "--config", str(kit_toml), "log"]) == 0
+    shown = capsys.readouterr()
+    record = (site.state_dir / "log.jsonl").read_text()
+    for where in (outcome.message, shown.out, shown.err, record):
+        assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e]", where), where
+        assert payload not in where
+
+
 # -- attack 8: one version, different model bytes ---------------------------------------------
 @pytest.mark.parametrize("roster", ["as advertised", "sha256 rewritten"])
 def test_different_model_bytes_for_one_version_are_refused_at_the_roster(
