@@ -69,3 +69,25 @@ def file_sha256(path: Path) -> str | None:
             return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError:
         return None
+
+
+def hold_lock(path: Path) -> BinaryIO:
+    """Take an exclusive lock on ``path`` (created if missing) that lasts while the returned
+    file stays open, and ends with the process however it ends (the kernel drops it).
+
+    Why a lock and not a PID file: a PID file outlives a ``kill -9`` and then locks out the
+    restart; an advisory lock cannot.  Raises ``BlockingIOError`` when another process holds
+    it.  A filesystem that keeps no locks (some network mounts) gets the file unlocked rather
+    than a refusal: the lock guards against a mistake, not an attacker.
+    """
+    import fcntl
+
+    f = path.open("a+b")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise
+    except OSError:
+        pass
+    return f

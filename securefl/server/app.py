@@ -35,6 +35,7 @@ from securefl.errors import (
     RemoteProtocolError,
     SecureFLError,
 )
+from securefl.fsutil import hold_lock
 from securefl.protocol import frames
 from securefl.protocol import messages as wm
 from securefl.protocol.conversation import Conversation, Side
@@ -94,6 +95,57 @@ class _Slot:
         self.granted = self.admitted = self.spent = False
 
 
+#: Locks this process holds: path -> [open file, number of servers using it].  Servers in
+#: one process share them (tests build several on one store); another process is refused.
+_HELD: dict[Path, list] = {}
+
+
+def _release(paths: list[Path]) -> None:
+    for path in paths:
+        entry = _HELD.get(path)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                entry[0].close()
+                del _HELD[path]
+
+
+def _lock_store_and_audit(settings: ServerSettings) -> list[Path]:
+    """Hold the model store and the audit log for this server alone.
+
+    Why: a second server started on a copy of server.toml (another port, the same store_dir)
+    wrote its own version 4 over the first one's, and the two interleaved the audit log's
+    hash chain (found walking it).  Taken before anything is read or written (a starting
+    server records abandoned rounds and reconciles the store), each is locked
+    (``.server.lock`` in the store, ``.lock`` beside the audit log) for as long as this
+    server runs; the kernel drops the locks however it ends, so a crashed server never
+    locks out its restart."""
+    store = Path(settings.store_dir)
+    audit = Path(settings.audit_log)
+    held: list[Path] = []
+    for what, folder, lock in (
+            ("model store", store, store / ".server.lock"),
+            ("audit log", audit, audit.with_name(audit.name + ".lock"))):
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            key = lock.resolve()
+            if key not in _HELD:
+                _HELD[key] = [hold_lock(key), 0]
+            _HELD[key][1] += 1
+            held.append(key)
+        except BlockingIOError:
+            _release(held)
+            raise ConfigError(
+                f"another securefl server is already using the {what} {folder} (it holds "
+                f"{lock}): stop that server first, or give this one its own store_dir and "
+                "audit_log in its server.toml") from None
+        except OSError as exc:
+            _release(held)
+            raise ConfigError(f"cannot use the {what} {folder} ({exc.strerror}): give a "
+                              "folder this server may write to in its server.toml") from None
+    return held
+
+
 class Server:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
@@ -102,6 +154,18 @@ class Server:
         from securefl.certs import check_tls_files
 
         check_tls_files(settings.cert, settings.key, settings.ca)
+        self._locks = _lock_store_and_audit(settings)
+        try:
+            self._open(settings)
+        except BaseException:
+            self._unlock()  # a refused start leaves nothing held (a retry in this process)
+            raise
+
+    def _unlock(self) -> None:
+        _release(self._locks)
+        self._locks = []
+
+    def _open(self, settings: ServerSettings) -> None:
         self.store = ModelStore(settings.store_dir, settings.model.classes)
         if self.store.empty:
             weights, layers = initial_model(settings.model)
@@ -215,6 +279,7 @@ class Server:
             _, pending = await asyncio.wait(pending, timeout=1.0)
         await self._summarise_refusals()
         self.audit.close()
+        self._unlock()
 
     async def _every(self, interval: float, chore: Callable[[], Awaitable[None]]) -> None:
         """Run ``chore`` every ``interval`` seconds until cancelled; a failure is logged and

@@ -168,6 +168,13 @@ class ModelStore:
         )
         meta = json.dumps(info.__dict__).encode()
         final = self._path(version)
+        if final.exists():
+            # Never replaced: a version hospitals may hold is never swapped for another model
+            # under the same number (the server's lock keeps a second server out; this
+            # catches a file copied in by hand).
+            raise DataError(f"version {version} already exists in {final}, although this "
+                            f"server's newest is {current}: nothing was overwritten; move "
+                            "that file out of the store and restart the server")
         tmp = final.with_name(final.name + ".tmp")
         try:
             testhook.fail_write("store", tmp, "open")  # test-only; see its module

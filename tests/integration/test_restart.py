@@ -244,7 +244,76 @@ def test_port_in_use_is_a_clear_error(fed: Federation) -> None:
         async with running(fed.server_settings()) as first:
             with pytest.raises(ConfigError, match="cannot listen"):
                 async with running(fed.server_settings(port=first.port,
-                                                       store_dir=fed.tmp / "other")):
+                                                       store_dir=fed.tmp / "other",
+                                                       audit_log=fed.tmp / "other.jsonl")):
                     pass
 
     asyncio.run(scenario())
+
+
+def test_a_second_server_on_the_same_store_is_refused_and_overwrites_nothing(
+        fed: Federation) -> None:
+    """A copy of server.toml with only the port changed used to start a second server on
+    the same store and audit log: both published a "version 1", the second's file replaced
+    the first's under the hospitals, and the audit chain broke (found walking it).  Now the
+    second is refused in one sentence, and the first goes on with its versions intact."""
+    port = free_port()
+    config = fed.server_toml(port, params=D)
+    first = start_server(config)
+    try:
+        async def round_one() -> None:
+            tasks = await _send_all(fed, port, "abc")
+            await _collected(fed, port, 3)
+            async with AdminSession(fed.client_settings("admin", port)) as admin:
+                assert (await admin.aggregate()).version == 1
+            await asyncio.gather(*tasks)
+
+        asyncio.run(round_one())
+        store_dir = fed.certs.root / "store"
+        before = {p.name: p.read_bytes() for p in store_dir.glob("v*.sflm")}
+        audit = (fed.certs.root / "audit.jsonl").read_bytes()
+        import tomllib
+        data = tomllib.loads(config.read_text())
+        for other in ({}, {"store_dir": str(fed.tmp / "own-store")}):
+            data.update(port=free_port(), **other)
+            from securefl import config as cfg
+            second = cfg.write_toml(fed.certs.root / "server-2.toml", data)
+            out = subprocess.run([sys.executable, "-m", "securefl", "server", "--config",
+                                  str(second)], capture_output=True, text=True, timeout=60)
+            assert out.returncode != 0, out.stdout
+            what = "audit log" if other else "model store"
+            assert f"another securefl server is already using the {what}" in out.stderr, \
+                out.stderr
+            assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+        assert {p.name: p.read_bytes() for p in store_dir.glob("v*.sflm")} == before
+        assert (fed.certs.root / "audit.jsonl").read_bytes() == audit
+        # The first server still serves what it published.
+        async def check() -> None:
+            async with HospitalSession(fed.client_settings("a", port)) as h:
+                got = await h.get_global()
+                assert got.version == 1
+                assert got.weights.tobytes() == ModelStore(store_dir).read(1)[1].tobytes()
+
+        asyncio.run(check())
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+    # Its lock ends with it: a restart on the same files is not locked out.
+    again = start_server(config)
+    again.send_signal(signal.SIGTERM)
+    again.wait(timeout=30)
+
+
+def test_a_version_file_already_in_the_store_is_never_replaced(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    store.write(np.zeros(4, np.float32), contributors=0, total_samples=0)
+    # A version 1 copied in by hand (or by another program) after this store was opened.
+    other = ModelStore(tmp_path / "elsewhere")
+    other.write(np.zeros(4, np.float32), contributors=0, total_samples=0)
+    other.write(np.ones(4, np.float32), contributors=2, total_samples=2)
+    (tmp_path / "v00000001.sflm").write_bytes((tmp_path / "elsewhere" / "v00000001.sflm")
+                                             .read_bytes())
+    copied = (tmp_path / "v00000001.sflm").read_bytes()
+    with pytest.raises(DataError, match="already exists .* nothing was overwritten"):
+        store.write(np.full(4, 2, np.float32), contributors=2, total_samples=2)
+    assert (tmp_path / "v00000001.sflm").read_bytes() == copied
