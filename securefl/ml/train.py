@@ -482,12 +482,40 @@ def append_history(path: str | Path, record: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(line) + "\n")
+    with path.open("a+b") as fh:
+        size = fh.seek(0, 2)
+        if size:
+            fh.seek(size - 1)
+            torn = fh.read(1) != b"\n"
+        else:
+            torn = False
+        # After a cut-off last line (a full disk, a killed write) the record starts a line
+        # of its own, or it would be glued to the damaged one and lost with it.
+        fh.write((b"\n" if torn else b"") + json.dumps(line).encode() + b"\n")
 
 
 def read_history(path: str | Path) -> list[dict]:
+    """Every readable record, oldest first; see :func:`read_history_checked`."""
+    return read_history_checked(path)[0]
+
+
+def read_history_checked(path: str | Path) -> tuple[list[dict], int]:
+    """The readable records and how many lines were damaged (cut off, not JSON, not an
+    object).  Damaged lines are skipped, never fatal: the History screen and ``client
+    history`` show the rest and say how many were left out."""
     path = Path(path)
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        return [], 0
+    records, damaged = [], 0
+    for line in path.read_bytes().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            damaged += 1
+    return records, damaged

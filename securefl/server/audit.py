@@ -53,6 +53,7 @@ class AuditLog:
             if last:
                 self._prev = _line_hash(last)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._end_torn_line()
         #: Entries not yet written (the log was unwritable), oldest first.
         self._backlog: collections.deque[tuple[dict, bool]] = collections.deque()
         self._dropped = 0
@@ -61,6 +62,25 @@ class AuditLog:
         #: Called with every entry as it is recorded (the server's console,
         #: ``securefl.server.console.on_audit``); it must not raise.
         self.listener: Callable[[dict], None] | None = None
+
+    def _end_torn_line(self) -> None:
+        """A log whose last line was cut off (a disk that filled, a copy stopped halfway)
+        gets a newline, so the next entry starts a line of its own instead of being glued
+        to the damaged one and lost with it.  The damaged line stays as it was, and
+        ``verify`` still names it: the log shows what happened to it."""
+        try:
+            size = os.fstat(self._fd).st_size
+            if not size:
+                return
+            with self.path.open("rb") as f:
+                f.seek(size - 1)
+                if f.read(1) == b"\n":
+                    return
+            os.write(self._fd, b"\n")
+        except OSError:
+            return  # an unwritable log: the first entry will say so
+        log.warning("the audit log %s ended in a cut-off line (damaged before this start); "
+                    "it is kept as it is and new entries start on the next line", self.path)
 
     @property
     def writable(self) -> bool:
@@ -168,7 +188,21 @@ def tail(path: Path, limit: int, chunk: int = 1 << 16) -> list[dict]:
     lines = [line for line in data.splitlines() if line.strip()]
     if start > 0:
         lines = lines[1:]  # the first line may be cut
-    return [json.loads(line) for line in lines[-limit:]]
+    return [_entry_or_damage(line) for line in lines[-limit:]]
+
+
+def _entry_or_damage(line: bytes) -> dict:
+    """One line as an entry; a damaged one (not a JSON object) as a ``damaged-line`` entry
+    that says so, so reading the log never fails on it and the reader still sees it."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        entry = None
+    if isinstance(entry, dict):
+        return entry
+    return {"event": "damaged-line",
+            "detail": f"this line of the audit log is not an entry ({len(line)} bytes, "
+                      "cut off or overwritten); it is left as it is in the file"}
 
 
 def last_version(path: Path, chunk: int = 1 << 16) -> int | None:

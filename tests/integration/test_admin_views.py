@@ -56,6 +56,40 @@ def test_audit_tail_reads_only_the_end(tmp_path) -> None:
     assert audit.tail(tmp_path / "missing.jsonl", 5) == []
 
 
+def test_a_damaged_audit_log_keeps_the_next_entries_and_still_reads(
+        fed: Federation, caplog: pytest.LogCaptureFixture) -> None:
+    """Walking it: with the audit log's last line cut off, the server glued its
+    ``server-start`` entry onto it (lost with it), and ``admin audit`` answered "internal
+    server error" for good, as it did for a garbage line in the middle.  Now the next entry
+    starts its own line, the console says the log was damaged, and the admin reads every
+    entry with the damaged lines marked as such."""
+    settings = fed.server_settings()
+    path = settings.audit_log
+    log = audit.AuditLog(path)
+    log.record("submission", name="a", collected=1)
+    log.close()
+    with path.open("ab") as f:
+        f.write(b"\x00\x17 overwritten\n")  # garbage in the middle
+        f.write(b'{"seq":2,"time":"2026-12-01T0')  # and a cut-off last line
+
+    async def scenario() -> list[wm.AuditRow]:
+        async with running(settings) as srv, AdminSession(
+                fed.client_settings("admin", srv.port)) as admin:
+            return await admin.audit(limit=10)
+
+    with caplog.at_level("WARNING"):
+        rows = asyncio.run(scenario())
+    assert any("ended in a cut-off line" in r.getMessage() for r in caplog.records)
+    events = [r.event for r in rows]
+    assert events[:4] == ["submission", "damaged-line", "damaged-line", "server-start"], events
+    assert "not an entry" in rows[1].detail
+    lines = path.read_bytes().splitlines()
+    assert lines[2] == b'{"seq":2,"time":"2026-12-01T0'  # kept as it was, on its own
+    assert b'"server-start"' in lines[3]
+    with pytest.raises(SecureFLError, match="line 2 is not JSON"):
+        audit.verify(path)  # the damage stays visible to whoever checks the chain
+
+
 def test_store_info_reads_metadata_without_weights(tmp_path) -> None:
     from securefl.server.store import ModelStore
 

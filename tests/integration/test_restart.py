@@ -314,6 +314,6 @@ def test_a_version_file_already_in_the_store_is_never_replaced(tmp_path: Path) -
     (tmp_path / "v00000001.sflm").write_bytes((tmp_path / "elsewhere" / "v00000001.sflm")
                                              .read_bytes())
     copied = (tmp_path / "v00000001.sflm").read_bytes()
-    with pytest.raises(DataError, match="already exists .* nothing was overwritten"):
+    with pytest.raises(DataError, match=r"already exists .* nothing was overwritten"):
         store.write(np.full(4, 2, np.float32), contributors=2, total_samples=2)
     assert (tmp_path / "v00000001.sflm").read_bytes() == copied

@@ -216,3 +216,27 @@ def test_history_names_the_figure_and_the_scans_and_draws_validation_only() -> N
     assert metrics[2] == "accuracy 70.0%"
     assert metrics[3] == "accuracy 47.5% on its 59 training scans"
     assert validation_curve(records) == [0.6, 0.7]
+
+
+def test_history_with_a_damaged_line_shows_the_rest_and_says_so(fed: Fed) -> None:
+    """A cut-off line in history.jsonl closed the app with a traceback (found walking it);
+    now the History screen lists the readable records and a warning counts the rest."""
+    path = Hospital.from_file(fed.hospital_tomls[0]).ml.history_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"time": "2026-11-20T09:00:00Z", "event": "get", "version": 3, '
+                    '"contributors": 3, "total_samples": 900}\n{"time": "2026-11-2')
+    app = HospitalApp(fed.hospital_tomls[0], "hospital_1", connect=False)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(80, 24)) as pilot:
+            while not isinstance(app.screen, DashboardScreen):
+                await pilot.pause(0.02)
+            await pilot.press("h")
+            await pilot.pause()
+            assert isinstance(app.screen, HistoryScreen)
+            table = app.screen.query_one("#table", DataTable)
+            assert table.row_count == 1
+            notes = [n.message for n in app._notifications]
+            assert any("1 damaged line(s)" in n and str(path) in n for n in notes), notes
+
+    asyncio.run(scenario())

@@ -15,7 +15,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 
 from securefl.client.hospital import Hospital
-from securefl.ml.train import read_history
+from securefl.ml.train import read_history_checked
 from securefl.tui.common import TextScreen, pairs
 
 HERE = Path(__file__).parent
@@ -101,7 +101,12 @@ class HistoryScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        records = self.records = read_history(self.hospital.ml.history_path)
+        path = self.hospital.ml.history_path
+        records, damaged = read_history_checked(path)
+        self.records = records
+        if damaged:
+            self.notify(f"{damaged} damaged line(s) in {path} (cut off or overwritten) were "
+                        "left out; the rest is shown", severity="warning", timeout=10)
         table = self.query_one("#table", DataTable)
         table.add_columns("Time (UTC)", "Event", "Version", "Metrics")
         for row in history_rows(records):
