@@ -31,6 +31,7 @@ from securefl.crypto import pki
 from securefl.errors import (
     ConfigError,
     CryptoError,
+    DataError,
     LocalProtocolError,
     RemoteProtocolError,
     SecureFLError,
@@ -42,6 +43,7 @@ from securefl.protocol.conversation import Conversation, Side
 from securefl.server import console
 from securefl.server.admission import Admission, RefusalSummary, Ticket, source_of
 from securefl.server.audit import AuditLog
+from securefl.server.audit import last_version as audit_last_version
 from securefl.server.coordinator import Coordinator
 from securefl.server.initial import (
     check_spec,
@@ -146,6 +148,27 @@ def _lock_store_and_audit(settings: ServerSettings) -> list[Path]:
     return held
 
 
+def _check_store_is_not_behind(store: ModelStore, audit_log: Path) -> None:
+    """Refuse to start from a store whose newest version is older than the audit log says
+    was published.
+
+    Why: with its newest version file deleted, the server started one version back and said
+    only "at version 1"; hospitals holding version 2 then refused its model (they never go
+    back) and were told to download it.  An empty store is a new federation (QUICKSTART,
+    "Changing the model") and starts at version 0 whatever the old log says."""
+    if store.empty:
+        return
+    audited = audit_last_version(audit_log)
+    newest = store.latest()[0].version
+    if audited is not None and audited > newest:
+        missing = ", ".join(f"v{v:08d}.sflm" for v in range(newest + 1, audited + 1)[:3])
+        raise DataError(
+            f"the audit log {audit_log} records version {audited} as published, but the "
+            f"model store {store.root} holds versions only up to {newest} ({missing} missing): "
+            "restore the missing version file(s) from a backup and start again (hospitals "
+            "that downloaded them never go back to an older version)")
+
+
 class Server:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
@@ -167,6 +190,7 @@ class Server:
 
     def _open(self, settings: ServerSettings) -> None:
         self.store = ModelStore(settings.store_dir, settings.model.classes)
+        _check_store_is_not_behind(self.store, Path(settings.audit_log))
         if self.store.empty:
             weights, layers = initial_model(settings.model)
             if layers is not None:

@@ -77,6 +77,11 @@ def initial_weights(params: int, seed: int, scale: float = 0.05) -> np.ndarray:
     return (rng.standard_normal(params) * scale).astype("<f4")
 
 
+#: The next step after a damaged version file (a version hospitals may hold must come back
+#: as it was; nothing else can stand in for it).
+_RESTORE = "restore that file from a backup and start the server again"
+
+
 class ModelStore:
     """Versions in one folder; the latest is kept in memory (it is what hospitals download)."""
 
@@ -129,9 +134,11 @@ class ModelStore:
             weights = np.frombuffer(data, dtype="<f4", offset=start + meta_len)
             info = self._info(meta)
         except (ValueError, TypeError, struct.error) as exc:
-            raise DataError(f"model version file {self._path(version)} is unreadable") from exc
+            raise DataError(f"model version file {self._path(version)} is unreadable: "
+                            f"{_RESTORE}") from exc
         if weights_sha256(weights) != info.sha256 or info.version != version:
-            raise DataError(f"model version file {self._path(version)} is corrupt (sha256)")
+            raise DataError(f"model version file {self._path(version)} is corrupt (its "
+                            f"sha256 does not match): {_RESTORE}")
         return info, weights
 
     def _info(self, meta: dict) -> VersionInfo:

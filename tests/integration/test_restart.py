@@ -317,3 +317,39 @@ def test_a_version_file_already_in_the_store_is_never_replaced(tmp_path: Path) -
     with pytest.raises(DataError, match=r"already exists .* nothing was overwritten"):
         store.write(np.full(4, 2, np.float32), contributors=2, total_samples=2)
     assert (tmp_path / "v00000001.sflm").read_bytes() == copied
+
+
+def test_a_missing_or_damaged_newest_version_stops_the_start_and_says_what_to_restore(
+        fed: Federation) -> None:
+    """Walking it: with v00000001.sflm deleted the server started "at version 1" back at 0,
+    hospitals holding version 1 refused its model, and its send advice contradicted get.
+    Now it does not start, and says which file to restore; a damaged one says the same."""
+    from securefl import config
+    from securefl.server.app import Server
+
+    from .conftest import running
+
+    settings = fed.server_settings(round=config.RoundSettings(masking="plain"))
+
+    async def one_round() -> None:
+        async with running(settings) as srv:
+            tasks = await _send_all(fed, srv.port, "abc")
+            await _collected(fed, srv.port, 3)
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                assert (await admin.aggregate()).version == 1
+            await asyncio.gather(*tasks)
+
+    asyncio.run(one_round())
+    newest = settings.store_dir / "v00000001.sflm"
+    kept = newest.read_bytes()
+    newest.unlink()
+    with pytest.raises(DataError, match=r"records version 1 as published, but the model "
+                       r"store .* holds versions only up to 0 \(v00000001.sflm missing\): "
+                       "restore the missing version file"):
+        Server(settings)
+    newest.write_bytes(kept[:-7])  # cut off
+    with pytest.raises(DataError, match=r"v00000001.sflm is (unreadable|corrupt).*: restore "
+                       "that file from a backup"):
+        Server(settings)
+    newest.write_bytes(kept)  # restored: it starts, at version 1
+    assert Server(settings).store.latest()[0].version == 1
