@@ -34,6 +34,7 @@ EXIT_CODES: dict[type[errors.SecureFLError], int] = {
     errors.UpdateAlreadySentError: 13,
     errors.AgentRunningError: 14,
     errors.AgentUnavailableError: 15,
+    errors.HospitalBusyError: 16,
 }
 
 Handler = Callable[[argparse.Namespace], int]

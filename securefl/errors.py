@@ -106,6 +106,14 @@ class AgentRunningError(SecureFLError):
     code = "agent-running"
 
 
+class HospitalBusyError(SecureFLError):
+    """Another ``train``, ``get`` or ``send`` of the same hospital is running in another
+    process (the CLI, the app, a script): two at once would overwrite each other's model or
+    race the send record, and two sends both joined one round."""
+
+    code = "hospital-busy"
+
+
 class AgentUnavailableError(SecureFLError):
     """No agent answers on this hospital's local socket."""
 

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -91,3 +91,42 @@ def hold_lock(path: Path) -> BinaryIO:
     except OSError:
         pass
     return f
+
+
+#: Locks this process holds: resolved path -> [open file, number of holders].  Holders in
+#: one process share a lock (a server's tests build several servers on one store; a
+#: hospital's ``send`` may ``get`` first): it keeps out other processes, not itself.
+_SHARED: dict[Path, list] = {}
+_SHARED_GUARD = __import__("threading").Lock()
+
+
+def acquire(path: Path) -> Path:
+    """Hold ``path``'s lock (:func:`hold_lock`) until :func:`release` of the returned key;
+    ``BlockingIOError`` when another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = path.resolve()
+    with _SHARED_GUARD:
+        if key not in _SHARED:
+            _SHARED[key] = [hold_lock(key), 0]
+        _SHARED[key][1] += 1
+    return key
+
+
+def release(key: Path) -> None:
+    with _SHARED_GUARD:
+        entry = _SHARED.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                entry[0].close()
+                del _SHARED[key]
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """:func:`acquire` for the ``with`` block."""
+    key = acquire(path)
+    try:
+        yield
+    finally:
+        release(key)

@@ -46,7 +46,7 @@ import contextlib
 import functools
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,7 +59,7 @@ from securefl.client.hospital_log import HospitalLog, logged
 from securefl.client.outbox import Outbox, SendRecord, vector_sha256, write_json
 from securefl.client.session import GlobalModel, HospitalSession, RoundOutcome, RoundStep
 from securefl.crypto.secagg.policy import SignedList
-from securefl.errors import ConfigError, CryptoError, DataError
+from securefl.errors import ConfigError, CryptoError, DataError, HospitalBusyError
 from securefl.ml.settings import MLSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -278,12 +278,41 @@ class Hospital:
         return cached[1]
 
     @logged("train")
+    @contextlib.contextmanager
+    def busy(self, what: str) -> Iterator[None]:
+        """This hospital's model and send record for ``what`` alone, against other processes.
+
+        Why: two ``send`` commands both joined one round (the server counted the hospital
+        twice and one send waited forever), and two ``train`` runs, or ``train`` beside
+        ``get``, overwrite each other's model.  One lock (``state_dir/.work.lock``) for
+        train, get and send, whichever program runs them; refused at once, never queued (a
+        training can take hours)."""
+        from securefl.fsutil import acquire, release
+
+        try:
+            key = acquire(self.state_dir / ".work.lock")
+        except BlockingIOError:
+            raise HospitalBusyError(
+                f"another train, get or send of this hospital is running (in another "
+                f"terminal, the app or a script; it holds {self.state_dir / '.work.lock'}), so "
+                f"`{what}` was not run: wait for it to finish, then run `{what}` again"
+            ) from None
+        try:
+            yield
+        finally:
+            release(key)
+
     def train(self, progress: ProgressFn | None = None,
               cancel: threading.Event | None = None) -> TrainResult:
         """Train the local model on this hospital's scans and record what was trained (base
         version, scans, the weights' sha256).  The first training after ``get`` starts from
         the global weights as downloaded (``global.npy``), not from the personalised model;
         a second one continues from the trained model."""
+        with self.busy("train"):
+            return self._train(progress, cancel)
+
+    def _train(self, progress: ProgressFn | None,
+               cancel: threading.Event | None) -> TrainResult:
         from securefl.ml.local import run_train
         from securefl.ml.model import to_vector
 
@@ -487,6 +516,15 @@ class Hospital:
         overwritten: that is refused unless ``replace_trained`` (training can take hours).
         ``personalise``, ``cancel``: see :meth:`apply_global`.
         """
+        with self.busy("get"):
+            return await self._get(session, on_progress, replace_trained=replace_trained,
+                                   on_personalise=on_personalise, personalise=personalise,
+                                   cancel=cancel)
+
+    async def _get(self, session: HospitalSession,
+                   on_progress: Callable[[int, int], None] | None, *, replace_trained: bool,
+                   on_personalise: ProgressFn | None, personalise: bool,
+                   cancel: threading.Event | None) -> GlobalModel:
         if not replace_trained and self.has_ml:
             st = await session.status()
             if (base := self.unsent_training(st.version)) is not None:
@@ -544,11 +582,12 @@ class Hospital:
         ``round_options`` go to ``HospitalSession.send`` (``leave_after`` for dropout tests).
         """
         update = np.ascontiguousarray(update, dtype=np.float32).reshape(-1)
-        journal, required = self.outbox.begin(base, samples, update,
-                                              session.settings.policy.max_attempts)
-        meta = self.global_meta()
-        sha = meta.get("sha256") if meta and meta.get("version") == base else None
-        return await session.send(update, samples, base_version=base, on_step=on_step,
-                                  journal=self.log.follow(journal, base, samples),
-                                  base_sha256=sha, bound_to=required,
-                                  **round_options)
+        with self.busy("send"):
+            journal, required = self.outbox.begin(base, samples, update,
+                                                  session.settings.policy.max_attempts)
+            meta = self.global_meta()
+            sha = meta.get("sha256") if meta and meta.get("version") == base else None
+            return await session.send(update, samples, base_version=base, on_step=on_step,
+                                      journal=self.log.follow(journal, base, samples),
+                                      base_sha256=sha, bound_to=required,
+                                      **round_options)

@@ -36,7 +36,7 @@ from securefl.errors import (
     RemoteProtocolError,
     SecureFLError,
 )
-from securefl.fsutil import hold_lock
+from securefl.fsutil import acquire, release
 from securefl.protocol import frames
 from securefl.protocol import messages as wm
 from securefl.protocol.conversation import Conversation, Side
@@ -97,19 +97,9 @@ class _Slot:
         self.granted = self.admitted = self.spent = False
 
 
-#: Locks this process holds: path -> [open file, number of servers using it].  Servers in
-#: one process share them (tests build several on one store); another process is refused.
-_HELD: dict[Path, list] = {}
-
-
-def _release(paths: list[Path]) -> None:
-    for path in paths:
-        entry = _HELD.get(path)
-        if entry is not None:
-            entry[1] -= 1
-            if entry[1] <= 0:
-                entry[0].close()
-                del _HELD[path]
+def _release(keys: list[Path]) -> None:
+    for key in keys:
+        release(key)
 
 
 def _lock_store_and_audit(settings: ServerSettings) -> list[Path]:
@@ -129,12 +119,7 @@ def _lock_store_and_audit(settings: ServerSettings) -> list[Path]:
             ("model store", store, store / ".server.lock"),
             ("audit log", audit, audit.with_name(audit.name + ".lock"))):
         try:
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            key = lock.resolve()
-            if key not in _HELD:
-                _HELD[key] = [hold_lock(key), 0]
-            _HELD[key][1] += 1
-            held.append(key)
+            held.append(acquire(lock))
         except BlockingIOError:
             _release(held)
             raise ConfigError(
