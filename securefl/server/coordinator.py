@@ -336,11 +336,11 @@ class Coordinator(AdminActions):
 
     async def _on_training_failed(self, peer: Peer, msg: wm.TrainingFailed,
                                   array: None) -> tuple[wm._Wire, None]:
+        # Rounds by hand: no scheduled round exists for it to be about, so nothing is
+        # recorded (a hospital sending these in a loop grew the audit log and the console
+        # by a line each; found by the adversary review).
         if self.schedule is not None:
             self.schedule.training_failed(peer, msg)
-        else:  # rounds by hand: nothing waits for it, but the operator still sees it
-            self.audit.record("training-failed", name=peer.name,
-                              schedule_round=msg.schedule_round, reason=msg.reason)
         return wm.Ack(rid=msg.rid), None
 
     async def _on_status(self, peer: Peer, msg: wm.Status,

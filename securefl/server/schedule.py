@@ -339,13 +339,16 @@ class Scheduler:
             self.downloaded.add(name)
 
     def training_failed(self, peer: Peer, msg: wm.TrainingFailed) -> None:
-        """Audited with the coarse reason only; the round stops waiting for this hospital."""
+        """Audited with the coarse reason only, once per hospital and open round; the round
+        stops waiting for this hospital.  About any other round (closed, never opened) it
+        changes nothing and is not recorded: a hospital repeating it, or making up round
+        numbers, grew the audit log and the console by a line each (adversary review)."""
         c = self.c
         current = self.open is not None and self.open.schedule_round == msg.schedule_round
-        c.audit.record("training-failed", name=peer.name, schedule_round=msg.schedule_round,
-                       reason=msg.reason, **({} if current else {"stale": True}))
-        if not current:
+        if not current or self.failed.get(peer.name) == msg.reason:
             return
+        c.audit.record("training-failed", name=peer.name, schedule_round=msg.schedule_round,
+                       reason=msg.reason)
         self.failed[peer.name] = msg.reason
         c.excused.add(peer.name)
         self._save()

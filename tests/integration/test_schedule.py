@@ -328,6 +328,32 @@ def test_a_failed_training_is_shown_per_hospital_and_does_not_stall_the_others(
                               "prev"}
 
 
+def test_training_failed_repeated_or_about_no_open_round_adds_no_audit_line(
+        fed: Federation) -> None:
+    """Adversary review: one hospital sending ``training_failed`` in a loop, with made-up
+    round numbers, grew the audit log (and the console) by a line each, on a server with a
+    schedule or without.  Now only the first one about the open round is recorded."""
+    for settings in (auto(fed, deadline="60s"), fed.server_settings()):
+        async def main(settings=settings) -> None:
+            async with running(settings) as srv, \
+                    HospitalSession(fed.client_settings("b", srv.port)) as b:
+                open_round = (await next_open(b)).schedule_round if \
+                    settings.schedule.mode == "auto" else 1
+                for n in range(300):
+                    await b.training_failed(open_round + 1000 + n, "declined")
+                    await b.training_failed(open_round, "declined")
+
+        before = len(read_entries(settings.audit_log)) if settings.audit_log.exists() else 0
+        asyncio.run(main())
+        entries = read_entries(settings.audit_log)[before:]
+        failed = [e for e in entries if e["event"] == "training-failed"]
+        if settings.schedule.mode == "auto":
+            assert [(e["name"], e["reason"]) for e in failed] == [("b", "declined")]
+        else:
+            assert failed == []
+        assert len(entries) < 20, len(entries)
+
+
 def test_a_round_everyone_else_declined_closes_at_once_and_says_so(fed: Federation) -> None:
     """a joins, b and c decline: the round cannot reach its minimum, so it closes long
     before its 60 s deadline, and what the hospitals and the operator read says why (the
