@@ -291,8 +291,12 @@ async def admin(args: argparse.Namespace) -> int:
             if st.waiting_for:
                 print(f"waiting for {', '.join(st.waiting_for)}: a round on version "
                       f"{st.version} failed after its survivor list went out, so the next "
-                      "may combine only the hospitals on it; ask them to connect and send",
-                      file=sys.stderr)
+                      "may combine only the hospitals on it; ask them to connect and send "
+                      "(if their send refuses because the update already went into "
+                      "max_attempts rounds, exit 13, no round on this version can publish: "
+                      "find why the rounds failed with `securefl admin audit`, and once that "
+                      "is fixed ask each of them to raise [policy] max_attempts by one in "
+                      "hospital.toml)", file=sys.stderr)
         elif action == "aggregate":
             # With --json stdout carries only the JSON result; progress goes to stderr.
             progress = _unmask_printer(sys.stderr if as_json else sys.stdout)

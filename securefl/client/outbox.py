@@ -78,7 +78,10 @@ def _cap_reached(base_version: int, rounds: list[int]) -> str:
     return (f"this hospital's update for version {base_version} already went into "
             f"{len(rounds)} round(s) (rounds {', '.join(map(str, rounds))}), the most its "
             "[policy] max_attempts allows: it is not sent into another; wait for the next "
-            "version, then get, train and send")
+            "version, then get, train and send (if the federation's rounds on this version "
+            "keep failing and no next version comes, ask the operator why: once the cause "
+            "is fixed, raising max_attempts by one in hospital.toml lets this same update "
+            "into one more round)")
 
 
 def _draws_reached(base_version: int, rounds: list[int], spare: int) -> str:

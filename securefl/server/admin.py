@@ -262,9 +262,10 @@ class AdminActions:
             finally:
                 self._audit_bad_sharers(rnd)
         except (NotEnoughSurvivorsError, CryptoError, DataError) as exc:
-            # Also a sum that cannot be right (a hospital returned a wrong share): the
-            # round ends like any that could not be unmasked -- hospitals told, audited, the
-            # cross-round rule applied -- instead of staying "failed" and blocking joins.
+            # Also a sum that cannot be right (a wrong share, or a hospital whose masked
+            # input is not an update): the round ends like any that could not be unmasked
+            # -- hospitals told, audited, the cross-round rule applied -- instead of staying
+            # "failed" and blocking joins.
             rnd.watcher = None
             again = self._abandon(rnd, exc.code, exc.message, retry=True) \
                 if self.round is rnd else None

@@ -961,7 +961,9 @@ def test_a_server_that_keeps_retrying_gets_an_update_into_at_most_max_attempts_r
     for n in names:
         assert_refused(sites[n], outcomes[n], UpdateAlreadySentError,
                        "already went into 3 round(s) (rounds 1, 2, 3), the most its [policy] "
-                       "max_attempts allows")
+                       "max_attempts allows",
+                       # the way on, when no next version can come (walking it)
+                       "raising max_attempts by one in hospital.toml lets this same update")
 
 
 # -- attack 7, continued: a refusal that depends on the update --------------------------------

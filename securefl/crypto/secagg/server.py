@@ -644,10 +644,15 @@ class ServerRound:
         if not n <= weight <= n * enc.max_weight or (
                 mean.size and float(np.abs(mean).max()) > enc.clip * (1 + 1e-6)
                 + 1 / enc.scale):
+            names = ", ".join(self.name_of(u) for u in sorted(self.survivors))
+            why = (f"shares were wrong{self._cheats()}" if self.bad_sharers else
+                   "every share used matched its dealer's commitment, so one of "
+                   f"{names} sent a masked input that is not an encoded update (a broken or "
+                   "hostile client; secure aggregation cannot tell which)")
             raise CryptoError(
                 "the unmasked sum is impossible for these hospitals (sample total "
-                f"{weight} for {n} hospitals, or a value beyond the clip): a hospital returned "
-                "a wrong share; nothing was published")
+                f"{weight} for {n} hospitals, or a value beyond the clip): {why}; nothing was "
+                "published")
 
         self._sum = None
         names = tuple(self.name_of(u) for u in sorted(self.survivors))

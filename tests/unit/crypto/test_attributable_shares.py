@@ -217,6 +217,13 @@ def test_a_masked_input_whose_sum_is_impossible_is_never_published(fed5, where):
     r.listed = r.server.close_inputs()
     r.check()
     _unmask(r, cheater=-1, how="none")
-    with pytest.raises(CryptoError, match=r"unmasked sum is impossible.*nothing was published"):
+    with pytest.raises(CryptoError, match=r"unmasked sum is impossible.*nothing was published"
+                       ) as failed:
         r.server.finish()
     assert r.server.state is ServerState.FAILED
+    # Every share was honest: blaming "a wrong share" (as it did) sent the operator after
+    # the wrong thing (adversary review).  Named is the set, since masking hides who.
+    assert "wrong share" not in failed.value.message
+    names = ", ".join(sorted(c.name for c in r.creds))
+    assert (f"one of {names} sent a masked input that is not an encoded update"
+            in failed.value.message), failed.value.message
