@@ -386,7 +386,7 @@ class Hospital:
         from securefl.ml.local import calibration_for, run_classify
 
         self.check_classes()
-        load_image(image, self.ml.image_size, self.ml.channels)  # missing or unreadable
+        load_image(image, self.ml.image_size, self.ml.channels, as_scan=True)  # or not a scan
         model = self._saved_model()
         validation = None
         if calibration_for(self.ml, model) is None:  # fitting one needs the scans

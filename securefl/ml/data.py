@@ -118,7 +118,13 @@ def _window_to_8bit(arr: np.ndarray) -> np.ndarray:
     return (np.clip((arr - lo) / span, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _decode(path: Path, size: int, channels: int) -> np.ndarray:
+#: The smallest side, in pixels, of an image ``classify`` takes for a scan.  Why: a 1x1 or
+#: 8x8 picture (an icon, a thumbnail) padded up to the model's input is no scan, and the
+#: model still answered it "meningioma 99.9%" (found walking it).
+MIN_SCAN_SIDE = 32
+
+
+def _decode(path: Path, size: int, channels: int, *, as_scan: bool = False) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -127,6 +133,8 @@ def _decode(path: Path, size: int, channels: int) -> np.ndarray:
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float scans
                 img = Image.fromarray(_window_to_8bit(np.asarray(img, dtype=np.float32)), "L")
             img = img.convert("L" if channels == 1 else "RGB")
+            if as_scan:
+                _refuse_non_scan(path, img)
             img = ImageOps.pad(img, (size, size), method=Image.Resampling.BILINEAR, color=0)
             arr = np.asarray(img, dtype=np.uint8)
     except FileNotFoundError:
@@ -140,13 +148,31 @@ def _decode(path: Path, size: int, channels: int) -> np.ndarray:
     return arr.reshape(size, size, channels)
 
 
-def load_image(path: str | Path, size: int, channels: int = 1) -> np.ndarray:
-    """One image as uint8 (size, size, channels); :class:`DataError` if it cannot be read."""
+def _refuse_non_scan(path: Path, img: object) -> None:
+    """A picture that cannot be a scan gets a refusal, not a confident answer."""
+    width, height = img.size  # type: ignore[attr-defined]
+    if min(width, height) < MIN_SCAN_SIDE:
+        raise DataError(f"{path} is {width}x{height} pixels, too small to be a scan (at least "
+                        f"{MIN_SCAN_SIDE} pixels a side): nothing was classified; give the "
+                        "scan itself, not a thumbnail")
+    extrema = img.getextrema()  # type: ignore[attr-defined]
+    bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
+    if all(lo == hi for lo, hi in bands):
+        raise DataError(f"{path} is blank (every pixel has the value {bands[0][0]}), not a "
+                        "scan: nothing was classified; check the file exported correctly")
+
+
+def load_image(path: str | Path, size: int, channels: int = 1, *,
+               as_scan: bool = False) -> np.ndarray:
+    """One image as uint8 (size, size, channels); :class:`DataError` if it cannot be read.
+
+    ``as_scan`` (classify): also refuse a picture that cannot be a scan (blank, or smaller
+    than :data:`MIN_SCAN_SIDE`), since the model answers anything with a class."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a folder, not a scan: give the path of a JPEG or PNG file")
     try:
-        return _decode(path, size, channels)
+        return _decode(path, size, channels, as_scan=as_scan)
     except FileNotFoundError:
         raise DataError(f"{path} does not exist: check the file name and its folder") from None
     except _Unreadable as exc:

@@ -443,7 +443,7 @@ def run_classify(
     from securefl.ml.data import load_image
     from securefl.ml.train import Classification, classify
 
-    load_image(image, settings.image_size, settings.channels)  # a missing file: say so first
+    load_image(image, settings.image_size, settings.channels, as_scan=True)  # say so first
     if model is None:
         model = load_saved_model(settings)
     cal = calibration_for(settings, model, validation)

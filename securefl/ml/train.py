@@ -472,7 +472,7 @@ def classify(
             f"the model predicts {model.output_shape[-1]} classes but the settings list "
             f"{len(classes)}: use the class list the model was trained with"
         )
-    image = load_image(image_path, int(h), int(c))
+    image = load_image(image_path, int(h), int(c), as_scan=True)
     probs = apply_temperature(predict_proba(model, image[None]), temperature)[0]
     return {name: float(p) for name, p in zip(classes, probs, strict=True)}
 

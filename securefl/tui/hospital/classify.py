@@ -122,7 +122,7 @@ class ClassifyScreen(Screen):
                         severity="error")
             return
         try:  # the preview decodes the file here: a damaged one must not end the app
-            load_image(path, 8)
+            load_image(path, 8, as_scan=True)
             self.query_one("#scan", Image).image = path
         except (DataError, OSError, ValueError) as exc:
             self._clear("Pick a scan (Enter on a file).")

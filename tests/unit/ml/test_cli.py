@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from securefl.cli import main
 from securefl.config import write_toml
 from securefl.ml.train import read_history
@@ -83,6 +85,21 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
     assert "below the 100% threshold): treat this answer as inconclusive" in out
     assert main(["client", "--config", str(cfg), "classify", str(tmp_path / "nope.jpg")]) == 4
     assert "nope.jpg does not exist: check the file name" in capsys.readouterr().err
+    # Pictures that cannot be scans get a refusal, not "meningioma 99.9%" (walking it).
+    from PIL import Image
+
+    Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "red.png")
+    Image.new("L", (1, 1), 90).save(tmp_path / "dot.png")
+    Image.fromarray((np.arange(16 * 16).reshape(16, 16) % 256).astype("uint8")).save(
+        tmp_path / "thumb.png")
+    for name, why in (("black.png", "is blank (every pixel has the value 0), not a scan"),
+                      ("red.png", "is blank"), ("dot.png", "is 1x1 pixels, too small"),
+                      ("thumb.png", "is 16x16 pixels, too small to be a scan")):
+        assert main(["client", "--config", str(cfg), "classify", str(tmp_path / name)]) == 4
+        out = capsys.readouterr()
+        assert why in out.err and "nothing was classified" in out.err, out.err
+        assert "%" not in out.out
 
     events = [h["event"] for h in read_history(tmp_path / "runs" / "h1" / "history.jsonl")]
     assert events == ["train", "evaluate", "evaluate"]
