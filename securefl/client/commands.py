@@ -213,10 +213,16 @@ async def hospital(args: argparse.Namespace) -> int:
                 raise DataError(f"--base-version {base} is not the downloaded version "
                                 f"{meta['version']}: get the version the update was trained "
                                 "on first (its sha256 is signed with the round keys)")
-            if args.weights is not None:
-                update = _load_vector(args.weights) - _load_vector(state / "global.npy")
-            else:
-                update = _load_vector(args.update)
+            held = _load_vector(state / "global.npy")
+            given = _load_vector(args.weights if args.weights is not None else args.update)
+            if given.size != held.size:
+                # Before joining: a hospital that joins and then refuses holds up the
+                # others' round first (adversary review).
+                raise DataError(
+                    f"{args.weights or args.update} holds {given.size} values, but the "
+                    f"downloaded global model (version {meta['version']}) has {held.size}: it "
+                    "was made for another model, and nothing was sent")
+            update = given - held if args.weights is not None else given
             samples = args.samples
             what = f"the update trained on version {base}"
         hospital.check_can_send(base)  # refused before anything says "sending"

@@ -54,6 +54,15 @@ def test_headless_round_and_exit_codes(fed: Federation) -> None:
             got = _cli("client", "--config", cfg[n], "get")
             assert got.returncode == 0 and "global version 0" in got.stdout
             np.save(fed.tmp / f"{n}.npy", np.full(D, 0.1, np.float32))
+        # An update for another model is refused before the hospital joins anything (it
+        # used to say "joined round 1" first; adversary review).
+        np.save(fed.tmp / "short.npy", np.full(D - 1, 0.1, np.float32))
+        short = _cli("client", "--config", cfg["a"], "send", "--update", fed.tmp / "short.npy",
+                     "--samples", "5")
+        assert short.returncode == 4, short.stderr
+        assert f"holds {D - 1} values, but the downloaded global model (version 0) has {D}" \
+            in short.stderr and "nothing was sent" in short.stderr
+        assert "joined" not in short.stdout + short.stderr
         sends = [subprocess.Popen(
             [sys.executable, "-m", "securefl", "client", "--config", str(cfg[n]), "send",
              "--update", str(fed.tmp / f"{n}.npy"), "--samples", "5"],
