@@ -34,7 +34,8 @@ class HeldResult:
 
     Kept in memory and published once the store is writable again -- on a timer
     (``[round] publish_retry``) and at the next admin action -- so its hospitals are never
-    asked to send the same update into another sum.  Lost if the server stops first: the
+    asked to send the same update into another sum.  Lost if the server stops first (the
+    first stop signal is refused with a warning, ``securefl.server.main``): the
     round is then abandoned at the next start as any round in flight is.
     """
 

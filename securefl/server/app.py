@@ -708,9 +708,26 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
+#: The servers this process runs (``serve``): what a stop signal would end.
+RUNNING: list[Server] = []
+
+
+def held_versions() -> list[str]:
+    """'version N of round R' for every result a running server holds in memory because its
+    store cannot be written: what stopping now would lose."""
+    out = []
+    for server in RUNNING:
+        held = server.coordinator.held
+        if held is not None:
+            out.append(f"version {server.store.latest()[0].version + 1} of round "
+                       f"{held.rnd.round_id}")
+    return out
+
+
 async def serve(settings: ServerSettings, *, ready: asyncio.Event | None = None) -> None:
     """Run until cancelled (SIGINT/SIGTERM in the CLI)."""
     server = Server(settings)
+    RUNNING.append(server)
     try:
         await server.start()
         print(f"securefl server listening on {settings.host}:{server.port}", flush=True)
@@ -718,4 +735,5 @@ async def serve(settings: ServerSettings, *, ready: asyncio.Event | None = None)
             ready.set()
         await asyncio.Event().wait()
     finally:
+        RUNNING.remove(server)
         await server.close()

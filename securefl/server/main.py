@@ -49,7 +49,7 @@ def run(config_path: Path, argv: list[str], *, log_level: str = "info",
     fix_mmap_threshold()
     from securefl import config
     from securefl.server import console
-    from securefl.server.app import TLS_READ_BUFFER, serve
+    from securefl.server.app import TLS_READ_BUFFER, held_versions, serve
     from securefl.server.tls import limit_handshake_buffers
 
     limit_handshake_buffers(TLS_READ_BUFFER)
@@ -61,8 +61,23 @@ def run(config_path: Path, argv: list[str], *, log_level: str = "info",
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+        warned_at: list[float] = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             def stop(sig: signal.Signals = sig) -> None:
+                # A version held in memory (its store unwritable) dies with the process, and
+                # its hospitals must send again: walking it, an operator stopped the server
+                # "to fix the store" and lost the version.  The first signal explains; a
+                # second within a minute stops anyway.
+                held = held_versions()
+                if held and not (warned_at and loop.time() - warned_at[-1] < 60):
+                    warned_at.append(loop.time())
+                    logging.getLogger("securefl.server").error(
+                        "NOT stopping: %s is held in memory because the store cannot be "
+                        "written, and stopping would lose it (its hospitals would have to "
+                        "send again); make the store writable and the server publishes it "
+                        "within [round] publish_retry seconds, or stop again within 60 s to "
+                        "stop anyway", " and ".join(held))
+                    return
                 stopped_by.append("Ctrl-C" if sig is signal.SIGINT else "SIGTERM")
                 task.cancel()
 

@@ -233,8 +233,8 @@ def test_a_store_that_cannot_be_written_holds_the_result_and_publishes_it_later(
                             publish_retry=1.0 if by_timer else 600.0)
     store = site.root / "store"
     env = {} if fault == "chmod" else {FAIL_ENV: f"store:{fault}:{flag}"}
-    proc, _ = _start_with(toml, site.root / "server.log", monkeypatch,
-                          unprivileged=fault == "chmod", **env)
+    proc, offset = _start_with(toml, site.root / "server.log", monkeypatch,
+                               unprivileged=fault == "chmod", **env)
 
     def break_store() -> None:
         if fault == "chmod":
@@ -274,6 +274,13 @@ def test_a_store_that_cannot_be_written_holds_the_result_and_publishes_it_later(
         events = [e["event"] for e in _audit(site)]
         assert "publish-deferred" in events and "aggregated" not in events
         assert not [e for e in _audit(site) if e.get("code") == "internal"]
+        # Stopping now would lose the held version (walking it, an operator stopped the
+        # server to fix its store): the first stop signal says so and is not obeyed.
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(_wait_log, site.root / "server.log", offset,
+                                "NOT stopping: version 1 of round 1 is held in memory", proc,
+                                30)
+        assert proc.poll() is None
 
         mend_store()
         async with AdminSession(site.settings("admin")) as admin:
