@@ -671,6 +671,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.SecureFLError as exc:
         print(f"securefl: {exc.message}", file=sys.stderr)
         return exit_code_for(exc)
+    except OSError as exc:
+        # The last net for a file or folder the system refused (read-only, full, a file
+        # where a folder belongs): one sentence naming it, never a traceback.
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"securefl: the system refused to read or write{where} "
+              f"({exc.strerror or exc}), so the command stopped there: check that the path "
+              "is right, writable and has free space, then run it again", file=sys.stderr)
+        return EXIT_CODES[errors.DataError]
     except KeyboardInterrupt:
         print("securefl: interrupted", file=sys.stderr)
         return 130

@@ -36,9 +36,14 @@ def _settings(args: argparse.Namespace) -> config.ClientSettings:
 
 def _load_vector(path: Path) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False).astype(np.float32).reshape(-1)
-    except (OSError, ValueError) as exc:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"cannot read a weight vector from {path} (.npy expected)") from exc
+    if not isinstance(loaded, np.ndarray):  # an .npz archive holds several arrays
+        loaded.close()
+        raise DataError(f"{path} is an archive of several arrays (.npz), not one weight "
+                        "vector: save the update with numpy.save as .npy")
+    return loaded.astype(np.float32).reshape(-1)
 
 
 def _print_step(step: RoundStep) -> None:
@@ -213,7 +218,7 @@ async def hospital(args: argparse.Namespace) -> int:
                 raise DataError(f"--base-version {base} is not the downloaded version "
                                 f"{meta['version']}: get the version the update was trained "
                                 "on first (its sha256 is signed with the round keys)")
-            held = _load_vector(state / "global.npy")
+            held = hospital.global_weights()
             given = _load_vector(args.weights if args.weights is not None else args.update)
             if given.size != held.size:
                 # Before joining: a hospital that joins and then refuses holds up the

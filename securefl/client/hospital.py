@@ -60,6 +60,7 @@ from securefl.client.outbox import Outbox, SendRecord, vector_sha256, write_json
 from securefl.client.session import GlobalModel, HospitalSession, RoundOutcome, RoundStep
 from securefl.crypto.secagg.policy import SignedList
 from securefl.errors import ConfigError, CryptoError, DataError, HospitalBusyError
+from securefl.fsutil import replace_file
 from securefl.ml.settings import MLSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -146,16 +147,43 @@ class Hospital:
 
     # -- local state -----------------------------------------------------------------------
     def global_meta(self) -> dict[str, Any] | None:
+        path = self.state_dir / "global.json"
         try:
-            return json.loads((self.state_dir / "global.json").read_text())
+            meta = json.loads(path.read_text())
         except FileNotFoundError:
             return None
+        except (ValueError, UnicodeDecodeError):
+            meta = None
+        if not isinstance(meta, dict) or not isinstance(meta.get("version"), int):
+            raise DataError(f"{path} is damaged (not the record `get` writes): run `securefl "
+                            "client get` to download the global model again")
+        return meta
+
+    def global_weights(self) -> np.ndarray:
+        """The downloaded global model's weights (``state/global.npy``), float32."""
+        path = self.state_dir / "global.npy"
+        try:
+            return np.load(path, allow_pickle=False).astype(np.float32).reshape(-1)
+        except FileNotFoundError:
+            raise DataError("no downloaded global model: run `securefl client get` "
+                            "first") from None
+        except (OSError, ValueError, EOFError):
+            raise DataError(f"{path} is damaged (cut off or overwritten): run `securefl "
+                            "client get` to download the global model again") from None
 
     def local_state(self) -> LocalState:
+        path = self.state_dir / "local.json"
         try:
-            raw = json.loads((self.state_dir / "local.json").read_text())
+            raw = json.loads(path.read_text())
         except FileNotFoundError:
             return LocalState(None, False, 0)
+        except (ValueError, UnicodeDecodeError):
+            raw = None
+        if not isinstance(raw, dict):
+            raise DataError(
+                f"{path} is damaged, so this hospital no longer knows what its local model "
+                "was trained on: run `securefl client get --replace-trained` to start again "
+                "from the global model (a training not yet sent is then replaced)")
         return LocalState(raw.get("base_version"), bool(raw.get("trained")),
                           int(raw.get("num_samples", 0)), raw.get("weights_sha256"),
                           tuple(raw.get("classes") or ()),
@@ -325,7 +353,7 @@ class Hospital:
             # personalised copy: the update is trained minus downloaded.
             from securefl.ml.model import from_vector
 
-            from_vector(model, np.load(self.state_dir / "global.npy").astype(np.float32))
+            from_vector(model, self.global_weights())
         result = run_train(self.ml, model=model, data=self.scans("Training"),
                            progress=progress, cancel=cancel)
         if result.cancelled:
@@ -460,7 +488,7 @@ class Hospital:
         if state.base_version != meta["version"]:
             raise DataError(f"the local model was trained from version {state.base_version} "
                             f"but version {meta['version']} was downloaded since: train again")
-        global_w = np.load(self.state_dir / "global.npy").astype(np.float32)
+        global_w = self.global_weights()
         local_w = trained.kept(self.state_dir, self.ml.model_path, state.model_file_sha256,
                                state.weights_sha256)
         if local_w is None:  # an older state folder, or the model file changed since
@@ -533,7 +561,10 @@ class Hospital:
                     "been sent; getting the global model would overwrite that training: send "
                     "it first, or get with --replace-trained to discard it")
         model = await session.get_global(on_progress)
-        held = await asyncio.to_thread(self.global_meta)
+        try:
+            held = await asyncio.to_thread(self.global_meta)
+        except DataError:  # a damaged record: this download is what replaces it
+            held = None
         if held is not None and model.version < int(held["version"]):
             # Versions only go up.  A server that goes back could lead this hospital to
             # send a second update on an old version after its record of the first moved
@@ -543,7 +574,9 @@ class Hospital:
                 f"already had version {held['version']}: global versions never go back, so "
                 "nothing was saved or loaded; tell the federation operator")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        np.save(self.state_dir / "global.npy", model.weights)
+        # Written whole or not at all: a full disk must not leave a cut-off copy.
+        replace_file(self.state_dir / "global.npy",
+                     functools.partial(np.save, arr=model.weights, allow_pickle=False))
         write_json(self.state_dir / "global.json",
                     {"version": model.version, "sha256": model.sha256,
                      "contributors": model.contributors, "total_samples": model.total_samples,

@@ -26,6 +26,7 @@ Federation boundary: :func:`to_vector` / :func:`from_vector` move all float weig
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -238,12 +239,25 @@ def save_model_digest(model: keras.Model, path: str | Path) -> str:
         # optimiser with no slots, and loading it made Keras warn "Skipping variable loading
         # for optimizer" on the next ``train``: saved with its (zero) slots, it loads cleanly.
         optimizer.build(model.trainable_variables)
-    model.save(tmp)
-    digest = file_sha256(tmp)
-    if digest is None:
-        raise DataError(f"the model just saved to {tmp} cannot be read back: check the "
-                        "folder's permissions and free space, then train again")
-    tmp.replace(path)
+    try:
+        model.save(tmp)
+        digest = file_sha256(tmp)
+        if digest is None:
+            raise DataError(f"the model just saved to {tmp} cannot be read back: check the "
+                            "folder's permissions and free space, then train again")
+        tmp.replace(path)
+    except OSError as exc:
+        # A full disk or a read-only folder: the model already there is intact, and the
+        # half-written copy is not left behind (walking it, 630 KB of one stayed).
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise DataError(f"could not save the model to {path} ({exc.strerror or exc}); the "
+                        "model there before is intact: free space or make the folder "
+                        "writable, then run it again") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     return digest
 
 

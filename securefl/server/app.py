@@ -114,6 +114,12 @@ def _lock_store_and_audit(settings: ServerSettings) -> list[Path]:
     locks out its restart."""
     store = Path(settings.store_dir)
     audit = Path(settings.audit_log)
+    if audit.is_dir():
+        raise ConfigError(f"audit_log {audit} is a folder: give the path of the audit log "
+                          f"file in server.toml, e.g. {audit / 'audit.jsonl'}")
+    if store.exists() and not store.is_dir():
+        raise ConfigError(f"store_dir {store} is a file, not a folder: give the folder that "
+                          "holds (or will hold) the model versions in server.toml")
     held: list[Path] = []
     for what, folder, lock in (
             ("model store", store, store / ".server.lock"),

@@ -79,17 +79,13 @@ class Scheduler:
         self.c = coordinator
         self.cfg = settings
         self.path = coordinator.store.root / "schedule.json"
-        state = self._load()
-        #: The last scheduled round number handed out (never repeats).
-        self.counter: int = int(state.get("schedule_round", 0))
-        self.paused: bool = bool(state.get("paused", settings.start == "paused"))
-        self.next_open: dt.datetime | None = _parse(state.get("next_open"))
-        opened = state.get("open_round")
-        self.open: wm.OpenRound | None = wm.OpenRound(**opened) if opened else None
-        #: Hospitals that said they will not join the open round: name -> reason code.
-        self.failed: dict[str, str] = dict(state.get("failed", {}))
-        #: Hospitals that downloaded the base version after the round opened (training).
-        self.downloaded: set[str] = set(state.get("downloaded", []))
+        try:
+            self._restore(self._load(), settings)
+        except (ValueError, TypeError, AttributeError):  # pydantic's errors are ValueErrors
+            # Valid JSON holding what no schedule wrote (walking it: a traceback at start).
+            log.warning("%s holds values that are not a saved schedule: the schedule starts "
+                        "afresh", self.path)
+            self._restore({}, settings)
         #: Secure-aggregation rounds run for the open scheduled round.  Read back empty:
         #: the one in flight when the server stopped was abandoned by the restart (its
         #: hospitals are told to send again), and the scheduled round stays open for them.
@@ -101,6 +97,20 @@ class Scheduler:
             self._arm_coordinator()
 
     # -- persistence -------------------------------------------------------------------------
+    def _restore(self, state: dict, settings: ScheduleSettings) -> None:
+        if not isinstance(state, dict):
+            raise TypeError("not an object")
+        #: The last scheduled round number handed out (never repeats).
+        self.counter: int = int(state.get("schedule_round", 0))
+        self.paused: bool = bool(state.get("paused", settings.start == "paused"))
+        self.next_open: dt.datetime | None = _parse(state.get("next_open"))
+        opened = state.get("open_round")
+        self.open: wm.OpenRound | None = wm.OpenRound(**opened) if opened else None
+        #: Hospitals that said they will not join the open round: name -> reason code.
+        self.failed: dict[str, str] = dict(state.get("failed", {}))
+        #: Hospitals that downloaded the base version after the round opened (training).
+        self.downloaded: set[str] = set(state.get("downloaded", []))
+
     def _load(self) -> dict:
         try:
             return json.loads(self.path.read_text())

@@ -132,3 +132,86 @@ def test_headless_round_and_exit_codes(fed: Federation) -> None:
         proc.wait()
         if proc.stdout:
             proc.stdout.close()
+
+
+def test_damaged_state_and_wrong_paths_get_one_sentence_and_what_to_do(
+        fed: Federation) -> None:
+    """Walking it, each of these ended in a Python traceback (exit 1): a hospital's
+    global.json or local.json that is not JSON, a cut-off global.npy, an .npz given as the
+    update, an output path that is a file, and a server whose schedule.json, store_dir or
+    audit_log hold the wrong thing.  Each now says what happened and what to do."""
+    port = free_port()
+    cfg = _point_at(fed, port)
+    toml = fed.server_toml(port, params=D)
+    schedule = fed.certs.root / "store" / "schedule.json"
+    schedule.parent.mkdir(parents=True, exist_ok=True)
+    schedule.write_text('{"schedule_round": "one"}')
+    data = config.read_toml(toml)
+    data["schedule"] = {"mode": "auto", "every": "after-publish"}
+    config.write_toml(toml, data)
+    proc = subprocess.Popen([sys.executable, "-m", "securefl", "server", "--config",
+                             str(toml)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    said = []  # it starts: the schedule starts afresh, and says so
+    for line in proc.stdout:  # type: ignore[union-attr]
+        said.append(line)
+        if "listening on" in line:
+            break
+    state = fed.certs.kit("a") / "state"
+
+    def refused(*args: str | Path, code: int = 4) -> str:
+        out = _cli(*args)
+        assert out.returncode == code, (out.returncode, out.stderr)
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, \
+            out.stderr
+        return out.stderr
+
+    try:
+        assert _cli("client", "--config", cfg["a"], "get").returncode == 0
+        np.save(fed.tmp / "u.npy", np.full(D, 0.1, np.float32))
+        good = (state / "global.json").read_text()
+        (state / "global.json").write_text("{not json")
+        assert "global.json is damaged" in refused(
+            "client", "--config", cfg["a"], "send", "--update", fed.tmp / "u.npy",
+            "--samples", "5")
+        assert _cli("client", "--config", cfg["a"], "get").returncode == 0  # the way out
+        assert (state / "global.json").read_text() != "{not json"
+        weights = (state / "global.npy").read_bytes()
+        (state / "global.npy").write_bytes(weights[:100])
+        assert "global.npy is damaged (cut off or overwritten): run `securefl client get`" \
+            in refused("client", "--config", cfg["a"], "send", "--update", fed.tmp / "u.npy",
+                       "--samples", "5")
+        (state / "global.npy").write_bytes(weights)
+        np.savez(fed.tmp / "u.npz", a=np.zeros(D, np.float32))
+        assert "is an archive of several arrays (.npz)" in refused(
+            "client", "--config", cfg["a"], "send", "--update", fed.tmp / "u.npz",
+            "--samples", "5")
+        assert "the system refused to read or write" in refused(
+            "data", "synth", "--out", fed.tmp / "u.npy", "--train", "8", "--test", "4",
+            "--size", "32")
+        assert good  # untouched by any of it
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    said.append(proc.stdout.read() if proc.stdout else "")
+    assert "holds values that are not a saved schedule: the schedule starts afresh" in \
+        "".join(said)
+    from securefl.client.hospital import Hospital
+
+    (state / "local.json").write_text("[1, 2")
+    site = Hospital(fed.client_settings("a", port, ml=None), None)
+    import pytest
+
+    from securefl.errors import DataError
+    with pytest.raises(DataError, match=r"local.json is damaged.*get --replace-trained"):
+        site.local_state()
+    for key, value, why in (("audit_log", str(fed.tmp), "is a folder"),
+                            ("store_dir", str(fed.tmp / "u.npy"), "is a file, not a folder")):
+        data = config.read_toml(toml)
+        data[key] = value
+        config.write_toml(toml, data)
+        out = _cli("server", "--config", toml)
+        assert out.returncode == 3 and why in out.stderr and "Traceback" not in out.stderr, \
+            out.stderr
+        data[key] = str(fed.certs.root / ("audit.jsonl" if key == "audit_log" else "store"))
+        config.write_toml(toml, data)

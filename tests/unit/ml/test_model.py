@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -119,3 +121,26 @@ def test_load_errors(tmp_path):
         load_model(tmp_path / "junk.keras")
     with pytest.raises(DataError, match=r"\.keras"):
         save_model(make_model(SHAPE, 4), tmp_path / "model.h5")
+
+
+def test_a_full_disk_while_saving_keeps_the_old_model_and_leaves_no_half_copy(
+        tmp_path, monkeypatch):
+    """Walking it on a full disk: ``train`` ended in an OSError traceback after the whole
+    training and left ``.model.tmp.keras`` (630 KB) behind.  Now one sentence, the model
+    saved before intact, and no half-written copy."""
+    import errno
+
+    model = make_model(SHAPE, 4, kind="small", seed=3)
+    path = save_model(model, tmp_path / "model.keras")
+    before = path.read_bytes()
+
+    def fills_the_disk(self, target, *args, **kwargs):
+        Path(target).write_bytes(b"PK\x03\x04 half a zip")
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(type(model), "save", fills_the_disk)
+    with pytest.raises(DataError, match=r"could not save the model to .*model.keras \(No "
+                       r"space left on device\); the model there before is intact"):
+        save_model(model, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]
