@@ -12,7 +12,9 @@ distinct exit code (see ``EXIT_CODES``), so scripts can tell "server unreachable
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -671,6 +673,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.SecureFLError as exc:
         print(f"securefl: {exc.message}", file=sys.stderr)
         return exit_code_for(exc)
+    except BrokenPipeError:
+        # The reader went away (`securefl admin status | head`): not an error of ours.
+        # Python would print a second traceback flushing stdout at exit: point it nowhere.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         # The last net for a file or folder the system refused (read-only, full, a file
         # where a folder belongs): one sentence naming it, never a traceback.

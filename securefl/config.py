@@ -398,7 +398,9 @@ def read_toml(path: Path | str) -> dict[str, Any]:
     only place that parses TOML, and older kits' renamed keys are refused here."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark, which some Windows editors write, is not TOML
+        # (walking it: "Invalid statement (at line 1, column 1)" for a file that looked fine).
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError as exc:
         raise ConfigError(f"settings file not found: {path}: check the path given with "
                           "--config") from exc
@@ -460,6 +462,26 @@ def _resolve_ml(base: Path, ml: MLSettings) -> MLSettings:
                                  "model_dir": _resolve(base, ml.model_dir)})
 
 
+#: Keys only a server's settings have, and keys only a hospital's or the admin's have.
+_SERVER_ONLY = frozenset({"store_dir", "audit_log", "hospitals", "round", "model", "limits",
+                          "server_opt", "schedule"})
+_CLIENT_ONLY = frozenset({"state_dir", "ml", "policy", "agent"})
+
+
+def _refuse_the_other_kind(path: Path, raw: dict, model: type[BaseModel]) -> None:
+    """Name the mix-up when a server's settings file is given to a client command or the
+    reverse.  Why: walking it, ``client --config server.toml`` got a list of "not a setting
+    securefl knows (did you mean state_dir?)", which reads as a typo to fix."""
+    keys = set(raw)
+    if model is ClientSettings and keys & _SERVER_ONLY and not keys & _CLIENT_ONLY:
+        raise ConfigError(f"{path} is the server's settings file, not a hospital's or the "
+                          "administrator's: give the hospital's hospital.toml (its kit) or "
+                          "admin.toml")
+    if model is ServerSettings and keys & _CLIENT_ONLY and not keys & _SERVER_ONLY:
+        raise ConfigError(f"{path} is a hospital's or the administrator's settings file, not "
+                          "the server's: give server.toml to `securefl server`")
+
+
 def load(path: Path | str, model: type[S]) -> S:
     """Read a TOML settings file into ``model``; relative paths are taken from its folder."""
     path = Path(path)
@@ -467,6 +489,7 @@ def load(path: Path | str, model: type[S]) -> S:
     try:
         result = model.model_validate(raw)
     except ValidationError as exc:
+        _refuse_the_other_kind(path, raw, model)
         raise _problems(path, exc, model=model) from exc
     base = path.resolve().parent
     updates: dict[str, Any] = {}

@@ -283,9 +283,12 @@ class HospitalLog:
                 self.record("refused", exc.message, code=exc.code, by=by,
                             **common)  # type: ignore[arg-type]
         elif isinstance(exc, KeyboardInterrupt | SystemExit) or _is_cancel(exc):
-            self.record("interrupted", f"{action} was interrupted before it finished (after "
-                        "a masked-input entry for this round the update had already left and "
-                        "may be in that round's sum)",
+            # Only a send has an update that may have left (walking it, every interrupted
+            # train and get said so too).
+            note = (" (if a masked-input entry for this round is above, the update had "
+                    "already left and may be in that round's sum)" if action == "send" else
+                    "; nothing was sent")
+            self.record("interrupted", f"{action} was interrupted before it finished{note}",
                         **common)  # type: ignore[arg-type]
         else:
             self.record("error", f"{action} stopped on an unexpected error "

@@ -123,6 +123,15 @@ class Connection:
                                         server_hostname=settings.host, limit=READ_CHUNK),
                 settings.connect_timeout)
         except ssl.SSLCertVerificationError as exc:
+            if "address mismatch" in (msg := (exc.verify_message or "").lower()) or \
+                    "hostname mismatch" in msg:
+                # The CA did issue it, for another name (walking it: host = "localhost" for a
+                # server certified as 127.0.0.1 was blamed on the CA).
+                raise CertificateRejectedError(
+                    f"the server at {where} has a certificate for another name than "
+                    f"'{settings.host}': set host in the settings to the name or address the "
+                    "server's certificate was made for (the one `securefl certs init "
+                    "--server-host` was given)") from None
             raise CertificateRejectedError(
                 f"the server at {where} presented a certificate this federation's CA did not "
                 f"issue ({exc.verify_message}); check the address and ca.pem") from None

@@ -184,6 +184,21 @@ def test_server_with_a_foreign_certificate_is_not_trusted(fed: Federation) -> No
     asyncio.run(scenario())
 
 
+def test_a_server_certified_for_another_name_is_said_so_not_blamed_on_the_ca(
+        fed: Federation) -> None:
+    """Walking it, ``host = "localhost"`` for a server certified as 127.0.0.1 said the CA
+    did not issue its certificate, which sent people after ca.pem; it is the name."""
+    async def scenario() -> None:
+        async with running(fed.server_settings(host="0.0.0.0")) as srv:
+            s = fed.client_settings("a", srv.port, host="127.0.0.2")  # not on its certificate
+            with pytest.raises(CertificateRejectedError) as err:
+                await HospitalSession(s).connect()
+            assert "has a certificate for another name than '127.0.0.2'" in err.value.message
+            assert "did not issue" not in err.value.message
+
+    asyncio.run(scenario())
+
+
 def test_unreachable_server(fed: Federation) -> None:
     async def scenario() -> None:
         async with running(fed.server_settings()) as srv:

@@ -62,3 +62,30 @@ def test_the_administrators_file_given_to_a_hospital_command_and_the_other_way_r
     assert admin == ("these settings hold the certificate of a hospital, not of the "
                      "federation's administrator: give the administrator's admin.toml with "
                      "`securefl admin --config`")
+
+
+def test_the_servers_file_given_to_a_client_and_a_hospitals_to_the_server(
+        fed: Federation, capsys: pytest.CaptureFixture[str]) -> None:
+    """Walking it, these got a list of "not a setting securefl knows (did you mean
+    state_dir?)" clauses, which read as typos to fix; it is the wrong file."""
+    server_toml = fed.certs.root / "server.toml"
+    kit_toml = fed.certs.kit("a") / "hospital.toml"
+    for argv in (["client", "--config", str(server_toml), "status"],
+                 ["admin", "--config", str(server_toml), "status"]):
+        assert main(argv) == 3
+        err = capsys.readouterr().err
+        assert f"{server_toml} is the server's settings file, not a hospital's or the " \
+               "administrator's" in err, err
+        assert "did you mean" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ConfigError, match=r"is a hospital's or the administrator's settings "
+                       r"file, not the server's: give server\.toml"):
+        config.load(kit_toml, config.ServerSettings)
+
+
+def test_a_settings_file_saved_with_a_byte_order_mark_is_read(fed: Federation) -> None:
+    """Some Windows editors start a UTF-8 file with a byte-order mark; it was refused as
+    "Invalid statement (at line 1, column 1)" though the file looked right."""
+    kit_toml = fed.certs.kit("a") / "hospital.toml"
+    plain = config.load(kit_toml, config.ClientSettings)
+    kit_toml.write_bytes(b"\xef\xbb\xbf" + kit_toml.read_bytes())
+    assert config.load(kit_toml, config.ClientSettings) == plain

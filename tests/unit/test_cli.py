@@ -139,3 +139,21 @@ def test_certs_init_says_where_the_kits_connect_and_what_to_start(tmp_path, caps
 
     kit = read_toml(certs / "kits" / "north" / "hospital.toml")
     assert (kit["host"], kit["port"]) == ("fl.example.org", 9444)
+
+
+def test_output_cut_short_by_the_reader_is_no_error(tmp_path, monkeypatch, capsys) -> None:
+    """``securefl admin status | head`` ended in a BrokenPipeError traceback (walking it):
+    the reader going away is not an error, and nothing is printed about it."""
+    import io
+
+    class ClosedPipe(io.TextIOBase):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self) -> int:
+            raise io.UnsupportedOperation("no descriptor here")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["certs", "--dir", str(tmp_path / "certs"), "init", "--server-host",
+                 "127.0.0.1", "--hospitals", "a,b,c"]) == 0
+    assert capsys.readouterr().err == ""

@@ -186,3 +186,16 @@ def test_each_secagg_plus_graph_draw_is_in_the_hospitals_log(tmp_path: Path) -> 
     entries, _ = log.entries(10)
     drawn = [e for e in entries if e.event == "graph-drawn"]
     assert len(drawn) == 1 and drawn[0].round == 7 and "max_attempts" in drawn[0].detail
+
+
+def test_an_interrupted_train_or_get_does_not_say_an_update_may_have_left(
+        tmp_path: Path) -> None:
+    """Walking it, every interrupted train and get was logged with "the update had already
+    left and may be in that round's sum", which only a send can mean."""
+    log = HospitalLog(tmp_path)
+    for action in ("train", "get", "send"):
+        log.failed(action, KeyboardInterrupt(), round=None, base_version=1)
+    details = [e.detail for e in log.entries(10)[0]]
+    assert details[0] == "train was interrupted before it finished; nothing was sent"
+    assert details[1] == "get was interrupted before it finished; nothing was sent"
+    assert "may be in that round's sum" in details[2]
