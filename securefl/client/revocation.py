@@ -26,8 +26,16 @@ from securefl.errors import CertificateRejectedError, CryptoError
 def newest(ca: x509.Certificate, *, kit: Path | None,
            held: Path) -> x509.CertificateRevocationList | None:
     """The highest-numbered list among the kit's and the one ``held`` from earlier."""
-    lists = [pki.load_crl(p.read_bytes(), ca) for p in (kit, held)
-             if p is not None and p.is_file()]
+    lists = []
+    for p in (kit, held):
+        if p is not None and p.is_file():
+            try:
+                lists.append(pki.load_crl(p.read_bytes(), ca))
+            except CryptoError as exc:  # name the file and the way on (walking it)
+                raise CryptoError(
+                    f"{p}: {exc.message}: replace it with the crl.pem of this federation "
+                    "(from its operator's latest kit, or `securefl certs` on the CA's "
+                    "machine)") from None
     return max(lists, key=pki.crl_number, default=None)
 
 

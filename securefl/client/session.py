@@ -277,7 +277,7 @@ class HospitalSession(_Session):
         super().__init__(settings)
         self._offload = offload
         self._cred = load_credential(settings.cert, settings.key)
-        self._ca = pki.load_cert(settings.ca.read_bytes())
+        self._ca = pki.load_cert_file(settings.ca)
         #: Global version of the last ``get_global()``: what a following update is based on.
         self.base_version: int | None = None
         #: sha256 (hex) of the bytes that ``get_global()`` returned as ``base_version``.

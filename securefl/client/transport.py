@@ -150,7 +150,7 @@ class Connection:
 
         def check() -> list[str]:  # reads the CA and the lists: off the loop, as above
             return revocation.check_server(
-                server_cert, pki.load_cert(settings.ca.read_bytes()), kit=settings.crl,
+                server_cert, pki.load_cert_file(settings.ca), kit=settings.crl,
                 held=settings.state_dir / "crl.der", where=f"the server at {where}")
 
         try:

@@ -17,6 +17,7 @@ import datetime as dt
 import ipaddress
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -233,6 +234,16 @@ def load_cert(data: bytes) -> x509.Certificate:
         return x509.load_der_x509_certificate(data)
     except ValueError as exc:
         raise CryptoError("not a readable X.509 certificate") from exc
+
+
+def load_cert_file(path: Path, what: str = "the federation's CA certificate") -> x509.Certificate:
+    """``load_cert`` of a file, with the file named and what it should be (walking it, a key
+    file given as ``ca`` said only "not a readable X.509 certificate")."""
+    try:
+        return load_cert(Path(path).read_bytes())
+    except CryptoError:
+        raise CryptoError(f"{path} is not a readable X.509 certificate: it should be {what} "
+                          "(ca.pem in the kit); check that setting") from None
 
 
 def cert_der(cert: x509.Certificate) -> bytes:

@@ -191,7 +191,7 @@ class Server:
         check_spec(self.store.root, settings.model)
         self.audit = AuditLog(settings.audit_log)
         self.audit.listener = console.on_audit
-        self.ca_cert = pki.load_cert(Path(settings.ca).read_bytes())
+        self.ca_cert = pki.load_cert_file(Path(settings.ca))
         if settings.members is not None:
             read_members(settings.members, self.ca_cert)  # refuse to start on a bad list
         length = self.store.latest()[1].shape[0]

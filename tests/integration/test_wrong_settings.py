@@ -89,3 +89,42 @@ def test_a_settings_file_saved_with_a_byte_order_mark_is_read(fed: Federation) -
     plain = config.load(kit_toml, config.ClientSettings)
     kit_toml.write_bytes(b"\xef\xbb\xbf" + kit_toml.read_bytes())
     assert config.load(kit_toml, config.ClientSettings) == plain
+
+
+def test_a_ca_setting_that_is_no_certificate_and_a_foreign_crl_name_the_file(
+        fed: Federation, capsys: pytest.CaptureFixture[str]) -> None:
+    """Walking it: ``ca`` pointing at a key file said only "not a readable X.509
+    certificate", and another federation's crl.pem "the revocation list was not signed by
+    this federation's CA", neither naming the file nor what to do."""
+    from securefl.certs import CertDir
+
+    settings = fed.server_settings()
+    kit_toml = fed.certs.kit("a") / "hospital.toml"
+    data = config.read_toml(kit_toml)
+
+    async def status(port: int) -> None:
+        async with HospitalSession(config.load(kit_toml, config.ClientSettings)
+                                   .model_copy(update={"host": "127.0.0.1", "port": port})):
+            pass
+
+    other = CertDir(fed.tmp / "other")
+    other.init(["127.0.0.1"], ["x"])
+
+    async def scenario() -> list[str]:
+        said = []
+        async with running(settings) as srv:
+            for change in ({"ca": data["key"]}, {"crl": str(other.root / "crl.pem")}):
+                config.write_toml(kit_toml, {**data, **change})
+                with pytest.raises(SecureFLError) as err:
+                    await status(srv.port)
+                said.append(err.value.message)
+        return said
+
+    from securefl.errors import SecureFLError
+
+    key_as_ca, foreign_crl = asyncio.run(scenario())
+    assert "is not a readable X.509 certificate: it should be the federation's CA " \
+           "certificate (ca.pem in the kit)" in key_as_ca and data["key"] in key_as_ca, \
+        key_as_ca
+    assert str(other.root / "crl.pem") in foreign_crl and "replace it with the crl.pem of " \
+           "this federation" in foreign_crl, foreign_crl
