@@ -217,8 +217,9 @@ def _class_files(
     if unknown:
         raise DataError(
             f"{split_dir} has folder(s) {', '.join(unknown)} that are not among the classes' "
-            f"folders {', '.join(folders)}: rename or move them, add them to 'classes' in the "
-            "settings, or map a class to them in [ml.class_folders]"
+            f"folders {', '.join(folders)}: rename or move them, or, if one holds a class "
+            "under another name, map that class to it in [ml.class_folders] (the classes "
+            "themselves belong to the federation's model and stay as they are)"
         )
     files: list[tuple[Path, int]] = []
     ignored: list[tuple[Path, str]] = []

@@ -291,6 +291,10 @@ def load_model(path: str | Path) -> keras.Model:
             # expected and tells a user nothing.
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             return _keras().models.load_model(path)
-    except Exception as exc:  # a truncated or foreign file: say so plainly
-        raise DataError(f"{path} is not a readable .keras model ({exc}); delete it and retrain") \
-            from None
+    except Exception:  # a truncated or foreign file: say so plainly
+        # Keras' own text for a cut-off file is "File not found", for a file that is there
+        # (walking it); and the trained weights are gone with the file, so the way on is to
+        # start again from the global model, not to "retrain" from nothing.
+        raise DataError(f"{path} is damaged (not a readable .keras model, e.g. cut off): "
+                        "move it away, then run `securefl client get --replace-trained` to "
+                        "start again from the global model and train") from None

@@ -117,8 +117,13 @@ def test_load_errors(tmp_path):
     with pytest.raises(DataError, match="train first"):
         load_model(tmp_path / "none.keras")
     (tmp_path / "junk.keras").write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="not a readable"):
+    with pytest.raises(DataError, match=r"junk\.keras is damaged .*get --replace-trained"):
         load_model(tmp_path / "junk.keras")
+    good = save_model(make_model(SHAPE, 4), tmp_path / "good.keras")
+    (tmp_path / "cut.keras").write_bytes(good.read_bytes()[:2000])  # cut off: Keras said
+    with pytest.raises(DataError) as cut:                            # "File not found"
+        load_model(tmp_path / "cut.keras")
+    assert "not found" not in cut.value.message.lower() and "damaged" in cut.value.message
     with pytest.raises(DataError, match=r"\.keras"):
         save_model(make_model(SHAPE, 4), tmp_path / "model.h5")
 
