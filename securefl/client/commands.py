@@ -150,100 +150,104 @@ async def hospital(args: argparse.Namespace) -> int:
         from securefl.client.agent.control import refuse_if_running
 
         await asyncio.to_thread(refuse_if_running, state, args.client_action)
-    async with hospital.session() as session:
-        for warning in session.conn.warnings:  # e.g. an expired revocation list
-            print(f"securefl: warning: {warning}", file=sys.stderr)
-        if session.resend_round is not None:
-            hospital.note_abandoned(session.resend_round)
-            print(f"note: round {session.resend_round} ended without publishing anything (it "
-                  "failed, was aborted, or the server restarted) while this hospital was away; "
-                  "send your update again (`send` says if this version no longer allows it)")
-        out = session.published_round
-        if out is not None and not hospital.note_published(*out):
-            out = None  # a round this hospital's update did not go into
-        action = args.client_action
-        if out is not None and action == "send":
-            # The send this one resumes has already done its job: the version is out.
-            print(f"version {out[1]} is out: round {out[0]} published it with this "
-                  "hospital's update in it while this hospital was not connected, so there "
-                  "is nothing to send again; downloading it")
-            model = await hospital.get(session)
-            print(f"global version {model.version} downloaded: evaluate it, then train on "
-                  "it for the next round")
-            if hospital.has_ml:
-                print(personalisation_summary(hospital))
+    # Held from before the first word is printed: a second `send` of the same hospital
+    # used to print "sending ..." and only then be refused (walking it).
+    with (hospital.busy(args.client_action) if args.client_action in ("get", "send")
+          else contextlib.nullcontext()):
+        async with hospital.session() as session:
+            for warning in session.conn.warnings:  # e.g. an expired revocation list
+                print(f"securefl: warning: {warning}", file=sys.stderr)
+            if session.resend_round is not None:
+                hospital.note_abandoned(session.resend_round)
+                print(f"note: round {session.resend_round} ended without publishing anything (it "
+                      "failed, was aborted, or the server restarted) while this hospital was away; "
+                      "send your update again (`send` says if this version no longer allows it)")
+            out = session.published_round
+            if out is not None and not hospital.note_published(*out):
+                out = None  # a round this hospital's update did not go into
+            action = args.client_action
+            if out is not None and action == "send":
+                # The send this one resumes has already done its job: the version is out.
+                print(f"version {out[1]} is out: round {out[0]} published it with this "
+                      "hospital's update in it while this hospital was not connected, so there "
+                      "is nothing to send again; downloading it")
+                model = await hospital.get(session)
+                print(f"global version {model.version} downloaded: evaluate it, then train on "
+                      "it for the next round")
+                if hospital.has_ml:
+                    print(personalisation_summary(hospital))
+                return 0
+            if out is not None:
+                print(f"note: version {out[1]} is out: round {out[0]} published it with this "
+                      "hospital's update in it while this hospital was not connected; get it")
+            if action == "status":
+                st = await session.status()
+                print(f"version {st.version}; round {st.round_id or '-'} {st.phase}; online "
+                      f"{', '.join(st.online) or '-'}; joined {len(st.joined)}; submitted "
+                      f"{len(st.submitted)}"
+                      + (f"; waiting for {', '.join(st.waiting_for)}" if st.waiting_for else ""))
+                return 0
+            if action == "get":
+                finetune = hospital.has_ml and hospital.ml.personalise in ("finetune", "best")
+                printer = training_printer("fine-tuning on this hospital's scans: ")
+                try:
+                    model = await hospital.get(
+                        session, replace_trained=args.replace_trained,
+                        on_personalise=printer if finetune else None)
+                finally:
+                    printer.done()
+                made = ("the starting model" if model.version == 0 else
+                        f"from {model.contributors} hospitals, {model.total_samples} scans")
+                print(f"global version {model.version} downloaded ({made}, "
+                      f"{model.weights.size} parameters) and saved to {state / 'global.npy'}")
+                if hospital.has_ml:
+                    print(personalisation_summary(hospital))
+                return 0
+            # send
+            if args.update is None and args.weights is None:
+                if not hospital.has_ml:
+                    raise DataError("give --update or --weights, or add an [ml] table so the "
+                                    "trained local model is sent")
+                update, samples, base = await asyncio.to_thread(hospital.local_update)
+                what = f"the local model's update (trained from version {base} on {samples} scans)"
+            else:
+                if args.samples is None:
+                    raise DataError("--samples is needed with --update or --weights")
+                meta = hospital.global_meta()
+                if meta is None:
+                    raise DataError("no downloaded global model: run `securefl client get` first, "
+                                    "then train")
+                base = args.base_version if args.base_version is not None else meta["version"]
+                if base != meta["version"]:
+                    raise DataError(f"--base-version {base} is not the downloaded version "
+                                    f"{meta['version']}: get the version the update was trained "
+                                    "on first (its sha256 is signed with the round keys)")
+                held = hospital.global_weights()
+                given = _load_vector(args.weights if args.weights is not None else args.update)
+                if given.size != held.size:
+                    # Before joining: a hospital that joins and then refuses holds up the
+                    # others' round first (adversary review).
+                    raise DataError(
+                        f"{args.weights or args.update} holds {given.size} values, but the "
+                        f"downloaded global model (version {meta['version']}) has {held.size}: it "
+                        "was made for another model, and nothing was sent")
+                update = given - held if args.weights is not None else given
+                samples = args.samples
+                what = f"the update trained on version {base}"
+            hospital.check_can_send(base)  # refused before anything says "sending"
+            print(f"sending {what}; masked here, so only the sum of several hospitals' updates "
+                  "can be read.  This stays connected until the administrator aggregates the "
+                  "round: keep it running.", flush=True)
+            outcome = await hospital.send_update(session, update, samples, base,
+                                                 on_step=_print_step)
+            assert outcome is not None
+            if outcome.pending:
+                print(f"round {outcome.round_id} is complete: {outcome.message}; `status` shows "
+                      f"when version {outcome.version} is out, then get it")
+                return 0
+            print(f"round {outcome.round_id} published global version {outcome.version} with "
+                  "this hospital's update in it: get it to evaluate the shared model")
             return 0
-        if out is not None:
-            print(f"note: version {out[1]} is out: round {out[0]} published it with this "
-                  "hospital's update in it while this hospital was not connected; get it")
-        if action == "status":
-            st = await session.status()
-            print(f"version {st.version}; round {st.round_id or '-'} {st.phase}; online "
-                  f"{', '.join(st.online) or '-'}; joined {len(st.joined)}; submitted "
-                  f"{len(st.submitted)}"
-                  + (f"; waiting for {', '.join(st.waiting_for)}" if st.waiting_for else ""))
-            return 0
-        if action == "get":
-            finetune = hospital.has_ml and hospital.ml.personalise in ("finetune", "best")
-            printer = training_printer("fine-tuning on this hospital's scans: ")
-            try:
-                model = await hospital.get(
-                    session, replace_trained=args.replace_trained,
-                    on_personalise=printer if finetune else None)
-            finally:
-                printer.done()
-            made = ("the starting model" if model.version == 0 else
-                    f"from {model.contributors} hospitals, {model.total_samples} scans")
-            print(f"global version {model.version} downloaded ({made}, "
-                  f"{model.weights.size} parameters) and saved to {state / 'global.npy'}")
-            if hospital.has_ml:
-                print(personalisation_summary(hospital))
-            return 0
-        # send
-        if args.update is None and args.weights is None:
-            if not hospital.has_ml:
-                raise DataError("give --update or --weights, or add an [ml] table so the "
-                                "trained local model is sent")
-            update, samples, base = await asyncio.to_thread(hospital.local_update)
-            what = f"the local model's update (trained from version {base} on {samples} scans)"
-        else:
-            if args.samples is None:
-                raise DataError("--samples is needed with --update or --weights")
-            meta = hospital.global_meta()
-            if meta is None:
-                raise DataError("no downloaded global model: run `securefl client get` first, "
-                                "then train")
-            base = args.base_version if args.base_version is not None else meta["version"]
-            if base != meta["version"]:
-                raise DataError(f"--base-version {base} is not the downloaded version "
-                                f"{meta['version']}: get the version the update was trained "
-                                "on first (its sha256 is signed with the round keys)")
-            held = hospital.global_weights()
-            given = _load_vector(args.weights if args.weights is not None else args.update)
-            if given.size != held.size:
-                # Before joining: a hospital that joins and then refuses holds up the
-                # others' round first (adversary review).
-                raise DataError(
-                    f"{args.weights or args.update} holds {given.size} values, but the "
-                    f"downloaded global model (version {meta['version']}) has {held.size}: it "
-                    "was made for another model, and nothing was sent")
-            update = given - held if args.weights is not None else given
-            samples = args.samples
-            what = f"the update trained on version {base}"
-        hospital.check_can_send(base)  # refused before anything says "sending"
-        print(f"sending {what}; masked here, so only the sum of several hospitals' updates "
-              "can be read.  This stays connected until the administrator aggregates the "
-              "round: keep it running.", flush=True)
-        outcome = await hospital.send_update(session, update, samples, base,
-                                             on_step=_print_step)
-        assert outcome is not None
-        if outcome.pending:
-            print(f"round {outcome.round_id} is complete: {outcome.message}; `status` shows "
-                  f"when version {outcome.version} is out, then get it")
-            return 0
-        print(f"round {outcome.round_id} published global version {outcome.version} with "
-              "this hospital's update in it: get it to evaluate the shared model")
-        return 0
 
 
 def show_log(args: argparse.Namespace) -> int:

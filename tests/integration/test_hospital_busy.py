@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from securefl import config
 from securefl.cli import main
 from securefl.client.hospital import Hospital
 from securefl.errors import HospitalBusyError
@@ -56,6 +57,19 @@ def test_train_get_and_send_are_refused_while_another_process_works_on_the_hospi
                 # Nothing was downloaded and nothing recorded as sent.
                 assert not (here.state_dir / "global.npy").exists()
                 assert here.outbox.record() is None
+                # The CLI says so before it says anything else (it printed "sending ..."
+                # first, walking it).
+                data = config.read_toml(kit)
+                data.update(host="127.0.0.1", port=srv.port)
+                data.pop("ml", None)
+                cli_kit = config.write_toml(kit.with_name("cli.toml"), data)
+                np.save(fed.tmp / "u.npy", np.full(1000, 0.01, np.float32))
+                shown = await asyncio.to_thread(subprocess.run, [
+                    sys.executable, "-m", "securefl", "client", "--config", str(cli_kit),
+                    "send", "--update", str(fed.tmp / "u.npy"), "--samples", "5"],
+                    capture_output=True, text=True, timeout=120)
+                assert shown.returncode == 16, shown.stderr
+                assert shown.stdout == "" and "`send` was not run" in shown.stderr
 
         asyncio.run(scenario())
         with pytest.raises(HospitalBusyError, match="`train` was not run"):
