@@ -480,6 +480,13 @@ def _refuse_the_other_kind(path: Path, raw: dict, model: type[BaseModel]) -> Non
     if model is ServerSettings and keys & _CLIENT_ONLY and not keys & _SERVER_ONLY:
         raise ConfigError(f"{path} is a hospital's or the administrator's settings file, not "
                           "the server's: give server.toml to `securefl server`")
+    # The [ml] header line deleted or mistyped: its keys land at the top level, and each
+    # was listed as "not a setting securefl knows" (13 clauses, walking it).
+    ml_keys = sorted(keys & set(MLSettings.model_fields) - set(model.model_fields))
+    if model is ClientSettings and len(ml_keys) >= 2:
+        raise ConfigError(f"{path} has [ml] settings ({', '.join(ml_keys[:4])}"
+                          f"{', …' if len(ml_keys) > 4 else ''}) outside the [ml] table: put "
+                          "the line [ml] above them")
 
 
 def load(path: Path | str, model: type[S]) -> S:

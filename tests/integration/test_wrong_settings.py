@@ -128,3 +128,16 @@ def test_a_ca_setting_that_is_no_certificate_and_a_foreign_crl_name_the_file(
         key_as_ca
     assert str(other.root / "crl.pem") in foreign_crl and "replace it with the crl.pem of " \
            "this federation" in foreign_crl, foreign_crl
+
+
+def test_ml_settings_without_their_table_header_are_named_as_such(
+        fed: Federation, tmp_path: Path) -> None:
+    """Walking it, a hospital.toml whose ``[ml]`` line was lost listed 13 "not a setting
+    securefl knows" clauses (one was "scans_dir: did you mean state_dir?")."""
+    data = config.read_toml(fed.certs.kit("a") / "hospital.toml")
+    ml = data.pop("ml", None) or {"scans_dir": "scans", "model_dir": "model"}
+    bad = config.write_toml(tmp_path / "hospital.toml", {**data, **ml})
+    with pytest.raises(ConfigError) as err:
+        config.load(bad, config.ClientSettings)
+    assert "outside the [ml] table: put the line [ml] above them" in err.value.message
+    assert "epochs" in err.value.message and "did you mean" not in err.value.message
