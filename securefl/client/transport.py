@@ -129,9 +129,10 @@ class Connection:
                 # server certified as 127.0.0.1 was blamed on the CA).
                 raise CertificateRejectedError(
                     f"the server at {where} has a certificate for another name than "
-                    f"'{settings.host}': set host in the settings to the name or address the "
-                    "server's certificate was made for (the one `securefl certs init "
-                    "--server-host` was given)") from None
+                    f"'{settings.host}': either host in these settings is not the name the "
+                    "server was certified for (`securefl certs init --server-host`), or the "
+                    "server still presents its certificate from before `securefl certs "
+                    "set-server` (the operator restarts it with the new server.pem)") from None
             raise CertificateRejectedError(
                 f"the server at {where} presented a certificate this federation's CA did not "
                 f"issue ({exc.verify_message}); check the address and ca.pem") from None

@@ -95,7 +95,8 @@ def test_set_server_moves_every_file_and_a_round_runs_on_the_new_port(
                                        key=fed.tmp / "old-server.key")
         async with running(settings) as old:
             hospital = kit("a").model_copy(update={"port": old.port})
-            with pytest.raises(CertificateRejectedError, match="presented a certificate"):
+            with pytest.raises(CertificateRejectedError,
+                               match="still presents its certificate from before"):
                 async with HospitalSession(hospital):
                     pass
 
