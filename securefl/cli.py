@@ -42,6 +42,20 @@ EXIT_CODES: dict[type[errors.SecureFLError], int] = {
 Handler = Callable[[argparse.Namespace], int]
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low``, refused in one line otherwise
+    (walking it, ``data synth --train 0`` made an empty dataset and exited 0)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small: at least {low}")
+        return value
+    return parse
+
+
 def exit_code_for(exc: errors.SecureFLError) -> int:
     """The most specific registered code for an error (subclasses before their bases)."""
     for cls in type(exc).__mro__:
@@ -509,13 +523,15 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                    help="output folder (no default): one hospital_N folder per hospital, "
                    "hospital_1 to hospital_N, each with Training/<class>/ and "
                    "Testing/<class>/")
-    s.add_argument("--hospitals", type=int, default=3, help="number of hospitals (default 3)")
+    s.add_argument("--hospitals", type=_at_least(1), default=3,
+                   help="number of hospitals (default 3)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
-    s.add_argument("--train", type=int, default=600,
+    s.add_argument("--train", type=_at_least(1), default=600,
                    help="training images per hospital (default 600)")
-    s.add_argument("--test", type=int, default=200,
+    s.add_argument("--test", type=_at_least(1), default=200,
                    help="testing images per hospital (default 200)")
-    s.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    s.add_argument("--size", type=_at_least(32), default=128,
+                   help="image side in pixels (default 128, at least 32)")
     s.add_argument("--format", choices=("jpg", "png"), default="jpg",
                    help="image file format: jpg (smaller) or png (lossless) (default jpg)")
 
@@ -537,9 +553,20 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         )
         if tty:
             print(file=sys.stderr)
+        from securefl.ml.settings import MLSettings
+
+        # What `train` will refuse with the default settings, said now (walking it, --train
+        # 200 made a class of 5 scans that training then refused).
+        needs = MLSettings.model_fields["min_validation_per_class"].default + 1
         for name, info in summary["hospitals"].items():
             counts = ", ".join(f"{c} {n}" for c, n in sorted(info["Training"].items()))
             print(f"{args.out / name}: training {counts}")
+            few = sorted(c for c, n in info["Training"].items() if n < needs)
+            if few:
+                print(f"note: {name} has fewer than {needs} training scans of "
+                      f"{', '.join(few)}, which `train` refuses with the default settings "
+                      f"([ml] min_validation_per_class + 1): make more with a larger --train",
+                      file=sys.stderr)
         return 0
 
     s.set_defaults(func=run)

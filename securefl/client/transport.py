@@ -57,6 +57,31 @@ _ERRORS: dict[str, type[SecureFLError]] = {
 }
 
 
+def _refuse_expired(cert: Path) -> None:
+    """Say so when this site's own certificate has expired, before the server refuses it.
+
+    Why: the server's refusal can only be "revoked, expired, not registered or from another
+    federation" (TLS tells the client nothing more), and walking it an expired kit got just
+    that.  The expiry is in the certificate itself, so the hospital can name it."""
+    import datetime as dt
+
+    from cryptography import x509
+
+    try:
+        obj = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+        role, name = pki.identity_of(obj)
+    except (OSError, ValueError, CryptoError):
+        return  # check_tls_files has said what is wrong with the file, or TLS will
+    ends = obj.not_valid_after_utc
+    if ends <= dt.datetime.now(dt.UTC):
+        who = "the administrator's" if role is pki.Role.ADMIN else f"hospital '{name}''s"
+        renew = "admin" if role is pki.Role.ADMIN else name
+        raise CertificateRejectedError(
+            f"{who} certificate {cert} expired on {ends:%Y-%m-%d %H:%M} UTC, so the server "
+            "would refuse it: ask the federation's operator for a renewed kit (`securefl "
+            f"certs renew {renew}` on the machine that holds the CA)")
+
+
 def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     """TLS 1.3, the server checked against the federation CA and its host name."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -64,6 +89,7 @@ def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     check_tls_files(cert, key, ca)  # one sentence naming the file at fault
+    _refuse_expired(cert)
     try:
         ctx.load_cert_chain(cert, key)
         ctx.load_verify_locations(cafile=str(ca))

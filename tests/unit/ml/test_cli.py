@@ -173,3 +173,21 @@ def test_train_and_evaluate_say_which_files_were_skipped(tmp_path, capsys):
     err = capsys.readouterr().err
     assert (f"class 'pituitary' has no readable scans in {scans / 'Testing' / 'pituitary'}"
             in err and "needs at least one of every class" in err)
+
+
+def test_synth_refuses_empty_sets_and_says_when_train_would_refuse_a_class(tmp_path, capsys):
+    """Walking it: ``--train 0`` made an empty dataset and exited 0, and ``--train 200``
+    made a class of 5 scans that ``train`` then refused; both are said at once now."""
+    import pytest
+
+    for bad in (["--train", "0"], ["--test", "-1"], ["--hospitals", "0"], ["--size", "8"]):
+        with pytest.raises(SystemExit) as usage:
+            main(["data", "synth", "--out", str(tmp_path / "x"), *bad])
+        assert usage.value.code == 2
+        assert "too small: at least" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["data", "synth", "--out", str(tmp_path / "few"), "--hospitals", "1",
+                 "--train", "20", "--test", "4", "--size", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "note: hospital_1 has fewer than 6 training scans of" in err
+    assert "make more with a larger --train" in err
