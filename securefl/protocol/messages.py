@@ -94,12 +94,13 @@ def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 
 #: Characters no text field may hold: C0 controls (newline and tab included), DEL, C1
-#: controls, and the bidirectional overrides.  Why: every text a peer sends ends up on
+#: controls, the Unicode line and paragraph separators, and the bidirectional overrides.
+#: Why: every text a peer sends ends up on
 #: someone's terminal, console or log (an error's message, a reason, a name), and an escape
 #: sequence there can clear the screen, recolour a refusal as success or rewrite a line
 #: above it; an override reorders what is read.  Refused, not cleaned: no honest peer
 #: sends them, and a cleaned text would differ from what was signed or audited.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def _refuse_control_characters(value: object) -> None:

@@ -270,21 +270,26 @@ class AdminActions:
             rnd.watcher = None
             again = self._abandon(rnd, exc.code, exc.message, retry=True) \
                 if self.round is rnd else None
+            # The admin hears the failure's own kind (an impossible sum is a cryptographic
+            # check, exit 5, not "too few hospitals", exit 8: the adversary's re-check), and
+            # "nothing was published" once.
+            kind = type(exc)
+            why = exc.message.removesuffix("; nothing was published")
             if again is not None:
-                raise NotEnoughSurvivorsError(
-                    f"round {rnd.round_id} could not be unmasked ({exc.message}); nothing was "
+                raise kind(
+                    f"round {rnd.round_id} could not be unmasked ({why}); nothing was "
                     f"published.  A new round {again.round_id} has started with the "
                     f"{len(again.invited)} hospitals still online: aggregate again once they "
                     "have sent") from exc
             if self.binding is not None and self.binding["base_version"] == rnd.base_version:
                 names = ", ".join(self.binding["names"])
-                raise NotEnoughSurvivorsError(
-                    f"round {rnd.round_id} could not be unmasked ({exc.message}); nothing was "
+                raise kind(
+                    f"round {rnd.round_id} could not be unmasked ({why}); nothing was "
                     f"published.  {names} are on its survivor list, so to keep each one's "
                     "update hidden they send it again only into a round of exactly them: "
                     "ask all of them to connect and send, then aggregate") from exc
-            raise NotEnoughSurvivorsError(
-                f"round {rnd.round_id} could not be unmasked ({exc.message}); nothing was "
+            raise kind(
+                f"round {rnd.round_id} could not be unmasked ({why}); nothing was "
                 "published and too few hospitals are online to retry: ask the hospitals to "
                 "connect and send again") from exc
         if not np.any(result.mean_update):

@@ -259,6 +259,7 @@ def test_a_joined_reply_asking_for_the_update_in_the_clear_gets_nothing(
     "refused\r\x1b[1Aupdate accepted",  # back over the line above
     "round full\nsent: update accepted",  # a forged second line in the log
     "\u202edetpecca",  # right-to-left override
+    "ok\u2028FAKE: your update was published",  # a line break to Unicode-aware viewers
 ])
 def test_a_server_text_with_terminal_controls_never_reaches_the_screen_or_the_log(
         fed: Federation, text: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -288,7 +289,8 @@ def test_a_server_text_with_terminal_controls_never_reaches_the_screen_or_the_lo
     shown = capsys.readouterr()
     record = (site.state_dir / "log.jsonl").read_text()
     for where in (outcome.message, shown.out, shown.err, record):
-        assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e]", where), where
+        assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u202a-\u202e]", where), \
+            where
         assert payload not in where
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from securefl import config
+from securefl.cli import EXIT_CODES
 from securefl.client.session import AdminSession, HospitalSession
 from securefl.crypto import shamir
 from securefl.errors import (
@@ -473,3 +474,48 @@ def test_values_beyond_the_clip_are_reported_by_the_hospital_not_clipped_silentl
     store = ModelStore(settings.store_dir)
     expected = sum(np.clip(u, -clip, clip) for u in ups) / len(ups)
     np.testing.assert_allclose(store.read(1)[1] - store.read(0)[1], expected, atol=1e-3)
+
+
+class _NoUpdate(HospitalSession):
+    """A hospital whose masked input is no encoded update (every ring element at the top of
+    its range), as the adversary review sent."""
+
+    async def _in_round(self, round_id: int, msg: wm._Wire,
+                        array: np.ndarray | None = None) -> tuple[wm.Message, object]:
+        if isinstance(msg, wm.MaskedInputMsg) and array is not None:
+            array = np.full_like(array, np.iinfo(array.dtype).max // 2)
+        return await super()._in_round(round_id, msg, array)
+
+
+def test_an_input_that_is_no_update_names_the_set_and_is_a_crypto_failure(
+        fed: Federation) -> None:
+    """The admin was told "a hospital returned a wrong share" with exit 8 (too few
+    hospitals) and "nothing was published" twice, though every share was honest (the
+    adversary's re-check): it is a cryptographic check that failed (exit 5), and masking
+    hides which of the listed hospitals sent it."""
+    settings = fed.server_settings(round=config.RoundSettings(step_timeout=10))
+    ups, samples = _updates(3), [10, 20, 30]
+
+    async def scenario() -> str:
+        async with running(settings) as srv:
+            async def hospital(i: int, name: str) -> object:
+                cls = _NoUpdate if name == "a" else HospitalSession
+                async with cls(fed.client_settings(name, srv.port)) as h:
+                    await h.get_global()
+                    return await h.send(ups[i], samples[i])
+
+            tasks = [asyncio.create_task(hospital(i, n)) for i, n in enumerate("abc")]
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                await _wait_count(admin, 3)
+                with pytest.raises(CryptoError) as failed:
+                    await admin.aggregate()
+                assert EXIT_CODES[type(failed.value)] == 5
+                await admin.abort_round()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return failed.value.message
+
+    said = asyncio.run(scenario())
+    assert "one of a, b, c sent a masked input that is not an encoded update" in said, said
+    assert "wrong share" not in said and said.count("nothing was published") == 1, said

@@ -339,9 +339,11 @@ def test_training_failed_repeated_or_about_no_open_round_adds_no_audit_line(
                     HospitalSession(fed.client_settings("b", srv.port)) as b:
                 open_round = (await next_open(b)).schedule_round if \
                     settings.schedule.mode == "auto" else 1
+                reasons = ("declined", "training-error", "out-of-memory", "no-scans")
                 for n in range(300):
                     await b.training_failed(open_round + 1000 + n, "declined")
-                    await b.training_failed(open_round, "declined")
+                    # cycling the reason codes recorded a line each (adversary re-check)
+                    await b.training_failed(open_round, reasons[n % len(reasons)])
 
         before = len(read_entries(settings.audit_log)) if settings.audit_log.exists() else 0
         asyncio.run(main())
