@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -97,7 +98,7 @@ def hold_lock(path: Path) -> BinaryIO:
 #: one process share a lock (a server's tests build several servers on one store; a
 #: hospital's ``send`` may ``get`` first): it keeps out other processes, not itself.
 _SHARED: dict[Path, list] = {}
-_SHARED_GUARD = __import__("threading").Lock()
+_SHARED_GUARD = threading.Lock()
 
 
 def acquire(path: Path) -> Path:

@@ -388,6 +388,18 @@ def test_a_server_cannot_make_a_hospital_send_in_the_clear(fed: Federation) -> N
     asyncio.run(scenario())
 
 
+def _sending(fed: Federation, port: int, first: type[HospitalSession],
+             ups: list[np.ndarray], samples: list[int]) -> list[asyncio.Task]:
+    """Hospitals a, b, c each getting the model and sending, 'a' with session ``first``."""
+    async def hospital(i: int, name: str) -> object:
+        cls = first if name == "a" else HospitalSession
+        async with cls(fed.client_settings(name, port)) as h:
+            await h.get_global()
+            return await h.send(ups[i], samples[i])
+
+    return [asyncio.create_task(hospital(i, n)) for i, n in enumerate("abc")]
+
+
 class _WrongShares(HospitalSession):
     """A hospital that answers its first unmask request with random shares (issue 14's
     high finding: the server published noise, or stayed 'failed' and refused every join)."""
@@ -411,13 +423,7 @@ def test_wrong_unmask_shares_publish_nothing_and_the_retry_publishes_the_right_m
 
     async def scenario() -> tuple[list[object], str, object]:
         async with running(settings) as srv:
-            async def hospital(i: int, name: str) -> object:
-                cls = _WrongShares if name == "a" else HospitalSession
-                async with cls(fed.client_settings(name, srv.port)) as h:
-                    await h.get_global()
-                    return await h.send(ups[i], samples[i])
-
-            tasks = [asyncio.create_task(hospital(i, n)) for i, n in enumerate("abc")]
+            tasks = _sending(fed, srv.port, _WrongShares, ups, samples)
             async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
                 await _wait_count(admin, 3)
                 with pytest.raises(NotEnoughSurvivorsError) as failed:
@@ -498,13 +504,7 @@ def test_an_input_that_is_no_update_names_the_set_and_is_a_crypto_failure(
 
     async def scenario() -> str:
         async with running(settings) as srv:
-            async def hospital(i: int, name: str) -> object:
-                cls = _NoUpdate if name == "a" else HospitalSession
-                async with cls(fed.client_settings(name, srv.port)) as h:
-                    await h.get_global()
-                    return await h.send(ups[i], samples[i])
-
-            tasks = [asyncio.create_task(hospital(i, n)) for i, n in enumerate("abc")]
+            tasks = _sending(fed, srv.port, _NoUpdate, ups, samples)
             async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
                 await _wait_count(admin, 3)
                 with pytest.raises(CryptoError) as failed:

@@ -9,11 +9,13 @@ checked against what the hospitals' own updates imply (``tests/outcome.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
 import signal
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,20 @@ from .conftest import Federation, running
 from .test_restart import free_port, start_server
 
 D = 1000
+
+
+@contextlib.asynccontextmanager
+async def hospitals(fed: Federation, port: int, names: str) -> AsyncIterator[
+        list[HospitalSession]]:
+    """A connected session for each of ``names``, all closed at the end."""
+    sessions = [HospitalSession(fed.client_settings(n, port)) for n in names]
+    try:
+        for h in sessions:
+            await h.connect()
+        yield sessions
+    finally:
+        for h in sessions:
+            await h.close()
 
 
 def auto(fed: Federation, *, every: str = "after-publish", deadline: str = "20s",
@@ -95,10 +111,7 @@ def test_auto_schedule_publishes_without_any_admin_action(fed: Federation) -> No
 
     async def main() -> list[tuple[int, RoundOutcome | None]]:
         async with running(settings) as srv:
-            sessions = [HospitalSession(fed.client_settings(n, srv.port)) for n in "abc"]
-            for h in sessions:
-                await h.connect()
-            try:
+            async with hospitals(fed, srv.port, "abc") as sessions:
                 one = await asyncio.gather(*(take_part(h, u, n) for h, u, n in
                                              zip(sessions, first, samples, strict=True)))
                 closed = await asyncio.gather(*(next_closed(h, 1) for h in sessions))
@@ -106,9 +119,6 @@ def test_auto_schedule_publishes_without_any_admin_action(fed: Federation) -> No
                 # after-publish: the next round opens by itself on version 1.
                 two = await asyncio.gather(*(take_part(h, u, n, after=1) for h, u, n in
                                              zip(sessions, second, samples, strict=True)))
-            finally:
-                for h in sessions:
-                    await h.close()
             return [*one, *two]
 
     results = asyncio.run(main())
@@ -173,10 +183,7 @@ def test_at_the_deadline_too_few_joined_the_round_expires_and_nothing_is_publish
 
     async def main() -> list[object]:
         async with running(settings) as srv:
-            sessions = [HospitalSession(fed.client_settings(n, srv.port)) for n in "ab"]
-            for h in sessions:
-                await h.connect()
-            try:
+            async with hospitals(fed, srv.port, "ab") as sessions:
                 sends = await asyncio.gather(*(take_part(h, u, 10) for h, u in
                                                zip(sessions, ups, strict=True)),
                                              return_exceptions=True)
@@ -184,9 +191,6 @@ def test_at_the_deadline_too_few_joined_the_round_expires_and_nothing_is_publish
                 async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
                     view = await admin.schedule()
                     version = await admin.version()
-            finally:
-                for h in sessions:
-                    await h.close()
             return [sends, closed, view, version]
 
     sends, closed, view, version = asyncio.run(main())
@@ -207,56 +211,49 @@ def test_pause_resume_open_and_abort_from_the_admin(fed: Federation) -> None:
     ups, samples = updates(3, seed=5), [10, 20, 30]
 
     async def main() -> None:
-        async with running(settings) as srv:
-            admin = await AdminSession(fed.client_settings("admin", srv.port)).connect()
-            sessions = [HospitalSession(fed.client_settings(n, srv.port)) for n in "abc"]
-            for h in sessions:
-                await h.connect()
-            try:
-                assert sessions[0].schedule is not None and sessions[0].schedule.paused
-                assert sessions[0].schedule.open_round is None
-                await asyncio.sleep(0.6)
-                view = await admin.schedule()
-                assert view.paused and view.round is None and view.next_open is None
-                assert sessions[0].pending_schedule_events() == []
-                with pytest.raises(ProtocolError) as refused:  # no round to join
-                    await sessions[0].get_global()
-                    await sessions[0].send(ups[0], 10)
-                assert refused.value.code == "round-busy"
+        async with running(settings) as srv, \
+                AdminSession(fed.client_settings("admin", srv.port)) as admin, \
+                hospitals(fed, srv.port, "abc") as sessions:
+            assert sessions[0].schedule is not None and sessions[0].schedule.paused
+            assert sessions[0].schedule.open_round is None
+            await asyncio.sleep(0.6)
+            view = await admin.schedule()
+            assert view.paused and view.round is None and view.next_open is None
+            assert sessions[0].pending_schedule_events() == []
+            with pytest.raises(ProtocolError) as refused:  # no round to join
+                await sessions[0].get_global()
+                await sessions[0].send(ups[0], 10)
+            assert refused.value.code == "round-busy"
 
-                assert await admin.open_round() == 1
-                opened = await asyncio.gather(*(next_open(h) for h in sessions))
-                assert {o.schedule_round for o in opened} == {1}
-                await sessions[0].get_global()  # "training"
-                view = await admin.schedule()
-                assert view.round is not None and view.round.phase == "enrolling"
-                assert view.round.hospitals == {"a": "training", "b": "waiting",
-                                                "c": "waiting"}
-                assert await admin.abort_round() == 1
-                closed = await asyncio.gather(*(next_closed(h, 1) for h in sessions))
-                assert {c.outcome for c in closed} == {"aborted"}
-                assert (await admin.schedule()).round is None
+            assert await admin.open_round() == 1
+            opened = await asyncio.gather(*(next_open(h) for h in sessions))
+            assert {o.schedule_round for o in opened} == {1}
+            await sessions[0].get_global()  # "training"
+            view = await admin.schedule()
+            assert view.round is not None and view.round.phase == "enrolling"
+            assert view.round.hospitals == {"a": "training", "b": "waiting",
+                                            "c": "waiting"}
+            assert await admin.abort_round() == 1
+            closed = await asyncio.gather(*(next_closed(h, 1) for h in sessions))
+            assert {c.outcome for c in closed} == {"aborted"}
+            assert (await admin.schedule()).round is None
 
-                await admin.resume()
-                results = await asyncio.gather(*(take_part(h, u, n, after=1) for h, u, n in
-                                                 zip(sessions, ups, samples, strict=True)))
-                assert [(r, o.version if o else None) for r, o in results] == [(2, 1)] * 3
-                await admin.pause()  # round 2 is over; with after-publish round 3 may be
-                await asyncio.sleep(0.6)  # open already, and nothing opens after it
-                view = await admin.schedule()
-                assert view.paused and view.next_open is None
-                number = view.round.schedule_round if view.round else 2
-                if view.round is not None:
-                    await admin.abort_round()
-                await asyncio.sleep(0.6)
-                view = await admin.schedule()
-                assert view.round is None
-                assert (await admin.schedule()).round is None
-                assert number <= 3
-            finally:
-                for h in sessions:
-                    await h.close()
-                await admin.close()
+            await admin.resume()
+            results = await asyncio.gather(*(take_part(h, u, n, after=1) for h, u, n in
+                                             zip(sessions, ups, samples, strict=True)))
+            assert [(r, o.version if o else None) for r, o in results] == [(2, 1)] * 3
+            await admin.pause()  # round 2 is over; with after-publish round 3 may be
+            await asyncio.sleep(0.6)  # open already, and nothing opens after it
+            view = await admin.schedule()
+            assert view.paused and view.next_open is None
+            number = view.round.schedule_round if view.round else 2
+            if view.round is not None:
+                await admin.abort_round()
+            await asyncio.sleep(0.6)
+            view = await admin.schedule()
+            assert view.round is None
+            assert (await admin.schedule()).round is None
+            assert number <= 3
 
     asyncio.run(main())
     actions = [e["action"] for e in events(settings, "admin")]
@@ -525,35 +522,28 @@ def test_until_version_pauses_the_schedule_once_that_version_is_published(
     first, second = updates(3, seed=3), updates(3, seed=4)
 
     async def main() -> None:
-        async with running(settings) as srv:
-            admin = await AdminSession(fed.client_settings("admin", srv.port)).connect()
-            sessions = [HospitalSession(fed.client_settings(n, srv.port)) for n in "abc"]
-            for h in sessions:
-                await h.connect()
-            try:
-                one = await asyncio.gather(*(take_part(h, u, n) for h, u, n in
-                                             zip(sessions, first, samples, strict=True)))
-                assert [(r, o.version if o else None) for r, o in one] == [(1, 1)] * 3
-                await asyncio.sleep(1.0)  # "after-publish" would have opened round 2 by now
-                view = await admin.schedule()
-                assert view.paused and view.round is None and view.next_open is None
-                # what a restarted server reads back (Scheduler.__init__): still paused
-                assert json.loads((settings.store_dir / "schedule.json").read_text()
-                                  )["paused"] is True
-                assert not [e for h in sessions for e in h.pending_schedule_events()
-                            if isinstance(e, wm.RoundOpen) and e.schedule_round > 1]
-                await admin.resume()
-                two = await asyncio.gather(*(take_part(h, u, n, after=1) for h, u, n in
-                                             zip(sessions, second, samples, strict=True)))
-                assert [(r, o.version if o else None) for r, o in two] == [(2, 2)] * 3
-                await asyncio.sleep(1.0)
-                view = await admin.schedule()  # past the target: rounds go on by themselves
-                assert not view.paused and view.round is not None
-                assert view.round.base_version == 2
-            finally:
-                for h in sessions:
-                    await h.close()
-                await admin.close()
+        async with running(settings) as srv, \
+                AdminSession(fed.client_settings("admin", srv.port)) as admin, \
+                hospitals(fed, srv.port, "abc") as sessions:
+            one = await asyncio.gather(*(take_part(h, u, n) for h, u, n in
+                                         zip(sessions, first, samples, strict=True)))
+            assert [(r, o.version if o else None) for r, o in one] == [(1, 1)] * 3
+            await asyncio.sleep(1.0)  # "after-publish" would have opened round 2 by now
+            view = await admin.schedule()
+            assert view.paused and view.round is None and view.next_open is None
+            # what a restarted server reads back (Scheduler.__init__): still paused
+            assert json.loads((settings.store_dir / "schedule.json").read_text()
+                              )["paused"] is True
+            assert not [e for h in sessions for e in h.pending_schedule_events()
+                        if isinstance(e, wm.RoundOpen) and e.schedule_round > 1]
+            await admin.resume()
+            two = await asyncio.gather(*(take_part(h, u, n, after=1) for h, u, n in
+                                         zip(sessions, second, samples, strict=True)))
+            assert [(r, o.version if o else None) for r, o in two] == [(2, 2)] * 3
+            await asyncio.sleep(1.0)
+            view = await admin.schedule()  # past the target: rounds go on by themselves
+            assert not view.paused and view.round is not None
+            assert view.round.base_version == 2
 
     asyncio.run(main())
     paused = events(settings, "schedule-paused")
