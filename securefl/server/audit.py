@@ -205,10 +205,10 @@ def _entry_or_damage(line: bytes) -> dict:
                       "cut off or overwritten); it is left as it is in the file"}
 
 
-def last_version(path: Path, chunk: int = 1 << 16) -> int | None:
-    """The newest model version the log accounts for: that of its last ``aggregated`` or
-    ``server-start`` entry (None: neither, e.g. a new log).  Read from the end, so a
-    long log costs only its last lines at start-up."""
+def _last(path: Path, marker: bytes, pick: Callable[[dict], int | None],
+          chunk: int = 1 << 16) -> int | None:
+    """``pick`` of the last entry (lines holding ``marker``) for which it is not None.  Read
+    from the end, so a long log costs only its last lines at start-up."""
     path = Path(path)
     if not path.exists():
         return None
@@ -222,17 +222,42 @@ def last_version(path: Path, chunk: int = 1 << 16) -> int | None:
             lines = data.split(b"\n")
             rest = lines.pop(0) if start > 0 else b""  # may be cut: read with the next chunk
             for line in reversed(lines):
-                if b'"aggregated"' not in line and b'"server-start"' not in line:
+                if marker not in line:
                     continue
                 try:
                     entry = json.loads(line)
                 except ValueError:
                     continue
-                if entry.get("event") in ("aggregated", "server-start") and isinstance(
-                        entry.get("version"), int):
-                    return int(entry["version"])
+                value = pick(entry) if isinstance(entry, dict) else None
+                if value is not None:
+                    return value
             end = start
     return None
+
+
+def last_version(path: Path, chunk: int = 1 << 16) -> int | None:
+    """The newest model version the log accounts for: that of its last ``aggregated`` or
+    ``server-start`` entry (None: neither, e.g. a new log)."""
+    def pick(entry: dict) -> int | None:
+        if entry.get("event") in ("aggregated", "server-start") and _is_int(entry.get("version")):
+            return int(entry["version"])
+        return None
+
+    return _last(path, b'"version"', pick, chunk)
+
+
+def last_round(path: Path, chunk: int = 1 << 16) -> int | None:
+    """The largest round number the log names (None: none yet).  Round numbers only go up,
+    so it is that of the last entry naming one (reconciled entries say round 0)."""
+    def pick(entry: dict) -> int | None:
+        value = entry.get("round_id")
+        return int(value) if _is_int(value) and value > 0 else None
+
+    return _last(path, b'"round_id"', pick, chunk)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def verify(path: Path) -> int:

@@ -41,6 +41,7 @@ from securefl.protocol import messages as wm
 from securefl.server import testhook, views
 from securefl.server.admin import AdminActions, HeldResult
 from securefl.server.audit import AuditLog
+from securefl.server.audit import last_round as audit_last_round
 from securefl.server.audit import last_version as audit_last_version
 from securefl.server.optimiser import OptimiserState
 from securefl.server.plain import PlainRound
@@ -69,7 +70,10 @@ class Coordinator(AdminActions):
         self.cert_expires: dict[str, str] = {}
         self._state_path = store.root / "state.json"
         state = self._load_state()
-        self.next_round_id: int = state.get("next_round", 1)
+        # Round numbers never repeat (hospitals refuse a reused one as a server's trick):
+        # a state file lost or restored from an older backup must not start them over.
+        self.next_round_id: int = max(state.get("next_round", 1),
+                                      (audit_last_round(audit.path) or 0) + 1)
         abandoned = state.get("in_flight")
         #: Names to tell, when they next say hello, that a round of theirs was abandoned
         #: (by a restart, or while they were away): their ``send`` may then join a new one.
@@ -197,10 +201,33 @@ class Coordinator(AdminActions):
 
     # -- persistence of the round counter ---------------------------------------------------
     def _load_state(self) -> dict:
+        """The saved round state; a damaged file stops the start-up.
+
+        Why not start afresh: the file says which hospitals' update a round still holds or
+        already published, and which survivor list binds whom; dropped silently, a restart
+        would tell hospitals to send again what is already in a model."""
+        path = self._state_path
         try:
-            return json.loads(self._state_path.read_text())
-        except (FileNotFoundError, ValueError):
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
             return {}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(self._damaged_state(f"it cannot be read: {fault_reason(exc)}"
+                                                if isinstance(exc, OSError) else
+                                                "it is not text")) from exc
+        try:
+            state = json.loads(text)
+        except ValueError as exc:
+            raise DataError(self._damaged_state("it is not valid JSON")) from exc
+        if not isinstance(state, dict) or not _state_is_sound(state):
+            raise DataError(self._damaged_state("its contents are not a round state"))
+        return state
+
+    def _damaged_state(self, why: str) -> str:
+        return (f"the server's round state {self._state_path} is damaged ({why}): restore it "
+                f"from a backup, or rename it (e.g. to state.json.damaged) to start without "
+                "it -- round numbers then continue from the audit log, and hospitals whose "
+                "round was in flight are told nothing and may need to send again")
 
     def _save_state(self, in_flight: dict | None, *, durable: bool = True,
                     required: bool = False) -> bool:
@@ -821,3 +848,23 @@ _HANDLERS: dict[str, Callable[..., Awaitable[tuple[wm._Wire, np.ndarray | None]]
     "sign_survivors": Coordinator._on_sign_survivors,
     "unmask_response": Coordinator._on_unmask_response,
 }
+
+
+def _state_is_sound(state: dict) -> bool:
+    """The saved state has the shapes ``Coordinator.__init__`` reads (written by
+    ``_save_state``; anything else is damage or a foreign file)."""
+    nxt = state.get("next_round", 1)
+    if not isinstance(nxt, int) or isinstance(nxt, bool) or nxt < 1:
+        return False
+    for key in ("resend", "withheld", "published"):
+        if not isinstance(state.get(key, {}), dict):
+            return False
+    for key in ("in_flight", "binding", "publishing", "listed"):
+        if not isinstance(state.get(key), dict | None):
+            return False
+    try:
+        {k: int(v) for k, v in state.get("resend", {}).items()}
+        {k: [int(r), int(v)] for k, (r, v) in state.get("published", {}).items()}
+    except (TypeError, ValueError):
+        return False
+    return True

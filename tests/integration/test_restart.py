@@ -353,3 +353,99 @@ def test_a_missing_or_damaged_newest_version_stops_the_start_and_says_what_to_re
         Server(settings)
     newest.write_bytes(kept)  # restored: it starts, at version 1
     assert Server(settings).store.latest()[0].version == 1
+
+
+def _round_opens(audit_log: Path) -> list[int]:
+    import json
+
+    return [e["round_id"] for e in map(json.loads, audit_log.read_text().splitlines())
+            if e["event"] == "round-open"]
+
+
+def test_a_lost_state_file_does_not_start_round_numbers_over(fed: Federation) -> None:
+    """With store/state.json gone after a crash mid-round (a disk restored from a backup
+    without it, an operator tidying up), the restarted server opened "round 1" again: the
+    audit log then told of two different rounds 1, and the hospital program, which records
+    the rounds its update went to, refuses a reused number as a server's trick (tested in
+    tests/unit/crypto/test_secagg_plus.py), so its update could not reach version 1.  Round
+    numbers now continue from the audit log, and the resent updates publish."""
+    from securefl import config as cfg
+
+    port = free_port()
+    config = fed.server_toml(port, params=D)
+    settings = cfg.load(config, cfg.ServerSettings)
+    store_dir, audit_log = Path(settings.store_dir), Path(settings.audit_log)
+
+    async def round_then_crash(proc: subprocess.Popen) -> None:
+        tasks = await _send_all(fed, port, "abc")
+        await _collected(fed, port, 3)  # every masked input is in when the server dies
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            assert isinstance(outcome, TransportError)
+
+    async def after_restart() -> None:
+        tasks = await _send_all(fed, port, "abc")
+        await _collected(fed, port, 3)
+        async with AdminSession(fed.client_settings("admin", port)) as admin:
+            result = await admin.aggregate()
+            assert result.version == 1 and result.contributors == 3
+        await asyncio.gather(*tasks)
+
+    proc = start_server(config)
+    try:
+        asyncio.run(round_then_crash(proc))
+        (store_dir / "state.json").unlink()
+        proc = start_server(config)
+        asyncio.run(after_restart())
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    assert _round_opens(audit_log) == [1, 2]
+    store = ModelStore(store_dir)
+    np.testing.assert_allclose(store.read(1)[1] - store.read(0)[1], 0.01, atol=1e-4)
+
+
+@pytest.mark.parametrize("content", [b"{\"next_round\": 4, \"resend\": {\"a\"", b"\xff\xfe junk",
+                                     b"[1, 2, 3]", b"{\"next_round\": \"seven\"}",
+                                     b"{\"published\": {\"a\": 3}}"],
+                         ids=["cut-off", "not-text", "not-an-object", "wrong-type",
+                              "wrong-shape"])
+def test_a_damaged_state_file_stops_the_start_and_says_what_to_do(
+        fed: Federation, content: bytes) -> None:
+    """A garbage state.json used to be dropped without a word: the server started afresh,
+    forgot whose update a crashed round held, and numbered rounds from 1 again.  Now it does
+    not start and says how to go on; renamed aside, it starts with the round numbers the
+    audit log has reached."""
+    from securefl import config
+    from securefl.server.app import Server
+
+    from .conftest import running
+
+    settings = fed.server_settings(round=config.RoundSettings(masking="plain"))
+
+    async def one_round() -> None:
+        async with running(settings) as srv:
+            tasks = await _send_all(fed, srv.port, "abc")
+            await _collected(fed, srv.port, 3)
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                assert (await admin.aggregate()).version == 1
+            await asyncio.gather(*tasks)
+
+    asyncio.run(one_round())
+    state = Path(settings.store_dir) / "state.json"
+    state.write_bytes(content)
+    with pytest.raises(DataError, match=r"the server's round state .*state.json is damaged "
+                       r"\(.+\): restore it from a backup, or rename it"):
+        Server(settings)
+    assert state.read_bytes() == content  # nothing was overwritten
+    state.rename(state.with_name("state.json.damaged"))
+    server = Server(settings)
+    try:
+        assert server.coordinator.next_round_id == 2
+        assert server.store.latest()[0].version == 1
+    finally:
+        server.audit.close()
+        server._unlock()
