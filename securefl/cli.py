@@ -419,8 +419,9 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
                        "get, send, status, log, agent")
     p.add_argument("--config", type=Path, help="hospital.toml from the kit (with no ACTION "
                    "the app asks for it)")
-    p.add_argument("--hospital", help="with no ACTION: the hospital name to check against the "
-                   "certificate (asked for when not given)")
+    p.add_argument("--hospital", help="the hospital name to check against the kit's "
+                   "certificate before anything runs (with no ACTION the app asks for it when "
+                   "not given)")
     actions = p.add_subparsers(dest="client_action", metavar="ACTION", required=False)
     _add_client_ml_actions(actions)
     _add_client_net_actions(actions)
@@ -684,6 +685,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_hospital_name(path: Path, name: str) -> None:
+    """``--hospital`` with an action: a script that names one hospital and passes another's
+    kit (``--hospital south`` with north's hospital.toml) must not train or send as north
+    without a word, so the name is checked as the app's sign-in checks it."""
+    from securefl import config
+    from securefl.certs import load_credential
+
+    settings = config.load(path, config.ClientSettings)
+    actual = load_credential(settings.cert, settings.key).name
+    if name.strip() != actual:
+        raise errors.ConfigError(
+            f"{path}'s certificate belongs to '{actual}', not '{name.strip()}' (--hospital): "
+            "check the name, or give your own hospital's hospital.toml; nothing was done")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -696,6 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if action is not None and getattr(args, "hospital", None):
+            _check_hospital_name(args.config, args.hospital)
         return func(args)
     except errors.SecureFLError as exc:
         print(f"securefl: {exc.message}", file=sys.stderr)

@@ -141,3 +141,20 @@ def test_ml_settings_without_their_table_header_are_named_as_such(
         config.load(bad, config.ClientSettings)
     assert "outside the [ml] table: put the line [ml] above them" in err.value.message
     assert "epochs" in err.value.message and "did you mean" not in err.value.message
+
+
+@pytest.mark.parametrize("action", [["status"], ["log"], ["send"]])
+def test_hospital_naming_another_kit_is_refused_before_anything_runs(
+        fed: Federation, capsys: pytest.CaptureFixture[str], action: list[str]) -> None:
+    """``--hospital`` was read only by the app: a script running ``--hospital b send`` with
+    a's kit sent as a without a word.  Every action now checks it first, as sign-in does."""
+    kit = fed.certs.kit("a") / "hospital.toml"
+    state = sorted(p.name for p in kit.parent.rglob("*"))
+    assert main(["client", "--config", str(kit), "--hospital", "b", *action]) == 3
+    err = capsys.readouterr().err
+    assert err.strip() == (f"securefl: {kit}'s certificate belongs to 'a', not 'b' "
+                           "(--hospital): check the name, or give your own hospital's "
+                           "hospital.toml; nothing was done")
+    assert sorted(p.name for p in kit.parent.rglob("*")) == state  # nothing written
+    # The right name changes nothing: the action runs (its log, empty so far).
+    assert main(["client", "--config", str(kit), "--hospital", "a", "log"]) == 0
