@@ -685,6 +685,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Client actions that run in this process without an event loop, so SIGTERM may raise
+#: where Ctrl-C would (``send`` and ``get`` cancel their task instead: see
+#: ``securefl.client.commands.run``).
+_TERMINABLE = frozenset({"train", "evaluate", "classify"})
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a service stop, ``kill``, a scheduler's time limit) during a long ``train``:
+    Python's default ended the process with status 143 and no word, and the hospital's log
+    kept no entry, so whoever read it next did not know whether the model was saved."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def _check_hospital_name(path: Path, name: str) -> None:
     """``--hospital`` with an action: a script that names one hospital and passes another's
     kit (``--hospital south`` with north's hospital.toml) must not train or send as north
@@ -711,6 +727,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    if args.command == "client" and action in _TERMINABLE:
+        import signal
+
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if action is not None and getattr(args, "hospital", None):
             _check_hospital_name(args.config, args.hospital)
@@ -732,6 +752,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({exc.strerror or exc}), so the command stopped there: check that the path "
               "is right, writable and has free space, then run it again", file=sys.stderr)
         return EXIT_CODES[errors.DataError]
+    except _Terminated:
+        print(f"securefl: {action} was stopped by a termination signal before it finished; "
+              "what it had saved before stays as it was (no half-written model): run it "
+              "again", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("securefl: interrupted", file=sys.stderr)
         return 130

@@ -305,7 +305,6 @@ class Hospital:
             self._scans[split] = cached
         return cached[1]
 
-    @logged("train")
     @contextlib.contextmanager
     def busy(self, what: str) -> Iterator[None]:
         """This hospital's model and send record for ``what`` alone, against other processes.
@@ -330,6 +329,7 @@ class Hospital:
         finally:
             release(key)
 
+    @logged("train")
     def train(self, progress: ProgressFn | None = None,
               cancel: threading.Event | None = None) -> TrainResult:
         """Train the local model on this hospital's scans and record what was trained (base

@@ -191,3 +191,44 @@ def test_synth_refuses_empty_sets_and_says_when_train_would_refuse_a_class(tmp_p
     err = capsys.readouterr().err
     assert "note: hospital_1 has fewer than 6 training scans of" in err
     assert "make more with a larger --train" in err
+
+
+def test_sigterm_during_train_says_so_keeps_the_model_and_logs_it(tmp_path):
+    """A service stop or ``kill`` during a long ``train`` used to end it with status 143
+    and no word, and the hospital's log kept no entry: whoever looked next could not tell
+    whether a model was saved.  Now it says so in one sentence, the model saved before is
+    the same file, and the log says the training was interrupted."""
+    import signal
+    import subprocess
+    import sys
+
+    from securefl.client.hospital_log import HospitalLog
+
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--hospitals", "1", "--train", "48",
+                 "--test", "8", "--size", "32", "--seed", "3"]) == 0
+    ml = {"scans_dir": "data/hospital_1", "model_dir": "runs/h1", "image_size": 32,
+          "model_kind": "small", "epochs": 1, "batch_size": 16, "patience": 400,
+          "min_validation_per_class": 2}
+    cfg = write_toml(tmp_path / "hospital.toml", {**TLS, "state_dir": "state", "ml": ml})
+    assert main(["client", "--config", str(cfg), "train"]) == 0
+    model = tmp_path / "runs" / "h1" / "model.keras"
+    before = model.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-m", "securefl", "client", "--config", str(cfg),
+                             "train", "--epochs", "500"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # a whole epoch is done: training is under way
+        if line.startswith("epoch 1/500"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == (
+        "securefl: train was stopped by a termination signal before it finished; what it "
+        "had saved before stays as it was (no half-written model): run it again")
+    assert "Traceback" not in err and "trained from" not in out
+    assert model.read_bytes() == before
+    assert sorted(p.name for p in model.parent.iterdir() if ".tmp" in p.name) == []
+    entries, _ = HospitalLog(tmp_path / "state").entries(5)
+    assert entries[-1].detail == "train was interrupted before it finished; nothing was sent"
