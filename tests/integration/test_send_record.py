@@ -382,7 +382,7 @@ def test_policy_caps_the_rounds_one_update_may_go_into(fed: Federation) -> None:
 
 
 def test_after_a_round_fails_with_its_list_out_only_the_listed_hospitals_go_on(
-        fed: Federation) -> None:
+        fed: Federation, capsys: pytest.CaptureFixture[str]) -> None:
     """a and b are in round 1 (c = 0, t = 2); a vanishes after signing the list {a, b}, so
     only b answers the unmask step and nothing is published.  The server then admits only
     a and b to rounds on version 0: c is told to wait, the admin cannot close enrolment
@@ -420,6 +420,21 @@ def test_after_a_round_fails_with_its_list_out_only_the_listed_hospitals_go_on(
                 assert told.value.retry_round == 0  # a is away: no retry without it
                 assert "may combine only a, b: run send again" in told.value.message
                 assert (await admin.status()).waiting_for == ("a", "b")
+                # The operator's `admin status` says whom to ask, and how to go on if
+                # their send refuses (found untested by a walk).
+                from securefl.cli import main
+
+                data = read_toml(fed.certs.root / "admin.toml")
+                data.update(host="127.0.0.1", port=srv.port)
+                admin_toml = write_toml(fed.certs.root / "admin-here.toml", data)
+                capsys.readouterr()
+                assert await asyncio.to_thread(
+                    main, ["admin", "--config", str(admin_toml), "status"]) == 0
+                said = capsys.readouterr().err
+                assert said.startswith("waiting for a, b: a round on version 0 failed after "
+                                       "its survivor list went out, so the next may combine "
+                                       "only the hospitals on it; ask them to connect and send")
+                assert "raise [policy] max_attempts by one in hospital.toml" in said
                 assert sites["b"].check_can_send(0).survivors == {"a", "b"}
                 # c was not on the list: rounds on version 0 are a's and b's now.
                 async with sites["c"].session() as s:
