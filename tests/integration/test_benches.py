@@ -39,6 +39,15 @@ def test_round_bench_prints_its_layout_and_both_rounds_side_by_side() -> None:
                for line in lines)
 
 
+def test_graph_params_bench_times_what_the_unit_tests_no_longer_time() -> None:
+    lines = _run("bench/graph_params_bench.py")
+    row = json.loads(lines[-1])
+    assert set(row) >= {"choose_100", "choose_1000", "choose_100000",
+                        "harary_1000000_0.3_0.3", "monte_carlo_100x300"}
+    assert all(v >= 0 for v in row.values())
+    assert lines[0].startswith("choose_100 ") and "target < 0.05 s:" in lines[0]
+
+
 def test_secagg_bench_counts_every_byte_and_says_why_a_configuration_is_refused() -> None:
     lines = _run("bench/secagg_bench.py", "--clients", "5", "12", "--params", "3000",
                  "--dropout", "0.3")
