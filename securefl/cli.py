@@ -616,10 +616,16 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
         refuse_if_running(h.state_dir, "train")
         base = h.local_state().base_version
         printer = training_printer()
+        stop = _TrainingStop()
         try:
-            result = h.train(progress=printer)
+            result = h.train(progress=printer, cancel=stop.event)
         finally:
             printer.done()
+            stop.restore()
+        if result.cancelled:
+            print(f"securefl: train was stopped by {stop.cause} before it finished; the model "
+                  f"file is unchanged ({h.ml.model_path}): run train again", file=sys.stderr)
+            return stop.code
         start = (f"from global version {base}" if base is not None
                  else "from a new model (no global model downloaded yet)")
         # The figures of the epoch whose weights were kept (the last epoch's described a
@@ -685,20 +691,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Client actions that run in this process without an event loop, so SIGTERM may raise
-#: where Ctrl-C would (``send`` and ``get`` cancel their task instead: see
+#: Client actions that only read (a model, scans) and run without an event loop: SIGTERM
+#: ends them at once, with a sentence (``train`` stops between batches instead, see
+#: ``_stop_training_on_signals``; ``send`` and ``get`` cancel their task, see
 #: ``securefl.client.commands.run``).
-_TERMINABLE = frozenset({"train", "evaluate", "classify"})
+_READ_ONLY = frozenset({"evaluate", "classify"})
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (a service stop, ``kill``, a scheduler's time limit) during a long ``train``:
-    Python's default ended the process with status 143 and no word, and the hospital's log
-    kept no entry, so whoever read it next did not know whether the model was saved."""
+def _end_on_sigterm(action: str) -> None:
+    """Python's default ended the process with status 143 and no word.  Raising from the
+    handler instead would unwind in the middle of TensorFlow's work, whose threads then
+    ran on into the interpreter's shutdown (seen: ``free(): invalid next size``, status
+    -6); nothing of these actions needs saving, so the process ends here."""
+    import signal
+
+    def end(signum: int, frame: object) -> None:
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"securefl: {action} was stopped by a termination signal "
+                             "before it finished; nothing was changed: run it again\n")
+            sys.stderr.flush()
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, end)
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated
+class _TrainingStop:
+    """Ctrl-C or SIGTERM during ``train``: the training stops at the end of its batch and
+    keeps nothing (the model file stays as it was), like Cancel in the app.
+
+    Why not Python's defaults: SIGTERM ended the process with status 143 and no word, and
+    the hospital's log had no entry; KeyboardInterrupt raised in the middle of TensorFlow's
+    work left its threads running into the interpreter's shutdown (seen: ``free(): invalid
+    next size``, status -6).  A second signal stops at once."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.event = threading.Event()
+        self.code, self.cause = 0, ""
+        self._old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig, old in self._old.items():
+            if old is not signal.SIG_IGN:  # a background job's ignored Ctrl-C stays ignored
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        import signal
+
+        code = 130 if signum == signal.SIGINT else 143
+        if self.event.is_set():
+            with contextlib.suppress(OSError):
+                sys.stderr.write("securefl: stopped at once; the model file is unchanged\n")
+            os._exit(code)
+        self.code = code
+        self.cause = "Ctrl-C" if code == 130 else "a termination signal"
+        self.event.set()
+        with contextlib.suppress(OSError):
+            sys.stderr.write("securefl: stopping the training at the end of this batch "
+                             "(press Ctrl-C again to stop at once)\n")
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _check_hospital_name(path: Path, name: str) -> None:
@@ -727,10 +783,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
-    if args.command == "client" and action in _TERMINABLE:
-        import signal
-
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    if args.command == "client" and action in _READ_ONLY:
+        _end_on_sigterm(action)
     try:
         if action is not None and getattr(args, "hospital", None):
             _check_hospital_name(args.config, args.hospital)
@@ -752,11 +806,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({exc.strerror or exc}), so the command stopped there: check that the path "
               "is right, writable and has free space, then run it again", file=sys.stderr)
         return EXIT_CODES[errors.DataError]
-    except _Terminated:
-        print(f"securefl: {action} was stopped by a termination signal before it finished; "
-              "what it had saved before stays as it was (no half-written model): run it "
-              "again", file=sys.stderr)
-        return 143
     except KeyboardInterrupt:
         print("securefl: interrupted", file=sys.stderr)
         return 130
