@@ -382,8 +382,14 @@ def test_refusals_before_a_certificate_are_summarised_not_written_one_by_one(
             summaries = [e for e in read_entries(fed.certs.root / "audit.jsonl")
                          if e["event"] == "connections-refused"]
             assert summaries and sum(e["count"] for e in summaries) == 25
-            assert summaries[0]["sources"][0] == "25 127.0.0.1"
-            assert summaries[0]["addresses"] == 1
+            # On a busy machine the 25 may straddle two 0.5 s intervals: counted together.
+            per_address: dict[str, int] = {}
+            for e in summaries:
+                assert e["addresses"] == 1
+                for source in e["sources"]:
+                    count, address = source.split(" ", 1)
+                    per_address[address] = per_address.get(address, 0) + int(count)
+            assert per_address == {"127.0.0.1": 25}
 
     asyncio.run(scenario())
     entries = read_entries(fed.certs.root / "audit.jsonl")
