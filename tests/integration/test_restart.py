@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from securefl.client.session import AdminSession, HospitalSession
+from securefl.config import ServerSettings
 from securefl.errors import DataError, TransportError
 from securefl.server.store import ModelStore
 
@@ -319,13 +320,10 @@ def test_a_version_file_already_in_the_store_is_never_replaced(tmp_path: Path) -
     assert (tmp_path / "v00000001.sflm").read_bytes() == copied
 
 
-def test_a_missing_or_damaged_newest_version_stops_the_start_and_says_what_to_restore(
-        fed: Federation) -> None:
-    """Walking it: with v00000001.sflm deleted the server started "at version 1" back at 0,
-    hospitals holding version 1 refused its model, and its send advice contradicted get.
-    Now it does not start, and says which file to restore; a damaged one says the same."""
+def _one_plain_round(fed: Federation) -> ServerSettings:
+    """Version 1 published by a, b and c (unmasked: these tests are about the files); the
+    server's settings, for starting it again."""
     from securefl import config
-    from securefl.server.app import Server
 
     from .conftest import running
 
@@ -340,6 +338,17 @@ def test_a_missing_or_damaged_newest_version_stops_the_start_and_says_what_to_re
             await asyncio.gather(*tasks)
 
     asyncio.run(one_round())
+    return settings
+
+
+def test_a_missing_or_damaged_newest_version_stops_the_start_and_says_what_to_restore(
+        fed: Federation) -> None:
+    """Walking it: with v00000001.sflm deleted the server started "at version 1" back at 0,
+    hospitals holding version 1 refused its model, and its send advice contradicted get.
+    Now it does not start, and says which file to restore; a damaged one says the same."""
+    from securefl.server.app import Server
+
+    settings = _one_plain_round(fed)
     newest = settings.store_dir / "v00000001.sflm"
     kept = newest.read_bytes()
     newest.unlink()
@@ -419,22 +428,9 @@ def test_a_damaged_state_file_stops_the_start_and_says_what_to_do(
     forgot whose update a crashed round held, and numbered rounds from 1 again.  Now it does
     not start and says how to go on; renamed aside, it starts with the round numbers the
     audit log has reached."""
-    from securefl import config
     from securefl.server.app import Server
 
-    from .conftest import running
-
-    settings = fed.server_settings(round=config.RoundSettings(masking="plain"))
-
-    async def one_round() -> None:
-        async with running(settings) as srv:
-            tasks = await _send_all(fed, srv.port, "abc")
-            await _collected(fed, srv.port, 3)
-            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
-                assert (await admin.aggregate()).version == 1
-            await asyncio.gather(*tasks)
-
-    asyncio.run(one_round())
+    settings = _one_plain_round(fed)
     state = Path(settings.store_dir) / "state.json"
     state.write_bytes(content)
     with pytest.raises(DataError, match=r"the server's round state .*state.json is damaged "
