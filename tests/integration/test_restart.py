@@ -55,36 +55,42 @@ async def _collected(fed: Federation, port: int, n: int) -> None:
             await asyncio.sleep(0.05)
 
 
+async def _crash_with_every_update_in(fed: Federation, port: int,
+                                     proc: subprocess.Popen) -> None:
+    """a, b and c send; the server process is killed once every masked input is in."""
+    tasks = await _send_all(fed, port, "abc")
+    await _collected(fed, port, 3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+        assert isinstance(outcome, TransportError)
+
+
+async def _all_send_and_publish(fed: Federation, port: int, version: int) -> None:
+    tasks = await _send_all(fed, port, "abc")
+    await _collected(fed, port, 3)
+    async with AdminSession(fed.client_settings("admin", port)) as admin:
+        result = await admin.aggregate()
+        assert result.version == version and result.contributors == 3
+    await asyncio.gather(*tasks)
+
+
 def test_kill_9_mid_round_then_restart(fed: Federation) -> None:
     port = free_port()
     config = fed.server_toml(port, params=D)
     store_dir = fed.certs.root / "store"
 
     async def first_round_then_crash(proc: subprocess.Popen) -> None:
-        tasks = await _send_all(fed, port, "abc")
-        await _collected(fed, port, 3)
-        async with AdminSession(fed.client_settings("admin", port)) as admin:
-            assert (await admin.aggregate()).version == 1
-        await asyncio.gather(*tasks)
+        await _all_send_and_publish(fed, port, 1)
         # Round 2: every update is in the running sum when the server dies.
-        tasks = await _send_all(fed, port, "abc")
-        await _collected(fed, port, 3)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-            assert isinstance(outcome, TransportError)
+        await _crash_with_every_update_in(fed, port, proc)
 
     async def after_restart() -> None:
         for name in "abc":
             async with HospitalSession(fed.client_settings(name, port)) as h:
                 assert h.resend_round == 2  # told: your round was abandoned, send again
                 assert (await h.get_global()).version == 1
-        tasks = await _send_all(fed, port, "abc")
-        await _collected(fed, port, 3)
-        async with AdminSession(fed.client_settings("admin", port)) as admin:
-            result = await admin.aggregate()
-            assert result.version == 2 and result.contributors == 3
-        await asyncio.gather(*tasks)
+        await _all_send_and_publish(fed, port, 2)
 
     proc = start_server(config)
     try:
@@ -385,28 +391,12 @@ def test_a_lost_state_file_does_not_start_round_numbers_over(fed: Federation) ->
     settings = cfg.load(config, cfg.ServerSettings)
     store_dir, audit_log = Path(settings.store_dir), Path(settings.audit_log)
 
-    async def round_then_crash(proc: subprocess.Popen) -> None:
-        tasks = await _send_all(fed, port, "abc")
-        await _collected(fed, port, 3)  # every masked input is in when the server dies
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-            assert isinstance(outcome, TransportError)
-
-    async def after_restart() -> None:
-        tasks = await _send_all(fed, port, "abc")
-        await _collected(fed, port, 3)
-        async with AdminSession(fed.client_settings("admin", port)) as admin:
-            result = await admin.aggregate()
-            assert result.version == 1 and result.contributors == 3
-        await asyncio.gather(*tasks)
-
     proc = start_server(config)
     try:
-        asyncio.run(round_then_crash(proc))
+        asyncio.run(_crash_with_every_update_in(fed, port, proc))
         (store_dir / "state.json").unlink()
         proc = start_server(config)
-        asyncio.run(after_restart())
+        asyncio.run(_all_send_and_publish(fed, port, 1))
     finally:
         proc.kill()
         proc.wait()
