@@ -693,8 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Client actions that only read (a model, scans) and run without an event loop: SIGTERM
 #: ends them at once, with a sentence (``train`` stops between batches instead, see
-#: ``_stop_training_on_signals``; ``send`` and ``get`` cancel their task, see
-#: ``securefl.client.commands.run``).
+#: ``_TrainingStop``; ``get`` finishes first, see ``_GetFinishesFirst``; ``send`` cancels
+#: its task, see ``securefl.client.commands.run``).
 _READ_ONLY = frozenset({"evaluate", "classify"})
 
 
@@ -757,6 +757,44 @@ class _TrainingStop:
             signal.signal(sig, old)
 
 
+class _GetFinishesFirst:
+    """Ctrl-C, SIGTERM or SIGHUP during ``get``: the download and the model made from it
+    finish first (seconds to a fine-tuning epoch), then the command says so.
+
+    Why: a SIGTERM or a closed terminal ended ``get`` after ``global.json`` named the new
+    version and before the model was made from it, without a word; the next ``train``
+    went on from the old model and ``send`` labelled its update with the new version
+    (found walking it).  A second Ctrl-C stops at once, as the person asks."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.cause = ""
+        self._old = {sig: signal.getsignal(sig)
+                     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        for sig, old in self._old.items():
+            if old is not signal.SIG_IGN:
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        import signal
+
+        if self.cause and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.cause = {signal.SIGINT: "Ctrl-C", signal.SIGHUP: "a hang-up (the terminal "
+                      "closed)"}.get(signum, "a termination signal")
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"securefl: {self.cause}: get stops once this download and "
+                             "the model made from it are complete (Ctrl-C again stops at "
+                             "once, and then run get --replace-trained)\n")
+
+    def said(self) -> None:
+        if self.cause:
+            with contextlib.suppress(OSError):
+                sys.stderr.write(f"securefl: stopped after {self.cause}, once get had "
+                                 "finished: what it printed above is complete\n")
+
+
 def _check_hospital_name(path: Path, name: str) -> None:
     """``--hospital`` with an action: a script that names one hospital and passes another's
     kit (``--hospital south`` with north's hospital.toml) must not train or send as north
@@ -785,10 +823,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "client" and action in _READ_ONLY:
         _end_on_sigterm(action)
+    getting = _GetFinishesFirst() if args.command == "client" and action == "get" else None
     try:
         if action is not None and getattr(args, "hospital", None):
             _check_hospital_name(args.config, args.hospital)
-        return func(args)
+        code = func(args)
+        if getting is not None:
+            getting.said()
+        return code
     except errors.SecureFLError as exc:
         print(f"securefl: {exc.message}", file=sys.stderr)
         return exit_code_for(exc)
