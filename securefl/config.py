@@ -406,7 +406,12 @@ def read_toml(path: Path | str) -> dict[str, Any]:
                           "--config") from exc
     except IsADirectoryError as exc:  # a kit's folder instead of the file in it
         inside = sorted(p.name for p in path.glob("*.toml"))
-        hint = (f"give the settings file inside it, e.g. {path / inside[0]}" if inside
+        # Several (the operator's certs folder: admin.toml and server.toml): all named,
+        # since only the command knows which it needs (walking it, `server --config certs`
+        # was pointed to admin.toml).
+        hint = (f"give the settings file inside it, e.g. {path / inside[0]}" if len(inside) == 1
+                else "give the one this command needs: "
+                + ", ".join(str(path / name) for name in inside) if inside
                 else "give the path of a settings file (hospital.toml, admin.toml or "
                 "server.toml)")
         raise ConfigError(f"{path} is a folder, not a settings file: {hint}") from exc

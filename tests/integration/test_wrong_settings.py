@@ -158,3 +158,19 @@ def test_hospital_naming_another_kit_is_refused_before_anything_runs(
     assert sorted(p.name for p in kit.parent.rglob("*")) == state  # nothing written
     # The right name changes nothing: the action runs (its log, empty so far).
     assert main(["client", "--config", str(kit), "--hospital", "a", "log"]) == 0
+
+
+def test_the_operators_certs_folder_as_config_names_every_settings_file_in_it(
+        fed: Federation) -> None:
+    """``server --config certs`` was pointed to certs/admin.toml, the first file found."""
+    import subprocess
+    import sys
+
+    root = fed.certs.root
+    # Its own process: the server command may re-execute itself (OpenSSL settings).
+    done = subprocess.run([sys.executable, "-m", "securefl", "server", "--config", str(root)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3
+    err = done.stderr
+    assert f"{root} is a folder, not a settings file: give the one this command needs: " in err
+    assert str(root / "server.toml") in err and str(root / "admin.toml") in err
