@@ -788,6 +788,12 @@ class _GetFinishesFirst:
                              "the model made from it are complete (Ctrl-C again stops at "
                              "once, and then run get --replace-trained)\n")
 
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
     def said(self) -> None:
         if self.cause:
             with contextlib.suppress(OSError):
@@ -827,7 +833,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if action is not None and getattr(args, "hospital", None):
             _check_hospital_name(args.config, args.hospital)
-        code = func(args)
+        try:
+            code = func(args)
+        finally:
+            if getting is not None:  # main() also runs in-process (tests, scripts)
+                getting.restore()
         if getting is not None:
             getting.said()
         return code

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sys
 
 import pytest
@@ -62,4 +61,17 @@ def test_a_stop_signal_during_get_lets_it_finish_and_says_so(
     assert json.loads((state / "global.json").read_text())["version"] == 0
     entries, _ = HospitalLog(state).entries(5)
     assert entries[-1].event == "downloaded"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the test process untouched
+
+
+def test_get_run_in_process_leaves_the_callers_signal_handlers_as_they_were(
+        fed: Federation) -> None:
+    """``main()`` also runs inside other programs (scripts, these tests): the handlers
+    ``get`` takes for its own run are given back, whatever the run's outcome."""
+    import signal
+
+    from securefl.cli import main
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    kit = fed.certs.kit("a") / "hospital.toml"  # nobody listens at its port: exit 10
+    assert main(["client", "--config", str(kit), "get"]) == 10
+    assert {s: signal.getsignal(s) for s in before} == before
