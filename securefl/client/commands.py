@@ -186,6 +186,8 @@ async def hospital(args: argparse.Namespace) -> int:
                       f"{', '.join(st.online) or '-'}; joined {len(st.joined)}; submitted "
                       f"{len(st.submitted)}"
                       + (f"; waiting for {', '.join(st.waiting_for)}" if st.waiting_for else ""))
+                if went_back := await asyncio.to_thread(hospital.server_went_back, st.version):
+                    print(f"warning: {went_back}")
                 return 0
             if action == "get":
                 finetune = hospital.has_ml and hospital.ml.personalise in ("finetune", "best")

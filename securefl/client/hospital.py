@@ -159,6 +159,26 @@ class Hospital:
                             "client get` to download the global model again")
         return meta
 
+    def server_went_back(self, server_version: int) -> str | None:
+        """The sentence to show when the server's newest version is older than one this
+        hospital already holds, else None.
+
+        Why: a server started from an older backup of its store says "at version 1" while
+        hospitals hold version 3; every download is then refused and every update told to
+        "download, retrain and send again", which cannot help.  Saying what happened, and
+        who can fix it, is the one useful answer (QUICKSTART §6, "Restoring from a backup")."""
+        try:
+            held = self.global_meta()
+        except DataError:
+            return None
+        if held is None or server_version >= int(held["version"]):
+            return None
+        return (f"the server's newest global version is {server_version}, but this hospital "
+                f"already has version {held['version']}: global versions never go back, so "
+                "the server's model store was probably restored from an older backup; "
+                "nothing was sent or saved here: ask the federation operator to restore the "
+                "newest backup")
+
     def global_weights(self) -> np.ndarray:
         """The downloaded global model's weights (``state/global.npy``), float32."""
         path = self.state_dir / "global.npy"
@@ -569,10 +589,10 @@ class Hospital:
             # Versions only go up.  A server that goes back could lead this hospital to
             # send a second update on an old version after its record of the first moved
             # on, and two sums on one version can be subtracted (docs/SECURITY.md).
-            raise CryptoError(
+            raise CryptoError(self.server_went_back(model.version) or (
                 f"the server offered global version {model.version}, but this hospital "
                 f"already had version {held['version']}: global versions never go back, so "
-                "nothing was saved or loaded; tell the federation operator")
+                "nothing was saved or loaded; tell the federation operator"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # Written whole or not at all: a full disk must not leave a cut-off copy.
         replace_file(self.state_dir / "global.npy",
@@ -615,6 +635,12 @@ class Hospital:
         ``round_options`` go to ``HospitalSession.send`` (``leave_after`` for dropout tests).
         """
         update = np.ascontiguousarray(update, dtype=np.float32).reshape(-1)
+        welcome = session.conn.welcome
+        if welcome is not None and (
+                went_back := await asyncio.to_thread(self.server_went_back, welcome.version)):
+            # Before the round: an update on an old version after a newer one was held is
+            # what the never-go-back rule of ``get`` is there to prevent.
+            raise CryptoError(went_back)
         with self.busy("send"):
             journal, required = self.outbox.begin(base, samples, update,
                                                   session.settings.policy.max_attempts)

@@ -522,6 +522,20 @@ class Coordinator(AdminActions):
 
     # -- joining -----------------------------------------------------------------------------
     def _join(self, peer: Peer, msg: wm.Join) -> wm.Joined:
+        if msg.base_version > self.version:
+            # Only a server whose store went back (an older backup restored) sees this:
+            # "download and retrain" cannot help, since hospitals never go back.
+            self.audit.record(
+                "refused", name=peer.name, base_version=msg.base_version, version=self.version,
+                reason=f"its update is based on version {msg.base_version}, newer than this "
+                f"server's newest version {self.version}: the model store has gone back (an "
+                "older backup restored?); restore the newest backup, one that holds every "
+                "published version")
+            raise StaleVersionError(
+                f"your update was trained on global version {msg.base_version}, but this "
+                f"server's newest version is {self.version}: its model store has gone back "
+                "(restored from an older backup?), so nothing was sent; tell the federation "
+                "operator")
         if msg.base_version != self.version:
             self.audit.record("refused", name=peer.name, reason="stale base version",
                               base_version=msg.base_version, version=self.version)

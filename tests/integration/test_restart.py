@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -435,3 +436,94 @@ def test_a_damaged_state_file_stops_the_start_and_says_what_to_do(
     finally:
         server.audit.close()
         server._unlock()
+
+
+def test_a_store_restored_from_an_older_backup_is_named_not_downloaded(
+        fed: Federation) -> None:
+    """Walking it: a store and audit log restored from a backup taken at version 1, while
+    the hospitals held version 3, started "at version 1" without a word; hospitals refused
+    its model (versions never go back) and the server told them to "download, retrain and
+    send again", which could not help.  Now every side says what happened and who fixes it,
+    and nothing of the hospitals' is sent or overwritten."""
+    import json
+    import shutil
+
+    from securefl import config
+    from securefl.cli import EXIT_CODES
+    from securefl.errors import CryptoError, StaleVersionError
+
+    from .test_cli import _cli, _point_at
+
+    port = free_port()
+    cfg = _point_at(fed, port)
+    toml = fed.server_toml(port, params=D)
+    settings = config.load(toml, config.ServerSettings)
+    backup = fed.tmp / "backup"
+
+    def one_round(version: int) -> None:
+        for n in "abc":
+            assert _cli("client", "--config", cfg[n], "get").returncode == 0
+            np.save(fed.tmp / f"{n}.npy", np.full(D, 0.01 * version, np.float32))
+        sends = [subprocess.Popen(
+            [sys.executable, "-m", "securefl", "client", "--config", str(cfg[n]), "send",
+             "--update", str(fed.tmp / f"{n}.npy"), "--samples", "5"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in "abc"]
+        while _cli("admin", "--config", cfg["admin"], "count").stdout.split()[:1] != ["3"]:
+            time.sleep(0.1)
+        assert f"published version {version}" in _cli("admin", "--config", cfg["admin"],
+                                                       "aggregate").stdout
+        for p in sends:
+            p.communicate(timeout=60)
+
+    proc = start_server(toml)
+    try:
+        one_round(1)
+        shutil.copytree(settings.store_dir, backup / "store")
+        shutil.copy(settings.audit_log, backup / "audit.jsonl")
+        one_round(2)
+        for n in "abc":
+            assert _cli("client", "--config", cfg[n], "get").returncode == 0  # all hold v2
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    shutil.rmtree(settings.store_dir)
+    shutil.copytree(backup / "store", settings.store_dir)
+    shutil.copy(backup / "audit.jsonl", settings.audit_log)
+    state = fed.certs.kit("a") / "state"
+    held = {f: (state / f).read_bytes() for f in ("global.json", "global.npy")}
+
+    proc = start_server(toml)  # a self-consistent older pair: it starts, at version 1
+    try:
+        said = ("the server's newest global version is 1, but this hospital already has "
+                "version 2: global versions never go back, so the server's model store was "
+                "probably restored from an older backup")
+        status = _cli("client", "--config", cfg["a"], "status")
+        assert status.returncode == 0 and f"warning: {said}" in status.stdout
+        get = _cli("client", "--config", cfg["a"], "get")
+        assert get.returncode == EXIT_CODES[CryptoError] and said in get.stderr, get.stderr
+        assert {f: (state / f).read_bytes() for f in held} == held  # nothing overwritten
+        send = _cli("client", "--config", cfg["b"], "send", "--update", fed.tmp / "b.npy",
+                    "--samples", "5")
+        assert send.returncode == EXIT_CODES[CryptoError] and said in send.stderr, send.stderr
+        assert "joined" not in send.stdout + send.stderr
+
+        async def own_client_joins_on_version_2() -> None:
+            async with HospitalSession(fed.client_settings("c", port)) as s:
+                with pytest.raises(StaleVersionError, match=(
+                        r"trained on global version 2, but this server's newest version is "
+                        r"1: its model store has gone back \(restored from an older "
+                        r"backup\?\), so nothing was sent; tell the federation operator")):
+                    await s.send(np.full(D, 0.01, np.float32), 5, base_version=2)
+
+        asyncio.run(own_client_joins_on_version_2())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        console, _ = proc.communicate(timeout=30)
+    assert ("refused hospital 'c'" in console and "its update is based on version 2, newer "
+            "than this server's newest version 1: the model store has gone back" in console
+            ), console
+    refusals = [e for e in map(json.loads, Path(settings.audit_log).read_text().splitlines())
+                if e["event"] == "refused" and e.get("base_version") == 2]
+    assert [e["name"] for e in refusals] == ["c"]
