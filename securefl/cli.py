@@ -270,6 +270,44 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+#: ``--verify-audit`` given without a file: the one server.toml names.
+_CONFIGURED = Path("\0configured")
+
+
+def _verify_audit(config_path: Path | None, given: Path) -> int:
+    """Why a command and not only the start-up check: an operator checks a log (or a
+    backup copy of one) without starting a server, and a script needs the exit code."""
+    from securefl import config
+    from securefl.server import audit
+
+    if given == _CONFIGURED:
+        if config_path is None:
+            raise errors.ConfigError("--verify-audit needs --config server.toml (the log it "
+                                     "names), or the audit log file to check: "
+                                     "--verify-audit FILE")
+        path = Path(config.load(config_path, config.ServerSettings).audit_log)
+    else:
+        path = given
+    try:
+        found = audit.check(path)
+    except FileNotFoundError:
+        raise errors.DataError(f"there is no audit log at {path}: give the file to check, "
+                               "or the server.toml that names it") from None
+    except IsADirectoryError:
+        raise errors.DataError(f"{path} is a folder, not an audit log: give the audit log "
+                               "file (audit.jsonl)") from None
+    except OSError as exc:
+        raise errors.DataError(f"cannot read the audit log {path} ({exc.strerror}): run "
+                               "this as a user who may read it") from None
+    if not found.intact:
+        raise errors.DataError(found.sentence())
+    print(found.sentence())
+    print(f"hash of the newest entry: {found.head}")
+    print("(the next entry carries it as \"prev\": note it down, and a later intact check "
+          "whose log still holds it shows that nothing up to here was changed)")
+    return 0
+
+
 def _add_server(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "server", help="run the federation server",
@@ -277,8 +315,13 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
         "operator needs: listening, rounds opened, closed, published or failed, refused "
         "connections with the reason, certificate and revocation-list expiry warnings.  "
         "Every event is also in the hash-chained audit log (audit_log in server.toml).")
-    p.add_argument("--config", type=Path, required=True,
-                   help="server.toml from the certificate folder (no default)")
+    p.add_argument("--config", type=Path,
+                   help="server.toml from the certificate folder (required, except with "
+                   "--verify-audit FILE)")
+    p.add_argument("--verify-audit", nargs="?", type=Path, const=_CONFIGURED, default=None,
+                   metavar="FILE", help="check the audit log's hash chain and exit (the "
+                   "server is not started): server.toml's audit_log, or FILE (a backup "
+                   "copy); exit 0 when intact, 4 naming every damaged line otherwise")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                    default="info", help="least important console messages shown; debug "
                    "adds every connection and round step (default info)")
@@ -286,6 +329,10 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
                    help="console messages as one JSON object per line, for a log collector")
 
     def run(args: argparse.Namespace) -> int:
+        if args.verify_audit is not None:
+            return _verify_audit(args.config, args.verify_audit)
+        if args.config is None:
+            p.error("the following arguments are required: --config")
         from securefl.server.main import run as run_server
 
         return run_server(args.config, args.argv, log_level=args.log_level,

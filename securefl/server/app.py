@@ -268,6 +268,11 @@ class Server:
         if self.coordinator.schedule is not None:
             self._chores.append(asyncio.create_task(self.coordinator.schedule.run()))
         info = self.store.latest()[0]
+        if (damage := self.audit.damage) is not None:
+            # Into the chain itself, so the damage found now cannot later pass as unseen.
+            self.audit.record("audit-damaged", places=len(damage.problems),
+                              lines=[n for n, _ in damage.problems[:20]],
+                              message=damage.sentence(), durable=True)
         self.audit.record("server-start", port=self.port, version=info.version, durable=True)
         log.info("listening on %s:%d at version %d; audit log %s, store %s",
                  self.settings.host, self.port, info.version, self.audit.path,

@@ -10,6 +10,7 @@ in: key material, shares, weights — callers pass only names, numbers and codes
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime as dt
 import errno
 import hashlib
@@ -43,15 +44,13 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._prev = GENESIS
         self._seq = 0
+        #: What the chain check at opening found, when the log was damaged before this start
+        #: (None: intact or new); the server records and announces it.
+        self.damage: ChainCheck | None = None
         if self.path.exists():
-            last = b""
-            with self.path.open("rb") as f:
-                for line in f:
-                    if line.strip():
-                        last = line
-                        self._seq += 1
-            if last:
-                self._prev = _line_hash(last)
+            found = check(self.path)  # one pass: the chain's end, and any damage before it
+            self._prev, self._seq = found.head, found.next_seq
+            self.damage = None if found.intact else found
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._end_torn_line()
         #: Entries not yet written (the log was unwritable), oldest first.
@@ -260,19 +259,91 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+@dataclasses.dataclass
+class ChainCheck:
+    """What ``check`` found: every damaged place, not only the first."""
+
+    path: Path
+    #: Non-empty lines, damaged ones included (the writer numbers them all: ``seq``).
+    entries: int = 0
+    #: ``(line number, what is wrong)``, in file order.
+    problems: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    #: The hash the next entry must carry as ``prev`` (the newest line's).
+    head: str = GENESIS
+    #: The number the next entry must carry as ``seq`` (one after the newest line's).
+    next_seq: int = 0
+    first_time: str | None = None
+    last_time: str | None = None
+
+    @property
+    def intact(self) -> bool:
+        return not self.problems
+
+    def sentence(self) -> str:
+        """One sentence for an operator: intact, or the damage and what to do about it."""
+        if self.intact:
+            span = (f", {self.first_time} to {self.last_time}" if self.first_time else "")
+            return (f"the audit log {self.path} is intact: {self.entries} entries{span}, "
+                    "each chained to the one before")
+        shown = "; ".join(f"line {n}: {what}" for n, what in self.problems[:5])
+        more = len(self.problems) - 5
+        return (f"the audit log {self.path} is damaged at {len(self.problems)} place"
+                f"{'' if len(self.problems) == 1 else 's'} ({shown}"
+                f"{f'; and {more} more' if more > 0 else ''}): compare it with a backup copy "
+                "to see what was changed; the server keeps adding to it, and the damage "
+                "stays visible to this check")
+
+
+def check(path: Path) -> ChainCheck:
+    """Walk the whole chain and name every damaged line.
+
+    Why go on past the first break: the writer chains each entry onto the hash of the line
+    before it whatever that line holds (a cut-off line after a full disk included), so the
+    chain resumes after damage and a second, later edit must not hide behind the first.
+    An edited line shows as a break at the line after it (whose ``prev`` no longer
+    matches); lines removed or inserted show as a break and a numbering gap.  The newest
+    line has no successor to vouch for it: ``head`` is its hash, for an operator who wants
+    to note it and check later that nothing before it changed."""
+    result = ChainCheck(Path(path))
+    prev, due = GENESIS, 0
+    with Path(path).open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            if not isinstance(entry, dict):
+                result.problems.append((number, "not an entry (cut off or overwritten)"))
+            else:
+                wrong = []
+                if entry.get("prev") != prev:
+                    wrong.append("the line before it was changed, or lines were removed or "
+                                 "inserted here" if number > 1 else
+                                 "it is not the first entry of a log: lines were removed "
+                                 "from the start")
+                seq = entry.get("seq")
+                if seq != due:
+                    wrong.append(f"numbered {seq!r} where {due} was due")
+                if _is_int(seq):
+                    due = seq  # a gap is named once, not at every line after it
+                if wrong:
+                    result.problems.append((number, "; ".join(wrong)))
+                if isinstance(entry.get("time"), str):
+                    result.first_time = result.first_time or entry["time"]
+                    result.last_time = entry["time"]
+            prev = _line_hash(line)
+            result.entries += 1
+            due += 1
+    result.head, result.next_seq = prev, due
+    return result
+
+
 def verify(path: Path) -> int:
-    """Check the chain; returns the number of entries or raises naming the first bad line."""
-    prev = GENESIS
-    count = 0
-    for number, line in enumerate(Path(path).read_bytes().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError as exc:
-            raise DataError(f"audit log line {number} is not JSON") from exc
-        if entry.get("prev") != prev or entry.get("seq") != count:
-            raise DataError(f"audit log chain broken at line {number}")
-        prev = _line_hash(line)
-        count += 1
-    return count
+    """The number of entries of an intact chain; raises ``DataError`` saying where it is
+    damaged (``check`` lists every place)."""
+    result = check(path)
+    if not result.intact:
+        raise DataError(f"audit log chain broken: {result.sentence()}")
+    return result.entries

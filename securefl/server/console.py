@@ -105,6 +105,8 @@ MESSAGES: dict[str, tuple[int, Callable[[Mapping[str, Any]], str]]] = {
     "schedule-paused": (logging.INFO, lambda e: "the schedule is paused: no round opens "
                         "until it is resumed"),
     "schedule-resumed": (logging.INFO, lambda e: "the schedule is running again"),
+    "audit-damaged": (logging.WARNING, lambda e: f"{e['message']} (found at start-up; "
+                      "`securefl server --verify-audit` checks it again)"),
     "connections-refused": (logging.WARNING, _refused_connections),
     "refused": (logging.WARNING, _refused),
     "request-refused": (logging.INFO, lambda e: f"refused a request of '{e.get('name')}' "

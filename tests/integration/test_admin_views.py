@@ -81,12 +81,14 @@ def test_a_damaged_audit_log_keeps_the_next_entries_and_still_reads(
         rows = asyncio.run(scenario())
     assert any("ended in a cut-off line" in r.getMessage() for r in caplog.records)
     events = [r.event for r in rows]
-    assert events[:4] == ["submission", "damaged-line", "damaged-line", "server-start"], events
+    assert events[:5] == ["submission", "damaged-line", "damaged-line", "audit-damaged",
+                          "server-start"], events
     assert "not an entry" in rows[1].detail
     lines = path.read_bytes().splitlines()
     assert lines[2] == b'{"seq":2,"time":"2026-12-01T0'  # kept as it was, on its own
-    assert b'"server-start"' in lines[3]
-    with pytest.raises(SecureFLError, match="line 2 is not JSON"):
+    assert b'"audit-damaged"' in lines[3] and b'"server-start"' in lines[4]
+    with pytest.raises(SecureFLError, match=r"damaged at 2 places \(line 2: not an entry "
+                       r"\(cut off or overwritten\); line 3: not an entry"):
         audit.verify(path)  # the damage stays visible to whoever checks the chain
 
 
