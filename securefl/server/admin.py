@@ -224,6 +224,10 @@ class AdminActions:
             raise RoundBusyError(f"the round is {rnd.phase}; aggregate once updates are "
                                  f"being collected{nxt}", code="round-not-ready")
         try:
+            if (doomed := rnd.cannot_finish()) is not None and rnd.may_all_send_again():
+                # Before the list goes out: ended like a round too few could unmask, with
+                # nobody bound to a list naming a hospital that may never come back.
+                raise NotEnoughSurvivorsError(doomed)
             listed = eng.close_inputs()
             if isinstance(eng, ServerRound):
                 assert listed is not None

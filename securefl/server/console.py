@@ -92,6 +92,13 @@ MESSAGES: dict[str, tuple[int, Callable[[Mapping[str, Any]], str]]] = {
     "round-bound": (logging.WARNING, lambda e: f"round {e['round_id']}'s survivor list went "
                     f"out: the next round on version {e['base_version']} may combine only "
                     f"{_names(e.get('names'))}"),
+    "round-doomed": (logging.WARNING, lambda e: f"round {e['round_id']} cannot finish: "
+                     f"{e['reason']}; "
+                     + ("`securefl admin abort` or `aggregate` ends it with nothing "
+                        "published, and its hospitals send again into a new round"
+                        if e.get("resend") else
+                        "nothing can be published from it, and hospitals whose masked "
+                        "updates went in send nothing more on this version (docs/SECURITY.md)")),
     "refused-publish": (logging.WARNING, lambda e: f"round {e['round_id']}: nothing "
                         f"published ({e.get('reason', '')})"),
     "withheld": (logging.WARNING, lambda e: f"round {e['round_id']}: "

@@ -282,6 +282,11 @@ class Coordinator(AdminActions):
                           phase=rnd.phase)
         if rnd.engine.state is ServerState.ENROLLING:
             self._withdraw(rnd, peer.name)
+        elif (doomed := rnd.cannot_finish()) is not None and not rnd.doomed:
+            # Said the moment it happens: `admin status` still looks like a round collecting.
+            rnd.doomed = True
+            self.audit.record("round-doomed", round_id=rnd.round_id, reason=doomed,
+                              resend=rnd.may_all_send_again(), durable=True)
         self._check_progress(rnd)
 
     def _withdraw(self, rnd: ActiveRound, name: str) -> None:

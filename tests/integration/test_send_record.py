@@ -8,6 +8,7 @@ kept (tests/outcome.py), not only its version number.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 
@@ -296,10 +297,10 @@ def test_exit_code_13_is_documented() -> None:
 def test_a_round_that_fails_while_a_hospital_is_away_is_announced_when_it_returns(
         fed: Federation) -> None:
     """Two hospitals (c = 0, t = 2); one vanishes after its masked input, so the round
-    cannot be unmasked.  b signed the list {a, b}: it resends only into a round of exactly
-    a and b.  a signed nothing, and no list with its update could gather t = 2 signatures
-    without its own, so it is free.  When a reconnects the server tells it the round ended
-    without a version, and the two publish the next one together."""
+    cannot be unmasked.  No list with a's update could gather t = 2 signatures without its
+    own, so the server ends the round before any list goes out (it used to send {a, b}
+    out, binding b to a round of exactly a and b).  When a reconnects the server tells it
+    the round ended without a version, and the two publish the next one together."""
     ups = {n: _update(20 + i) for i, n in enumerate("ab")}
 
     async def scenario() -> tuple[np.ndarray, np.ndarray]:
@@ -317,10 +318,11 @@ def test_a_round_that_fails_while_a_hospital_is_away_is_announced_when_it_return
             async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
                 await _wait(admin, "submitted", 2)
                 with pytest.raises(NotEnoughSurvivorsError,
-                                   match="only into a round of exactly them"):
+                                   match="'a' left after sending its masked update"):
                     await admin.aggregate()
                 with pytest.raises(RoundAbandonedError):
                     await waiting
+                assert sites["b"].send_record().signed_survivors is None  # bound to nobody
                 async with sites["a"].session() as s:
                     assert s.resend_round == 1  # told once, on its next hello
                     sites["a"].note_abandoned(s.resend_round)
@@ -474,5 +476,67 @@ def test_after_a_round_fails_with_its_list_out_only_the_listed_hospitals_go_on(
 
     v0, v1 = asyncio.run(scenario())
     parts = [(ups[n], 10) for n in "ab"]
+    expected, _ = fedavgm_step(v0, weighted_mean(parts), None)
+    assert_published(v1, expected, tolerance(parts), v0)
+
+
+def test_a_round_that_lost_a_sender_is_ended_without_binding_anyone(fed: Federation) -> None:
+    """Walking it: with t = 3 of 3, 'a' left after its masked input went in; `admin status`
+    still showed a round collecting, and `aggregate` sent out a survivor list naming 'a',
+    which could not sign it: the round failed and bound every later round on version 0 to
+    exactly a, b and c, with 'a' unable to rejoin.  Now the server says at once that the
+    round cannot finish, `aggregate` ends it before any list goes out, and all three send
+    again into a round that publishes their mean."""
+    ups = {n: _update(20 + i) for i, n in enumerate("abc")}
+    samples = {"a": 10, "b": 20, "c": 30}
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray, list[dict]]:
+        async with running(fed.server_settings()) as srv:
+            sites = {n: _site(fed, n, srv.port) for n in "abc"}
+            v0 = await _get(sites["a"])
+            for n in "bc":
+                await _get(sites[n])
+            sessions = {n: await sites[n].session().connect() for n in "abc"}
+            tasks = {n: asyncio.create_task(sites[n].send_update(
+                sessions[n], ups[n], samples[n], 0,
+                leave_after="masked_input" if n == "a" else None)) for n in "abc"}
+            assert await tasks["a"] is None
+            await sessions["a"].close()
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                await _wait(admin, "submitted", 3)
+                for _ in range(500):
+                    if "round-doomed" in [e.event for e in await admin.audit()]:
+                        break
+                    await asyncio.sleep(0.02)
+                with pytest.raises(NotEnoughSurvivorsError) as err:
+                    await admin.aggregate()
+                said = err.value.message
+                assert ("'a' left after sending its masked update, and the survivor list "
+                        "needs 3 signatures while only 2 of the round's hospitals (b, c) are "
+                        "still connected") in said, said
+                assert "nothing was published" in said and "only into a round of" not in said
+                for n in "bc":
+                    with pytest.raises(RoundAbandonedError):
+                        await tasks[n]
+                    await sessions[n].close()
+                # Everyone sends again, 'a' included: nobody is bound to round 1's list.
+                async with contextlib.AsyncExitStack() as stack:
+                    again = {n: await stack.enter_async_context(sites[n].session())
+                             for n in "abc"}
+                    assert again["a"].resend_round == 1  # told when it came back
+                    sites["a"].note_abandoned(1)  # as the CLI and the app do on connecting
+                    sends = [asyncio.create_task(sites[n].send_update(
+                        again[n], ups[n], samples[n], 0)) for n in "abc"]
+                    await _wait(admin, "submitted", 3)
+                    assert (await admin.aggregate()).contributors == 3
+                    await asyncio.gather(*sends)
+                events = [{"event": e.event, "detail": e.detail} for e in await admin.audit(
+                    limit=200)]
+            return v0, await _published(fed, srv.port), events
+
+    v0, v1, events = asyncio.run(scenario())
+    kinds = [e["event"] for e in events]
+    assert "round-doomed" in kinds and "round-bound" not in kinds, kinds
+    parts = [(ups[n], samples[n]) for n in "abc"]
     expected, _ = fedavgm_step(v0, weighted_mean(parts), None)
     assert_published(v1, expected, tolerance(parts), v0)
