@@ -863,6 +863,37 @@ def _check_hospital_name(path: Path, name: str) -> None:
             "check the name, or give your own hospital's hospital.toml; nothing was done")
 
 
+def _check_role(command: str, path: Path) -> None:
+    """The administrator's settings given to ``client``, or a hospital's to ``admin``.
+
+    Why checked here: walking it, ``client --config admin.toml train`` was told to add an
+    [ml] table to admin.toml, and ``status`` reached the server before the mix-up showed.
+    The certificate says whose settings these are; any other fault in the file is left to
+    the action, which names it in its own words."""
+    from securefl import config
+    from securefl.certs import load_credential
+    from securefl.crypto.pki import Role
+
+    try:
+        settings = config.load(path, config.ClientSettings)
+        cred = load_credential(settings.cert, settings.key)
+        role, name = cred.role, cred.name
+    except (errors.SecureFLError, ValueError):
+        return
+    if command == "client" and role is Role.ADMIN:
+        raise errors.ConfigError(
+            f"{path} holds the administrator's certificate, not a hospital's: `securefl "
+            "client` takes a hospital kit's hospital.toml (kits/NAME/hospital.toml), and the "
+            f"administrator's actions run as `securefl admin --config {path} ...`; nothing "
+            "was done")
+    if command == "admin" and role is not Role.ADMIN:
+        raise errors.ConfigError(
+            f"{path} holds the certificate of {role} '{name}', not the administrator's: "
+            "`securefl admin` takes the administrator's admin.toml (in the certificate "
+            f"folder), and this hospital's actions run as `securefl client --config {path} "
+            "...`; nothing was done")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -880,6 +911,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if action is not None and getattr(args, "hospital", None):
             _check_hospital_name(args.config, args.hospital)
+        if (args.command == "admin" or (args.command == "client" and action is not None)) \
+                and isinstance(getattr(args, "config", None), Path):
+            _check_role(args.command, args.config)
         try:
             code = func(args)
         finally:

@@ -174,3 +174,26 @@ def test_the_operators_certs_folder_as_config_names_every_settings_file_in_it(
     err = done.stderr
     assert f"{root} is a folder, not a settings file: give the one this command needs: " in err
     assert str(root / "server.toml") in err and str(root / "admin.toml") in err
+
+
+@pytest.mark.parametrize("action", ["train", "evaluate", "log", "status"])
+def test_the_administrators_file_given_to_a_local_hospital_action_says_whose_it_is(
+        fed: Federation, capsys: pytest.CaptureFixture[str], action: str) -> None:
+    """Walking it: `client --config admin.toml train` was told to add an [ml] table to the
+    administrator's file.  The certificate is read first, with no server needed."""
+    admin_toml = fed.certs.root / "admin.toml"
+    assert main(["client", "--config", str(admin_toml), action]) == 3
+    err = capsys.readouterr().err
+    assert (f"{admin_toml} holds the administrator's certificate, not a hospital's: "
+            "`securefl client` takes a hospital kit's hospital.toml") in err, err
+    assert "[ml]" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_hospitals_file_given_to_admin_says_whose_it_is_without_a_server(
+        fed: Federation, capsys: pytest.CaptureFixture[str]) -> None:
+    kit_toml = fed.certs.kit("a") / "hospital.toml"
+    assert main(["admin", "--config", str(kit_toml), "status"]) == 3  # no server running
+    err = capsys.readouterr().err
+    assert (f"{kit_toml} holds the certificate of hospital 'a', not the administrator's: "
+            f"`securefl admin` takes the administrator's admin.toml") in err, err
+    assert f"securefl client --config {kit_toml}" in err
