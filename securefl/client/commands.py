@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -143,6 +143,20 @@ def personalisation_summary(hospital: Hospital) -> str:
             f"([ml] personalise = \"none\"), saved to {where}")
 
 
+def _waiting_for(names: Sequence[str], me: str) -> str:
+    """The status line's tail for a round bound to a survivor list.  Why not the list as
+    is: walking it, a hospital read its own name among those "waited for" with nothing
+    saying that it is the one to act."""
+    if not names:
+        return ""
+    others = [n for n in names if n != me]
+    if len(others) == len(names):
+        return f"; waiting for {', '.join(names)}"
+    return ("; waiting for this hospital" + (f" and {', '.join(others)}" if others else "")
+            + ": the next round on this version may combine only its survivor list, which "
+            "names this hospital: run send")
+
+
 async def hospital(args: argparse.Namespace) -> int:
     hospital = Hospital.from_file(args.config, require_ml=False)
     state = hospital.state_dir
@@ -185,7 +199,7 @@ async def hospital(args: argparse.Namespace) -> int:
                 print(f"version {st.version}; round {st.round_id or '-'} {st.phase}; online "
                       f"{', '.join(st.online) or '-'}; joined {len(st.joined)}; submitted "
                       f"{len(st.submitted)}"
-                      + (f"; waiting for {', '.join(st.waiting_for)}" if st.waiting_for else ""))
+                      + _waiting_for(st.waiting_for, session.name))
                 if went_back := await asyncio.to_thread(hospital.server_went_back, st.version):
                     print(f"warning: {went_back}")
                 return 0

@@ -437,6 +437,18 @@ def test_after_a_round_fails_with_its_list_out_only_the_listed_hospitals_go_on(
                                        "its survivor list went out, so the next may combine "
                                        "only the hospitals on it; ask them to connect and send")
                 assert "raise [policy] max_attempts by one in hospital.toml" in said
+                # And b's own `status` says that b is the one to act, not only "waiting
+                # for a, b" with its own name in it (found by a walk).
+                kit = read_toml(fed.certs.kit("b") / "hospital.toml")
+                kit.update(host="127.0.0.1", port=srv.port)
+                kit.pop("ml", None)
+                b_toml = write_toml(fed.certs.kit("b") / "hospital-here.toml", kit)
+                assert await asyncio.to_thread(
+                    main, ["client", "--config", str(b_toml), "status"]) == 0
+                line = capsys.readouterr().out
+                assert ("; waiting for this hospital and a: the next round on this version "
+                        "may combine only its survivor list, which names this hospital: run "
+                        "send") in line, line
                 assert sites["b"].check_can_send(0).survivors == {"a", "b"}
                 # c was not on the list: rounds on version 0 are a's and b's now.
                 async with sites["c"].session() as s:
