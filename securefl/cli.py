@@ -629,6 +629,14 @@ def _warn_skipped(skipped: Any, scans_dir: Path) -> None:
         print(f"securefl: warning: {line}", file=sys.stderr)
 
 
+def why_this_many_epochs(stopped_early: bool, epochs_run: int, most: int) -> str:
+    """Why training ran the epochs it ran.  Keras marks a stop on the last allowed epoch
+    as early too; walking it, "stopped early" was printed after every epoch had run."""
+    if stopped_early and epochs_run < most:
+        return "stopped early: the validation loss had stopped improving"
+    return f"at most {most} epochs"
+
+
 def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
     """The hospital's local ML actions under ``securefl client --config FILE``."""
     t = actions.add_parser("train", help="train the local model on scans_dir/Training")
@@ -661,7 +669,14 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
         from securefl.client.agent.control import refuse_if_running
 
         refuse_if_running(h.state_dir, "train")
-        base = h.local_state().base_version
+        state = h.local_state()
+        base = state.base_version
+        if state.trained and base is not None and h.unsent_training(base) is not None:
+            # Walking it: only a docstring said that a second train goes on from the first.
+            print(f"continuing from the model this hospital already trained on version "
+                  f"{base} (its update is not sent yet): this adds epochs to that training; "
+                  "to start again from the downloaded global model, run `get "
+                  "--replace-trained` first")
         printer = training_printer()
         stop = _TrainingStop()
         try:
@@ -673,6 +688,11 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
             print(f"securefl: train was stopped by {stop.cause} before it finished; the model "
                   f"file is unchanged ({h.ml.model_path}): run train again", file=sys.stderr)
             return stop.code
+        if stop.event.is_set():
+            # The stop came after the last batch (while the model was being calibrated or
+            # saved): the run was complete, so it was kept, and the line above was wrong.
+            print(f"securefl: {stop.cause} came after the training had finished, so nothing "
+                  "was stopped: the trained model was saved in full", file=sys.stderr)
         start = (f"from global version {base}" if base is not None
                  else "from a new model (no global model downloaded yet)")
         # The figures of the epoch whose weights were kept (the last epoch's described a
@@ -686,8 +706,7 @@ def _add_client_ml_actions(actions: argparse._SubParsersAction) -> None:
             + f"; model saved to {h.ml.model_path}"
         )
         if result.best_epoch:
-            why = ("stopped early: the validation loss had stopped improving"
-                   if result.stopped_early else f"at most {h.ml.epochs} epochs")
+            why = why_this_many_epochs(result.stopped_early, result.epochs_run, h.ml.epochs)
             print(f"kept epoch {result.best_epoch} of {result.epochs_run} ({why}): validation "
                   f"loss {result.history['val_loss'][result.best_epoch - 1]:.4f} on "
                   f"{result.validation_samples} validation scans; probabilities calibrated "
@@ -793,9 +812,10 @@ class _TrainingStop:
         self.code = code
         self.cause = "Ctrl-C" if code == 130 else "a termination signal"
         self.event.set()
+        again = "press Ctrl-C again" if code == 130 else "send the signal again"
         with contextlib.suppress(OSError):
-            sys.stderr.write("securefl: stopping the training at the end of this batch "
-                             "(press Ctrl-C again to stop at once)\n")
+            sys.stderr.write("securefl: stopping the training at the end of this batch, "
+                             f"keeping nothing ({again} to stop at once)\n")
 
     def restore(self) -> None:
         import signal

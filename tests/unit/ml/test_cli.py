@@ -108,6 +108,16 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
     events = [h["event"] for h in read_history(tmp_path / "runs" / "h1" / "history.jsonl")]
     assert events == ["train", "evaluate", "evaluate"]
 
+    # A second train on a version whose update is not sent yet goes on from the first; it
+    # says so, and how to start over (walking it, only a docstring said it).
+    (tmp_path / "state" / "local.json").write_text(json.dumps(
+        {"base_version": 3, "trained": True, "num_samples": 40}))
+    assert main(["client", "--config", str(cfg), "train", "--epochs", "1"]) == 0
+    assert ("continuing from the model this hospital already trained on version 3 (its "
+            "update is not sent yet): this adds epochs to that training; to start again from "
+            "the downloaded global model, run `get --replace-trained` first"
+            ) in capsys.readouterr().out
+
     # settings that no longer match the saved model are refused, not silently retrained
     write_toml(cfg, {**TLS, "ml": {**ml, "image_size": 40}})
     assert main(["client", "--config", str(cfg), "evaluate"]) == 4
@@ -229,6 +239,9 @@ def test_a_signal_during_train_stops_it_cleanly_keeps_the_model_and_logs_it(
     proc.send_signal(stop)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == code, err
+    again = "press Ctrl-C again" if stop == signal.SIGINT else "send the signal again"
+    assert ("securefl: stopping the training at the end of this batch, keeping nothing "
+            f"({again} to stop at once)") in err, err
     assert err.strip().splitlines()[-1] == (
         f"securefl: train was stopped by {cause} before it finished; the model file is "
         f"unchanged ({model}): run train again")
@@ -277,3 +290,46 @@ model.load_model = load_and_stop
 from securefl.cli import main
 sys.exit(main(["client", "--config", sys.argv[1], *sys.argv[2:]]))
 """
+
+
+def test_stopped_early_only_when_fewer_epochs_ran_than_allowed():
+    from securefl.cli import why_this_many_epochs
+
+    assert why_this_many_epochs(True, 3, 15).startswith("stopped early")
+    assert why_this_many_epochs(True, 15, 15) == "at most 15 epochs"  # Keras said early
+    assert why_this_many_epochs(False, 15, 15) == "at most 15 epochs"
+
+
+def test_a_stop_that_comes_after_the_last_batch_keeps_the_run_and_says_so(
+        tmp_path, capsys, monkeypatch):
+    """Walking it: a stop that landed while the finished model was being saved printed
+    "stopping the training at the end of this batch, keeping nothing", and then the model
+    was kept.  The signal here is real; the wrapper only makes it land after training."""
+    import os
+
+    from securefl.ml import local
+
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--hospitals", "1", "--train", "48",
+                 "--test", "8", "--size", "32", "--seed", "5"]) == 0
+    ml = {"scans_dir": "data/hospital_1", "model_dir": "runs/h1", "image_size": 32,
+          "model_kind": "small", "epochs": 1, "batch_size": 16,
+          "min_validation_per_class": 2}
+    cfg = write_toml(tmp_path / "hospital.toml", {**TLS, "state_dir": "state", "ml": ml})
+    real = local.run_train
+
+    def then_a_stop(*args, **kwargs):
+        result = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before this returns
+        return result
+
+    monkeypatch.setattr(local, "run_train", then_a_stop)
+    capsys.readouterr()
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["client", "--config", str(cfg), "train"]) == 0
+    assert signal.getsignal(signal.SIGTERM) == before  # given back when train ends
+    out = capsys.readouterr()
+    assert ("securefl: a termination signal came after the training had finished, so "
+            "nothing was stopped: the trained model was saved in full") in out.err, out.err
+    assert "trained from a new model" in out.out
+    assert (tmp_path / "runs" / "h1" / "model.keras").is_file()
