@@ -108,7 +108,8 @@ class Entry:
             who = {"hospital": ", by this hospital", "server": ", by the server"}.get(
                 self.by or "", "")
             detail = f"[{self.code}{who}] {detail}"
-        return f"{when}  {what:<12} {', '.join(where) or '-':<18} {detail}"
+        # 15: the longest event name (train-cancelled), so every column lines up
+        return f"{when}  {what:<15} {', '.join(where) or '-':<18} {detail}"
 
 
 class HospitalLog:

@@ -57,7 +57,7 @@ def test_a_refused_roster_is_in_the_hospitals_own_log_without_the_server(
     shown = capsys.readouterr().out.splitlines()
     assert "downloaded global version 0" in shown[0]
     assert f"joined round {round_id}" in shown[-2]
-    assert f"REFUSED      round {round_id}, base v0" in shown[-1]
+    assert f"REFUSED         round {round_id}, base v0" in shown[-1]
     assert "[crypto, by this hospital] the server asked" in shown[-1]
     assert "without masks" in shown[-1] and "nothing was sent" in shown[-1]
 

@@ -250,7 +250,7 @@ def test_a_joined_reply_asking_for_the_update_in_the_clear_gets_nothing(
     kit_toml = fed.certs.kit("a") / "hospital.toml"
     assert main(["client", "--config", str(kit_toml), "log"]) == 0
     shown = capsys.readouterr().out.splitlines()
-    assert "REFUSED      round 1, base v0" in shown[-1]
+    assert "REFUSED         round 1, base v0" in shown[-1]
     assert "[crypto, by this hospital] the server asked" in shown[-1]
 
 

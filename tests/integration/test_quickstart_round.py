@@ -183,7 +183,7 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
         assert "list of 3 hospitals" in north[6]
         assert "published global version 1" in north[7] and "train first" in north[9]
         south = story["south"].stdout.splitlines()
-        assert "REFUSED      base v0            [already-sent, by this hospital]" in south[-1]
+        assert "REFUSED         base v0            [already-sent, by this hospital]" in south[-1]
         assert "already in global version 1" in south[-1]
     finally:
         for proc in [*sends.values(), server]:

@@ -65,7 +65,7 @@ def test_a_torn_last_line_is_skipped_and_never_glued_to_the_next_entry(
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert len(lines) == 2 and "round 1" in lines[0]
-    assert "REFUSED      round 3            [crypto, by this hospital]" in lines[1]
+    assert "REFUSED         round 3            [crypto, by this hospital]" in lines[1]
     assert "without masks" in lines[1]
     assert "3 damaged line(s)" in err
 
@@ -199,3 +199,17 @@ def test_an_interrupted_train_or_get_does_not_say_an_update_may_have_left(
     assert details[0] == "train was interrupted before it finished; nothing was sent"
     assert details[1] == "get was interrupted before it finished; nothing was sent"
     assert "may be in that round's sum" in details[2]
+
+
+def test_the_log_columns_line_up_for_every_event_name(tmp_path: Path) -> None:
+    """Walking it: a `train-cancelled` line pushed its round and sentence out of line."""
+    log = HospitalLog(tmp_path)
+    said = {"train-cancelled": "training from global version 2 was cancelled",
+            "joined": "joined round 4", "downloaded": "downloaded global version 3"}
+    log.record("train-cancelled", said["train-cancelled"])
+    log.record("joined", said["joined"], round=4, base_version=2)
+    log.record("downloaded", said["downloaded"])
+    lines = {e.event: e.format() for e in log.entries(10)[0]}
+    assert len({line.index(said[event]) for event, line in lines.items()}) == 1, lines
+    assert len({line.index("round 4") if event == "joined" else line.index(" - ") + 1
+                for event, line in lines.items()}) == 1, lines
