@@ -463,7 +463,7 @@ def _add_client_agent_actions(actions: argparse._SubParsersAction) -> None:
 
 def _add_client(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("client", help="a hospital: the app, or train, evaluate, classify, "
-                       "get, send, status, log, agent")
+                       "get, send, status, log, agent and the agent's actions")
     p.add_argument("--config", type=Path, help="hospital.toml from the kit (with no ACTION "
                    "the app asks for it)")
     p.add_argument("--hospital", help="the hospital name to check against the kit's "
@@ -476,8 +476,8 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     _add_client_agent_actions(actions)
 
     def run_app(args: argparse.Namespace) -> int:
-        refused = _needs_terminal("client", "train, evaluate, classify, get, send, status, "
-                                  "log")
+        # Every action the parser has: a hand-kept list had left out the agent's.
+        refused = _needs_terminal("client", ", ".join(actions.choices))
         if refused is not None:
             return refused
         from securefl.tui.hospital.app import run_hospital_app

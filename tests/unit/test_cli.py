@@ -60,6 +60,8 @@ def test_apps_without_a_terminal_say_so_and_exit_2():
         err = out.stderr.strip()
         assert "\n" not in err and "this is not a terminal" in err and "give an ACTION" in err
         assert ("status" in err) and (command[0] != "admin" or "aggregate" in err)
+        if command[0] == "client":  # the agent's actions too (a walk found them missing)
+            assert "agent, agent-status, approve, skip, agent-stop" in err, err
 
 
 def test_admin_tables_align_numbers_right_and_text_left():
