@@ -72,8 +72,15 @@ class Coordinator(AdminActions):
         state = self._load_state()
         # Round numbers never repeat (hospitals refuse a reused one as a server's trick):
         # a state file lost or restored from an older backup must not start them over.
-        self.next_round_id: int = max(state.get("next_round", 1),
-                                      (audit_last_round(audit.path) or 0) + 1)
+        audited_round = audit_last_round(audit.path)
+        self.next_round_id: int = max(state.get("next_round", 1), (audited_round or 0) + 1)
+        if audited_round is not None and not self._state_path.exists():
+            # Said, not only handled: the operator should know a file went missing.
+            log.warning("%s is missing although the audit log records rounds up to %d: "
+                        "round numbers continue from the audit log (next: round %d); a "
+                        "round that was in flight is not resumed, and its hospitals' next "
+                        "send joins a new one", self._state_path, audited_round,
+                        self.next_round_id)
         abandoned = state.get("in_flight")
         #: Names to tell, when they next say hello, that a round of theirs was abandoned
         #: (by a restart, or while they were away): their ``send`` may then join a new one.

@@ -35,8 +35,11 @@ def start_server(config: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "securefl", "server", "--config", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
+    said = []
     for line in proc.stdout:  # wait for the listening line
+        said.append(line)
         if "listening on" in line:
+            proc.startup = "".join(said)  # type: ignore[attr-defined]  # what it said first
             return proc
     raise AssertionError(f"server did not start (exit {proc.wait()})")
 
@@ -397,6 +400,9 @@ def test_a_lost_state_file_does_not_start_round_numbers_over(fed: Federation) ->
         asyncio.run(_crash_with_every_update_in(fed, port, proc))
         (store_dir / "state.json").unlink()
         proc = start_server(config)
+        assert (f"{store_dir / 'state.json'} is missing although the audit log records "
+                "rounds up to 1: round numbers continue from the audit log (next: round 2)"
+                ) in proc.startup, proc.startup
         asyncio.run(_all_send_and_publish(fed, port, 1))
     finally:
         proc.kill()
