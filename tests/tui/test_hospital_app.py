@@ -8,6 +8,7 @@ through their real sessions.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 from textual.widgets import DataTable, Input, Label, ProgressBar, Static
@@ -238,5 +239,34 @@ def test_history_with_a_damaged_line_shows_the_rest_and_says_so(fed: Fed) -> Non
             assert table.row_count == 1
             notes = [n.message for n in app._notifications]
             assert any("1 damaged line(s)" in n and str(path) in n for n in notes), notes
+
+    asyncio.run(scenario())
+
+
+def test_a_server_that_went_back_a_version_is_said_on_connecting(fed: Fed) -> None:
+    """Walking QUICKSTART §6: a server started from an older backup while this hospital
+    held a newer version; the app showed the server's version and nothing else until Get
+    or Send failed.  Now it says what happened as soon as it connects, and keeps the
+    hospital's files as they were."""
+    async def scenario() -> None:
+        async with running(fed):
+            hospital = Hospital.from_file(fed.hospital_tomls[0])
+            async with hospital.session() as s:
+                await hospital.get(s)  # version 0 ...
+            meta = hospital.state_dir / "global.json"
+            held = json.loads(meta.read_text())
+            meta.write_text(json.dumps({**held, "version": 4}))  # ... as if 4 had been got
+            before = meta.read_bytes()
+            app = HospitalApp(fed.hospital_tomls[0], "hospital_1")
+            told = notifications_kept(app)
+            async with app.run_test(size=(80, 24)) as pilot:
+                await until(pilot, lambda: any("went back" in m or "newest global" in m
+                                               for m in told))
+            said = next(m for m in told if "newest global" in m)
+            assert said.startswith("The server's newest global version is 0, but this "
+                                   "hospital already has version 4: global versions never "
+                                   "go back"), said
+            assert "ask the federation operator to restore the newest backup" in said
+            assert meta.read_bytes() == before
 
     asyncio.run(scenario())

@@ -151,6 +151,12 @@ class HospitalApp(SecureFLApp):
             self.notify(f"Round {session.resend_round} ended without publishing anything "
                         "(it failed, was aborted, or the server restarted): send your update "
                         "again (s).", severity="warning")
+        welcome = session.conn.welcome
+        if welcome is not None and (went_back := await asyncio.to_thread(
+                self.hospital.server_went_back, welcome.version)):
+            # Get and Send refuse it too; said at once, since nothing else here would.
+            self.notify(went_back[0].upper() + went_back[1:] + ".",
+                        title="The server went back", severity="error", timeout=30)
         out = session.published_round
         if out is not None and self.hospital.note_published(*out):
             self.notify(f"Version {out[1]} is out: round {out[0]} published it with this "
