@@ -65,6 +65,20 @@ def status_lines(st: ServerStatus) -> list[str]:
     return [f"{k:<12} {v}" for k, v in rows]
 
 
+def doomed_note(round_id: int, entries: Sequence[AuditEntry]) -> str | None:
+    """The server's ``round-doomed`` entry for the current round, as a note for ``status``.
+
+    Why from the audit log: the status reply has no field for it (the wire stays as it
+    is), and the phase alone read "collecting" for a round that could no longer finish."""
+    prefix = f"round_id={round_id} reason="
+    for e in reversed(entries):
+        if e.event == "round-doomed" and e.detail.startswith(prefix):
+            reason = e.detail.removeprefix(prefix).split(" resend=", 1)[0]
+            return (f"note: round {round_id} cannot finish: {reason} (the server's console "
+                    "and `audit` say what happens next)")
+    return None
+
+
 def status_json(st: ServerStatus) -> str:
     return json.dumps({
         "version": st.version, "round": st.round_id, "phase": st.phase,

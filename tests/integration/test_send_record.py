@@ -492,7 +492,8 @@ def test_after_a_round_fails_with_its_list_out_only_the_listed_hospitals_go_on(
     assert_published(v1, expected, tolerance(parts), v0)
 
 
-def test_a_round_that_lost_a_sender_is_ended_without_binding_anyone(fed: Federation) -> None:
+def test_a_round_that_lost_a_sender_is_ended_without_binding_anyone(
+        fed: Federation, capsys: pytest.CaptureFixture[str]) -> None:
     """Walking it: with t = 3 of 3, 'a' left after its masked input went in; `admin status`
     still showed a round collecting, and `aggregate` sent out a survivor list naming 'a',
     which could not sign it: the round failed and bound every later round on version 0 to
@@ -520,6 +521,18 @@ def test_a_round_that_lost_a_sender_is_ended_without_binding_anyone(fed: Federat
                     if "round-doomed" in [e.event for e in await admin.audit()]:
                         break
                     await asyncio.sleep(0.02)
+                # `admin status` still reads "collecting": it now says the round is lost.
+                from securefl.cli import main
+
+                data = read_toml(fed.certs.root / "admin.toml")
+                data.update(host="127.0.0.1", port=srv.port)
+                admin_toml = write_toml(fed.certs.root / "admin-here.toml", data)
+                capsys.readouterr()
+                assert await asyncio.to_thread(
+                    main, ["admin", "--config", str(admin_toml), "status"]) == 0
+                note = capsys.readouterr().err
+                assert note.startswith("note: round 1 cannot finish: 'a' left after sending "
+                                       "its masked update"), note
                 with pytest.raises(NotEnoughSurvivorsError) as err:
                     await admin.aggregate()
                 said = err.value.message
