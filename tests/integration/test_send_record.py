@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from securefl import config
-from securefl.cli import EXIT_CODES
+from securefl.cli import EXIT_CODES, main
 from securefl.client.hospital import Hospital
 from securefl.client.session import AdminSession, HospitalSession, RoundAbandonedError
 from securefl.config import read_toml, write_toml
@@ -57,6 +57,14 @@ async def _published(fed: Federation, port: int, name: str = "c") -> np.ndarray:
 async def _get(site: Hospital) -> np.ndarray:
     async with site.session() as s:
         return (await site.get(s)).weights
+
+
+async def _admin_status(fed: Federation, port: int) -> int:
+    """``securefl admin status`` as the operator runs it, against this test's server."""
+    data = read_toml(fed.certs.root / "admin.toml")
+    data.update(host="127.0.0.1", port=port)
+    admin_toml = write_toml(fed.certs.root / "admin-here.toml", data)
+    return await asyncio.to_thread(main, ["admin", "--config", str(admin_toml), "status"])
 
 
 async def _wait(admin: AdminSession, what: str, n: int) -> None:
@@ -424,14 +432,8 @@ def test_after_a_round_fails_with_its_list_out_only_the_listed_hospitals_go_on(
                 assert (await admin.status()).waiting_for == ("a", "b")
                 # The operator's `admin status` says whom to ask, and how to go on if
                 # their send refuses (found untested by a walk).
-                from securefl.cli import main
-
-                data = read_toml(fed.certs.root / "admin.toml")
-                data.update(host="127.0.0.1", port=srv.port)
-                admin_toml = write_toml(fed.certs.root / "admin-here.toml", data)
                 capsys.readouterr()
-                assert await asyncio.to_thread(
-                    main, ["admin", "--config", str(admin_toml), "status"]) == 0
+                assert await _admin_status(fed, srv.port) == 0
                 said = capsys.readouterr().err
                 assert said.startswith("waiting for a, b: a round on version 0 failed after "
                                        "its survivor list went out, so the next may combine "
@@ -522,14 +524,8 @@ def test_a_round_that_lost_a_sender_is_ended_without_binding_anyone(
                         break
                     await asyncio.sleep(0.02)
                 # `admin status` still reads "collecting": it now says the round is lost.
-                from securefl.cli import main
-
-                data = read_toml(fed.certs.root / "admin.toml")
-                data.update(host="127.0.0.1", port=srv.port)
-                admin_toml = write_toml(fed.certs.root / "admin-here.toml", data)
                 capsys.readouterr()
-                assert await asyncio.to_thread(
-                    main, ["admin", "--config", str(admin_toml), "status"]) == 0
+                assert await _admin_status(fed, srv.port) == 0
                 note = capsys.readouterr().err
                 assert note.startswith("note: round 1 cannot finish: 'a' left after sending "
                                        "its masked update"), note

@@ -18,6 +18,17 @@ from securefl.ml.train import read_history
 TLS = {"cert": "hospital.pem", "key": "hospital.key", "ca": "ca.pem"}
 
 
+def _one_hospital(tmp_path, seed: int, **ml_changes):
+    """Synthetic scans for one small hospital and its settings file (no server needed)."""
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--hospitals", "1", "--train", "48",
+                 "--test", "8", "--size", "32", "--seed", str(seed)]) == 0
+    ml = {"scans_dir": "data/hospital_1", "model_dir": "runs/h1", "image_size": 32,
+          "model_kind": "small", "epochs": 1, "batch_size": 16,
+          "min_validation_per_class": 2, **ml_changes}
+    return data, write_toml(tmp_path / "hospital.toml", {**TLS, "state_dir": "state", "ml": ml})
+
+
 def test_synth_train_evaluate_classify(tmp_path, capsys):
     data = tmp_path / "data"
     assert main(["data", "synth", "--out", str(data), "--hospitals", "1", "--train", "48",
@@ -219,13 +230,7 @@ def test_a_signal_during_train_stops_it_cleanly_keeps_the_model_and_logs_it(
     of its batch, says so in one sentence, leaves the model file as it was, and logs it."""
     from securefl.client.hospital_log import HospitalLog
 
-    data = tmp_path / "data"
-    assert main(["data", "synth", "--out", str(data), "--hospitals", "1", "--train", "48",
-                 "--test", "8", "--size", "32", "--seed", "3"]) == 0
-    ml = {"scans_dir": "data/hospital_1", "model_dir": "runs/h1", "image_size": 32,
-          "model_kind": "small", "epochs": 1, "batch_size": 16, "patience": 400,
-          "min_validation_per_class": 2}
-    cfg = write_toml(tmp_path / "hospital.toml", {**TLS, "state_dir": "state", "ml": ml})
+    _, cfg = _one_hospital(tmp_path, 3, patience=400)
     assert main(["client", "--config", str(cfg), "train"]) == 0
     model = tmp_path / "runs" / "h1" / "model.keras"
     before = model.read_bytes()
@@ -256,13 +261,7 @@ def test_a_signal_during_train_stops_it_cleanly_keeps_the_model_and_logs_it(
 @pytest.mark.parametrize("action", ["evaluate", "classify"])
 def test_sigterm_during_evaluate_or_classify_ends_with_a_sentence(tmp_path, action):
     """Python's default ended them with status 143 and no word."""
-    data = tmp_path / "data"
-    assert main(["data", "synth", "--out", str(data), "--hospitals", "1", "--train", "48",
-                 "--test", "8", "--size", "32", "--seed", "4"]) == 0
-    ml = {"scans_dir": "data/hospital_1", "model_dir": "runs/h1", "image_size": 32,
-          "model_kind": "small", "epochs": 1, "batch_size": 16,
-          "min_validation_per_class": 2}
-    cfg = write_toml(tmp_path / "hospital.toml", {**TLS, "state_dir": "state", "ml": ml})
+    data, cfg = _one_hospital(tmp_path, 4)
     assert main(["client", "--config", str(cfg), "train"]) == 0
     scan = next((data / "hospital_1" / "Testing" / "glioma").iterdir())
     # Stopped while Python starts up and imports TensorFlow, before any answer.
@@ -309,13 +308,7 @@ def test_a_stop_that_comes_after_the_last_batch_keeps_the_run_and_says_so(
 
     from securefl.ml import local
 
-    data = tmp_path / "data"
-    assert main(["data", "synth", "--out", str(data), "--hospitals", "1", "--train", "48",
-                 "--test", "8", "--size", "32", "--seed", "5"]) == 0
-    ml = {"scans_dir": "data/hospital_1", "model_dir": "runs/h1", "image_size": 32,
-          "model_kind": "small", "epochs": 1, "batch_size": 16,
-          "min_validation_per_class": 2}
-    cfg = write_toml(tmp_path / "hospital.toml", {**TLS, "state_dir": "state", "ml": ml})
+    _, cfg = _one_hospital(tmp_path, 5)
     real = local.run_train
 
     def then_a_stop(*args, **kwargs):
