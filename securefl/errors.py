@@ -74,6 +74,14 @@ class DataError(SecureFLError):
     code = "data"
 
 
+class ServerWentBackError(DataError):
+    """The server's newest version is older than one this hospital already holds (its store
+    was restored from an older backup, or it is not honest): nothing is taken from it or
+    sent to it until the operator restores the newest versions."""
+
+    code = "server-went-back"
+
+
 class StaleVersionError(ProtocolError):
     """An update was trained on an older global model than the one the round aggregates."""
 

@@ -24,7 +24,7 @@ import numpy as np
 from securefl import config
 from securefl.client.hospital import Hospital
 from securefl.client.session import AdminSession, RoundStep, UnmaskProgress
-from securefl.errors import DataError, SecureFLError
+from securefl.errors import DataError, SecureFLError, ServerWentBackError
 
 if TYPE_CHECKING:  # pragma: no cover
     from securefl.ml.train import Progress
@@ -200,8 +200,10 @@ async def hospital(args: argparse.Namespace) -> int:
                       f"{', '.join(st.online) or '-'}; joined {len(st.joined)}; submitted "
                       f"{len(st.submitted)}"
                       + _waiting_for(st.waiting_for, session.name))
-                if went_back := await asyncio.to_thread(hospital.server_went_back, st.version):
-                    print(f"warning: {went_back}")
+                try:
+                    await hospital.check_server_not_behind(session)
+                except ServerWentBackError as exc:  # status still shows what it can
+                    print(f"warning: {exc.message}")
                 return 0
             if action == "get":
                 finetune = hospital.has_ml and hospital.ml.personalise in ("finetune", "best")
@@ -251,6 +253,7 @@ async def hospital(args: argparse.Namespace) -> int:
                 samples = args.samples
                 what = f"the update trained on version {base}"
             hospital.check_can_send(base)  # refused before anything says "sending"
+            await hospital.check_server_not_behind(session)  # and this too
             print(f"sending {what}; masked here, so only the sum of several hospitals' updates "
                   "can be read.  This stays connected until the administrator aggregates the "
                   "round: keep it running.", flush=True)

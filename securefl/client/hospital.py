@@ -59,9 +59,16 @@ from securefl.client.hospital_log import HospitalLog, logged
 from securefl.client.outbox import Outbox, SendRecord, vector_sha256, write_json
 from securefl.client.session import GlobalModel, HospitalSession, RoundOutcome, RoundStep
 from securefl.crypto.secagg.policy import SignedList
-from securefl.errors import ConfigError, CryptoError, DataError, HospitalBusyError
+from securefl.errors import (
+    ConfigError,
+    DataError,
+    HospitalBusyError,
+    SecureFLError,
+    ServerWentBackError,
+)
 from securefl.fsutil import replace_file
 from securefl.ml.settings import MLSettings
+from securefl.protocol import messages as wm
 
 if TYPE_CHECKING:  # pragma: no cover
     from securefl.ml.data import ImageSet
@@ -178,6 +185,26 @@ class Hospital:
                 "the server's model store was probably restored from an older backup; "
                 "nothing was sent or saved here: ask the federation operator to restore the "
                 "newest backup")
+
+    async def check_server_not_behind(self, session: HospitalSession) -> None:
+        """Refuse to go on with a server whose newest version is older than one held here,
+        after telling it so.
+
+        Why tell it: the refusal is this hospital's own, so without a word the server's
+        console, audit log and administrator would learn nothing while the federation
+        stalls.  The word is a ``join`` on the version held, which the server refuses and
+        records (``refused``); it carries nothing of any update."""
+        welcome = session.conn.welcome
+        if welcome is None:
+            return
+        went_back = await asyncio.to_thread(self.server_went_back, welcome.version)
+        if went_back is None:
+            return
+        held = await asyncio.to_thread(self.global_meta)
+        assert held is not None
+        with contextlib.suppress(SecureFLError, OSError):
+            await session.conn.request(wm.Join(base_version=int(held["version"])))
+        raise ServerWentBackError(went_back)
 
     def global_weights(self) -> np.ndarray:
         """The downloaded global model's weights (``state/global.npy``), float32."""
@@ -580,6 +607,7 @@ class Hospital:
                     f"the local model was trained on version {base} and its update has not "
                     "been sent; getting the global model would overwrite that training: send "
                     "it first, or get with --replace-trained to discard it")
+        await self.check_server_not_behind(session)  # before downloading what it refuses
         model = await session.get_global(on_progress)
         try:
             held = await asyncio.to_thread(self.global_meta)
@@ -589,7 +617,7 @@ class Hospital:
             # Versions only go up.  A server that goes back could lead this hospital to
             # send a second update on an old version after its record of the first moved
             # on, and two sums on one version can be subtracted (docs/SECURITY.md).
-            raise CryptoError(self.server_went_back(model.version) or (
+            raise ServerWentBackError(self.server_went_back(model.version) or (
                 f"the server offered global version {model.version}, but this hospital "
                 f"already had version {held['version']}: global versions never go back, so "
                 "nothing was saved or loaded; tell the federation operator"))
@@ -635,12 +663,9 @@ class Hospital:
         ``round_options`` go to ``HospitalSession.send`` (``leave_after`` for dropout tests).
         """
         update = np.ascontiguousarray(update, dtype=np.float32).reshape(-1)
-        welcome = session.conn.welcome
-        if welcome is not None and (
-                went_back := await asyncio.to_thread(self.server_went_back, welcome.version)):
-            # Before the round: an update on an old version after a newer one was held is
-            # what the never-go-back rule of ``get`` is there to prevent.
-            raise CryptoError(went_back)
+        # Before the round: an update on an old version after a newer one was held is what
+        # the never-go-back rule of ``get`` is there to prevent.
+        await self.check_server_not_behind(session)
         with self.busy("send"):
             journal, required = self.outbox.begin(base, samples, update,
                                                   session.settings.policy.max_attempts)

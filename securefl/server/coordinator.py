@@ -539,7 +539,7 @@ class Coordinator(AdminActions):
             # "download and retrain" cannot help, since hospitals never go back.
             self.audit.record(
                 "refused", name=peer.name, base_version=msg.base_version, version=self.version,
-                reason=f"its update is based on version {msg.base_version}, newer than this "
+                reason=f"it already holds version {msg.base_version}, newer than this "
                 f"server's newest version {self.version}: the model store has gone back (an "
                 "older backup restored?); restore the newest backup, one that holds every "
                 "published version")

@@ -31,6 +31,7 @@ from securefl.errors import (
     CryptoError,
     RemoteProtocolError,
     SecureFLError,
+    ServerWentBackError,
     UpdateAlreadySentError,
 )
 from securefl.protocol import mapping
@@ -1025,9 +1026,9 @@ def test_a_server_that_goes_back_a_version_is_refused(fed: Federation) -> None:
             held = (site.state_dir / "global.json").read_bytes()
             server.version = 0
             async with site.session() as s:
-                with pytest.raises(CryptoError, match="newest global version is 0, but this "
-                                   "hospital already has version 1: global versions never go "
-                                   "back"):
+                with pytest.raises(ServerWentBackError, match="newest global version is 0, "
+                                   "but this hospital already has version 1: global versions "
+                                   "never go back"):
                     await site.get(s)
             assert (site.state_dir / "global.json").read_bytes() == held
 

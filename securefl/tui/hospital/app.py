@@ -26,7 +26,7 @@ from textual.timer import Timer
 from securefl.client.agent import control as agent_control
 from securefl.client.hospital import Hospital
 from securefl.client.session import HospitalSession, ServerStatus
-from securefl.errors import AgentUnavailableError, SecureFLError
+from securefl.errors import AgentUnavailableError, SecureFLError, ServerWentBackError
 from securefl.tui.common import HERE as COMMON
 from securefl.tui.common import ConfirmScreen, SecureFLApp, clock, explain
 from securefl.tui.hospital.agent import AgentScreen
@@ -151,11 +151,11 @@ class HospitalApp(SecureFLApp):
             self.notify(f"Round {session.resend_round} ended without publishing anything "
                         "(it failed, was aborted, or the server restarted): send your update "
                         "again (s).", severity="warning")
-        welcome = session.conn.welcome
-        if welcome is not None and (went_back := await asyncio.to_thread(
-                self.hospital.server_went_back, welcome.version)):
+        try:
+            await self.hospital.check_server_not_behind(session)
+        except ServerWentBackError as exc:
             # Get and Send refuse it too; said at once, since nothing else here would.
-            self.notify(went_back[0].upper() + went_back[1:] + ".",
+            self.notify(exc.message[0].upper() + exc.message[1:] + ".",
                         title="The server went back", severity="error", timeout=30)
         out = session.published_round
         if out is not None and self.hospital.note_published(*out):
