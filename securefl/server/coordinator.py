@@ -827,8 +827,11 @@ class Coordinator(AdminActions):
         else:
             invite, exact = online, rnd.exact
         again: ActiveRound | None = None
+        # As many as enrolment needs (``_check_progress``): with fewer, the retry was
+        # abandoned the moment it opened, after the admin was told to aggregate it.
+        least = max(self.rs.min_clients, self.rs.colluders + 2)
         if (retry and invite is not None and rnd.attempt < self.rs.max_retries
-                and len(invite) >= self.rs.min_clients):
+                and len(invite) >= least):
             try:
                 again = self._open_round()
             except SecureFLError as exc:  # storage or audit fault: no retry, said why
