@@ -103,7 +103,8 @@ def history_lines(rows: Sequence[Version]) -> list[str]:
 
 def audit_lines(rows: Sequence[AuditEntry]) -> list[str]:
     return table(AUDIT_HEADER, [
-        (e.seq, when(e.time), e.event, e.name or "-", e.detail or "-") for e in rows])
+        (e.seq if e.seq >= 0 else "-", when(e.time), e.event, e.name or "-", e.detail or "-")
+        for e in rows])
 
 
 def json_lines(rows: Sequence[HospitalInfo | Version | AuditEntry]) -> list[str]:

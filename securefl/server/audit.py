@@ -300,12 +300,13 @@ def check(path: Path) -> ChainCheck:
     Why go on past the first break: the writer chains each entry onto the hash of the line
     before it whatever that line holds (a cut-off line after a full disk included), so the
     chain resumes after damage and a second, later edit must not hide behind the first.
-    An edited line shows as a break at the line after it (whose ``prev`` no longer
-    matches); lines removed or inserted show as a break and a numbering gap.  The newest
-    line has no successor to vouch for it: ``head`` is its hash, for an operator who wants
-    to note it and check later that nothing before it changed."""
+    An edited line is named itself (the line after it no longer carries its hash, and the
+    numbering runs on without a gap); removed lines show as a break with a numbering gap,
+    named at the line after the gap.  The newest line has no successor to vouch for it:
+    ``head`` is its hash, for an operator who wants to note it and check later that nothing
+    before it changed."""
     result = ChainCheck(Path(path))
-    prev, due = GENESIS, 0
+    prev, due, before, named = GENESIS, 0, 0, set()
     with Path(path).open("rb") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -316,24 +317,35 @@ def check(path: Path) -> ChainCheck:
                 entry = None
             if not isinstance(entry, dict):
                 result.problems.append((number, "not an entry (cut off or overwritten)"))
+                named.add(number)
             else:
+                seq = entry.get("seq")
                 wrong = []
                 if entry.get("prev") != prev:
-                    wrong.append("the line before it was changed, or lines were removed or "
-                                 "inserted here" if number > 1 else
-                                 "it is not the first entry of a log: lines were removed "
-                                 "from the start")
-                seq = entry.get("seq")
-                if seq != due:
+                    if number == 1 or not before:
+                        wrong.append("it is not the first entry of a log: lines were "
+                                     "removed from the start" + (
+                                         f" (numbered {seq!r} where {due} was due)"
+                                         if seq != due else ""))
+                    elif seq == due and before not in named:
+                        # No gap: the line before is the one that no longer matches.
+                        result.problems.append((before, "changed after it was written (the "
+                                                "line after it no longer matches it)"))
+                        named.add(before)
+                    elif seq != due:
+                        wrong.append(f"lines were removed or inserted before it (numbered "
+                                     f"{seq!r} where {due} was due)")
+                elif seq != due:
                     wrong.append(f"numbered {seq!r} where {due} was due")
                 if _is_int(seq):
                     due = seq  # a gap is named once, not at every line after it
                 if wrong:
                     result.problems.append((number, "; ".join(wrong)))
+                    named.add(number)
                 if isinstance(entry.get("time"), str):
                     result.first_time = result.first_time or entry["time"]
                     result.last_time = entry["time"]
-            prev = _line_hash(line)
+            prev, before = _line_hash(line), number
             result.entries += 1
             due += 1
     result.head, result.next_seq = prev, due

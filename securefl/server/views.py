@@ -64,7 +64,8 @@ def audit_rows(path: Path, limit: int) -> list[wm.AuditRow]:
             f"{k}={v}" for k, v in entry.items()
             if k not in _HIDDEN and isinstance(v, str | int | float | bool | list)
         )
-        rows.append(wm.AuditRow(seq=int(entry.get("seq", 0)), time=str(entry.get("time", "")),
+        # -1: a damaged line has no number of its own (0 is the log's first entry).
+        rows.append(wm.AuditRow(seq=int(entry.get("seq", -1)), time=str(entry.get("time", "")),
                                 event=str(entry.get("event", "")),
                                 name=str(entry.get("name", "")), detail=detail[:500]))
     return rows

@@ -84,6 +84,12 @@ def test_a_damaged_audit_log_keeps_the_next_entries_and_still_reads(
     assert events[:5] == ["submission", "damaged-line", "damaged-line", "audit-damaged",
                           "server-start"], events
     assert "not an entry" in rows[1].detail
+    # Walking it, a damaged line showed as "0", the number of the log's first entry.
+    assert [r.seq for r in rows[:3]] == [0, -1, -1]
+    from securefl.client.admin_text import audit_lines
+
+    table = audit_lines(rows[:3])
+    assert [line.split()[0] for line in table[1:]] == ["0", "-", "-"], table
     lines = path.read_bytes().splitlines()
     assert lines[2] == b'{"seq":2,"time":"2026-12-01T0'  # kept as it was, on its own
     assert b'"audit-damaged"' in lines[3] and b'"server-start"' in lines[4]

@@ -54,7 +54,7 @@ def test_every_damaged_place_is_named_at_start_and_by_the_command(
     lines[edited] = lines[edited].replace(b'"name":"b"', b'"name":"x"')
     del lines[removed]
     log.write_bytes(b"".join(lines))
-    damaged = [edited + 2, removed + 1]  # 1-based: the line after the edit, and the gap
+    damaged = [edited + 1, removed + 1]  # 1-based: the edited line, the line after the gap
 
     copy = fed.tmp / "audit-copy.jsonl"
     copy.write_bytes(log.read_bytes())
@@ -62,10 +62,11 @@ def test_every_damaged_place_is_named_at_start_and_by_the_command(
         assert main(["server", *argv]) == EXIT_CODES[DataError]
         err = capsys.readouterr().err
         assert "is damaged at 2 places" in err, err
-        assert (f"line {damaged[0]}: the line before it was changed, or lines were removed "
-                "or inserted here") in err
-        assert f"line {damaged[1]}: the line before it was changed" in err
-        assert f"numbered {removed + 1} where {removed} was due" in err
+        # The edited line itself is named (walking it, the line after it was).
+        assert (f"line {damaged[0]}: changed after it was written (the line after it no "
+                "longer matches it)") in err, err
+        assert (f"line {damaged[1]}: lines were removed or inserted before it (numbered "
+                f"{removed + 1} where {removed} was due)") in err, err
         assert "compare it with a backup copy" in err
 
     with caplog.at_level(logging.WARNING, logger="securefl"):
@@ -91,8 +92,8 @@ def test_lines_removed_from_the_start_and_a_cut_off_line_are_named(tmp_path: Pat
     path.write_bytes(b"".join(lines[2:]) + b'{"seq":4,"time":"2026-')
     found = audit.check(path)
     assert found.problems == [
-        (1, "it is not the first entry of a log: lines were removed from the start; "
-            "numbered 2 where 0 was due"),
+        (1, "it is not the first entry of a log: lines were removed from the start "
+            "(numbered 2 where 0 was due)"),
         (3, "not an entry (cut off or overwritten)")]
     # The writer chains onto the cut-off line, so the chain goes on after it.
     log = audit.AuditLog(path)
