@@ -42,7 +42,7 @@ from securefl.protocol import messages as wm
 from securefl.protocol.conversation import Conversation, Side
 from securefl.server import console
 from securefl.server.admission import Admission, RefusalSummary, Ticket, source_of
-from securefl.server.audit import AuditLog
+from securefl.server.audit import AuditLog, clip
 from securefl.server.audit import last_version as audit_last_version
 from securefl.server.coordinator import Coordinator
 from securefl.server.initial import (
@@ -242,7 +242,7 @@ class Server:
                 log.warning("%s; still using the revocation list read before: replace the "
                             "file atomically (copy, then rename) with the CA's crl.pem",
                             exc.message)
-                self.audit.record("crl-unreadable", reason=exc.message[:200], durable=True)
+                self.audit.record("crl-unreadable", reason=clip(exc.message), durable=True)
                 return self._ctx
             self._ctx, self._revoked, self._crl_mtime = ctx, revoked, mtime
         return self._ctx
@@ -661,7 +661,7 @@ class Server:
         # operator can see a misbehaving hospital; the text is ours, never the peer's.
         self.audit.record("request-refused", name=peer.name,
                           code=exc.code if exc is not None else "internal",
-                          reason=(exc.message if exc is not None else "internal error")[:200])
+                          reason=clip(exc.message if exc is not None else "internal error"))
         if exc is None:
             msg = wm.ErrorMsg(rid=rid, code="internal",
                               message="internal server error; the operator's log has details")

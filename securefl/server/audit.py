@@ -167,6 +167,17 @@ class AuditLog:
         os.close(self._fd)
 
 
+def clip(text: str, limit: int = 600) -> str:
+    """A sentence bounded for the log, cut at a word and marked when cut.
+
+    Why bounded: every refusal is an entry, so its text must not grow the log without
+    limit.  Why marked: cut mid-word at 200 characters, the console read "...; nothing "
+    and stopped, as if the sentence were all there (walking it)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " [...]"
+
+
 def read_entries(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_bytes().splitlines() if line.strip()]
 

@@ -34,6 +34,7 @@ from securefl.crypto.secagg import ServerRound, ServerState
 from securefl.errors import SecureFLError
 from securefl.fsutil import replace_file
 from securefl.protocol import messages as wm
+from securefl.server.audit import clip
 from securefl.server.plain import PlainRound
 from securefl.server.rounds import ActiveRound, Peer, RoundBusyError
 
@@ -315,7 +316,7 @@ class Scheduler:
         self._save()
         c.audit.record("schedule-closed", schedule_round=info.schedule_round,
                        outcome=outcome, version=version if version is not None else -1,
-                       message=message[:200], durable=True)
+                       message=clip(message), durable=True)
         if finished:
             c.audit.record("schedule-paused", reason="until-version", version=version,
                            durable=True)

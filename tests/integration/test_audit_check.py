@@ -116,3 +116,16 @@ def test_a_wrong_file_to_check_gets_one_sentence(
     assert {"missing": "there is no audit log at", "folder": "is a folder, not an audit log",
             "no config": "--verify-audit needs --config server.toml"}[what] in err
     assert "Traceback" not in err
+
+
+def test_a_long_refusal_is_kept_whole_up_to_a_bound_and_marked_when_cut() -> None:
+    """Walking it: the console's refusal line stopped at "...; nothing " (cut at 200
+    characters mid-sentence, unmarked)."""
+    sentence = ("round 3 could not be unmasked ('east' left after sending its masked update, "
+                "and the survivor list needs 3 signatures while only 2 of the round's "
+                "hospitals (north, south) are still connected); nothing was published and "
+                "too few hospitals are online to retry: ask the hospitals to connect and "
+                "send again")
+    assert len(sentence) > 200 and audit.clip(sentence) == sentence
+    cut = audit.clip(sentence * 4)
+    assert len(cut) <= 606 and cut.endswith(" [...]") and not cut[:-6].endswith(" ")
