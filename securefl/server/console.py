@@ -77,8 +77,10 @@ MESSAGES: dict[str, tuple[int, Callable[[Mapping[str, Any]], str]]] = {
                          + (f"; left out: {_names(e['left_out'])}" if e.get("left_out")
                             else "")),
     "member-left": (logging.INFO, lambda e: f"round {e['round_id']}: '{e['name']}' left"),
-    "aggregated": (logging.INFO, lambda e: f"round {e['round_id']} published version "
-                   f"{e['version']} from {e['contributors']} hospitals"
+    "aggregated": (logging.INFO, lambda e: (
+                   f"round {e['round_id']} published version " if e.get("round_id") else
+                   "recorded version ")  # round 0: reconciled, its round not known
+                   + f"{e['version']} from {e['contributors']} hospitals"
                    + (" (it had been held until the store was writable)"
                       if e.get("deferred") else "")),
     "round-failed": (logging.WARNING, lambda e: f"round {e['round_id']} failed "

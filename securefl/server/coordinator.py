@@ -153,13 +153,19 @@ class Coordinator(AdminActions):
                 except DataError:
                     continue  # a gap in the store (restored from a backup): nothing to say
                 own = publishing is not None and publishing.get("version") == version
+                # Without the round state naming it, the round is not known, nor whether
+                # the server stopped or an older copy of the log was put back: not guessed.
+                why = ("the server stopped after storing this version and before recording "
+                       "it" if own else "this version is in the store but not in the audit "
+                       "log (the server stopped after storing it, or the log is an older "
+                       "copy put back from a backup)")
                 self.audit.record(
                     "aggregated", round_id=int(publishing["round_id"]) if own else 0,
                     version=version, contributors=v.contributors, sha256=v.sha256,
-                    reconciled=True, reason="the server stopped after storing this version "
-                    "and before recording it; recorded at the next start", durable=True)
-                log.warning("version %d was stored but not recorded before the server "
-                            "stopped: recorded now (audit 'aggregated', reconciled)", version)
+                    reconciled=True, reason=f"{why}; recorded at the next start",
+                    durable=True)
+                log.warning("version %d: %s; recorded now (audit 'aggregated', reconciled)",
+                            version, why)
         if publishing is None or publishing.get("version", -1) > info.version:
             return False
         # That round's version is in the store: closed as published, its hospitals told.

@@ -535,3 +535,37 @@ def test_a_store_restored_from_an_older_backup_is_named_not_downloaded(
     refusals = [e for e in map(json.loads, Path(settings.audit_log).read_text().splitlines())
                 if e["event"] == "refused" and e.get("base_version") == 2]
     assert sorted(e["name"] for e in refusals) == ["a", "a", "b", "c"]  # a: status and get
+
+
+def test_a_version_the_audit_log_lacks_is_recorded_without_inventing_its_round(
+        fed: Federation, caplog: pytest.LogCaptureFixture) -> None:
+    """Walking QUICKSTART §6 (helper): with an older copy of the audit log put back beside
+    a store holding a later version, the console said "round 0 published version 2" and
+    "stored but not recorded before the server stopped", neither of which was so."""
+    import json
+    import logging
+
+    from .conftest import running
+
+    settings = _one_plain_round(fed)
+    log_path = Path(settings.audit_log)
+    lines = log_path.read_bytes().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(lines) if b'"event":"aggregated"' in line)
+    log_path.write_bytes(b"".join(lines[:cut]))  # an older copy: before version 1
+
+    async def start() -> None:
+        async with running(settings):
+            pass
+
+    with caplog.at_level(logging.INFO, logger="securefl"):
+        asyncio.run(start())
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("version 1: this version is in the store but not in the audit "
+                            "log (the server stopped after storing it, or the log is an "
+                            "older copy put back from a backup); recorded now") for m in said
+               ), said
+    assert "recorded version 1 from 3 hospitals" in said, said
+    assert not any("round 0" in m for m in said), said
+    entry = [e for e in map(json.loads, log_path.read_text().splitlines())
+             if e["event"] == "aggregated"][-1]
+    assert entry["reconciled"] and entry["version"] == 1 and entry["round_id"] == 0
