@@ -201,7 +201,7 @@ async def hospital(args: argparse.Namespace) -> int:
                       f"{len(st.submitted)}"
                       + _waiting_for(st.waiting_for, session.name))
                 try:
-                    await hospital.check_server_not_behind(session)
+                    await hospital.check_server_not_behind(session, st.version)
                 except ServerWentBackError as exc:  # status still shows what it can
                     print(f"warning: {exc.message}")
                 return 0

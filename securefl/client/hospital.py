@@ -186,7 +186,8 @@ class Hospital:
                 "nothing was sent or saved here: ask the federation operator to restore the "
                 "newest backup")
 
-    async def check_server_not_behind(self, session: HospitalSession) -> None:
+    async def check_server_not_behind(self, session: HospitalSession,
+                                      server_version: int | None = None) -> None:
         """Refuse to go on with a server whose newest version is older than one held here,
         after telling it so.
 
@@ -194,10 +195,11 @@ class Hospital:
         console, audit log and administrator would learn nothing while the federation
         stalls.  The word is a ``join`` on the version held, which the server refuses and
         records (``refused``); it carries nothing of any update."""
-        welcome = session.conn.welcome
-        if welcome is None:
-            return
-        went_back = await asyncio.to_thread(self.server_went_back, welcome.version)
+        if server_version is None:
+            # Asked now: a session lives on (the agent's, the app's) while versions are
+            # published, so the welcome's version may be long out of date.
+            server_version = (await session.status()).version
+        went_back = await asyncio.to_thread(self.server_went_back, server_version)
         if went_back is None:
             return
         held = await asyncio.to_thread(self.global_meta)

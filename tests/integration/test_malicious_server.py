@@ -243,7 +243,8 @@ def test_a_joined_reply_asking_for_the_update_in_the_clear_gets_nothing(
 
     outcomes, peer, site = asyncio.run(scenario())
     assert_refused(site, outcomes["a"], CryptoError, "without masks", "nothing was sent")
-    assert peer.kinds == ["hello", "get_global", "join"]
+    # (each status: the hospital checks that the server has not gone back a version)
+    assert peer.kinds == ["hello", "status", "get_global", "status", "join"]
     enc = ScriptedServer(fed.certs, _weights()).encoding
     for secret in (ups["a"].tobytes(), enc.encode(ups["a"], SAMPLES["a"])[:-1].tobytes()):
         assert secret[:64] not in peer.wire
