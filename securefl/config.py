@@ -480,8 +480,8 @@ def _refuse_the_other_kind(path: Path, raw: dict, model: type[BaseModel]) -> Non
     keys = set(raw)
     if model is ClientSettings and keys & _SERVER_ONLY and not keys & _CLIENT_ONLY:
         raise ConfigError(f"{path} is the server's settings file, not a hospital's or the "
-                          "administrator's: give the hospital's hospital.toml (its kit) or "
-                          "admin.toml")
+                          "administrator's: give a hospital's hospital.toml (its kit) to "
+                          "`securefl client`, or admin.toml to `securefl admin`")
     if model is ServerSettings and keys & _CLIENT_ONLY and not keys & _SERVER_ONLY:
         raise ConfigError(f"{path} is a hospital's or the administrator's settings file, not "
                           "the server's: give server.toml to `securefl server`")

@@ -75,7 +75,8 @@ def test_the_servers_file_given_to_a_client_and_a_hospitals_to_the_server(
         assert main(argv) == 3
         err = capsys.readouterr().err
         assert f"{server_toml} is the server's settings file, not a hospital's or the " \
-               "administrator's" in err, err
+               "administrator's: give a hospital's hospital.toml (its kit) to `securefl " \
+               "client`, or admin.toml to `securefl admin`" in err, err
         assert "did you mean" not in err and len(err.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match=r"is a hospital's or the administrator's settings "
                        r"file, not the server's: give server\.toml"):
