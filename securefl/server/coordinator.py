@@ -550,7 +550,7 @@ class Coordinator(AdminActions):
                 "older backup restored?); restore the newest backup, one that holds every "
                 "published version")
             raise StaleVersionError(
-                f"your update was trained on global version {msg.base_version}, but this "
+                f"this hospital already holds global version {msg.base_version}, but this "
                 f"server's newest version is {self.version}: its model store has gone back "
                 "(restored from an older backup?), so nothing was sent; tell the federation "
                 "operator")

@@ -23,6 +23,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Grid, Vertical, VerticalScroll
 from textual.dom import DOMNode
+from textual.notifications import SeverityLevel
 from textual.renderables.bar import Bar as BarRenderable
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Footer, Label, ProgressBar, Static
@@ -138,7 +139,7 @@ class ConfirmScreen(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Grid(id="dialog") as grid:
             grid.border_title = self.dialog_title
-            yield Label(self.question, id="question")
+            yield Label(self.question, id="question", markup=False)
             yield Button("Yes (y)", variant="error" if self.default_no else "primary",
                          id="yes")
             yield Button("No (n)", variant="primary" if self.default_no else "default",
@@ -264,6 +265,15 @@ class SecureFLApp(App[int]):
         self._quit_asked = -1e9
         self._retry_at = 0  # index into BACKOFF of the next reconnection delay
         self._retry_timer: Any = None
+
+    def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
+               timeout: float | None = None, markup: bool = False) -> None:
+        """Notifications are plain text here, whatever ``markup`` says (a screen's
+        ``notify`` passes Textual's default, True).  Why: Textual reads "[ml]" or
+        "[policy]" in a message as a style tag and drops it (walking it: "has no  table"),
+        and our sentences name settings tables that way; none of them uses markup."""
+        super().notify(message, title=title, severity=severity, timeout=timeout,
+                       markup=False)
 
     # -- help and commands ----------------------------------------------------------------
     def action_help(self) -> None:

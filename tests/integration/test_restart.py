@@ -518,8 +518,8 @@ def test_a_store_restored_from_an_older_backup_is_named_not_downloaded(
         async def own_client_joins_on_version_2() -> None:
             async with HospitalSession(fed.client_settings("c", port)) as s:
                 with pytest.raises(StaleVersionError, match=(
-                        r"trained on global version 2, but this server's newest version is "
-                        r"1: its model store has gone back \(restored from an older "
+                        r"already holds global version 2, but this server's newest version "
+                        r"is 1: its model store has gone back \(restored from an older "
                         r"backup\?\), so nothing was sent; tell the federation operator")):
                     await s.send(np.full(D, 0.01, np.float32), 5, base_version=2)
 

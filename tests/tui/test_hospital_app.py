@@ -270,3 +270,29 @@ def test_a_server_that_went_back_a_version_is_said_on_connecting(fed: Fed) -> No
             assert meta.read_bytes() == before
 
     asyncio.run(scenario())
+
+
+def test_bracketed_setting_names_are_shown_not_swallowed(fed: Fed, tmp_path) -> None:
+    """Walking it at 80x24: a kit without its [ml] table was told "... has no  table: add
+    scans_dir ...": Textual read "[ml]" as a style tag.  Messages are plain text now, in
+    the screens' fields and in notifications alike."""
+    from securefl import config
+
+    data = config.read_toml(fed.hospital_tomls[0])
+    data.pop("ml", None)
+    plain = config.write_toml(fed.hospital_tomls[0].with_name("plain.toml"), data)
+
+    async def scenario() -> None:
+        app = HospitalApp(plain, "hospital_1")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, LoginScreen))
+            await pilot.click("#sign-in")
+            await until(pilot, lambda: "table" in text(app, "#problem"))
+            assert "has no [ml] table: add scans_dir" in text(app, "#problem")
+            app.screen.notify("raise [policy] max_attempts by one", timeout=60)  # a screen's
+            await until(pilot, lambda: bool(list(app._notifications)))
+            shown = list(app._notifications)
+            assert [(n.message, n.markup) for n in shown] == [
+                ("raise [policy] max_attempts by one", False)]
+
+    asyncio.run(scenario())

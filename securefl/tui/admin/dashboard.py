@@ -192,13 +192,13 @@ class AdminDashboard(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         with Vertical(id="main"):
-            yield Static(self.connection, id="connection")
+            yield Static(self.connection, id="connection", markup=False)
             with Vertical(id="known"):
-                yield Static("", id="version")
-                yield Static("", id="round")
-                yield Static("", id="schedule")
+                yield Static("", id="version", markup=False)
+                yield Static("", id="round", markup=False)
+                yield Static("", id="schedule", markup=False)
                 yield DataTable(id="hospitals", cursor_type="row", zebra_stripes=True)
-            yield Static("", id="activity")
+            yield Static("", id="activity", markup=False)
             yield Progress(total=None, show_eta=False, show_percentage=False, id="busy")
         yield Footer()
 

@@ -107,7 +107,7 @@ class AgentScreen(Screen):
                 with Horizontal(id="decide"):
                     yield Button("Approve (a)", id="approve", variant="success")
                     yield Button("Skip (k)", id="skip", variant="warning")
-            yield Static("Recent rounds", id="recent-label")
+            yield Static("Recent rounds", id="recent-label", markup=False)
             yield DataTable(id="recent", cursor_type="none", zebra_stripes=True)
         yield Footer()
 

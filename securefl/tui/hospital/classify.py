@@ -91,7 +91,7 @@ class ClassifyScreen(Screen):
                 yield ScanTree(start, id="tree")
             with Vertical(id="result"):
                 yield Image(None, id="scan")
-                yield Static("Pick a scan (Enter on a file).", id="probs")
+                yield Static("Pick a scan (Enter on a file).", id="probs", markup=False)
         yield Footer()
 
     def action_back(self) -> None:

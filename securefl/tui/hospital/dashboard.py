@@ -144,13 +144,13 @@ class DashboardScreen(Screen):
         yield Header()
         with Horizontal(id="main"):
             with VerticalScroll(id="info"):
-                yield Static(f"Hospital: {self.hospital_name}", id="hospital")
-                yield Static(self.connection, id="connection")
+                yield Static(f"Hospital: {self.hospital_name}", id="hospital", markup=False)
+                yield Static(self.connection, id="connection", markup=False)
                 with Vertical(id="server-info"):
-                    yield Static("", id="global")
-                    yield Static("", id="phase")
-                yield Static(self.local, id="local")
-                yield Static("", id="no-scans")
+                    yield Static("", id="global", markup=False)
+                    yield Static("", id="phase", markup=False)
+                yield Static(self.local, id="local", markup=False)
+                yield Static("", id="no-scans", markup=False)
                 yield DataTable(id="data", cursor_type="none", zebra_stripes=True)
             with VerticalScroll(id="actions"):
                 for action, label, key, _ in ACTIONS:

@@ -145,17 +145,17 @@ class GetScreen(Screen):
         with VerticalScroll(id="get"):
             yield Button("Get weights", variant="primary", id="start")
             with Horizontal(classes="bar-row"):
-                yield Label("Steps", classes="bar-label")
+                yield Label("Steps", classes="bar-label", markup=False)
                 yield ProgressBar(total=len(STEPS), show_eta=False, id="bar")
             with Horizontal(classes="bar-row"):
-                yield Label("Download", classes="bar-label")
+                yield Label("Download", classes="bar-label", markup=False)
                 yield ProgressBar(total=100, show_eta=False, id="download")
             with Horizontal(classes="bar-row", id="finetune-row"):
-                yield Label("Fine-tune", classes="bar-label")
+                yield Label("Fine-tune", classes="bar-label", markup=False)
                 yield ProgressBar(total=100, show_eta=False, id="finetune")
-            yield Static("Press Enter (or Get weights) to start.", id="state")
-            yield Static("", id="summary")
-            yield Static("", id="warning")
+            yield Static("Press Enter (or Get weights) to start.", id="state", markup=False)
+            yield Static("", id="summary", markup=False)
+            yield Static("", id="warning", markup=False)
             yield DataTable(id="per-class", cursor_type="none")
             yield DataTable(id="confusion", cursor_type="none")
         yield Footer()

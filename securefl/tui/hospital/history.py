@@ -95,7 +95,8 @@ class HistoryScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         with Vertical(id="history"):
-            yield Static("Balanced accuracy on validation scans over time", id="curve-label")
+            yield Static("Balanced accuracy on validation scans over time", id="curve-label",
+                         markup=False)
             yield Sparkline([], id="curve")
             yield DataTable(id="table", zebra_stripes=True, cursor_type="row")
         yield Footer()

@@ -59,15 +59,16 @@ class LoginScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         with Vertical(id="login"):
-            yield Static("Sign in to your hospital  (f1: help, ctrl+q: quit)", id="title")
-            yield Label("Settings file (hospital.toml from your kit)")
+            yield Static("Sign in to your hospital  (f1: help, ctrl+q: quit)", id="title",
+                         markup=False)
+            yield Label("Settings file (hospital.toml from your kit)", markup=False)
             yield Input(str(self.config or ""), placeholder="path/to/hospital.toml",
                         id="config")
-            yield Label("Hospital name")
+            yield Label("Hospital name", markup=False)
             yield Input(self.hospital_name or "", placeholder="as on your certificate",
                         id="name")
             yield Button("Sign in", variant="primary", id="sign-in")
-            yield Static("", id="problem")
+            yield Static("", id="problem", markup=False)
         yield Footer()
 
     def on_mount(self) -> None:

@@ -122,9 +122,9 @@ class SendScreen(Screen):
         with VerticalScroll(id="send"):
             yield Static("Send this hospital's trained update to the federation. Only the "
                          "masked update leaves the hospital; the server sees the sum only.",
-                         id="intro")
-            yield Static("", id="steps")
-            yield Static("Press Enter (or Send) to start.", id="message")
+                         id="intro", markup=False)
+            yield Static("", id="steps", markup=False)
+            yield Static("Press Enter (or Send) to start.", id="message", markup=False)
             yield Button("Send", variant="primary", id="start")
         yield Footer()
 

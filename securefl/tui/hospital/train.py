@@ -78,25 +78,25 @@ class TrainScreen(Screen):
         yield Header()
         with VerticalScroll(id="train"):
             with Horizontal(id="settings"):
-                yield Label("Max epochs")
+                yield Label("Max epochs", markup=False)
                 yield Input(str(ml.epochs), id="epochs", type="integer")
-                yield Label("Batch size")
+                yield Label("Batch size", markup=False)
                 yield Input(str(ml.batch_size), id="batch", type="integer")
             with Horizontal(id="buttons"):
                 yield Button("Start", variant="primary", id="start")
                 yield Button("Cancel (ctrl+x)", variant="error", id="cancel", disabled=True)
             yield Static("Press Start (or Enter) to train on this hospital's scans.",
-                         id="state")
-            yield Label("Epoch", id="epoch-label")
+                         id="state", markup=False)
+            yield Label("Epoch", id="epoch-label", markup=False)
             # Determinate from the start: an idle indeterminate bar animates for nothing.
             yield ProgressBar(total=ml.epochs, id="epoch-bar", show_eta=False)
-            yield Label("Batch", id="batch-label")
+            yield Label("Batch", id="batch-label", markup=False)
             yield ProgressBar(total=1, id="batch-bar", show_eta=False)
-            yield Static("Loss: -", id="loss-label")
+            yield Static("Loss: -", id="loss-label", markup=False)
             yield Sparkline([], id="loss")
-            yield Static("Accuracy on the training scans: -", id="acc-label")
+            yield Static("Accuracy on the training scans: -", id="acc-label", markup=False)
             yield Sparkline([], id="accuracy")
-            yield Static("", id="skipped")  # files the last run did not use
+            yield Static("", id="skipped", markup=False)  # files the last run did not use
         yield Footer()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
