@@ -187,7 +187,7 @@ def test_the_administrators_file_given_to_a_local_hospital_action_says_whose_it_
     err = capsys.readouterr().err
     assert (f"{admin_toml} holds the administrator's certificate, not a hospital's: "
             "`securefl client` takes a hospital kit's hospital.toml") in err, err
-    assert "[ml]" not in err and len(err.strip().splitlines()) == 1
+    assert "table" not in err and len(err.strip().splitlines()) == 1  # not "add [ml]"
 
 
 def test_a_hospitals_file_given_to_admin_says_whose_it_is_without_a_server(
