@@ -35,7 +35,7 @@ from securefl.errors import (
     SecureFLError,
     StaleVersionError,
 )
-from securefl.fedopt import NO_STATISTICS, StatisticsLayout
+from securefl.fedopt import NO_STATISTICS, STATE_NAMES, StatisticsLayout
 from securefl.protocol import mapping
 from securefl.protocol import messages as wm
 from securefl.server import testhook, views
@@ -59,6 +59,11 @@ class Coordinator(AdminActions):
         self.settings, self.store, self.audit, self.ca_cert = settings, store, audit, ca_cert
         #: Applies each round's mean update (FedAvgM by default), its state beside the store.
         self.optimiser = OptimiserState(settings.server_opt, store.root, statistics)
+        if STATE_NAMES[settings.server_opt.kind] and (
+                why := self.optimiser.why_it_will_restart(store.latest()[0].version)):
+            log.warning("the server optimiser's saved state will not be used (%s): its "
+                        "momentum starts again from zero at the next round; no model version "
+                        "is affected", why)
         self.rs = settings.round
         self.encoding = Encoding.auto(clip=self.rs.clip, max_clients=self.rs.max_clients,
                                       max_weight=self.rs.max_weight)

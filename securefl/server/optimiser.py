@@ -31,11 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
+from securefl.errors import DataError
 from securefl.fedopt import (
     NO_STATISTICS,
     ServerOptSettings,
     StatisticsLayout,
     StepReport,
+    read_header,
     step_file,
 )
 from securefl.server import testhook
@@ -53,6 +55,24 @@ class OptimiserState:
         self.settings, self.statistics = settings, statistics
         self.path = Path(root) / STATE_FILE
         self.tmp = self.path.with_name(STATE_FILE + ".tmp")
+
+    def why_it_will_restart(self, version: int) -> str | None:
+        """Why the next step will start the momentum from zero, read from the saved state's
+        header only (None: it will continue).  Why at start-up: walking a restore, the
+        operator heard of the restart only at the next ``aggregate``, far from its cause."""
+        try:
+            with open(self.path, "rb") as f:
+                head = read_header(f)
+        except FileNotFoundError:
+            return "no saved state" if version > 0 else None
+        except (OSError, DataError) as exc:
+            return f"it cannot be read ({getattr(exc, 'message', None) or exc})"
+        if head.settings.kind != self.settings.kind:
+            return f"it was kept for {head.settings.kind}, the settings now say " \
+                   f"{self.settings.kind}"
+        if head.version != version:
+            return f"it belongs to model version {head.version}, the latest is {version}"
+        return None
 
     def step(self, weights: np.ndarray, mean_update: np.ndarray, version: int) -> StepReport:
         """Write the next weights into ``mean_update`` and the next state to the temporary

@@ -569,3 +569,46 @@ def test_a_version_the_audit_log_lacks_is_recorded_without_inventing_its_round(
     entry = [e for e in map(json.loads, log_path.read_text().splitlines())
              if e["event"] == "aggregated"][-1]
     assert entry["reconciled"] and entry["version"] == 1 and entry["round_id"] == 0
+
+
+@pytest.mark.parametrize("state", ["missing", "older", "kept"])
+def test_a_momentum_that_will_restart_is_said_at_start(
+        fed: Federation, caplog: pytest.LogCaptureFixture, state: str) -> None:
+    """Walking a restore (helper): the operator heard that the server optimiser's momentum
+    restarted only at the next aggregate, far from the restore that caused it."""
+    import logging
+    import shutil
+
+    from securefl.server.optimiser import STATE_FILE
+
+    from .conftest import running
+
+    first = _one_plain_round(fed)
+    saved = Path(first.store_dir) / STATE_FILE
+    if state == "missing":
+        saved.unlink()
+    elif state == "older":  # the state of version 1 beside a store whose newest is version 2
+        shutil.copy(saved, fed.tmp / "v1.state")
+
+        async def second() -> None:
+            async with running(first) as srv:
+                await _all_send_and_publish(fed, srv.port, 2)
+
+        asyncio.run(second())
+        shutil.copy(fed.tmp / "v1.state", saved)
+
+    async def start() -> None:
+        async with running(first):
+            pass
+
+    with caplog.at_level(logging.WARNING, logger="securefl"):
+        asyncio.run(start())
+    said = [r.getMessage() for r in caplog.records]
+    if state == "kept":  # the state that goes with the newest version: nothing to say
+        assert not any("optimiser" in m for m in said), said
+        return
+    why = "no saved state" if state == "missing" else \
+        "it belongs to model version 1, the latest is 2"
+    assert (f"the server optimiser's saved state will not be used ({why}): its momentum "
+            "starts again from zero at the next round; no model version is affected"
+            ) in said, said
