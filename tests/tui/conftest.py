@@ -143,17 +143,26 @@ async def wait_collected(fed: Fed, n: int, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.05)
 
 
-def notifications_kept(app: object) -> list[str]:
+class Told(list[str]):
+    """The messages of the notifications raised, and ``titles`` beside them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.titles: list[str] = []
+
+
+def notifications_kept(app: object) -> Told:
     """Every notification ``app`` raises from now on, as it is raised.
 
     Why not ``app._notifications``: a toast leaves it when it expires (5-10 s), and a loaded
     machine can take longer than that to hand the test its next look (CI runs missed
     notifications that had been shown)."""
-    told: list[str] = []
+    told = Told()
     notify = app.notify  # type: ignore[attr-defined]
 
     def keep(message: str, **kw: object) -> object:
         told.append(str(message))
+        told.titles.append(str(kw.get("title", "")))
         return notify(message, **kw)
 
     app.notify = keep  # type: ignore[attr-defined]
