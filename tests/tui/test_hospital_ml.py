@@ -49,6 +49,8 @@ def test_classify_a_scan_picked_by_path(fed: Fed) -> None:
                 app.screen.query_one("#path", Input).focus()
                 await pilot.press("enter")
                 await until(pilot, lambda: "Could not classify" in text(app, "#probs"), 120)
+                # the reason stays where the answer would be (a notification fades)
+                assert "get the global model or train first" in text(app, "#probs")
                 assert any("get the global model or train first" in str(n.message)
                            for n in app._notifications)
                 await pilot.press("escape")
@@ -79,6 +81,7 @@ def test_classify_a_scan_picked_by_path(fed: Fed) -> None:
                 await pilot.press("enter")
                 await pilot.pause()
                 assert any("not a JPEG or PNG" in str(n.message) for n in app._notifications)
+                assert "is not a JPEG or PNG file: pick a scan image" in text(app, "#probs")
                 assert "%" not in text(app, "#probs")
                 assert app.screen.query_one("#scan", Image).image is None
                 # A damaged scan (text named .jpg, a cut-off JPEG): refused with advice,
@@ -243,5 +246,40 @@ def test_get_shows_the_fine_tuning_epoch_on_its_own_bar(fed: Fed) -> None:
                 # Which model was kept, and the figures it was chosen on.
                 assert re.search(r"Balanced accuracy on the validation scans: as downloaded "
                                  r"[\d.]+%, recalibrated [\d.]+%", text(app, "#summary"))
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_get_or_train_keeps_its_reason_on_the_screen(fed: Fed) -> None:
+    """Walking it at 80x24 (helper): with no scans, Get and Train showed their reason only
+    in a notification that faded after 10 s, leaving "Get weights failed; see the message."
+    and "Training failed." on the screen, and the batch bar kept animating."""
+    import shutil
+
+    hospital_toml = fed.hospital_tomls[0]
+    scans = Hospital.from_file(hospital_toml).ml.scans_dir
+    for split in ("Training", "Testing"):
+        shutil.rmtree(scans / split)
+        for name in ("glioma", "meningioma", "notumor", "pituitary"):
+            (scans / split / name).mkdir(parents=True)
+
+    async def scenario() -> None:
+        async with running(fed):
+            app = HospitalApp(hospital_toml, "hospital_1")
+            async with app.run_test(size=(80, 24)) as pilot:
+                await until(pilot, lambda: app.session is not None)
+                await pilot.press("g", "enter")
+                await until(pilot, lambda: "failed: " in text(app, "#state"), 120)
+                got = text(app, "#state")
+                assert "see the message" not in got and "scan" in got, got
+                await pilot.press("escape", "t")
+                app.screen.query_one("#epochs", Input).value = "1"
+                await pilot.click("#start")
+                await until(pilot, lambda: "Training failed: " in text(app, "#state"), 120)
+                assert "scan" in text(app, "#state"), text(app, "#state")
+                from securefl.tui.common import Progress
+
+                bar = app.screen.query_one("#batch-bar", Progress)
+                assert bar.total is not None  # stopped, not animating as if at work
 
     asyncio.run(scenario())

@@ -26,7 +26,7 @@ from securefl.errors import DataError
 from securefl.ml.data import load_image
 from securefl.ml.settings import clinical_name
 from securefl.ml.train import Classification
-from securefl.tui.common import notify_error
+from securefl.tui.common import explain, notify_error
 
 HERE = Path(__file__).parent
 BAR_WIDTH = 20
@@ -110,24 +110,25 @@ class ClassifyScreen(Screen):
         self.query_one("#scan", Image).image = None
         self.query_one("#probs", Static).update(text)
 
+    def _refuse(self, sentence: str) -> None:
+        self._clear(sentence)
+        self.notify(sentence, severity="error")
+
     def classify_path(self, path: Path) -> None:
+        # Each refusal stays in the answer's place as well: the notification fades.
         if not path.exists():
-            self._clear("Pick a scan (Enter on a file).")
-            self.notify(f"{path} does not exist: check the name and folder, or pick a scan "
-                        "below.", severity="error")
+            self._refuse(f"{path} does not exist: check the name and folder, or pick a scan "
+                         "below.")
             return
         if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-            self._clear("Pick a scan (Enter on a file).")
-            self.notify(f"{path.name or path} is not a JPEG or PNG file: pick a scan image.",
-                        severity="error")
+            self._refuse(f"{path.name or path} is not a JPEG or PNG file: pick a scan image.")
             return
         try:  # the preview decodes the file here: a damaged one must not end the app
             load_image(path, 8, as_scan=True)
             self.query_one("#scan", Image).image = path
         except (DataError, OSError, ValueError) as exc:
-            self._clear("Pick a scan (Enter on a file).")
             detail = exc.message if isinstance(exc, DataError) else str(exc)
-            self.notify(f"{detail}: pick another scan.", severity="error")
+            self._refuse(f"{detail}: pick another scan.")
             return
         self.query_one("#probs", Static).update(f"Classifying {path.name}…")
         self.run_classify(path)
@@ -144,7 +145,8 @@ class ClassifyScreen(Screen):
     @on(Classified)
     def _classified(self, message: Classified) -> None:
         if message.error is not None or message.answer is None:
-            self._clear(f"Could not classify {message.path.name}.")
+            self._clear(f"Could not classify {message.path.name}: "
+                        f"{explain(message.error or RuntimeError('no result'))}")
             notify_error(self.app, message.error or RuntimeError("no result"),
                          "Classification failed")
             return

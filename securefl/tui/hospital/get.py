@@ -32,7 +32,7 @@ from securefl.ml.data import describe_skipped
 from securefl.ml.settings import clinical_name
 from securefl.ml.train import EvalReport
 from securefl.ml.train import Progress as TrainProgress
-from securefl.tui.common import ConfirmScreen, TextScreen, notify_error, pairs
+from securefl.tui.common import ConfirmScreen, TextScreen, explain, notify_error, pairs
 from securefl.tui.common import Progress as ProgressBar
 
 HERE = Path(__file__).parent
@@ -276,10 +276,12 @@ class GetScreen(Screen):
             f"Making the global model this hospital's own: {what}, batch {p.batch} of "
             f"{p.batches}")
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, what: str = "Get weights failed") -> None:
+        """The reason stays on the screen: a notification fades in seconds, and walking it
+        the screen was left saying only "see the message"."""
         self._set_running(False)
-        notify_error(self.app, exc, "Get weights failed")
-        self.query_one("#state", Static).update("Get weights failed; see the message.")
+        notify_error(self.app, exc, what)
+        self.query_one("#state", Static).update(f"{what}: {explain(exc)}")
 
     @work(exclusive=True, group="download")
     async def download(self, replace_trained: bool = False) -> None:
@@ -312,7 +314,10 @@ class GetScreen(Screen):
     @on(Evaluated)
     def _evaluated(self, message: Evaluated) -> None:
         if message.error is not None or message.report is None:
-            self._fail(message.error or RuntimeError("no report"))
+            # The download itself succeeded: the version is this hospital's model now.
+            self._fail(message.error or RuntimeError("no report"),
+                       f"Global version {self.version} was downloaded and is this "
+                       "hospital's model now, but testing it on the validation scans failed")
             return
         r = self.report = message.report
         self._set_running(False)

@@ -26,7 +26,7 @@ from securefl.errors import SecureFLError
 from securefl.ml.data import describe_skipped
 from securefl.ml.train import Progress, TrainResult
 from securefl.tui.common import Progress as ProgressBar
-from securefl.tui.common import notify_error
+from securefl.tui.common import explain, notify_error
 from securefl.tui.hospital.trainer import train_in_child
 
 HERE = Path(__file__).parent
@@ -206,8 +206,11 @@ class TrainScreen(Screen):
         self._set_running(False)
         state = self.query_one("#state", Static)
         if message.error is not None:
-            state.update("Training failed.")
+            # The reason stays on the screen (a notification fades), and the batch bar
+            # stops: it kept animating after a refusal, as if work went on.
+            state.update(f"Training failed: {explain(message.error)}")
             notify_error(self.app, message.error, "Training failed")
+            self.query_one("#batch-bar", ProgressBar).update(total=1, progress=0)
         elif message.result is not None and message.result.cancelled:
             state.update("Training cancelled; the model was not changed.")
         elif message.result is not None:
