@@ -289,6 +289,8 @@ class Server:
                     await chore
         if self._sock is not None:
             self._sock.close()
+        if hasattr(self, "coordinator"):
+            self.coordinator.stopping = True  # connections end now because of us
         pending = set(self._tasks)
         while pending:
             # Cancelled again until done: Python 3.11's wait_for drops a cancellation that

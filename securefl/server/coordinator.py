@@ -68,6 +68,9 @@ class Coordinator(AdminActions):
         self.encoding = Encoding.auto(clip=self.rs.clip, max_clients=self.rs.max_clients,
                                       max_weight=self.rs.max_weight)
         self.peers: set[Peer] = set()
+        #: The server is shutting down: connections close because of it, and no hospital
+        #: is said to have left a round (walking it, Ctrl-C blamed one, with advice).
+        self.stopping = False
         self.round: ActiveRound | None = None
         #: For the admin dashboard: when each hospital was last heard from, and when the
         #: certificate it connected with expires.
@@ -300,7 +303,8 @@ class Coordinator(AdminActions):
                           phase=rnd.phase)
         if rnd.engine.state is ServerState.ENROLLING:
             self._withdraw(rnd, peer.name)
-        elif (doomed := rnd.cannot_finish()) is not None and not rnd.doomed:
+        elif not self.stopping and (doomed := rnd.cannot_finish()) is not None \
+                and not rnd.doomed:
             # Said the moment it happens: `admin status` still looks like a round collecting.
             rnd.doomed = True
             self.audit.record("round-doomed", round_id=rnd.round_id, reason=doomed,

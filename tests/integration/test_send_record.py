@@ -565,3 +565,35 @@ def test_a_round_that_lost_a_sender_is_ended_without_binding_anyone(
     parts = [(ups[n], samples[n]) for n in "abc"]
     expected, _ = fedavgm_step(v0, weighted_mean(parts), None)
     assert_published(v1, expected, tolerance(parts), v0)
+
+
+def test_stopping_the_server_mid_round_blames_no_hospital(
+        fed: Federation, caplog: pytest.LogCaptureFixture) -> None:
+    """Walking it (helper): Ctrl-C on the server with every masked update in logged
+    "round 1 cannot finish: 'a' left after sending its masked update ... `securefl admin
+    abort` or `aggregate` ends it": a hospital blamed, and advice for a server going away."""
+    import json
+    import logging
+
+    ups = {n: _update(40 + i) for i, n in enumerate("abc")}
+
+    async def scenario() -> list:
+        async with running(fed.server_settings()) as srv:
+            sites = {n: _site(fed, n, srv.port) for n in "abc"}
+            for n in "abc":
+                await _get(sites[n])
+            sessions = {n: await sites[n].session().connect() for n in "abc"}
+            tasks = [asyncio.create_task(sites[n].send_update(sessions[n], ups[n], 10, 0))
+                     for n in "abc"]
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                await _wait(admin, "submitted", 3)
+        # the server is closed here, with the round in flight
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    with caplog.at_level(logging.INFO, logger="securefl"):
+        outcomes = asyncio.run(scenario())
+    assert all(isinstance(o, Exception) for o in outcomes), outcomes
+    assert not any("cannot finish" in r.getMessage() for r in caplog.records), caplog.text
+    events = [json.loads(line)["event"] for line in
+              (fed.certs.root / "audit.jsonl").read_text().splitlines()]
+    assert "round-doomed" not in events and "submission" in events
