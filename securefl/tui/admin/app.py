@@ -21,6 +21,7 @@ from pathlib import Path
 from textual import work
 
 from securefl import config
+from securefl.client.admin_text import doomed_note
 from securefl.client.session import AdminSession, ServerStatus, UnmaskProgress
 from securefl.errors import NotEnoughSurvivorsError, SecureFLError
 from securefl.tui.admin.audit import AuditScreen
@@ -34,7 +35,11 @@ AUDIT_LINES = 200
 
 
 def too_few_advice(exc: SecureFLError) -> str:
-    """One account of a failed unmask step: what happened, what it means, what to do."""
+    """One account of a failed unmask step: what happened, what it means, what to do
+    (once: walking it, the server's sentence and this one both said "nothing was
+    published" and gave two different next steps)."""
+    if "nothing was published" in exc.message:
+        return f"Aggregation failed: {sentence(exc.message)}"
     return (f"Aggregation failed: {sentence(exc.message)} Nothing was published and the "
             "hospitals are told to send again. Next: ask them to stay connected until you "
             "aggregate, then aggregate again.")
@@ -129,6 +134,28 @@ class AdminApp(SecureFLApp):
             return
         self.dashboard.show(status=status, hospitals=tuple(hospitals), stale=False,
                             schedule=schedule)
+        if (note := await self._doomed(status)) is not None \
+                and note not in self.dashboard.activity:
+            # Walking it: the table still read "collecting, 3 of 3" for a round that had
+            # lost a hospital and could no longer finish.
+            self.dashboard.show(activity=note)
+            self.notify(note, title="The round cannot finish", severity="warning", timeout=10)
+
+    async def _doomed(self, st: ServerStatus) -> str | None:
+        """The server's word that the collecting round can no longer finish (its
+        ``round-doomed`` audit entry), as a sentence; None otherwise."""
+        if self.session is None or st.phase != COLLECTING or not st.round_id:
+            return None
+        try:
+            entries = await self.session.audit(limit=200)
+        except SecureFLError:
+            return None
+        note = doomed_note(st.round_id, entries)
+        return None if note is None else (
+            note.removeprefix("note: ")[0].upper() + note.removeprefix("note: ")[1:]
+            .replace(" (the server's console and `audit` say what happens next)", "")
+            + ". Aggregate (a) or abort (x) ends it with nothing published; its hospitals "
+            "then send again.")
 
     @work(exclusive=True, group="poll")
     async def poll(self) -> None:
@@ -186,7 +213,9 @@ class AdminApp(SecureFLApp):
             self.dashboard.show(activity=why)
             self.notify(why, title="Not now", severity="warning", timeout=6)
             return
-        if action == "aggregate":
+        if action == "aggregate" and (note := await self._doomed(st)) is not None:
+            self._confirm(f"{note} End it now?", self.aggregate, "Aggregate")
+        elif action == "aggregate":
             self._confirm(f"Combine the {st.collected} update(s) received in round "
                           f"{st.round_id} and publish global version {st.version + 1}?",
                           self.aggregate, "Aggregate")
