@@ -51,6 +51,16 @@ def test_sign_in_checks_the_name_against_the_certificate(fed: Fed) -> None:
                 await pilot.pause()
                 problem = text(app, "#problem")
                 assert "belongs to 'hospital_1', not 'hospital_2'" in problem
+                # A mistyped path is about the field, not a --config never typed (a walk).
+                config = app.screen.query_one("#config", Input)
+                right = config.value
+                config.value = right + ".typo"
+                app.screen.query_one("#name", Input).focus()
+                await pilot.press("enter")  # Enter in the name field signs in
+                await until(pilot, lambda: "no settings file at" in text(app, "#problem"))
+                assert "check the path typed above" in text(app, "#problem")
+                assert "--config" not in text(app, "#problem")
+                config.value = right
                 assert isinstance(app.screen, LoginScreen)
                 name = app.screen.query_one("#name", Input)
                 name.value = "hospital_1"

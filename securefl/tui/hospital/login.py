@@ -26,7 +26,11 @@ def open_hospital(config: str, name: str) -> Hospital:
     """The hospital for ``config`` if ``name`` is the one in its certificate, else raises."""
     if not config.strip():
         raise ValueError("type the path of your hospital.toml settings file")
-    hospital = Hospital.from_file(Path(config.strip()).expanduser())
+    path = Path(config.strip()).expanduser()
+    if not path.exists():  # said for the field, not for a --config the user never typed
+        raise ValueError(f"there is no settings file at {path}: check the path typed above "
+                         "(your kit's hospital.toml)")
+    hospital = Hospital.from_file(path)
     actual = hospital.name
     if name.strip() and name.strip() != actual:
         raise ValueError(f"this settings file's certificate belongs to '{actual}', not "
