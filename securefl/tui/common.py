@@ -263,6 +263,9 @@ class SecureFLApp(App[int]):
     def __init__(self) -> None:
         super().__init__()
         self._quit_asked = -1e9
+        #: What was running when the person quit anyway (``busy_reason``), for the words
+        #: printed after the app has gone; None when nothing was.
+        self.quit_while: str | None = None
         self._retry_at = 0  # index into BACKOFF of the next reconnection delay
         self._retry_timer: Any = None
 
@@ -310,6 +313,7 @@ class SecureFLApp(App[int]):
         reason = self.busy_reason()
         now = time.monotonic()
         if reason is None or now - self._quit_asked <= QUIT_AGAIN:
+            self.quit_while = reason
             self.exit(0)
             return
         self._quit_asked = now
@@ -318,6 +322,7 @@ class SecureFLApp(App[int]):
 
         def answered(yes: bool | None) -> None:
             if yes:
+                self.quit_while = reason
                 self.exit(0)
 
         self.push_screen(ConfirmScreen(

@@ -376,7 +376,7 @@ def test_ctrl_c_during_a_real_training_asks_and_loses_nothing(
 
 
 def test_hospital_reconnects_after_a_server_restart_and_can_send(
-        fed: Fed, monkeypatch: pytest.MonkeyPatch) -> None:
+        fed: Fed, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """The server restarts: the dashboard greys what it knew and says it is stale, the app
     reconnects without a key pressed, and Send then uses the new connection (it used to
     say "not connected: call connect() first").  Then, in that round, Ctrl+Q asks first."""
@@ -441,6 +441,13 @@ def test_hospital_reconnects_after_a_server_restart_and_can_send(
                 await until(pilot, lambda: app.return_code == 0, 10)
             finally:
                 await server.close()
+        # Once the app has gone, the terminal hears what the CLI's interrupted send says,
+        # with its exit code (walking it, the app closed with 0 and no word).
+        from securefl.tui.hospital.app import goodbye
+
+        capsys.readouterr()
+        assert goodbye(app, 0) == 130
+        assert capsys.readouterr().err.startswith("securefl: send interrupted")
 
     asyncio.run(scenario())
 

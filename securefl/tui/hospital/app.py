@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,7 @@ class HospitalApp(SecureFLApp):
     def busy_reason(self) -> str | None:
         for screen in self.screen_stack:
             if isinstance(screen, SendScreen) and screen.running:
-                return ("This hospital is in a secure-aggregation round: quitting now drops "
-                        "it from the round, and the round may fail for every hospital")
+                return IN_A_ROUND
             if isinstance(screen, TrainScreen) and screen.running:
                 return "Training is running: quitting stops it and the model stays as it was"
             if isinstance(screen, GetScreen) and screen.running:
@@ -372,6 +372,26 @@ class HospitalApp(SecureFLApp):
             self.refresh_status()
 
 
+#: ``busy_reason`` while a send runs: quitting then is an interrupted send.
+IN_A_ROUND = ("This hospital is in a secure-aggregation round: quitting now drops it from "
+              "the round, and the round may fail for every hospital")
+
+
 def run_hospital_app(config: Path | None, hospital_name: str | None) -> int:
-    """``securefl client [--config FILE] [--hospital NAME]`` with no action."""
-    return HospitalApp(config, hospital_name).run() or 0
+    """``securefl client [--config FILE] [--hospital NAME]`` with no action.
+
+    Quit during a send, the terminal gets what the CLI's interrupted ``send`` prints and
+    its exit code 130: walking it, the app closed with 0 and no word, even when the
+    update had gone out."""
+    app = HospitalApp(config, hospital_name)
+    return goodbye(app, app.run() or 0)
+
+
+def goodbye(app: HospitalApp, code: int) -> int:
+    """The words and exit code once the app has gone (see ``run_hospital_app``)."""
+    if app.quit_while == IN_A_ROUND and app.config_path is not None:
+        from securefl.client.commands import interrupted_send_note
+
+        print(f"securefl: {interrupted_send_note(app.config_path)}", file=sys.stderr)
+        return 130
+    return code
