@@ -515,14 +515,20 @@ def load(path: Path | str, model: type[S]) -> S:
     return result.model_copy(update=updates)
 
 
+#: What to do about a hospital.toml without its [ml] table.  Why not "add scans_dir and
+#: model_dir": walking it, that left image_size at its default (128) beside a server at 64.
+ML_TABLE_ADVICE = ("copy the [ml] table from the hospital.toml of the kit the federation "
+                   "operator gave you (it holds the federation's image_size, model_kind and "
+                   "classes, which must match the server's), then set scans_dir and model_dir")
+
+
 def load_ml_settings(path: Path | str) -> MLSettings:
     """Only the ``[ml]`` table of a hospital file (the ML commands need no certificates, so
     a file with just ``[ml]`` is enough for them)."""
     path = Path(path)
     table = read_toml(path).get("ml")
     if not isinstance(table, dict):
-        raise ConfigError(f"{path} has no [ml] table: add one with at least scans_dir and "
-                          "model_dir")
+        raise ConfigError(f"{path} has no [ml] table: {ML_TABLE_ADVICE}")
     try:
         ml = MLSettings.model_validate(table)
     except ValidationError as exc:

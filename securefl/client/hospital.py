@@ -58,6 +58,7 @@ from securefl.client import trained
 from securefl.client.hospital_log import HospitalLog, logged
 from securefl.client.outbox import Outbox, SendRecord, vector_sha256, write_json
 from securefl.client.session import GlobalModel, HospitalSession, RoundOutcome, RoundStep
+from securefl.config import ML_TABLE_ADVICE
 from securefl.crypto.secagg.policy import SignedList
 from securefl.errors import (
     ConfigError,
@@ -123,16 +124,15 @@ class Hospital:
         settings = config.load(path, config.ClientSettings)
         if settings.ml is None:
             if require_ml:
-                raise ConfigError(f"{path} has no [ml] table: add scans_dir and model_dir for "
-                                  "the hospital's scans and model")
+                raise ConfigError(f"{path} has no [ml] table: {ML_TABLE_ADVICE}")
             return cls(settings, None)
         return cls(settings, settings.ml)
 
     @property
     def ml(self) -> MLSettings:
         if self._ml is None:
-            raise ConfigError("this hospital's settings have no [ml] table: add scans_dir and "
-                              "model_dir to hospital.toml to train, evaluate or classify here")
+            raise ConfigError("this hospital's settings have no [ml] table, which training, "
+                              f"evaluating and classifying need: {ML_TABLE_ADVICE}")
         return self._ml
 
     @ml.setter

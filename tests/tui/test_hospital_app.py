@@ -298,7 +298,8 @@ def test_bracketed_setting_names_are_shown_not_swallowed(fed: Fed, tmp_path) -> 
             await until(pilot, lambda: isinstance(app.screen, LoginScreen))
             await pilot.click("#sign-in")
             await until(pilot, lambda: "table" in text(app, "#problem"))
-            assert "has no [ml] table: add scans_dir" in text(app, "#problem")
+            assert "has no [ml] table: copy the [ml] table from the hospital.toml of the kit" \
+                in text(app, "#problem")
             app.screen.notify("raise [policy] max_attempts by one", timeout=60)  # a screen's
             await until(pilot, lambda: bool(list(app._notifications)))
             shown = list(app._notifications)
