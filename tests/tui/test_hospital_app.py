@@ -220,8 +220,15 @@ def test_history_names_the_figure_and_the_scans_and_draws_validation_only() -> N
         {"time": "2026-12-01T10:02:00Z", "event": "evaluate", "accuracy": 0.7},  # an old line
         {"time": "2026-12-01T10:03:00Z", "event": "train", "num_samples": 59,
          "history": {"loss": [1.0, 0.5], "accuracy": [0.4, 0.475]}},
+        {"time": "2026-12-01T09:00:00Z", "event": "get", "version": 0, "contributors": 0,
+         "total_samples": 0},
+        {"time": "2026-12-01T11:00:00Z", "event": "get", "version": 1, "contributors": 3,
+         "total_samples": 597},
     ]
     metrics = [row[3] for row in history_rows(records)]
+    # Version 0 read "0 hospitals, 0 scans", as if something had gone wrong (a walk).
+    assert metrics[4:] == ["the starting model, before any round",
+                           "3 hospitals, 597 scans"]
     assert metrics[0] == "balanced accuracy 60.0% on 11 validation scans"
     assert metrics[1] == "balanced accuracy 50.0% on 16 Testing scans"
     assert metrics[2] == "accuracy 70.0%"

@@ -29,7 +29,10 @@ def history_rows(records: list[dict]) -> list[tuple[str, str, str, str]]:
         event = str(r.get("event", "?"))
         if event == "get":
             version = str(r.get("version", "-"))
-            metrics = f"{r.get('contributors', 0)} hospitals, {r.get('total_samples', 0)} scans"
+            # Version 0 comes from no hospital: "0 hospitals, 0 scans" read as a fault.
+            metrics = ("the starting model, before any round"
+                       if not r.get("contributors") else
+                       f"{r.get('contributors')} hospitals, {r.get('total_samples', 0)} scans")
         elif event == "train":
             # The loss is in the row's details: the column keeps to what fits at 80 columns.
             acc = (r.get("history", {}).get("accuracy") or [float("nan")])[-1]
