@@ -174,17 +174,19 @@ class Hospital:
         hospitals hold version 3; every download is then refused and every update told to
         "download, retrain and send again", which cannot help.  Saying what happened, and
         who can fix it, is the one useful answer (QUICKSTART §6, "Restoring from a backup")."""
+        held = self._held_version()
+        if held is None or server_version >= held:
+            return None
+        return _went_back(server_version, held)
+
+    def _held_version(self) -> int | None:
+        """The global version downloaded here (None: none, or a damaged record, which the
+        next ``get`` replaces)."""
         try:
             held = self.global_meta()
         except DataError:
             return None
-        if held is None or server_version >= int(held["version"]):
-            return None
-        return (f"the server's newest global version is {server_version}, but this hospital "
-                f"already has version {held['version']}: global versions never go back, so "
-                "the server's model store was probably restored from an older backup; "
-                "nothing was sent or saved here: ask the federation operator to restore the "
-                "newest backup")
+        return None if held is None else int(held["version"])
 
     async def check_server_not_behind(self, session: HospitalSession,
                                       server_version: int | None = None) -> None:
@@ -199,14 +201,12 @@ class Hospital:
             # Asked now: a session lives on (the agent's, the app's) while versions are
             # published, so the welcome's version may be long out of date.
             server_version = (await session.status()).version
-        went_back = await asyncio.to_thread(self.server_went_back, server_version)
-        if went_back is None:
+        held = await asyncio.to_thread(self._held_version)
+        if held is None or server_version >= held:
             return
-        held = await asyncio.to_thread(self.global_meta)
-        assert held is not None
         with contextlib.suppress(SecureFLError, OSError):
-            await session.conn.request(wm.Join(base_version=int(held["version"])))
-        raise ServerWentBackError(went_back)
+            await session.conn.request(wm.Join(base_version=held))
+        raise ServerWentBackError(_went_back(server_version, held))
 
     def global_weights(self) -> np.ndarray:
         """The downloaded global model's weights (``state/global.npy``), float32."""
@@ -602,14 +602,16 @@ class Hospital:
                    on_progress: Callable[[int, int], None] | None, *, replace_trained: bool,
                    on_personalise: ProgressFn | None, personalise: bool,
                    cancel: threading.Event | None) -> GlobalModel:
+        known = None  # the server's version, when already asked
         if not replace_trained and self.has_ml:
-            st = await session.status()
-            if (base := self.unsent_training(st.version)) is not None:
+            known = (await session.status()).version
+            if (base := self.unsent_training(known)) is not None:
                 raise DataError(
                     f"the local model was trained on version {base} and its update has not "
                     "been sent; getting the global model would overwrite that training: send "
                     "it first, or get with --replace-trained to discard it")
-        await self.check_server_not_behind(session)  # before downloading what it refuses
+        # before downloading what it would refuse
+        await self.check_server_not_behind(session, known)
         model = await session.get_global(on_progress)
         try:
             held = await asyncio.to_thread(self.global_meta)
@@ -677,3 +679,10 @@ class Hospital:
                                       journal=self.log.follow(journal, base, samples),
                                       base_sha256=sha, bound_to=required,
                                       **round_options)
+
+
+def _went_back(server_version: int, held: int) -> str:
+    return (f"the server's newest global version is {server_version}, but this hospital "
+            f"already has version {held}: global versions never go back, so the server's "
+            "model store was probably restored from an older backup; nothing was sent or "
+            "saved here: ask the federation operator to restore the newest backup")
