@@ -65,17 +65,16 @@ def status_lines(st: ServerStatus) -> list[str]:
     return [f"{k:<12} {v}" for k, v in rows]
 
 
-def doomed_note(round_id: int, entries: Sequence[AuditEntry]) -> str | None:
-    """The server's ``round-doomed`` entry for the current round, as a note for ``status``.
+def doomed_reason(round_id: int, entries: Sequence[AuditEntry]) -> str | None:
+    """Why round ``round_id`` cannot finish, from the server's ``round-doomed`` entry (None:
+    no such entry), for ``status`` and the admin app to say in their own words.
 
     Why from the audit log: the status reply has no field for it (the wire stays as it
     is), and the phase alone read "collecting" for a round that could no longer finish."""
     prefix = f"round_id={round_id} reason="
     for e in reversed(entries):
         if e.event == "round-doomed" and e.detail.startswith(prefix):
-            reason = e.detail.removeprefix(prefix).split(" resend=", 1)[0]
-            return (f"note: round {round_id} cannot finish: {reason} (the server's console "
-                    "and `audit` say what happens next)")
+            return e.detail.removeprefix(prefix).split(" resend=", 1)[0]
     return None
 
 

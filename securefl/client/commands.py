@@ -322,9 +322,10 @@ async def admin(args: argparse.Namespace) -> int:
         if action == "status":
             st = await session.status()
             out(text.status_json(st) if as_json else text.status_lines(st))
-            if st.round_id and (doomed := text.doomed_note(
+            if st.round_id and (why := text.doomed_reason(
                     st.round_id, await session.audit(limit=200))):
-                print(doomed, file=sys.stderr)
+                print(f"note: round {st.round_id} cannot finish: {why} (the server's console "
+                      "and `audit` say what happens next)", file=sys.stderr)
             if st.waiting_for:
                 print(f"waiting for {', '.join(st.waiting_for)}: a round on version "
                       f"{st.version} failed after its survivor list went out, so the next "

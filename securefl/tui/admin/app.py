@@ -21,7 +21,7 @@ from pathlib import Path
 from textual import work
 
 from securefl import config
-from securefl.client.admin_text import doomed_note
+from securefl.client.admin_text import doomed_reason
 from securefl.client.session import AdminSession, ServerStatus, UnmaskProgress
 from securefl.errors import NotEnoughSurvivorsError, SecureFLError
 from securefl.tui.admin.audit import AuditScreen
@@ -150,12 +150,10 @@ class AdminApp(SecureFLApp):
             entries = await self.session.audit(limit=200)
         except SecureFLError:
             return None
-        note = doomed_note(st.round_id, entries)
-        return None if note is None else (
-            note.removeprefix("note: ")[0].upper() + note.removeprefix("note: ")[1:]
-            .replace(" (the server's console and `audit` say what happens next)", "")
-            + ". Aggregate (a) or abort (x) ends it with nothing published; its hospitals "
-            "then send again.")
+        why = doomed_reason(st.round_id, entries)
+        return None if why is None else (
+            f"Round {st.round_id} cannot finish: {why}. Aggregate (a) or abort (x) ends it "
+            "with nothing published; its hospitals then send again.")
 
     @work(exclusive=True, group="poll")
     async def poll(self) -> None:
