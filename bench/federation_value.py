@@ -175,6 +175,12 @@ def parse() -> argparse.Namespace:
                         "minimises the loss plus MU/2 ||w - w_global||^2 over the trainable "
                         "weights (its gradient MU (w - w_global) is added to every gradient), "
                         "which holds each hospital's skewed training near the global model")
+    p.add_argument("--fedbn", action="store_true",
+                   help="federated arms (experiment): FedBN (Li et al. 2021).  Each hospital "
+                        "keeps its own batch-norm layers (scale, offset and statistics): "
+                        "they are never sent (the update is zero there), every round's "
+                        "training starts from the global weights with the hospital's own "
+                        "batch-norm layers, and so does every personalisation candidate")
     p.add_argument("--arms", default="local,fedavg,secure,central",
                    help="comma-separated subset of local,fedavg,secure,central (scouting)")
     return p.parse_args()
@@ -308,6 +314,22 @@ def main() -> int:
     is_stat = np.zeros(w0.size, dtype=bool)
     for start, stop in layout.ranges:
         is_stat[start:stop] = True
+    is_bn = np.zeros(w0.size, dtype=bool)  # every batch-norm weight (FedBN keeps them local)
+    offset = 0
+    for layer in weight_spec(workers[0]).layers:
+        if "_bn/" in layer.name:
+            is_bn[offset:offset + layer.size] = True
+        offset += layer.size
+    own_bn: list[np.ndarray] = []  # FedBN: each hospital's own batch-norm weights
+
+    def with_own_bn(g: np.ndarray, h: int) -> np.ndarray:
+        """The weights hospital ``h`` trains and personalises from: the global ones, with
+        its own batch-norm layers under FedBN."""
+        if not args.fedbn:
+            return g
+        out = g.copy()
+        out[is_bn] = own_bn[h][is_bn]
+        return out
 
     # -- local arm: pooled and own Testing every checkpoint, own validation at the end ----
     local_curves: list[list[float]] = []
@@ -357,7 +379,7 @@ def main() -> int:
         for h in range(len(names)):
             seen.clear()
             m = pers[h]
-            from_vector(m, g)
+            from_vector(m, with_own_bn(g, h))
             score("global", h, m)
             calibrate_batch_norm(m, trains[h])
             val_p, test_p = score("recal", h, m)
@@ -406,6 +428,7 @@ def main() -> int:
         pers = [fresh() for _ in names]
         opt = ServerOptimizer(opt_settings, w0.size, statistics=layout)
         g = w0.copy()
+        own_bn[:] = [w0.copy() for _ in names]
         clipped = {"all": 0.0, "statistics": 0.0, "weights": 0.0, "max_abs": 0.0}
         curve: list[float] = []  # the unpersonalised global model, every round
         checkpoints = []
@@ -421,14 +444,18 @@ def main() -> int:
                 for h in range(len(trains)):
                     workers[h].optimizer.set_correction(c - grads[h])
             for h, data in enumerate(trains):
-                from_vector(workers[h], g)
+                from_vector(workers[h], with_own_bn(g, h))
                 if args.fresh_local_optimiser:
                     reset_optimizer(workers[h])
                 if args.prox > 0:
                     workers[h].optimizer.set_anchor()
                 fit(workers[h], data, args.local_epochs, seed=1000 * r + h, r=r,
                     validation=vals[h])
-                deltas.append(to_vector(workers[h]) - g)
+                trained = to_vector(workers[h])
+                if args.fedbn:  # kept, never sent
+                    own_bn[h] = trained.copy()
+                    trained[is_bn] = g[is_bn]
+                deltas.append(trained - g)
                 weights.append(len(data))
             stack = np.abs(np.stack(deltas))
             beyond = stack > encoding.clip
@@ -439,7 +466,7 @@ def main() -> int:
             clipped["weights"] = max(clipped["weights"], float(beyond[:, ~is_stat].mean()))
             clipped["max_abs"] = max(clipped["max_abs"], float(stack.max()))
             g = opt.step(g, np.asarray(mean_fn(deltas, weights), dtype=np.float32))
-            from_vector(workers[0], g)
+            from_vector(workers[0], with_own_bn(g, 0))  # FedBN: hospital_1's view
             curve.append(bal_pooled(pooled_probs(workers[0])))
             msg = (f"{label} round {r + 1}/{args.rounds}: global {curve[-1]:.3f} "
                    f"(local epochs {epochs_run[0] - before})")
@@ -568,6 +595,7 @@ def main() -> int:
         "finetune_lr": args.finetune_lr,
         "scaffold": args.scaffold,
         "prox": args.prox,
+        "fedbn": args.fedbn,
         "schedule": args.schedule if args.schedule == "constant"
         else f"{args.schedule} {args.lr:g} -> {args.lr * args.lr_floor:g}",
         "final": {"local_acc": r4([c[-1] for c in local_curves]),
