@@ -244,6 +244,7 @@ def test_history_with_a_damaged_line_shows_the_rest_and_says_so(fed: Fed) -> Non
     path.write_text('{"time": "2026-11-20T09:00:00Z", "event": "get", "version": 3, '
                     '"contributors": 3, "total_samples": 900}\n{"time": "2026-11-2')
     app = HospitalApp(fed.hospital_tomls[0], "hospital_1", connect=False)
+    told = notifications_kept(app)
 
     async def scenario() -> None:
         async with app.run_test(size=(80, 24)) as pilot:
@@ -254,8 +255,7 @@ def test_history_with_a_damaged_line_shows_the_rest_and_says_so(fed: Fed) -> Non
             assert isinstance(app.screen, HistoryScreen)
             table = app.screen.query_one("#table", DataTable)
             assert table.row_count == 1
-            notes = [n.message for n in app._notifications]
-            assert any("1 damaged line(s)" in n and str(path) in n for n in notes), notes
+            assert any("1 damaged line(s)" in n and str(path) in n for n in told), told
 
     asyncio.run(scenario())
 

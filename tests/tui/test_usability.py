@@ -59,7 +59,7 @@ from securefl.tui.hospital.history import HistoryScreen
 from securefl.tui.hospital.login import LoginScreen
 from securefl.tui.hospital.send import SendScreen
 from securefl.tui.hospital.train import TrainScreen
-from tests.tui.conftest import Fed, running, until
+from tests.tui.conftest import Fed, notifications_kept, running, until
 
 from .samples import REPORT
 
@@ -833,6 +833,7 @@ def test_enter_on_an_empty_settings_field_stays_there() -> None:
 def test_footer_offers_only_what_works_while_busy(fed: Fed) -> None:
     async def scenario() -> None:
         app = HospitalApp(fed.hospital_tomls[0], "hospital_1", connect=False)
+        told = notifications_kept(app)
         async with app.run_test(size=(80, 24)) as pilot:
             await signed_in(pilot)
             await pilot.press("s")
@@ -846,7 +847,7 @@ def test_footer_offers_only_what_works_while_busy(fed: Fed) -> None:
             await pilot.press("escape")  # explains, stays
             await pilot.pause()
             assert app.screen is screen
-            assert any("round is in progress" in str(n.message) for n in app._notifications)
+            assert any("round is in progress" in n for n in told)
             screen.running = False
 
     asyncio.run(scenario())
