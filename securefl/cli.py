@@ -75,8 +75,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     from securefl.demo.settings import DemoSettings
 
     d = DemoSettings()
-    p.add_argument("--hospitals", type=int, default=d.hospitals,
-                   help=f"hospitals (default {d.hospitals})")
+    p.add_argument("--hospitals", type=int, default=None,
+                   help=f"hospitals (default {d.hospitals}; with --secagg-only 6)")
     p.add_argument("--rounds", type=int, default=d.rounds,
                    help=f"federated rounds (default {d.rounds})")
     p.add_argument("--epochs", type=int, default=d.epochs,
@@ -105,11 +105,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         if args.secagg_only:
-            from securefl.demo.secagg import run_demo
+            from securefl.demo.secagg import DEFAULT_HOSPITALS, run_demo
 
-            return run_demo(hospitals=args.hospitals, params=args.params,
-                            dropout=args.dropout, seed=args.seed)
+            hospitals = DEFAULT_HOSPITALS if args.hospitals is None else args.hospitals
+            return run_demo(hospitals=hospitals, params=args.params, dropout=args.dropout,
+                            seed=args.seed)
         from securefl.demo import federated
+
+        if args.hospitals is None:
+            args.hospitals = d.hospitals
 
         if args.hospitals < 2 or args.rounds < 1 or args.epochs < 1:
             raise errors.ConfigError("the demo needs at least 2 hospitals, 1 round, 1 epoch")

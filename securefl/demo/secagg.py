@@ -15,7 +15,15 @@ import time
 import numpy as np
 
 from securefl.crypto.quantize import Encoding
+from securefl.crypto.secagg.policy import split_view_threshold
 from securefl.crypto.simulate import STAGES, run_round
+
+#: Hospitals in ``securefl demo --secagg-only`` when none are asked for: the fewest for which
+#: the round can lose one hospital before sending and one after (three hospitals assuming
+#: one colluder need all three, see ``split_view_threshold``).
+DEFAULT_HOSPITALS = 6
+#: The colluders the demo's hospitals assume, as a hospital.toml's [policy] does by default.
+COLLUDERS = 1
 
 
 def run_demo(*, hospitals: int, params: int, dropout: float, seed: int) -> int:
@@ -26,16 +34,24 @@ def run_demo(*, hospitals: int, params: int, dropout: float, seed: int) -> int:
     pick = random.Random(seed)
     updates = [rng.normal(0, 0.05, params).astype(np.float32) for _ in range(hospitals)]
     weights = [int(w) for w in rng.integers(200, 3000, hospitals)]
-    threshold = hospitals // 2 + 1
-    n_drop = min(round(dropout * hospitals), hospitals - threshold)
+    # The threshold the server uses and every hospital demands (not n // 2 + 1: with that,
+    # the demo printed "threshold 2 of 3" and then failed for want of a third hospital).
+    threshold = split_view_threshold(hospitals, COLLUDERS)
+    asked = round(dropout * hospitals)
+    n_drop = min(asked, hospitals - threshold)
     lost = pick.sample(range(hospitals), n_drop)
     half = (n_drop + 1) // 2
     plan = {"input": set(lost[:half]), "unmask": set(lost[half:])}
     encoding = Encoding.auto(max_clients=max(hospitals, 2), max_weight=max(weights))
 
     print(f"securefl demo: {hospitals} simulated hospitals, a model of {params:,} parameters")
-    print(f"  secure aggregation: threshold {threshold} of {hospitals}, "
-          f"{encoding.ring_bits}-bit ring, fixed-point scale {encoding.scale:g}")
+    print(f"  secure aggregation: threshold {threshold} of {hospitals}, up to "
+          f"{hospitals - threshold} may leave")
+    print(f"  {encoding.ring_bits}-bit ring, fixed-point scale {encoding.scale:g}")
+    if asked > n_drop:
+        print(f"  dropout {dropout:g} would lose {asked} hospital(s), but the round needs "
+              f"{threshold} of {hospitals}: {n_drop} will leave\n  (--hospitals "
+              f"{DEFAULT_HOSPITALS} or more shows hospitals leaving)")
     for i in plan["input"]:
         print(f"  hospital-{i:03d} will disconnect before sending its update")
     for i in plan["unmask"]:
@@ -47,7 +63,7 @@ def run_demo(*, hospitals: int, params: int, dropout: float, seed: int) -> int:
 
     started = time.perf_counter()
     result, timings = run_round(updates, weights, encoding=encoding, drop=plan,
-                                on_stage=progress)
+                                threshold=threshold, colluders=COLLUDERS, on_stage=progress)
     elapsed = time.perf_counter() - started
     contributors = [i for i in range(hospitals) if i not in plan["input"]]
     true_mean = np.average(np.stack([updates[i] for i in contributors]).astype(np.float64),

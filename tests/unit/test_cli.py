@@ -13,6 +13,31 @@ def test_demo_runs_and_reports_within_bound(capsys):
     assert "will disconnect" in out
 
 
+def test_the_secagg_demo_as_the_readme_gives_it_finishes_with_hospitals_leaving(capsys):
+    """`securefl demo --secagg-only` with no options printed "threshold 2 of 3", dropped a
+    hospital and failed: the round it ran needed all three (one colluder assumed)."""
+    from securefl.demo.secagg import DEFAULT_HOSPITALS
+
+    assert main(["demo", "--secagg-only", "--params", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert f"{DEFAULT_HOSPITALS} simulated hospitals" in out
+    # 6 hospitals, one colluder: floor((6 + 1) / 2) + 1 = 4 (Bonawitz et al. 2017, section 6)
+    assert "threshold 4 of 6" in out
+    assert out.count("will disconnect") == 2 and "-> OK" in out
+    assert f"with --secagg-only {DEFAULT_HOSPITALS})" in " ".join(
+        subprocess.run([sys.executable, "-m", "securefl.cli", "demo", "--help"],
+                       capture_output=True, text=True).stdout.split())
+
+
+def test_a_secagg_demo_too_small_to_lose_anyone_says_so(capsys):
+    assert main(["demo", "--secagg-only", "--hospitals", "3", "--params", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "threshold 3 of 3" in out and "will disconnect" not in out
+    assert "dropout 0.3 would lose 1 hospital(s), but the round needs 3 of 3: 0 will leave" \
+        in out
+    assert "-> OK" in out
+
+
 def test_demo_refuses_too_few_hospitals(capsys):
     assert main(["demo", "--secagg-only", "--hospitals", "2"]) == 2
     assert "at least 3" in capsys.readouterr().err
