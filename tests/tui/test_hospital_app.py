@@ -236,6 +236,29 @@ def test_history_names_the_figure_and_the_scans_and_draws_validation_only() -> N
     assert validation_curve(records) == [0.6, 0.7]
 
 
+def test_history_shows_the_kept_epoch_and_a_stopped_training_as_such() -> None:
+    """A walk found History listing a training stopped with Ctrl-C as a normal run (its
+    "(cancelled)" cut off at 80 columns) and the last epoch's accuracy where `train` had
+    printed the kept epoch's (75.7% against 78.5%)."""
+    from securefl.tui.hospital.history import history_rows
+
+    accuracy = [0.5, 0.6, 0.785, 0.757]
+    records = [
+        {"time": "2026-12-03T06:30:00Z", "event": "train", "num_samples": 507,
+         "best_epoch": 3, "stopped_early": False,
+         "history": {"loss": [1.2, 1.0, 0.8, 0.85], "accuracy": accuracy}},
+        {"time": "2026-12-03T06:32:00Z", "event": "train", "num_samples": 507,
+         "cancelled": True, "history": {"loss": [1.2], "accuracy": [0.781]}},
+        {"time": "2026-12-03T06:40:00Z", "event": "train", "num_samples": 507,
+         "best_epoch": 4, "history": {"accuracy": accuracy}},
+    ]
+    kept, stopped, last = (row[3] for row in history_rows(records))
+    assert kept == "epoch 3 kept: accuracy 78.5%, 507 scans"
+    assert stopped == "stopped before the end: nothing kept"
+    assert last == "accuracy 75.7% on its 507 training scans"
+    assert max(len(kept), len(stopped), len(last)) <= 40  # what the column shows at 80
+
+
 def test_history_with_a_damaged_line_shows_the_rest_and_says_so(fed: Fed) -> None:
     """A cut-off line in history.jsonl closed the app with a traceback (found walking it);
     now the History screen lists the readable records and a warning counts the rest."""

@@ -34,16 +34,33 @@ def history_rows(records: list[dict]) -> list[tuple[str, str, str, str]]:
                        if not r.get("contributors") else
                        f"{r.get('contributors')} hospitals, {r.get('total_samples', 0)} scans")
         elif event == "train":
-            # The loss is in the row's details: the column keeps to what fits at 80 columns.
-            acc = (r.get("history", {}).get("accuracy") or [float("nan")])[-1]
-            metrics = (f"accuracy {acc:.1%} on its {r.get('num_samples', 0)} training scans"
-                       + (" (cancelled)" if r.get("cancelled") else ""))
+            metrics = training_words(r)
         elif event == "evaluate":
             metrics = evaluation_words(r)
         else:
             metrics = ""
         rows.append((str(r.get("time", "")).replace("T", " ")[:16], event, version, metrics))
     return rows
+
+
+def training_words(record: dict) -> str:
+    """A training in the few words the Metrics column shows at 80 columns (the loss and the
+    rest are in the row's details).
+
+    Why not the last epoch's accuracy: early stopping keeps an earlier epoch's weights, and
+    the CLI reports that epoch's figures, so History showed another number than `train`
+    had printed.  A stopped training kept nothing, and that has to come first: a trailing
+    "(cancelled)" was cut off at 80 columns, and the row read as a normal run."""
+    if record.get("cancelled"):
+        return "stopped before the end: nothing kept"
+    scans = record.get("num_samples", 0)
+    accuracy = list(record.get("history", {}).get("accuracy") or [])
+    if not accuracy:
+        return f"trained on its {scans} training scans"
+    kept = record.get("best_epoch") or 0
+    if isinstance(kept, int) and 0 < kept < len(accuracy):
+        return f"epoch {kept} kept: accuracy {accuracy[kept - 1]:.1%}, {scans} scans"
+    return f"accuracy {accuracy[-1]:.1%} on its {scans} training scans"
 
 
 def evaluation_words(record: dict) -> str:
