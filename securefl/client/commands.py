@@ -173,9 +173,12 @@ async def hospital(args: argparse.Namespace) -> int:
                 print(f"securefl: warning: {warning}", file=sys.stderr)
             if session.resend_round is not None:
                 hospital.note_abandoned(session.resend_round)
+                # Not "while this hospital was away": a server restart ends the round too,
+                # with every hospital still waiting in it (a walk).
                 print(f"note: round {session.resend_round} ended without publishing anything (it "
-                      "failed, was aborted, or the server restarted) while this hospital was away; "
-                      "send your update again (`send` says if this version no longer allows it)")
+                      "failed, was aborted, or the server restarted) before this hospital heard "
+                      "its end; send your update again (`send` says if this version no longer "
+                      "allows it)")
             out = session.published_round
             if out is not None and not hospital.note_published(*out):
                 out = None  # a round this hospital's update did not go into

@@ -66,6 +66,7 @@ from securefl.errors import (
     HospitalBusyError,
     SecureFLError,
     ServerWentBackError,
+    TransportError,
 )
 from securefl.fsutil import replace_file
 from securefl.ml.settings import MLSettings
@@ -675,10 +676,28 @@ class Hospital:
                                                   session.settings.policy.max_attempts)
             meta = self.global_meta()
             sha = meta.get("sha256") if meta and meta.get("version") == base else None
-            return await session.send(update, samples, base_version=base, on_step=on_step,
-                                      journal=self.log.follow(journal, base, samples),
-                                      base_sha256=sha, bound_to=required,
-                                      **round_options)
+            try:
+                return await session.send(update, samples, base_version=base,
+                                          on_step=on_step,
+                                          journal=self.log.follow(journal, base, samples),
+                                          base_sha256=sha, bound_to=required,
+                                          **round_options)
+            except TransportError as exc:
+                raise TransportError(self._lost_during_send(str(exc), base)) from exc
+
+    def _lost_during_send(self, reason: str, base: int) -> str:
+        """What became of the update when the connection ended mid-send, from the send
+        record (the transport alone could only say "if an update was being sent")."""
+        reason = reason.split(":", 1)[0].split(";", 1)[0]
+        record = self.outbox.record()
+        if (record is not None and record.base_version == base
+                and record.round_id is not None and record.round_id in record.masked_rounds):
+            return (f"{reason} after this hospital's masked update went into round "
+                    f"{record.round_id}, before the round published: nothing is lost; once "
+                    "the server is back, run send again (it says whether the round "
+                    "published, and otherwise sends the same update into the next round)")
+        return (f"{reason} before this hospital's update went into a round: nothing of it "
+                "was used; once the server is back, run send again")
 
 
 def _went_back(server_version: int, held: int) -> str:

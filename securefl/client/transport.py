@@ -285,8 +285,8 @@ class Connection:
         parser = frames.FrameParser(max_header=frames.CLIENT_MAX_HEADER,
                                     max_payload=frames.DEFAULT_MAX_PAYLOAD)
         failure: SecureFLError = TransportError(
-            "the server closed the connection; if an update was being sent, send it again "
-            "once the server is back")
+            "the server closed the connection: once the server is back, try again (a "
+            "hospital's send says what became of its update)")
         try:
             while True:
                 data = await self._reader.read(READ_CHUNK)

@@ -24,6 +24,7 @@ from securefl.errors import (
     DataError,
     NotEnoughSurvivorsError,
     ProtocolError,
+    TransportError,
     UpdateAlreadySentError,
 )
 from tests.outcome import assert_published, fedavgm_step, tolerance, weighted_mean
@@ -593,7 +594,35 @@ def test_stopping_the_server_mid_round_blames_no_hospital(
     with caplog.at_level(logging.INFO, logger="securefl"):
         outcomes = asyncio.run(scenario())
     assert all(isinstance(o, Exception) for o in outcomes), outcomes
+    # Each hospital is told what became of its update (a walk got "if an update was being
+    # sent, send it again", from a send that knew its masked update had gone in).
+    for o in outcomes:
+        assert isinstance(o, TransportError), o
+        assert str(o).startswith("the server closed the connection after this hospital's "
+                                 "masked update went into round 1, before the round "
+                                 "published: nothing is lost"), o
     assert not any("cannot finish" in r.getMessage() for r in caplog.records), caplog.text
     events = [json.loads(line)["event"] for line in
               (fed.certs.root / "audit.jsonl").read_text().splitlines()]
     assert "round-doomed" not in events and "submission" in events
+
+
+def test_a_server_that_stops_before_the_update_went_in_says_nothing_was_used(
+        fed: Federation) -> None:
+    async def scenario() -> list:
+        async with running(fed.server_settings()) as srv:
+            sites = {n: _site(fed, n, srv.port) for n in "ab"}
+            for n in "ab":
+                await _get(sites[n])
+            sessions = {n: await sites[n].session().connect() for n in "ab"}
+            tasks = [asyncio.create_task(sites[n].send_update(sessions[n], _update(i), 10, 0))
+                     for i, n in enumerate("ab")]
+            async with AdminSession(fed.client_settings("admin", srv.port)) as admin:
+                await _wait(admin, "joined", 2)  # the third never comes: still enrolling
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    for o in asyncio.run(scenario()):
+        assert isinstance(o, TransportError), o
+        assert str(o) == ("the server closed the connection before this hospital's update "
+                          "went into a round: nothing of it was used; once the server is "
+                          "back, run send again"), o
