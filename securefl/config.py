@@ -482,7 +482,10 @@ def _refuse_the_other_kind(path: Path, raw: dict, model: type[BaseModel]) -> Non
         raise ConfigError(f"{path} is the server's settings file, not a hospital's or the "
                           "administrator's: give a hospital's hospital.toml (its kit) to "
                           "`securefl client`, or admin.toml to `securefl admin`")
-    if model is ServerSettings and keys & _CLIENT_ONLY and not keys & _SERVER_ONLY:
+    # admin.toml has no key of its own kind (host, port, cert, key, ca): without the
+    # server's crl it was refused as "crl: Field required" (a walk).
+    if model is ServerSettings and not keys & _SERVER_ONLY and (
+            keys & _CLIENT_ONLY or "crl" not in keys):
         raise ConfigError(f"{path} is a hospital's or the administrator's settings file, not "
                           "the server's: give server.toml to `securefl server`")
     # The [ml] header line deleted or mistyped: its keys land at the top level, and each
