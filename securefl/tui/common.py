@@ -256,8 +256,9 @@ class SecureFLApp(App[int]):
         # "?" types into a focused text field; F1 works everywhere, so the footer shows F1.
         Binding("question_mark", "help", "Help", priority=True, show=False),
         Binding("f1", "help", "Help"),
-        Binding("ctrl+q", "quit", "Quit", show=False, priority=True),
-        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+        # The key goes with the action, so the question names the key that was pressed.
+        Binding("ctrl+q", "quit('ctrl+q')", "Quit", show=False, priority=True),
+        Binding("ctrl+c", "quit('ctrl+c')", "Quit", show=False, priority=True),
     ]
 
     def __init__(self) -> None:
@@ -309,7 +310,7 @@ class SecureFLApp(App[int]):
         """What quitting now would lose, in one sentence; None when nothing would be."""
         return None
 
-    async def action_quit(self) -> None:
+    async def action_quit(self, key: str = "ctrl+q") -> None:
         reason = self.busy_reason()
         now = time.monotonic()
         if reason is None or now - self._quit_asked <= QUIT_AGAIN:
@@ -326,7 +327,7 @@ class SecureFLApp(App[int]):
                 self.exit(0)
 
         self.push_screen(ConfirmScreen(
-            f"{sentence(reason)} Quit anyway? (Press ctrl+q again to quit at once.)",
+            f"{sentence(reason)} Quit anyway? (Press {key} again to quit at once.)",
             title="Quit securefl?", kind="quit"), answered)
 
     # -- reconnecting -------------------------------------------------------------------------

@@ -335,6 +335,9 @@ def test_ctrl_c_during_a_real_training_asks_and_loses_nothing(
             await pilot.pause()
             assert isinstance(app.screen, ConfirmScreen)
             assert "Training is running" in str(app.screen.query_one("#question").render())
+            # the key pressed, not the other one (a walk: "Press ctrl+q again" after Ctrl+C)
+            assert "(Press ctrl+c again to quit at once.)" in str(
+                app.screen.query_one("#question").render())
             assert app.screen.focused is app.screen.query_one("#no")
             await pilot.press("enter")  # No, by default: training goes on
             await pilot.pause()
@@ -418,8 +421,12 @@ def test_hospital_reconnects_after_a_server_restart_and_can_send(
                 await pilot.press("ctrl+q")
                 await pilot.pause()
                 assert isinstance(app.screen, ConfirmScreen)
-                assert "drops it from the round" in str(app.screen.query_one("#question")
-                                                        .render())
+                # Its update has not left yet: nothing of it is used (a walk was told "the
+                # round may fail for every hospital" here).
+                question = str(app.screen.query_one("#question").render())
+                assert "its update has not been sent yet: quitting now takes it out of the " \
+                       "round, and nothing of its update is used" in question, question
+                assert "(Press ctrl+q again" in question
                 assert app.screen.focused is app.screen.query_one("#no")
                 # A second press more than two seconds later is not a double press: the
                 # question stays (the clock is moved rather than waited for).
@@ -848,6 +855,15 @@ def test_footer_offers_only_what_works_while_busy(fed: Fed) -> None:
             await pilot.pause()
             assert app.screen is screen
             assert any("round is in progress" in n for n in told)
+            # Quitting: before the masked update left nothing of it is used; after, the round
+            # may fail for every hospital (the masked-sent row is the one it leaves in).
+            from securefl.tui.hospital.app import IN_A_ROUND, IN_A_ROUND_NOT_SENT
+
+            screen.done = 2  # keys shared
+            assert app.busy_reason() == IN_A_ROUND_NOT_SENT
+            screen.done = 3  # sending the masked update
+            assert app.busy_reason() == IN_A_ROUND
+            assert "the round may fail for every hospital" in IN_A_ROUND
             screen.running = False
 
     asyncio.run(scenario())

@@ -36,7 +36,7 @@ from securefl.tui.hospital.dashboard import DashboardScreen, describe_local
 from securefl.tui.hospital.get import GetScreen
 from securefl.tui.hospital.history import HistoryScreen
 from securefl.tui.hospital.login import LoginScreen
-from securefl.tui.hospital.send import SendScreen
+from securefl.tui.hospital.send import NAMES, SendScreen
 from securefl.tui.hospital.train import TrainScreen
 
 STATUS_EVERY = 5.0
@@ -83,7 +83,11 @@ class HospitalApp(SecureFLApp):
     def busy_reason(self) -> str | None:
         for screen in self.screen_stack:
             if isinstance(screen, SendScreen) and screen.running:
-                return IN_A_ROUND
+                # The masked update leaves during the "masked-sent" row; before that row
+                # nothing of it is used, and "the round may fail for every hospital" was
+                # wrong (a walk: quitting while waiting for the others to join).
+                return (IN_A_ROUND if screen.done >= NAMES.index("masked-sent")
+                        else IN_A_ROUND_NOT_SENT)
             if isinstance(screen, TrainScreen) and screen.running:
                 return "Training is running: quitting stops it and the model stays as it was"
             if isinstance(screen, GetScreen) and screen.running:
@@ -375,6 +379,9 @@ class HospitalApp(SecureFLApp):
 #: ``busy_reason`` while a send runs: quitting then is an interrupted send.
 IN_A_ROUND = ("This hospital is in a secure-aggregation round: quitting now drops it from "
               "the round, and the round may fail for every hospital")
+IN_A_ROUND_NOT_SENT = ("This hospital is in a secure-aggregation round and its update has not "
+                       "been sent yet: quitting now takes it out of the round, and nothing of "
+                       "its update is used (send it later)")
 
 
 def run_hospital_app(config: Path | None, hospital_name: str | None) -> int:
@@ -389,7 +396,7 @@ def run_hospital_app(config: Path | None, hospital_name: str | None) -> int:
 
 def goodbye(app: HospitalApp, code: int) -> int:
     """The words and exit code once the app has gone (see ``run_hospital_app``)."""
-    if app.quit_while == IN_A_ROUND and app.config_path is not None:
+    if app.quit_while in (IN_A_ROUND, IN_A_ROUND_NOT_SENT) and app.config_path is not None:
         from securefl.client.commands import interrupted_send_note
 
         print(f"securefl: {interrupted_send_note(app.config_path)}", file=sys.stderr)
