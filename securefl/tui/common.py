@@ -70,6 +70,20 @@ def explain(exc: BaseException) -> str:
             "app keeps running.")
 
 
+def outage_words(exc: BaseException, where: str) -> str:
+    """Why the app is not connected, short enough for the dashboard's connection line.
+
+    Why there: the full reason is a notification that fades after a few seconds, and a
+    walk came back to a dashboard saying only "Not connected since 06:45:06 — trying
+    again", with no cause and no next step."""
+    if isinstance(exc, ServerUnreachableError):
+        return f"no answer from {where}; is the server running?"
+    if isinstance(exc, CertificateRejectedError):
+        return "the certificates were refused; ask the federation operator"
+    first = str(getattr(exc, "message", exc)).split(":")[0].split(";")[0].strip()
+    return first[:70] or type(exc).__name__
+
+
 def notify_error(app: App, exc: BaseException, title: str = "Error") -> None:
     app.notify(explain(exc), title=title, severity="error", timeout=10)
 

@@ -86,6 +86,11 @@ def test_unreachable_server_is_said_plainly(fed: Fed) -> None:
             await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
             await until(pilot, lambda: "trying again in" in text(app, "#connection"))
             assert any("is it running" in m for m in told), told
+            # The cause stays on the dashboard after the notification fades (a walk saw only
+            # "Not connected since 06:45:06 — trying again").
+            s = app.hospital.settings
+            assert f"no answer from {s.host}:{s.port}; is the server running?" in \
+                " ".join(text(app, "#connection").split())
 
     asyncio.run(scenario())
 

@@ -360,7 +360,8 @@ def test_hospital_disconnected(snap_compare, fed: Fed) -> None:
         await _signed_in(pilot)
         dash = pilot.app.dashboard
         dash.as_of = "10:15:02"
-        dash.show(connection="Connection lost since 10:15:04 — trying again in 4 s (r: now)",
+        dash.show(connection="Connection lost since 10:15:04: no answer from localhost:9095; "
+                  "is the server running? — trying again in 4 s (r: now)",
                   stale=True)
         await pilot.pause()
 

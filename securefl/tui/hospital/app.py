@@ -29,7 +29,7 @@ from securefl.client.hospital import Hospital
 from securefl.client.session import HospitalSession, ServerStatus
 from securefl.errors import AgentUnavailableError, SecureFLError, ServerWentBackError
 from securefl.tui.common import HERE as COMMON
-from securefl.tui.common import ConfirmScreen, SecureFLApp, clock, explain
+from securefl.tui.common import ConfirmScreen, SecureFLApp, clock, explain, outage_words
 from securefl.tui.hospital.agent import AgentScreen
 from securefl.tui.hospital.classify import ClassifyScreen
 from securefl.tui.hospital.dashboard import DashboardScreen, describe_local
@@ -174,8 +174,11 @@ class HospitalApp(SecureFLApp):
         """Not connected: say so once per outage, keep the old data greyed, retry later."""
         first = self._retry_at == 0
         delay = self.schedule_reconnect(self.connect)
-        self._show_disconnected(f"{what} since {clock()} — trying again in {delay:.0f} s "
-                                "(r: now)")
+        where = ""
+        if self.hospital is not None:
+            where = f"{self.hospital.settings.host}:{self.hospital.settings.port}"
+        self._show_disconnected(f"{what} since {clock()}: {outage_words(exc, where)} — "
+                                f"trying again in {delay:.0f} s (r: now)")
         if first:
             self.notify(explain(exc), title=what, severity="error", timeout=8)
 
