@@ -40,6 +40,22 @@ def text(app: HospitalApp, selector: str) -> str:
     return str(app.screen.query_one(selector, Static).render())
 
 
+def test_the_name_may_be_left_empty_and_the_certificate_names_the_hospital(fed: Fed) -> None:
+    """A walk asked why the app wants a name the certificate already carries: the field
+    says it is optional, and left empty the certificate's name is used."""
+    async def scenario() -> None:
+        app = HospitalApp(fed.hospital_tomls[0], None, connect=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            assert isinstance(app.screen, LoginScreen)
+            assert "optional" in " ".join(str(w.render()) for w in app.screen.query(Label))
+            assert app.screen.query_one("#name", Input).value == ""
+            await pilot.click("#sign-in")
+            await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+            assert app.hospital is not None and app.hospital.name == "hospital_1"
+
+    asyncio.run(scenario())
+
+
 def test_sign_in_checks_the_name_against_the_certificate(fed: Fed) -> None:
     async def scenario() -> None:
         async with running(fed):

@@ -45,9 +45,9 @@ class LoginScreen(Screen):
     CSS_PATH = HERE / "login.tcss"
     TITLE = "Sign in"
     HELP = ("Type the path of your hospital's settings file (hospital.toml, from the kit the "
-            "federation operator gave you) and your hospital's name as on its certificate, "
-            "then press Enter or Sign in.  The app checks the name against the certificate "
-            "before it connects.")
+            "federation operator gave you) and, if you like, your hospital's name as on its "
+            "certificate, then press Enter or Sign in.  A name typed is checked against the "
+            "certificate before the app connects; left empty, the certificate's is used.")
 
     class LoggedIn(Message):
         def __init__(self, hospital: Hospital, config: Path) -> None:
@@ -68,7 +68,8 @@ class LoginScreen(Screen):
             yield Label("Settings file (hospital.toml from your kit)", markup=False)
             yield Input(str(self.config or ""), placeholder="path/to/hospital.toml",
                         id="config")
-            yield Label("Hospital name", markup=False)
+            yield Label("Hospital name (optional: checked against the certificate)",
+                        markup=False)
             yield Input(self.hospital_name or "", placeholder="as on your certificate",
                         id="name")
             yield Button("Sign in", variant="primary", id="sign-in")
