@@ -963,3 +963,25 @@ def test_a_round_end_or_reconnection_that_lands_while_the_hospital_app_closes_is
                 await pilot.pause()
 
     asyncio.run(scenario())
+
+
+def test_enter_on_an_empty_scan_path_asks_for_one(fed: Fed) -> None:
+    """A walk pressed Enter on the empty path field of Classify and read ". is not a JPEG
+    or PNG file: pick a scan image."."""
+    from securefl.tui.hospital.classify import ClassifyScreen
+
+    async def scenario() -> None:
+        app = HospitalApp(fed.hospital_tomls[0], "hospital_1", connect=False)
+        told = notifications_kept(app)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await signed_in(pilot)
+            await pilot.press("c")
+            await until(pilot, lambda: isinstance(app.screen, ClassifyScreen))
+            app.screen.query_one("#path", Input).focus()
+            await pilot.press("enter")
+            await until(pilot, lambda: bool(told))
+            assert told == ["Type the path of a scan image (JPEG or PNG) above, or pick one "
+                            "in the folders below."], told
+            assert isinstance(app.screen, ClassifyScreen)
+
+    asyncio.run(scenario())

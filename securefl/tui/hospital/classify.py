@@ -103,6 +103,10 @@ class ClassifyScreen(Screen):
 
     @on(Input.Submitted, "#path")
     def _typed(self, event: Input.Submitted) -> None:
+        if not event.value.strip():  # Path("") is ".", refused as ". is not a JPEG" (a walk)
+            self._refuse("Type the path of a scan image (JPEG or PNG) above, or pick one in "
+                         "the folders below.")
+            return
         self.classify_path(Path(event.value.strip()).expanduser())
 
     def _clear(self, text: str) -> None:
