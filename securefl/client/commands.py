@@ -210,6 +210,7 @@ async def hospital(args: argparse.Namespace) -> int:
                 return 0
             if action == "get":
                 finetune = hospital.has_ml and hospital.ml.personalise in ("finetune", "best")
+                before = await asyncio.to_thread(hospital.global_meta)
                 printer = training_printer("fine-tuning on this hospital's scans: ")
                 try:
                     model = await hospital.get(
@@ -221,6 +222,13 @@ async def hospital(args: argparse.Namespace) -> int:
                         f"from {model.contributors} hospitals, {model.total_samples} scans")
                 print(f"global version {model.version} downloaded ({made}, "
                       f"{model.weights.size} parameters) and saved to {state / 'global.npy'}")
+                if before is not None and before.get("version") == model.version:
+                    # A second get is allowed (new scans, a lost copy) but was silent about
+                    # it: a walk took the repeat for a new version.
+                    print(f"note: this hospital already had global version {model.version}; "
+                          "nothing new was published since the last get"
+                          + (", and this hospital's own copy was made again from its current "
+                             "scans" if hospital.has_ml else ""))
                 if hospital.has_ml:
                     print(personalisation_summary(hospital))
                 return 0

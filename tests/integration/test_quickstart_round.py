@@ -102,6 +102,13 @@ def test_quickstart_round_publishes_the_weighted_mean_of_the_trained_updates(
             # The fine-tuning epoch shows it is moving (a minute or more on real data).
             assert re.search(r"fine-tuning on this hospital's scans: epoch 1/1  batch \d+/\d+",
                              got.stderr), got.stderr
+            assert "already had" not in got.stdout
+            if name == "east":  # a second get says it is the same version (a walk)
+                again = securefl("client", "--config", cfg, "get", cwd=tmp_path)
+                assert again.returncode == 0, again.stderr
+                assert "note: this hospital already had global version 0; nothing new was " \
+                       "published since the last get, and this hospital's own copy was made " \
+                       "again from its current scans" in again.stdout, again.stdout
             v0[name] = np.load(kit / "state" / "global.npy")
             # the download is in the history the app's History screen lists (it was only
             # when the app made it)
