@@ -523,4 +523,19 @@ class CertDir:
                     "sha256": fingerprint(cert),
                 }
             )
+        if self.crl.exists():
+            # The list every hospital checks the server against lapses after CRL_LIFETIME
+            # (QUICKSTART: renew monthly), yet show listed only certificates (a walk).
+            crl = x509.load_pem_x509_crl(self.crl.read_bytes())
+            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+            due = crl.next_update_utc
+            lapsed = due is not None and due <= dt.datetime.now(dt.UTC)
+            rows.append({
+                "role": "crl",
+                "name": f"revocation list #{number}",
+                "expires": f"{due:%Y-%m-%d %H:%M} UTC" if due is not None else "never",
+                "status": "expired" if lapsed else "valid",
+                "sha256": (f"{len(crl)} revoked; renew with `securefl certs renew`"
+                           if not lapsed else "renew it now: `securefl certs renew`"),
+            })
         return rows

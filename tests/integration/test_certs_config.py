@@ -67,6 +67,19 @@ def test_add_revoke_renew_show(tmp_path: Path) -> None:
     rows = {r["name"]: r for r in cd.show()}
     assert rows["b"]["status"] == "revoked" and rows["a"]["status"] == "valid"
     assert len(rows["a"]["sha256"]) == 95
+    # The revocation list's own expiry is listed too (a walk: the docs say renew monthly,
+    # show did not say when): renew() just wrote list #3 (init, revoke, renew).
+    crl_row = rows["revocation list #3"]
+    due = x509.load_pem_x509_crl(cd.crl.read_bytes()).next_update_utc
+    assert crl_row["role"] == "crl" and crl_row["status"] == "valid"
+    assert crl_row["expires"] == f"{due:%Y-%m-%d %H:%M} UTC"
+    assert crl_row["sha256"] == "1 revoked; renew with `securefl certs renew`"
+    import datetime as dt
+
+    cd.renew(now=dt.datetime.now(dt.UTC) - dt.timedelta(days=40))  # a list that lapsed
+    lapsed = {r["name"]: r for r in cd.show()}["revocation list #4"]
+    assert lapsed["status"] == "expired"
+    assert lapsed["sha256"] == "renew it now: `securefl certs renew`"
     with pytest.raises(ConfigError):
         cd.init(["localhost"], ["a"])  # never overwrite a federation
     with pytest.raises(ConfigError):
