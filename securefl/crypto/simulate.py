@@ -9,7 +9,7 @@ start of that stage (they never send that stage's message or anything after it).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TypeVar
@@ -50,7 +50,7 @@ def run_round(
     encoding: Encoding | None = None,
     neighbours: int | None = None,
     threshold: int | None = None,
-    drop: dict[str, Collection[int]] | None = None,
+    drop: Mapping[str, Collection[int]] | None = None,
     round_id: int = 1,
     base_version: int = 0,
     on_stage: Callable[[str], None] | None = None,
