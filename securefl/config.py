@@ -254,6 +254,12 @@ class ServerSettings(TLSFiles):
     schedule: ScheduleSettings = ScheduleSettings()
 
 
+def _both_rings() -> list[Literal[32, 64]]:
+    """``[policy] ring_bits``' default (a function, not a lambda: mypy cannot type a lambda
+    against pydantic's two kinds of ``default_factory``)."""
+    return [32, 64]
+
+
 class HospitalPolicy(_Settings):
     """What a hospital accepts from a round whatever the server says (``[policy]``).
 
@@ -282,7 +288,7 @@ class HospitalPolicy(_Settings):
     corrupt_fraction: float = Field(0.05, ge=0, lt=1)
     dropout_fraction: float = Field(0.1, ge=0, lt=1)
     #: Rings the masked update may be encoded in, and the largest clip accepted.
-    ring_bits: list[Literal[32, 64]] = Field(default_factory=lambda: [32, 64], min_length=1)
+    ring_bits: list[Literal[32, 64]] = Field(default_factory=_both_rings, min_length=1)
     max_clip: float = Field(10.0, gt=0)
     #: The coarsest fixed-point scale accepted (and the one the "update below the server's
     #: precision" check uses, so that check never depends on the server's choice).
