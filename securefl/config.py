@@ -316,7 +316,7 @@ def parse_window(text: str) -> tuple[int, int]:
     if len(matches) != 2 or not all(matches):
         raise ValueError(f"window {text!r} is not a local time range like \"22:00-06:00\" "
                          "(24-hour HH:MM-HH:MM): fix it or leave window out to allow any time")
-    start, end = (int(m.group(1)) * 60 + int(m.group(2)) for m in matches)  # type: ignore[union-attr]
+    start, end = (int(m.group(1)) * 60 + int(m.group(2)) for m in matches if m is not None)
     if start == end:
         raise ValueError(f"window {text!r} starts and ends at the same time: give a range, "
                          "or leave window out to allow any time")

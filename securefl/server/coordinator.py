@@ -789,9 +789,9 @@ class Coordinator(AdminActions):
     def _close_reveals(self, rnd: ActiveRound) -> None:
         assert isinstance(rnd.engine, ServerRound)
         wire = mapping.seed_reveals_to_wire(rnd.engine.close_reveals())
+        assert rnd.engine.roster is not None  # made when enrolment closed, before the reveals
         self.audit.record("graph-drawn", round_id=rnd.round_id,
-                          neighbours=rnd.engine.roster.config.neighbours  # type: ignore[union-attr]
-                          )
+                          neighbours=rnd.engine.roster.config.neighbours)
         for peer in rnd.members.values():
             self._push(peer, wire)
         self._restart_timer(rnd, lambda: self._sharing_deadline(rnd))
