@@ -27,6 +27,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # Two workers by default (the two cores the suite is sized for); TEST_WORKERS=0 runs it in
 # one process, TEST_WORKERS=auto on every core (each worker starts TensorFlow processes).
@@ -39,4 +40,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/secagg_bench.py
 
 clean:
-	rm -rf $(VENV) $(SSLYZE_VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SSLYZE_VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

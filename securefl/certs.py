@@ -65,7 +65,7 @@ def _hospital_ml() -> dict[str, object]:
     from securefl.ml.settings import MLSettings
 
     fields = MLSettings.model_fields
-    trained = {k: fields[k].default for k in ("epochs", "patience", "batch_size",
+    trained: dict[str, object] = {k: fields[k].default for k in ("epochs", "patience", "batch_size",
                                               "validation_fraction",
                                               "min_validation_per_class",
                                               "confidence_threshold", "personalise")
@@ -95,7 +95,7 @@ def load_credential(cert_path: Path, key_path: Path) -> pki.Credential:
     either is missing, unreadable, not PEM, or when the key belongs to another
     certificate."""
     cert, key = _load_pair(cert_path, key_path)
-    return pki.Credential(cert, key)  # type: ignore[arg-type]
+    return pki.Credential(cert, key)
 
 
 def _read(path: Path, what: str, fix: str) -> bytes:

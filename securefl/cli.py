@@ -233,11 +233,11 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
             if args.server_host is None and args.port is None:
                 raise errors.ConfigError("give --host, --port or both: the server's new "
                                          "names or port")
-            hosts = ([h.strip() for h in args.server_host.split(",") if h.strip()]
-                     if args.server_host is not None else None)
-            if hosts == []:
+            new_hosts = ([h.strip() for h in args.server_host.split(",") if h.strip()]
+                         if args.server_host is not None else None)
+            if new_hosts == []:
                 raise errors.ConfigError("--host needs at least one name or address")
-            listen = cd.set_server(hosts, args.port)
+            listen = cd.set_server(new_hosts, args.port)
             meta = json.loads((cd.root / "federation.json").read_text())
             kits = sorted(p.parent.name for p in (cd.root / "kits").glob("*/hospital.toml"))
             print(f"server certificate reissued for {', '.join(meta['server_hosts'])}, port "
@@ -852,8 +852,9 @@ class _GetFinishesFirst:
 
         if self.cause and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.cause = {signal.SIGINT: "Ctrl-C", signal.SIGHUP: "a hang-up (the terminal "
-                      "closed)"}.get(signum, "a termination signal")
+        causes: dict[int, str] = {signal.SIGINT: "Ctrl-C",
+                                  signal.SIGHUP: "a hang-up (the terminal closed)"}
+        self.cause = causes.get(signum, "a termination signal")
         with contextlib.suppress(OSError):
             sys.stderr.write(f"securefl: {self.cause}: get stops once this download and "
                              "the model made from it are complete (Ctrl-C again stops at "

@@ -254,6 +254,12 @@ class ServerSettings(TLSFiles):
     schedule: ScheduleSettings = ScheduleSettings()
 
 
+def _both_rings() -> list[Literal[32, 64]]:
+    """``[policy] ring_bits``' default (a function, not a lambda: mypy cannot type a lambda
+    against pydantic's two kinds of ``default_factory``)."""
+    return [32, 64]
+
+
 class HospitalPolicy(_Settings):
     """What a hospital accepts from a round whatever the server says (``[policy]``).
 
@@ -282,7 +288,7 @@ class HospitalPolicy(_Settings):
     corrupt_fraction: float = Field(0.05, ge=0, lt=1)
     dropout_fraction: float = Field(0.1, ge=0, lt=1)
     #: Rings the masked update may be encoded in, and the largest clip accepted.
-    ring_bits: list[Literal[32, 64]] = Field(default_factory=lambda: [32, 64], min_length=1)
+    ring_bits: list[Literal[32, 64]] = Field(default_factory=_both_rings, min_length=1)
     max_clip: float = Field(10.0, gt=0)
     #: The coarsest fixed-point scale accepted (and the one the "update below the server's
     #: precision" check uses, so that check never depends on the server's choice).
@@ -310,7 +316,7 @@ def parse_window(text: str) -> tuple[int, int]:
     if len(matches) != 2 or not all(matches):
         raise ValueError(f"window {text!r} is not a local time range like \"22:00-06:00\" "
                          "(24-hour HH:MM-HH:MM): fix it or leave window out to allow any time")
-    start, end = (int(m.group(1)) * 60 + int(m.group(2)) for m in matches)  # type: ignore[union-attr]
+    start, end = (int(m.group(1)) * 60 + int(m.group(2)) for m in matches if m is not None)
     if start == end:
         raise ValueError(f"window {text!r} starts and ends at the same time: give a range, "
                          "or leave window out to allow any time")

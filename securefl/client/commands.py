@@ -17,7 +17,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
@@ -50,7 +50,7 @@ def _print_step(step: RoundStep) -> None:
     print(f"  - {step.detail}", flush=True)
 
 
-def _unmask_printer(stream: object) -> Callable[[UnmaskProgress], None]:
+def _unmask_printer(stream: TextIO) -> Callable[[UnmaskProgress], None]:
     """Print each new unmask count once (the server repeats the final one before the
     result)."""
     last: list[tuple[int, int, int]] = []
@@ -61,7 +61,7 @@ def _unmask_printer(stream: object) -> Callable[[UnmaskProgress], None]:
             return
         last.append(key)
         print(f"  - unmasking round {p.round_id}: {p.answered} of {p.asked} hospitals "
-              f"answered ({p.needed} needed)", file=stream, flush=True)  # type: ignore[arg-type]
+              f"answered ({p.needed} needed)", file=stream, flush=True)
 
     return show
 

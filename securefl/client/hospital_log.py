@@ -325,10 +325,11 @@ class HospitalLog:
 def _parse(line: bytes) -> Entry | None:
     try:
         raw = json.loads(line)
-        return Entry(**{k: raw.get(k) for k in Entry.__dataclass_fields__}) \
-            if isinstance(raw, dict) and isinstance(raw.get("event"), str) \
-            and isinstance(raw.get("time"), str) and isinstance(raw.get("detail"), str) \
-            else None
+        if not (isinstance(raw, dict) and isinstance(raw.get("event"), str)
+                and isinstance(raw.get("time"), str) and isinstance(raw.get("detail"), str)):
+            return None
+        fields: dict[str, Any] = {k: raw.get(k) for k in Entry.__dataclass_fields__}
+        return Entry(**fields)
     except (ValueError, TypeError):
         return None
 

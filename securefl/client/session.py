@@ -16,7 +16,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self
+from typing import Any, Literal, Protocol, Self, TypeVar
 
 import numpy as np
 
@@ -46,6 +46,9 @@ from securefl.protocol.conversation import Conversation, Side
 from securefl.protocol.messages import ScheduleView
 
 __all__ = ["ScheduleView"]  # what ``AdminSession.schedule`` returns, for the apps
+
+#: A wire message type: ``_expect`` hands back what it was asked for.
+W = TypeVar("W", bound=wm._Wire)
 
 
 @dataclass(frozen=True)
@@ -532,7 +535,7 @@ class HospitalSession(_Session):
             if leave_after == "join":
                 return None
             roster = mapping.roster_from_wire(
-                await self._expect(wm.RosterMsg, joined.round_id))  # type: ignore[arg-type]
+                await self._expect(wm.RosterMsg, joined.round_id))
             if roster.config.encoding != enc:
                 raise RemoteProtocolError("the roster's encoding is not the one the server "
                                           "announced when this hospital joined: refusing "
@@ -649,7 +652,7 @@ class HospitalSession(_Session):
         await self._in_round(round_id, wm.MaskedInputMsg(round_id=round_id,
                                                          array=wm.ArraySpec.of(y)), y)
 
-    async def _expect(self, kind: type[wm._Wire], round_id: int) -> wm._Wire:
+    async def _expect(self, kind: type[W], round_id: int) -> W:
         """The next push of ``kind`` for this round; an abandoned round is raised.
 
         The connection's table (``securefl.protocol.conversation``) has already refused

@@ -19,6 +19,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -44,6 +45,9 @@ from securefl.protocol import messages as wm
 from securefl.protocol.conversation import Conversation, Side
 
 READ_CHUNK = 1 << 20
+#: A wire message type: what was asked for is what is handed back.
+W = TypeVar("W", bound=wm._Wire)
+
 log = logging.getLogger("securefl.client")
 
 _ERRORS: dict[str, type[SecureFLError]] = {
@@ -216,7 +220,8 @@ class Connection:
         if self._closed is not None:
             raise self._closed
         header = wm.encode_header(msg)
-        payload = b"" if array is None else memoryview(np.ascontiguousarray(array)).cast("B")
+        # ndarray.data is memoryview(array); numpy's stubs type that call on 3.12+ only.
+        payload = b"" if array is None else np.ascontiguousarray(array).data.cast("B")
         self.conversation.send(msg)  # LocalProtocolError: our own code is out of order
         async with self._lock:
             try:
@@ -248,9 +253,10 @@ class Connection:
             raise error_from_wire(reply)
         return reply, data
 
-    def take_pushes(self, kind: type[wm._Wire]) -> list[wm.Message]:
+    def take_pushes(self, kind: type[W]) -> list[W]:
         """Remove and return the queued pushes of ``kind``, in order; the rest stay."""
-        taken, keep = [], []
+        taken: list[W] = []
+        keep = []
         while not self._pushes.empty():
             item = self._pushes.get_nowait()
             if isinstance(item, tuple) and isinstance(item[0], kind):

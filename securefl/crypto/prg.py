@@ -49,7 +49,7 @@ def keystream_into(seed: bytes, out: np.ndarray) -> np.ndarray:
         raise CryptoError("PRG output buffer must be contiguous")
     raw = out.view(np.uint8).reshape(-1)
     raw[:] = 0
-    view = memoryview(raw)
+    view = raw.data  # memoryview(raw); numpy's stubs give ndarray __buffer__ only on 3.12+
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
     encryptor.update_into(view, view)
     if out.dtype.itemsize > 1 and not _is_little(out.dtype):
@@ -101,7 +101,7 @@ class MaskBuffer:
             stop = min(start + CHUNK, self._length)
             piece = raw[: (stop - start) * self._scratch.itemsize]
             piece[:] = 0
-            view = memoryview(piece)
+            view = piece.data  # memoryview(piece), as numpy's stubs type it on 3.11
             encryptor.update_into(view, view)
             op(target[start:stop], self._scratch[: stop - start], out=target[start:stop])
 

@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -260,10 +261,10 @@ def _watch_rounds(settings: DemoSettings, hospitals: list[Hospital],
             alone[name].train()
         entries = unattended.wait_for(
             f"version {r} and every agent's record of it",
-            lambda r=r: _round_recorded(hospitals, store, r), procs, ROUND_TIMEOUT)
+            partial(_round_recorded, hospitals, store, r), procs, ROUND_TIMEOUT)
         nan = float("nan")  # an agent that could not evaluate says why in its log
-        global_acc = {n: nan if entries[n].balanced_accuracy is None
-                      else float(entries[n].balanced_accuracy) for n in names}
+        global_acc = {n: nan if (acc := entries[n].balanced_accuracy) is None else float(acc)
+                      for n in names}
         local_acc = {n: alone[n].evaluate("validation").balanced_accuracy for n in names}
         pooled_local = {n: _pooled(alone[n], validation) for n in names}
         pooled_global = unattended.score_version(store.read(r)[1], hospitals[0].ml, validation)

@@ -20,13 +20,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from securefl.client.agent.rules import AgentRecord, RoundEntry
 from securefl.errors import SecureFLError
 from securefl.server.store import ModelStore
+
+if TYPE_CHECKING:  # pragma: no cover
+    from securefl.ml.data import ImageSet
+    from securefl.ml.settings import MLSettings
 
 T = TypeVar("T")
 
@@ -164,19 +168,19 @@ def agent_entry(state_dir: Path, version: int) -> RoundEntry | None:
 
 #: One model per architecture for :func:`score_version`: building one (and tracing its
 #: prediction) each round cost the watcher seconds a round.
-_SCORERS: dict[object, object] = {}
+_SCORERS: dict[tuple[Any, ...], Any] = {}
 
 
-def score_version(weights: np.ndarray, ml: object, scans: object) -> float:
+def score_version(weights: np.ndarray, ml: MLSettings, scans: ImageSet) -> float:
     """Balanced accuracy of a published version as downloaded (no hospital's personalisation)
     on ``scans``; ``ml`` is any hospital's ``MLSettings`` (they all build the same model)."""
     from securefl.ml.local import new_model
     from securefl.ml.model import from_vector
     from securefl.ml.train import evaluate
 
-    key = (ml.input_shape, len(ml.classes), ml.model_kind)  # type: ignore[attr-defined]
+    key = (ml.input_shape, len(ml.classes), ml.model_kind)
     model = _SCORERS.get(key)
     if model is None:
-        model = _SCORERS[key] = new_model(ml)  # type: ignore[arg-type]
-    from_vector(model, np.asarray(weights, np.float32))  # type: ignore[arg-type]
-    return float(evaluate(model, scans).balanced_accuracy)  # type: ignore[arg-type]
+        model = _SCORERS[key] = new_model(ml)
+    from_vector(model, np.asarray(weights, np.float32))
+    return float(evaluate(model, scans).balanced_accuracy)

@@ -187,7 +187,8 @@ def step_file(
     elif version > 0:
         restarted = "no saved state"
     steps = head.steps if head is not None else 0
-    reader = None if head is None else _StateReader(previous, head)  # type: ignore[arg-type]
+    # head is only read from previous: not None when head is not
+    reader = None if head is None or previous is None else _StateReader(previous, head)
     names = STATE_NAMES[settings.kind]
 
     def state(a: int, b: int) -> dict[str, np.ndarray]:

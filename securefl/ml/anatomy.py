@@ -64,7 +64,9 @@ def _volumes() -> dict[str, np.ndarray]:
         path = folder / name
         if not path.is_file():
             raise DataError(f"{path} is missing from the nilearn install: reinstall nilearn")
-        slab = nibabel.load(path).dataobj[:, :, _Z_SLAB[0]:_Z_SLAB[1]]
+        # nibabel types load() as returning FileBasedImage; a NIfTI file gives a
+        # Nifti1Image, which has dataobj.
+        slab = nibabel.load(path).dataobj[:, :, _Z_SLAB[0]:_Z_SLAB[1]]  # type: ignore[attr-defined]
         out[key] = np.asarray(slab, dtype=np.uint8)
     return out
 

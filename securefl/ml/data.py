@@ -42,6 +42,7 @@ from securefl.ml.settings import DEFAULT_CLASSES
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
+    from PIL.Image import Image as PILImage
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 SPLITS = ("Training", "Testing")
@@ -127,6 +128,7 @@ MIN_SCAN_SIDE = 32
 def _decode(path: Path, size: int, channels: int, *, as_scan: bool = False) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    img: PILImage  # opened as an ImageFile, then converted
     try:
         with Image.open(path) as img:
             img.load()
@@ -148,14 +150,14 @@ def _decode(path: Path, size: int, channels: int, *, as_scan: bool = False) -> n
     return arr.reshape(size, size, channels)
 
 
-def _refuse_non_scan(path: Path, img: object) -> None:
+def _refuse_non_scan(path: Path, img: PILImage) -> None:
     """A picture that cannot be a scan gets a refusal, not a confident answer."""
-    width, height = img.size  # type: ignore[attr-defined]
+    width, height = img.size
     if min(width, height) < MIN_SCAN_SIDE:
         raise DataError(f"{path} is {width}x{height} pixels, too small to be a scan (at least "
                         f"{MIN_SCAN_SIDE} pixels a side): nothing was classified; give the "
                         "scan itself, not a thumbnail")
-    extrema = img.getextrema()  # type: ignore[attr-defined]
+    extrema = img.getextrema()
     bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
     if all(lo == hi for lo, hi in bands):
         raise DataError(f"{path} is blank (every pixel has the value {bands[0][0]}), not a "

@@ -293,7 +293,8 @@ def _choose(kept: dict[str, tuple[list[np.ndarray], np.ndarray]], labels: np.nda
             return "not finite"
         return f"{balanced_accuracy(probs, labels):.1%}"
 
-    figures = {k: figure(k) for k in ("downloaded", "recalibrate", "finetune") if k in kept}
+    figures: dict[str, str] = {
+        k: figure(k) for k in ("downloaded", "recalibrate", "finetune") if k in kept}
     why = "balanced accuracy on the validation scans: " + ", ".join(
         f"{_CANDIDATE_WORDS[k]} {v}" for k, v in figures.items())
     if list(figures.values()).count(figures[choice]) > 1:

@@ -42,7 +42,7 @@ def layer_classes() -> dict[str, Any]:
         return _CLASSES
     from securefl.ml._tf import keras as _keras
 
-    k = _keras()
+    k: Any = _keras()  # Any: mypy takes no base class from a module attribute
     ops = k.ops
 
     @k.saving.register_keras_serializable(package="securefl", name="IntensityWindow")

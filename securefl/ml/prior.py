@@ -36,7 +36,7 @@ def loss_class() -> Any:
         return _CLASS
     from securefl.ml._tf import keras as _keras
 
-    k = _keras()
+    k: Any = _keras()  # Any: mypy takes no base class from a module attribute
 
     @k.saving.register_keras_serializable(package="securefl", name="PriorCorrectedCrossentropy")
     class PriorCorrectedCrossentropy(k.losses.Loss):

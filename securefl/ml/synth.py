@@ -304,7 +304,7 @@ def synthesize(
 
     out = Path(out)
     sites = make_sites(hospitals, seed, classes)
-    plan = []
+    plan: list[tuple[int, int, str, int, int]] = []  # (hospital, split no., split, i, label)
     for h, site in enumerate(sites):
         for s, (split, total, weights) in enumerate(
             (("Training", train_per_hospital, site.class_weights),

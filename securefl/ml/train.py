@@ -101,7 +101,7 @@ def _progress_callback(
 ) -> Any:
     from securefl.ml._tf import keras as _keras
 
-    k = _keras()
+    k: Any = _keras()  # Any: mypy takes no base class from a module attribute
 
     class ProgressCallback(k.callbacks.Callback):
         epoch = 0
@@ -178,7 +178,7 @@ def _best_on_validation(validation: ImageSet, reference: ImageSet, patience: int
     """
     from securefl.ml._tf import keras as _keras
 
-    k = _keras()
+    k: Any = _keras()  # Any: mypy takes no base class from a module attribute
 
     class BestOnValidation(k.callbacks.Callback):
         def __init__(self) -> None:
@@ -287,7 +287,8 @@ def train(
     return TrainResult(len(data), history, cancelled, seconds, _as_skipped(data.skipped),
                        best_epoch=best.best_epoch if best is not None else 0,
                        stopped_early=bool(best is not None and best.stopped),
-                       validation_samples=len(validation) if best is not None else 0)
+                       validation_samples=len(validation)
+                       if best is not None and validation is not None else 0)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -66,10 +66,25 @@ class AdminActions:
     publishing: dict | None
     published: dict[str, list[int]]
     _publishing: asyncio.Lock
+    listed: dict | None
     waiting_for: Any
     last_seen: dict[str, str]
     cert_expires: dict[str, str]
     schedule: Any
+
+    if TYPE_CHECKING:  # Coordinator's methods used here (declared for mypy only)
+        def online(self) -> list[str]: ...
+        @property
+        def version(self) -> int: ...
+        def _save_state(self, in_flight: dict | None, *, durable: bool = True,
+                        required: bool = False) -> bool: ...
+        def _check_progress(self, rnd: ActiveRound) -> None: ...
+        def _close_enrolment(self, rnd: ActiveRound) -> None: ...
+        def _push(self, peer: Peer, msg: wm._Wire, array: np.ndarray | None = None
+                  ) -> None: ...
+        def _abandon(self, rnd: ActiveRound, code: str, message: str, *,
+                     retry: bool = False, silent: frozenset[str] = frozenset()
+                     ) -> ActiveRound | None: ...
 
     # -- admin -------------------------------------------------------------------------------
     def _query(self, msg: wm.AdminQuery) -> wm.AdminQueryReply:

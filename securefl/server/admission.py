@@ -28,6 +28,7 @@ import ipaddress
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypedDict
 
 from securefl.config import Limits
 
@@ -174,6 +175,15 @@ class Admission:
                 and self.in_handshake == self.in_queue == self.authenticated == 0)
 
 
+class RefusalFields(TypedDict):
+    """The audit fields of one ``connections-refused`` line (``RefusalSummary.take``)."""
+
+    count: int
+    reasons: list[str]
+    sources: list[str]
+    addresses: int
+
+
 class RefusalSummary:
     """Refusals of connections that never authenticated, counted for one audit line per
     interval instead of one line each.
@@ -205,13 +215,13 @@ class RefusalSummary:
         else:
             self.sources[self.OTHER] += 1
 
-    def take(self) -> dict[str, object] | None:
+    def take(self) -> RefusalFields | None:
         """The audit fields summarising what was counted since the last call (None: nothing),
         and the counts start again.  Reasons and sources read ``"<count> <what>"``, most
         first; ``sources`` names the ``TOP`` busiest addresses of ``addresses`` in all."""
         if not self.total:
             return None
-        fields: dict[str, object] = {
+        fields: RefusalFields = {
             "count": self.total,
             "reasons": [f"{n} {why}" for why, n in self.reasons.most_common()],
             "sources": [f"{n} {src}" for src, n in self.sources.most_common(self.TOP)],

@@ -259,7 +259,7 @@ class Server:
                               "running, or is the address wrong?") from exc
         self._sock.setblocking(False)
         self.port = self._sock.getsockname()[1]
-        self._acceptor = asyncio.create_task(self._accept_loop(loop))
+        self._acceptor = asyncio.create_task(self._accept_loop(loop, self._sock))
         self._chores = [asyncio.create_task(self._every(self.limits.refusal_summary_interval,
                                                         self._summarise_refusals)),
                         asyncio.create_task(self._every(self.limits.recheck_interval,
@@ -360,11 +360,12 @@ class Server:
                         "new certificate"), None), 2.0)
         writer.close()
 
-    async def _accept_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _accept_loop(self, loop: asyncio.AbstractEventLoop,
+                           listener: socket.socket) -> None:
         """Accept forever; running out of file descriptors is logged and retried, not fatal."""
         while True:
             try:
-                sock, addr = await loop.sock_accept(self._sock)
+                sock, addr = await loop.sock_accept(listener)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warning("accept failed (%s); retrying", exc.strerror)
@@ -529,8 +530,9 @@ class Server:
         """One frame; a large payload goes out in slices, one drain each, so no connection's
         TLS buffers ever hold a whole model (they keep their capacity for life)."""
         header = wm.encode_header(msg)
-        payload = memoryview(b"") if array is None else memoryview(
-            np.ascontiguousarray(array)).cast("B")
+        # ndarray.data is memoryview(array); numpy's stubs type that call on 3.12+ only.
+        payload = memoryview(b"") if array is None else np.ascontiguousarray(
+            array).data.cast("B")
         big = len(payload) > BIG_PAYLOAD
         async with lock:
             if big:
@@ -623,6 +625,7 @@ class Server:
             rid = msg.rid
             slot.spent = isinstance(msg, wm.MaskedInputMsg)
             self.coordinator.admit(peer, msg)  # the wire order decides before anyone acts
+            reply: wm._Wire
             if isinstance(msg, wm.UploadSlot):
                 reply, payload = await self._grant(peer, msg, slot), None
             else:

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeGuard
 
 from securefl.errors import DataError
 from securefl.server import testhook
@@ -266,7 +267,7 @@ def last_round(path: Path, chunk: int = 1 << 16) -> int | None:
     return _last(path, b'"round_id"', pick, chunk)
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

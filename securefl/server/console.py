@@ -171,7 +171,7 @@ def configure(level: str = "info", *, json_logs: bool = False) -> None:
     formatter: logging.Formatter = (
         JsonFormatter() if json_logs else
         logging.Formatter("%(asctime)s UTC %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    formatter.converter = time.gmtime  # type: ignore[method-assign]
+    formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -52,6 +52,9 @@ from securefl.server.store import ModelStore, StorageError, fault_reason
 log = logging.getLogger("securefl.server")
 
 class Coordinator(AdminActions):
+    #: (the CRL file's mtime, its DER), set by the first ``_crl_der`` (read with getattr).
+    _crl_cache: tuple[float, bytes]
+
     def __init__(
         self, settings: ServerSettings, store: ModelStore, audit: AuditLog,
         ca_cert: x509.Certificate, *, statistics: StatisticsLayout = NO_STATISTICS,
@@ -168,7 +171,8 @@ class Coordinator(AdminActions):
                        "log (the server stopped after storing it, or the log is an older "
                        "copy put back from a backup)")
                 self.audit.record(
-                    "aggregated", round_id=int(publishing["round_id"]) if own else 0,
+                    "aggregated",
+                    round_id=int(publishing["round_id"]) if own and publishing is not None else 0,
                     version=version, contributors=v.contributors, sha256=v.sha256,
                     reconciled=True, reason=f"{why}; recorded at the next start",
                     durable=True)
@@ -429,6 +433,7 @@ class Coordinator(AdminActions):
         rnd = self._member_round(peer, msg.round_id)
         adv = mapping.advertisement_from_wire(
             msg, name=peer.name, base_version=rnd.base_version, cert_der=peer.cert_der)
+        assert isinstance(rnd.engine, ServerRound)  # plain rounds: admit() refused this
         rnd.engine.receive(adv, from_name=peer.name)
         self.audit.record("join", round_id=rnd.round_id, name=peer.name)
         self._check_progress(rnd)
@@ -438,6 +443,7 @@ class Coordinator(AdminActions):
                              array: None) -> tuple[wm._Wire, None]:
         rnd = self._member_round(peer, msg.round_id)
         ack = mapping.roster_ack_from_wire(msg, sender=rnd.index_of(peer.name))
+        assert isinstance(rnd.engine, ServerRound)  # plain rounds: admit() refused this
         rnd.engine.receive(ack, from_name=peer.name)
         self._check_progress(rnd)
         return self._ack(msg, rnd), None
@@ -446,6 +452,7 @@ class Coordinator(AdminActions):
                               array: None) -> tuple[wm._Wire, None]:
         rnd = self._member_round(peer, msg.round_id)
         rev = mapping.seed_reveal_from_wire(msg, sender=rnd.index_of(peer.name))
+        assert isinstance(rnd.engine, ServerRound)  # plain rounds: admit() refused this
         rnd.engine.receive(rev, from_name=peer.name)
         self._check_progress(rnd)
         return self._ack(msg, rnd), None
@@ -454,6 +461,7 @@ class Coordinator(AdminActions):
                              array: None) -> tuple[wm._Wire, None]:
         rnd = self._member_round(peer, msg.round_id)
         sk = mapping.share_keys_from_wire(msg, sender=rnd.index_of(peer.name))
+        assert isinstance(rnd.engine, ServerRound)  # plain rounds: admit() refused this
         rnd.engine.receive(sk, from_name=peer.name)
         rnd.shared.add(peer.name)
         self._check_progress(rnd)
@@ -475,6 +483,7 @@ class Coordinator(AdminActions):
                                  array: None) -> tuple[wm._Wire, None]:
         rnd = self._member_round(peer, msg.round_id)
         sig = mapping.signature_from_wire(msg, sender=rnd.index_of(peer.name))
+        assert isinstance(rnd.engine, ServerRound)  # plain rounds: admit() refused this
         rnd.engine.receive(sig, from_name=peer.name)
         self._check_progress(rnd)
         return self._ack(msg, rnd), None
@@ -483,6 +492,7 @@ class Coordinator(AdminActions):
                                   array: None) -> tuple[wm._Wire, None]:
         rnd = self._member_round(peer, msg.round_id)
         resp = mapping.unmask_response_from_wire(msg, sender=rnd.index_of(peer.name))
+        assert isinstance(rnd.engine, ServerRound)  # plain rounds: admit() refused this
         rnd.engine.receive(resp, from_name=peer.name)
         rnd.answered.add(peer.name)
         self._report_unmask(rnd)
@@ -619,7 +629,7 @@ class Coordinator(AdminActions):
         e = self.encoding
         return wm.Joined(
             rid=msg.rid, round_id=rnd.round_id, base_version=rnd.base_version,
-            vector_len=rnd.engine.vector_len, masking=self.rs.masking,  # type: ignore[arg-type]
+            vector_len=rnd.engine.vector_len, masking=self.rs.masking,
             ring_bits=e.ring_bits, clip=e.clip, scale=e.scale, max_clients=e.max_clients,
             max_weight=e.max_weight,
         )
@@ -779,9 +789,9 @@ class Coordinator(AdminActions):
     def _close_reveals(self, rnd: ActiveRound) -> None:
         assert isinstance(rnd.engine, ServerRound)
         wire = mapping.seed_reveals_to_wire(rnd.engine.close_reveals())
+        assert rnd.engine.roster is not None  # made when enrolment closed, before the reveals
         self.audit.record("graph-drawn", round_id=rnd.round_id,
-                          neighbours=rnd.engine.roster.config.neighbours  # type: ignore[union-attr]
-                          )
+                          neighbours=rnd.engine.roster.config.neighbours)
         for peer in rnd.members.values():
             self._push(peer, wire)
         self._restart_timer(rnd, lambda: self._sharing_deadline(rnd))

@@ -22,7 +22,6 @@ from textual import on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Grid, Vertical, VerticalScroll
-from textual.dom import DOMNode
 from textual.notifications import SeverityLevel
 from textual.renderables.bar import Bar as BarRenderable
 from textual.screen import ModalScreen, Screen
@@ -304,6 +303,7 @@ class SecureFLApp(App[int]):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """The current screen's own actions first, then help and quit."""
+        node: Screen | App  # both have run_action (a DOMNode need not)
         for node in (screen, self):
             for _key, binding in node._bindings:
                 name = binding.action.split("(")[0].split(".")[-1]
@@ -316,7 +316,7 @@ class SecureFLApp(App[int]):
         yield SystemCommand("Help", "Every key of this screen (? or F1)", self.action_help)
         yield SystemCommand("Quit", "Quit the app (ctrl+q)", self.action_quit)
 
-    def _run_later(self, node: DOMNode, action: str) -> None:
+    def _run_later(self, node: Screen | App, action: str) -> None:
         self.call_later(node.run_action, action)
 
     # -- quitting -----------------------------------------------------------------------------

@@ -409,7 +409,8 @@ class Agent:
                 if left <= 0:
                     return "nobody approved it before its training deadline"
                 self._closed_event.clear()
-                waits = {self._decision, asyncio.ensure_future(self._closed_event.wait())}
+                waits: set[asyncio.Future[Any]] = {
+                    self._decision, asyncio.ensure_future(self._closed_event.wait())}
                 try:
                     await self._until_stopped(asyncio.wait(waits, timeout=min(left, 5.0),
                                                            return_when=asyncio.FIRST_COMPLETED))

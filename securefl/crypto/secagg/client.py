@@ -99,7 +99,7 @@ class ClientState(Enum):
 
 ADVERTISE = "advertise"
 
-CLIENT_TABLE = {
+CLIENT_TABLE: dict[ClientState, dict[object, ClientState]] = {
     ClientState.NEW: {ADVERTISE: ClientState.ADVERTISED},
     ClientState.ADVERTISED: {Roster: ClientState.ACKED},
     ClientState.ACKED: {RosterAcks: ClientState.REVEALED},
@@ -169,7 +169,7 @@ class ClientRound:
 
     # -- round 0 -----------------------------------------------------------------------
     def advertise(self) -> KeyAdvertisement:
-        self.state = step(CLIENT_TABLE, self.state, ADVERTISE, remote=False)  # type: ignore[assignment]
+        self.state = step(CLIENT_TABLE, self.state, ADVERTISE, remote=False)
         self._own = sign_advertisement(
             self._signing_key,
             self._cert,
@@ -231,7 +231,7 @@ class ClientRound:
         except Exception:
             self.state = ClientState.FAILED
             raise
-        self.state = nxt  # type: ignore[assignment]
+        self.state = nxt
         return out
 
     # -- round 1 -----------------------------------------------------------------------

@@ -11,7 +11,7 @@ import hashlib
 import struct
 from collections.abc import Mapping, Sequence
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from securefl.crypto.keys import advertisement_bytes
 from securefl.crypto.messages import Roster, RoundConfig
@@ -22,7 +22,10 @@ PAIR_MASK = "pair-mask"
 SELF_MASK = "self-mask"
 ENVELOPE_KEY = "envelope"
 
-Table = Mapping[Enum, Mapping[Any, Enum]]
+#: A role's state type: ``step`` returns a state of the same type as the table's.
+State = TypeVar("State", bound=Enum)
+#: {state: {event (a message type or a local action's name): next state}}
+Table = Mapping[State, Mapping[Any, State]]
 
 
 def round_context(config: RoundConfig) -> bytes:
@@ -134,7 +137,7 @@ def check_config(config: RoundConfig, n: int) -> None:
         raise ConfigError("round config has an empty model")
 
 
-def step(table: Table, state: Enum, event: Any, *, remote: bool) -> Enum:
+def step(table: Table[State], state: State, event: Any, *, remote: bool) -> State:
     """Next state from the role's transition table, or the right kind of protocol error."""
     nxt = table.get(state, {}).get(event)
     if nxt is None:

@@ -97,7 +97,7 @@ _LIVE = (ServerState.ENROLLING, ServerState.CONFIRMING, ServerState.REVEALING,
          ServerState.SHARING, ServerState.COLLECTING, ServerState.CHECKING,
          ServerState.UNMASKING)
 
-SERVER_TABLE = {
+SERVER_TABLE: dict[ServerState, dict[object, ServerState]] = {
     ServerState.ENROLLING: {KeyAdvertisement: ServerState.ENROLLING,
                             CLOSE_ENROLMENT: ServerState.CONFIRMING},
     ServerState.CONFIRMING: {RosterAck: ServerState.CONFIRMING,
@@ -237,7 +237,7 @@ class ServerRound:
             self._on_signature(msg, from_name)
         else:
             self._on_unmask(msg, from_name)
-        self.state = nxt  # type: ignore[assignment]
+        self.state = nxt
 
     def _on_advert(self, adv: KeyAdvertisement, from_name: str | None) -> None:
         if from_name is not None and adv.name != from_name:
@@ -381,10 +381,10 @@ class ServerRound:
                 return
         assert self.roster is not None
         cfg = self.roster.config
-        for kind, shares, half in ((b"b", msg.b_shares, slice(0, 32)),
-                                   (b"s", msg.s_shares, slice(32, 64))):
+        for label, shares, half in ((b"b", msg.b_shares, slice(0, 32)),
+                                    (b"s", msg.s_shares, slice(32, 64))):
             for owner, raw in sorted(shares.items()):
-                if share_digest(cfg, kind, owner, v, raw) != self._digests[owner][v][half]:
+                if share_digest(cfg, label, owner, v, raw) != self._digests[owner][v][half]:
                     # Checked against what the dealer committed to over its own
                     # connection, so the one who answered is the one who lied; none of its
                     # shares is used, and the round goes on if t checked answers remain.
@@ -441,7 +441,7 @@ class ServerRound:
         self.roster = Roster(config, tuple(self._adverts[name] for name in sorted(self._adverts)))
         self._ack_statement = roster_statement(self.round_id, self.base_version,
                                                roster_digest(self.roster))
-        self.state = nxt  # type: ignore[assignment]
+        self.state = nxt
         return self.roster
 
     def _missing(self, have: frozenset[int] | set[int] | dict[int, bytes]) -> list[str]:
@@ -458,7 +458,7 @@ class ServerRound:
             raise NotEnoughSurvivorsError(
                 f"{', '.join(missing)} did not confirm the roster; every hospital in a round "
                 "must, before the graph is drawn")
-        self.state = nxt  # type: ignore[assignment]
+        self.state = nxt
         return RosterAcks(self.round_id, dict(sorted(self._acks.items())))
 
     def close_reveals(self) -> SeedReveals:
@@ -480,7 +480,7 @@ class ServerRound:
         values = [self._reveals[u] for u in range(1, n + 1)]
         self._graph = graph.neighbours(n, self.roster.config.neighbours,
                                        graph_seed(self.roster.config, values))
-        self.state = nxt  # type: ignore[assignment]
+        self.state = nxt
         return SeedReveals(self.round_id, dict(sorted(self._reveals.items())))
 
     def close_shares(self) -> dict[int, EnvelopeBundle]:
@@ -492,7 +492,7 @@ class ServerRound:
                 f"only {len(self._envelopes)} hospital(s) shared their keys; at least "
                 f"{self.min_contributors} are needed"
             )
-        self.state = nxt  # type: ignore[assignment]
+        self.state = nxt
         self.u1 = frozenset(self._envelopes)
         bundles: dict[int, dict[int, bytes]] = {v: {} for v in self.u1}
         digests: dict[int, dict[int, bytes]] = {v: {} for v in self.u1}
@@ -525,7 +525,7 @@ class ServerRound:
             raise NotEnoughSurvivorsError(
                 f"{dropped} hospitals dropped out, more than the {self.dropout_cap} this "
                 "sparse round was sized for: the hospitals would refuse to sign the list")
-        self.state = nxt  # type: ignore[assignment]
+        self.state = nxt
         cfg = self.roster.config
         listed = tuple(sorted(self.survivors))
         self.listed = listed
@@ -556,7 +556,7 @@ class ServerRound:
                 f"fewer than {t} of the hospitals holding shares of "
                 f"{', '.join(repr(self.name_of(u)) for u in short[:3])} signed the survivor "
                 "list, so none may unmask")
-        self.state = nxt  # type: ignore[assignment]
+        self.state = nxt
         listed = tuple(sorted(self.survivors))
         n = len(self.roster.participants)
         if self.roster.config.neighbours >= n - 1:
@@ -597,7 +597,7 @@ class ServerRound:
         except Exception:
             self.fail()
             raise
-        self.state = nxt  # type: ignore[assignment]
+        self.state = nxt
         return result
 
     def _strip_masks(self, dropped: set[int]) -> AggregateResult:
@@ -655,8 +655,8 @@ class ServerRound:
                 "published")
 
         self._sum = None
-        names = tuple(self.name_of(u) for u in sorted(self.survivors))
-        return AggregateResult(self.round_id, self.base_version, mean, weight, names)
+        survivors = tuple(self.name_of(u) for u in sorted(self.survivors))
+        return AggregateResult(self.round_id, self.base_version, mean, weight, survivors)
 
     def _cheats(self) -> str:
         """'; X returned ..., Y dealt ...' for an error message ('' when no one cheated)."""

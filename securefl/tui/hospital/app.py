@@ -225,20 +225,22 @@ class HospitalApp(SecureFLApp):
         if self._can_act():
             assert self.hospital is not None
             assert self.config_path is not None
-            self._unless_agent("train", lambda h=self.hospital, c=self.config_path:
-                               self.push_screen(TrainScreen(h, c)))
+            h, c = self.hospital, self.config_path
+            self._unless_agent("train", lambda: self.push_screen(TrainScreen(h, c)))
 
     def action_send(self) -> None:
         if self._can_act():
             assert self.hospital is not None
-            self._unless_agent("send", lambda h=self.hospital:
-                               self.push_screen(SendScreen(h, self.current_session)))
+            h = self.hospital
+            self._unless_agent("send",
+                               lambda: self.push_screen(SendScreen(h, self.current_session)))
 
     def action_get(self) -> None:
         if self._can_act():
             assert self.hospital is not None
-            self._unless_agent("get the global model", lambda h=self.hospital:
-                               self.push_screen(GetScreen(h, self.current_session)))
+            h = self.hospital
+            self._unless_agent("get the global model",
+                               lambda: self.push_screen(GetScreen(h, self.current_session)))
 
     # -- the hospital's agent (securefl.client.agent; its screen: tui.hospital.agent) ---------
     def action_agent(self) -> None:

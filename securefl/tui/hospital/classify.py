@@ -11,6 +11,7 @@ runs in a thread worker.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from textual import on, work
@@ -57,7 +58,7 @@ def describe_answer(name: str, answer: Classification) -> str:
 class ScanTree(DirectoryTree):
     """Folders and image files only."""
 
-    def filter_paths(self, paths: list[Path]) -> list[Path]:  # type: ignore[override]
+    def filter_paths(self, paths: Iterable[Path]) -> list[Path]:
         return [p for p in paths if p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES]
 
 

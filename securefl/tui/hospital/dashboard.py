@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import ClassVar
 
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.css.query import NoMatches
 from textual.screen import Screen
@@ -87,7 +88,8 @@ class DashboardScreen(Screen):
             "Greyed lines marked 'stale' are the last known values while the server cannot "
             "be reached; the app reconnects by itself.")
     # Refresh is off the footer (the app reconnects by itself) so that "? Help" fits.
-    BINDINGS = [(key, f"app.{action}", short) for action, _, key, short in ACTIONS] + [
+    BINDINGS: ClassVar[list[BindingType]] = [
+        *((key, f"app.{action}", short) for action, _, key, short in ACTIONS),
         Binding("r", "app.reconnect", "Refresh", show=False),
         Binding("a", "app.agent", "Agent", show=False)]  # the hospital's agent, if it runs
 

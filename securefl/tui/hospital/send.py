@@ -21,6 +21,7 @@ from textual.containers import VerticalScroll
 from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import Button, Footer, Header, Static
 
 from securefl.client.hospital import Hospital
@@ -111,7 +112,7 @@ class SendScreen(Screen):
         self.started = False
         self.notes: dict[int, str] = {}
         self.steps_log: list[str] = []
-        self._poll: object = None
+        self._poll: Timer | None = None
 
     @property
     def session(self) -> HospitalSession | None:
@@ -238,7 +239,7 @@ class SendScreen(Screen):
         self.running = False
         self.refresh_bindings()
         if self._poll is not None:
-            self._poll.stop()  # type: ignore[attr-defined]
+            self._poll.stop()
         with contextlib.suppress(NoMatches):  # the screen is closing (see _draw_steps)
             self.query_one("#start", Button).disabled = False
         if error is not None:

@@ -81,7 +81,7 @@ def _child(config: str, overrides: dict[str, Any]) -> int:
     return 0
 
 
-def train_in_child(config: Path, overrides: dict[str, Any], progress: Callable[[Progress], None],
+def train_in_child(config: Path, overrides: dict[str, Any], progress: Callable[[Progress], object],
                    cancel: threading.Event) -> TrainResult:
     """Blocking: run ``Hospital.train`` in a child process; ``progress`` hears every batch.
 
