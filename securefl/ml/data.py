@@ -123,6 +123,12 @@ def _window_to_8bit(arr: np.ndarray) -> np.ndarray:
 #: 8x8 picture (an icon, a thumbnail) padded up to the model's input is no scan, and the
 #: model still answered it "meningioma 99.9%" (found walking it).
 MIN_SCAN_SIDE = 32
+#: The mean colourfulness (max - min of R, G, B per pixel, 0-255) above which ``classify``
+#: refuses a picture as no scan.  Why: MRI slices are grey however they are exported (an
+#: RGB JPEG of one has R = G = B up to compression noise of a few levels; a coloured arrow
+#: or label adds little to the mean), while a walk's coloured noise picture was answered
+#: "glioma 80.5%".  200 of the project's synthetic scans re-saved as RGB JPEG measure 0.0.
+MAX_SCAN_COLOURFULNESS = 24.0
 
 
 def _decode(path: Path, size: int, channels: int, *, as_scan: bool = False) -> np.ndarray:
@@ -134,6 +140,8 @@ def _decode(path: Path, size: int, channels: int, *, as_scan: bool = False) -> n
             img.load()
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float scans
                 img = Image.fromarray(_window_to_8bit(np.asarray(img, dtype=np.float32)), "L")
+            if as_scan:
+                _refuse_colour_picture(path, img)
             img = img.convert("L" if channels == 1 else "RGB")
             if as_scan:
                 _refuse_non_scan(path, img)
@@ -148,6 +156,21 @@ def _decode(path: Path, size: int, channels: int, *, as_scan: bool = False) -> n
     except (OSError, SyntaxError, ValueError) as exc:
         raise _Unreadable(f"damaged image: {exc}", str(exc)) from None
     return arr.reshape(size, size, channels)
+
+
+def _refuse_colour_picture(path: Path, img: PILImage) -> None:
+    """A clearly coloured picture is no MRI scan: refused before it is made grey."""
+    if img.mode in ("L", "LA", "1", "I", "I;16", "I;16B", "I;16L", "F"):
+        return
+    extrema = img.getextrema()
+    if all(lo == hi for lo, hi in (extrema if isinstance(extrema[0], tuple) else (extrema,))):
+        return  # one colour all over: "blank" says more (``_refuse_non_scan``)
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    colourfulness = float((rgb.max(axis=2) - rgb.min(axis=2)).mean())
+    if colourfulness > MAX_SCAN_COLOURFULNESS:
+        raise DataError(f"{path} is a colour picture, and MRI scans are grey: nothing was "
+                        "classified; give the scan itself (an export in colour maps or a "
+                        "photo of the screen is not read)")
 
 
 def _refuse_non_scan(path: Path, img: PILImage) -> None:

@@ -108,13 +108,24 @@ def test_synth_train_evaluate_classify(tmp_path, capsys):
     Image.new("L", (1, 1), 90).save(tmp_path / "dot.png")
     Image.fromarray((np.arange(16 * 16).reshape(16, 16) % 256).astype("uint8")).save(
         tmp_path / "thumb.png")
+    # coloured noise was answered "glioma 80.5%" (a walk); MRI scans are grey
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+                    ).save(tmp_path / "noise.png")
     for name, why in (("black.png", "is blank (every pixel has the value 0), not a scan"),
                       ("red.png", "is blank"), ("dot.png", "is 1x1 pixels, too small"),
-                      ("thumb.png", "is 16x16 pixels, too small to be a scan")):
+                      ("thumb.png", "is 16x16 pixels, too small to be a scan"),
+                      ("noise.png", "is a colour picture, and MRI scans are grey")):
         assert main(["client", "--config", str(cfg), "classify", str(tmp_path / name)]) == 4
         out = capsys.readouterr()
         assert why in out.err and "nothing was classified" in out.err, out.err
         assert "%" not in out.out
+
+    # A grey scan exported as a colour JPEG (R = G = B up to compression noise) is read.
+    with Image.open(scan) as grey:
+        grey.convert("RGB").save(tmp_path / "scan-rgb.jpg", quality=75)
+    assert main(["client", "--config", str(cfg), "classify", str(tmp_path / "scan-rgb.jpg")]) \
+        == 0, capsys.readouterr().err
+    assert "%" in capsys.readouterr().out
 
     events = [h["event"] for h in read_history(tmp_path / "runs" / "h1" / "history.jsonl")]
     assert events == ["train", "evaluate", "evaluate"]
