@@ -4,10 +4,10 @@
 
 Prints the demo's own output, then, last, one JSON line with wall_s, rounds, and balanced
 accuracy on Testing scans after the last round: final_global_acc (all hospitals' test scans,
-mean over the hospitals' models from the shared one), best_local_acc and mean_local_acc (the
+mean over the hospitals' copies of the shared model), best_local_acc and mean_local_acc (the
 hospitals trained alone for the same epochs, same scans), own_local_acc and own_shared_acc
-(per hospital, on its own test scans: trained alone, and its model from the shared one,
-personalised as its [ml] personalise says).
+(per hospital, on its own test scans: trained alone, and this hospital's copy of the shared
+model, personalised as its [ml] personalise says).
 """
 
 from __future__ import annotations

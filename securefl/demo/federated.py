@@ -6,8 +6,9 @@ federation does, with nobody at it: the server opens rounds on an automatic sche
 (``[schedule] mode = "auto"``) and each hospital is its agent (``securefl client ...
 agent``, ``participation = "auto"``), which gets the global model, trains, takes part in
 the secure aggregation, gets the published version and evaluates it.  After each round the
-demo prints how the shared model does on each hospital's own validation scans next to a
-model the hospital trained alone for the same number of epochs.  The Testing scans are
+demo prints how each hospital's copy of the shared model does on that hospital's own
+validation scans next to a model the hospital trained alone for the same number of epochs,
+and how the shared model as published does on all of them.  The Testing scans are
 scored once, after the last round, for the summary: choosing anything (such as how many
 rounds to run) by watching the Testing figures would make them flattering, so the
 per-round view is validation, as it is in the hospital app and in ``evaluate``.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import shutil
 import socket
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,7 +88,8 @@ class DemoResult:
 
     @property
     def final_global_acc(self) -> float:
-        """The shared model on all hospitals' test scans, after the last round."""
+        """The hospitals' copies of the shared model on all hospitals' test scans (their
+        mean), after the last round."""
         return self._final().pooled_global
 
     @property
@@ -106,25 +109,122 @@ class DemoResult:
 
     @property
     def own_shared_acc(self) -> dict[str, float]:
-        """Each hospital's model from the shared one, on its own test scans, last round."""
+        """Each hospital's copy of the shared model, on its own test scans, last round."""
         return dict(self._final().global_acc)
 
 
+#: Every line the demo prints fits a terminal this wide (a new user's 80 columns).
+WIDTH = 80
+#: A round-table cell, "alone -> copy" in percent: at most "100.0 -> 100.0".
+_CELL = 14
+#: Hospitals on one line of the round table: with more, each round takes further lines
+#: (the round, the pooled column and the time stay on the first), so it stays in WIDTH.
+PER_LINE = 3
+
+
+def wrapped(text: str, indent: str = "  ", first: str | None = None) -> list[str]:
+    """``text`` as lines of at most :data:`WIDTH` columns (a path or a word longer than a
+    line is kept whole, on a line of its own)."""
+    return textwrap.wrap(text, WIDTH, initial_indent=indent if first is None else first,
+                         subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def _say_wrapped(say: Print, text: str, indent: str = "  ", first: str | None = None) -> None:
+    for line in wrapped(text, indent, first):
+        say(line)
+
+
+def _lines_of(names: list[str]) -> list[list[str]]:
+    return [names[i:i + PER_LINE] for i in range(0, len(names), PER_LINE)] or [[]]
+
+
+def table_legend(personalise: str) -> list[str]:
+    """What the round table's columns mean, wrapped: printed before it.  ``personalise`` is
+    the hospitals' ``[ml] personalise``, which makes each hospital's copy."""
+    how = {"best": "as downloaded, recalibrated or fine-tuned, whichever read its validation "
+                   "scans best, so a little flattered; the Testing summary is not",
+           "recalibrate": "recalibrated on its scans",
+           "finetune": "fine-tuned on its scans",
+           "downloaded": "as downloaded"}.get(personalise, "as downloaded")
+    return wrapped(
+        "Balanced accuracy (%) on validation scans; round n publishes version n.  Under "
+        "each hospital, alone -> copy: a model it trained alone for the same epochs, then "
+        f"this hospital's copy of the shared model ({how}), on its own scans.  "
+        "\"best alone -> published\": the best model trained alone, then the shared model "
+        "as published, on all hospitals' scans.  time: since the previous version.")
+
+
 def table_header(names: list[str]) -> list[str]:
-    """The round table's two header lines.  A function so that docs/generate_samples.py's
-    test can check README's sample still has the layout the demo prints."""
-    return [" " * 18 + "  ".join(f"{'alone -> shared':>21}" for _ in names)
-            + f"  {'all validation scans':>21}",
-            "  round  version  " + "  ".join(f"{n:>21}" for n in names)
-            + f"  {'best alone -> shared':>21}   time"]
+    """The round table's header lines (two, and one more for each further line of hospitals,
+    see :data:`PER_LINE`).  A function so that docs/generate_samples.py's test can check
+    README's sample still has the layout the demo prints."""
+    first, *more = _lines_of(names)
+    return ([" " * 7 + "".join(f"  {'alone -> copy':>{_CELL}}" for _ in first)
+             + "  best alone -> published",
+             f"  {'round':>5}" + "".join(f"  {n[:_CELL]:>{_CELL}}" for n in first)
+             + f"  {'all hospitals':>{_CELL}}  {'time':>5}"]
+            + [" " * 7 + "".join(f"  {n[:_CELL]:>{_CELL}}" for n in line) for line in more])
 
 
-def table_row(row: RoundRow, names: list[str]) -> str:
-    """One round's line of the table (see :func:`table_header`)."""
-    cells = "  ".join(f"{row.local_acc[n]:>10.1%} -> {row.global_acc[n]:>6.1%}" for n in names)
+def _cell(alone: float, shared: float) -> str:
+    return f"{f'{alone * 100:.1f} -> {shared * 100:.1f}':>{_CELL}}"
+
+
+def table_row(row: RoundRow, names: list[str]) -> list[str]:
+    """One round's lines of the table (see :func:`table_header`): one, and one more for
+    each further line of hospitals."""
+    first, *more = _lines_of(names)
     best = max(row.pooled_local.values())
-    return (f"  {row.round:>5}  {row.version:>7}  {cells}  {best:>10.1%} -> "
-            f"{row.pooled_global:>6.1%}  {row.seconds:>4.0f}s")
+    return ([f"  {row.round:>5}"
+             + "".join(f"  {_cell(row.local_acc[n], row.global_acc[n])}" for n in first)
+             + f"  {_cell(best, row.pooled_global)}  {row.seconds:>4.0f}s"]
+            + [" " * 7 + "".join(f"  {_cell(row.local_acc[n], row.global_acc[n])}"
+                                 for n in line) for line in more])
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def summary_lines(final: RoundRow, rounds: int) -> list[str]:
+    """The summary of the Testing figures, wrapped.  Its first sentence is whether every
+    hospital is better off on its own test scans with its copy of the shared model than
+    training alone, naming any that is not: that is the figure a hospital joins for, so
+    no pooled figure comes before it."""
+    names = list(final.local_acc)
+    behind = [n for n in names if not final.global_acc[n] > final.local_acc[n]]
+    if behind:
+        if len(behind) == 1:
+            lead = (f"{behind[0]} is NOT better off: on its own test scans its copy of the "
+                    "shared model does no better than the model it trained alone.")
+        else:
+            lead = (f"{_listed(behind)} are NOT better off: on their own test scans their "
+                    "copies of the shared model do no better than the models they trained "
+                    "alone.")
+    else:
+        lead = ("every hospital is better off: on its own test scans, its copy of the "
+                "shared model beats the model it trained alone.")
+    lines = wrapped(f"after {rounds} rounds, {lead}", first="summary: ")
+    lines.append("  balanced accuracy on each hospital's own test scans, alone -> its copy:")
+    width = max(len(n) for n in names)
+    for n in names:
+        alone, copy = final.local_acc[n], final.global_acc[n]
+        points = abs(copy - alone) * 100
+        verdict = (f"better by {points:.1f} points" if copy > alone
+                   else f"WORSE by {points:.1f} points" if copy < alone
+                   else "no better" if copy == alone else "NOT scored")
+        lines.append(f"    {n:<{width}}  {alone:>5.1%} -> {copy:>5.1%}  {verdict}")
+    best = max(final.pooled_local.values())
+    mean = sum(final.pooled_local.values()) / len(final.pooled_local)
+    ahead = (final.pooled_global - best) * 100
+    lines += wrapped(
+        f"On all {len(names)} hospitals' test scans together, the hospitals' copies of the "
+        f"shared model score {final.pooled_global:.1%} on average; the best model trained "
+        f"alone {best:.1%} (the mean of those trained alone {mean:.1%}): the copies are "
+        + (f"ahead by {ahead:.1f} points." if ahead > 0 else
+           f"BEHIND by {abs(ahead):.1f} points: more rounds (--rounds) usually help."))
+    return lines
 
 
 def _free_port() -> int:
@@ -186,8 +286,9 @@ def build_federation(settings: DemoSettings, root: Path, say: Print, *,
     # with two the only adversary secure aggregation can hold off is the server (c = 0).
     colluders = 1 if settings.hospitals >= 3 else 0
     if not colluders:
-        say("  two hospitals: secure aggregation hides each update from the server, but "
-            "each hospital can work out the other's from the published model")
+        _say_wrapped(say, "two hospitals: secure aggregation hides each update from the "
+                     "server, but each hospital can work out the other's from the published "
+                     "model", first="  ")
     server_toml = write_toml(root / "server.toml", {
         "cert": certs.root / "server.pem", "key": certs.root / "server.key",
         "ca": certs.root / "ca.pem", "crl": certs.root / "crl.pem",
@@ -273,7 +374,8 @@ def _watch_rounds(settings: DemoSettings, hospitals: list[Hospital],
         row = RoundRow(r, r, _between(store, r - 1, r), global_acc, local_acc, pooled_global,
                        pooled_local)
         result.rows.append(row)
-        say(table_row(row, names))
+        for line in table_row(row, names):
+            say(line)
 
 
 def _between(store: ModelStore, earlier: int, later: int) -> float:
@@ -294,6 +396,14 @@ def _final_models(hospitals: list[Hospital], store: ModelStore, version: int) ->
         if state.base_version != version or state.trained:
             weights = store.read(version)[1] if weights is None else weights
             h.apply_global(weights, version)
+
+
+def closing_lines(wall_s: float, root: Path) -> list[str]:
+    """Where the demo left its federation, after the summary."""
+    return [*wrapped(f"took {wall_s:.0f} s.  Everything is in {root}:"),
+            "    certs/ (CA, server, admin, hospital kits)  data/ (synthetic scans)",
+            "    server/ (model versions, audit log)  server.log",
+            "    hospitals/<name>/ (local models, metrics history, the agent's agent.log)"]
 
 
 def run(settings: DemoSettings, say: Print = print,
@@ -323,16 +433,18 @@ def run(settings: DemoSettings, say: Print = print,
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text("made by `securefl demo`; the demo may delete this folder\n")
     result = DemoResult(root)
-    say(f"securefl demo: a federation of {settings.hospitals} hospitals in {root}")
-    say("  (built-in SYNTHETIC brain MRI slices: for trying securefl, not for clinical use)")
+    _say_wrapped(say, f"a federation of {settings.hospitals} hospitals in {root}",
+                 first="securefl demo: ")
+    _say_wrapped(say, "(built-in SYNTHETIC brain MRI slices: for trying securefl, not for "
+                 "clinical use)")
     server_toml, hospital_tomls, admin_toml = build_federation(
         settings, root, say,
         # the server pauses its schedule once the last round published: no round opens
         # after it that the agents would only decline
         schedule=unattended.schedule_table(TRAINING_DEADLINE, until_version=settings.rounds),
         agent=unattended.agent_table(settings.rounds))
-    say("  starting the server (TLS 1.3, mutual certificates, rounds on an automatic "
-        "schedule) and building model version 0")
+    _say_wrapped(say, "starting the server (TLS 1.3, mutual certificates, rounds on an "
+                 "automatic schedule) and building model version 0")
     procs = unattended.Processes()
     try:
         procs.server(server_toml, root / "server.log")
@@ -348,26 +460,20 @@ def run(settings: DemoSettings, say: Print = print,
                                           / "alone-state"}),
             h.ml.model_copy(update={"model_dir": root / "hospitals" / h.ml.scans_dir.name
                                     / "alone"})) for h in hospitals}
-        say(f"  {settings.rounds} rounds with no one at the keyboard: each hospital's agent "
-            "takes part in every round the server opens (participation = \"auto\"),")
-        say(f"  trains {settings.epochs} epoch(s) on its own scans, and the server combines "
-            "the updates by secure aggregation and publishes by itself;")
-        from securefl.ml.local import PERSONALISATION_LABELS
-
-        chosen = hospitals[0].ml.personalise == "best"
-        how = PERSONALISATION_LABELS.get(hospitals[0].ml.personalise, "as downloaded")
-        say("  each cell: balanced accuracy on that hospital's validation scans of a model "
-            f"trained alone for the same epochs -> of the shared model, "
-            f"{how.replace('this', 'that').replace('its', 'those')}"
-            + (" (chosen on them, so a little flattered; the Testing summary is not)"
-               if chosen else "")
-            + "; all validation scans: the shared model as published; time: from the "
-            "previous version's publication to this one's")
+        _say_wrapped(say, f"{settings.rounds} rounds with no one at the keyboard: each "
+                     "hospital's agent takes part in every round the server opens "
+                     "(participation = \"auto\"), trains "
+                     f"{settings.epochs} epoch(s) on its own scans, and the server combines "
+                     "the updates by secure aggregation and publishes by itself.")
+        say("")
+        for line in table_legend(hospitals[0].ml.personalise):
+            say(line)
         store = unattended.watch_store(load(server_toml, ServerSettings).store_dir)
         _watch_rounds(settings, hospitals, alone, procs, store, say, result)
         for name in alone:
             procs.stop(name, timeout=60)
-        say("  scoring the last round's models on the Testing scans (used for nothing else)")
+        _say_wrapped(say, "scoring the last round's models on the Testing scans (used for "
+                     "nothing else)")
         from securefl.ml.data import ImageSet
 
         _final_models(hospitals, store, settings.rounds)
@@ -379,22 +485,11 @@ def run(settings: DemoSettings, say: Print = print,
     finally:
         procs.stop_all(timeout=10)
     result.wall_s = time.perf_counter() - started
-    ahead = (result.final_global_acc - result.best_local_acc) * 100
     say("")
-    say(f"summary: after {settings.rounds} rounds, on all {settings.hospitals} hospitals' test "
-        f"scans, the shared model (mean of the hospitals' copies) scores "
-        f"{result.final_global_acc:.1%} balanced accuracy; the best hospital "
-        f"training alone {result.best_local_acc:.1%} (mean {result.mean_local_acc:.1%}).")
-    say(f"  federation is {'ahead' if ahead > 0 else 'BEHIND'} by {abs(ahead):.1f} points"
-        + ("" if ahead > 0 else ": more rounds (--rounds) usually help") + ".")
-    say("  on each hospital's own test scans, alone -> shared: " + "; ".join(
-        f"{n} {result.own_local_acc[n]:.1%} -> {result.own_shared_acc[n]:.1%} "
-        f"({'better' if result.own_shared_acc[n] > result.own_local_acc[n] else 'NOT better'})"
-        for n in result.own_local_acc) + ".")
-    say(f"  took {result.wall_s:.0f} s.  Everything is in {root}:")
-    say("    certs/ (CA, server, admin, hospital kits)  data/ (synthetic scans)  "
-        "server/ (model versions, audit log)")
-    say("    hospitals/<name>/ (local models, metrics history, the agent's agent.log)  server.log")
+    for line in summary_lines(result._final(), settings.rounds):
+        say(line)
+    for line in closing_lines(result.wall_s, root):
+        say(line)
     return result
 
 
@@ -435,7 +530,9 @@ def run_with_admin_app(settings: DemoSettings) -> DemoResult:
         finally:
             ready.set()
 
-    print(f"securefl demo: building the federation in {root} (progress in {log}) ...")
+    for line in wrapped(f"building the federation in {root} (progress in {log}) ...",
+                        first="securefl demo: "):
+        print(line)
     thread = threading.Thread(target=work, name="securefl-demo", daemon=True)
     thread.start()
     ready.wait()
@@ -445,7 +542,8 @@ def run_with_admin_app(settings: DemoSettings) -> DemoResult:
         finally:
             app_closed.set()
         if thread.is_alive():
-            print("securefl demo: the app is closed; waiting for the demo's last round ...")
+            print("securefl demo: the app is closed; waiting for the demo's last round "
+                  "...")
     app_closed.set()
     thread.join()
     print(log.read_text(), end="")

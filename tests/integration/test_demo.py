@@ -51,6 +51,15 @@ def test_demo_runs_a_federation_end_to_end(tmp_path: Path,
         assert final.global_acc[name] == h.evaluate("testing").balanced_accuracy
     text = "\n".join(lines)
     assert "SYNTHETIC" in text and "summary:" in text and "points" in text
+    # every line fits an 80-column terminal (the table was 113 columns, its legend 428)
+    printed = text.splitlines()
+    assert [line for line in printed if len(line) > 80] == []
+    # the summary leads with whether each hospital is better off with its copy
+    first = " ".join(printed[next(i for i, line in enumerate(printed)
+                                  if line.startswith("summary:")):]).split(".")[0]
+    lost = [n for n in ("hospital_1", "hospital_2")
+            if not final.global_acc[n] > final.local_acc[n]]
+    assert all(n in first for n in lost) and ("every hospital" in first) == (not lost)
     assert str(tmp_path / "fed") in text
     store = ModelStore(tmp_path / "fed" / "server" / "store")
     assert store.versions() == [0, 1, 2]

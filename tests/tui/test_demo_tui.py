@@ -41,6 +41,8 @@ def test_demo_with_the_admin_app(tmp_path: Path) -> None:
         tmux.keys("demo", "y")
         screen = tmux.wait("demo", "DEMO-EXIT=0", 60)
         assert "summary:" in screen and str(fed) in screen
+        # what the demo printed fits an 80-column terminal, as without --tui
+        assert [line for line in log.read_text().splitlines() if len(line) > 80] == []
     finally:
         subprocess.run([TMUX or "tmux", "-S", str(tmp_path / "tmux.sock"), "kill-server"],
                        capture_output=True, check=False)

@@ -33,9 +33,18 @@ def test_a_secagg_demo_too_small_to_lose_anyone_says_so(capsys):
     assert main(["demo", "--secagg-only", "--hospitals", "3", "--params", "2000"]) == 0
     out = capsys.readouterr().out
     assert "threshold 3 of 3" in out and "will disconnect" not in out
-    assert "dropout 0.3 would lose 1 hospital(s), but the round needs 3 of 3: 0 will leave" \
+    assert "dropout 0.3 would lose 1 hospital(s), but the round needs 3 of 3:\n  0 will leave" \
         in out
     assert "-> OK" in out
+
+
+def test_the_secagg_demo_fits_an_80_column_terminal(capsys):
+    """Its "largest difference" line was 84 columns, its dropout note up to 82."""
+    for argv in (["--params", "2000"], ["--hospitals", "3", "--params", "2000"],
+                 ["--hospitals", "12", "--params", "2000", "--dropout", "0.9"]):
+        assert main(["demo", "--secagg-only", *argv]) == 0
+        out = capsys.readouterr().out
+        assert [line for line in out.splitlines() if len(line) > 80] == [], argv
 
 
 def test_demo_refuses_too_few_hospitals(capsys):
