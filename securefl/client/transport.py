@@ -291,8 +291,7 @@ class Connection:
         parser = frames.FrameParser(max_header=frames.CLIENT_MAX_HEADER,
                                     max_payload=frames.DEFAULT_MAX_PAYLOAD)
         failure: SecureFLError = TransportError(
-            "the server closed the connection: once the server is back, try again (a "
-            "hospital's send says what became of its update)")
+            "the server closed the connection: once the server is back, try again")
         try:
             while True:
                 data = await self._reader.read(READ_CHUNK)
