@@ -28,6 +28,18 @@ from securefl.server.store import StorageError, VersionInfo
 log = logging.getLogger("securefl.server")
 
 
+def too_few_next_step(least: int, setting: str) -> str:
+    """What to do when fewer than ``least`` hospitals joined (``setting`` sets ``least``)."""
+    wait = "wait for more hospitals to join (enrolment also closes by itself once they have)"
+    if least <= 2:  # the protocol's own floor: no setting goes lower
+        return wait
+    if setting == "[round] colluders":
+        return (f"{wait}, or lower [round] colluders in server.toml (a round needs c + 2; "
+                "each hospital's [policy] colluders must not be higher) and restart the "
+                "server")
+    return f"{wait}, or lower {setting} in server.toml and restart the server"
+
+
 @dataclass(eq=False)
 class HeldResult:
     """A round's result the store could not take (read-only, not permitted, disk full).
@@ -130,6 +142,15 @@ class AdminActions:
                         f"{', '.join(sorted(rnd.invited))} (the survivor list of a round "
                         f"that failed); still missing: {', '.join(missing)} — ask them to "
                         "connect and send", code="round-not-ready")
+                joined = len(rnd.engine.joined)
+                least, setting = self.fewest_to_close()
+                if joined < least:
+                    # Refused before the engine is asked, in words that say what to do; the
+                    # round stays open for more hospitals to join.
+                    raise NotEnoughSurvivorsError(
+                        f"only {joined} hospital(s) joined round {rnd.round_id}; closing "
+                        f"enrolment needs at least {least}, so it stays open: "
+                        + too_few_next_step(least, setting))
                 self._close_enrolment(rnd)
             return wm.AdminResult(rid=msg.rid, action=action, value=rnd.round_id)
         return await self._aggregate(rnd, msg.rid, peer)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from textual.widgets import DataTable, Static
+from textual.widgets._footer import FooterKey
 
 from securefl.client.session import RoundAbandonedError
 from securefl.errors import SecureFLError
@@ -14,11 +15,23 @@ from securefl.tui.admin.audit import AuditScreen
 from securefl.tui.admin.dashboard import AdminDashboard
 from securefl.tui.admin.versions import VersionsScreen
 from securefl.tui.common import ConfirmScreen
-from tests.tui.conftest import Fed, headless_send, running, until, wait_collected
+from tests.tui.conftest import (
+    Fed,
+    headless_send,
+    notifications_kept,
+    running,
+    until,
+    wait_collected,
+)
 
 
 def text(app: AdminApp, selector: str) -> str:
     return str(app.dashboard.query_one(selector, Static).render())
+
+
+def footer(app: AdminApp) -> str:
+    """The footer as drawn: " a Aggregate  e Close ..." (the keys offered now)."""
+    return " ".join(str(k.render()) for k in app.screen.query(FooterKey))
 
 
 def test_dashboard_aggregate_versions_audit_and_logout(fed: Fed) -> None:
@@ -90,9 +103,14 @@ def test_close_enrolment_too_few_to_unmask_and_abort(fed: Fed) -> None:
                 leavers = [asyncio.create_task(
                     headless_send(fed.client(i), leave_after="masked_input")) for i in (0, 1)]
                 await until(pilot, lambda: "2 joined" in text(app, "#round"))
+                # Two joined, the two this server needs: Close is offered ...
+                await until(pilot, lambda: " e Close " in footer(app))
                 await pilot.press("e", "y")
                 await until(pilot, lambda: "Enrolment of round 1 closed" in text(app,
                                                                                   "#activity"))
+                # ... and gone once enrolment is closed (walking it, "e Close" stayed while
+                # updates were collected and answered only "Not now").
+                await until(pilot, lambda: " e Close " not in footer(app))
                 assert await asyncio.gather(*leavers) == [None, None]
                 await wait_collected(fed, 2)
                 # Both left after their masked input: the dashboard says the round is lost
@@ -148,3 +166,39 @@ def test_the_round_line_does_not_contradict_an_open_scheduled_round() -> None:
     publishing = SCHEDULE.model_copy(update={"round": SCHEDULE.round.model_copy(
         update={"phase": "publishing"})})
     assert describe(idle, publishing)[1] == "Round: none in progress"
+
+
+def test_close_is_offered_only_with_enough_hospitals_and_says_why_not(fed: Fed) -> None:
+    """Walking it: with 1 of the 3 a round needs, e asked "Close enrolment of round 4 now,
+    with 1 hospital(s)?" and only after Yes said "a round needs at least 3".  Now the
+    footer offers Close only when the server would close (its own figure, from the status),
+    and e pressed anyway says how many joined, how many are needed and what to do, with no
+    question first."""
+    three = ["hospital_1", "hospital_2", "hospital_3"]
+
+    async def scenario() -> None:
+        one_colluder = fed.server_settings().round.model_copy(update={"colluders": 1})
+        async with running(fed, hospitals=three, round=one_colluder):
+            app = AdminApp(fed.admin())
+            async with app.run_test(size=(80, 24)) as pilot:
+                told = notifications_kept(app)
+                await until(pilot, lambda: app.session is not None)
+                joiner = asyncio.create_task(headless_send(fed.client(0)))
+                await until(pilot, lambda: "1 joined" in text(app, "#round"))
+                assert " e Close " not in footer(app), footer(app)
+                await pilot.press("e")
+                want = ("Only 1 hospital(s) joined round 1 and closing enrolment needs at "
+                        "least 3: wait for more to join (enrolment also closes by itself), or "
+                        "lower [round] colluders in server.toml and each hospital's [policy] "
+                        "colluders and restart the server.")
+                await until(pilot, lambda: want in told)
+                assert not isinstance(app.screen, ConfirmScreen)
+                assert want == text(app, "#activity")
+                assert "1 joined" in text(app, "#round")  # the round still waits for more
+                await pilot.press("x", "y")
+                await until(pilot, lambda: "Round 1 aborted" in text(app, "#activity"))
+                assert isinstance(*await asyncio.gather(joiner, return_exceptions=True),
+                                  RoundAbandonedError)
+
+    asyncio.run(scenario())
+

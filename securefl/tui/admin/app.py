@@ -65,7 +65,32 @@ def cannot(action: str, st: ServerStatus) -> str | None:
     if action == "close" and st.phase != "enrolling":
         return ("No round is enrolling, so there is no enrolment to close." if st.phase == "idle"
                 else f"Enrolment of round {st.round_id} is already closed ({st.phase}).")
+    if action == "close" and st.waiting_for:
+        return (f"Round {st.round_id} may only combine the hospitals of a failed round's "
+                f"survivor list, and {', '.join(st.waiting_for)} have not joined: ask them to "
+                "connect and send; enrolment then closes by itself.")
+    if action == "close" and len(st.joined) < st.min_joined:
+        return too_few_to_close(st)
     return None
+
+
+def too_few_to_close(st: ServerStatus) -> str:
+    """One sentence: how many joined, how many the server needs, what to do.  Walking it,
+    Close offered "with 1 hospital(s)?" and only after Yes said "a round needs at least 3"."""
+    lower = ""
+    if st.min_joined > 2 and st.min_joined_by:
+        also = (" and each hospital's [policy] colluders"
+                if st.min_joined_by == "[round] colluders" else "")
+        lower = (f", or lower {st.min_joined_by} in server.toml{also} and restart the "
+                 "server")
+    return (f"Only {len(st.joined)} hospital(s) joined round {st.round_id} and closing "
+            f"enrolment needs at least {st.min_joined}: wait for more to join (enrolment "
+            f"also closes by itself){lower}.")
+
+
+def can_close(st: ServerStatus | None) -> bool:
+    """Whether the server would close enrolment now (the footer offers Close only then)."""
+    return st is not None and cannot("close", st) is None
 
 
 class AdminApp(SecureFLApp):
@@ -85,6 +110,14 @@ class AdminApp(SecureFLApp):
         if self.autoconnect and self.settings is not None:
             self.connect()
             self.set_interval(REFRESH_EVERY, self.poll)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Close is in the footer only while it can work (a round enrols with enough
+        hospitals joined, as last polled); its hidden twin binding ``close_enrolment('why')``
+        still answers e with the reason at other times."""
+        if action == "close_enrolment" and not parameters:
+            return can_close(self.dashboard.status) and not self.dashboard.stale
+        return True
 
     def busy_reason(self) -> str | None:
         if self.busy:
@@ -228,7 +261,7 @@ class AdminApp(SecureFLApp):
     def action_aggregate(self) -> None:
         self._ask("aggregate")
 
-    def action_close_enrolment(self) -> None:
+    def action_close_enrolment(self, why: str = "") -> None:
         self._ask("close")
 
     def action_abort(self) -> None:
