@@ -8,7 +8,7 @@ import asyncio
 from textual.widgets import DataTable, Static
 from textual.widgets._footer import FooterKey
 
-from securefl.client.session import RoundAbandonedError
+from securefl.client.session import RoundAbandonedError, ServerStatus
 from securefl.errors import SecureFLError
 from securefl.tui.admin.app import AdminApp
 from securefl.tui.admin.audit import AuditScreen
@@ -173,7 +173,7 @@ def test_close_is_offered_only_with_enough_hospitals_and_says_why_not(fed: Fed) 
     with 1 hospital(s)?" and only after Yes said "a round needs at least 3".  Now the
     footer offers Close only when the server would close (its own figure, from the status),
     and e pressed anyway says how many joined, how many are needed and what to do, with no
-    question first."""
+    question first.  At 80 columns the footer also shows l (Audit)."""
     three = ["hospital_1", "hospital_2", "hospital_3"]
 
     async def scenario() -> None:
@@ -195,6 +195,7 @@ def test_close_is_offered_only_with_enough_hospitals_and_says_why_not(fed: Fed) 
                 assert not isinstance(app.screen, ConfirmScreen)
                 assert want == text(app, "#activity")
                 assert "1 joined" in text(app, "#round")  # the round still waits for more
+                assert " l Audit " in footer(app)  # every key is in the footer or the help
                 await pilot.press("x", "y")
                 await until(pilot, lambda: "Round 1 aborted" in text(app, "#activity"))
                 assert isinstance(*await asyncio.gather(joiner, return_exceptions=True),
@@ -202,3 +203,42 @@ def test_close_is_offered_only_with_enough_hospitals_and_says_why_not(fed: Fed) 
 
     asyncio.run(scenario())
 
+
+def test_every_admin_key_is_in_tui_md_and_shown_at_80_columns() -> None:
+    """Walking it: at 80 columns the footer left out l and r, and Help named p, u and o,
+    which docs/TUI.md's key table did not list.  Every key the dashboard binds is in that
+    table, and at 80x24 each is in the footer or in Help's list of this screen's keys."""
+    from itertools import pairwise
+    from pathlib import Path
+
+    from textual.binding import Binding
+
+    from securefl.tui.common import help_text
+
+    doc = (Path(__file__).parents[2] / "docs" / "TUI.md").read_text(encoding="utf-8")
+    admin = doc.split("## Administrator:", 1)[1].split("\n## ", 1)[0]
+    documented = {cell.strip().strip("`") for line in admin.splitlines()
+                  if line.startswith("| ") for cell in line[2:].split("|", 1)[0].split(",")}
+    bound = {(b if isinstance(b, Binding) else Binding(*b)).key
+             for b in AdminDashboard.BINDINGS}
+    assert bound - documented == set(), f"not in docs/TUI.md: {bound - documented}"
+
+    async def scenario() -> None:
+        app = AdminApp(None, connect=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            # The widest footer: a round enrolling with enough joined offers Close too.
+            app.dashboard.show(status=ServerStatus(
+                3, 4, "enrolling", ("h1", "h2", "h3"), ("h1", "h2", "h3"), (), 0, (), 3,
+                "[round] colluders"))
+            await pilot.pause()
+            shown = footer(app)
+            assert " e Close " in shown and " f1 Help " in shown
+            # Drawn whole: no key overlaps the next (the palette key once covered "Help").
+            spans = sorted((k.region.x, k.region.right) for k in app.screen.query(FooterKey))
+            assert all(a[1] <= b[0] for a, b in pairwise(spans)), spans
+            assert spans[-1][1] <= 80, shown
+            keys = help_text(app, app.screen).split("Keys on this screen:", 1)[1]
+            for key in sorted(bound):
+                assert f" {key} " in shown or f"\n  {key} " in keys, key
+
+    asyncio.run(scenario())

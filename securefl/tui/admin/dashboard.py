@@ -123,9 +123,10 @@ class AdminDashboard(Screen):
                 ("e", "app.close_enrolment", "Close"),
                 Binding("e", "app.close_enrolment('why')", "", show=False),
                 ("x", "app.abort", "Abort"), ("v", "app.versions", "Versions"),
-                # l, r, p, u, o: in the help and the command palette, not the footer, so
-                # "f1 Help" fits at 80 columns
-                Binding("l", "app.audit", "Audit", show=False),
+                ("l", "app.audit", "Audit"),
+                # r, p, u, o: in the help (F1) and the command palette, not the footer, so
+                # the footer fits at 80 columns (the app refreshes and reconnects by itself;
+                # the schedule keys act only with [schedule] mode = "auto")
                 Binding("r", "app.refresh", "Refresh", show=False),
                 Binding("p", "app.pause", "Pause schedule", show=False),
                 Binding("u", "app.resume", "Resume schedule", show=False),
@@ -207,7 +208,7 @@ class AdminDashboard(Screen):
                 yield DataTable(id="hospitals", cursor_type="row", zebra_stripes=True)
             yield Static("", id="activity", markup=False)
             yield Progress(total=None, show_eta=False, show_percentage=False, id="busy")
-        yield Footer()
+        yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
         table = self.query_one("#hospitals", DataTable)
