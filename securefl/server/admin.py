@@ -127,13 +127,16 @@ class AdminActions:
             number = self.schedule.abort()
             return wm.AdminResult(rid=msg.rid, action=action, value=number or 0)
         if rnd is None:
-            raise RoundBusyError("no round is in progress", code="no-round")
+            raise RoundBusyError(self._no_round(action), code="no-round")
         if action == "abort":
             self._abandon(rnd, "round-aborted", "the administrator aborted the round")
             return wm.AdminResult(rid=msg.rid, action=action, value=rnd.round_id)
         if action == "close":
             if rnd.engine.state is not ServerState.ENROLLING:
-                raise RoundBusyError("enrolment is already closed")
+                raise RoundBusyError(
+                    f"enrolment of round {rnd.round_id} is already closed (the round is "
+                    f"{rnd.phase}): nothing to close; `securefl admin aggregate` combines "
+                    "the updates once they are in (`securefl admin status` counts them)")
             if isinstance(rnd.engine, ServerRound):
                 missing = sorted(rnd.invited - set(rnd.engine.joined)) if rnd.exact else []
                 if missing:
@@ -154,6 +157,34 @@ class AdminActions:
                 self._close_enrolment(rnd)
             return wm.AdminResult(rid=msg.rid, action=action, value=rnd.round_id)
         return await self._aggregate(rnd, msg.rid, peer)
+
+    def _no_round(self, action: str) -> str:
+        """Why ``action`` finds nothing to act on, and what opens a round (walking it:
+        "the server refused: no round is in progress", and then nothing to go on)."""
+        what = {"aggregate": "nothing to aggregate", "close": "no enrolment to close",
+                "abort": "nothing to abort"}.get(action, "nothing to act on")
+        sched = self.schedule
+        if sched is not None and sched.open is not None:
+            info = sched.open
+            return (f"scheduled round {info.schedule_round} is open but its hospitals are "
+                    f"still training (they join until {info.deadline}), so there is {what} "
+                    "yet: the server closes enrolment and combines the updates itself "
+                    "(`securefl admin schedule` shows each hospital's part)")
+        if sched is None:
+            opens = ("a round opens when a hospital sends its update (`securefl client "
+                     "send`, or s in the hospital's app)")
+        elif sched.paused:
+            opens = ("the schedule is paused: `securefl admin resume` opens rounds again as "
+                     "scheduled, `securefl admin open` opens one now")
+        else:
+            view = sched.view()
+            nxt = (f"at {view.next_open}" if view.next_open else "as scheduled")
+            opens = (f"the schedule opens the next round {nxt} (`securefl admin schedule` "
+                     "shows it), or `securefl admin open` opens one now")
+        then = {"aggregate": "; aggregate once its updates are in",
+                "close": "; close its enrolment once enough hospitals have joined"}.get(
+                    action, "")
+        return f"no round is in progress, so there is {what}: {opens}{then}"
 
     def _schedule_action(self, peer: Peer, msg: wm.AdminCommand) -> wm.AdminResult:
         """``pause``, ``resume``, ``open``: the schedule's, refused in manual mode."""
