@@ -591,7 +591,10 @@ def test_controls_that_cannot_work_now_are_explained_not_offered() -> None:
     assert cannot("aggregate", STATUS) is None
     assert "nothing to abort" in cannot("abort", idle)
     assert cannot("abort", enrolling) is None
-    assert cannot("close", enrolling) is None and cannot("close", STATUS)
+    assert cannot("close", STATUS)
+    # Close needs as many joined as the server says (min_joined, 2 unless it says more).
+    assert "needs at least 2" in cannot("close", enrolling)
+    assert cannot("close", replace(enrolling, joined=("a", "b"))) is None
 
 
 def test_aggregate_during_enrolment_and_abort_with_no_round_are_refused(fed: Fed) -> None:
