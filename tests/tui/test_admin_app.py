@@ -242,3 +242,33 @@ def test_every_admin_key_is_in_tui_md_and_shown_at_80_columns() -> None:
                 assert f" {key} " in shown or f"\n  {key} " in keys, key
 
     asyncio.run(scenario())
+
+
+def test_with_no_round_a_and_e_say_what_opens_one(fed: Fed) -> None:
+    """Walking it: a with no round said "nothing to combine" and stopped there.  Now a and
+    e say what opens the next round: a hospital's Send in manual mode; u or o while the
+    schedule is paused."""
+    from securefl import config
+
+    async def scenario(schedule: config.ScheduleSettings | None, opens: str) -> None:
+        extra = {} if schedule is None else {"schedule": schedule}
+        async with running(fed, **extra):
+            app = AdminApp(fed.admin())
+            async with app.run_test(size=(80, 24)) as pilot:
+                told = notifications_kept(app)
+                await until(pilot, lambda: app.session is not None
+                            and app.dashboard.schedule is not None)
+                await pilot.press("a")
+                want = f"No round is running, so there is nothing to combine: {opens}."
+                await until(pilot, lambda: want in told)
+                assert want == text(app, "#activity")
+                await pilot.press("e")
+                want = f"No round is enrolling, so there is no enrolment to close: {opens}."
+                await until(pilot, lambda: want in told)
+                assert not isinstance(app.screen, ConfirmScreen)
+
+    asyncio.run(scenario(None, "a round opens when a hospital sends its update (Send in "
+                               "its app, or `securefl client send`)"))
+    asyncio.run(scenario(config.ScheduleSettings(mode="auto", every="1h",
+                                                 training_deadline="1h", start="paused"),
+                         "the schedule is paused: u resumes it, o opens a round now"))
