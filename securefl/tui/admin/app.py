@@ -136,7 +136,7 @@ class AdminApp(SecureFLApp):
         still answers e with the reason at other times."""
         if action == "close_enrolment" and not parameters:
             return can_close(self.dashboard.status) and not self.dashboard.stale
-        return True
+        return super().check_action(action, parameters)
 
     def busy_reason(self) -> str | None:
         if self.busy:
