@@ -498,7 +498,8 @@ ADMIN_ACTIONS = {
     "count": "masked updates collected in the current round",
     "hospitals": "every hospital: registered, online, in the round, sent, last seen, "
                  "certificate expiry",
-    "close": "close the round's enrolment now (at least min_clients joined)",
+    "close": "close the round's enrolment now (needs max(min_clients, colluders + 2) "
+             "joined)",
     "aggregate": "unmask the round's sum and publish the next version",
     "abort": "give the round up; its hospitals send again",
     "version": "the current global version",

@@ -87,6 +87,10 @@ class ServerStatus:
     #: Hospitals the current version's rounds still need (after a failed round's survivor
     #: list bound them); empty otherwise.
     waiting_for: tuple[str, ...] = ()
+    #: The fewest joined hospitals a round's enrolment closes with, and the server.toml
+    #: setting that sets it (the server's own figure: the admin app offers Close only then).
+    min_joined: int = 2
+    min_joined_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -270,7 +274,7 @@ class _Session:
         assert isinstance(reply, wm.StatusReply)
         return ServerStatus(reply.version, reply.round_id, reply.phase, tuple(reply.online),
                             tuple(reply.joined), tuple(reply.submitted), reply.collected,
-                            tuple(reply.waiting_for))
+                            tuple(reply.waiting_for), reply.min_joined, reply.min_joined_by)
 
 
 class HospitalSession(_Session):

@@ -405,6 +405,10 @@ class StatusReply(_Wire):
     #: After a round failed once its survivor list went out: the listed hospitals not yet
     #: in the current round (rounds on this version need exactly them).
     waiting_for: list[str] = Field(default_factory=list, max_length=10_000)
+    #: The fewest joined hospitals a round's enrolment closes with (by itself or by the
+    #: admin's ``close``), and the server.toml setting that sets it.
+    min_joined: int = Field(2, ge=0, le=U64_MAX)
+    min_joined_by: str = Field("", max_length=100)
 
 
 class Joined(_Wire):

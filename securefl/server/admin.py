@@ -28,6 +28,18 @@ from securefl.server.store import StorageError, VersionInfo
 log = logging.getLogger("securefl.server")
 
 
+def too_few_next_step(least: int, setting: str) -> str:
+    """What to do when fewer than ``least`` hospitals joined (``setting`` sets ``least``)."""
+    wait = "wait for more hospitals to join (enrolment also closes by itself once they have)"
+    if least <= 2:  # the protocol's own floor: no setting goes lower
+        return wait
+    if setting == "[round] colluders":
+        return (f"{wait}, or lower [round] colluders in server.toml (a round needs c + 2; "
+                "each hospital's [policy] colluders must not be higher) and restart the "
+                "server")
+    return f"{wait}, or lower {setting} in server.toml and restart the server"
+
+
 @dataclass(eq=False)
 class HeldResult:
     """A round's result the store could not take (read-only, not permitted, disk full).
@@ -130,13 +142,16 @@ class AdminActions:
             number = self.schedule.abort()
             return wm.AdminResult(rid=msg.rid, action=action, value=number or 0)
         if rnd is None:
-            raise RoundBusyError("no round is in progress", code="no-round")
+            raise RoundBusyError(self._no_round(action), code="no-round")
         if action == "abort":
             self._abandon(rnd, "round-aborted", "the administrator aborted the round")
             return wm.AdminResult(rid=msg.rid, action=action, value=rnd.round_id)
         if action == "close":
             if rnd.engine.state is not ServerState.ENROLLING:
-                raise RoundBusyError("enrolment is already closed")
+                raise RoundBusyError(
+                    f"enrolment of round {rnd.round_id} is already closed (the round is "
+                    f"{rnd.phase}): nothing to close; `securefl admin aggregate` combines "
+                    "the updates once they are in (`securefl admin status` counts them)")
             if isinstance(rnd.engine, ServerRound):
                 missing = sorted(rnd.invited - set(rnd.engine.joined)) if rnd.exact else []
                 if missing:
@@ -145,9 +160,46 @@ class AdminActions:
                         f"{', '.join(sorted(rnd.invited))} (the survivor list of a round "
                         f"that failed); still missing: {', '.join(missing)} — ask them to "
                         "connect and send", code="round-not-ready")
+                joined = len(rnd.engine.joined)
+                least, setting = self.fewest_to_close()
+                if joined < least:
+                    # Refused before the engine is asked, in words that say what to do; the
+                    # round stays open for more hospitals to join.
+                    raise NotEnoughSurvivorsError(
+                        f"only {joined} hospital(s) joined round {rnd.round_id}; closing "
+                        f"enrolment needs at least {least}, so it stays open: "
+                        + too_few_next_step(least, setting))
                 self._close_enrolment(rnd)
             return wm.AdminResult(rid=msg.rid, action=action, value=rnd.round_id)
         return await self._aggregate(rnd, msg.rid, peer)
+
+    def _no_round(self, action: str) -> str:
+        """Why ``action`` finds nothing to act on, and what opens a round (walking it:
+        "the server refused: no round is in progress", and then nothing to go on)."""
+        what = {"aggregate": "nothing to aggregate", "close": "no enrolment to close",
+                "abort": "nothing to abort"}.get(action, "nothing to act on")
+        sched = self.schedule
+        if sched is not None and sched.open is not None:
+            info = sched.open
+            return (f"scheduled round {info.schedule_round} is open but its hospitals are "
+                    f"still training (they join until {info.deadline}), so there is {what} "
+                    "yet: the server closes enrolment and combines the updates itself "
+                    "(`securefl admin schedule` shows each hospital's part)")
+        if sched is None:
+            opens = ("a round opens when a hospital sends its update (`securefl client "
+                     "send`, or s in the hospital's app)")
+        elif sched.paused:
+            opens = ("the schedule is paused: `securefl admin resume` opens rounds again as "
+                     "scheduled, `securefl admin open` opens one now")
+        else:
+            view = sched.view()
+            nxt = (f"at {view.next_open}" if view.next_open else "as scheduled")
+            opens = (f"the schedule opens the next round {nxt} (`securefl admin schedule` "
+                     "shows it), or `securefl admin open` opens one now")
+        then = {"aggregate": "; aggregate once its updates are in",
+                "close": "; close its enrolment once enough hospitals have joined"}.get(
+                    action, "")
+        return f"no round is in progress, so there is {what}: {opens}{then}"
 
     def _schedule_action(self, peer: Peer, msg: wm.AdminCommand) -> wm.AdminResult:
         """``pause``, ``resume``, ``open``: the schedule's, refused in manual mode."""

@@ -511,6 +511,18 @@ class Coordinator(AdminActions):
         joined = set(rnd.members) if rnd is not None else set()
         return sorted(set(b["names"]) - joined)
 
+    def fewest_to_close(self) -> tuple[int, str]:
+        """The fewest joined hospitals a round's enrolment closes with -- by itself, by the
+        schedule, or by the administrator's ``close`` -- and the server.toml setting that
+        sets the figure (``[round] colluders`` when its c + 2 is the larger).
+
+        One figure for every place that decides or tells it: the admin app once offered to
+        close with 1 of the 3 a round needed and only said so after the confirmation."""
+        rs = self.rs
+        if rs.colluders + 2 > rs.min_clients:
+            return rs.colluders + 2, "[round] colluders"
+        return rs.min_clients, "[round] min_clients"
+
     def _status(self, rid: int) -> wm.StatusReply:
         rnd = self.round
         if rnd is None and self.held is not None:
@@ -520,6 +532,7 @@ class Coordinator(AdminActions):
                 rid=rid, version=self.version, round_id=h.rnd.round_id,
                 phase="publish-pending", online=self.online(), joined=sorted(h.rnd.members),
                 submitted=list(h.contributors), collected=len(h.contributors))
+        least, setting = self.fewest_to_close()
         return wm.StatusReply(
             waiting_for=self.waiting_for(),
             rid=rid, version=self.version, round_id=rnd.round_id if rnd else 0,
@@ -527,6 +540,7 @@ class Coordinator(AdminActions):
             joined=sorted(rnd.members) if rnd else [],
             submitted=sorted(rnd.submitted()) if rnd else [],
             collected=rnd.engine.collected if rnd else 0,
+            min_joined=least, min_joined_by=setting,
         )
 
     def check_upload(self, peer: Peer, msg: wm.UploadSlot) -> None:
@@ -694,7 +708,7 @@ class Coordinator(AdminActions):
                 joined = set(eng.joined)
                 expected = (rnd.invited or set(self.settings.hospitals)) - set(
                     self.withheld.get(str(rnd.base_version), ())) - self.excused
-                least = max(self.rs.min_clients, self.rs.colluders + 2)
+                least = self.fewest_to_close()[0]
                 everyone = bool(expected) and expected <= joined and (
                     self.schedule is None or len(joined) >= least)
                 # A round bound to a signed list waits for all of it: a subset would be
@@ -854,7 +868,7 @@ class Coordinator(AdminActions):
         again: ActiveRound | None = None
         # As many as enrolment needs (``_check_progress``): with fewer, the retry was
         # abandoned the moment it opened, after the admin was told to aggregate it.
-        least = max(self.rs.min_clients, self.rs.colluders + 2)
+        least = self.fewest_to_close()[0]
         if (retry and invite is not None and rnd.attempt < self.rs.max_retries
                 and len(invite) >= least):
             try:

@@ -220,7 +220,7 @@ class Scheduler:
         deadline = _parse(info.deadline)
         assert deadline is not None
         passed = now >= deadline
-        least = max(c.rs.min_clients, c.rs.colluders + 2)
+        least = c.fewest_to_close()[0]
         rnd = c.round
         if rnd is None:
             if self.rounds:

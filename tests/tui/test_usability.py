@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -270,7 +271,13 @@ def test_command_palette_offers_the_screens_actions(fed: Fed) -> None:
         admin = AdminApp(None, connect=False)
         async with admin.run_test(size=(80, 24)):
             titles = [c.title for c in admin.get_system_commands(admin.screen)]
-            assert {"Aggregate", "Close", "Abort", "Versions", "Audit"} <= set(titles)
+            assert {"Aggregate", "Abort", "Versions", "Audit"} <= set(titles)
+            # Close, as in the footer, only while it can work: a round enrolling with as
+            # many joined as the server needs.
+            assert "Close" not in titles
+            admin.dashboard.show(status=replace(STATUS, phase="enrolling"))
+            titles = [c.title for c in admin.get_system_commands(admin.screen)]
+            assert "Close" in titles
 
     asyncio.run(scenario())
 
@@ -591,7 +598,10 @@ def test_controls_that_cannot_work_now_are_explained_not_offered() -> None:
     assert cannot("aggregate", STATUS) is None
     assert "nothing to abort" in cannot("abort", idle)
     assert cannot("abort", enrolling) is None
-    assert cannot("close", enrolling) is None and cannot("close", STATUS)
+    assert cannot("close", STATUS)
+    # Close needs as many joined as the server says (min_joined, 2 unless it says more).
+    assert "needs at least 2" in cannot("close", enrolling)
+    assert cannot("close", replace(enrolling, joined=("a", "b"))) is None
 
 
 def test_aggregate_during_enrolment_and_abort_with_no_round_are_refused(fed: Fed) -> None:

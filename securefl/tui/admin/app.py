@@ -22,10 +22,10 @@ from textual import work
 
 from securefl import config
 from securefl.client.admin_text import doomed_reason
-from securefl.client.session import AdminSession, ServerStatus, UnmaskProgress
+from securefl.client.session import AdminSession, ScheduleView, ServerStatus, UnmaskProgress
 from securefl.errors import NotEnoughSurvivorsError, SecureFLError
 from securefl.tui.admin.audit import AuditScreen
-from securefl.tui.admin.dashboard import COLLECTING, AdminDashboard
+from securefl.tui.admin.dashboard import COLLECTING, AdminDashboard, short_time
 from securefl.tui.admin.versions import VersionsScreen
 from securefl.tui.common import HERE as COMMON
 from securefl.tui.common import ConfirmScreen, SecureFLApp, clock, explain, sentence
@@ -45,11 +45,28 @@ def too_few_advice(exc: SecureFLError) -> str:
             "aggregate, then aggregate again.")
 
 
-def cannot(action: str, st: ServerStatus) -> str | None:
-    """Why ``action`` cannot work in the round ``st`` describes, or None if it can."""
+def how_a_round_opens(sched: ScheduleView | None) -> str:
+    """What opens the next round, for a refusal with no round (the README's promise: each
+    error says what to do next; walking it, "nothing to combine" ended there)."""
+    if sched is None or sched.mode != "auto":
+        return ("a round opens when a hospital sends its update (Send in its app, or "
+                "`securefl client send`)")
+    if sched.round is not None:
+        return (f"scheduled round {sched.round.schedule_round}'s hospitals are still "
+                "training; the server closes and combines it itself")
+    if sched.paused:
+        return "the schedule is paused: u resumes it, o opens a round now"
+    when = f" at {short_time(sched.next_open)} UTC" if sched.next_open else ""
+    return f"the schedule opens the next round{when}; o opens one now"
+
+
+def cannot(action: str, st: ServerStatus, sched: ScheduleView | None = None) -> str | None:
+    """Why ``action`` cannot work in the round ``st`` describes (with the schedule
+    ``sched``), or None if it can."""
     if action == "aggregate":
         if st.phase == "idle":
-            return "No round is running, so there is nothing to combine."
+            return ("No round is running, so there is nothing to combine: "
+                    f"{how_a_round_opens(sched)}.")
         if st.phase == "enrolling":
             return (f"Enrolment is still open ({len(st.joined)} hospital(s) joined): close it "
                     "(e) once everyone taking part has joined, then aggregate when their "
@@ -63,9 +80,36 @@ def cannot(action: str, st: ServerStatus) -> str | None:
     if action == "abort" and st.phase == "idle":
         return "No round is running, so there is nothing to abort."
     if action == "close" and st.phase != "enrolling":
-        return ("No round is enrolling, so there is no enrolment to close." if st.phase == "idle"
-                else f"Enrolment of round {st.round_id} is already closed ({st.phase}).")
+        return (f"No round is enrolling, so there is no enrolment to close: "
+                f"{how_a_round_opens(sched)}." if st.phase == "idle" else
+                f"Enrolment of round {st.round_id} is already closed ({st.phase}): aggregate "
+                "(a) once the updates are in.")
+    if action == "close" and st.waiting_for:
+        return (f"Round {st.round_id} may only combine the hospitals of a failed round's "
+                f"survivor list, and {', '.join(st.waiting_for)} have not joined: ask them to "
+                "connect and send; enrolment then closes by itself.")
+    if action == "close" and len(st.joined) < st.min_joined:
+        return too_few_to_close(st)
     return None
+
+
+def too_few_to_close(st: ServerStatus) -> str:
+    """One sentence: how many joined, how many the server needs, what to do.  Walking it,
+    Close offered "with 1 hospital(s)?" and only after Yes said "a round needs at least 3"."""
+    lower = ""
+    if st.min_joined > 2 and st.min_joined_by:
+        also = (" and each hospital's [policy] colluders"
+                if st.min_joined_by == "[round] colluders" else "")
+        lower = (f", or lower {st.min_joined_by} in server.toml{also} and restart the "
+                 "server")
+    return (f"Only {len(st.joined)} hospital(s) joined round {st.round_id} and closing "
+            f"enrolment needs at least {st.min_joined}: wait for more to join (enrolment "
+            f"also closes by itself){lower}.")
+
+
+def can_close(st: ServerStatus | None) -> bool:
+    """Whether the server would close enrolment now (the footer offers Close only then)."""
+    return st is not None and cannot("close", st) is None
 
 
 class AdminApp(SecureFLApp):
@@ -85,6 +129,14 @@ class AdminApp(SecureFLApp):
         if self.autoconnect and self.settings is not None:
             self.connect()
             self.set_interval(REFRESH_EVERY, self.poll)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Close is in the footer only while it can work (a round enrols with enough
+        hospitals joined, as last polled); its hidden twin binding ``close_enrolment('why')``
+        still answers e with the reason at other times."""
+        if action == "close_enrolment" and not parameters:
+            return can_close(self.dashboard.status) and not self.dashboard.stale
+        return super().check_action(action, parameters)
 
     def busy_reason(self) -> str | None:
         if self.busy:
@@ -207,7 +259,7 @@ class AdminApp(SecureFLApp):
                           "hospitals that sent must send again, and the schedule opens the "
                           "next round as planned.", self.abort, "Abort the round")
             return
-        if (why := cannot(action, st)) is not None:
+        if (why := cannot(action, st, sched)) is not None:
             self.dashboard.show(activity=why)
             self.notify(why, title="Not now", severity="warning", timeout=6)
             return
@@ -228,7 +280,7 @@ class AdminApp(SecureFLApp):
     def action_aggregate(self) -> None:
         self._ask("aggregate")
 
-    def action_close_enrolment(self) -> None:
+    def action_close_enrolment(self, why: str = "") -> None:
         self._ask("close")
 
     def action_abort(self) -> None:

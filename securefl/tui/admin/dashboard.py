@@ -107,8 +107,9 @@ class AdminDashboard(Screen):
             "round in progress and each hospital (online, joined this round, update sent, "
             "last seen, certificate expiry; Enter on a row shows it in full).\n"
             "A round: hospitals press Send; enrolment closes by itself once every hospital "
-            "joined (or close it with e); once their updates are in, a combines them and "
-            "publishes the next version.  x aborts a round (the hospitals send again).  "
+            "joined (or close it with e, offered once as many have joined as the server "
+            "needs); once their updates are in, a combines them and publishes the next "
+            "version.  x aborts a round (the hospitals send again).  "
             "Greyed values marked 'stale' are the last known while the server cannot be "
             "reached; the app reconnects by itself.\n"
             "With [schedule] mode = \"auto\" the server opens and publishes rounds itself: "
@@ -116,11 +117,16 @@ class AdminDashboard(Screen):
             "and a version the cross-round rule holds up.  p pauses the schedule, u resumes "
             "it, o opens a round now, x aborts the open round.\n"
             "v lists the published versions, l shows the audit log, r refreshes now.")
-    BINDINGS = [("a", "app.aggregate", "Aggregate"), ("e", "app.close_enrolment", "Close"),
+    BINDINGS = [("a", "app.aggregate", "Aggregate"),
+                # e: in the footer only while closing can work (AdminApp.check_action); the
+                # hidden twin answers e at other times with why not and what to do.
+                ("e", "app.close_enrolment", "Close"),
+                Binding("e", "app.close_enrolment('why')", "", show=False),
                 ("x", "app.abort", "Abort"), ("v", "app.versions", "Versions"),
-                # l, r, p, u, o: in the help and the command palette, not the footer, so
-                # "f1 Help" fits at 80 columns
-                Binding("l", "app.audit", "Audit", show=False),
+                ("l", "app.audit", "Audit"),
+                # r, p, u, o: in the help (F1) and the command palette, not the footer, so
+                # the footer fits at 80 columns (the app refreshes and reconnects by itself;
+                # the schedule keys act only with [schedule] mode = "auto")
                 Binding("r", "app.refresh", "Refresh", show=False),
                 Binding("p", "app.pause", "Pause schedule", show=False),
                 Binding("u", "app.resume", "Resume schedule", show=False),
@@ -183,6 +189,8 @@ class AdminDashboard(Screen):
             self.progress = progress
             # Sticky advice outlives the refresh right after it (the round's end itself).
             self._activity_state = None if sticky else self._key(self.status)
+        if self.is_mounted and (status is not self._UNSET or stale is not None):
+            self.refresh_bindings()  # Close shows only while it can work
         if self.is_mounted:
             # A refresh that lands while the app exits finds its widgets removed (the
             # status poll ended the app with NoMatches so): nothing is left to draw.
@@ -200,7 +208,7 @@ class AdminDashboard(Screen):
                 yield DataTable(id="hospitals", cursor_type="row", zebra_stripes=True)
             yield Static("", id="activity", markup=False)
             yield Progress(total=None, show_eta=False, show_percentage=False, id="busy")
-        yield Footer()
+        yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
         table = self.query_one("#hospitals", DataTable)
