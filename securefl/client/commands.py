@@ -210,7 +210,10 @@ async def hospital(args: argparse.Namespace) -> int:
                 return 0
             if action == "get":
                 finetune = hospital.has_ml and hospital.ml.personalise in ("finetune", "best")
-                before = await asyncio.to_thread(hospital.global_meta)
+                try:  # only for the note below: a damaged record is what get repairs
+                    before = await asyncio.to_thread(hospital.global_meta)
+                except SecureFLError:
+                    before = None
                 printer = training_printer("fine-tuning on this hospital's scans: ")
                 try:
                     model = await hospital.get(
